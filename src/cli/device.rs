@@ -1,0 +1,487 @@
+//! `capstan device …`: add, list, show, edit and remove Docker hosts.
+//!
+//! Secrets come from a file (`--password-file`, `--key-file`, …), from stdin (one
+//! `--…-stdin` flag per call) or from a prompt on a terminal, never from argv alone.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+
+use super::{GlobalArgs, print_table};
+use crate::device::{Device, DeviceChanges, DeviceKind, IpFamily, SecretField, SshAuth};
+use crate::engine::Engine;
+use crate::secret::Secret;
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCmd {
+    /// Register a Docker host.
+    #[command(after_help = ADD_EXAMPLES)]
+    Add {
+        /// Unique name (letters, digits, '.', '_', '-').
+        name: String,
+        /// How to reach the daemon.
+        #[arg(long, value_enum)]
+        kind: DeviceKind,
+        #[command(flatten)]
+        opts: DeviceOpts,
+    },
+    /// List devices.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device (never its secrets: only which ones are stored).
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a device's settings or secrets; options as for `add`.
+    Edit {
+        name: String,
+        /// Rename the device.
+        #[arg(long)]
+        rename: Option<String>,
+        #[command(flatten)]
+        opts: DeviceOpts,
+        /// Forget the pinned host key (the next check must pin one again).
+        #[arg(long)]
+        clear_host_key: bool,
+        /// Drop the custom socket path.
+        #[arg(long)]
+        clear_socket: bool,
+        /// Drop the Docker-only SSH credentials.
+        #[arg(long)]
+        clear_docker_login: bool,
+        /// Drop the stored key passphrase.
+        #[arg(long)]
+        clear_key_passphrase: bool,
+    },
+    /// Remove a device and its secrets.
+    #[command(alias = "remove")]
+    Rm { name: String },
+}
+
+const ADD_EXAMPLES: &str = "\
+Examples:
+  capstan device add web1 --kind ssh --host 10.0.0.5 --user deploy --ssh-key-file ~/.ssh/id_ed25519
+  capstan device add web2 --kind ssh --host web2.example --user ops --password-file pw.txt --keyboard-interactive
+  capstan device add db1 --kind ssh --host db1 --user ops --auth agent --sudo --socket /run/docker.sock
+  capstan device add edge --kind tls --host 10.0.0.9 --tls-ca ca.pem --tls-cert cert.pem --tls-key key.pem
+  capstan device add here --kind local --docker-host unix:///var/run/docker.sock";
+
+/// Device settings shared by `add` and `edit`. Booleans take an optional value, so
+/// `--sudo` turns sudo on and `--sudo=false` turns it off.
+#[derive(Debug, Args, Default)]
+pub struct DeviceOpts {
+    /// Host name or address (ssh, tls).
+    #[arg(long, help_heading = "Address")]
+    host: Option<String>,
+    /// Port [default: 22 for ssh, 2376 for tls].
+    #[arg(long, help_heading = "Address")]
+    port: Option<u16>,
+    /// Resolve the host to IPv4 or IPv6 addresses only.
+    #[arg(long, value_enum, help_heading = "Address")]
+    ip_family: Option<IpFamily>,
+    /// SSH login user.
+    #[arg(long, help_heading = "SSH login")]
+    user: Option<String>,
+    /// SSH auth method [default: inferred from --ssh-key-file / --password-*].
+    #[arg(long, value_enum, help_heading = "SSH login")]
+    auth: Option<SshAuth>,
+    /// File with the SSH password.
+    #[arg(long, value_name = "FILE", help_heading = "SSH login")]
+    password_file: Option<PathBuf>,
+    /// Read the SSH password from stdin.
+    #[arg(long, help_heading = "SSH login")]
+    password_stdin: bool,
+    /// SSH private key file (ed25519, ECDSA, RSA; OpenSSH or PEM). Stored in the vault.
+    #[arg(long, value_name = "FILE", help_heading = "SSH login")]
+    ssh_key_file: Option<PathBuf>,
+    /// File with the private key's passphrase.
+    #[arg(long, value_name = "FILE", help_heading = "SSH login")]
+    key_passphrase_file: Option<PathBuf>,
+    /// Read the private key's passphrase from stdin.
+    #[arg(long, help_heading = "SSH login")]
+    key_passphrase_stdin: bool,
+    /// Answer keyboard-interactive password prompts with the password.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "SSH login")]
+    keyboard_interactive: Option<bool>,
+    /// Request agent forwarding on the SSH session.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "SSH login")]
+    agent_forwarding: Option<bool>,
+    /// Pin the server's host key (an OpenSSH public key line, e.g. from ssh-keyscan).
+    #[arg(
+        long,
+        value_name = "KEY",
+        help_heading = "SSH login",
+        conflicts_with = "host_key_file"
+    )]
+    host_key: Option<String>,
+    /// Pin the server's host key from a .pub file.
+    #[arg(long, value_name = "FILE", help_heading = "SSH login")]
+    host_key_file: Option<PathBuf>,
+    /// Log in as this user for Docker connections only (separate credentials).
+    #[arg(long, help_heading = "Docker over SSH")]
+    docker_user: Option<String>,
+    /// Auth method of the Docker-only login [default: inferred].
+    #[arg(long, value_enum, help_heading = "Docker over SSH")]
+    docker_auth: Option<SshAuth>,
+    #[arg(long, value_name = "FILE", help_heading = "Docker over SSH")]
+    docker_password_file: Option<PathBuf>,
+    #[arg(long, help_heading = "Docker over SSH")]
+    docker_password_stdin: bool,
+    #[arg(long, value_name = "FILE", help_heading = "Docker over SSH")]
+    docker_key_file: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", help_heading = "Docker over SSH")]
+    docker_key_passphrase_file: Option<PathBuf>,
+    /// Docker socket on the remote host, e.g. /run/user/1000/docker.sock.
+    #[arg(long, value_name = "PATH", help_heading = "Docker over SSH")]
+    socket: Option<String>,
+    /// Run the remote docker client through `sudo -n`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Docker over SSH")]
+    sudo: Option<bool>,
+    /// CA certificate (PEM) that signed the daemon's certificate.
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
+    tls_cert: Option<PathBuf>,
+    /// Client private key (PEM). Stored in the vault.
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
+    tls_key: Option<PathBuf>,
+    /// Name to verify in the daemon's certificate [default: the host].
+    #[arg(long, help_heading = "TLS")]
+    tls_server_name: Option<String>,
+    /// Local daemon address: unix:///path or tcp://host:port [default: DOCKER_HOST or
+    /// unix:///var/run/docker.sock].
+    #[arg(long, value_name = "URL", help_heading = "Local")]
+    docker_host: Option<String>,
+}
+
+fn read_file_secret(path: &PathBuf, what: &str) -> anyhow::Result<Secret> {
+    Secret::from_file(path).with_context(|| format!("cannot read {what} file {}", path.display()))
+}
+
+impl DeviceOpts {
+    /// Turns the flags into a change set, reading every secret they name.
+    fn into_changes(
+        self,
+        kind: DeviceKind,
+        existing: Option<&Device>,
+    ) -> anyhow::Result<DeviceChanges> {
+        let stdin_flags = [
+            self.password_stdin,
+            self.key_passphrase_stdin,
+            self.docker_password_stdin,
+        ];
+        if stdin_flags.iter().filter(|b| **b).count() > 1 {
+            bail!(
+                "only one --…-stdin flag can be used at a time (stdin is one stream); use files for the others"
+            );
+        }
+        let mut ch = DeviceChanges::default();
+        let stdin_used = stdin_flags.iter().any(|b| *b);
+        let from_stdin = |what: &str| -> anyhow::Result<Secret> {
+            Secret::from_reader(std::io::stdin().lock())
+                .with_context(|| format!("cannot read {what} from stdin"))
+        };
+
+        // SSH login secrets.
+        if let Some(p) = &self.password_file {
+            ch.secrets
+                .set(SecretField::Password, read_file_secret(p, "password")?);
+        } else if self.password_stdin {
+            ch.secrets
+                .set(SecretField::Password, from_stdin("the password")?);
+        }
+        if let Some(p) = &self.ssh_key_file {
+            ch.secrets
+                .set(SecretField::PrivateKey, read_file_secret(p, "SSH key")?);
+        }
+        if let Some(p) = &self.key_passphrase_file {
+            ch.secrets.set(
+                SecretField::KeyPassphrase,
+                read_file_secret(p, "key passphrase")?,
+            );
+        } else if self.key_passphrase_stdin {
+            ch.secrets.set(
+                SecretField::KeyPassphrase,
+                from_stdin("the key passphrase")?,
+            );
+        }
+        let inferred_auth = self
+            .auth
+            .or(if ch.secrets.get(SecretField::PrivateKey).is_some() {
+                Some(SshAuth::Key)
+            } else if ch.secrets.get(SecretField::Password).is_some() {
+                Some(SshAuth::Password)
+            } else {
+                None
+            });
+        let effective_auth = inferred_auth.or(existing.and_then(|d| d.auth));
+        if kind == DeviceKind::Ssh
+            && effective_auth == Some(SshAuth::Password)
+            && ch.secrets.get(SecretField::Password).is_none()
+            && existing.is_none()
+            && !stdin_used
+            && std::io::stdin().is_terminal()
+        {
+            let pw = rpassword::prompt_password("SSH password: ")?;
+            ch.secrets
+                .set(SecretField::Password, Secret::from_str_owned(pw));
+        }
+        if let Some(a) = inferred_auth {
+            ch.auth = Some(Some(a));
+        }
+
+        // Docker-only login.
+        if let Some(p) = &self.docker_password_file {
+            ch.secrets.set(
+                SecretField::DockerPassword,
+                read_file_secret(p, "Docker password")?,
+            );
+        } else if self.docker_password_stdin {
+            ch.secrets.set(
+                SecretField::DockerPassword,
+                from_stdin("the Docker password")?,
+            );
+        }
+        if let Some(p) = &self.docker_key_file {
+            ch.secrets.set(
+                SecretField::DockerPrivateKey,
+                read_file_secret(p, "Docker SSH key")?,
+            );
+        }
+        if let Some(p) = &self.docker_key_passphrase_file {
+            ch.secrets.set(
+                SecretField::DockerKeyPassphrase,
+                read_file_secret(p, "Docker key passphrase")?,
+            );
+        }
+        let docker_secret_given = ch.secrets.get(SecretField::DockerPassword).is_some()
+            || ch.secrets.get(SecretField::DockerPrivateKey).is_some();
+        if let Some(user) = self.docker_user.clone() {
+            let auth = self
+                .docker_auth
+                .or(if ch.secrets.get(SecretField::DockerPrivateKey).is_some() {
+                    Some(SshAuth::Key)
+                } else if ch.secrets.get(SecretField::DockerPassword).is_some() {
+                    Some(SshAuth::Password)
+                } else {
+                    existing.and_then(|d| d.docker_login.as_ref()).map(|l| l.auth)
+                })
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--docker-user needs --docker-key-file, --docker-password-file/--docker-password-stdin or --docker-auth agent|none")
+                })?;
+            ch.docker_login = Some(Some((user, auth)));
+        } else if self.docker_auth.is_some() || docker_secret_given {
+            match existing.and_then(|d| d.docker_login.as_ref()) {
+                Some(l) => {
+                    let auth = self.docker_auth.unwrap_or(
+                        if ch.secrets.get(SecretField::DockerPrivateKey).is_some() {
+                            SshAuth::Key
+                        } else if ch.secrets.get(SecretField::DockerPassword).is_some() {
+                            SshAuth::Password
+                        } else {
+                            l.auth
+                        },
+                    );
+                    ch.docker_login = Some(Some((l.user.clone(), auth)));
+                }
+                None => bail!("Docker-only credentials need --docker-user"),
+            }
+        }
+
+        // TLS material.
+        for (path, field, what) in [
+            (&self.tls_ca, SecretField::TlsCa, "TLS CA"),
+            (&self.tls_cert, SecretField::TlsCert, "TLS certificate"),
+            (&self.tls_key, SecretField::TlsKey, "TLS key"),
+        ] {
+            if let Some(p) = path {
+                ch.secrets.set(field, read_file_secret(p, what)?);
+            }
+        }
+
+        // Plain settings.
+        if let Some(h) = self.host {
+            ch.host = Some(Some(h));
+        }
+        if let Some(p) = self.port {
+            ch.port = Some(Some(p));
+        }
+        if let Some(u) = self.user {
+            ch.user = Some(Some(u));
+        }
+        ch.ip_family = self.ip_family;
+        ch.keyboard_interactive = self.keyboard_interactive;
+        ch.agent_forwarding = self.agent_forwarding;
+        ch.sudo = self.sudo;
+        if let Some(s) = self.socket {
+            ch.socket_path = Some(Some(s));
+        }
+        if let Some(k) = self.host_key {
+            ch.host_key = Some(Some(k.trim().to_string()));
+        } else if let Some(f) = self.host_key_file {
+            let k = std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read host key file {}", f.display()))?;
+            let line = k
+                .lines()
+                .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            ch.host_key = Some(Some(line));
+        }
+        if let Some(h) = self.docker_host {
+            ch.docker_host = Some(Some(h));
+        }
+        if let Some(n) = self.tls_server_name {
+            ch.tls_server_name = Some(Some(n));
+        }
+        Ok(ch)
+    }
+}
+
+pub fn run(g: &GlobalArgs, cmd: DeviceCmd) -> anyhow::Result<()> {
+    let engine = Engine::open(g.settings(None)?, &g.passphrase())?;
+    let devices = engine.devices()?;
+    match cmd {
+        DeviceCmd::Add { name, kind, opts } => {
+            let mut ch = opts.into_changes(kind, None)?;
+            ch.name = Some(name);
+            let d = devices.add(kind, ch)?;
+            println!(
+                "added device {} ({}, {}) id {}",
+                d.name,
+                d.kind,
+                d.address(),
+                d.id
+            );
+        }
+        DeviceCmd::List { json } => {
+            let list = devices.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.name.clone(),
+                            d.kind.to_string(),
+                            d.address(),
+                            d.auth.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                            d.id.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["NAME", "KIND", "ADDRESS", "AUTH", "ID"], &rows);
+            }
+        }
+        DeviceCmd::Show { name, json } => {
+            let d = devices.get(&name)?;
+            let stored: Vec<&str> = devices
+                .stored_secret_fields(&d)?
+                .into_iter()
+                .map(|f| f.as_str())
+                .collect();
+            if json {
+                let mut v = serde_json::to_value(&d)?;
+                v["secrets"] = serde_json::json!(stored);
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_device(&d, &stored);
+            }
+        }
+        DeviceCmd::Edit {
+            name,
+            rename,
+            opts,
+            clear_host_key,
+            clear_socket,
+            clear_docker_login,
+            clear_key_passphrase,
+        } => {
+            let old = devices.get(&name)?;
+            let mut ch = opts.into_changes(old.kind, Some(&old))?;
+            ch.name = rename;
+            if clear_host_key {
+                ch.host_key = Some(None);
+            }
+            if clear_socket {
+                ch.socket_path = Some(None);
+            }
+            if clear_docker_login {
+                ch.docker_login = Some(None);
+            }
+            if clear_key_passphrase {
+                ch.clear_secrets.push(SecretField::KeyPassphrase);
+            }
+            let d = devices.edit(&name, ch)?;
+            println!("updated device {} ({})", d.name, d.address());
+        }
+        DeviceCmd::Rm { name } => {
+            let d = devices.remove(&name)?;
+            println!("removed device {} and its secrets", d.name);
+        }
+    }
+    engine.store.flush()?;
+    Ok(())
+}
+
+fn print_device(d: &Device, stored: &[&str]) {
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    println!("name:        {}", d.name);
+    println!("id:          {}", d.id);
+    println!("kind:        {}", d.kind);
+    println!("address:     {}", d.address());
+    if d.kind == DeviceKind::Ssh {
+        println!(
+            "auth:        {}",
+            d.auth.map(|a| a.to_string()).unwrap_or_default()
+        );
+        if let Some(l) = &d.docker_login {
+            println!("docker login: {} ({})", l.user, l.auth);
+        }
+        println!("ip family:   {:?}", d.ip_family);
+        println!("keyboard-interactive: {}", d.keyboard_interactive);
+        println!("agent forwarding: {}", d.agent_forwarding);
+        println!("sudo:        {}", d.sudo);
+        println!("socket:      {}", opt(&d.socket_path));
+        match &d.host_key {
+            Some(k) => match crate::device::parse_host_key(k) {
+                Ok(pk) => println!(
+                    "host key:    {} {}",
+                    pk.algorithm(),
+                    pk.fingerprint(russh::keys::HashAlg::Sha256)
+                ),
+                Err(_) => println!("host key:    (unreadable)"),
+            },
+            None => println!("host key:    not pinned"),
+        }
+    }
+    if d.kind == DeviceKind::Tls {
+        println!(
+            "server name: {}",
+            d.tls_server_name
+                .clone()
+                .or(d.host.clone())
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "secrets:     {}",
+        if stored.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{} (stored in the vault)", stored.join(", "))
+        }
+    );
+    println!("created:     {}", d.created_at.to_rfc3339());
+    println!("updated:     {}", d.updated_at.to_rfc3339());
+}

@@ -1,0 +1,102 @@
+//! `capstan serve`: the engine process.
+//!
+//! On first start in an empty data directory this is the embedded default: it creates
+//! the vault (a generated key file, mode 0600, unless a passphrase is given), registers
+//! the local Docker daemon as device `local`, creates an admin API token and prints it
+//! once. Every later start opens what is there.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use super::GlobalArgs;
+use crate::device::{DeviceChanges, DeviceError, DeviceKind};
+use crate::engine::Engine;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// API listen address [default: 127.0.0.1:7878].
+    #[arg(long, env = "CAPSTAN_API_LISTEN", value_name = "ADDR")]
+    listen: Option<String>,
+}
+
+pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
+    let settings = g.settings(args.listen)?;
+    let (engine, created) = Engine::open_or_init(settings, &g.passphrase())?;
+    if let Some(k) = &created.key_file {
+        println!(
+            "created the vault with key file {} (mode 0600); back it up: without it the vault cannot be opened",
+            k.display()
+        );
+    } else if created.vault {
+        println!("created the vault (passphrase-protected)");
+    }
+    ensure_local_device(&engine)?;
+    if engine.tokens.is_empty() {
+        let (token, info) = engine.tokens.create("admin")?;
+        println!(
+            "admin API token (id {}), shown once, store it now:\n  {}",
+            info.id,
+            token.expose_str().expect("tokens are ASCII")
+        );
+    }
+    engine.store.flush()?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let engine = Arc::new(engine);
+    rt.block_on(serve(engine.clone()))?;
+    engine.store.flush()?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn ensure_local_device(engine: &Engine) -> anyhow::Result<()> {
+    let devices = engine.devices()?;
+    match devices.get("local") {
+        Ok(_) => Ok(()),
+        Err(DeviceError::NotFound(_)) => {
+            let d = devices.add(
+                DeviceKind::Local,
+                DeviceChanges {
+                    name: Some("local".into()),
+                    ..Default::default()
+                },
+            )?;
+            println!(
+                "registered the local Docker daemon as device `local` ({})",
+                d.address()
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn serve(engine: Arc<Engine>) -> anyhow::Result<()> {
+    let addr = engine.settings.listen;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr} (is another capstan running? choose another with --listen)"
+        )
+    })?;
+    println!("capstan API listening on http://{}", listener.local_addr()?);
+    let app = crate::api::router(engine);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the API server failed")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

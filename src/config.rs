@@ -1,0 +1,169 @@
+//! Engine configuration: a strict TOML file, `CAPSTAN_*` environment variables and flags,
+//! resolved once into typed [`Settings`].
+//!
+//! Precedence, highest first: command-line flag, environment variable, config file,
+//! built-in default. The file is parsed with `deny_unknown_fields`, so a misspelt key is an
+//! error that names it, not a silently ignored setting. Secrets never come from the config
+//! file: the vault passphrase comes from `CAPSTAN_VAULT_PASSPHRASE`, a file or a prompt.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "capstan-data";
+/// Default API listen address (loopback only).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+/// Name of the generated key file inside the data directory.
+pub const DEFAULT_KEY_FILE_NAME: &str = "vault.key";
+
+/// The config file (`capstan.toml`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Where the database (vault, devices, runs) lives. Default `./capstan-data`.
+    pub data_dir: Option<PathBuf>,
+    /// The HTTP API.
+    #[serde(default)]
+    pub api: ApiSection,
+    /// How the vault's master key is found.
+    #[serde(default)]
+    pub vault: VaultSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Listen address, e.g. `127.0.0.1:7878`.
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultSection {
+    /// Key file holding the vault's master key (64 hex digits). Default
+    /// `<data_dir>/vault.key` when the vault is key-file protected.
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<ConfigFile, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+}
+
+/// Settings after flags, environment and file have been merged.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Explicit key file, if one was named anywhere.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Merges the three layers. `flag_*` values already include their `CAPSTAN_*`
+    /// environment variables (clap reads them).
+    pub fn resolve(
+        file: &ConfigFile,
+        flag_data_dir: Option<PathBuf>,
+        flag_listen: Option<String>,
+        flag_key_file: Option<PathBuf>,
+    ) -> Result<Settings, ConfigError> {
+        let data_dir = flag_data_dir
+            .or_else(|| file.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        if data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "data_dir",
+                message: "must not be empty".into(),
+            });
+        }
+        let listen_text = flag_listen
+            .or_else(|| file.api.listen.clone())
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = listen_text.parse().map_err(|_| ConfigError::Invalid {
+            field: "api.listen",
+            message: format!("{listen_text:?} is not an address like 127.0.0.1:7878 or [::1]:7878"),
+        })?;
+        Ok(Settings {
+            data_dir,
+            listen,
+            key_file: flag_key_file.or_else(|| file.vault.key_file.clone()),
+        })
+    }
+
+    pub fn default_key_file(&self) -> PathBuf {
+        self.data_dir.join(DEFAULT_KEY_FILE_NAME)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_in_the_config_file_are_errors_that_name_them() {
+        let err = ConfigFile::parse("data_dirr = \"x\"\n").unwrap_err();
+        assert!(err.contains("data_dirr"), "{err}");
+        let err = ConfigFile::parse("[api]\nlisten_on = \"x\"\n").unwrap_err();
+        assert!(err.contains("listen_on"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let file =
+            ConfigFile::parse("data_dir = \"/srv/capstan\"\n[api]\nlisten = \"127.0.0.1:9000\"\n")
+                .unwrap();
+        let s = Settings::resolve(&file, None, None, None).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/srv/capstan"));
+        assert_eq!(s.listen.port(), 9000);
+        let s = Settings::resolve(
+            &file,
+            Some("/tmp/x".into()),
+            Some("[::1]:1234".into()),
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(s.listen.to_string(), "[::1]:1234");
+        let s = Settings::resolve(&ConfigFile::default(), None, None, None).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn a_bad_listen_address_names_the_field() {
+        let err = Settings::resolve(&ConfigFile::default(), None, Some("localhost".into()), None)
+            .unwrap_err();
+        assert!(err.to_string().starts_with("api.listen:"), "{err}");
+    }
+}

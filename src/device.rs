@@ -1,0 +1,846 @@
+//! Devices: the Docker hosts Capstan knows, and how to reach each one.
+//!
+//! A [`Device`] record holds everything about a host that is not secret (address, user,
+//! auth method, options, the pinned host key) and is stored as JSON in the `devices` tree.
+//! Every secret field (password, private key and its passphrase, the Docker-only SSH
+//! credentials, TLS material) lives only in the vault under `device/<uuid>/<field>`;
+//! which secrets a device has is derived from its auth settings, never stored in clear.
+//!
+//! Adding and editing go through one path: a [`DeviceChanges`] applied to a blank or an
+//! existing device, then [`validate`], so `add` and `edit` cannot disagree on what a valid
+//! device is.
+
+use std::collections::BTreeMap;
+
+use sled::Transactional;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::secret::Secret;
+use crate::store::{self, Store, StoreError};
+use crate::vault::{SecretName, Vault, VaultError};
+
+const DEVICES_TREE: &str = "devices";
+const NAMES_TREE: &str = "device_names";
+const VAULT_KIND: &str = "device";
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// A remote daemon reached over SSH with `docker system dial-stdio`.
+    Ssh,
+    /// A remote daemon reached over TCP with TLS client certificates.
+    Tls,
+    /// The local daemon: a unix socket or `DOCKER_HOST`.
+    Local,
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Ssh => "ssh",
+            DeviceKind::Tls => "tls",
+            DeviceKind::Local => "local",
+        })
+    }
+}
+
+/// How an SSH login authenticates. The secrets each method needs live in the vault.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SshAuth {
+    /// A password (also used to answer keyboard-interactive prompts when enabled).
+    Password,
+    /// A private key (ed25519, ECDSA or RSA; OpenSSH or PEM), optionally with a passphrase.
+    Key,
+    /// Keys held by the ssh-agent at `SSH_AUTH_SOCK`.
+    Agent,
+    /// No authentication (servers that accept `none`).
+    None,
+}
+
+impl std::fmt::Display for SshAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SshAuth::Password => "password",
+            SshAuth::Key => "key",
+            SshAuth::Agent => "agent",
+            SshAuth::None => "none",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    /// Whatever the name resolves to.
+    #[default]
+    Any,
+    /// IPv4 addresses only.
+    Ipv4,
+    /// IPv6 addresses only.
+    Ipv6,
+}
+
+/// Separate SSH credentials used only for the Docker connection (dial-stdio).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSshLogin {
+    pub user: String,
+    pub auth: SshAuth,
+    /// Whether the private key has a passphrase (stored in the vault).
+    #[serde(default)]
+    pub key_has_passphrase: bool,
+}
+
+/// A Docker host and how to reach it. Contains no secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    pub id: Uuid,
+    pub name: String,
+    pub kind: DeviceKind,
+    /// Host name or address (ssh, tls).
+    pub host: Option<String>,
+    /// Port; defaults: 22 for ssh, 2376 for tls.
+    pub port: Option<u16>,
+    /// SSH login user.
+    pub user: Option<String>,
+    /// SSH auth method.
+    pub auth: Option<SshAuth>,
+    /// Whether the private key has a passphrase (stored in the vault).
+    #[serde(default)]
+    pub key_has_passphrase: bool,
+    /// Docker-only SSH credentials: when set, Docker connections log in with these.
+    pub docker_login: Option<DockerSshLogin>,
+    #[serde(default)]
+    pub ip_family: IpFamily,
+    #[serde(default)]
+    pub agent_forwarding: bool,
+    /// Answer keyboard-interactive password prompts with the password.
+    #[serde(default)]
+    pub keyboard_interactive: bool,
+    /// Custom Docker socket on the remote host (ssh), e.g. `/run/user/1000/docker.sock`.
+    pub socket_path: Option<String>,
+    /// Run the remote Docker client through `sudo -n`.
+    #[serde(default)]
+    pub sudo: bool,
+    /// The pinned SSH host key, OpenSSH public key format (`ssh-ed25519 AAAA…`).
+    pub host_key: Option<String>,
+    /// For local devices: `unix:///path`, `tcp://host:port`; unset means `DOCKER_HOST` or
+    /// `/var/run/docker.sock` at connect time.
+    pub docker_host: Option<String>,
+    /// For tls devices: the server name to verify (default: the host).
+    pub tls_server_name: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The secret fields a device may have, each a vault record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SecretField {
+    Password,
+    PrivateKey,
+    KeyPassphrase,
+    DockerPassword,
+    DockerPrivateKey,
+    DockerKeyPassphrase,
+    TlsCa,
+    TlsCert,
+    TlsKey,
+}
+
+impl SecretField {
+    pub const ALL: [SecretField; 9] = [
+        SecretField::Password,
+        SecretField::PrivateKey,
+        SecretField::KeyPassphrase,
+        SecretField::DockerPassword,
+        SecretField::DockerPrivateKey,
+        SecretField::DockerKeyPassphrase,
+        SecretField::TlsCa,
+        SecretField::TlsCert,
+        SecretField::TlsKey,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecretField::Password => "password",
+            SecretField::PrivateKey => "private-key",
+            SecretField::KeyPassphrase => "key-passphrase",
+            SecretField::DockerPassword => "docker-password",
+            SecretField::DockerPrivateKey => "docker-private-key",
+            SecretField::DockerKeyPassphrase => "docker-key-passphrase",
+            SecretField::TlsCa => "tls-ca",
+            SecretField::TlsCert => "tls-cert",
+            SecretField::TlsKey => "tls-key",
+        }
+    }
+}
+
+/// Secret values for a device, keyed by field.
+#[derive(Debug, Default, Clone)]
+pub struct DeviceSecrets(pub BTreeMap<SecretField, Secret>);
+
+impl DeviceSecrets {
+    pub fn get(&self, f: SecretField) -> Option<&Secret> {
+        self.0.get(&f)
+    }
+    pub fn set(&mut self, f: SecretField, s: Secret) {
+        self.0.insert(f, s);
+    }
+}
+
+impl Device {
+    pub fn port_or_default(&self) -> u16 {
+        self.port.unwrap_or(match self.kind {
+            DeviceKind::Ssh => 22,
+            DeviceKind::Tls => 2376,
+            DeviceKind::Local => 0,
+        })
+    }
+
+    /// The secret fields this device's settings call for.
+    pub fn required_secrets(&self) -> Vec<SecretField> {
+        let mut v = Vec::new();
+        match self.kind {
+            DeviceKind::Ssh => {
+                match self.auth {
+                    Some(SshAuth::Password) => v.push(SecretField::Password),
+                    Some(SshAuth::Key) => {
+                        v.push(SecretField::PrivateKey);
+                        if self.key_has_passphrase {
+                            v.push(SecretField::KeyPassphrase);
+                        }
+                    }
+                    _ => {}
+                }
+                if let Some(d) = &self.docker_login {
+                    match d.auth {
+                        SshAuth::Password => v.push(SecretField::DockerPassword),
+                        SshAuth::Key => {
+                            v.push(SecretField::DockerPrivateKey);
+                            if d.key_has_passphrase {
+                                v.push(SecretField::DockerKeyPassphrase);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            DeviceKind::Tls => v.extend([
+                SecretField::TlsCa,
+                SecretField::TlsCert,
+                SecretField::TlsKey,
+            ]),
+            DeviceKind::Local => {}
+        }
+        v
+    }
+
+    /// `user@host:port` or the socket, for listings.
+    pub fn address(&self) -> String {
+        match self.kind {
+            DeviceKind::Ssh => format!(
+                "{}@{}",
+                self.user.as_deref().unwrap_or("?"),
+                host_port(self.host.as_deref().unwrap_or("?"), self.port_or_default())
+            ),
+            DeviceKind::Tls => format!(
+                "tcp://{}",
+                host_port(self.host.as_deref().unwrap_or("?"), self.port_or_default())
+            ),
+            DeviceKind::Local => self
+                .docker_host
+                .clone()
+                .unwrap_or_else(|| "DOCKER_HOST or unix:///var/run/docker.sock".into()),
+        }
+    }
+}
+
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// A change to a device's settings and secrets: everything `device add` and `device edit`
+/// can say. `None` leaves a field as it is.
+#[derive(Debug, Default, Clone)]
+pub struct DeviceChanges {
+    pub name: Option<String>,
+    pub host: Option<Option<String>>,
+    pub port: Option<Option<u16>>,
+    pub user: Option<Option<String>>,
+    pub auth: Option<Option<SshAuth>>,
+    pub docker_login: Option<Option<(String, SshAuth)>>,
+    pub ip_family: Option<IpFamily>,
+    pub agent_forwarding: Option<bool>,
+    pub keyboard_interactive: Option<bool>,
+    pub socket_path: Option<Option<String>>,
+    pub sudo: Option<bool>,
+    pub host_key: Option<Option<String>>,
+    pub docker_host: Option<Option<String>>,
+    pub tls_server_name: Option<Option<String>>,
+    /// New secret values.
+    pub secrets: DeviceSecrets,
+    /// Secret fields to delete (e.g. dropping a key passphrase).
+    pub clear_secrets: Vec<SecretField>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("invalid device: {0}")]
+    Invalid(String),
+    #[error("no device named {0:?} (see `capstan device list`)")]
+    NotFound(String),
+    #[error("a device named {0:?} already exists")]
+    Duplicate(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
+impl From<sled::Error> for DeviceError {
+    fn from(e: sled::Error) -> Self {
+        DeviceError::Store(StoreError::Sled(e))
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> DeviceError {
+    DeviceError::Invalid(msg.into())
+}
+
+/// Checks a device name: 1–64 characters of letters, digits, `.`, `_`, `-`, starting with a
+/// letter or digit (names appear in URLs, policies and globs).
+pub fn validate_name(name: &str) -> Result<(), DeviceError> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let starts_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 64 || !ok_chars || !starts_ok {
+        return Err(invalid(format!(
+            "device name {name:?} must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+/// Applies `changes` to `dev` (secrets aside) and records which key passphrases exist.
+fn apply(dev: &mut Device, ch: &DeviceChanges, has_secret: &dyn Fn(SecretField) -> bool) {
+    if let Some(v) = &ch.name {
+        dev.name = v.clone();
+    }
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = &ch.$f { dev.$f = v.clone(); } )* };
+    }
+    set!(
+        host,
+        port,
+        user,
+        auth,
+        ip_family,
+        agent_forwarding,
+        keyboard_interactive,
+        socket_path,
+        sudo,
+        host_key,
+        docker_host,
+        tls_server_name
+    );
+    if let Some(d) = &ch.docker_login {
+        dev.docker_login = d.clone().map(|(user, auth)| DockerSshLogin {
+            user,
+            auth,
+            key_has_passphrase: false,
+        });
+    }
+    let will_have = |f: SecretField| {
+        ch.secrets.get(f).is_some() || (!ch.clear_secrets.contains(&f) && has_secret(f))
+    };
+    dev.key_has_passphrase =
+        dev.auth == Some(SshAuth::Key) && will_have(SecretField::KeyPassphrase);
+    if let Some(d) = &mut dev.docker_login {
+        d.key_has_passphrase =
+            d.auth == SshAuth::Key && will_have(SecretField::DockerKeyPassphrase);
+    }
+}
+
+/// Validates a device and the secrets it will have. `secret` looks up a secret value
+/// (new or stored).
+pub fn validate(
+    dev: &Device,
+    secret: &dyn Fn(SecretField) -> Option<Secret>,
+) -> Result<(), DeviceError> {
+    validate_name(&dev.name)?;
+    let need_host = |what: &str| -> Result<&str, DeviceError> {
+        match dev.host.as_deref().map(str::trim) {
+            Some(h) if !h.is_empty() => Ok(h),
+            _ => Err(invalid(format!(
+                "{} devices need a host: give --host",
+                what
+            ))),
+        }
+    };
+    if dev.port == Some(0) {
+        return Err(invalid("port 0 is not a port"));
+    }
+    match dev.kind {
+        DeviceKind::Ssh => {
+            let host = need_host("ssh")?;
+            if host.starts_with('-') || host.contains(char::is_whitespace) {
+                return Err(invalid(format!(
+                    "host {host:?} is not a host name or address"
+                )));
+            }
+            match dev.user.as_deref() {
+                Some(u) if !u.is_empty() && !u.starts_with('-') => {}
+                _ => return Err(invalid("ssh devices need a login user: give --user")),
+            }
+            let auth = dev.auth.ok_or_else(|| {
+                invalid("ssh devices need an auth method: give --key-file, --password-file/--password-stdin, or --auth agent|none")
+            })?;
+            check_login_secrets(
+                auth,
+                SecretField::Password,
+                SecretField::PrivateKey,
+                SecretField::KeyPassphrase,
+                "",
+                secret,
+            )?;
+            if dev.keyboard_interactive && auth != SshAuth::Password {
+                return Err(invalid(
+                    "--keyboard-interactive answers prompts with the password: use it with password auth",
+                ));
+            }
+            if let Some(d) = &dev.docker_login {
+                if d.user.is_empty() {
+                    return Err(invalid("Docker-only SSH credentials need a user"));
+                }
+                check_login_secrets(
+                    d.auth,
+                    SecretField::DockerPassword,
+                    SecretField::DockerPrivateKey,
+                    SecretField::DockerKeyPassphrase,
+                    "docker-",
+                    secret,
+                )?;
+            }
+            if let Some(p) = &dev.socket_path {
+                validate_socket_path(p)?;
+            }
+            if let Some(k) = &dev.host_key {
+                parse_host_key(k)?;
+            }
+            if dev.docker_host.is_some() || dev.tls_server_name.is_some() {
+                return Err(invalid(
+                    "--docker-host and --tls-server-name are for local and tls devices",
+                ));
+            }
+        }
+        DeviceKind::Tls => {
+            need_host("tls")?;
+            for (f, flag) in [
+                (SecretField::TlsCa, "--tls-ca"),
+                (SecretField::TlsCert, "--tls-cert"),
+                (SecretField::TlsKey, "--tls-key"),
+            ] {
+                let s = secret(f)
+                    .ok_or_else(|| invalid(format!("tls devices need {flag} (a PEM file)")))?;
+                check_pem(&s, f, flag)?;
+            }
+            if dev.user.is_some()
+                || dev.auth.is_some()
+                || dev.docker_login.is_some()
+                || dev.sudo
+                || dev.host_key.is_some()
+            {
+                return Err(invalid(
+                    "SSH options (--user, --auth, --docker-user, --sudo, --host-key) do not apply to tls devices",
+                ));
+            }
+        }
+        DeviceKind::Local => {
+            if dev.host.is_some()
+                || dev.user.is_some()
+                || dev.auth.is_some()
+                || dev.sudo
+                || dev.docker_login.is_some()
+            {
+                return Err(invalid(
+                    "local devices take only --docker-host (unix:///path or tcp://host:port); host, user and auth are for ssh and tls devices",
+                ));
+            }
+            if let Some(h) = &dev.docker_host {
+                validate_docker_host(h)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_login_secrets(
+    auth: SshAuth,
+    password: SecretField,
+    key: SecretField,
+    passphrase: SecretField,
+    flag_prefix: &str,
+    secret: &dyn Fn(SecretField) -> Option<Secret>,
+) -> Result<(), DeviceError> {
+    match auth {
+        SshAuth::Password => {
+            if secret(password).is_none_or(|s| s.is_empty()) {
+                return Err(invalid(format!(
+                    "password auth needs a password: give --{flag_prefix}password-file or --{flag_prefix}password-stdin"
+                )));
+            }
+        }
+        SshAuth::Key => {
+            let k = secret(key)
+                .ok_or_else(|| invalid(format!("key auth needs --{flag_prefix}key-file")))?;
+            let pass = secret(passphrase);
+            check_private_key(&k, pass.as_ref(), flag_prefix)?;
+        }
+        SshAuth::Agent | SshAuth::None => {}
+    }
+    Ok(())
+}
+
+/// Checks that `key` is an SSH private key the connector can use, and that the passphrase
+/// (if any) opens it.
+pub fn check_private_key(
+    key: &Secret,
+    passphrase: Option<&Secret>,
+    flag_prefix: &str,
+) -> Result<(), DeviceError> {
+    let text = key.expose_str().map_err(|_| {
+        invalid(format!(
+            "the {flag_prefix}key file is not a private key (not text)"
+        ))
+    })?;
+    if !text.contains("PRIVATE KEY") && !text.starts_with("PuTTY-User-Key-File-") {
+        return Err(invalid(format!(
+            "the {flag_prefix}key file is not a private key (expected an OpenSSH or PEM private key; a .pub file is the public half)"
+        )));
+    }
+    let pass = match passphrase {
+        Some(p) => Some(
+            p.expose_str()
+                .map_err(|_| invalid("the key passphrase is not UTF-8"))?,
+        ),
+        None => None,
+    };
+    match russh::keys::decode_secret_key(text, pass) {
+        Ok(_) => Ok(()),
+        Err(russh::keys::Error::KeyIsEncrypted) => Err(invalid(format!(
+            "the {flag_prefix}key is encrypted: give --{flag_prefix}key-passphrase-file or --{flag_prefix}key-passphrase-stdin"
+        ))),
+        Err(e) if pass.is_some() => Err(invalid(format!(
+            "the {flag_prefix}key does not open with the given passphrase, or is not a supported private key ({e})"
+        ))),
+        Err(e) => Err(invalid(format!(
+            "the {flag_prefix}key file is not a usable private key: {e}"
+        ))),
+    }
+}
+
+/// Parses a pinned host key in OpenSSH public key format.
+pub fn parse_host_key(k: &str) -> Result<russh::keys::PublicKey, DeviceError> {
+    russh::keys::PublicKey::from_openssh(k.trim()).map_err(|e| {
+        invalid(format!(
+            "host key is not an OpenSSH public key line like 'ssh-ed25519 AAAA…' ({e})"
+        ))
+    })
+}
+
+fn check_pem(s: &Secret, f: SecretField, flag: &str) -> Result<(), DeviceError> {
+    let text = s.expose_str().unwrap_or("");
+    let want_key = f == SecretField::TlsKey;
+    let ok = if want_key {
+        text.contains("-----BEGIN") && text.contains("PRIVATE KEY-----")
+    } else {
+        text.contains("-----BEGIN CERTIFICATE-----")
+    };
+    if !ok {
+        let what = if want_key {
+            "a PEM private key"
+        } else {
+            "a PEM certificate"
+        };
+        return Err(invalid(format!("{flag} must be {what}")));
+    }
+    Ok(())
+}
+
+fn validate_socket_path(p: &str) -> Result<(), DeviceError> {
+    if !p.starts_with('/')
+        || p.contains(char::is_whitespace)
+        || p.contains(['\'', '"', '`', '$', ';', '&', '|', '\\'])
+    {
+        return Err(invalid(format!(
+            "socket path {p:?} must be an absolute path without spaces or shell characters"
+        )));
+    }
+    Ok(())
+}
+
+pub fn validate_docker_host(h: &str) -> Result<(), DeviceError> {
+    if let Some(p) = h.strip_prefix("unix://") {
+        if p.starts_with('/') {
+            return Ok(());
+        }
+    } else if let Some(rest) = h.strip_prefix("tcp://") {
+        if rest
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        {
+            return Ok(());
+        }
+    }
+    Err(invalid(format!(
+        "docker host {h:?} must be unix:///absolute/path or tcp://host:port"
+    )))
+}
+
+/// The device registry: records in the store, secrets in the vault.
+pub struct Devices<'a> {
+    devices: sled::Tree,
+    names: sled::Tree,
+    vault: &'a Vault,
+}
+
+impl<'a> Devices<'a> {
+    pub fn new(store: &Store, vault: &'a Vault) -> Result<Self, DeviceError> {
+        Ok(Devices {
+            devices: store.tree(DEVICES_TREE)?,
+            names: store.tree(NAMES_TREE)?,
+            vault,
+        })
+    }
+
+    fn secret_name(id: Uuid, f: SecretField) -> SecretName {
+        SecretName::new(VAULT_KIND, &id.to_string(), f.as_str())
+    }
+
+    pub fn list(&self) -> Result<Vec<Device>, DeviceError> {
+        let mut v: Vec<Device> = self
+            .devices
+            .iter()
+            .map(|r| {
+                let (k, bytes) = r?;
+                Ok(store::decode(&k, &bytes)?)
+            })
+            .collect::<Result<_, DeviceError>>()?;
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// Finds a device by name or by UUID.
+    pub fn get(&self, name_or_id: &str) -> Result<Device, DeviceError> {
+        let id = match Uuid::parse_str(name_or_id) {
+            Ok(id) => Some(id),
+            Err(_) => self
+                .names
+                .get(name_or_id.as_bytes())?
+                .and_then(|b| Uuid::from_slice(&b).ok()),
+        };
+        let id = id.ok_or_else(|| DeviceError::NotFound(name_or_id.into()))?;
+        match self.devices.get(id.as_bytes())? {
+            Some(bytes) => Ok(store::decode(id.as_bytes(), &bytes)?),
+            None => Err(DeviceError::NotFound(name_or_id.into())),
+        }
+    }
+
+    /// The secrets this device holds (for connecting; never for display).
+    pub fn secrets(&self, dev: &Device) -> Result<DeviceSecrets, DeviceError> {
+        let mut s = DeviceSecrets::default();
+        for f in SecretField::ALL {
+            if let Some(v) = self.vault.get(&Self::secret_name(dev.id, f))? {
+                s.set(f, v);
+            }
+        }
+        Ok(s)
+    }
+
+    /// Which secret fields are stored (names only).
+    pub fn stored_secret_fields(&self, dev: &Device) -> Result<Vec<SecretField>, DeviceError> {
+        let mut v = Vec::new();
+        for f in SecretField::ALL {
+            if self.vault.contains(&Self::secret_name(dev.id, f))? {
+                v.push(f);
+            }
+        }
+        Ok(v)
+    }
+
+    pub fn add(&self, kind: DeviceKind, changes: DeviceChanges) -> Result<Device, DeviceError> {
+        let now = Utc::now();
+        let mut dev = Device {
+            id: Uuid::new_v4(),
+            name: String::new(),
+            kind,
+            host: None,
+            port: None,
+            user: None,
+            auth: None,
+            key_has_passphrase: false,
+            docker_login: None,
+            ip_family: IpFamily::Any,
+            agent_forwarding: false,
+            keyboard_interactive: false,
+            socket_path: None,
+            sudo: false,
+            host_key: None,
+            docker_host: None,
+            tls_server_name: None,
+            created_at: now,
+            updated_at: now,
+        };
+        apply(&mut dev, &changes, &|_| false);
+        validate(&dev, &|f| changes.secrets.get(f).cloned())?;
+        self.write(None, &dev, &changes)?;
+        Ok(dev)
+    }
+
+    pub fn edit(&self, name_or_id: &str, changes: DeviceChanges) -> Result<Device, DeviceError> {
+        let old = self.get(name_or_id)?;
+        let stored = self.secrets(&old)?;
+        let mut dev = old.clone();
+        apply(&mut dev, &changes, &|f| stored.get(f).is_some());
+        dev.updated_at = Utc::now();
+        let lookup = |f: SecretField| {
+            if let Some(s) = changes.secrets.get(f) {
+                Some(s.clone())
+            } else if changes.clear_secrets.contains(&f) {
+                None
+            } else {
+                stored.get(f).cloned()
+            }
+        };
+        validate(&dev, &lookup)?;
+        self.write(Some(&old), &dev, &changes)?;
+        Ok(dev)
+    }
+
+    pub fn remove(&self, name_or_id: &str) -> Result<Device, DeviceError> {
+        let dev = self.get(name_or_id)?;
+        let id = dev.id;
+        let name = dev.name.clone();
+        (&self.devices, &self.names)
+            .transaction(|(devices, names)| {
+                devices.remove(id.as_bytes())?;
+                names.remove(name.as_bytes())?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(s) => DeviceError::from(s),
+                sled::transaction::TransactionError::Abort(()) => unreachable!(),
+            })?;
+        self.vault.remove_record(VAULT_KIND, &id.to_string())?;
+        self.vault.flush()?;
+        Ok(dev)
+    }
+
+    /// Stores secrets first, then the record and its name atomically; drops secrets the
+    /// device no longer calls for.
+    fn write(
+        &self,
+        old: Option<&Device>,
+        dev: &Device,
+        changes: &DeviceChanges,
+    ) -> Result<(), DeviceError> {
+        for (f, v) in &changes.secrets.0 {
+            self.vault.put(&Self::secret_name(dev.id, *f), v)?;
+        }
+        let bytes = store::encode(dev);
+        let id = dev.id;
+        let new_name = dev.name.clone();
+        let old_name = old.map(|o| o.name.clone());
+        (&self.devices, &self.names)
+            .transaction(|(devices, names)| {
+                if old_name.as_deref() != Some(new_name.as_str()) {
+                    if names.get(new_name.as_bytes())?.is_some() {
+                        return sled::transaction::abort(());
+                    }
+                    if let Some(o) = &old_name {
+                        names.remove(o.as_bytes())?;
+                    }
+                    names.insert(new_name.as_bytes(), id.as_bytes().to_vec())?;
+                }
+                devices.insert(id.as_bytes(), bytes.clone())?;
+                Ok(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(s) => DeviceError::from(s),
+                sled::transaction::TransactionError::Abort(()) => {
+                    DeviceError::Duplicate(dev.name.clone())
+                }
+            })?;
+        let keep = dev.required_secrets();
+        for f in SecretField::ALL {
+            if !keep.contains(&f) {
+                self.vault.remove(&Self::secret_name(id, f))?;
+            }
+        }
+        self.vault.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_names_that_would_break_urls_and_globs() {
+        for bad in ["", "-x", "a b", "a/b", "a*", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} should be rejected");
+        }
+        for good in ["local", "prod-web.1", "a_b", "9lives"] {
+            validate_name(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn docker_host_must_be_unix_or_tcp_with_port() {
+        validate_docker_host("unix:///var/run/docker.sock").unwrap();
+        validate_docker_host("tcp://127.0.0.1:2375").unwrap();
+        for bad in [
+            "/var/run/docker.sock",
+            "unix://relative",
+            "tcp://host",
+            "http://x:1",
+            "tcp://:1",
+        ] {
+            assert!(validate_docker_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn socket_path_refuses_shell_characters() {
+        assert!(validate_socket_path("/run/docker.sock").is_ok());
+        for bad in ["run/docker.sock", "/x;rm -rf /", "/a b", "/$(id)"] {
+            assert!(validate_socket_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_public_key_is_not_accepted_as_a_private_key() {
+        let pubkey = Secret::from_str_owned(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ me"
+                .into(),
+        );
+        let err = check_private_key(&pubkey, None, "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a private key"), "{err}");
+    }
+}

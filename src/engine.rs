@@ -1,0 +1,152 @@
+//! The engine's shared state: what every API handler, trigger and CLI command works on.
+//!
+//! One [`Engine`] per process, built once from [`Settings`] with the vault open. Opening
+//! is the only place that decides between "create the embedded default" and "open what
+//! is there", so `serve` and the CLI commands agree on where things live.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+
+use crate::config::Settings;
+use crate::device::{DeviceError, Devices};
+use crate::secret::Secret;
+use crate::store::Store;
+use crate::token::Tokens;
+use crate::vault::{self, Argon2Params, KeySource, Protection, Vault};
+
+pub struct Engine {
+    pub settings: Settings,
+    pub store: Store,
+    pub vault: Vault,
+    pub tokens: Tokens,
+}
+
+/// Where a passphrase may come from when the vault needs one.
+#[derive(Debug, Clone, Default)]
+pub struct PassphraseInput {
+    /// `--passphrase-file`.
+    pub file: Option<PathBuf>,
+}
+
+impl PassphraseInput {
+    /// `CAPSTAN_VAULT_PASSPHRASE`, then `--passphrase-file`, then a prompt on a terminal.
+    pub fn read(&self, prompt: &str) -> anyhow::Result<Secret> {
+        if let Ok(p) = std::env::var("CAPSTAN_VAULT_PASSPHRASE") {
+            return Ok(Secret::from_str_owned(p));
+        }
+        if let Some(f) = &self.file {
+            return Secret::from_file(f)
+                .with_context(|| format!("cannot read passphrase file {}", f.display()));
+        }
+        if std::io::stdin().is_terminal() {
+            let p = rpassword::prompt_password(prompt)
+                .context("cannot read the passphrase from the terminal")?;
+            return Ok(Secret::from_str_owned(p));
+        }
+        bail!(
+            "the vault needs a passphrase: set CAPSTAN_VAULT_PASSPHRASE, pass --passphrase-file, or run on a terminal to be prompted"
+        )
+    }
+
+    pub fn is_given(&self) -> bool {
+        self.file.is_some() || std::env::var_os("CAPSTAN_VAULT_PASSPHRASE").is_some()
+    }
+}
+
+/// What `open_or_init` created, so `serve` can tell the user once.
+#[derive(Debug, Default)]
+pub struct Created {
+    pub key_file: Option<PathBuf>,
+    pub vault: bool,
+}
+
+impl Engine {
+    /// Opens the data directory and its vault; fails if there is no vault yet.
+    pub fn open(settings: Settings, pass: &PassphraseInput) -> anyhow::Result<Engine> {
+        let store = Store::open(&settings.data_dir)?;
+        let header = vault::read_header(&store.db)?.ok_or(vault::VaultError::NotInitialized)?;
+        let source = key_source_for(&settings, &header.protection, pass)?;
+        let vault = Vault::open(&store.db, &source)?;
+        let tokens = Tokens::new(&store)?;
+        Ok(Engine {
+            settings,
+            store,
+            vault,
+            tokens,
+        })
+    }
+
+    /// Opens the data directory, creating the embedded default vault if there is none:
+    /// passphrase-protected when a passphrase is given, otherwise with a generated key
+    /// file (mode 0600).
+    pub fn open_or_init(
+        settings: Settings,
+        pass: &PassphraseInput,
+    ) -> anyhow::Result<(Engine, Created)> {
+        let store = Store::open(&settings.data_dir)?;
+        let mut created = Created::default();
+        let vault = match vault::read_header(&store.db)? {
+            Some(header) => {
+                let source = key_source_for(&settings, &header.protection, pass)?;
+                Vault::open(&store.db, &source)?
+            }
+            None => {
+                let source = if pass.is_given() {
+                    KeySource::Passphrase(pass.read("New vault passphrase: ")?)
+                } else {
+                    let path = settings
+                        .key_file
+                        .clone()
+                        .unwrap_or_else(|| settings.default_key_file());
+                    if !path.exists() {
+                        vault::generate_key_file(&path)?;
+                        created.key_file = Some(path.clone());
+                    }
+                    KeySource::KeyFile(path)
+                };
+                created.vault = true;
+                Vault::init(&store.db, &source, Argon2Params::DEFAULT)?
+            }
+        };
+        let tokens = Tokens::new(&store)?;
+        Ok((
+            Engine {
+                settings,
+                store,
+                vault,
+                tokens,
+            },
+            created,
+        ))
+    }
+
+    pub fn devices(&self) -> Result<Devices<'_>, DeviceError> {
+        Devices::new(&self.store, &self.vault)
+    }
+}
+
+/// Chooses the key source the vault header asks for.
+pub fn key_source_for(
+    settings: &Settings,
+    protection: &Protection,
+    pass: &PassphraseInput,
+) -> anyhow::Result<KeySource> {
+    Ok(match protection {
+        Protection::KeyFile => {
+            let path = settings
+                .key_file
+                .clone()
+                .unwrap_or_else(|| settings.default_key_file());
+            if !path.exists() {
+                bail!(
+                    "this vault is protected by a key file, and {} does not exist: set CAPSTAN_VAULT_KEY_FILE or pass --key-file",
+                    path.display()
+                );
+            }
+            KeySource::KeyFile(path)
+        }
+        Protection::Passphrase { .. } => KeySource::Passphrase(pass.read("Vault passphrase: ")?),
+    })
+}

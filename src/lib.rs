@@ -1,0 +1,16 @@
+//! Capstan: a WebAssembly-extensible automation engine for Docker hosts.
+//!
+//! The modules mirror the flow of a request through the engine: configuration and the
+//! command line resolve into settings ([`config`], [`cli`]); the [`store`] holds every
+//! record and the [`vault`] every secret; [`device`] describes the Docker hosts; the
+//! [`api`] serves it all over HTTP behind bearer tokens ([`token`]).
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod device;
+pub mod engine;
+pub mod secret;
+pub mod store;
+pub mod token;
+pub mod vault;
