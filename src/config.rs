@@ -161,6 +161,11 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses() {
+        ConfigFile::parse(include_str!("../examples/capstan.toml")).unwrap();
+    }
+
+    #[test]
     fn a_bad_listen_address_names_the_field() {
         let err = Settings::resolve(&ConfigFile::default(), None, Some("localhost".into()), None)
             .unwrap_err();

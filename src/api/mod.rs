@@ -32,7 +32,7 @@ pub fn router(state: AppState) -> Router {
         .route("/devices", get(devices::list))
         .route("/devices/{name}", get(devices::show))
         .fallback(|| async { AppError::NotFound("no such API route".into()) })
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/api", api)

@@ -1,0 +1,369 @@
+//! `capstan device …`: real key files from the test infrastructure, clear errors for bad
+//! input, and no secret ever printed.
+
+use crate::util::*;
+
+fn add(data: &DataDir, args: &[&str]) -> std::process::Output {
+    let mut full = vec!["device", "add"];
+    full.extend_from_slice(args);
+    data.capstan(&full)
+}
+
+#[test]
+fn adds_ssh_devices_with_every_key_format_and_never_prints_key_material() {
+    let data = DataDir::with_vault();
+    let infra = Infra::get();
+    let host = infra.var("SSH_HOST4");
+    let port = infra.var("SSH_PORT");
+    let user = infra.var("SSH_USER_KEY");
+    for (name, key) in [
+        ("ed", "SSH_KEY_ED25519"),
+        ("ec", "SSH_KEY_ECDSA"),
+        ("rsa", "SSH_KEY_RSA_PEM"),
+    ] {
+        let out = add(
+            &data,
+            &[
+                name,
+                "--kind",
+                "ssh",
+                "--host",
+                host,
+                "--port",
+                port,
+                "--user",
+                user,
+                "--ssh-key-file",
+                infra.var(key),
+            ],
+        );
+        assert_success(&out, name);
+    }
+    let out = add(
+        &data,
+        &[
+            "pp",
+            "--kind",
+            "ssh",
+            "--host",
+            host,
+            "--port",
+            port,
+            "--user",
+            infra.var("SSH_USER_KEYPASS"),
+            "--ssh-key-file",
+            infra.var("SSH_KEY_PASSPHRASE_PROTECTED"),
+            "--key-passphrase-file",
+            infra.var("SSH_KEY_PASSPHRASE_FILE"),
+        ],
+    );
+    assert_success(&out, "passphrase-protected key");
+
+    let list = data.capstan(&["device", "list"]);
+    assert_success(&list, "list");
+    let show = data.capstan(&["device", "show", "pp", "--json"]);
+    assert_success(&show, "show");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&show)).unwrap();
+    assert_eq!(
+        v["secrets"],
+        serde_json::json!(["private-key", "key-passphrase"])
+    );
+    assert_eq!(v["key_has_passphrase"], true);
+
+    let passphrase = std::fs::read_to_string(infra.path("SSH_KEY_PASSPHRASE_FILE")).unwrap();
+    let key_body = std::fs::read_to_string(infra.path("SSH_KEY_ED25519")).unwrap();
+    let key_line = key_body.lines().nth(2).unwrap();
+    for out in [
+        &list,
+        &show,
+        &data.capstan(&["device", "show", "ed"]),
+        &data.capstan(&["device", "list", "--json"]),
+    ] {
+        let all = format!("{}{}", stdout(out), stderr(out));
+        assert!(
+            !all.contains(passphrase.trim()),
+            "passphrase printed:\n{all}"
+        );
+        assert!(!all.contains(key_line), "key material printed:\n{all}");
+        assert!(!all.contains("PRIVATE KEY"), "key material printed:\n{all}");
+    }
+    assert!(
+        stdout(&list).contains(&format!("{user}@{host}:{port}")),
+        "{}",
+        stdout(&list)
+    );
+}
+
+#[test]
+fn a_password_read_from_stdin_is_stored_but_never_shown() {
+    let data = DataDir::with_vault();
+    let out = data.capstan_stdin(
+        &[
+            "device",
+            "add",
+            "p",
+            "--kind",
+            "ssh",
+            "--host",
+            "h.example",
+            "--user",
+            "ops",
+            "--password-stdin",
+            "--keyboard-interactive",
+        ],
+        b"Very-Secret-Pw-42\n",
+    );
+    assert_success(&out, "add");
+    let show = data.capstan(&["device", "show", "p"]);
+    let s = stdout(&show);
+    assert!(
+        s.contains("password (stored in the vault)") && s.contains("keyboard-interactive: true"),
+        "{s}"
+    );
+    assert!(!s.contains("Very-Secret-Pw-42"));
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let data = DataDir::with_vault();
+    let infra = Infra::get();
+    let key = infra.var("SSH_KEY_ED25519");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["x", "--kind", "ftp"], "invalid value 'ftp'"),
+        (
+            vec!["x", "--kind", "ssh", "--user", "u", "--ssh-key-file", key],
+            "need a host",
+        ),
+        (
+            vec!["x", "--kind", "ssh", "--host", "h", "--ssh-key-file", key],
+            "need a login user",
+        ),
+        (
+            vec!["x", "--kind", "ssh", "--host", "h", "--user", "u"],
+            "need an auth method",
+        ),
+        (
+            vec![
+                "x",
+                "--kind",
+                "ssh",
+                "--host",
+                "h",
+                "--user",
+                "u",
+                "--ssh-key-file",
+                infra.var("SSH_HOST_KEY_PUB"),
+            ],
+            "not a private key",
+        ),
+        (
+            vec![
+                "x",
+                "--kind",
+                "ssh",
+                "--host",
+                "h",
+                "--user",
+                "u",
+                "--ssh-key-file",
+                infra.var("SSH_KEY_PASSPHRASE_PROTECTED"),
+            ],
+            "is encrypted",
+        ),
+        (
+            vec![
+                "x",
+                "--kind",
+                "ssh",
+                "--host",
+                "h",
+                "--user",
+                "u",
+                "--ssh-key-file",
+                infra.var("SSH_KEY_PASSPHRASE_PROTECTED"),
+                "--key-passphrase-file",
+                infra.var("SSH_PASSWORD_FILE"),
+            ],
+            "does not open with the given passphrase",
+        ),
+        (
+            vec![
+                "x",
+                "--kind",
+                "ssh",
+                "--host",
+                "h",
+                "--user",
+                "u",
+                "--ssh-key-file",
+                "/nonexistent/key",
+            ],
+            "cannot read SSH key file",
+        ),
+        (
+            vec![
+                "x",
+                "--kind",
+                "ssh",
+                "--host",
+                "h",
+                "--user",
+                "u",
+                "--ssh-key-file",
+                key,
+                "--host-key",
+                "not a key",
+            ],
+            "not an OpenSSH public key",
+        ),
+        (
+            vec![
+                "x",
+                "--kind",
+                "ssh",
+                "--host",
+                "h",
+                "--user",
+                "u",
+                "--ssh-key-file",
+                key,
+                "--socket",
+                "/x;reboot",
+            ],
+            "shell characters",
+        ),
+        (
+            vec![
+                "x",
+                "--kind",
+                "tls",
+                "--host",
+                "h",
+                "--tls-ca",
+                infra.var("TLS_CA"),
+            ],
+            "need --tls-cert",
+        ),
+        (
+            vec![
+                "x",
+                "--kind",
+                "tls",
+                "--host",
+                "h",
+                "--tls-ca",
+                infra.var("TLS_KEY"),
+                "--tls-cert",
+                infra.var("TLS_CERT"),
+                "--tls-key",
+                infra.var("TLS_KEY"),
+            ],
+            "--tls-ca must be a PEM certificate",
+        ),
+        (
+            vec![
+                "x",
+                "--kind",
+                "local",
+                "--docker-host",
+                "/var/run/docker.sock",
+            ],
+            "unix:///absolute/path",
+        ),
+        (
+            vec!["x", "--kind", "local", "--host", "h"],
+            "local devices take only --docker-host",
+        ),
+        (
+            vec!["bad name", "--kind", "local"],
+            "must be 1-64 characters",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = add(&data, &args);
+        assert_failure_says(&out, needle);
+    }
+    assert_success(&add(&data, &["dup", "--kind", "local"]), "first add");
+    assert_failure_says(&add(&data, &["dup", "--kind", "local"]), "already exists");
+    let list = stdout(&data.capstan(&["device", "list", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        1,
+        "failed adds stored nothing: {list}"
+    );
+}
+
+#[test]
+fn edit_renames_changes_options_and_rm_removes_the_secrets() {
+    let data = DataDir::with_vault();
+    let infra = Infra::get();
+    let pinned = std::fs::read_to_string(infra.path("SSH_HOST_KEY_PUB")).unwrap();
+    assert_success(
+        &add(
+            &data,
+            &[
+                "a",
+                "--kind",
+                "ssh",
+                "--host",
+                "h",
+                "--user",
+                "u",
+                "--ssh-key-file",
+                infra.var("SSH_KEY_ED25519"),
+                "--host-key",
+                pinned.trim(),
+            ],
+        ),
+        "add",
+    );
+    assert_success(
+        &data.capstan(&[
+            "device",
+            "edit",
+            "a",
+            "--rename",
+            "b",
+            "--port",
+            "2222",
+            "--sudo",
+            "--socket",
+            "/run/alt.sock",
+        ]),
+        "edit",
+    );
+    assert_failure_says(
+        &data.capstan(&["device", "show", "a"]),
+        "no device named \"a\"",
+    );
+    let s = stdout(&data.capstan(&["device", "show", "b"]));
+    assert!(
+        s.contains("u@h:2222") && s.contains("sudo:        true") && s.contains("/run/alt.sock"),
+        "{s}"
+    );
+    assert!(s.contains("host key:    ssh-ed25519 SHA256:"), "{s}");
+    assert_success(
+        &data.capstan(&["device", "edit", "b", "--sudo=false", "--clear-host-key"]),
+        "edit back",
+    );
+    let s = stdout(&data.capstan(&["device", "show", "b"]));
+    assert!(
+        s.contains("sudo:        false") && s.contains("not pinned"),
+        "{s}"
+    );
+    // Switching to password auth drops the stored key.
+    let out = data.capstan_stdin(&["device", "edit", "b", "--password-stdin"], b"pw");
+    assert_success(&out, "switch to password");
+    let v: serde_json::Value =
+        serde_json::from_str(&stdout(&data.capstan(&["device", "show", "b", "--json"]))).unwrap();
+    assert_eq!(v["secrets"], serde_json::json!(["password"]));
+    assert_eq!(v["auth"], "password");
+
+    let status = stdout(&data.capstan(&["vault", "status"]));
+    assert!(status.contains("secrets:        1"), "{status}");
+    assert_success(&data.capstan(&["device", "rm", "b"]), "rm");
+    let status = stdout(&data.capstan(&["vault", "status"]));
+    assert!(status.contains("secrets:        0"), "{status}");
+    assert_failure_says(&data.capstan(&["device", "rm", "b"]), "no device named");
+}

@@ -1,0 +1,8 @@
+//! Integration tests: one binary, one module per area. They run the real `capstan`
+//! binary against the real dockerd, sshd and TLS endpoint that `scripts/testinfra` starts.
+
+mod util;
+
+mod cli_device;
+mod cli_vault;
+mod serve;
