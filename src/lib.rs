@@ -3,13 +3,16 @@
 //! The modules mirror the flow of a request through the engine: configuration and the
 //! command line resolve into settings ([`config`], [`cli`]); the [`store`] holds every
 //! record and the [`vault`] every secret; [`device`] describes the Docker hosts; the
-//! [`api`] serves it all over HTTP behind bearer tokens ([`token`]).
+//! [`api`] serves it all over HTTP behind bearer tokens ([`token`]). The [`policy`] engine
+//! decides every Docker API request, and [`proxy`] serves the Docker API behind it.
 
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod policy;
+pub mod proxy;
 pub mod secret;
 pub mod store;
 pub mod token;

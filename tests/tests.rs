@@ -4,5 +4,7 @@
 mod util;
 
 mod cli_device;
+mod cli_policy;
 mod cli_vault;
+mod proxy;
 mod serve;

@@ -5,6 +5,8 @@
 //! the environment themselves, except the vault passphrase (see [`PassphraseInput`]).
 
 mod device;
+mod policy;
+mod proxy;
 mod serve;
 mod token;
 mod vault;
@@ -79,6 +81,11 @@ pub enum Command {
     /// Manage API bearer tokens (stored hashed; shown once at creation).
     #[command(subcommand)]
     Token(token::TokenCmd),
+    /// Test socket-proxy style policies offline.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
+    /// Serve the Docker API of one device behind a policy (for the docker CLI, Portainer, …).
+    Proxy(proxy::ProxyArgs),
 }
 
 impl GlobalArgs {
@@ -109,6 +116,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vault(cmd) => vault::run(g, cmd),
         Command::Device(cmd) => device::run(g, cmd),
         Command::Token(cmd) => token::run(g, cmd),
+        Command::Policy(cmd) => policy::run(cmd),
+        Command::Proxy(args) => proxy::run(g, args),
     }
 }
 

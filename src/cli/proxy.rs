@@ -1,0 +1,57 @@
+//! `capstan proxy`: serve the Docker API for one device behind a policy.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use super::GlobalArgs;
+use crate::engine::Engine;
+use crate::proxy::{Listen, Proxy};
+use crate::secret::Secret;
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Examples:
+  capstan proxy --device web1 --policy readonly.env --listen tcp://127.0.0.1:2375
+  DOCKER_HOST=tcp://127.0.0.1:2375 docker ps
+
+The policy file is a socket-proxy environment block (CONTAINERS=1, POST=0, ALLOW_RESTARTS=1,
+…, as in a docker-compose `environment:` section) or a TOML file ending in .toml. Denied
+requests get 403 with a message naming the variable that would allow them.")]
+pub struct ProxyArgs {
+    /// The device whose daemon to serve (name or id).
+    #[arg(long)]
+    device: String,
+    /// Policy file: an environment block, or TOML when it ends in .toml.
+    #[arg(long, value_name = "FILE")]
+    policy: PathBuf,
+    /// Where to listen: tcp://IP:PORT or unix:///path.sock.
+    #[arg(long, default_value = "tcp://127.0.0.1:2375", value_name = "URL")]
+    listen: Listen,
+    /// File with a token clients must send (`X-Capstan-Token: …` or `Authorization:
+    /// Bearer …`); required when listening on a non-loopback address.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
+    let policy = super::policy::load_policy_file(&args.policy)?.compile();
+    let token = match &args.token_file {
+        Some(f) => Some(Secret::from_file(f).with_context(|| format!("cannot read token file {}", f.display()))?),
+        None => None,
+    };
+    let engine = Engine::open(g.settings(None)?, &g.passphrase())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let device = engine.devices()?.get(&args.device)?;
+        let dialer = engine.dialer(&device).await?;
+        let proxy = Arc::new(Proxy::new(&device.name, policy, dialer, &args.listen, token.as_ref())?);
+        println!("serving the Docker API of device {} on {}", device.name, args.listen);
+        proxy.serve(args.listen.clone(), super::serve::shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}

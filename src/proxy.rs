@@ -1,0 +1,515 @@
+//! Proxy mode: Capstan serves the Docker Engine API for one device, behind a policy.
+//!
+//! Other tools (the docker CLI, Portainer, Dockman, Watchtower, CI jobs) point
+//! `DOCKER_HOST` at a Capstan proxy and reach a local, SSH or TLS daemon through it. Each
+//! request is decided by the same [`crate::policy`] engine that guards plugins: the
+//! socket-proxy vocabulary applied to the Docker API endpoint the request matched. What is
+//! forwarded is exactly the path that was decided on (decoded once, normalised), never the
+//! raw bytes the client sent. Container-targeted requests are checked against the
+//! policy's container scope (the container is inspected upstream first).
+//!
+//! Denials answer 403 in Docker's own error format (`{"message": …}`) with a sentence that
+//! names the variable that would allow the request, so the docker CLI prints something
+//! useful. Streaming responses (logs -f, events) are passed through as they arrive, and
+//! upgraded connections (attach, exec) are spliced byte for byte.
+//!
+//! Upstream connections are pooled HTTP/1.1 connections over whatever byte stream the
+//! device's [`Dialer`] opens (a unix socket, a TLS stream, an SSH channel running
+//! `docker system dial-stdio`).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Mutex;
+
+use crate::policy::CompiledPolicy;
+use crate::secret::Secret;
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// A bidirectional byte stream to a Docker daemon.
+pub trait DockerStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> DockerStream for T {}
+
+pub type BoxStream = Box<dyn DockerStream>;
+pub type DialFuture<'a> = Pin<Box<dyn Future<Output = std::io::Result<BoxStream>> + Send + 'a>>;
+
+/// Opens a new byte stream to a device's Docker daemon.
+pub trait Dialer: Send + Sync + 'static {
+    fn dial(&self) -> DialFuture<'_>;
+}
+
+/// Where a proxy listens: `tcp://HOST:PORT` or `unix:///path.sock`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(a) = s.strip_prefix("tcp://") {
+            a.parse()
+                .map(Listen::Tcp)
+                .map_err(|_| format!("{s:?}: expected tcp://IP:PORT, e.g. tcp://127.0.0.1:2375"))
+        } else if let Some(p) = s.strip_prefix("unix://") {
+            if p.starts_with('/') {
+                Ok(Listen::Unix(PathBuf::from(p)))
+            } else {
+                Err(format!("{s:?}: expected unix:///absolute/path.sock"))
+            }
+        } else {
+            Err(format!("{s:?}: expected tcp://IP:PORT or unix:///absolute/path.sock"))
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "tcp://{a}"),
+            Listen::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "refusing to serve the Docker API on the non-loopback address {0} without a token: anyone who can reach it would control the daemon. Give a token (--token-file; clients send it as `X-Capstan-Token` or `Authorization: Bearer`) or listen on 127.0.0.1"
+    )]
+    ExposedWithoutToken(SocketAddr),
+    #[error("the policy's device scope does not include device {0:?}")]
+    DeviceOutOfScope(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+}
+
+/// Counters of every decision the proxy made.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+/// Pooled HTTP/1.1 connections to one daemon.
+struct Upstream {
+    dialer: Arc<dyn Dialer>,
+    idle: Mutex<Vec<SendRequest<ProxyBody>>>,
+}
+
+const MAX_IDLE: usize = 16;
+
+impl Upstream {
+    async fn sender(&self) -> std::io::Result<SendRequest<ProxyBody>> {
+        while let Some(s) = self.idle.lock().await.pop() {
+            if s.is_ready() {
+                return Ok(s);
+            }
+        }
+        let stream = self.dialer.dial().await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection closed");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Returns the connection to the pool once its current response has been read.
+    fn release(self: &Arc<Self>, mut sender: SendRequest<ProxyBody>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = this.idle.lock().await;
+                if idle.len() < MAX_IDLE {
+                    idle.push(sender);
+                }
+            }
+        });
+    }
+
+    async fn send(self: &Arc<Self>, req: Request<ProxyBody>) -> Result<Response<Incoming>, String> {
+        let mut sender = self.sender().await.map_err(|e| format!("cannot reach the daemon: {e}"))?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("the daemon connection failed: {e}"))?;
+        self.release(sender);
+        Ok(resp)
+    }
+}
+
+/// A running proxy's shared state.
+pub struct Proxy {
+    device: String,
+    policy: Arc<CompiledPolicy>,
+    upstream: Arc<Upstream>,
+    token_hash: Option<[u8; 32]>,
+    pub stats: ProxyStats,
+}
+
+fn docker_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::to_vec(&serde_json::json!({ "message": message })).expect("json");
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
+        .expect("valid response")
+}
+
+fn empty() -> ProxyBody {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) are not forwarded, except that an upgrade keeps
+/// `Connection: Upgrade` and `Upgrade`.
+fn strip_hop_headers(h: &mut HeaderMap, keep_upgrade: bool) {
+    for name in ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding"] {
+        h.remove(name);
+    }
+    if !keep_upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+fn hash_token(t: &[u8]) -> [u8; 32] {
+    Sha256::digest(t).into()
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Proxy {
+    /// Builds a proxy for `device`. Fails when the listen address is exposed without a
+    /// token, or when the policy's device scope leaves the device out.
+    pub fn new(
+        device: &str,
+        policy: CompiledPolicy,
+        dialer: Arc<dyn Dialer>,
+        listen: &Listen,
+        token: Option<&Secret>,
+    ) -> Result<Proxy, ProxyError> {
+        if let Listen::Tcp(addr) = listen {
+            if !addr.ip().is_loopback() && token.is_none() {
+                return Err(ProxyError::ExposedWithoutToken(*addr));
+            }
+        }
+        if !policy.devices().is_empty() && !policy.devices().allows(device) {
+            return Err(ProxyError::DeviceOutOfScope(device.to_string()));
+        }
+        Ok(Proxy {
+            device: device.to_string(),
+            policy: Arc::new(policy),
+            upstream: Arc::new(Upstream {
+                dialer,
+                idle: Mutex::new(Vec::new()),
+            }),
+            token_hash: token.map(|t| hash_token(t.expose())),
+            stats: ProxyStats::default(),
+        })
+    }
+
+    fn authorized(&self, h: &HeaderMap) -> bool {
+        let Some(want) = &self.token_hash else { return true };
+        let presented = h
+            .get("x-capstan-token")
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")));
+        presented.is_some_and(|p| constant_time_eq(&hash_token(p.trim().as_bytes()), want))
+    }
+
+    /// Handles one client request.
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, client: String) -> Result<Response<ProxyBody>, Infallible> {
+        if !self.authorized(req.headers()) {
+            tracing::warn!(%client, device = %self.device, method = %req.method(), "proxy request without a valid token");
+            return Ok(docker_error(StatusCode::UNAUTHORIZED, "capstan: missing or invalid proxy token"));
+        }
+        let method = req.method().clone();
+        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let decision = self.policy.decide(method.as_str(), &pq);
+        if !decision.is_allowed() {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+            let reason = decision.reason();
+            tracing::warn!(%client, device = %self.device, %method, path = %pq, %reason, "proxy request denied");
+            return Ok(docker_error(StatusCode::FORBIDDEN, &format!("capstan policy: {reason}")));
+        }
+        if let Some(container) = decision.container() {
+            if !self.policy.containers().is_all() {
+                if let Err(why) = self.check_container_scope(container).await {
+                    self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%client, device = %self.device, %method, path = %pq, reason = %why, "proxy request denied");
+                    return Ok(docker_error(StatusCode::FORBIDDEN, &format!("capstan policy: {method} {pq} is denied: {why}")));
+                }
+            }
+        }
+        self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%client, device = %self.device, %method, path = %pq, "proxy request allowed");
+        let forward_path = decision.path().to_string();
+
+        let upgrade = is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        strip_hop_headers(&mut parts.headers, upgrade);
+        parts.headers.remove("x-capstan-token");
+        if self.token_hash.is_some() {
+            parts.headers.remove(header::AUTHORIZATION);
+        }
+        let mut up = Request::builder().method(parts.method).uri(forward_path);
+        *up.headers_mut().expect("builder has headers") = parts.headers;
+        let up = up.body(body.boxed()).expect("valid request");
+
+        let mut resp = match self.upstream.send(up).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(device = %self.device, error = %e, "proxy upstream failed");
+                return Ok(docker_error(StatusCode::BAD_GATEWAY, &format!("capstan: device {}: {e}", self.device)));
+            }
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Ok(docker_error(StatusCode::BAD_GATEWAY, "capstan: the daemon upgraded a request that did not ask for it"));
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let device = self.device.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((c, u)) => {
+                        let mut c = TokioIo::new(c);
+                        let mut u = TokioIo::new(u);
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                            tracing::debug!(%device, error = %e, "upgraded proxy connection ended");
+                        }
+                    }
+                    Err(e) => tracing::warn!(%device, error = %e, "proxy upgrade failed"),
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            return Ok(Response::from_parts(parts, empty()));
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_headers(&mut parts.headers, false);
+        Ok(Response::from_parts(parts, body.boxed()))
+    }
+
+    /// Inspects the container upstream and checks its name and labels against the scope.
+    async fn check_container_scope(&self, container: &str) -> Result<(), String> {
+        let uri = format!("/containers/{}/json", percent_encode_segment(container));
+        let req = Request::get(uri).header(header::HOST, "docker").body(empty()).expect("valid request");
+        let resp = self.upstream.send(req).await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("cannot read the container's details: {e}"))?
+            .to_bytes();
+        if status == StatusCode::NOT_FOUND {
+            return Err(format!("container {container:?} does not exist (or is out of scope)"));
+        }
+        if !status.is_success() {
+            return Err(format!("cannot inspect container {container:?} to check the scope (daemon answered {status})"));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("unreadable container details: {e}"))?;
+        let name = v["Name"].as_str().unwrap_or("");
+        let labels: HashMap<String, String> = v["Config"]["Labels"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+            .unwrap_or_default();
+        if self.policy.containers().matches(name, &labels) {
+            Ok(())
+        } else {
+            Err(format!("container {} is outside the policy's container scope", name.trim_start_matches('/')))
+        }
+    }
+
+    /// Accepts clients until `shutdown` resolves.
+    pub async fn serve(self: Arc<Self>, listen: Listen, shutdown: impl Future<Output = ()> + Send) -> Result<(), ProxyError> {
+        enum Listener {
+            Tcp(tokio::net::TcpListener),
+            Unix(tokio::net::UnixListener, PathBuf),
+        }
+        let listener = match &listen {
+            Listen::Tcp(a) => Listener::Tcp(tokio::net::TcpListener::bind(a).await.map_err(|source| ProxyError::Listen {
+                addr: listen.to_string(),
+                source,
+            })?),
+            Listen::Unix(p) => {
+                if p.exists() {
+                    // Only replace a stale socket, never another kind of file.
+                    use std::os::unix::fs::FileTypeExt;
+                    let ft = std::fs::symlink_metadata(p).map_err(|source| ProxyError::Listen { addr: listen.to_string(), source })?.file_type();
+                    if !ft.is_socket() {
+                        return Err(ProxyError::Listen {
+                            addr: listen.to_string(),
+                            source: std::io::Error::other("a file that is not a socket is in the way"),
+                        });
+                    }
+                    let _ = std::fs::remove_file(p);
+                }
+                let l = tokio::net::UnixListener::bind(p).map_err(|source| ProxyError::Listen {
+                    addr: listen.to_string(),
+                    source,
+                })?;
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o660));
+                Listener::Unix(l, p.clone())
+            }
+        };
+        tracing::info!(device = %self.device, listen = %listen, "proxy listening");
+        tokio::pin!(shutdown);
+        loop {
+            let (io, client): (BoxStream, String) = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = async {
+                    match &listener {
+                        Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
+                            let _ = s.set_nodelay(true);
+                            (Box::new(s) as BoxStream, a.to_string())
+                        }),
+                        Listener::Unix(l, p) => l.accept().await.map(|(s, _)| (Box::new(s) as BoxStream, format!("unix:{}", p.display()))),
+                    }
+                } => match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "proxy accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| this.clone().handle(req, client.clone()));
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(io), svc)
+                    .with_upgrades()
+                    .await
+                {
+                    tracing::debug!(error = %e, "proxy client connection ended");
+                }
+            });
+        }
+        if let Listener::Unix(_, p) = &listener {
+            let _ = std::fs::remove_file(p);
+        }
+        tracing::info!(
+            device = %self.device,
+            allowed = self.stats.allowed.load(Ordering::Relaxed),
+            denied = self.stats.denied.load(Ordering::Relaxed),
+            "proxy stopped"
+        );
+        Ok(())
+    }
+}
+
+/// Percent-encodes a path segment (container names are `[a-zA-Z0-9_.-]`, IDs hex; this
+/// only guards against anything else).
+fn percent_encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Dials the local daemon: a unix socket or a plain TCP address.
+pub struct LocalDialer {
+    pub target: LocalTarget,
+}
+
+#[derive(Debug, Clone)]
+pub enum LocalTarget {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl LocalTarget {
+    /// `unix:///path`, `tcp://host:port`; `None` means `DOCKER_HOST`, else the default
+    /// socket.
+    pub fn resolve(docker_host: Option<&str>) -> Result<LocalTarget, String> {
+        let from_env = std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty());
+        let h = docker_host.map(str::to_string).or(from_env).unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+        if let Some(p) = h.strip_prefix("unix://") {
+            Ok(LocalTarget::Unix(PathBuf::from(p)))
+        } else if let Some(a) = h.strip_prefix("tcp://") {
+            Ok(LocalTarget::Tcp(a.to_string()))
+        } else {
+            Err(format!("unsupported Docker host {h:?}: use unix:///path or tcp://host:port"))
+        }
+    }
+}
+
+impl Dialer for LocalDialer {
+    fn dial(&self) -> DialFuture<'_> {
+        Box::pin(async move {
+            Ok(match &self.target {
+                LocalTarget::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?) as BoxStream,
+                LocalTarget::Tcp(a) => {
+                    let s = tokio::net::TcpStream::connect(a).await?;
+                    s.set_nodelay(true)?;
+                    Box::new(s) as BoxStream
+                }
+            })
+        })
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_header_value(_: HeaderValue, _: Method) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_parse_and_say_what_they_expect() {
+        assert_eq!("tcp://127.0.0.1:2375".parse::<Listen>().unwrap(), Listen::Tcp("127.0.0.1:2375".parse().unwrap()));
+        assert_eq!("unix:///run/c.sock".parse::<Listen>().unwrap(), Listen::Unix("/run/c.sock".into()));
+        for bad in ["127.0.0.1:2375", "tcp://localhost:1", "unix://rel.sock", "http://x"] {
+            assert!(bad.parse::<Listen>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn upgrade_requests_are_recognised_by_both_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("tcp"));
+        assert!(!is_upgrade(&h));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(is_upgrade(&h));
+    }
+}
