@@ -1,0 +1,215 @@
+//! The policy engine: may this plugin, or this proxied client, make this Docker API request?
+//!
+//! Why it exists: every Docker call Capstan makes on someone's behalf — a plugin's host
+//! function or a request arriving in proxy mode — is first expressed as the Docker Engine
+//! API request it will send (method + path), and this module decides on that request.
+//! One decision procedure for both paths, so there is no second list of rules to drift.
+//!
+//! It speaks the vocabulary of the Docker socket proxies (linuxserver and Tecnativa
+//! docker-socket-proxy: `CONTAINERS=1 POST=0 ALLOW_RESTARTS=1`), so operators can paste the
+//! environment block they already run, and follows linuxserver's decision order on
+//! well-formed requests. Unlike the proxies it matches the Docker API's real endpoints
+//! instead of path prefixes, refuses paths that could mean something else once forwarded,
+//! and forwards exactly the path it decided on — so it is never more permissive than
+//! linuxserver on any request. `shared/POLICY-SEMANTICS.md` states the semantics.
+//!
+//! What a policy grants by default: PING, VERSION and EVENTS (the proxies' defaults), no
+//! device ([`DeviceScope`] is default-deny) and, within the devices granted, every
+//! container ([`ContainerScope`] narrows by labels and names).
+//!
+//! Where the semantics document is silent, the choices are strict and written down where
+//! they are implemented:
+//! - request targets ([`decide`](CompiledPolicy::decide)): decode once and forward the
+//!   decoded path; refuse a trailing slash, empty and dot segments, encoded `/`, `?`, `#`,
+//!   `%` and unsafe bytes; match case-sensitively; more than 24 segments is malformed;
+//! - path parameters ([`endpoints`]): container names follow Docker's name rule, image
+//!   and plugin references may span segments;
+//! - scopes ([`DeviceScope`], [`ContainerScope`]): devices default-deny; containers in
+//!   scope when every label selector and (if any) some name glob match;
+//! - parsing ([`Policy::from_env_block`], [`Policy::from_toml_str`]): in an environment
+//!   block the last assignment wins, as in a shell; in TOML a key set twice is an error;
+//!   proxy-process settings such as `LOG_LEVEL` are refused with an explanation.
+//!
+//! The flow: [`Policy`] (parsed with [`Policy::from_env_block`] or
+//! [`Policy::from_toml_str`], or deserialised as a `[policy]` table inside a manifest) →
+//! [`Policy::compile`] → [`CompiledPolicy::decide`] → [`Decision`].
+//!
+//! ```
+//! use capstan::policy::Policy;
+//!
+//! let policy = Policy::from_env_block("CONTAINERS=1\nALLOW_RESTARTS=1\n")?.compile();
+//! let decision = policy.decide("POST", "/v1.47/containers/web/restart");
+//! assert!(decision.is_allowed());
+//! assert_eq!(decision.container(), Some("web"));
+//! # Ok::<(), capstan::policy::PolicyError>(())
+//! ```
+
+mod decide;
+pub mod endpoints;
+mod parse;
+mod scope;
+mod vars;
+
+#[cfg(test)]
+mod tests;
+
+use std::io::{self, BufRead, Write};
+
+pub use decide::{CompiledPolicy, Decision, Malformed, Rule, Target};
+pub use endpoints::{Endpoint, Gate, Method, TargetKind};
+pub use parse::{EnvLineError, PolicyError, assignment};
+pub use scope::{ContainerScope, DeviceScope, Glob, LabelSelector, ScopeError};
+pub use vars::{ValueError, Var, VarKind, VarSet, parse_value};
+
+/// A policy as written: the variables it sets, and its scopes.
+///
+/// Variables it does not set keep the proxies' defaults. Deserialises from a table (see
+/// [`Policy::from_toml_str`] for the keys), so a manifest can embed it as `[policy]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// The variables set explicitly.
+    explicit: VarSet,
+    /// Their values (only the bits in `explicit` count).
+    values: VarSet,
+    devices: DeviceScope,
+    containers: ContainerScope,
+}
+
+impl Default for Policy {
+    /// The proxies' defaults, no device, every container.
+    fn default() -> Self {
+        Policy {
+            explicit: VarSet::EMPTY,
+            values: VarSet::EMPTY,
+            devices: DeviceScope::none(),
+            containers: ContainerScope::all(),
+        }
+    }
+}
+
+impl Policy {
+    /// Parses a socket-proxy environment block as pasted from a compose file or `.env`:
+    /// `KEY=VALUE`, `export KEY=VALUE`, `- KEY=VALUE`, `KEY: VALUE`, quotes, comments, an
+    /// optional leading `environment:` line. The last assignment of a name wins, as in a
+    /// shell. An environment block sets no scope: no device, every container.
+    pub fn from_env_block(text: &str) -> Result<Policy, PolicyError> {
+        parse::env_block(text)
+    }
+
+    /// Parses a TOML policy table: the variable names with integer values, plus
+    /// `devices = ["prod-*", "local"]` and a `[containers]` table with `labels` and
+    /// `names`. Unknown keys are errors.
+    pub fn from_toml_str(text: &str) -> Result<Policy, PolicyError> {
+        parse::toml_str(text)
+    }
+
+    /// Whether `var` is on, explicitly or by default.
+    pub fn get(&self, var: Var) -> bool {
+        self.explicit(var).unwrap_or(var.default_on())
+    }
+
+    /// The value `var` was set to, or `None` when it keeps its default.
+    pub fn explicit(&self, var: Var) -> Option<bool> {
+        self.explicit
+            .contains(var)
+            .then(|| self.values.contains(var))
+    }
+
+    /// Sets `var`.
+    pub fn set(&mut self, var: Var, on: bool) {
+        self.explicit.insert(var);
+        self.values.set(var, on);
+    }
+
+    /// Returns `var` to its default.
+    pub fn unset(&mut self, var: Var) {
+        self.explicit.remove(var);
+        self.values.remove(var);
+    }
+
+    /// Every variable's effective value.
+    pub fn vars(&self) -> VarSet {
+        let mut set = VarSet::defaults();
+        for &var in Var::ALL {
+            set.set(var, self.get(var));
+        }
+        set
+    }
+
+    /// The devices the policy may act on.
+    pub fn devices(&self) -> &DeviceScope {
+        &self.devices
+    }
+
+    /// Replaces the device scope.
+    pub fn set_devices(&mut self, devices: DeviceScope) {
+        self.devices = devices;
+    }
+
+    /// The containers the policy may act on.
+    pub fn containers(&self) -> &ContainerScope {
+        &self.containers
+    }
+
+    /// Replaces the container scope.
+    pub fn set_containers(&mut self, containers: ContainerScope) {
+        self.containers = containers;
+    }
+
+    /// The form that decides: variables as a bit set, scopes ready to match.
+    pub fn compile(&self) -> CompiledPolicy {
+        CompiledPolicy::new(self.vars(), self.devices.clone(), self.containers.clone())
+    }
+}
+
+/// Decides a stream of requests, one `METHOD PATH` a line, writing `allow` or `deny` per
+/// request (with `\t` and [`Decision::reason`] when `with_reasons`).
+///
+/// Blank lines and lines starting with `#` are skipped. A line that is not two words (or
+/// is not UTF-8) gets `deny\tmalformed input line`, and the stream goes on. Returns how
+/// many requests were allowed and denied (malformed lines count as denied).
+pub fn decide_stream(
+    policy: &CompiledPolicy,
+    mut input: impl BufRead,
+    mut out: impl Write,
+    with_reasons: bool,
+) -> io::Result<(usize, usize)> {
+    let (mut allowed, mut denied) = (0, 0);
+    let mut buffer = Vec::new();
+    loop {
+        buffer.clear();
+        if input.read_until(b'\n', &mut buffer)? == 0 {
+            break;
+        }
+        let Ok(line) = std::str::from_utf8(&buffer) else {
+            denied += 1;
+            writeln!(out, "deny\tmalformed input line")?;
+            continue;
+        };
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_ascii_whitespace();
+        let (Some(method), Some(path), None) = (words.next(), words.next(), words.next()) else {
+            denied += 1;
+            writeln!(out, "deny\tmalformed input line")?;
+            continue;
+        };
+        let decision = policy.decide(method, path);
+        let verdict = if decision.is_allowed() {
+            allowed += 1;
+            "allow"
+        } else {
+            denied += 1;
+            "deny"
+        };
+        if with_reasons {
+            writeln!(out, "{verdict}\t{}", decision.reason())?;
+        } else {
+            writeln!(out, "{verdict}")?;
+        }
+    }
+    out.flush()?;
+    Ok((allowed, denied))
+}

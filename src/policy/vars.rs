@@ -1,0 +1,483 @@
+//! The socket-proxy variables: names, defaults, what they govern, and how a value is read.
+//!
+//! The names and defaults are those of linuxserver/docker-socket-proxy, so an operator can
+//! paste the block they already run. Values are read more strictly than the proxies do:
+//! the proxies treat `POST=true` as off without a word; Capstan refuses it.
+
+use std::fmt;
+
+use thiserror::Error;
+
+macro_rules! variables {
+    ($($(#[$doc:meta])* $var:ident = $name:literal, default $default:literal, $kind:ident;)+) => {
+        /// One socket-proxy variable (`CONTAINERS`, `POST`, `ALLOW_RESTARTS`, …).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[repr(u8)]
+        pub enum Var {
+            $($(#[$doc])* $var,)+
+        }
+
+        impl Var {
+            /// Every variable, in the order of the semantics table.
+            pub const ALL: &'static [Var] = &[$(Var::$var,)+];
+
+            /// The variable's name as written in an environment block or TOML table.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Var::$var => $name,)+
+                }
+            }
+
+            /// Whether the variable is on when a policy does not mention it.
+            pub const fn default_on(self) -> bool {
+                match self {
+                    $(Var::$var => $default != 0,)+
+                }
+            }
+
+            /// What kind of rule the variable feeds.
+            pub const fn kind(self) -> VarKind {
+                match self {
+                    $(Var::$var => VarKind::$kind,)+
+                }
+            }
+
+            /// Looks a variable up by its exact (case-sensitive) name.
+            pub fn from_name(name: &str) -> Option<Var> {
+                match name {
+                    $($name => Some(Var::$var),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+variables! {
+    /// `/_ping` (GET and HEAD).
+    Ping = "PING", default 1, Section;
+    /// `/version`.
+    Version = "VERSION", default 1, Section;
+    /// `/events`.
+    Events = "EVENTS", default 1, Section;
+    /// `/info`.
+    Info = "INFO", default 0, Section;
+    /// `/containers…`, including exec *create* (`POST /containers/{id}/exec`).
+    Containers = "CONTAINERS", default 0, Section;
+    /// `/images…` (pull is `POST /images/create`).
+    Images = "IMAGES", default 0, Section;
+    /// `/networks…`.
+    Networks = "NETWORKS", default 0, Section;
+    /// `/volumes…`.
+    Volumes = "VOLUMES", default 0, Section;
+    /// `/exec/{id}/start|resize|json`.
+    Exec = "EXEC", default 0, Section;
+    /// `/system/df`.
+    System = "SYSTEM", default 0, Section;
+    /// `/auth`.
+    Auth = "AUTH", default 0, Section;
+    /// `/build…`.
+    Build = "BUILD", default 0, Section;
+    /// `/commit`.
+    Commit = "COMMIT", default 0, Section;
+    /// `/configs…` (swarm).
+    Configs = "CONFIGS", default 0, Section;
+    /// `/secrets…` (swarm).
+    Secrets = "SECRETS", default 0, Section;
+    /// `/nodes…` (swarm).
+    Nodes = "NODES", default 0, Section;
+    /// `/services…` (swarm).
+    Services = "SERVICES", default 0, Section;
+    /// `/tasks…` (swarm).
+    Tasks = "TASKS", default 0, Section;
+    /// `/swarm…`.
+    Swarm = "SWARM", default 0, Section;
+    /// `/plugins…` (Docker Engine plugins, not Capstan plugins).
+    Plugins = "PLUGINS", default 0, Section;
+    /// `/distribution/{name}/json`.
+    Distribution = "DISTRIBUTION", default 0, Section;
+    /// `/session`.
+    Session = "SESSION", default 0, Section;
+    /// `/grpc`.
+    Grpc = "GRPC", default 0, Section;
+    /// The write gate: any method other than GET and HEAD needs POST=1.
+    Post = "POST", default 0, WriteGate;
+    /// `POST /containers/{id}/start`, even with POST=0.
+    AllowStart = "ALLOW_START", default 0, Toggle;
+    /// `POST /containers/{id}/stop`, even with POST=0.
+    AllowStop = "ALLOW_STOP", default 0, Toggle;
+    /// `POST /containers/{id}/stop`, `/restart` and `/kill`, even with POST=0.
+    AllowRestarts = "ALLOW_RESTARTS", default 0, Toggle;
+    /// `POST /containers/{id}/pause`, even with POST=0.
+    AllowPause = "ALLOW_PAUSE", default 0, Toggle;
+    /// `POST /containers/{id}/unpause`, even with POST=0.
+    AllowUnpause = "ALLOW_UNPAUSE", default 0, Toggle;
+    /// Guard: while off, `/containers/{id}/logs` is denied even with CONTAINERS=1.
+    AllowLogs = "ALLOW_LOGS", default 0, Guard;
+    /// Guard: while off, `/containers/{id}/top` is denied even with CONTAINERS=1.
+    AllowTop = "ALLOW_TOP", default 0, Guard;
+    /// Guard: while off, `/containers/{id}/changes` is denied even with CONTAINERS=1.
+    AllowChanges = "ALLOW_CHANGES", default 0, Guard;
+    /// Guard: while off, `/containers/{id}/export` is denied even with CONTAINERS=1.
+    AllowExport = "ALLOW_EXPORT", default 0, Guard;
+    /// Guard: while off, `/containers/{id}/archive` is denied even with CONTAINERS=1.
+    AllowArchive = "ALLOW_ARCHIVE", default 0, Guard;
+}
+
+/// The role a variable plays in the decision order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VarKind {
+    /// Turns a whole API section on (`CONTAINERS`, `IMAGES`, …).
+    Section,
+    /// `POST`: lets methods other than GET and HEAD through.
+    WriteGate,
+    /// Allows one container lifecycle action even with POST=0 (`ALLOW_START`, …).
+    Toggle,
+    /// Must be on for a container sub-resource to be reachable at all (`ALLOW_LOGS`, …).
+    Guard,
+}
+
+impl fmt::Display for Var {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Var {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Var::from_name(s).ok_or_else(|| ValueError::unknown(s))
+    }
+}
+
+/// A set of variables that are on: one bit per [`Var`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VarSet(u64);
+
+impl VarSet {
+    /// No variable on.
+    pub const EMPTY: VarSet = VarSet(0);
+
+    /// The proxies' defaults: PING, VERSION and EVENTS on, everything else off.
+    pub fn defaults() -> VarSet {
+        let mut set = VarSet::EMPTY;
+        for &var in Var::ALL {
+            if var.default_on() {
+                set.insert(var);
+            }
+        }
+        set
+    }
+
+    /// Whether `var` is on.
+    #[inline]
+    pub const fn contains(self, var: Var) -> bool {
+        self.0 & (1 << var as u8) != 0
+    }
+
+    /// Turns `var` on.
+    pub fn insert(&mut self, var: Var) {
+        self.0 |= 1 << var as u8;
+    }
+
+    /// Turns `var` off.
+    pub fn remove(&mut self, var: Var) {
+        self.0 &= !(1 << var as u8);
+    }
+
+    /// Sets `var` to `on`.
+    pub fn set(&mut self, var: Var, on: bool) {
+        if on {
+            self.insert(var);
+        } else {
+            self.remove(var);
+        }
+    }
+
+    /// The variables that are on, in table order.
+    pub fn iter(self) -> impl Iterator<Item = Var> {
+        Var::ALL.iter().copied().filter(move |&v| self.contains(v))
+    }
+}
+
+impl Default for VarSet {
+    fn default() -> Self {
+        VarSet::defaults()
+    }
+}
+
+/// Prints the variables that are on, as `PING=1 VERSION=1 EVENTS=1`.
+impl fmt::Display for VarSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for var in self.iter() {
+            if !first {
+                f.write_str(" ")?;
+            }
+            first = false;
+            write!(f, "{var}=1")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for VarSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VarSet({self})")
+    }
+}
+
+/// Variables the proxies read that configure the proxy process, not what it allows.
+/// They are refused with an explanation rather than silently dropped.
+const PROXY_SETTINGS: &[&str] = &[
+    "LOG_LEVEL",
+    "DISABLE_IPV6",
+    "SOCKET_PATH",
+    "BIND_CONFIG",
+    "TZ",
+    "PUID",
+    "PGID",
+];
+
+/// Why one `NAME=VALUE` entry of a policy is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ValueError {
+    /// The name is not a policy variable.
+    #[error("`{name}` is not a policy variable{}", suggest(.suggestion))]
+    UnknownVariable {
+        /// The name as written.
+        name: String,
+        /// The closest variable name, when one is close enough to be a likely typo.
+        suggestion: Option<&'static str>,
+    },
+    /// The name configures the socket proxy's own process.
+    #[error(
+        "`{0}` configures the socket proxy process itself, not what it allows; Capstan has no \
+         such setting here, remove the line"
+    )]
+    ProxySetting(String),
+    /// The value is not a non-negative integer.
+    #[error(
+        "{var} has value `{value}`, which is not an integer: write {var}=1 to turn it on or \
+         {var}=0 to leave it off"
+    )]
+    InvalidValue {
+        /// The variable.
+        var: Var,
+        /// The value as written.
+        value: String,
+    },
+}
+
+fn suggest(suggestion: &Option<&'static str>) -> String {
+    match suggestion {
+        Some(name) => format!(" (did you mean `{name}`?)"),
+        None => String::new(),
+    }
+}
+
+impl ValueError {
+    /// The error for an unknown name, with a did-you-mean when a variable is close.
+    pub fn unknown(name: &str) -> ValueError {
+        if PROXY_SETTINGS.contains(&name) {
+            return ValueError::ProxySetting(name.to_owned());
+        }
+        ValueError::UnknownVariable {
+            name: name.to_owned(),
+            suggestion: closest(name, Var::ALL.iter().map(|v| v.name())),
+        }
+    }
+}
+
+/// Reads a variable's value: an unsigned decimal integer, surrounding whitespace allowed;
+/// non-zero means on. Anything else (`true`, `yes`, empty, `1x`, `-1`) is an error.
+pub fn parse_value(var: Var, text: &str) -> Result<bool, ValueError> {
+    let digits = text.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ValueError::InvalidValue {
+            var,
+            value: text.to_owned(),
+        });
+    }
+    // Any length is fine: only "is it zero" matters, so no overflow to worry about.
+    Ok(digits.bytes().any(|b| b != b'0'))
+}
+
+/// Parses `NAME` and `VALUE` into a variable and its setting.
+pub fn parse_assignment(name: &str, value: &str) -> Result<(Var, bool), ValueError> {
+    let var = Var::from_name(name).ok_or_else(|| ValueError::unknown(name))?;
+    Ok((var, parse_value(var, value)?))
+}
+
+/// The candidate closest to `name`, if it is close enough to be a likely typo:
+/// same name in another case, the same name with or without `ALLOW_`, or within a small
+/// edit distance (ignoring case).
+pub fn closest<'c>(name: &str, candidates: impl Iterator<Item = &'c str>) -> Option<&'c str> {
+    let wanted = name.to_ascii_uppercase();
+    let bare = wanted.strip_prefix("ALLOW_").unwrap_or(&wanted);
+    let budget = match wanted.len() {
+        0..=2 => 0,
+        3..=5 => 1,
+        6..=9 => 2,
+        _ => 3,
+    };
+    let mut best: Option<(usize, &'c str)> = None;
+    for candidate in candidates {
+        let upper = candidate.to_ascii_uppercase();
+        let candidate_bare = upper.strip_prefix("ALLOW_").unwrap_or(&upper);
+        let distance = if upper == wanted {
+            0
+        } else if candidate_bare == bare {
+            1
+        } else {
+            edit_distance(&wanted, &upper)
+        };
+        if distance <= budget && best.is_none_or(|(d, _)| distance < d) {
+            best = Some((distance, candidate));
+        }
+    }
+    best.map(|(_, candidate)| candidate)
+}
+
+/// Optimal-string-alignment distance: insertions, deletions, substitutions and
+/// transpositions of neighbours each cost one.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a = a.as_bytes();
+    let b = b.as_bytes();
+    let width = b.len() + 1;
+    let mut rows = vec![0usize; (a.len() + 1) * width];
+    for (j, cell) in rows.iter_mut().take(width).enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        rows[i * width] = i;
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (rows[(i - 1) * width + j] + 1)
+                .min(rows[i * width + j - 1] + 1)
+                .min(rows[(i - 1) * width + j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(rows[(i - 2) * width + j - 2] + 1);
+            }
+            rows[i * width + j] = d;
+        }
+    }
+    rows[a.len() * width + b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knows_thirty_four_variables_with_unique_names_and_bits() {
+        assert_eq!(Var::ALL.len(), 34);
+        assert!(Var::ALL.len() <= 64, "VarSet is one u64");
+        for (i, var) in Var::ALL.iter().enumerate() {
+            assert_eq!(*var as usize, i);
+            assert_eq!(Var::from_name(var.name()), Some(*var));
+        }
+    }
+
+    #[test]
+    fn turns_on_only_ping_version_and_events_by_default() {
+        let on: Vec<Var> = VarSet::defaults().iter().collect();
+        assert_eq!(on, vec![Var::Ping, Var::Version, Var::Events]);
+        assert_eq!(VarSet::defaults().to_string(), "PING=1 VERSION=1 EVENTS=1");
+    }
+
+    #[test]
+    fn reads_any_non_zero_integer_as_on_and_zero_as_off() {
+        assert_eq!(parse_value(Var::Post, "0"), Ok(false));
+        assert_eq!(parse_value(Var::Post, "000"), Ok(false));
+        assert_eq!(parse_value(Var::Post, "1"), Ok(true));
+        assert_eq!(parse_value(Var::Post, "2"), Ok(true));
+        assert_eq!(parse_value(Var::Post, " 1 "), Ok(true));
+        assert_eq!(parse_value(Var::Post, "\t0\t"), Ok(false));
+        assert_eq!(
+            parse_value(Var::Post, "99999999999999999999999999"),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn rejects_values_that_are_not_integers_naming_the_variable() {
+        for text in [
+            "true", "yes", "", " ", "1x", "-1", "+1", "0x1", "1.0", "on", "１",
+        ] {
+            let err = parse_value(Var::Post, text).unwrap_err();
+            assert_eq!(
+                err,
+                ValueError::InvalidValue {
+                    var: Var::Post,
+                    value: text.to_owned()
+                }
+            );
+            let message = err.to_string();
+            assert!(message.contains("POST"), "{message}");
+            assert!(message.contains("POST=1"), "{message}");
+        }
+    }
+
+    #[test]
+    fn suggests_the_closest_variable_for_a_near_miss() {
+        let cases = [
+            ("CONTAINER", "CONTAINERS"),
+            ("ALLOW_RESTART", "ALLOW_RESTARTS"),
+            ("containers", "CONTAINERS"),
+            ("IMAGE", "IMAGES"),
+            ("RESTARTS", "ALLOW_RESTARTS"),
+            ("LOGS", "ALLOW_LOGS"),
+            ("ALLOW_INFO", "INFO"),
+            ("POTS", "POST"),
+            ("VOLUMS", "VOLUMES"),
+            ("DISTRIBUTIONS", "DISTRIBUTION"),
+        ];
+        for (typo, meant) in cases {
+            match ValueError::unknown(typo) {
+                ValueError::UnknownVariable { name, suggestion } => {
+                    assert_eq!(name, typo);
+                    assert_eq!(suggestion, Some(meant), "{typo}");
+                }
+                other => panic!("{typo}: {other:?}"),
+            }
+        }
+        let message = ValueError::unknown("CONTAINER").to_string();
+        assert_eq!(
+            message,
+            "`CONTAINER` is not a policy variable (did you mean `CONTAINERS`?)"
+        );
+    }
+
+    #[test]
+    fn offers_no_suggestion_for_a_name_far_from_every_variable() {
+        assert_eq!(
+            ValueError::unknown("DOCKER_HOST"),
+            ValueError::UnknownVariable {
+                name: "DOCKER_HOST".into(),
+                suggestion: None
+            }
+        );
+        assert_eq!(
+            ValueError::unknown("X").to_string(),
+            "`X` is not a policy variable"
+        );
+    }
+
+    #[test]
+    fn explains_that_proxy_process_settings_are_not_policy() {
+        let message = ValueError::unknown("LOG_LEVEL").to_string();
+        assert!(message.contains("LOG_LEVEL"), "{message}");
+        assert!(message.contains("socket proxy process"), "{message}");
+    }
+
+    #[test]
+    fn measures_edit_distance_with_transpositions() {
+        assert_eq!(edit_distance("POST", "POST"), 0);
+        assert_eq!(edit_distance("POTS", "POST"), 1);
+        assert_eq!(edit_distance("CONTAINER", "CONTAINERS"), 1);
+        assert_eq!(edit_distance("", "ABC"), 3);
+        assert_eq!(edit_distance("KITTEN", "SITTING"), 3);
+    }
+}
