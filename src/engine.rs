@@ -133,7 +133,8 @@ impl Engine {
     pub async fn dialer(&self, device: &Device) -> anyhow::Result<Arc<dyn Dialer>> {
         match device.kind {
             DeviceKind::Local => Ok(Arc::new(LocalDialer {
-                target: LocalTarget::resolve(device.docker_host.as_deref()).map_err(anyhow::Error::msg)?,
+                target: LocalTarget::resolve(device.docker_host.as_deref())
+                    .map_err(anyhow::Error::msg)?,
             })),
             kind => bail!(
                 "device {}: proxy mode does not reach {kind} devices yet; use a local device",

@@ -76,7 +76,9 @@ impl std::str::FromStr for Listen {
                 Err(format!("{s:?}: expected unix:///absolute/path.sock"))
             }
         } else {
-            Err(format!("{s:?}: expected tcp://IP:PORT or unix:///absolute/path.sock"))
+            Err(format!(
+                "{s:?}: expected tcp://IP:PORT or unix:///absolute/path.sock"
+            ))
         }
     }
 }
@@ -99,7 +101,10 @@ pub enum ProxyError {
     #[error("the policy's device scope does not include device {0:?}")]
     DeviceOutOfScope(String),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// Counters of every decision the proxy made.
@@ -151,8 +156,14 @@ impl Upstream {
     }
 
     async fn send(self: &Arc<Self>, req: Request<ProxyBody>) -> Result<Response<Incoming>, String> {
-        let mut sender = self.sender().await.map_err(|e| format!("cannot reach the daemon: {e}"))?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("the daemon connection failed: {e}"))?;
+        let mut sender = self
+            .sender()
+            .await
+            .map_err(|e| format!("cannot reach the daemon: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("the daemon connection failed: {e}"))?;
         self.release(sender);
         Ok(resp)
     }
@@ -172,18 +183,32 @@ fn docker_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
         .expect("valid response")
 }
 
 fn empty() -> ProxyBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are not forwarded, except that an upgrade keeps
 /// `Connection: Upgrade` and `Upgrade`.
 fn strip_hop_headers(h: &mut HeaderMap, keep_upgrade: bool) {
-    for name in ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding"] {
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
         h.remove(name);
     }
     if !keep_upgrade {
@@ -194,9 +219,12 @@ fn strip_hop_headers(h: &mut HeaderMap, keep_upgrade: bool) {
 
 fn is_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
-        && h.get_all(header::CONNECTION)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
 }
 
 fn hash_token(t: &[u8]) -> [u8; 32] {
@@ -238,35 +266,59 @@ impl Proxy {
     }
 
     fn authorized(&self, h: &HeaderMap) -> bool {
-        let Some(want) = &self.token_hash else { return true };
+        let Some(want) = &self.token_hash else {
+            return true;
+        };
         let presented = h
             .get("x-capstan-token")
             .and_then(|v| v.to_str().ok())
-            .or_else(|| h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")));
+            .or_else(|| {
+                h.get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+            });
         presented.is_some_and(|p| constant_time_eq(&hash_token(p.trim().as_bytes()), want))
     }
 
     /// Handles one client request.
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, client: String) -> Result<Response<ProxyBody>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client: String,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         if !self.authorized(req.headers()) {
             tracing::warn!(%client, device = %self.device, method = %req.method(), "proxy request without a valid token");
-            return Ok(docker_error(StatusCode::UNAUTHORIZED, "capstan: missing or invalid proxy token"));
+            return Ok(docker_error(
+                StatusCode::UNAUTHORIZED,
+                "capstan: missing or invalid proxy token",
+            ));
         }
         let method = req.method().clone();
-        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
         let decision = self.policy.decide(method.as_str(), &pq);
         if !decision.is_allowed() {
             self.stats.denied.fetch_add(1, Ordering::Relaxed);
             let reason = decision.reason();
             tracing::warn!(%client, device = %self.device, %method, path = %pq, %reason, "proxy request denied");
-            return Ok(docker_error(StatusCode::FORBIDDEN, &format!("capstan policy: {reason}")));
+            return Ok(docker_error(
+                StatusCode::FORBIDDEN,
+                &format!("capstan policy: {reason}"),
+            ));
         }
         if let Some(container) = decision.container() {
             if !self.policy.containers().is_all() {
                 if let Err(why) = self.check_container_scope(container).await {
                     self.stats.denied.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%client, device = %self.device, %method, path = %pq, reason = %why, "proxy request denied");
-                    return Ok(docker_error(StatusCode::FORBIDDEN, &format!("capstan policy: {method} {pq} is denied: {why}")));
+                    return Ok(docker_error(
+                        StatusCode::FORBIDDEN,
+                        &format!("capstan policy: {method} {pq} is denied: {why}"),
+                    ));
                 }
             }
         }
@@ -290,13 +342,19 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(device = %self.device, error = %e, "proxy upstream failed");
-                return Ok(docker_error(StatusCode::BAD_GATEWAY, &format!("capstan: device {}: {e}", self.device)));
+                return Ok(docker_error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("capstan: device {}: {e}", self.device),
+                ));
             }
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
-                return Ok(docker_error(StatusCode::BAD_GATEWAY, "capstan: the daemon upgraded a request that did not ask for it"));
+                return Ok(docker_error(
+                    StatusCode::BAD_GATEWAY,
+                    "capstan: the daemon upgraded a request that did not ask for it",
+                ));
             };
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let device = self.device.clone();
@@ -324,7 +382,10 @@ impl Proxy {
     /// Inspects the container upstream and checks its name and labels against the scope.
     async fn check_container_scope(&self, container: &str) -> Result<(), String> {
         let uri = format!("/containers/{}/json", percent_encode_segment(container));
-        let req = Request::get(uri).header(header::HOST, "docker").body(empty()).expect("valid request");
+        let req = Request::get(uri)
+            .header(header::HOST, "docker")
+            .body(empty())
+            .expect("valid request");
         let resp = self.upstream.send(req).await?;
         let status = resp.status();
         let body = resp
@@ -334,44 +395,71 @@ impl Proxy {
             .map_err(|e| format!("cannot read the container's details: {e}"))?
             .to_bytes();
         if status == StatusCode::NOT_FOUND {
-            return Err(format!("container {container:?} does not exist (or is out of scope)"));
+            return Err(format!(
+                "container {container:?} does not exist (or is out of scope)"
+            ));
         }
         if !status.is_success() {
-            return Err(format!("cannot inspect container {container:?} to check the scope (daemon answered {status})"));
+            return Err(format!(
+                "cannot inspect container {container:?} to check the scope (daemon answered {status})"
+            ));
         }
-        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("unreadable container details: {e}"))?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| format!("unreadable container details: {e}"))?;
         let name = v["Name"].as_str().unwrap_or("");
         let labels: HashMap<String, String> = v["Config"]["Labels"]
             .as_object()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                    .collect()
+            })
             .unwrap_or_default();
         if self.policy.containers().matches(name, &labels) {
             Ok(())
         } else {
-            Err(format!("container {} is outside the policy's container scope", name.trim_start_matches('/')))
+            Err(format!(
+                "container {} is outside the policy's container scope",
+                name.trim_start_matches('/')
+            ))
         }
     }
 
     /// Accepts clients until `shutdown` resolves.
-    pub async fn serve(self: Arc<Self>, listen: Listen, shutdown: impl Future<Output = ()> + Send) -> Result<(), ProxyError> {
+    pub async fn serve(
+        self: Arc<Self>,
+        listen: Listen,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ProxyError> {
         enum Listener {
             Tcp(tokio::net::TcpListener),
             Unix(tokio::net::UnixListener, PathBuf),
         }
         let listener = match &listen {
-            Listen::Tcp(a) => Listener::Tcp(tokio::net::TcpListener::bind(a).await.map_err(|source| ProxyError::Listen {
-                addr: listen.to_string(),
-                source,
-            })?),
+            Listen::Tcp(a) => {
+                Listener::Tcp(tokio::net::TcpListener::bind(a).await.map_err(|source| {
+                    ProxyError::Listen {
+                        addr: listen.to_string(),
+                        source,
+                    }
+                })?)
+            }
             Listen::Unix(p) => {
                 if p.exists() {
                     // Only replace a stale socket, never another kind of file.
                     use std::os::unix::fs::FileTypeExt;
-                    let ft = std::fs::symlink_metadata(p).map_err(|source| ProxyError::Listen { addr: listen.to_string(), source })?.file_type();
+                    let ft = std::fs::symlink_metadata(p)
+                        .map_err(|source| ProxyError::Listen {
+                            addr: listen.to_string(),
+                            source,
+                        })?
+                        .file_type();
                     if !ft.is_socket() {
                         return Err(ProxyError::Listen {
                             addr: listen.to_string(),
-                            source: std::io::Error::other("a file that is not a socket is in the way"),
+                            source: std::io::Error::other(
+                                "a file that is not a socket is in the way",
+                            ),
                         });
                     }
                     let _ = std::fs::remove_file(p);
@@ -409,7 +497,8 @@ impl Proxy {
             };
             let this = self.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| this.clone().handle(req, client.clone()));
+                let svc =
+                    hyper::service::service_fn(move |req| this.clone().handle(req, client.clone()));
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(io), svc)
                     .with_upgrades()
@@ -462,13 +551,18 @@ impl LocalTarget {
     /// socket.
     pub fn resolve(docker_host: Option<&str>) -> Result<LocalTarget, String> {
         let from_env = std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty());
-        let h = docker_host.map(str::to_string).or(from_env).unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+        let h = docker_host
+            .map(str::to_string)
+            .or(from_env)
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
         if let Some(p) = h.strip_prefix("unix://") {
             Ok(LocalTarget::Unix(PathBuf::from(p)))
         } else if let Some(a) = h.strip_prefix("tcp://") {
             Ok(LocalTarget::Tcp(a.to_string()))
         } else {
-            Err(format!("unsupported Docker host {h:?}: use unix:///path or tcp://host:port"))
+            Err(format!(
+                "unsupported Docker host {h:?}: use unix:///path or tcp://host:port"
+            ))
         }
     }
 }
@@ -477,7 +571,9 @@ impl Dialer for LocalDialer {
     fn dial(&self) -> DialFuture<'_> {
         Box::pin(async move {
             Ok(match &self.target {
-                LocalTarget::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?) as BoxStream,
+                LocalTarget::Unix(p) => {
+                    Box::new(tokio::net::UnixStream::connect(p).await?) as BoxStream
+                }
                 LocalTarget::Tcp(a) => {
                     let s = tokio::net::TcpStream::connect(a).await?;
                     s.set_nodelay(true)?;
@@ -497,9 +593,20 @@ mod tests {
 
     #[test]
     fn listen_addresses_parse_and_say_what_they_expect() {
-        assert_eq!("tcp://127.0.0.1:2375".parse::<Listen>().unwrap(), Listen::Tcp("127.0.0.1:2375".parse().unwrap()));
-        assert_eq!("unix:///run/c.sock".parse::<Listen>().unwrap(), Listen::Unix("/run/c.sock".into()));
-        for bad in ["127.0.0.1:2375", "tcp://localhost:1", "unix://rel.sock", "http://x"] {
+        assert_eq!(
+            "tcp://127.0.0.1:2375".parse::<Listen>().unwrap(),
+            Listen::Tcp("127.0.0.1:2375".parse().unwrap())
+        );
+        assert_eq!(
+            "unix:///run/c.sock".parse::<Listen>().unwrap(),
+            Listen::Unix("/run/c.sock".into())
+        );
+        for bad in [
+            "127.0.0.1:2375",
+            "tcp://localhost:1",
+            "unix://rel.sock",
+            "http://x",
+        ] {
             assert!(bad.parse::<Listen>().is_err(), "{bad}");
         }
     }
@@ -509,7 +616,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::UPGRADE, HeaderValue::from_static("tcp"));
         assert!(!is_upgrade(&h));
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
         assert!(is_upgrade(&h));
     }
 }

@@ -12,15 +12,34 @@ fn decide_prints_one_answer_per_request_with_reasons() {
     )
     .unwrap();
     let input = b"GET /containers/json\nPOST /containers/web/restart\nPOST /containers/web/start\nGET /v1.41/containers/web/logs\nGET /version/../containers/json\n";
-    let out = data.capstan_stdin(&["policy", "decide", "--env-file", env.to_str().unwrap(), "--reasons"], input);
+    let out = data.capstan_stdin(
+        &[
+            "policy",
+            "decide",
+            "--env-file",
+            env.to_str().unwrap(),
+            "--reasons",
+        ],
+        input,
+    );
     assert_success(&out, "policy decide");
     let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
-    let verdicts: Vec<&str> = lines.iter().map(|l| l.split('\t').next().unwrap()).collect();
-    assert_eq!(verdicts, ["allow", "allow", "deny", "deny", "deny"], "{lines:#?}");
+    let verdicts: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(
+        verdicts,
+        ["allow", "allow", "deny", "deny", "deny"],
+        "{lines:#?}"
+    );
     assert!(lines[2].contains("ALLOW_START=1"), "{}", lines[2]);
     assert!(lines[3].contains("ALLOW_LOGS=1"), "{}", lines[3]);
 
-    let plain = data.capstan_stdin(&["policy", "decide", "--env-file", env.to_str().unwrap()], b"GET /_ping\n");
+    let plain = data.capstan_stdin(
+        &["policy", "decide", "--env-file", env.to_str().unwrap()],
+        b"GET /_ping\n",
+    );
     assert_eq!(stdout(&plain), "allow\n");
 }
 
@@ -29,10 +48,16 @@ fn an_invalid_policy_exits_non_zero_naming_the_variable() {
     let data = DataDir::empty();
     let env = data.path().join("bad.env");
     std::fs::write(&env, "CONTAINER=1\n").unwrap();
-    let out = data.capstan_stdin(&["policy", "decide", "--env-file", env.to_str().unwrap()], b"GET /_ping\n");
+    let out = data.capstan_stdin(
+        &["policy", "decide", "--env-file", env.to_str().unwrap()],
+        b"GET /_ping\n",
+    );
     assert_failure_says(&out, "CONTAINERS");
     let toml = data.path().join("bad.toml");
     std::fs::write(&toml, "POST = \"yes\"\n").unwrap();
-    let out = data.capstan_stdin(&["policy", "decide", "--policy", toml.to_str().unwrap()], b"GET /_ping\n");
+    let out = data.capstan_stdin(
+        &["policy", "decide", "--policy", toml.to_str().unwrap()],
+        b"GET /_ping\n",
+    );
     assert_failure_says(&out, "POST");
 }

@@ -8,7 +8,11 @@ use std::time::{Duration, Instant};
 use crate::util::*;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct ProxyProcess {
@@ -30,7 +34,15 @@ fn start_proxy(data: &DataDir, device: &str, policy: &str, extra: &[&str]) -> Pr
     let listen = format!("tcp://{addr}");
     let mut child = data
         .cmd()
-        .args(["proxy", "--device", device, "--policy", policy_file.to_str().unwrap(), "--listen", &listen])
+        .args([
+            "proxy",
+            "--device",
+            device,
+            "--policy",
+            policy_file.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -39,11 +51,17 @@ fn start_proxy(data: &DataDir, device: &str, policy: &str, extra: &[&str]) -> Pr
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
-    assert!(line.contains("serving the Docker API"), "proxy did not start: {line:?}");
+    assert!(
+        line.contains("serving the Docker API"),
+        "proxy did not start: {line:?}"
+    );
     // Wait until it accepts connections.
     let t = Instant::now();
     while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(10), "proxy never listened on {addr}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "proxy never listened on {addr}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     ProxyProcess { child, addr }
@@ -81,27 +99,53 @@ fn run_cli_suite(device_setup: &[&str], tag: &str) {
     let cfg = tempfile::tempdir().unwrap();
     let proxy = start_proxy(&data, "d", WORKING, &[]);
 
-    let out = docker(&proxy.addr, cfg.path()).args(["ps"]).output().unwrap();
+    let out = docker(&proxy.addr, cfg.path())
+        .args(["ps"])
+        .output()
+        .unwrap();
     assert_success(&out, "docker ps through the proxy");
     assert!(stdout(&out).starts_with("CONTAINER ID"), "{}", stdout(&out));
 
     let out = docker(&proxy.addr, cfg.path())
-        .args(["run", "--rm", image, "echo", &format!("hello-through-capstan-{tag}")])
+        .args([
+            "run",
+            "--rm",
+            image,
+            "echo",
+            &format!("hello-through-capstan-{tag}"),
+        ])
         .output()
         .unwrap();
     assert_success(&out, "docker run --rm through the proxy");
-    assert!(stdout(&out).contains(&format!("hello-through-capstan-{tag}")), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&format!("hello-through-capstan-{tag}")),
+        "{}",
+        stdout(&out)
+    );
 
     let name = format!("capstan-proxy-test-{tag}-{}", std::process::id());
     remove_container(&name);
     let out = docker(&proxy.addr, cfg.path())
-        .args(["run", "-d", "--name", &name, image, "sh", "-c", "trap 'exit 0' TERM; i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done"])
+        .args([
+            "run",
+            "-d",
+            "--name",
+            &name,
+            image,
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done",
+        ])
         .output()
         .unwrap();
     assert_success(&out, "docker run -d");
 
     // logs -f streams: read three ticks as they arrive.
-    let mut logs = docker(&proxy.addr, cfg.path()).args(["logs", "-f", &name]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut logs = docker(&proxy.addr, cfg.path())
+        .args(["logs", "-f", &name])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut reader = BufReader::new(logs.stdout.take().unwrap());
     let mut ticks = 0;
     let t = Instant::now();
@@ -119,20 +163,35 @@ fn run_cli_suite(device_setup: &[&str], tag: &str) {
     let _ = logs.wait();
     assert!(ticks >= 3, "docker logs -f delivered {ticks} lines");
 
-    let out = docker(&proxy.addr, cfg.path()).args(["exec", &name, "echo", "inside-the-container"]).output().unwrap();
+    let out = docker(&proxy.addr, cfg.path())
+        .args(["exec", &name, "echo", "inside-the-container"])
+        .output()
+        .unwrap();
     assert_success(&out, "docker exec through the proxy");
     assert_eq!(stdout(&out).trim(), "inside-the-container");
 
     // A read-only policy: ps works, stop is refused with a readable message.
     let ro = start_proxy(&data, "d", "CONTAINERS=1\n", &[]);
-    let out = docker(&ro.addr, cfg.path()).args(["ps", "--filter", &format!("name={name}")]).output().unwrap();
+    let out = docker(&ro.addr, cfg.path())
+        .args(["ps", "--filter", &format!("name={name}")])
+        .output()
+        .unwrap();
     assert_success(&out, "docker ps under a read-only policy");
     assert!(stdout(&out).contains(&name));
-    let out = docker(&ro.addr, cfg.path()).args(["stop", &name]).output().unwrap();
+    let out = docker(&ro.addr, cfg.path())
+        .args(["stop", &name])
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "docker stop must be refused");
     let err = stderr(&out);
-    assert!(err.contains("capstan policy") && err.contains("ALLOW_STOP=1"), "readable refusal: {err}");
-    let still = Command::new("docker").args(["inspect", "-f", "{{.State.Running}}", &name]).output().unwrap();
+    assert!(
+        err.contains("capstan policy") && err.contains("ALLOW_STOP=1"),
+        "readable refusal: {err}"
+    );
+    let still = Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Running}}", &name])
+        .output()
+        .unwrap();
     assert_eq!(stdout(&still).trim(), "true", "the container kept running");
     remove_container(&name);
 }
@@ -145,49 +204,124 @@ fn the_docker_cli_works_through_the_proxy_for_a_local_device() {
 #[test]
 fn the_proxy_decides_on_the_normalised_path_and_denies_traversal() {
     let data = DataDir::with_vault();
-    assert_success(&data.capstan(&["device", "add", "d", "--kind", "local"]), "device add");
+    assert_success(
+        &data.capstan(&["device", "add", "d", "--kind", "local"]),
+        "device add",
+    );
     let proxy = start_proxy(&data, "d", "# the defaults: PING, VERSION, EVENTS\n", &[]);
     assert_eq!(http(&proxy.addr, "GET", "/_ping", &[], b"").0, 200);
     assert_eq!(http(&proxy.addr, "GET", "/v1.41/version", &[], b"").0, 200);
-    for path in ["/version/../containers/json", "/containers/json", "/containersX/json", "/v1.41/versions", "/%63ontainers/json", "/containers%2Fjson"] {
+    for path in [
+        "/version/../containers/json",
+        "/containers/json",
+        "/containersX/json",
+        "/v1.41/versions",
+        "/%63ontainers/json",
+        "/containers%2Fjson",
+    ] {
         let (status, body) = http(&proxy.addr, "GET", path, &[], b"");
         assert_eq!(status, 403, "{path}: {body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("Docker error JSON: {body}"));
-        assert!(v["message"].as_str().unwrap().starts_with("capstan policy:"), "{body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("Docker error JSON: {body}"));
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("capstan policy:"),
+            "{body}"
+        );
     }
-    assert_eq!(http(&proxy.addr, "POST", "/containers/x/start", &[], b"").0, 403);
+    assert_eq!(
+        http(&proxy.addr, "POST", "/containers/x/start", &[], b"").0,
+        403
+    );
 }
 
 #[test]
 fn a_proxy_with_a_token_refuses_clients_without_it() {
     let data = DataDir::with_vault();
-    assert_success(&data.capstan(&["device", "add", "d", "--kind", "local"]), "device add");
+    assert_success(
+        &data.capstan(&["device", "add", "d", "--kind", "local"]),
+        "device add",
+    );
     let token = data.path().join("proxy.token");
     std::fs::write(&token, "proxy-secret-123\n").unwrap();
     let proxy = start_proxy(&data, "d", "", &["--token-file", token.to_str().unwrap()]);
     assert_eq!(http(&proxy.addr, "GET", "/_ping", &[], b"").0, 401);
-    assert_eq!(http(&proxy.addr, "GET", "/_ping", &[("X-Capstan-Token", "wrong")], b"").0, 401);
-    assert_eq!(http(&proxy.addr, "GET", "/_ping", &[("X-Capstan-Token", "proxy-secret-123")], b"").0, 200);
-    assert_eq!(http(&proxy.addr, "GET", "/_ping", &[("Authorization", "Bearer proxy-secret-123")], b"").0, 200);
+    assert_eq!(
+        http(
+            &proxy.addr,
+            "GET",
+            "/_ping",
+            &[("X-Capstan-Token", "wrong")],
+            b""
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        http(
+            &proxy.addr,
+            "GET",
+            "/_ping",
+            &[("X-Capstan-Token", "proxy-secret-123")],
+            b""
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        http(
+            &proxy.addr,
+            "GET",
+            "/_ping",
+            &[("Authorization", "Bearer proxy-secret-123")],
+            b""
+        )
+        .0,
+        200
+    );
 }
 
 #[test]
 fn a_proxy_on_a_non_loopback_address_without_a_token_refuses_to_start() {
     let data = DataDir::with_vault();
-    assert_success(&data.capstan(&["device", "add", "d", "--kind", "local"]), "device add");
+    assert_success(
+        &data.capstan(&["device", "add", "d", "--kind", "local"]),
+        "device add",
+    );
     let policy = data.path().join("p.env");
     std::fs::write(&policy, "CONTAINERS=1\n").unwrap();
-    let out = data
-        .capstan(&["proxy", "--device", "d", "--policy", policy.to_str().unwrap(), "--listen", "tcp://0.0.0.0:0"]);
-    assert_failure_says(&out, "refusing to serve the Docker API on the non-loopback address");
+    let out = data.capstan(&[
+        "proxy",
+        "--device",
+        "d",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--listen",
+        "tcp://0.0.0.0:0",
+    ]);
+    assert_failure_says(
+        &out,
+        "refusing to serve the Docker API on the non-loopback address",
+    );
 }
 
 #[test]
 fn an_invalid_policy_file_is_refused_naming_the_variable() {
     let data = DataDir::with_vault();
-    assert_success(&data.capstan(&["device", "add", "d", "--kind", "local"]), "device add");
+    assert_success(
+        &data.capstan(&["device", "add", "d", "--kind", "local"]),
+        "device add",
+    );
     let policy = data.path().join("p.env");
     std::fs::write(&policy, "CONTAINERS=1\nPOST=true\n").unwrap();
-    let out = data.capstan(&["proxy", "--device", "d", "--policy", policy.to_str().unwrap()]);
+    let out = data.capstan(&[
+        "proxy",
+        "--device",
+        "d",
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
     assert_failure_says(&out, "POST");
 }

@@ -10,11 +10,18 @@ use crate::policy::Policy;
 #[derive(Debug, Subcommand)]
 pub enum PolicyCmd {
     /// Read `METHOD PATH` lines from stdin and print `allow` or `deny` for each.
-    #[command(after_help = "Example:\n  printf 'GET /containers/json\\nPOST /containers/web/restart\\n' | capstan policy decide --env-file proxy.env --reasons")]
+    #[command(
+        after_help = "Example:\n  printf 'GET /containers/json\\nPOST /containers/web/restart\\n' | capstan policy decide --env-file proxy.env --reasons"
+    )]
     Decide {
         /// A socket-proxy environment block: KEY=VALUE lines (or `KEY: VALUE`, `- KEY=VALUE`
         /// as pasted from a compose file).
-        #[arg(long, value_name = "FILE", required_unless_present = "policy", conflicts_with = "policy")]
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "policy",
+            conflicts_with = "policy"
+        )]
         env_file: Option<PathBuf>,
         /// A TOML policy (the variables as keys, plus `devices` and `[containers]` scopes).
         #[arg(long, value_name = "FILE.toml")]
@@ -27,7 +34,8 @@ pub enum PolicyCmd {
 
 /// Loads a policy file: TOML when the name ends in `.toml`, else an environment block.
 pub fn load_policy_file(path: &Path) -> anyhow::Result<Policy> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read policy file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read policy file {}", path.display()))?;
     let parsed = if path.extension().is_some_and(|e| e == "toml") {
         Policy::from_toml_str(&text)
     } else {
@@ -38,15 +46,23 @@ pub fn load_policy_file(path: &Path) -> anyhow::Result<Policy> {
 
 pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
     match cmd {
-        PolicyCmd::Decide { env_file, policy, reasons } => {
+        PolicyCmd::Decide {
+            env_file,
+            policy,
+            reasons,
+        } => {
             let policy = match (env_file, policy) {
                 (Some(f), _) => {
-                    let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
-                    Policy::from_env_block(&text).with_context(|| format!("invalid policy in {}", f.display()))?
+                    let text = std::fs::read_to_string(&f)
+                        .with_context(|| format!("cannot read {}", f.display()))?;
+                    Policy::from_env_block(&text)
+                        .with_context(|| format!("invalid policy in {}", f.display()))?
                 }
                 (None, Some(f)) => {
-                    let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
-                    Policy::from_toml_str(&text).with_context(|| format!("invalid policy in {}", f.display()))?
+                    let text = std::fs::read_to_string(&f)
+                        .with_context(|| format!("cannot read {}", f.display()))?;
+                    Policy::from_toml_str(&text)
+                        .with_context(|| format!("invalid policy in {}", f.display()))?
                 }
                 (None, None) => unreachable!("clap requires one"),
             };

@@ -38,7 +38,10 @@ pub struct ProxyArgs {
 pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
     let policy = super::policy::load_policy_file(&args.policy)?.compile();
     let token = match &args.token_file {
-        Some(f) => Some(Secret::from_file(f).with_context(|| format!("cannot read token file {}", f.display()))?),
+        Some(f) => Some(
+            Secret::from_file(f)
+                .with_context(|| format!("cannot read token file {}", f.display()))?,
+        ),
         None => None,
     };
     let engine = Engine::open(g.settings(None)?, &g.passphrase())?;
@@ -49,9 +52,23 @@ pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let device = engine.devices()?.get(&args.device)?;
         let dialer = engine.dialer(&device).await?;
-        let proxy = Arc::new(Proxy::new(&device.name, policy, dialer, &args.listen, token.as_ref())?);
-        println!("serving the Docker API of device {} on {}", device.name, args.listen);
-        proxy.serve(args.listen.clone(), super::serve::shutdown_signal()).await?;
+        // The dialer holds what it needs (secrets in memory); release the data directory so
+        // the engine and other proxies can use it.
+        drop(engine);
+        let proxy = Arc::new(Proxy::new(
+            &device.name,
+            policy,
+            dialer,
+            &args.listen,
+            token.as_ref(),
+        )?);
+        println!(
+            "serving the Docker API of device {} on {}",
+            device.name, args.listen
+        );
+        proxy
+            .serve(args.listen.clone(), super::serve::shutdown_signal())
+            .await?;
         anyhow::Ok(())
     })
 }
