@@ -30,6 +30,23 @@ pub struct ConfigFile {
     /// How the vault's master key is found.
     #[serde(default)]
     pub vault: VaultSection,
+    /// Docker API proxies `capstan serve` starts (`[[proxy]]` tables).
+    #[serde(default, rename = "proxy")]
+    pub proxies: Vec<ProxySection>,
+}
+
+/// One Docker API proxy: a device's daemon served behind a policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// The device to serve (name or id).
+    pub device: String,
+    /// Policy file: a socket-proxy environment block, or TOML when it ends in `.toml`.
+    pub policy: PathBuf,
+    /// `tcp://IP:PORT` or `unix:///path.sock`.
+    pub listen: String,
+    /// File holding the token clients must send; required on non-loopback addresses.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -87,6 +104,17 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Explicit key file, if one was named anywhere.
     pub key_file: Option<PathBuf>,
+    /// Proxies to start with the engine, checked at load.
+    pub proxies: Vec<ProxySettings>,
+}
+
+/// A validated `[[proxy]]` entry.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub device: String,
+    pub policy_file: PathBuf,
+    pub listen: crate::proxy::Listen,
+    pub token_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -114,10 +142,32 @@ impl Settings {
             field: "api.listen",
             message: format!("{listen_text:?} is not an address like 127.0.0.1:7878 or [::1]:7878"),
         })?;
+        let mut proxies = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in file.proxies.iter().enumerate() {
+            let listen: crate::proxy::Listen =
+                p.listen.parse().map_err(|message| ConfigError::Invalid {
+                    field: "proxy.listen",
+                    message: format!("[[proxy]] #{} ({}): {message}", i + 1, p.device),
+                })?;
+            if !seen.insert(listen.to_string()) {
+                return Err(ConfigError::Invalid {
+                    field: "proxy.listen",
+                    message: format!("[[proxy]] #{}: {listen} is used by another proxy", i + 1),
+                });
+            }
+            proxies.push(ProxySettings {
+                device: p.device.clone(),
+                policy_file: p.policy.clone(),
+                listen,
+                token_file: p.token_file.clone(),
+            });
+        }
         Ok(Settings {
             data_dir,
             listen,
             key_file: flag_key_file.or_else(|| file.vault.key_file.clone()),
+            proxies,
         })
     }
 
@@ -162,7 +212,25 @@ mod tests {
 
     #[test]
     fn the_example_config_parses() {
-        ConfigFile::parse(include_str!("../examples/capstan.toml")).unwrap();
+        let file = ConfigFile::parse(include_str!("../examples/capstan.toml")).unwrap();
+        let s = Settings::resolve(&file, None, None, None).unwrap();
+        assert_eq!(s.proxies.len(), 2);
+    }
+
+    #[test]
+    fn a_proxy_with_a_bad_listen_address_or_a_clash_is_refused() {
+        let one =
+            "[[proxy]]\ndevice = \"local\"\npolicy = \"p.env\"\nlisten = \"127.0.0.1:2375\"\n";
+        let err =
+            Settings::resolve(&ConfigFile::parse(one).unwrap(), None, None, None).unwrap_err();
+        assert!(err.to_string().contains("expected tcp://"), "{err}");
+        let two = "[[proxy]]\ndevice = \"a\"\npolicy = \"p.env\"\nlisten = \"tcp://127.0.0.1:2375\"\n\
+                   [[proxy]]\ndevice = \"b\"\npolicy = \"p.env\"\nlisten = \"tcp://127.0.0.1:2375\"\n";
+        let err =
+            Settings::resolve(&ConfigFile::parse(two).unwrap(), None, None, None).unwrap_err();
+        assert!(err.to_string().contains("used by another proxy"), "{err}");
+        let typo = "[[proxy]]\ndevice = \"a\"\npolicy = \"p.env\"\nlisten = \"tcp://127.0.0.1:1\"\ntoken = \"x\"\n";
+        assert!(ConfigFile::parse(typo).unwrap_err().contains("token"));
     }
 
     #[test]

@@ -597,13 +597,12 @@ pub fn validate_docker_host(h: &str) -> Result<(), DeviceError> {
         if p.starts_with('/') {
             return Ok(());
         }
-    } else if let Some(rest) = h.strip_prefix("tcp://") {
-        if rest
+    } else if let Some(rest) = h.strip_prefix("tcp://")
+        && rest
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-        {
-            return Ok(());
-        }
+    {
+        return Ok(());
     }
     Err(invalid(format!(
         "docker host {h:?} must be unix:///absolute/path or tcp://host:port"

@@ -245,10 +245,11 @@ impl Proxy {
         listen: &Listen,
         token: Option<&Secret>,
     ) -> Result<Proxy, ProxyError> {
-        if let Listen::Tcp(addr) = listen {
-            if !addr.ip().is_loopback() && token.is_none() {
-                return Err(ProxyError::ExposedWithoutToken(*addr));
-            }
+        if let Listen::Tcp(addr) = listen
+            && !addr.ip().is_loopback()
+            && token.is_none()
+        {
+            return Err(ProxyError::ExposedWithoutToken(*addr));
         }
         if !policy.devices().is_empty() && !policy.devices().allows(device) {
             return Err(ProxyError::DeviceOutOfScope(device.to_string()));
@@ -310,17 +311,16 @@ impl Proxy {
                 &format!("capstan policy: {reason}"),
             ));
         }
-        if let Some(container) = decision.container() {
-            if !self.policy.containers().is_all() {
-                if let Err(why) = self.check_container_scope(container).await {
-                    self.stats.denied.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%client, device = %self.device, %method, path = %pq, reason = %why, "proxy request denied");
-                    return Ok(docker_error(
-                        StatusCode::FORBIDDEN,
-                        &format!("capstan policy: {method} {pq} is denied: {why}"),
-                    ));
-                }
-            }
+        if let Some(container) = decision.container()
+            && !self.policy.containers().is_all()
+            && let Err(why) = self.check_container_scope(container).await
+        {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%client, device = %self.device, %method, path = %pq, reason = %why, "proxy request denied");
+            return Ok(docker_error(
+                StatusCode::FORBIDDEN,
+                &format!("capstan policy: {method} {pq} is denied: {why}"),
+            ));
         }
         self.stats.allowed.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%client, device = %self.device, %method, path = %pq, "proxy request allowed");
@@ -425,54 +425,14 @@ impl Proxy {
         }
     }
 
-    /// Accepts clients until `shutdown` resolves.
+    /// Accepts clients on `listener` until `shutdown` resolves.
     pub async fn serve(
         self: Arc<Self>,
-        listen: Listen,
+        listener: ProxyListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ProxyError> {
-        enum Listener {
-            Tcp(tokio::net::TcpListener),
-            Unix(tokio::net::UnixListener, PathBuf),
-        }
-        let listener = match &listen {
-            Listen::Tcp(a) => {
-                Listener::Tcp(tokio::net::TcpListener::bind(a).await.map_err(|source| {
-                    ProxyError::Listen {
-                        addr: listen.to_string(),
-                        source,
-                    }
-                })?)
-            }
-            Listen::Unix(p) => {
-                if p.exists() {
-                    // Only replace a stale socket, never another kind of file.
-                    use std::os::unix::fs::FileTypeExt;
-                    let ft = std::fs::symlink_metadata(p)
-                        .map_err(|source| ProxyError::Listen {
-                            addr: listen.to_string(),
-                            source,
-                        })?
-                        .file_type();
-                    if !ft.is_socket() {
-                        return Err(ProxyError::Listen {
-                            addr: listen.to_string(),
-                            source: std::io::Error::other(
-                                "a file that is not a socket is in the way",
-                            ),
-                        });
-                    }
-                    let _ = std::fs::remove_file(p);
-                }
-                let l = tokio::net::UnixListener::bind(p).map_err(|source| ProxyError::Listen {
-                    addr: listen.to_string(),
-                    source,
-                })?;
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o660));
-                Listener::Unix(l, p.clone())
-            }
-        };
+        let listen = listener.listen.clone();
+        let listener = listener.inner;
         tracing::info!(device = %self.device, listen = %listen, "proxy listening");
         tokio::pin!(shutdown);
         loop {
@@ -518,6 +478,61 @@ impl Proxy {
             "proxy stopped"
         );
         Ok(())
+    }
+}
+
+/// A bound proxy socket: binding first lets the caller fail start-up on a taken address.
+pub struct ProxyListener {
+    listen: Listen,
+    inner: Listener,
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+impl ProxyListener {
+    pub async fn bind(listen: &Listen) -> Result<ProxyListener, ProxyError> {
+        let err = |source| ProxyError::Listen {
+            addr: listen.to_string(),
+            source,
+        };
+        let inner = match listen {
+            Listen::Tcp(a) => Listener::Tcp(tokio::net::TcpListener::bind(a).await.map_err(err)?),
+            Listen::Unix(p) => {
+                if p.exists() {
+                    // Only replace a stale socket, never another kind of file.
+                    use std::os::unix::fs::FileTypeExt;
+                    let ft = std::fs::symlink_metadata(p).map_err(err)?.file_type();
+                    if !ft.is_socket() {
+                        return Err(err(std::io::Error::other(
+                            "a file that is not a socket is in the way",
+                        )));
+                    }
+                    let _ = std::fs::remove_file(p);
+                }
+                let l = tokio::net::UnixListener::bind(p).map_err(err)?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+                Listener::Unix(l, p.clone())
+            }
+        };
+        Ok(ProxyListener {
+            listen: listen.clone(),
+            inner,
+        })
+    }
+
+    /// The bound address (for `tcp://…:0`, the port chosen).
+    pub fn local_listen(&self) -> Listen {
+        match &self.inner {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(Listen::Tcp)
+                .unwrap_or_else(|_| self.listen.clone()),
+            Listener::Unix(_, p) => Listen::Unix(p.clone()),
+        }
     }
 }
 

@@ -325,3 +325,70 @@ fn an_invalid_policy_file_is_refused_naming_the_variable() {
     ]);
     assert_failure_says(&out, "POST");
 }
+
+#[test]
+fn serve_starts_the_proxies_declared_in_the_config() {
+    let data = DataDir::empty();
+    let sock = data.path().join("local-ro.sock");
+    let policy = data.path().join("ro.env");
+    std::fs::write(&policy, "CONTAINERS=1\n").unwrap();
+    let cfg = data.path().join("capstan.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[proxy]]\ndevice = \"local\"\npolicy = \"{}\"\nlisten = \"unix://{}\"\n",
+            policy.display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start_with(&data, |c| {
+        c.env("CAPSTAN_CONFIG", &cfg);
+    });
+    assert!(
+        server
+            .banner
+            .contains("proxy for device local listening on unix://"),
+        "{}",
+        server.banner
+    );
+    let docker_cfg = tempfile::tempdir().unwrap();
+    let host = format!("unix://{}", sock.display());
+    let run = |args: &[&str]| {
+        Command::new("docker")
+            .env("DOCKER_HOST", &host)
+            .env("DOCKER_CONFIG", docker_cfg.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert_success(&run(&["ps"]), "docker ps through the configured proxy");
+    let out = run(&["network", "ls"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("NETWORKS=1"), "{}", stderr(&out));
+    assert!(server.stop().success());
+    assert!(!sock.exists(), "the proxy removes its socket on shutdown");
+}
+
+#[test]
+fn serve_refuses_to_start_when_a_configured_proxy_policy_is_invalid() {
+    let data = DataDir::empty();
+    let policy = data.path().join("bad.env");
+    std::fs::write(&policy, "CONTAINERS=yes\n").unwrap();
+    let cfg = data.path().join("capstan.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[proxy]]\ndevice = \"local\"\npolicy = \"{}\"\nlisten = \"tcp://127.0.0.1:0\"\n",
+            policy.display()
+        ),
+    )
+    .unwrap();
+    let out = data
+        .cmd()
+        .env("CAPSTAN_CONFIG", &cfg)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_failure_says(&out, "CONTAINERS");
+}

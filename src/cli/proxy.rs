@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use super::GlobalArgs;
 use crate::engine::Engine;
-use crate::proxy::{Listen, Proxy};
+use crate::proxy::{Listen, Proxy, ProxyListener};
 use crate::secret::Secret;
 
 #[derive(Debug, clap::Args)]
@@ -62,12 +62,14 @@ pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
             &args.listen,
             token.as_ref(),
         )?);
+        let listener = ProxyListener::bind(&args.listen).await?;
         println!(
             "serving the Docker API of device {} on {}",
-            device.name, args.listen
+            device.name,
+            listener.local_listen()
         );
         proxy
-            .serve(args.listen.clone(), super::serve::shutdown_signal())
+            .serve(listener, super::serve::shutdown_signal())
             .await?;
         anyhow::Ok(())
     })

@@ -10,8 +10,12 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use super::GlobalArgs;
+use crate::config::ProxySettings;
 use crate::device::{DeviceChanges, DeviceError, DeviceKind};
 use crate::engine::Engine;
+use crate::policy::CompiledPolicy;
+use crate::proxy::{Proxy, ProxyListener};
+use crate::secret::Secret;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -42,12 +46,26 @@ pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     }
     engine.store.flush()?;
 
+    // Policies are read and checked before anything starts listening.
+    let mut policies = Vec::new();
+    for p in &engine.settings.proxies {
+        let policy = super::policy::load_policy_file(&p.policy_file)?.compile();
+        let token = match &p.token_file {
+            Some(f) => Some(
+                Secret::from_file(f)
+                    .with_context(|| format!("cannot read proxy token file {}", f.display()))?,
+            ),
+            None => None,
+        };
+        policies.push((p.clone(), policy, token));
+    }
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let engine = Arc::new(engine);
-    rt.block_on(serve(engine.clone()))?;
+    rt.block_on(serve(engine.clone(), policies))?;
     engine.store.flush()?;
     tracing::info!("stopped");
     Ok(())
@@ -75,7 +93,34 @@ fn ensure_local_device(engine: &Engine) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(engine: Arc<Engine>) -> anyhow::Result<()> {
+async fn serve(
+    engine: Arc<Engine>,
+    proxies: Vec<(ProxySettings, CompiledPolicy, Option<Secret>)>,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut proxy_tasks = Vec::new();
+    for (p, policy, token) in proxies {
+        let device = engine
+            .devices()?
+            .get(&p.device)
+            .with_context(|| format!("[[proxy]] on {}", p.listen))?;
+        let dialer = engine.dialer(&device).await?;
+        let proxy = Arc::new(
+            Proxy::new(&device.name, policy, dialer, &p.listen, token.as_ref())
+                .with_context(|| format!("[[proxy]] for device {} on {}", device.name, p.listen))?,
+        );
+        let listener = ProxyListener::bind(&p.listen).await?;
+        let mut rx = stop_rx.clone();
+        println!(
+            "proxy for device {} listening on {}",
+            device.name,
+            listener.local_listen()
+        );
+        proxy_tasks.push(tokio::spawn(proxy.serve(listener, async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        })));
+    }
+
     let addr = engine.settings.listen;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!(
@@ -85,9 +130,19 @@ async fn serve(engine: Arc<Engine>) -> anyhow::Result<()> {
     println!("capstan API listening on http://{}", listener.local_addr()?);
     let app = crate::api::router(engine);
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        })
         .await
         .context("the API server failed")?;
+    for t in proxy_tasks {
+        match t.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "proxy failed"),
+            Err(e) => tracing::error!(error = %e, "proxy task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     Ok(())
 }
 
