@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 
 use crate::config::Settings;
-use crate::device::{DeviceError, Devices};
+use crate::device::{Device, DeviceError, Devices};
+use crate::docker::{ConnectError, DockerClient};
 use crate::secret::Secret;
 use crate::store::Store;
 use crate::token::Tokens;
@@ -21,6 +22,8 @@ pub struct Engine {
     pub store: Store,
     pub vault: Vault,
     pub tokens: Tokens,
+    /// Docker connections, one client per device, opened on first use.
+    pub docker: crate::docker::Pool,
 }
 
 /// Where a passphrase may come from when the vault needs one.
@@ -75,6 +78,7 @@ impl Engine {
             store,
             vault,
             tokens,
+            docker: crate::docker::Pool::default(),
         })
     }
 
@@ -117,6 +121,7 @@ impl Engine {
                 store,
                 vault,
                 tokens,
+                docker: crate::docker::Pool::default(),
             },
             created,
         ))
@@ -124,6 +129,25 @@ impl Engine {
 
     pub fn devices(&self) -> Result<Devices<'_>, DeviceError> {
         Devices::new(&self.store, &self.vault)
+    }
+
+    /// A bollard client for `device` over its pooled connection (SSH session, TLS or
+    /// local socket), its API version negotiated on first use.
+    pub async fn docker(&self, device: &Device) -> Result<bollard::Docker, ConnectError> {
+        self.docker_client(device)?.docker().await
+    }
+
+    /// The pooled connections to `device`'s daemon, for raw requests (proxying) as well
+    /// as bollard.
+    pub fn docker_client(&self, device: &Device) -> Result<std::sync::Arc<DockerClient>, ConnectError> {
+        self.docker.client(device, || {
+            self.devices()
+                .and_then(|d| d.secrets(device))
+                .map_err(|e| ConnectError::Secrets {
+                    device: device.name.clone(),
+                    detail: e.to_string(),
+                })
+        })
     }
 }
 

@@ -2,13 +2,15 @@
 //!
 //! The modules mirror the flow of a request through the engine: configuration and the
 //! command line resolve into settings ([`config`], [`cli`]); the [`store`] holds every
-//! record and the [`vault`] every secret; [`device`] describes the Docker hosts; the
+//! record and the [`vault`] every secret; [`device`] describes the Docker hosts and
+//! [`docker`] connects to them (SSH, TLS, local socket), pooled and checked; the
 //! [`api`] serves it all over HTTP behind bearer tokens ([`token`]).
 
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod docker;
 pub mod engine;
 pub mod secret;
 pub mod store;
