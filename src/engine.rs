@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 
 use crate::config::Settings;
 use crate::device::{Device, DeviceError, DeviceKind, Devices};
+use crate::docker::{ConnectError, DockerClient};
 use crate::proxy::{Dialer, LocalDialer, LocalTarget};
 use crate::secret::Secret;
 use crate::store::Store;
@@ -24,6 +25,8 @@ pub struct Engine {
     pub store: Store,
     pub vault: Vault,
     pub tokens: Tokens,
+    /// Docker connections, one client per device, opened on first use.
+    pub docker: crate::docker::Pool,
 }
 
 /// Where a passphrase may come from when the vault needs one.
@@ -78,6 +81,7 @@ impl Engine {
             store,
             vault,
             tokens,
+            docker: crate::docker::Pool::default(),
         })
     }
 
@@ -120,6 +124,7 @@ impl Engine {
                 store,
                 vault,
                 tokens,
+                docker: crate::docker::Pool::default(),
             },
             created,
         ))
@@ -141,6 +146,25 @@ impl Engine {
                 device.name
             ),
         }
+    }
+
+    /// A bollard client for `device` over its pooled connection (SSH session, TLS or
+    /// local socket), its API version negotiated on first use.
+    pub async fn docker(&self, device: &Device) -> Result<bollard::Docker, ConnectError> {
+        self.docker_client(device)?.docker().await
+    }
+
+    /// The pooled connections to `device`'s daemon, for raw requests (proxying) as well
+    /// as bollard.
+    pub fn docker_client(&self, device: &Device) -> Result<std::sync::Arc<DockerClient>, ConnectError> {
+        self.docker.client(device, || {
+            self.devices()
+                .and_then(|d| d.secrets(device))
+                .map_err(|e| ConnectError::Secrets {
+                    device: device.name.clone(),
+                    detail: e.to_string(),
+                })
+        })
     }
 }
 
