@@ -5,7 +5,8 @@
 //! record and the [`vault`] every secret; [`device`] describes the Docker hosts and
 //! [`docker`] connects to them (SSH, TLS, local socket), pooled and checked; the
 //! [`api`] serves it all over HTTP behind bearer tokens ([`token`]). The [`policy`] engine
-//! decides every Docker API request, and [`proxy`] serves the Docker API behind it.
+//! decides every Docker API request, [`proxy`] serves the Docker API behind it, and
+//! [`plugin`] runs sandboxed WebAssembly plugins under it.
 
 pub mod api;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod device;
 pub mod docker;
 pub mod engine;
+pub mod plugin;
 pub mod policy;
 pub mod proxy;
 pub mod secret;

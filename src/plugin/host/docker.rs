@@ -1,0 +1,1230 @@
+//! `capstan:plugin/docker`: Docker on the devices in the plugin's scope.
+//!
+//! Each function lists the Docker API requests it will make ([`Req`]) and hands them to
+//! [`RunState::authorize`] — device scope, the policy's decision on every request,
+//! container scope — before the first one is sent; then sends them over the device's
+//! pooled connection ([`Api`]) and maps the answer. The audit log and the run's report
+//! get one entry per call, allowed or denied.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::docker_api::{
+    Answer, Api, MAX_BODY, MAX_OUTPUT, REQUEST_TIMEOUT, Req, connect_error, container_ref, demux,
+    encode_query, image_ref, label_map, labels_of, split_reference, str_of,
+};
+use super::{HostError, MAX_REPORTED_CALLS, RunState};
+use crate::plugin::bindings::wit_docker::{
+    CheckReport, ContainerDetails, ContainerFilter, ContainerSummary, DaemonInfo, Device,
+    ExecOptions, ExecResult, Host, ImageSummary, LogOptions, Logs, NetworkSummary, PullResult,
+    RecreateOptions, RecreateResult, ResourceUsage, VolumeSummary,
+};
+use crate::plugin::records::AuditRecord;
+use crate::plugin::report::{Denial, HostCall};
+use crate::policy::ContainerScope;
+
+/// One Docker host call under way.
+pub struct Call {
+    op: &'static str,
+    device: String,
+    request: String,
+    started: Instant,
+    /// The container's inspect output, when the scope check fetched it.
+    inspected: Option<Value>,
+}
+
+impl RunState {
+    /// Steps 1 and 2: device scope, the policy's decision on every request, the device
+    /// and its connection, the container scope. A refusal is recorded and returned as
+    /// `denied`; nothing of the call is sent.
+    async fn authorize(
+        &mut self,
+        op: &'static str,
+        device: &str,
+        requests: &[Req],
+        container: Option<&str>,
+    ) -> Result<(Api, Call), HostError> {
+        self.run.count_call().map_err(HostError::Trap)?;
+        let mut call = Call {
+            op,
+            device: device.to_string(),
+            request: requests
+                .iter()
+                .map(Req::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+            started: Instant::now(),
+            inspected: None,
+        };
+        let policy = &self.run.plugin.policy;
+        if !policy.devices().allows(device) {
+            let patterns: Vec<&str> = policy.devices().patterns().collect();
+            let reason = if patterns.is_empty() {
+                format!(
+                    "device `{device}` is outside the plugin's device scope: its policy names no device (set `devices` in [policy])"
+                )
+            } else {
+                format!(
+                    "device `{device}` is outside the plugin's device scope (policy devices = {patterns:?})"
+                )
+            };
+            return Err(self.deny(&call, reason));
+        }
+        for req in requests {
+            let decision = policy.decide(req.method, &req.path);
+            if !decision.is_allowed() {
+                let reason = decision.reason();
+                call.request = req.to_string();
+                return Err(self.deny(&call, reason));
+            }
+        }
+        let api = match self.open_device(device) {
+            Ok(api) => api,
+            Err(e) => return Err(self.finish_err(call, e)),
+        };
+        if let Some(container) = container {
+            let scope = self.run.plugin.policy.containers().clone();
+            if !scope.is_all() {
+                let inspect = Req::get(format!("/containers/{container}/json"));
+                let v = match api.json(&inspect, None).await {
+                    Ok(v) => v,
+                    Err(e) => return Err(self.finish_err(call, e)),
+                };
+                let name = v["Name"].as_str().unwrap_or_default();
+                if !scope.matches(name, &label_map(&v["Config"]["Labels"])) {
+                    let mut selectors: Vec<String> = scope
+                        .labels()
+                        .iter()
+                        .map(|l| format!("label {l}"))
+                        .collect();
+                    selectors.extend(scope.names().map(|n| format!("name {n}")));
+                    let reason = format!(
+                        "container `{}` is outside the plugin's container scope ({})",
+                        name.trim_start_matches('/'),
+                        selectors.join(", ")
+                    );
+                    return Err(self.deny(&call, reason));
+                }
+                call.inspected = Some(v);
+            }
+        }
+        Ok((api, call))
+    }
+
+    /// The device's record and pooled connection.
+    fn open_device(&self, device: &str) -> Result<Api, HostError> {
+        let engine = &self.run.services.engine;
+        let devices = engine
+            .devices()
+            .map_err(|e| HostError::trap(format!("cannot read devices: {e}")))?;
+        let dev = match devices.get(device) {
+            Ok(d) => d,
+            Err(crate::device::DeviceError::NotFound(_)) => {
+                return Err(HostError::not_found(format!("no device named `{device}`")));
+            }
+            Err(e) => return Err(HostError::trap(format!("cannot read device {device}: {e}"))),
+        };
+        let client = engine.docker_client(&dev).map_err(|e| connect_error(&e))?;
+        Ok(Api {
+            client,
+            device: dev.name,
+            deadline: self.run.deadline,
+        })
+    }
+
+    fn deny(&mut self, call: &Call, reason: String) -> HostError {
+        tracing::info!(plugin = %self.run.plugin.name, device = %call.device, op = call.op, request = %call.request, %reason, "plugin host call denied");
+        self.record(call, "deny", "denied", &reason);
+        self.run.denials.push(Denial {
+            op: call.op.to_string(),
+            device: call.device.clone(),
+            request: call.request.clone(),
+            reason: reason.clone(),
+        });
+        HostError::denied(reason)
+    }
+
+    fn record(&mut self, call: &Call, decision: &str, result: &str, reason: &str) {
+        if self.run.host_calls.len() < MAX_REPORTED_CALLS {
+            self.run.host_calls.push(HostCall {
+                op: call.op.to_string(),
+                device: call.device.clone(),
+                request: call.request.clone(),
+                decision: decision.to_string(),
+                result: result.to_string(),
+                ms: call.started.elapsed().as_secs_f64() * 1000.0,
+            });
+        }
+        let rec = AuditRecord {
+            time: chrono::Utc::now(),
+            plugin: self.run.plugin.name.clone(),
+            device: call.device.clone(),
+            op: call.op.to_string(),
+            request: call.request.clone(),
+            decision: decision.to_string(),
+            reason: reason.to_string(),
+        };
+        if let Err(e) = self.run.services.audit.record(&rec) {
+            tracing::error!(error = %e, "cannot write the audit record");
+        }
+    }
+
+    fn finish_err(&mut self, call: Call, e: HostError) -> HostError {
+        let reason = match &e {
+            HostError::Wit(w) => super::render_wit_error(w),
+            HostError::Trap(t) => format!("host failure: {t}"),
+        };
+        self.record(&call, "allow", e.kind(), &reason);
+        e
+    }
+
+    /// Step 4: record the result and pass it on.
+    fn finish<T>(&mut self, call: Call, r: Result<T, HostError>) -> Result<T, HostError> {
+        match r {
+            Ok(v) => {
+                self.record(&call, "allow", "ok", "allowed by the plugin's policy");
+                Ok(v)
+            }
+            Err(e) => Err(self.finish_err(call, e)),
+        }
+    }
+
+    /// A container operation that sends one request and reads nothing back.
+    async fn container_action(
+        &mut self,
+        op: &'static str,
+        device: String,
+        container: String,
+        action: &str,
+        query: String,
+    ) -> Result<(), HostError> {
+        let c = container_ref(&container)?;
+        let req = Req::post(format!("/containers/{c}/{action}{query}"));
+        let (api, call) = self
+            .authorize(op, &device, std::slice::from_ref(&req), Some(&c))
+            .await?;
+        let r = api.call(&req, None).await;
+        self.finish(call, r)
+    }
+}
+
+fn device_of(d: &crate::device::Device) -> Device {
+    Device {
+        name: d.name.clone(),
+        kind: d.kind.to_string(),
+        address: d.address(),
+    }
+}
+
+const CONTAINER_STATES: [&str; 7] = [
+    "created",
+    "restarting",
+    "running",
+    "removing",
+    "paused",
+    "exited",
+    "dead",
+];
+const HEALTH_STATES: [&str; 4] = ["starting", "healthy", "unhealthy", "none"];
+
+fn summary_of(v: &Value) -> ContainerSummary {
+    let name = v["Names"]
+        .as_array()
+        .and_then(|n| n.first())
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_string();
+    let status = str_of(&v["Status"]);
+    let health = v["Health"]["Status"]
+        .as_str()
+        .filter(|s| !s.is_empty() && *s != "none")
+        .map(str::to_string)
+        .or_else(|| {
+            ["(healthy)", "(unhealthy)", "(health: starting)"]
+                .iter()
+                .zip(["healthy", "unhealthy", "starting"])
+                .find(|(needle, _)| status.contains(*needle))
+                .map(|(_, h)| h.to_string())
+        });
+    ContainerSummary {
+        id: str_of(&v["Id"]),
+        name,
+        image: str_of(&v["Image"]),
+        image_id: str_of(&v["ImageID"]),
+        state: str_of(&v["State"]),
+        status,
+        health,
+        labels: labels_of(&v["Labels"]),
+        created: v["Created"].as_i64().unwrap_or(0) * 1000,
+    }
+}
+
+fn details_of(v: &Value) -> ContainerDetails {
+    let s = &v["State"];
+    ContainerDetails {
+        id: str_of(&v["Id"]),
+        name: v["Name"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        image: str_of(&v["Config"]["Image"]),
+        image_id: str_of(&v["Image"]),
+        state: str_of(&s["Status"]),
+        running: s["Running"].as_bool().unwrap_or(false),
+        paused: s["Paused"].as_bool().unwrap_or(false),
+        restarting: s["Restarting"].as_bool().unwrap_or(false),
+        exit_code: s["ExitCode"].as_i64().unwrap_or(0),
+        started_at: time_or_empty(&s["StartedAt"]),
+        finished_at: time_or_empty(&s["FinishedAt"]),
+        health: s["Health"]["Status"]
+            .as_str()
+            .filter(|h| !h.is_empty())
+            .map(str::to_string),
+        failing_streak: s["Health"]["FailingStreak"].as_u64().unwrap_or(0) as u32,
+        restart_count: v["RestartCount"].as_u64().unwrap_or(0) as u32,
+        labels: labels_of(&v["Config"]["Labels"]),
+        created: str_of(&v["Created"]),
+    }
+}
+
+/// Docker writes `0001-01-01T00:00:00Z` for "never".
+fn time_or_empty(v: &Value) -> String {
+    let s = v.as_str().unwrap_or_default();
+    if s.starts_with("0001-01-01") {
+        String::new()
+    } else {
+        s.to_string()
+    }
+}
+
+fn stats_of(v: &Value) -> ResourceUsage {
+    let cpu = &v["cpu_stats"];
+    let pre = &v["precpu_stats"];
+    let cpu_delta = cpu["cpu_usage"]["total_usage"].as_f64().unwrap_or(0.0)
+        - pre["cpu_usage"]["total_usage"].as_f64().unwrap_or(0.0);
+    let sys_delta = cpu["system_cpu_usage"].as_f64().unwrap_or(0.0)
+        - pre["system_cpu_usage"].as_f64().unwrap_or(0.0);
+    let online = cpu["online_cpus"]
+        .as_f64()
+        .filter(|n| *n > 0.0)
+        .unwrap_or_else(|| {
+            cpu["cpu_usage"]["percpu_usage"]
+                .as_array()
+                .map(|a| a.len() as f64)
+                .unwrap_or(1.0)
+        });
+    let cpu_percent = if cpu_delta > 0.0 && sys_delta > 0.0 {
+        cpu_delta / sys_delta * online * 100.0
+    } else {
+        0.0
+    };
+    let mem = &v["memory_stats"];
+    let cache = ["inactive_file", "total_inactive_file"]
+        .iter()
+        .find_map(|k| mem["stats"][*k].as_u64())
+        .unwrap_or(0);
+    let usage = mem["usage"].as_u64().unwrap_or(0).saturating_sub(cache);
+    let (mut rx, mut tx) = (0, 0);
+    if let Some(nets) = v["networks"].as_object() {
+        for n in nets.values() {
+            rx += n["rx_bytes"].as_u64().unwrap_or(0);
+            tx += n["tx_bytes"].as_u64().unwrap_or(0);
+        }
+    }
+    let (mut read, mut write) = (0, 0);
+    if let Some(ios) = v["blkio_stats"]["io_service_bytes_recursive"].as_array() {
+        for io in ios {
+            let value = io["value"].as_u64().unwrap_or(0);
+            match io["op"].as_str().map(str::to_ascii_lowercase).as_deref() {
+                Some("read") => read += value,
+                Some("write") => write += value,
+                _ => {}
+            }
+        }
+    }
+    ResourceUsage {
+        cpu_percent,
+        memory_usage: usage,
+        memory_limit: mem["limit"].as_u64().unwrap_or(0),
+        network_rx: rx,
+        network_tx: tx,
+        block_read: read,
+        block_write: write,
+        pids: v["pids_stats"]["current"].as_u64().unwrap_or(0),
+    }
+}
+
+/// Whether a response body is Docker's multiplexed stream format.
+fn multiplexed(a: &Answer, default: bool) -> bool {
+    match a.headers.get("content-type").and_then(|v| v.to_str().ok()) {
+        Some(t) if t.contains("multiplexed-stream") => true,
+        Some(t) if t.contains("raw-stream") => default,
+        _ => default,
+    }
+}
+
+fn text_of(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// Keeps at most `MAX_OUTPUT` bytes; reports whether it cut.
+fn capped(mut bytes: Vec<u8>) -> (String, bool) {
+    let cut = bytes.len() > MAX_OUTPUT;
+    bytes.truncate(MAX_OUTPUT);
+    (text_of(bytes), cut)
+}
+
+/// The `status` of the last line of a pull's progress stream, or its `error`.
+fn pull_outcome(body: &[u8]) -> Result<String, String> {
+    let mut last = String::new();
+    for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            continue;
+        };
+        if let Some(e) = v["error"]
+            .as_str()
+            .or_else(|| v["errorDetail"]["message"].as_str())
+        {
+            return Err(e.to_string());
+        }
+        if let Some(s) = v["status"].as_str() {
+            last = s.to_string();
+        }
+    }
+    Ok(last)
+}
+
+/// The fields of a container's configuration that came from its image, so a re-created
+/// container picks up the new image's values instead of freezing the old ones (the
+/// approach Watchtower takes).
+fn strip_image_defaults(config: &mut Value, image_config: &Value) {
+    let Some(cfg) = config.as_object_mut() else {
+        return;
+    };
+    for key in [
+        "Cmd",
+        "Entrypoint",
+        "WorkingDir",
+        "User",
+        "Healthcheck",
+        "StopSignal",
+    ] {
+        if cfg
+            .get(key)
+            .is_some_and(|v| !v.is_null() && *v == image_config[key])
+        {
+            cfg.remove(key);
+        }
+    }
+    if let (Some(env), Some(img_env)) = (
+        cfg.get_mut("Env").and_then(Value::as_array_mut),
+        image_config["Env"].as_array(),
+    ) {
+        env.retain(|e| !img_env.contains(e));
+    }
+    for key in ["Labels", "ExposedPorts", "Volumes"] {
+        if let (Some(mine), Some(theirs)) = (
+            cfg.get_mut(key).and_then(Value::as_object_mut),
+            image_config[key].as_object(),
+        ) {
+            mine.retain(|k, v| theirs.get(k) != Some(v));
+        }
+    }
+}
+
+/// The body of `POST /containers/create` that re-creates `old` (its inspect output) from
+/// `image`.
+fn create_body(old: &Value, image: &str, old_image_config: Option<&Value>) -> Value {
+    let mut config = old["Config"].clone();
+    if let Some(img) = old_image_config {
+        strip_image_defaults(&mut config, img);
+    }
+    let short_id: String = str_of(&old["Id"]).chars().take(12).collect();
+    if let Some(cfg) = config.as_object_mut() {
+        cfg.insert("Image".into(), json!(image));
+        // Docker's default host name is the short ID; the new container gets its own.
+        if cfg.get("Hostname").and_then(Value::as_str) == Some(short_id.as_str()) {
+            cfg.remove("Hostname");
+        }
+    }
+    let host_config = old["HostConfig"].clone();
+    let mode = host_config["NetworkMode"].as_str().unwrap_or_default();
+    let mut endpoints = serde_json::Map::new();
+    if !(mode == "host" || mode == "none" || mode.starts_with("container:")) {
+        if let Some(nets) = old["NetworkSettings"]["Networks"].as_object() {
+            for (name, ep) in nets {
+                let aliases: Vec<Value> = ep["Aliases"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter(|x| x.as_str() != Some(short_id.as_str()))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                endpoints.insert(
+                    name.clone(),
+                    json!({
+                        "IPAMConfig": ep["IPAMConfig"],
+                        "Links": ep["Links"],
+                        "Aliases": aliases,
+                        "DriverOpts": ep["DriverOpts"],
+                    }),
+                );
+            }
+        }
+    }
+    let mut body = config;
+    if let Some(b) = body.as_object_mut() {
+        b.insert("HostConfig".into(), host_config);
+        b.insert(
+            "NetworkingConfig".into(),
+            json!({ "EndpointsConfig": endpoints }),
+        );
+    }
+    body
+}
+
+impl Host for RunState {
+    async fn list_devices(&mut self) -> wasmtime::Result<Vec<Device>> {
+        self.run.count_call()?;
+        let policy = &self.run.plugin.policy;
+        let devices = self
+            .run
+            .services
+            .engine
+            .devices()
+            .and_then(|d| d.list())
+            .map_err(|e| wasmtime::format_err!("cannot read devices: {e}"))?;
+        Ok(devices
+            .iter()
+            .filter(|d| policy.devices().allows(&d.name))
+            .map(device_of)
+            .collect())
+    }
+
+    async fn connect(&mut self, device: String) -> Result<(), HostError> {
+        let req = Req::get("/_ping");
+        let (api, call) = self
+            .authorize("connect", &device, std::slice::from_ref(&req), None)
+            .await?;
+        let r = api.call(&req, None).await;
+        self.finish(call, r)
+    }
+
+    async fn check(&mut self, device: String) -> Result<CheckReport, HostError> {
+        let ping = Req::get("/_ping");
+        let version = Req::get("/version");
+        let (api, call) = self
+            .authorize("check", &device, &[ping.clone(), version.clone()], None)
+            .await?;
+        let r = async {
+            let t = Instant::now();
+            api.call(&ping, None).await?;
+            let latency_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let v = api.json(&version, None).await?;
+            Ok(CheckReport {
+                server_version: str_of(&v["Version"]),
+                api_version: str_of(&v["ApiVersion"]),
+                os: str_of(&v["Os"]),
+                arch: str_of(&v["Arch"]),
+                latency_ms,
+            })
+        }
+        .await;
+        self.finish(call, r)
+    }
+
+    async fn list_containers(
+        &mut self,
+        device: String,
+        filter: ContainerFilter,
+    ) -> Result<Vec<ContainerSummary>, HostError> {
+        for s in &filter.status {
+            if !CONTAINER_STATES.contains(&s.as_str()) {
+                return Err(HostError::invalid(format!(
+                    "status `{s}` is not one of {}",
+                    CONTAINER_STATES.join(", ")
+                )));
+            }
+        }
+        for h in &filter.health {
+            if !HEALTH_STATES.contains(&h.as_str()) {
+                return Err(HostError::invalid(format!(
+                    "health `{h}` is not one of {}",
+                    HEALTH_STATES.join(", ")
+                )));
+            }
+        }
+        let names = ContainerScope::new([""; 0], &filter.names)
+            .map_err(|e| HostError::invalid(format!("names: {e}")))?;
+        let no_labels = std::collections::HashMap::new();
+        let mut filters = serde_json::Map::new();
+        if !filter.labels.is_empty() {
+            filters.insert("label".into(), json!(filter.labels));
+        }
+        if !filter.status.is_empty() {
+            filters.insert("status".into(), json!(filter.status));
+        }
+        if !filter.health.is_empty() {
+            filters.insert("health".into(), json!(filter.health));
+        }
+        let mut path = format!("/containers/json?all={}", u8::from(filter.all));
+        if !filters.is_empty() {
+            path.push_str("&filters=");
+            path.push_str(&encode_query(&Value::Object(filters).to_string()));
+        }
+        let req = Req::get(path);
+        let (api, call) = self
+            .authorize("list-containers", &device, std::slice::from_ref(&req), None)
+            .await?;
+        let scope = self.run.plugin.policy.containers().clone();
+        let r = async {
+            let v = api.json(&req, None).await?;
+            let list = v.as_array().cloned().unwrap_or_default();
+            Ok(list
+                .iter()
+                .filter(|c| {
+                    let all_names: Vec<&str> = c["Names"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_str).collect())
+                        .unwrap_or_default();
+                    scope.matches_any_name(&all_names, &label_map(&c["Labels"]))
+                })
+                .map(summary_of)
+                .filter(|s| names.matches(&s.name, &no_labels))
+                .collect())
+        }
+        .await;
+        self.finish(call, r)
+    }
+
+    async fn inspect_container(
+        &mut self,
+        device: String,
+        container: String,
+    ) -> Result<ContainerDetails, HostError> {
+        let c = container_ref(&container)?;
+        let req = Req::get(format!("/containers/{c}/json"));
+        let (api, mut call) = self
+            .authorize(
+                "inspect-container",
+                &device,
+                std::slice::from_ref(&req),
+                Some(&c),
+            )
+            .await?;
+        let r = match call.inspected.take() {
+            Some(v) => Ok(details_of(&v)),
+            None => api.json(&req, None).await.map(|v| details_of(&v)),
+        };
+        self.finish(call, r)
+    }
+
+    async fn start_container(
+        &mut self,
+        device: String,
+        container: String,
+    ) -> Result<(), HostError> {
+        self.container_action("start-container", device, container, "start", String::new())
+            .await
+    }
+
+    async fn stop_container(
+        &mut self,
+        device: String,
+        container: String,
+        timeout_secs: Option<u32>,
+    ) -> Result<(), HostError> {
+        let q = timeout_secs.map(|t| format!("?t={t}")).unwrap_or_default();
+        self.container_action("stop-container", device, container, "stop", q)
+            .await
+    }
+
+    async fn restart_container(
+        &mut self,
+        device: String,
+        container: String,
+        timeout_secs: Option<u32>,
+    ) -> Result<(), HostError> {
+        let q = timeout_secs.map(|t| format!("?t={t}")).unwrap_or_default();
+        self.container_action("restart-container", device, container, "restart", q)
+            .await
+    }
+
+    async fn kill_container(
+        &mut self,
+        device: String,
+        container: String,
+        signal: Option<String>,
+    ) -> Result<(), HostError> {
+        let q = match signal {
+            Some(s) => {
+                let ok =
+                    !s.is_empty() && s.len() <= 16 && s.chars().all(|c| c.is_ascii_alphanumeric());
+                if !ok {
+                    return Err(HostError::invalid(format!(
+                        "`{s}` is not a signal (write SIGHUP, HUP or 1)"
+                    )));
+                }
+                format!("?signal={s}")
+            }
+            None => String::new(),
+        };
+        self.container_action("kill-container", device, container, "kill", q)
+            .await
+    }
+
+    async fn pause_container(
+        &mut self,
+        device: String,
+        container: String,
+    ) -> Result<(), HostError> {
+        self.container_action("pause-container", device, container, "pause", String::new())
+            .await
+    }
+
+    async fn unpause_container(
+        &mut self,
+        device: String,
+        container: String,
+    ) -> Result<(), HostError> {
+        self.container_action(
+            "unpause-container",
+            device,
+            container,
+            "unpause",
+            String::new(),
+        )
+        .await
+    }
+
+    async fn container_logs(
+        &mut self,
+        device: String,
+        container: String,
+        options: LogOptions,
+    ) -> Result<Logs, HostError> {
+        let c = container_ref(&container)?;
+        let (out, err) = if !options.stdout && !options.stderr {
+            (true, true)
+        } else {
+            (options.stdout, options.stderr)
+        };
+        let mut q = format!("?stdout={}&stderr={}", u8::from(out), u8::from(err));
+        if let Some(t) = options.tail {
+            q.push_str(&format!("&tail={t}"));
+        }
+        if let Some(since) = options.since {
+            q.push_str(&format!("&since={}", since.div_euclid(1000)));
+        }
+        if options.timestamps {
+            q.push_str("&timestamps=1");
+        }
+        let req = Req::get(format!("/containers/{c}/logs{q}"));
+        let (api, call) = self
+            .authorize(
+                "container-logs",
+                &device,
+                std::slice::from_ref(&req),
+                Some(&c),
+            )
+            .await?;
+        let r = async {
+            let a = api
+                .send(&req, None, REQUEST_TIMEOUT, 2 * MAX_OUTPUT)
+                .await?
+                .check()?;
+            let (o, e) = demux(&a.body, multiplexed(&a, true));
+            let mut both = o;
+            both.extend_from_slice(&e);
+            let (text, cut) = capped(both);
+            Ok(Logs {
+                text,
+                truncated: cut || a.truncated,
+            })
+        }
+        .await;
+        self.finish(call, r)
+    }
+
+    async fn container_stats(
+        &mut self,
+        device: String,
+        container: String,
+    ) -> Result<ResourceUsage, HostError> {
+        let c = container_ref(&container)?;
+        let req = Req::get(format!("/containers/{c}/stats?stream=false"));
+        let (api, call) = self
+            .authorize(
+                "container-stats",
+                &device,
+                std::slice::from_ref(&req),
+                Some(&c),
+            )
+            .await?;
+        let r = api.json(&req, None).await.map(|v| stats_of(&v));
+        self.finish(call, r)
+    }
+
+    async fn exec(
+        &mut self,
+        device: String,
+        container: String,
+        options: ExecOptions,
+    ) -> Result<ExecResult, HostError> {
+        let c = container_ref(&container)?;
+        if options.cmd.is_empty() {
+            return Err(HostError::invalid("exec needs a command (cmd is empty)"));
+        }
+        let create = Req::post(format!("/containers/{c}/exec"));
+        // The exec ID is not known before the first request; the policy decides on the
+        // endpoint, not the ID, so a placeholder stands in for it.
+        let start_t = Req::post("/exec/EXEC_ID/start");
+        let inspect_t = Req::get("/exec/EXEC_ID/json");
+        let (api, call) = self
+            .authorize(
+                "exec",
+                &device,
+                &[create.clone(), start_t, inspect_t],
+                Some(&c),
+            )
+            .await?;
+        let limit = Duration::from_secs(u64::from(options.timeout_secs.unwrap_or(30).max(1)));
+        let r = async {
+            let mut body = json!({
+                "AttachStdout": true,
+                "AttachStderr": true,
+                "Tty": false,
+                "Cmd": options.cmd,
+            });
+            if !options.env.is_empty() {
+                body["Env"] = json!(options.env);
+            }
+            if let Some(u) = &options.user {
+                body["User"] = json!(u);
+            }
+            if let Some(w) = &options.working_dir {
+                body["WorkingDir"] = json!(w);
+            }
+            let created = api.json(&create, Some(&body)).await?;
+            let id = created["Id"]
+                .as_str()
+                .filter(|id| id.chars().all(|c| c.is_ascii_alphanumeric()))
+                .ok_or_else(|| HostError::trap("the daemon's exec create answer has no usable Id"))?
+                .to_string();
+            let start = Req::post(format!("/exec/{id}/start"));
+            let answer = api
+                .send(&start, Some(&json!({"Detach": false, "Tty": false})), limit, 2 * MAX_OUTPUT + 64 * 1024)
+                .await
+                .map_err(|e| match e {
+                    HostError::Wit(crate::plugin::bindings::WitError::Timeout(_)) => HostError::timeout(format!(
+                        "the command did not finish within {} s (it may still be running: Docker cannot stop an exec'd process)",
+                        limit.as_secs()
+                    )),
+                    other => other,
+                })?
+                .check()?;
+            let (out, err) = demux(&answer.body, true);
+            let (stdout, cut_out) = capped(out);
+            let (stderr, cut_err) = capped(err);
+            let status = api.json(&Req::get(format!("/exec/{id}/json")), None).await?;
+            Ok(ExecResult {
+                exit_code: status["ExitCode"].as_i64(),
+                stdout,
+                stderr,
+                truncated: cut_out || cut_err || answer.truncated,
+            })
+        }
+        .await;
+        self.finish(call, r)
+    }
+
+    async fn recreate_container(
+        &mut self,
+        device: String,
+        container: String,
+        options: RecreateOptions,
+    ) -> Result<RecreateResult, HostError> {
+        let c = container_ref(&container)?;
+        let image = options.image.as_deref().map(image_ref).transpose()?;
+        // The image the new container runs is known only after the inspect; decide with
+        // the one given, or with a placeholder (the decision does not depend on it).
+        let decide_image = image.clone().unwrap_or_else(|| "IMAGE".to_string());
+        let (from, tag) = split_reference(&decide_image);
+        let mut requests = vec![Req::get(format!("/containers/{c}/json"))];
+        if options.pull {
+            requests.push(Req::post(format!(
+                "/images/create?fromImage={}&tag={}",
+                encode_query(&from),
+                encode_query(&tag)
+            )));
+        }
+        requests.extend([
+            Req::get(format!("/images/{decide_image}/json")),
+            Req::post(format!("/containers/{c}/stop")),
+            Req::post(format!("/containers/{c}/rename?name=NAME")),
+            Req::post("/containers/create?name=NAME"),
+            Req::post(format!("/containers/{c}/start")),
+            Req::delete(format!("/containers/{c}")),
+        ]);
+        let (api, mut call) = self
+            .authorize("recreate-container", &device, &requests, Some(&c))
+            .await?;
+        let inspected = call.inspected.take();
+        let r = recreate(&api, &c, inspected, image, &options).await;
+        self.finish(call, r)
+    }
+
+    async fn list_images(
+        &mut self,
+        device: String,
+        all: bool,
+    ) -> Result<Vec<ImageSummary>, HostError> {
+        let req = Req::get(format!("/images/json?all={}", u8::from(all)));
+        let (api, call) = self
+            .authorize("list-images", &device, std::slice::from_ref(&req), None)
+            .await?;
+        let r = api.json(&req, None).await.map(|v| {
+            v.as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|i| ImageSummary {
+                    id: str_of(&i["Id"]),
+                    tags: strings(&i["RepoTags"])
+                        .into_iter()
+                        .filter(|t| t != "<none>:<none>")
+                        .collect(),
+                    digests: strings(&i["RepoDigests"])
+                        .into_iter()
+                        .filter(|t| t != "<none>@<none>")
+                        .collect(),
+                    size: i["Size"].as_u64().unwrap_or(0),
+                    created: i["Created"].as_i64().unwrap_or(0) * 1000,
+                    labels: labels_of(&i["Labels"]),
+                })
+                .collect()
+        });
+        self.finish(call, r)
+    }
+
+    async fn pull_image(&mut self, device: String, image: String) -> Result<PullResult, HostError> {
+        let reference = image_ref(&image)?;
+        let (from, tag) = split_reference(&reference);
+        let req = Req::post(format!(
+            "/images/create?fromImage={}&tag={}",
+            encode_query(&from),
+            encode_query(&tag)
+        ));
+        let full = if tag.starts_with("sha256:") {
+            format!("{from}@{tag}")
+        } else {
+            format!("{from}:{tag}")
+        };
+        let inspect = Req::get(format!("/images/{full}/json"));
+        let (api, call) = self
+            .authorize("pull-image", &device, &[req.clone(), inspect.clone()], None)
+            .await?;
+        let r = pull(&api, &req, &inspect, &full).await;
+        self.finish(call, r)
+    }
+
+    async fn list_networks(&mut self, device: String) -> Result<Vec<NetworkSummary>, HostError> {
+        let req = Req::get("/networks");
+        let (api, call) = self
+            .authorize("list-networks", &device, std::slice::from_ref(&req), None)
+            .await?;
+        let r = api.json(&req, None).await.map(|v| {
+            v.as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|n| NetworkSummary {
+                    id: str_of(&n["Id"]),
+                    name: str_of(&n["Name"]),
+                    driver: str_of(&n["Driver"]),
+                    scope: str_of(&n["Scope"]),
+                    internal: n["Internal"].as_bool().unwrap_or(false),
+                    labels: labels_of(&n["Labels"]),
+                })
+                .collect()
+        });
+        self.finish(call, r)
+    }
+
+    async fn list_volumes(&mut self, device: String) -> Result<Vec<VolumeSummary>, HostError> {
+        let req = Req::get("/volumes");
+        let (api, call) = self
+            .authorize("list-volumes", &device, std::slice::from_ref(&req), None)
+            .await?;
+        let r = api.json(&req, None).await.map(|v| {
+            v["Volumes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|n| VolumeSummary {
+                    name: str_of(&n["Name"]),
+                    driver: str_of(&n["Driver"]),
+                    mountpoint: str_of(&n["Mountpoint"]),
+                    scope: str_of(&n["Scope"]),
+                    labels: labels_of(&n["Labels"]),
+                })
+                .collect()
+        });
+        self.finish(call, r)
+    }
+
+    async fn system_info(&mut self, device: String) -> Result<DaemonInfo, HostError> {
+        let req = Req::get("/info");
+        let (api, call) = self
+            .authorize("system-info", &device, std::slice::from_ref(&req), None)
+            .await?;
+        let r = api.json(&req, None).await.map(|v| DaemonInfo {
+            name: str_of(&v["Name"]),
+            server_version: str_of(&v["ServerVersion"]),
+            operating_system: str_of(&v["OperatingSystem"]),
+            kernel_version: str_of(&v["KernelVersion"]),
+            architecture: str_of(&v["Architecture"]),
+            cpus: v["NCPU"].as_u64().unwrap_or(0) as u32,
+            memory: v["MemTotal"].as_u64().unwrap_or(0),
+            containers: v["Containers"].as_u64().unwrap_or(0) as u32,
+            containers_running: v["ContainersRunning"].as_u64().unwrap_or(0) as u32,
+            containers_paused: v["ContainersPaused"].as_u64().unwrap_or(0) as u32,
+            containers_stopped: v["ContainersStopped"].as_u64().unwrap_or(0) as u32,
+            images: v["Images"].as_u64().unwrap_or(0) as u32,
+        });
+        self.finish(call, r)
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Pulls `req` and returns the image now tagged `full`.
+async fn pull(api: &Api, req: &Req, inspect: &Req, full: &str) -> Result<PullResult, HostError> {
+    let a = api
+        .send(req, None, REQUEST_TIMEOUT, MAX_BODY)
+        .await?
+        .check()?;
+    let status = pull_outcome(&a.body).map_err(|e| HostError::docker(500, e))?;
+    let img = api.json(inspect, None).await?;
+    Ok(PullResult {
+        image: full.to_string(),
+        id: str_of(&img["Id"]),
+        status,
+    })
+}
+
+/// The re-create procedure; see the WIT documentation of `recreate-container`.
+async fn recreate(
+    api: &Api,
+    c: &str,
+    inspected: Option<Value>,
+    image: Option<String>,
+    options: &RecreateOptions,
+) -> Result<RecreateResult, HostError> {
+    let old = match inspected {
+        Some(v) => v,
+        None => {
+            api.json(&Req::get(format!("/containers/{c}/json")), None)
+                .await?
+        }
+    };
+    let old_id = str_of(&old["Id"]);
+    let name = old["Name"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_string();
+    let image = match image {
+        Some(i) => i,
+        None => image_ref(old["Config"]["Image"].as_str().unwrap_or_default())?,
+    };
+    let old_image_id = str_of(&old["Image"]);
+    let was_running = old["State"]["Running"].as_bool().unwrap_or(false);
+
+    let (mut pulled, mut pull_error) = (false, None);
+    if options.pull {
+        let (from, tag) = split_reference(&image);
+        let req = Req::post(format!(
+            "/images/create?fromImage={}&tag={}",
+            encode_query(&from),
+            encode_query(&tag)
+        ));
+        match api
+            .send(&req, None, REQUEST_TIMEOUT, MAX_BODY)
+            .await
+            .and_then(Answer::check)
+        {
+            Ok(a) => match pull_outcome(&a.body) {
+                Ok(_) => pulled = true,
+                Err(e) => pull_error = Some(e),
+            },
+            Err(HostError::Wit(e)) => pull_error = Some(super::render_wit_error(&e)),
+            Err(trap) => return Err(trap),
+        }
+    }
+    let new_image = match api
+        .json(&Req::get(format!("/images/{image}/json")), None)
+        .await
+    {
+        Ok(v) => v,
+        Err(HostError::Wit(crate::plugin::bindings::WitError::NotFound(_))) => {
+            return Err(HostError::not_found(match &pull_error {
+                Some(e) => {
+                    format!("image {image} could not be pulled ({e}) and is not present locally")
+                }
+                None => format!("image {image} is not present on device {}", api.device),
+            }));
+        }
+        Err(e) => return Err(e),
+    };
+    let new_image_id = str_of(&new_image["Id"]);
+    let old_image_config = api
+        .json(&Req::get(format!("/images/{old_image_id}/json")), None)
+        .await
+        .ok()
+        .map(|v| v["Config"].clone());
+    let body = create_body(&old, &image, old_image_config.as_ref());
+
+    let stop_q = options
+        .stop_timeout_secs
+        .map(|t| format!("?t={t}"))
+        .unwrap_or_default();
+    api.call(
+        &Req::post(format!("/containers/{old_id}/stop{stop_q}")),
+        None,
+    )
+    .await?;
+    let aside = format!("{name}-capstan-old-{}", &old_id[..old_id.len().min(12)]);
+    api.call(
+        &Req::post(format!(
+            "/containers/{old_id}/rename?name={}",
+            encode_query(&aside)
+        )),
+        None,
+    )
+    .await?;
+
+    let rollback = |why: String| async {
+        let mut notes = vec![why];
+        let back = Req::post(format!(
+            "/containers/{old_id}/rename?name={}",
+            encode_query(&name)
+        ));
+        if let Err(e) = api.call(&back, None).await {
+            notes.push(format!("renaming the old container back failed: {e:?}"));
+        }
+        if was_running
+            && let Err(e) = api
+                .call(&Req::post(format!("/containers/{old_id}/start")), None)
+                .await
+        {
+            notes.push(format!("restarting the old container failed: {e:?}"));
+        }
+        notes.join("; ")
+    };
+
+    let created = api
+        .json(
+            &Req::post(format!("/containers/create?name={}", encode_query(&name))),
+            Some(&body),
+        )
+        .await;
+    let new_id = match created {
+        Ok(v) => str_of(&v["Id"]),
+        Err(e) => {
+            let why = format!(
+                "creating the new container failed ({}); rolled back",
+                describe(&e)
+            );
+            return Err(with_message(e, rollback(why).await));
+        }
+    };
+    let started = api
+        .call(&Req::post(format!("/containers/{new_id}/start")), None)
+        .await;
+    let failure = match started {
+        Err(e) => Some((
+            format!("the new container failed to start ({})", describe(&e)),
+            e,
+        )),
+        Ok(()) => {
+            // A container that exits at once with an error has not really started.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let v = api
+                .json(&Req::get(format!("/containers/{new_id}/json")), None)
+                .await?;
+            let s = &v["State"];
+            let exited = !s["Running"].as_bool().unwrap_or(false);
+            let code = s["ExitCode"].as_i64().unwrap_or(0);
+            (exited && code != 0).then(|| {
+                let msg = format!(
+                    "the new container exited at once with code {code}{}",
+                    s["Error"]
+                        .as_str()
+                        .filter(|e| !e.is_empty())
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+                (msg.clone(), HostError::docker(500, msg))
+            })
+        }
+    };
+    if let Some((why, e)) = failure {
+        let _ = api
+            .call(&Req::delete(format!("/containers/{new_id}?force=1")), None)
+            .await;
+        return Err(with_message(
+            e,
+            rollback(format!("{why}; rolled back")).await,
+        ));
+    }
+    // Anonymous volumes of the old container are kept (v=0): their data is not ours to
+    // destroy.
+    api.call(&Req::delete(format!("/containers/{old_id}")), None)
+        .await?;
+    Ok(RecreateResult {
+        name,
+        old_id,
+        new_id,
+        image,
+        old_image_id,
+        new_image_id,
+        pulled,
+        pull_error,
+    })
+}
+
+fn describe(e: &HostError) -> String {
+    match e {
+        HostError::Wit(w) => super::render_wit_error(w),
+        HostError::Trap(t) => t.to_string(),
+    }
+}
+
+/// The same kind of error with a fuller message.
+fn with_message(e: HostError, message: String) -> HostError {
+    use crate::plugin::bindings::WitError;
+    match e {
+        HostError::Wit(WitError::Docker(d)) => HostError::docker(d.status, message),
+        HostError::Wit(WitError::NotFound(_)) => HostError::not_found(message),
+        HostError::Wit(WitError::Timeout(_)) => HostError::timeout(message),
+        HostError::Wit(WitError::Unreachable(_)) => HostError::unreachable(message),
+        HostError::Wit(WitError::Invalid(_)) => HostError::invalid(message),
+        other => other,
+    }
+}

@@ -1,0 +1,505 @@
+//! The plugin manifest (`plugin.toml`, beside the `.wasm`): what a plugin is, when it
+//! runs, what it may touch, and how much it may use.
+//!
+//! Validated once, at install, so a mistake fails `capstan plugin install` with an error
+//! that names the field, never a cron run at 3 a.m.: unknown keys are errors
+//! (`deny_unknown_fields`), cron expressions and time zones are parsed, webhook names
+//! checked, limits bounded, and a device named in the policy's scope without a glob must
+//! exist.
+//!
+//! ```toml
+//! name = "autoheal"
+//! version = "0.1.0"
+//! description = "Restarts unhealthy containers that opt in"
+//!
+//! [[triggers.cron]]
+//! schedule = "*/1 * * * *"      # 5 fields (minute first), or 6-7 with seconds first
+//! timezone = "Europe/Berlin"    # optional, default UTC
+//! overlap = "skip"              # skip (default) | queue | allow
+//!
+//! [triggers]
+//! webhooks = ["redeploy"]       # POST /hooks/redeploy runs the plugin
+//!
+//! [policy]                      # the policy engine's TOML (socket-proxy variables)
+//! CONTAINERS = 1
+//! ALLOW_RESTARTS = 1
+//! devices = ["*"]
+//! [policy.containers]
+//! labels = ["capstan.autoheal=true"]
+//!
+//! [limits]                      # every key optional; engine defaults fill the rest
+//! memory_mib = 32
+//! timeout_secs = 60
+//!
+//! [config]                      # free-form values the plugin reads with config-get
+//! max_attempts = 5
+//! ```
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Policy;
+
+/// The manifest's file name beside the `.wasm`.
+pub const MANIFEST_FILE: &str = "plugin.toml";
+
+/// A plugin's manifest as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The plugin's name: lower-case letters, digits, `-` and `_`, starting with a letter,
+    /// at most 64 characters. Installing a plugin under a name already installed
+    /// replaces it.
+    pub name: String,
+    /// Its version (free text, semantic versioning recommended).
+    pub version: String,
+    /// One line saying what it does.
+    #[serde(default)]
+    pub description: String,
+    /// When it runs besides by hand.
+    #[serde(default)]
+    pub triggers: Triggers,
+    /// What it may touch: socket-proxy variables plus `devices` and `[containers]`
+    /// scopes. Without one, a plugin may touch no device.
+    #[serde(default)]
+    pub policy: Policy,
+    /// Resource limits; unset keys take the engine's defaults.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// Values the plugin reads with `config-get`.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+/// The `[triggers]` table.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Triggers {
+    /// Cron schedules (`[[triggers.cron]]`).
+    #[serde(default)]
+    pub cron: Vec<CronTrigger>,
+    /// Webhook names: a request to the engine's hook endpoint of that name runs the
+    /// plugin with a `webhook` event.
+    #[serde(default)]
+    pub webhooks: Vec<String>,
+}
+
+/// One cron schedule.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CronTrigger {
+    /// A cron expression: 5 fields (`min hour day month weekday`, as in crontab) or the
+    /// `cron` crate's 6–7 fields with seconds first (and an optional year last).
+    pub schedule: String,
+    /// An IANA time zone (`Europe/Berlin`); default UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// What to do when the schedule fires while the previous run still runs.
+    #[serde(default)]
+    pub overlap: Overlap,
+}
+
+impl CronTrigger {
+    /// The schedule in the `cron` crate's form (seconds first).
+    pub fn parsed(&self) -> Result<cron::Schedule, String> {
+        parse_schedule(&self.schedule)
+    }
+
+    /// The time zone, UTC when none is given.
+    pub fn tz(&self) -> Result<chrono_tz::Tz, String> {
+        match &self.timezone {
+            None => Ok(chrono_tz::UTC),
+            Some(name) => chrono_tz::Tz::from_str(name).map_err(|_| {
+                format!("`{name}` is not an IANA time zone (such as `UTC` or `Europe/Berlin`)")
+            }),
+        }
+    }
+}
+
+/// Parses a 5-field crontab expression (a `0` seconds field is prepended) or the `cron`
+/// crate's 6–7 fields.
+pub fn parse_schedule(text: &str) -> Result<cron::Schedule, String> {
+    let fields = text.split_whitespace().count();
+    let normal = match fields {
+        5 => format!("0 {}", text.trim()),
+        6 | 7 => text.trim().to_string(),
+        _ if text.trim().starts_with('@') => text.trim().to_string(),
+        n => {
+            return Err(format!(
+                "`{text}` has {n} fields; write 5 (`min hour day month weekday`) or 6–7 (seconds first)"
+            ));
+        }
+    };
+    cron::Schedule::from_str(&normal).map_err(|e| format!("`{text}` is not a cron expression: {e}"))
+}
+
+/// Overlapping runs of one cron trigger.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlap {
+    /// Skip the new run while one runs (the default).
+    #[default]
+    Skip,
+    /// Start the new run when the running one ends (at most one waits).
+    Queue,
+    /// Run both.
+    Allow,
+}
+
+/// The `[limits]` table: each key optional.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Linear memory the plugin may grow to, MiB.
+    pub memory_mib: Option<u32>,
+    /// Wall-clock time a run may take, seconds (host calls included).
+    pub timeout_secs: Option<u32>,
+    /// Log records kept per run, bytes (messages and fields); the rest is dropped and
+    /// counted.
+    pub max_log_bytes: Option<u32>,
+    /// Captured stdout and stderr per run, bytes each; the rest is dropped and counted.
+    pub max_output_bytes: Option<u32>,
+    /// The plugin's persistent state, bytes in total (keys and values).
+    pub max_state_bytes: Option<u32>,
+    /// Host calls per run.
+    pub max_host_calls: Option<u32>,
+}
+
+/// Limits resolved against the engine's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub memory_mib: u32,
+    pub timeout_secs: u32,
+    pub max_log_bytes: u32,
+    pub max_output_bytes: u32,
+    pub max_state_bytes: u32,
+    pub max_host_calls: u32,
+}
+
+impl Limits {
+    /// The engine-wide defaults.
+    pub const DEFAULT: Limits = Limits {
+        memory_mib: 64,
+        timeout_secs: 60,
+        max_log_bytes: 256 * 1024,
+        max_output_bytes: 64 * 1024,
+        max_state_bytes: 1024 * 1024,
+        max_host_calls: 10_000,
+    };
+
+    /// The most a manifest may ask for (the pooling allocator reserves memory slots of
+    /// `memory_mib` at most).
+    pub const MAX: Limits = Limits {
+        memory_mib: 1024,
+        timeout_secs: 3600,
+        max_log_bytes: 16 * 1024 * 1024,
+        max_output_bytes: 16 * 1024 * 1024,
+        max_state_bytes: 64 * 1024 * 1024,
+        max_host_calls: 1_000_000,
+    };
+
+    /// `spec` over `defaults`.
+    pub fn resolve(spec: &LimitsSpec, defaults: &Limits) -> Limits {
+        Limits {
+            memory_mib: spec.memory_mib.unwrap_or(defaults.memory_mib),
+            timeout_secs: spec.timeout_secs.unwrap_or(defaults.timeout_secs),
+            max_log_bytes: spec.max_log_bytes.unwrap_or(defaults.max_log_bytes),
+            max_output_bytes: spec.max_output_bytes.unwrap_or(defaults.max_output_bytes),
+            max_state_bytes: spec.max_state_bytes.unwrap_or(defaults.max_state_bytes),
+            max_host_calls: spec.max_host_calls.unwrap_or(defaults.max_host_calls),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
+}
+
+/// Why a manifest is refused. The message names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: {field}: {message}")]
+    Invalid {
+        file: String,
+        field: String,
+        message: String,
+    },
+}
+
+impl Manifest {
+    /// Parses a manifest; `file` names it in errors. Syntax only: see
+    /// [`Manifest::validate`].
+    pub fn parse(text: &str, file: &str) -> Result<Manifest, ManifestError> {
+        toml::from_str(text).map_err(|e| ManifestError::Parse {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Checks every field; `known_devices` are the engine's device names, for the
+    /// policy's device scope.
+    pub fn validate(&self, file: &str, known_devices: &[String]) -> Result<(), ManifestError> {
+        let invalid = |field: &str, message: String| ManifestError::Invalid {
+            file: file.to_string(),
+            field: field.to_string(),
+            message,
+        };
+        validate_name(&self.name).map_err(|m| invalid("name", m))?;
+        if self.version.trim().is_empty() {
+            return Err(invalid("version", "must not be empty".into()));
+        }
+        if self.description.contains('\n') {
+            return Err(invalid("description", "must be one line".into()));
+        }
+        for (i, c) in self.triggers.cron.iter().enumerate() {
+            c.parsed()
+                .map_err(|m| invalid(&format!("triggers.cron[{i}].schedule"), m))?;
+            c.tz()
+                .map_err(|m| invalid(&format!("triggers.cron[{i}].timezone"), m))?;
+        }
+        let mut hooks = std::collections::HashSet::new();
+        for (i, h) in self.triggers.webhooks.iter().enumerate() {
+            validate_hook(h).map_err(|m| invalid(&format!("triggers.webhooks[{i}]"), m))?;
+            if !hooks.insert(h) {
+                return Err(invalid(
+                    &format!("triggers.webhooks[{i}]"),
+                    format!("`{h}` is listed twice"),
+                ));
+            }
+        }
+        for pattern in self.policy.devices().patterns() {
+            if !pattern.contains(['*', '?']) && !known_devices.iter().any(|d| d == pattern) {
+                let known = if known_devices.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    known_devices.join(", ")
+                };
+                return Err(invalid(
+                    "policy.devices",
+                    format!(
+                        "no device is named `{pattern}` (known: {known}); add it first with `capstan device add`, or use a glob"
+                    ),
+                ));
+            }
+        }
+        let l = &self.limits;
+        let bounded = [
+            ("limits.memory_mib", l.memory_mib, 1, Limits::MAX.memory_mib),
+            (
+                "limits.timeout_secs",
+                l.timeout_secs,
+                1,
+                Limits::MAX.timeout_secs,
+            ),
+            (
+                "limits.max_log_bytes",
+                l.max_log_bytes,
+                0,
+                Limits::MAX.max_log_bytes,
+            ),
+            (
+                "limits.max_output_bytes",
+                l.max_output_bytes,
+                0,
+                Limits::MAX.max_output_bytes,
+            ),
+            (
+                "limits.max_state_bytes",
+                l.max_state_bytes,
+                0,
+                Limits::MAX.max_state_bytes,
+            ),
+            (
+                "limits.max_host_calls",
+                l.max_host_calls,
+                0,
+                Limits::MAX.max_host_calls,
+            ),
+        ];
+        for (field, value, min, max) in bounded {
+            if let Some(v) = value
+                && !(min..=max).contains(&v)
+            {
+                return Err(invalid(field, format!("{v} is outside {min}..={max}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[config]` values as `config-get` returns them: strings as they are, other
+    /// scalars as TOML writes them, arrays and tables as JSON.
+    pub fn config_values(&self) -> BTreeMap<String, String> {
+        self.config
+            .iter()
+            .map(|(k, v)| (k.clone(), render_config_value(v)))
+            .collect()
+    }
+}
+
+fn render_config_value(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Datetime(d) => d.to_string(),
+        other => serde_json::to_string(other).unwrap_or_default(),
+    }
+}
+
+/// Plugin names: `[a-z][a-z0-9_-]{0,63}`.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a plugin name: use lower-case letters, digits, `-` and `_`, starting with a letter, at most 64 characters"
+        ))
+    }
+}
+
+/// Webhook names: `[A-Za-z0-9_-]{1,64}` (they become a URL path segment).
+pub fn validate_hook(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a webhook name: use letters, digits, `-` and `_`, at most 64 characters"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "autoheal"
+version = "0.1.0"
+description = "Restarts unhealthy containers"
+
+[[triggers.cron]]
+schedule = "*/2 * * * *"
+timezone = "Europe/Berlin"
+overlap = "queue"
+
+[triggers]
+webhooks = ["heal-now"]
+
+[policy]
+CONTAINERS = 1
+ALLOW_RESTARTS = 1
+devices = ["local", "prod-*"]
+[policy.containers]
+labels = ["capstan.autoheal=true"]
+
+[limits]
+memory_mib = 32
+
+[config]
+max_attempts = 5
+label = "capstan.autoheal"
+backoff = [60, 300]
+"#;
+
+    fn devices() -> Vec<String> {
+        vec!["local".to_string()]
+    }
+
+    #[test]
+    fn reads_and_validates_a_complete_manifest() {
+        let m = Manifest::parse(GOOD, "plugin.toml").unwrap();
+        m.validate("plugin.toml", &devices()).unwrap();
+        assert_eq!(m.triggers.cron[0].overlap, Overlap::Queue);
+        assert!(m.policy.devices().allows("prod-eu"));
+        let limits = Limits::resolve(&m.limits, &Limits::DEFAULT);
+        assert_eq!(limits.memory_mib, 32);
+        assert_eq!(limits.timeout_secs, Limits::DEFAULT.timeout_secs);
+        let config = m.config_values();
+        assert_eq!(config["max_attempts"], "5");
+        assert_eq!(config["label"], "capstan.autoheal");
+        assert_eq!(config["backoff"], "[60,300]");
+    }
+
+    fn error_of(text: &str) -> String {
+        match Manifest::parse(text, "plugin.toml") {
+            Err(e) => e.to_string(),
+            Ok(m) => m
+                .validate("plugin.toml", &devices())
+                .unwrap_err()
+                .to_string(),
+        }
+    }
+
+    #[test]
+    fn refuses_unknown_keys_naming_them() {
+        let e = error_of("name = \"a\"\nversion = \"1\"\nauthor = \"me\"\n");
+        assert!(e.contains("author"), "{e}");
+        let e = error_of("name = \"a\"\nversion = \"1\"\n[limits]\nmemory = 3\n");
+        assert!(e.contains("memory"), "{e}");
+        let e = error_of("name = \"a\"\nversion = \"1\"\n[policy]\nCONTAINER = 1\n");
+        assert!(e.contains("CONTAINER"), "{e}");
+    }
+
+    #[test]
+    fn refuses_a_bad_cron_expression_naming_the_trigger() {
+        let e = error_of(
+            "name = \"a\"\nversion = \"1\"\n[[triggers.cron]]\nschedule = \"61 * * * *\"\n",
+        );
+        assert!(e.contains("triggers.cron[0].schedule"), "{e}");
+        let e = error_of("name = \"a\"\nversion = \"1\"\n[[triggers.cron]]\nschedule = \"* *\"\n");
+        assert!(e.contains("2 fields"), "{e}");
+        let e = error_of(
+            "name = \"a\"\nversion = \"1\"\n[[triggers.cron]]\nschedule = \"* * * * *\"\ntimezone = \"Mars/Olympus\"\n",
+        );
+        assert!(e.contains("triggers.cron[0].timezone"), "{e}");
+    }
+
+    #[test]
+    fn accepts_crontab_and_seconds_forms() {
+        assert!(parse_schedule("*/5 * * * *").is_ok());
+        assert!(parse_schedule("0 30 9 * * Mon-Fri").is_ok());
+        assert!(parse_schedule("@hourly").is_ok());
+    }
+
+    #[test]
+    fn refuses_an_unknown_device_unless_it_is_a_glob() {
+        let e = error_of("name = \"a\"\nversion = \"1\"\n[policy]\ndevices = [\"web9\"]\n");
+        assert!(e.contains("policy.devices") && e.contains("web9"), "{e}");
+        assert!(e.contains("local"), "lists the known devices: {e}");
+        let m = Manifest::parse(
+            "name = \"a\"\nversion = \"1\"\n[policy]\ndevices = [\"web*\"]\n",
+            "p",
+        )
+        .unwrap();
+        m.validate("p", &devices()).unwrap();
+    }
+
+    #[test]
+    fn refuses_bad_names_hooks_and_limits() {
+        assert!(error_of("name = \"Auto Heal\"\nversion = \"1\"\n").contains("name"));
+        let e = error_of("name = \"a\"\nversion = \"1\"\n[triggers]\nwebhooks = [\"a/b\"]\n");
+        assert!(e.contains("triggers.webhooks[0]"), "{e}");
+        let e = error_of("name = \"a\"\nversion = \"1\"\n[limits]\nmemory_mib = 100000\n");
+        assert!(e.contains("limits.memory_mib"), "{e}");
+        let e = error_of("name = \"a\"\nversion = \"1\"\n[limits]\ntimeout_secs = 0\n");
+        assert!(e.contains("limits.timeout_secs"), "{e}");
+    }
+}

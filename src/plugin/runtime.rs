@@ -1,0 +1,763 @@
+//! The plugin runtime: one wasmtime engine, the installed plugins pre-instantiated, and a
+//! fresh store and instance for every run.
+//!
+//! - **Engine:** Cranelift, the component model, epoch interruption; the pooling
+//!   allocator with one slot per concurrent run, falling back to on-demand allocation
+//!   when the address space for the pool cannot be reserved (which one is in use is
+//!   logged and reported by [`PluginRuntime::allocator`]).
+//! - **Epochs:** a ticker on its own OS thread advances the epoch every
+//!   [`RuntimeConfig::epoch_tick`]; at each tick a running guest yields to tokio
+//!   (`UpdateDeadline::YieldCustom` with `tokio::task::yield_now`), so a spinning plugin
+//!   cannot stall the engine's timers, and is interrupted once past its deadline.
+//! - **Per plugin:** the component from the [compile cache](super::cache), its imports
+//!   linked once into an `InstancePre`, its compiled policy, config and limits.
+//! - **Per run:** a new `Store` with the plugin's memory limit, a WASI context that grants
+//!   nothing (see [`super::sandbox::wasi_context`]), captured output, the deadline both as
+//!   an epoch callback (guest code) and as a tokio timeout (time spent in host calls);
+//!   then instantiate, call `run`, drop everything.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+    UpdateDeadline,
+};
+
+use super::bindings::{self, Plugin, PluginPre};
+use super::cache::{CompileCache, Loaded, sha256_hex};
+use super::host::{RunCtx, RunState, Services, render_wit_error};
+use super::manifest::{Limits, MANIFEST_FILE, Manifest, Triggers};
+use super::records::{Audit, InstalledPlugin, PluginRecords, PluginState};
+use super::report::{Outcome, RunReport, RunStatus};
+use super::sandbox::{CappedPipe, Limiter, wasi_context};
+use crate::policy::CompiledPolicy;
+use crate::store::StoreError;
+
+/// Why the runtime could not do what was asked (a run that fails is not one of these: it
+/// is a [`RunReport`] with a status).
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("no plugin named `{0}` is installed (see `capstan plugin list`)")]
+    NotInstalled(String),
+    #[error(transparent)]
+    Manifest(#[from] super::manifest::ManifestError),
+    #[error("{0}")]
+    Source(String),
+    #[error("plugin {name}: {path} is not a usable plugin component: {detail}")]
+    Component {
+        name: String,
+        path: String,
+        detail: String,
+    },
+    #[error("cannot set up the plugin runtime: {0}")]
+    Engine(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("plugin {name}: {detail}")]
+    Io { name: String, detail: String },
+}
+
+/// Which instance allocator the engine uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllocatorKind {
+    /// Slots reserved once at start-up, reused for every run (fast instantiation).
+    Pooling,
+    /// Memory mapped per instance (used when the pool cannot be reserved).
+    OnDemand,
+}
+
+impl std::fmt::Display for AllocatorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AllocatorKind::Pooling => "pooling",
+            AllocatorKind::OnDemand => "on-demand",
+        })
+    }
+}
+
+/// Which allocator to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AllocatorChoice {
+    /// Pooling, falling back to on-demand.
+    #[default]
+    Auto,
+    Pooling,
+    OnDemand,
+}
+
+/// Engine-wide settings of the plugin runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Limits for what a manifest leaves unset.
+    pub defaults: Limits,
+    /// Runs executing at once; further runs wait for a slot. Also the pooling
+    /// allocator's number of slots.
+    pub max_concurrent_runs: u32,
+    pub allocator: AllocatorChoice,
+    /// How often the epoch advances: the granularity of deadlines and of yielding.
+    pub epoch_tick: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            defaults: Limits::DEFAULT,
+            max_concurrent_runs: 16,
+            allocator: AllocatorChoice::Auto,
+            epoch_tick: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Why a plugin runs (the WIT `event`, owned by the caller).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "trigger", rename_all = "lowercase")]
+pub enum TriggerEvent {
+    Cron {
+        schedule: String,
+        scheduled_at: DateTime<Utc>,
+    },
+    Webhook {
+        hook: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    Manual {
+        input: String,
+    },
+}
+
+impl TriggerEvent {
+    pub fn manual(input: impl Into<String>) -> TriggerEvent {
+        TriggerEvent::Manual {
+            input: input.into(),
+        }
+    }
+
+    /// `cron`, `webhook` or `manual`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TriggerEvent::Cron { .. } => "cron",
+            TriggerEvent::Webhook { .. } => "webhook",
+            TriggerEvent::Manual { .. } => "manual",
+        }
+    }
+
+    /// The WIT value.
+    pub fn to_wit(&self) -> bindings::Event {
+        match self {
+            TriggerEvent::Cron {
+                schedule,
+                scheduled_at,
+            } => bindings::Event::Cron(bindings::CronEvent {
+                schedule: schedule.clone(),
+                scheduled_at: scheduled_at.timestamp_millis(),
+            }),
+            TriggerEvent::Webhook {
+                hook,
+                headers,
+                body,
+            } => bindings::Event::Webhook(bindings::WebhookEvent {
+                hook: hook.clone(),
+                headers: headers.clone(),
+                body: body.clone(),
+            }),
+            TriggerEvent::Manual { input } => bindings::Event::Manual(bindings::ManualEvent {
+                input: input.clone(),
+            }),
+        }
+    }
+}
+
+/// An installed plugin, ready to run.
+pub struct LoadedPlugin {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub policy: CompiledPolicy,
+    pub config: BTreeMap<String, String>,
+    pub limits: Limits,
+    pub triggers: Triggers,
+    pub sha256: String,
+    /// Whether the component came from the compile cache.
+    pub loaded: Loaded,
+    pre: PluginPre<RunState>,
+}
+
+/// What loading the installed plugins found.
+#[derive(Debug, Default)]
+pub struct LoadSummary {
+    pub loaded: usize,
+    pub from_cache: usize,
+    pub compiled: usize,
+    /// Plugins that could not be loaded, with why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// The plugin runtime. Cheap to share behind an `Arc`; `run` may be called concurrently.
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Linker<RunState>,
+    allocator: AllocatorKind,
+    cache: CompileCache,
+    services: Arc<Services>,
+    records: PluginRecords,
+    plugins: RwLock<HashMap<String, Arc<LoadedPlugin>>>,
+    slots: Arc<Semaphore>,
+    defaults: Limits,
+    plugins_dir: PathBuf,
+    _ticker: EpochTicker,
+}
+
+/// Directory of installed plugins under the data directory.
+pub const PLUGINS_DIR: &str = "plugins";
+/// Directory of the compile cache under the data directory.
+pub const CACHE_DIR: &str = "plugin-cache";
+/// The copy of an installed plugin's component.
+pub const WASM_FILE: &str = "plugin.wasm";
+
+impl PluginRuntime {
+    /// Sets up the engine and linker. Installed plugins are loaded by
+    /// [`PluginRuntime::load_installed`].
+    pub fn new(
+        engine: Arc<crate::engine::Engine>,
+        config: RuntimeConfig,
+    ) -> Result<PluginRuntime, PluginError> {
+        let (wasm_engine, allocator) = build_engine(&config)?;
+        let mut linker = Linker::<RunState>::new(&wasm_engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        Plugin::add_to_linker::<RunState, HasSelf<RunState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        let data_dir = engine.settings.data_dir.clone();
+        let services = Arc::new(Services {
+            audit: Audit::open(&engine.store)?,
+            state: PluginState::open(&engine.store)?,
+            engine: engine.clone(),
+        });
+        let records = PluginRecords::open(&engine.store)?;
+        let ticker = EpochTicker::start(wasm_engine.clone(), config.epoch_tick);
+        Ok(PluginRuntime {
+            cache: CompileCache::new(&wasm_engine, data_dir.join(CACHE_DIR)),
+            engine: wasm_engine,
+            linker,
+            allocator,
+            services,
+            records,
+            plugins: RwLock::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(config.max_concurrent_runs.max(1) as usize)),
+            defaults: config.defaults,
+            plugins_dir: data_dir.join(PLUGINS_DIR),
+            _ticker: ticker,
+        })
+    }
+
+    /// The wasmtime engine (for benchmarks and tools that compare against it).
+    pub fn wasm_engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The instance allocator in use.
+    pub fn allocator(&self) -> AllocatorKind {
+        self.allocator
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &Audit {
+        &self.services.audit
+    }
+
+    /// Plugin state (for tools and tests).
+    pub fn state(&self) -> &PluginState {
+        &self.services.state
+    }
+
+    /// The installed plugins' records.
+    pub fn installed(&self) -> Result<Vec<InstalledPlugin>, PluginError> {
+        Ok(self.records.list()?)
+    }
+
+    /// One installed plugin's record.
+    pub fn installed_plugin(&self, name: &str) -> Result<InstalledPlugin, PluginError> {
+        self.records
+            .get(name)?
+            .ok_or_else(|| PluginError::NotInstalled(name.to_string()))
+    }
+
+    /// A loaded plugin.
+    pub fn plugin(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
+        self.plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Loads every installed plugin (compiled components from the cache).
+    pub fn load_installed(&self) -> Result<LoadSummary, PluginError> {
+        let mut summary = LoadSummary::default();
+        for rec in self.records.list()? {
+            match self.load_from_disk(&rec.name) {
+                Ok(p) => {
+                    summary.loaded += 1;
+                    match p.loaded {
+                        Loaded::Cached => summary.from_cache += 1,
+                        Loaded::Compiled => summary.compiled += 1,
+                    }
+                    self.insert(p);
+                }
+                Err(e) => {
+                    tracing::error!(plugin = %rec.name, error = %e, "cannot load plugin");
+                    summary.failed.push((rec.name.clone(), e.to_string()));
+                }
+            }
+        }
+        Ok(summary)
+    }
+
+    fn insert(&self, p: LoadedPlugin) {
+        self.plugins
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p.name.clone(), Arc::new(p));
+    }
+
+    fn plugin_dir(&self, name: &str) -> PathBuf {
+        self.plugins_dir.join(name)
+    }
+
+    fn load_from_disk(&self, name: &str) -> Result<LoadedPlugin, PluginError> {
+        let dir = self.plugin_dir(name);
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&manifest_path).map_err(|e| PluginError::Io {
+            name: name.to_string(),
+            detail: format!("cannot read {}: {e}", manifest_path.display()),
+        })?;
+        let manifest = Manifest::parse(&text, &manifest_path.display().to_string())?;
+        let wasm_path = dir.join(WASM_FILE);
+        let wasm = std::fs::read(&wasm_path).map_err(|e| PluginError::Io {
+            name: name.to_string(),
+            detail: format!("cannot read {}: {e}", wasm_path.display()),
+        })?;
+        self.prepare(&manifest, &wasm, &wasm_path)
+    }
+
+    /// Compiles (or loads from the cache) and links a plugin.
+    fn prepare(
+        &self,
+        manifest: &Manifest,
+        wasm: &[u8],
+        path: &Path,
+    ) -> Result<LoadedPlugin, PluginError> {
+        let sha256 = sha256_hex(wasm);
+        let component_error = |detail: String| PluginError::Component {
+            name: manifest.name.clone(),
+            path: path.display().to_string(),
+            detail,
+        };
+        let (component, loaded) = self
+            .cache
+            .load(&self.engine, wasm, &sha256)
+            .map_err(|e| component_error(format!("{e:#}")))?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| component_error(format!("{e:#}")))?;
+        let pre = PluginPre::new(instance_pre).map_err(|e| {
+            component_error(format!(
+                "{e:#} (does it export `run` from the capstan:plugin@0.1.0 world? build it with the capstan SDK)"
+            ))
+        })?;
+        Ok(LoadedPlugin {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            description: manifest.description.clone(),
+            policy: manifest.policy.compile(),
+            config: manifest.config_values(),
+            limits: Limits::resolve(&manifest.limits, &self.defaults),
+            triggers: manifest.triggers.clone(),
+            sha256,
+            loaded,
+            pre,
+        })
+    }
+
+    /// Installs a plugin from `source`: a `.wasm` with `plugin.toml` beside it (or
+    /// `manifest`), or a directory holding `plugin.toml` (the `.wasm` in it, or in a
+    /// `target/wasm32-wasip2/release/` at or above it, named after the plugin). The
+    /// manifest is validated against the known devices and the component compiled and
+    /// linked before anything is stored. Replaces an installed plugin of that name.
+    pub fn install(
+        &self,
+        source: &Path,
+        manifest: Option<&Path>,
+    ) -> Result<InstalledPlugin, PluginError> {
+        let (wasm_path, manifest_path) = locate(source, manifest)?;
+        let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
+            PluginError::Source(format!("cannot read {}: {e}", manifest_path.display()))
+        })?;
+        let file = manifest_path.display().to_string();
+        let manifest = Manifest::parse(&text, &file)?;
+        let devices: Vec<String> = self
+            .services
+            .engine
+            .devices()
+            .and_then(|d| d.list())
+            .map_err(|e| PluginError::Source(format!("cannot list devices: {e}")))?
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
+        manifest.validate(&file, &devices)?;
+        let wasm = std::fs::read(&wasm_path).map_err(|e| {
+            PluginError::Source(format!("cannot read {}: {e}", wasm_path.display()))
+        })?;
+        let loaded = self.prepare(&manifest, &wasm, &wasm_path)?;
+
+        let dir = self.plugin_dir(&manifest.name);
+        let io = |e: std::io::Error| PluginError::Io {
+            name: manifest.name.clone(),
+            detail: format!("cannot write {}: {e}", dir.display()),
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        write_atomic(&dir.join(WASM_FILE), &wasm).map_err(io)?;
+        write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes()).map_err(io)?;
+        if let Some(old) = self.records.get(&manifest.name)?
+            && old.sha256 != loaded.sha256
+        {
+            self.cache.forget(&old.sha256);
+        }
+        let record = InstalledPlugin {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            description: manifest.description.clone(),
+            sha256: loaded.sha256.clone(),
+            size: wasm.len() as u64,
+            installed_at: Utc::now(),
+            triggers: manifest.triggers.clone(),
+            limits: loaded.limits,
+            devices: manifest
+                .policy
+                .devices()
+                .patterns()
+                .map(str::to_string)
+                .collect(),
+        };
+        self.records.put(&record)?;
+        self.services.engine.store.flush()?;
+        self.insert(loaded);
+        tracing::info!(plugin = %record.name, version = %record.version, "plugin installed");
+        Ok(record)
+    }
+
+    /// Removes an installed plugin: its record, files, compiled code and state.
+    pub fn remove(&self, name: &str) -> Result<InstalledPlugin, PluginError> {
+        let rec = self.installed_plugin(name)?;
+        self.records.remove(name)?;
+        self.services.state.clear(name)?;
+        self.cache.forget(&rec.sha256);
+        let _ = std::fs::remove_dir_all(self.plugin_dir(name));
+        self.plugins
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        self.services.engine.store.flush()?;
+        Ok(rec)
+    }
+
+    /// Runs plugin `name` once for `event`, on a fresh instance, and reports what it did.
+    /// Waits for a free slot when `max_concurrent_runs` runs are under way.
+    pub async fn run(&self, name: &str, event: TriggerEvent) -> Result<RunReport, PluginError> {
+        let plugin = self
+            .plugin(name)
+            .ok_or_else(|| PluginError::NotInstalled(name.to_string()))?;
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| PluginError::Engine("the runtime is shutting down".into()))?;
+        Ok(self.run_loaded(plugin, &event).await)
+    }
+
+    async fn run_loaded(&self, plugin: Arc<LoadedPlugin>, event: &TriggerEvent) -> RunReport {
+        let started_at = Utc::now();
+        let limits = plugin.limits;
+        let budget = Duration::from_secs(u64::from(limits.timeout_secs));
+        let deadline = Instant::now() + budget;
+        let stdout = CappedPipe::new(limits.max_output_bytes as usize);
+        let stderr = CappedPipe::new(limits.max_output_bytes as usize);
+        let state = RunState {
+            wasi: wasi_context(stdout.clone(), stderr.clone()),
+            table: ResourceTable::new(),
+            limiter: Limiter::new(limits.memory_mib),
+            run: RunCtx::new(plugin.clone(), self.services.clone(), deadline),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
+            }
+        });
+        store.set_epoch_deadline(1);
+        let wit_event = event.to_wit();
+        let started = store.data().run.started;
+        let result = tokio::time::timeout_at(deadline.into(), async {
+            let instance = plugin.pre.instantiate_async(&mut store).await?;
+            instance.call_run(&mut store, &wit_event).await
+        })
+        .await;
+
+        let (status, outcome, error) = match result {
+            Err(_elapsed) => (
+                RunStatus::TimedOut,
+                None,
+                Some(format!(
+                    "stopped at its deadline of {} s (limits.timeout_secs) while waiting in a host call",
+                    limits.timeout_secs
+                )),
+            ),
+            Ok(Ok(Ok(o))) => (
+                RunStatus::Succeeded,
+                Some(Outcome {
+                    summary: o.summary,
+                    details: o.details,
+                }),
+                None,
+            ),
+            Ok(Ok(Err(e))) => (RunStatus::Failed, None, Some(render_wit_error(&e))),
+            Ok(Err(trap)) => {
+                let data = store.data();
+                if let Some(asked) = data.limiter.exceeded {
+                    (
+                        RunStatus::MemoryExceeded,
+                        None,
+                        Some(format!(
+                            "stopped: it tried to grow its memory to {} MiB, its limit is {} MiB (limits.memory_mib)",
+                            asked.div_ceil(1024 * 1024),
+                            limits.memory_mib
+                        )),
+                    )
+                } else if trap.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+                    (
+                        RunStatus::TimedOut,
+                        None,
+                        Some(format!(
+                            "stopped at its deadline of {} s (limits.timeout_secs)",
+                            limits.timeout_secs
+                        )),
+                    )
+                } else if let Some(limit) = &data.run.limit_hit {
+                    (RunStatus::Trapped, None, Some(format!("stopped: {limit}")))
+                } else {
+                    (RunStatus::Trapped, None, Some(describe_trap(&trap)))
+                }
+            }
+        };
+        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let run = std::mem::replace(
+            &mut store.data_mut().run,
+            RunCtx::new(plugin.clone(), self.services.clone(), deadline),
+        );
+        drop(store);
+        let (stdout, stdout_dropped) = stdout.take();
+        let (stderr, stderr_dropped) = stderr.take();
+        if status != RunStatus::Succeeded {
+            tracing::info!(plugin = %plugin.name, %status, error = error.as_deref().unwrap_or(""), "plugin run did not succeed");
+        }
+        RunReport {
+            run_id: uuid::Uuid::new_v4(),
+            plugin: plugin.name.clone(),
+            version: plugin.version.clone(),
+            trigger: event.kind().to_string(),
+            started_at,
+            status,
+            outcome,
+            error,
+            logs: run.logs,
+            logs_dropped: run.logs_dropped,
+            stdout,
+            stderr,
+            stdout_dropped,
+            stderr_dropped,
+            host_calls: run.host_calls,
+            host_calls_total: run.host_calls_total,
+            denials: run.denials,
+            duration_ms,
+        }
+    }
+}
+
+/// A trap as one readable line plus the wasm backtrace, when there is one.
+fn describe_trap(e: &wasmtime::Error) -> String {
+    let mut s = match e.downcast_ref::<Trap>() {
+        Some(Trap::StackOverflow) => "trapped: stack overflow (the plugin recursed too deeply)".to_string(),
+        Some(Trap::MemoryOutOfBounds) => "trapped: out-of-bounds memory access (in a Rust plugin usually deep recursion that ran out of its stack in linear memory)".to_string(),
+        Some(Trap::UnreachableCodeReached) => {
+            "trapped: wasm `unreachable` executed (a Rust plugin panicked; see stderr)".to_string()
+        }
+        Some(t) => format!("trapped: {t}"),
+        None => format!("trapped: {e}"),
+    };
+    let chain: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+    if !chain.is_empty() {
+        s.push_str(&format!(" ({})", chain.join("; ")));
+    }
+    s
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Finds the `.wasm` and the manifest of an install source.
+fn locate(source: &Path, manifest: Option<&Path>) -> Result<(PathBuf, PathBuf), PluginError> {
+    let missing = |what: String| PluginError::Source(what);
+    if source.is_file() {
+        let manifest = match manifest {
+            Some(m) => m.to_path_buf(),
+            None => source.with_file_name(MANIFEST_FILE),
+        };
+        if !manifest.is_file() {
+            return Err(missing(format!(
+                "no manifest for {}: expected {} (or pass --manifest)",
+                source.display(),
+                manifest.display()
+            )));
+        }
+        return Ok((source.to_path_buf(), manifest));
+    }
+    if !source.is_dir() {
+        return Err(missing(format!("{} does not exist", source.display())));
+    }
+    let manifest = manifest
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| source.join(MANIFEST_FILE));
+    if !manifest.is_file() {
+        return Err(missing(format!(
+            "{} has no {MANIFEST_FILE}",
+            source.display()
+        )));
+    }
+    let wasms: Vec<PathBuf> = std::fs::read_dir(source)
+        .map_err(|e| missing(format!("cannot read {}: {e}", source.display())))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+        .collect();
+    if wasms.len() == 1 {
+        return Ok((wasms[0].clone(), manifest));
+    }
+    // A crate directory: the build output of `cargo build --target wasm32-wasip2
+    // --release`, in the crate's or its workspace's target directory.
+    let text = std::fs::read_to_string(&manifest).unwrap_or_default();
+    let name = Manifest::parse(&text, "")
+        .map(|m| m.name)
+        .unwrap_or_default()
+        .replace('-', "_");
+    let file = format!("{name}.wasm");
+    let mut dir = Some(
+        source
+            .canonicalize()
+            .unwrap_or_else(|_| source.to_path_buf()),
+    );
+    for _ in 0..4 {
+        let Some(d) = dir else { break };
+        let candidate = d.join("target/wasm32-wasip2/release").join(&file);
+        if candidate.is_file() {
+            return Ok((candidate, manifest));
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    Err(missing(format!(
+        "no .wasm in {} (looked for {file} in target/wasm32-wasip2/release/ too): build it with `cargo build --target wasm32-wasip2 --release`",
+        source.display()
+    )))
+}
+
+fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorKind), PluginError> {
+    let base = || {
+        let mut c = Config::new();
+        c.wasm_component_model(true);
+        c.epoch_interruption(true);
+        c
+    };
+    if config.allocator != AllocatorChoice::OnDemand {
+        let slots = config.max_concurrent_runs.max(1);
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(slots)
+            .total_core_instances(slots * 32)
+            .total_memories(slots * 4)
+            .total_tables(slots * 8)
+            .total_stacks(slots)
+            .max_core_instances_per_component(32)
+            .max_memories_per_component(4)
+            .max_tables_per_component(8)
+            .max_memory_size(Limits::MAX.memory_mib as usize * 1024 * 1024);
+        let mut c = base();
+        c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        match Engine::new(&c) {
+            Ok(engine) => {
+                tracing::info!(slots, "plugin runtime: pooling instance allocator");
+                return Ok((engine, AllocatorKind::Pooling));
+            }
+            Err(e) if config.allocator == AllocatorChoice::Auto => {
+                tracing::warn!(error = %e, "plugin runtime: cannot reserve the address space for the pooling allocator; using on-demand allocation (slower instantiation)");
+            }
+            Err(e) => return Err(PluginError::Engine(format!("pooling allocator: {e}"))),
+        }
+    }
+    let engine = Engine::new(&base()).map_err(|e| PluginError::Engine(e.to_string()))?;
+    tracing::info!("plugin runtime: on-demand instance allocator");
+    Ok((engine, AllocatorKind::OnDemand))
+}
+
+/// Advances the engine's epoch on its own OS thread until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine, tick: Duration) -> EpochTicker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("capstan-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawn the epoch ticker thread");
+        EpochTicker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
