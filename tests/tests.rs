@@ -4,7 +4,10 @@
 mod util;
 
 mod cli_device;
+mod cli_plugin;
 mod cli_policy;
 mod cli_vault;
+mod plugin_examples;
+mod plugins;
 mod proxy;
 mod serve;

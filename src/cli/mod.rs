@@ -6,6 +6,7 @@
 
 mod check;
 mod device;
+mod plugin;
 mod policy;
 mod proxy;
 mod serve;
@@ -87,6 +88,9 @@ pub enum Command {
     Policy(policy::PolicyCmd),
     /// Serve the Docker API of one device behind a policy (for the docker CLI, Portainer, …).
     Proxy(proxy::ProxyArgs),
+    /// Install, run and manage WebAssembly plugins; scaffold new ones.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCmd),
 }
 
 impl GlobalArgs {
@@ -119,6 +123,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(cmd) => token::run(g, cmd),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Proxy(args) => proxy::run(g, args),
+        Command::Plugin(cmd) => plugin::run(g, cmd),
     }
 }
 

@@ -3,8 +3,11 @@
 //! On first start in an empty data directory this is the embedded default: it creates
 //! the vault (a generated key file, mode 0600, unless a passphrase is given), registers
 //! the local Docker daemon as device `local`, creates an admin API token and prints it
-//! once. Every later start opens what is there.
+//! once, and installs the default plugins (`--default-plugins`, which `scripts/run`
+//! points at the example plugins it builds). Every later start opens what is there and
+//! loads the installed plugins from the compile cache.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -13,6 +16,7 @@ use super::GlobalArgs;
 use crate::config::ProxySettings;
 use crate::device::{DeviceChanges, DeviceError, DeviceKind};
 use crate::engine::Engine;
+use crate::plugin::{PluginRuntime, RuntimeConfig};
 use crate::policy::CompiledPolicy;
 use crate::proxy::{Proxy, ProxyListener};
 use crate::secret::Secret;
@@ -22,6 +26,10 @@ pub struct ServeArgs {
     /// API listen address [default: 127.0.0.1:7878].
     #[arg(long, env = "CAPSTAN_API_LISTEN", value_name = "ADDR")]
     listen: Option<String>,
+    /// On first start, install every plugin found here: each subdirectory holding a
+    /// plugin.toml and its .wasm (scripts/run stages the example plugins this way).
+    #[arg(long, env = "CAPSTAN_DEFAULT_PLUGINS", value_name = "DIR")]
+    default_plugins: Option<PathBuf>,
 }
 
 pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
@@ -65,10 +73,58 @@ pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let engine = Arc::new(engine);
+    let plugins = {
+        let _guard = rt.enter();
+        start_plugins(&engine, created.vault, args.default_plugins.as_deref())?
+    };
     rt.block_on(serve(engine.clone(), policies))?;
+    drop(plugins);
     engine.store.flush()?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The plugin runtime: on first start the default plugins are installed, then every
+/// installed plugin is loaded (compiled code from the cache). Triggers are recorded with
+/// each plugin; firing them is the scheduler's job.
+fn start_plugins(
+    engine: &Arc<Engine>,
+    first_start: bool,
+    defaults: Option<&Path>,
+) -> anyhow::Result<Arc<PluginRuntime>> {
+    let runtime = PluginRuntime::new(engine.clone(), RuntimeConfig::default())?;
+    if first_start && let Some(dir) = defaults {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| {
+                format!(
+                    "cannot read the default plugins directory {}",
+                    dir.display()
+                )
+            })?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join(crate::plugin::manifest::MANIFEST_FILE).is_file())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let installed = runtime
+                .install(&p, None)
+                .with_context(|| format!("installing the default plugin {}", p.display()))?;
+            println!("installed plugin {} {}", installed.name, installed.version);
+        }
+    }
+    let summary = runtime.load_installed()?;
+    println!(
+        "plugins: {} loaded ({} from the compile cache, {} compiled), {} instance allocator",
+        summary.loaded,
+        summary.from_cache,
+        summary.compiled,
+        runtime.allocator()
+    );
+    for (name, why) in &summary.failed {
+        eprintln!("plugin {name} cannot be loaded: {why}");
+    }
+    Ok(Arc::new(runtime))
 }
 
 fn ensure_local_device(engine: &Engine) -> anyhow::Result<()> {

@@ -6,7 +6,8 @@
 //! |---|---|
 //! | `spin` | an endless loop |
 //! | `hog` | allocating memory until something stops it |
-//! | `recurse` | unbounded recursion |
+//! | `recurse` | unbounded recursion (on the WebAssembly stack) |
+//! | `recurse-shadow` | unbounded recursion through the shadow stack in linear memory |
 //! | `trap` | a panic |
 //! | `flood` | megabytes of stdout and stderr, and a hundred thousand log records |
 //! | `fs` | reading, writing and listing files |
@@ -23,12 +24,21 @@ use capstan_sdk::prelude::*;
 
 struct Hostile;
 
+/// Recursion on the WebAssembly stack (no address-taken locals).
+fn recurse(depth: u64) -> u64 {
+    if black_box(depth) == u64::MAX {
+        return 0;
+    }
+    recurse(depth + 1).wrapping_add(black_box(1))
+}
+
+/// Recursion that also uses the shadow stack in linear memory.
 #[allow(unconditional_recursion)]
-fn recurse(depth: u64, pad: [u64; 16]) -> u64 {
+fn recurse_shadow(depth: u64, pad: [u64; 16]) -> u64 {
     let mut local = pad;
     local[(depth % 16) as usize] = depth;
     black_box(&mut local);
-    recurse(depth + 1, local) + local[0]
+    recurse_shadow(depth + 1, local) + local[0]
 }
 
 fn attempt<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> String {
@@ -56,7 +66,8 @@ impl Plugin for Hostile {
                     black_box(&hoard);
                 }
             }
-            "recurse" => Ok(Outcome::new(format!("{}", recurse(0, [0; 16])))),
+            "recurse" => Ok(Outcome::new(format!("{}", recurse(0)))),
+            "recurse-shadow" => Ok(Outcome::new(format!("{}", recurse_shadow(0, [0; 16])))),
             "trap" => panic!("hostile plugin panics on purpose"),
             "flood" => {
                 let line = "x".repeat(1023);

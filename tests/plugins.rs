@@ -1,0 +1,372 @@
+//! The plugin runtime against the real daemon: runs, the compile cache, containment of
+//! hostile plugins, scopes and policy denials, the audit log.
+
+use std::time::{Duration, Instant};
+
+use capstan::plugin::{PluginRuntime, RunStatus, RuntimeConfig, TriggerEvent};
+
+use crate::util::Infra;
+use crate::util::plugin::{Container, Harness, manifest};
+
+const ANY_DEVICE: &str = "[policy]\nCONTAINERS = 1\ndevices = [\"local\"]\n";
+
+#[test]
+fn runs_a_plugin_on_a_fresh_instance_per_run_and_reports_its_outcome() {
+    let h = Harness::new();
+    h.install("trivial", &manifest("trivial", ""));
+    for _ in 0..3 {
+        let r = h.run("trivial", "");
+        assert_eq!(r.status, RunStatus::Succeeded, "{}", r.render());
+        assert_eq!(r.outcome.as_ref().unwrap().summary, "ok");
+        assert_eq!(r.trigger, "manual");
+    }
+    let r = h.run("trivial", "calls:50");
+    assert_eq!(r.host_calls_total, 50, "{}", r.render());
+}
+
+#[test]
+fn loads_installed_plugins_from_the_compile_cache() {
+    let h = Harness::new();
+    h.install("trivial", &manifest("trivial", ""));
+    let cache = h.engine.settings.data_dir.join("plugin-cache");
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        1,
+        "one cache entry"
+    );
+    let again = {
+        let _g = h.rt.enter();
+        PluginRuntime::new(h.engine.clone(), RuntimeConfig::default()).unwrap()
+    };
+    let summary = again.load_installed().unwrap();
+    assert_eq!(
+        (summary.loaded, summary.from_cache, summary.compiled),
+        (1, 1, 0)
+    );
+    let r =
+        h.rt.block_on(again.run("trivial", TriggerEvent::manual("")))
+            .unwrap();
+    assert!(r.succeeded(), "{}", r.render());
+}
+
+#[test]
+fn stops_an_endless_loop_at_its_deadline_while_a_well_behaved_plugin_completes() {
+    let h = Harness::new();
+    h.install(
+        "hostile",
+        &manifest("spinner", "[limits]\ntimeout_secs = 2\n"),
+    );
+    h.install("trivial", &manifest("trivial", ""));
+    let started = Instant::now();
+    let (spin, quick) = h.rt.block_on(async {
+        let spin = h.runtime.run("spinner", TriggerEvent::manual("spin"));
+        let quick = async {
+            // Start once the spinner is spinning.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let t = Instant::now();
+            let r = h
+                .runtime
+                .run("trivial", TriggerEvent::manual(""))
+                .await
+                .unwrap();
+            (r, t.elapsed())
+        };
+        tokio::join!(spin, quick)
+    });
+    let spin = spin.unwrap();
+    assert_eq!(spin.status, RunStatus::TimedOut, "{}", spin.render());
+    assert!(
+        spin.error.as_deref().unwrap().contains("timeout_secs"),
+        "{:?}",
+        spin.error
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "stopped after {elapsed:?}"
+    );
+    let (quick, took) = quick;
+    assert!(quick.succeeded(), "{}", quick.render());
+    assert!(
+        took < Duration::from_secs(1),
+        "the well-behaved run took {took:?} beside a spinning one"
+    );
+    // The engine keeps serving.
+    assert!(h.run("trivial", "").succeeded());
+}
+
+#[test]
+fn stops_a_memory_hog_at_its_memory_limit() {
+    let h = Harness::new();
+    h.install("hostile", &manifest("hog", "[limits]\nmemory_mib = 16\n"));
+    let r = h.run("hog", "hog");
+    assert_eq!(r.status, RunStatus::MemoryExceeded, "{}", r.render());
+    assert!(
+        r.error.as_deref().unwrap().contains("16 MiB"),
+        "{:?}",
+        r.error
+    );
+    assert!(h.run("hog", "ok").succeeded());
+}
+
+#[test]
+fn stops_deep_recursion_with_a_stack_overflow_trap() {
+    let h = Harness::new();
+    h.install("hostile", &manifest("recurse", ""));
+    let r = h.run("recurse", "recurse");
+    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert!(
+        r.error.as_deref().unwrap().contains("stack overflow"),
+        "{:?}",
+        r.error
+    );
+    let r = h.run("recurse", "recurse-shadow");
+    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert!(
+        r.error.as_deref().unwrap().contains("recursion"),
+        "{:?}",
+        r.error
+    );
+    assert!(h.run("recurse", "ok").succeeded());
+}
+
+#[test]
+fn reports_a_panic_as_a_trap_with_the_panic_message_on_stderr() {
+    let h = Harness::new();
+    h.install("hostile", &manifest("panicky", ""));
+    let r = h.run("panicky", "trap");
+    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert!(
+        r.stderr.contains("panics on purpose"),
+        "stderr: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn caps_output_and_logs_and_counts_what_was_dropped() {
+    let h = Harness::new();
+    h.install(
+        "hostile",
+        &manifest("flood", "[limits]\nmax_output_bytes = 4096\nmax_log_bytes = 2000\ntimeout_secs = 60\nmax_host_calls = 200000\n"),
+    );
+    let r = h.run("flood", "flood");
+    assert!(r.succeeded(), "{}", r.render());
+    assert_eq!(r.stdout.len(), 4096);
+    assert_eq!(r.stderr.len(), 4096);
+    assert_eq!(r.stdout_dropped, 4096 * 1024 - 4096);
+    assert!(
+        r.logs.len() < 200 && r.logs_dropped > 99_000,
+        "{} kept, {} dropped",
+        r.logs.len(),
+        r.logs_dropped
+    );
+    assert_eq!(r.logs.len() as u64 + r.logs_dropped, 100_000);
+}
+
+#[test]
+fn gives_a_plugin_no_files_no_network_and_no_environment() {
+    let h = Harness::new();
+    h.install("hostile", &manifest("prober", ""));
+    for mode in ["fs", "net"] {
+        let r = h.run("prober", mode);
+        let summary = &r
+            .outcome
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}", r.render()))
+            .summary;
+        assert!(!summary.contains("SUCCEEDED"), "{mode}: {summary}");
+        assert_eq!(
+            summary.matches(": refused (").count(),
+            4,
+            "{mode}: {summary}"
+        );
+    }
+    let r = h.run("prober", "env");
+    let summary = &r.outcome.as_ref().unwrap().summary;
+    // wasi-libc answers `/` for the working directory on its own; no directory is open.
+    assert!(summary.starts_with("vars=0 args=0 "), "{summary}");
+    assert!(summary.contains("home=refused"), "{summary}");
+    assert!(!std::path::Path::new("/tmp/capstan-hostile").exists());
+}
+
+#[test]
+fn stops_a_plugin_that_exceeds_its_host_call_budget() {
+    let h = Harness::new();
+    h.install(
+        "hostile",
+        &manifest("chatty", "[limits]\nmax_host_calls = 100\n"),
+    );
+    let r = h.run("chatty", "calls");
+    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert!(
+        r.error.as_deref().unwrap().contains("max_host_calls"),
+        "{:?}",
+        r.error
+    );
+}
+
+#[test]
+fn denies_a_device_outside_the_scope_with_a_value_and_audits_it() {
+    let h = Harness::new();
+    h.install("hostile", &manifest("roamer", ANY_DEVICE));
+    let r = h.run("roamer", "device:elsewhere");
+    assert_eq!(
+        r.status,
+        RunStatus::Failed,
+        "a denial is a value, not a trap: {}",
+        r.render()
+    );
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap()
+            .starts_with("denied: device `elsewhere`"),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(r.denials.len(), 1);
+    let audit = h.runtime.audit().tail(10).unwrap();
+    let last = audit.last().unwrap();
+    assert_eq!(
+        (
+            last.plugin.as_str(),
+            last.device.as_str(),
+            last.decision.as_str()
+        ),
+        ("roamer", "elsewhere", "deny")
+    );
+    assert_eq!(last.op, "list-containers");
+    // The same plugin on its own device is allowed.
+    let r = h.run("roamer", "device:local");
+    assert!(r.succeeded(), "{}", r.render());
+    assert_eq!(h.runtime.audit().tail(1).unwrap()[0].decision, "allow");
+}
+
+#[test]
+fn denies_what_the_policy_does_not_allow_before_sending_anything() {
+    let h = Harness::new();
+    let c = Container::run("cap-plugin-deny", &[], Infra::get().var("TEST_IMAGE"));
+    h.install("hostile", &manifest("readonly", ANY_DEVICE));
+    let started = c.inspect("{{.State.StartedAt}}");
+    let r = h.run("readonly", &format!("container:local/{}", c.name));
+    assert_eq!(r.status, RunStatus::Failed, "{}", r.render());
+    let error = r.error.as_deref().unwrap();
+    assert!(
+        error.contains("ALLOW_RESTARTS=1"),
+        "names the variable: {error}"
+    );
+    assert_eq!(
+        c.inspect("{{.State.StartedAt}}"),
+        started,
+        "the container was not restarted"
+    );
+    assert_eq!(r.host_calls[0].decision, "deny");
+}
+
+#[test]
+fn denies_a_container_outside_the_container_scope_and_acts_on_one_inside() {
+    let h = Harness::new();
+    let image = Infra::get().var("TEST_IMAGE");
+    let outside = Container::run("cap-plugin-out", &[], image);
+    let inside = Container::run(
+        "cap-plugin-in",
+        &["--label", "capstan.test.scope=yes"],
+        image,
+    );
+    h.install(
+        "hostile",
+        &manifest(
+            "scoped",
+            "[policy]\nCONTAINERS = 1\nALLOW_RESTARTS = 1\ndevices = [\"local\"]\n[policy.containers]\nlabels = [\"capstan.test.scope=yes\"]\n",
+        ),
+    );
+    let r = h.run("scoped", &format!("container:local/{}", outside.name));
+    assert_eq!(r.status, RunStatus::Failed, "{}", r.render());
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap()
+            .contains("outside the plugin's container scope"),
+        "{:?}",
+        r.error
+    );
+    let before = inside.inspect("{{.State.StartedAt}}");
+    let r = h.run("scoped", &format!("container:local/{}", inside.name));
+    assert!(r.succeeded(), "{}", r.render());
+    assert_ne!(inside.inspect("{{.State.StartedAt}}"), before, "restarted");
+}
+
+#[test]
+fn refuses_invalid_manifests_and_non_plugins_at_install() {
+    let h = Harness::new();
+    let dir = h.dir.path().join("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        crate::util::plugin::wasm("trivial"),
+        dir.join("plugin.wasm"),
+    )
+    .unwrap();
+    for (text, needle) in [
+        (
+            "name = \"x\"\nversion = \"1\"\n[policy]\ndevices = [\"nowhere\"]\n",
+            "policy.devices",
+        ),
+        (
+            "name = \"x\"\nversion = \"1\"\n[[triggers.cron]]\nschedule = \"every minute\"\n",
+            "triggers.cron[0].schedule",
+        ),
+        (
+            "name = \"x\"\nversion = \"1\"\n[limits]\nmemory = 5\n",
+            "memory",
+        ),
+        (
+            "name = \"x\"\nversion = \"1\"\n[policy]\nPOST = true\n",
+            "POST",
+        ),
+    ] {
+        std::fs::write(dir.join("plugin.toml"), text).unwrap();
+        let err = h
+            .runtime
+            .install(&dir.join("plugin.wasm"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    }
+    std::fs::write(dir.join("plugin.toml"), manifest("x", "")).unwrap();
+    std::fs::write(dir.join("plugin.wasm"), b"\0asm not really").unwrap();
+    let err = h
+        .runtime
+        .install(&dir.join("plugin.wasm"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a usable plugin component"), "{err}");
+    assert!(h.runtime.installed().unwrap().is_empty());
+}
+
+#[test]
+fn keeps_serving_after_every_kind_of_hostile_run() {
+    let h = Harness::new();
+    h.install(
+        "hostile",
+        &manifest("hostile", "[limits]\ntimeout_secs = 1\nmemory_mib = 16\n"),
+    );
+    h.install("trivial", &manifest("trivial", ""));
+    for mode in [
+        "spin",
+        "hog",
+        "recurse",
+        "recurse-shadow",
+        "trap",
+        "fs",
+        "net",
+        "env",
+        "device:x",
+        "nonsense",
+    ] {
+        let r = h.run("hostile", mode);
+        assert!(!r.render().is_empty());
+        let ok = h.run("trivial", "");
+        assert!(ok.succeeded(), "after {mode}: {}", ok.render());
+    }
+}
