@@ -257,7 +257,7 @@ fn redeploy_recreates_the_containers_of_an_image_from_the_local_image_when_the_p
     let h = Harness::new();
     h.install_example("redeploy");
     let image = Infra::get().var("TEST_IMAGE");
-    let mut app = Container::run("cap-redeploy", &["--label", "capstan.redeploy=true"], image);
+    let app = Container::run("cap-redeploy", &["--label", "capstan.redeploy=true"], image);
     let bystander = Container::run("cap-redeploy-no", &[], image);
     let old = app.inspect("{{.Id}}");
     let bystander_id = bystander.inspect("{{.Id}}");
@@ -282,7 +282,6 @@ fn redeploy_recreates_the_containers_of_an_image_from_the_local_image_when_the_p
         bystander_id,
         "outside the label scope"
     );
-    app.name = app.name.clone();
 
     // The simple payload and a manual run work too.
     let r = h.run("redeploy", &json!({"image": image}).to_string());
@@ -324,18 +323,28 @@ fn redeploy_rolls_back_when_the_new_container_fails_to_start() {
         "the old container is back under its name"
     );
     assert_eq!(app.inspect("{{.State.Running}}"), "true");
+    // No new container and no renamed-aside copy left behind.
     let leftovers = docker(&[
         "ps",
         "-a",
         "--filter",
-        &format!("ancestor={tag}"),
+        &format!("name={}", app.name),
         "--format",
         "{{.Names}}",
     ]);
-    assert_eq!(
-        leftovers.lines().count(),
-        1,
-        "no new container left behind: {leftovers}"
+    assert_eq!(leftovers, app.name, "only the original container remains");
+    let new_image = docker(&["images", "-q", &tag]);
+    let from_new = docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("ancestor={new_image}"),
+        "--format",
+        "{{.Names}}",
+    ]);
+    assert!(
+        from_new.is_empty(),
+        "no container of the broken image remains: {from_new}"
     );
     drop(app);
     let _ = std::process::Command::new("docker")

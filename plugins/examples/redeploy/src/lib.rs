@@ -70,12 +70,26 @@ fn normalise(reference: &str) -> String {
     format!("{name}:{tag}")
 }
 
+/// `sha256:…` or a bare hex ID.
+fn looks_like_id(image: &str) -> bool {
+    let hex = image.strip_prefix("sha256:").unwrap_or(image);
+    hex.len() >= 12 && hex.chars().all(|c| c.is_ascii_hexdigit())
+}
+
 fn redeploy_device(device: &str, image: &str, stop_timeout: u32) -> Result<DeviceResult, Error> {
     let wanted = normalise(image);
-    let containers: Vec<_> = docker::list_containers(device, &ContainerFilter::all())?
-        .into_iter()
-        .filter(|c| normalise(&c.image) == wanted)
-        .collect();
+    let mut containers = Vec::new();
+    for c in docker::list_containers(device, &ContainerFilter::all())? {
+        // Once its tag has moved to a newer image (a pull, a local build), Docker lists a
+        // container's image by ID; its configuration still names the reference.
+        let runs_it = normalise(&c.image) == wanted
+            || (looks_like_id(&c.image)
+                && docker::inspect_container(device, &c.id)
+                    .is_ok_and(|d| normalise(&d.image) == wanted));
+        if runs_it {
+            containers.push(c);
+        }
+    }
     let mut result = DeviceResult {
         device: device.to_string(),
         ..Default::default()
@@ -181,5 +195,8 @@ mod tests {
         assert_ne!(normalise("team/app:1"), normalise("team/app:2"));
         assert_eq!(normalise("registry:5000/app"), "registry:5000/app:latest");
         assert_eq!(normalise("localhost/app:2"), "localhost/app:2");
+        assert!(looks_like_id("sha256:0123456789abcdef0123"));
+        assert!(looks_like_id("0123456789ab"));
+        assert!(!looks_like_id("nginx"));
     }
 }
