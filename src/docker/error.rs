@@ -299,8 +299,7 @@ fn fmt_methods(m: &[String]) -> String {
 fn auth_hint(method: &str, offered: &[String]) -> String {
     let has = |m: &str| offered.iter().any(|o| o == m);
     if method == "password" && !has("password") && has("keyboard-interactive") {
-        "; this server asks passwords through keyboard-interactive: enable --keyboard-interactive"
-            .into()
+        "; this server asks passwords through keyboard-interactive: enable --keyboard-interactive".into()
     } else if method != "publickey" && has("publickey") && !has("password") {
         "; this server accepts keys only: give --ssh-key-file or use --auth agent".into()
     } else {

@@ -104,7 +104,9 @@ impl Default for ConnectOptions {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             agent_socket: std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from),
-            docker_host_env: std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty()),
+            docker_host_env: std::env::var("DOCKER_HOST")
+                .ok()
+                .filter(|s| !s.is_empty()),
         }
     }
 }
@@ -113,9 +115,7 @@ impl ConnectOptions {
     /// The pause before the next attempt after `failures` failed attempts in a row.
     pub(crate) fn backoff(&self, failures: u32) -> Duration {
         let factor = 1u32 << failures.saturating_sub(1).min(16);
-        self.backoff_base
-            .saturating_mul(factor)
-            .min(self.backoff_max)
+        self.backoff_base.saturating_mul(factor).min(self.backoff_max)
     }
 }
 
@@ -223,9 +223,9 @@ impl Transport {
     ) -> Result<Transport, ConnectError> {
         Ok(match device.kind {
             DeviceKind::Local => Transport::Local(local::LocalTransport::new(device, opts)?),
-            DeviceKind::Ssh => {
-                Transport::Ssh(ssh::SshTransport::new(device, secrets, opts, host_keys)?)
-            }
+            DeviceKind::Ssh => Transport::Ssh(ssh::SshTransport::new(
+                device, secrets, opts, host_keys,
+            )?),
             DeviceKind::Tls => Transport::Tls(tls::TlsTransport::new(device, secrets, opts)?),
         })
     }
@@ -270,11 +270,7 @@ impl Transport {
     }
 
     /// Maps an I/O failure on an established stream to the error it stands for.
-    pub(crate) fn classify_stream_error(
-        &self,
-        device: &str,
-        e: &std::io::Error,
-    ) -> Option<ConnectError> {
+    pub(crate) fn classify_stream_error(&self, device: &str, e: &std::io::Error) -> Option<ConnectError> {
         match self {
             Transport::Ssh(t) => t.classify_stream_error(e),
             Transport::Tls(t) => tls::classify_stream_error(device, &t.addr_label(), e),
@@ -400,7 +396,10 @@ impl<G: Unpin> AsyncWrite for Guarded<G> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 

@@ -131,10 +131,7 @@ impl DockerClient {
     /// that API refuse (400 "client version 1.53 is too new"), so the version comes from
     /// the `_ping` header, as the docker CLI does it; bollard's negotiation remains the
     /// fallback for a daemon that sends no such header.
-    pub(crate) async fn bollard_for(
-        &self,
-        api_version: Option<&str>,
-    ) -> Result<Docker, ConnectError> {
+    pub(crate) async fn bollard_for(&self, api_version: Option<&str>) -> Result<Docker, ConnectError> {
         let announced = api_version.and_then(parse_version);
         let version = match announced {
             Some(v) if v < *API_DEFAULT_VERSION => v,
@@ -162,28 +159,20 @@ impl DockerClient {
             return Ok(docker);
         }
         let device = self.inner.device.clone();
-        docker.negotiate_version().await.map_err(|e| {
-            super::classify_bollard(
-                &device,
-                "negotiating the API version",
-                self.inner.request_timeout,
-                e,
-            )
-        })
+        docker
+            .negotiate_version()
+            .await
+            .map_err(|e| super::classify_bollard(&device, "negotiating the API version", self.inner.request_timeout, e))
     }
 
     /// Opens one connection now, recording each step, and keeps it for the next request.
     pub(crate) async fn connect_traced(&self, steps: &Steps) -> Result<(), ConnectError> {
-        let permit = self
-            .inner
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ConnectError::Transport {
+        let permit = self.inner.slots.clone().acquire_owned().await.map_err(|_| {
+            ConnectError::Transport {
                 device: self.inner.device.clone(),
                 detail: "the client is shutting down".into(),
-            })?;
+            }
+        })?;
         let sender = self.inner.connect(permit, steps).await?;
         self.inner.put_idle(sender);
         Ok(())
@@ -200,19 +189,12 @@ impl DockerClient {
 
     /// Connections open and idle now.
     pub fn idle_connections(&self) -> usize {
-        self.inner
-            .idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.inner.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
 impl Inner {
-    async fn send(
-        self: &Arc<Self>,
-        mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, ConnectError> {
+    async fn send(self: &Arc<Self>, mut req: Request<Body>) -> Result<Response<Incoming>, ConnectError> {
         self.prepare(&mut req)?;
         let mut stale = 0;
         loop {
@@ -282,8 +264,10 @@ impl Inner {
             })?;
         }
         if !req.headers().contains_key(HOST) {
-            req.headers_mut()
-                .insert(HOST, HeaderValue::from_static(self.transport.host_header()));
+            req.headers_mut().insert(
+                HOST,
+                HeaderValue::from_static(self.transport.host_header()),
+            );
         }
         Ok(())
     }

@@ -31,7 +31,8 @@ use russh::{ChannelMsg, ChannelWriteHalf, MethodKind, MethodSet};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{
-    ConnectError, ConnectOptions, HostKeyPolicy, Io, Steps, connect_tcp, host_port, resolve, within,
+    ConnectError, ConnectOptions, HostKeyPolicy, Io, Steps, connect_tcp, host_port, resolve,
+    within,
 };
 use crate::device::{Device, DeviceSecrets, IpFamily, SecretField, SshAuth};
 use crate::secret::Secret;
@@ -297,7 +298,11 @@ impl SshTransport {
 
     async fn forget(&self, session: &Arc<Session>) {
         let mut st = self.state.lock().await;
-        if st.session.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) {
+        if st
+            .session
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
             st.session = None;
         }
     }
@@ -404,7 +409,10 @@ impl SshTransport {
                     None
                 };
                 let r = handle
-                    .authenticate_publickey(&user, PrivateKeyWithHashAlg::new(key.clone(), hash))
+                    .authenticate_publickey(
+                        &user,
+                        PrivateKeyWithHashAlg::new(key.clone(), hash),
+                    )
                     .await
                     .map_err(err)?;
                 match r {
@@ -467,8 +475,8 @@ impl SshTransport {
                     let answers: Vec<String> = prompts
                         .iter()
                         .map(|p| {
-                            let asks_secret =
-                                !p.echo || p.prompt.to_ascii_lowercase().contains("password");
+                            let asks_secret = !p.echo
+                                || p.prompt.to_ascii_lowercase().contains("password");
                             if asks_secret {
                                 answered += 1;
                                 pw.to_string()
@@ -479,9 +487,7 @@ impl SshTransport {
                         .collect();
                     if answered > 2 {
                         // The server keeps asking: the password is wrong.
-                        return Ok(Some(MethodSet::from(
-                            &[MethodKind::KeyboardInteractive][..],
-                        )));
+                        return Ok(Some(MethodSet::from(&[MethodKind::KeyboardInteractive][..])));
                     }
                     reply = handle
                         .authenticate_keyboard_interactive_respond(answers)
@@ -503,10 +509,7 @@ impl SshTransport {
             detail,
         };
         let sock = self.agent_socket.as_ref().ok_or_else(|| {
-            invalid(
-                "agent auth needs an ssh-agent: SSH_AUTH_SOCK is not set for the capstan process"
-                    .into(),
-            )
+            invalid("agent auth needs an ssh-agent: SSH_AUTH_SOCK is not set for the capstan process".into())
         })?;
         let mut agent = russh::keys::agent::client::AgentClient::connect_uds(sock)
             .await
@@ -605,21 +608,11 @@ impl SshTransport {
         } else {
             last_lines(text, 3)
         };
-        let sudo_refused = [
-            "password is required",
-            "not allowed to",
-            "not in the sudoers",
-            "may not run",
-            "a terminal is required",
-            "sudo: not found",
-        ];
+        let sudo_refused = ["password is required", "not allowed to", "not in the sudoers", "may not run", "a terminal is required", "sudo: not found"];
         if lower.contains("sudo") && sudo_refused.iter().any(|s| lower.contains(s)) {
             return ConnectError::SudoRefused { device, detail };
         }
-        if f.exit == Some(127)
-            || lower.contains("command not found")
-            || (lower.contains("docker") && lower.contains("not found"))
-        {
+        if f.exit == Some(127) || lower.contains("command not found") || (lower.contains("docker") && lower.contains("not found")) {
             return ConnectError::DockerMissing {
                 device,
                 user: self.login.user.clone(),
@@ -887,10 +880,9 @@ impl DialStdio {
     fn new(channel: russh::Channel<Msg>) -> DialStdio {
         let (read_half, write_half) = channel.split();
         let tx = Box::pin(write_half.make_writer());
-        let rx = Box::pin(futures_util::stream::unfold(
-            read_half,
-            |mut r| async move { r.wait().await.map(|m| (m, r)) },
-        ));
+        let rx = Box::pin(futures_util::stream::unfold(read_half, |mut r| async move {
+            r.wait().await.map(|m| (m, r))
+        }));
         DialStdio {
             rx,
             tx,
@@ -988,7 +980,10 @@ impl AsyncWrite for DialStdio {
         self.tx.as_mut().poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
         self.tx.as_mut().poll_shutdown(cx)
     }
 }
@@ -997,10 +992,8 @@ impl Drop for DialStdio {
     fn drop(&mut self) {
         // Close the channel so the remote dial-stdio exits and the server's channel slot
         // (MaxSessions) comes free.
-        if let (Some(w), Ok(rt)) = (
-            self.write_half.take(),
-            tokio::runtime::Handle::try_current(),
-        ) {
+        if let (Some(w), Ok(rt)) = (self.write_half.take(), tokio::runtime::Handle::try_current())
+        {
             rt.spawn(async move {
                 let _ = w.close().await;
             });

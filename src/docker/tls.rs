@@ -38,11 +38,10 @@ impl TlsTransport {
             .host
             .clone()
             .ok_or_else(|| invalid("a tls device needs a host".into()))?;
-        let server_name_text = device.tls_server_name.clone().unwrap_or_else(|| {
-            host.trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string()
-        });
+        let server_name_text = device
+            .tls_server_name
+            .clone()
+            .unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_string());
         let server_name = ServerName::try_from(server_name_text.clone()).map_err(|_| {
             invalid(format!(
                 "{server_name_text:?} is not a valid TLS server name; set --tls-server-name"
@@ -68,10 +67,7 @@ impl TlsTransport {
         let device = self.device.as_str();
         let fut = async {
             let addrs = steps
-                .run(
-                    "resolve",
-                    resolve(device, &self.host, self.port, self.family),
-                )
+                .run("resolve", resolve(device, &self.host, self.port, self.family))
                 .await?;
             let tcp = steps
                 .run(
@@ -102,10 +98,7 @@ impl TlsTransport {
 }
 
 /// Builds the rustls client configuration from the device's PEM secrets.
-fn client_config(
-    device: &str,
-    secrets: &DeviceSecrets,
-) -> Result<rustls::ClientConfig, ConnectError> {
+fn client_config(device: &str, secrets: &DeviceSecrets) -> Result<rustls::ClientConfig, ConnectError> {
     let invalid = |detail: String| ConnectError::Invalid {
         device: device.to_string(),
         detail,
@@ -135,11 +128,8 @@ fn client_config(
     if chain.is_empty() {
         return Err(invalid("the --tls-cert PEM holds no certificate".into()));
     }
-    let key = PrivateKeyDer::from_pem_slice(key.expose()).map_err(|e| {
-        invalid(format!(
-            "the --tls-key PEM holds no usable private key: {e}"
-        ))
-    })?;
+    let key = PrivateKeyDer::from_pem_slice(key.expose())
+        .map_err(|e| invalid(format!("the --tls-key PEM holds no usable private key: {e}")))?;
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::ClientConfig::builder_with_provider(provider)
