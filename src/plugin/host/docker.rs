@@ -453,28 +453,27 @@ fn create_body(old: &Value, image: &str, old_image_config: Option<&Value>) -> Va
     let host_config = old["HostConfig"].clone();
     let mode = host_config["NetworkMode"].as_str().unwrap_or_default();
     let mut endpoints = serde_json::Map::new();
-    if !(mode == "host" || mode == "none" || mode.starts_with("container:")) {
-        if let Some(nets) = old["NetworkSettings"]["Networks"].as_object() {
-            for (name, ep) in nets {
-                let aliases: Vec<Value> = ep["Aliases"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter(|x| x.as_str() != Some(short_id.as_str()))
-                            .cloned()
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                endpoints.insert(
-                    name.clone(),
-                    json!({
-                        "IPAMConfig": ep["IPAMConfig"],
-                        "Links": ep["Links"],
-                        "Aliases": aliases,
-                        "DriverOpts": ep["DriverOpts"],
-                    }),
-                );
-            }
+    let own_network = !(mode == "host" || mode == "none" || mode.starts_with("container:"));
+    if own_network && let Some(nets) = old["NetworkSettings"]["Networks"].as_object() {
+        for (name, ep) in nets {
+            let aliases: Vec<Value> = ep["Aliases"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|x| x.as_str() != Some(short_id.as_str()))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            endpoints.insert(
+                name.clone(),
+                json!({
+                    "IPAMConfig": ep["IPAMConfig"],
+                    "Links": ep["Links"],
+                    "Aliases": aliases,
+                    "DriverOpts": ep["DriverOpts"],
+                }),
+            );
         }
     }
     let mut body = config;

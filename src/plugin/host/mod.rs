@@ -11,6 +11,8 @@
 
 pub mod docker;
 mod docker_api;
+// Named after the WIT interface `capstan:plugin/host`, like its siblings.
+#[allow(clippy::module_inception)]
 pub mod host;
 pub mod types;
 
