@@ -593,17 +593,15 @@ fn validate_socket_path(p: &str) -> Result<(), DeviceError> {
 }
 
 pub fn validate_docker_host(h: &str) -> Result<(), DeviceError> {
-    if let Some(p) = h.strip_prefix("unix://") {
-        if p.starts_with('/') {
-            return Ok(());
-        }
-    } else if let Some(rest) = h.strip_prefix("tcp://") {
-        if rest
+    let ok = match (h.strip_prefix("unix://"), h.strip_prefix("tcp://")) {
+        (Some(p), _) => p.starts_with('/'),
+        (None, Some(rest)) => rest
             .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-        {
-            return Ok(());
-        }
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
+        (None, None) => false,
+    };
+    if ok {
+        return Ok(());
     }
     Err(invalid(format!(
         "docker host {h:?} must be unix:///absolute/path or tcp://host:port"

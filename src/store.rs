@@ -74,10 +74,10 @@ fn is_lock_error(e: &std::io::Error) -> bool {
 /// The data directory holds the vault: keep it private to the engine's user.
 fn restrict_permissions(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(dir) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-        }
+    if let Ok(meta) = std::fs::metadata(dir)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     }
 }
 

@@ -79,7 +79,7 @@ impl Tokens {
                 store::decode(&k, &b)
             })
             .collect::<Result<_, _>>()?;
-        v.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        v.sort_by_key(|a| a.created_at);
         Ok(v)
     }
 

@@ -206,7 +206,7 @@ pub struct DeviceOpts {
     docker_host: Option<String>,
 }
 
-fn read_file_secret(path: &PathBuf, what: &str) -> anyhow::Result<Secret> {
+fn read_file_secret(path: &std::path::Path, what: &str) -> anyhow::Result<Secret> {
     Secret::from_file(path).with_context(|| format!("cannot read {what} file {}", path.display()))
 }
 

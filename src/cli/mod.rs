@@ -76,7 +76,7 @@ pub enum Command {
     Vault(vault::VaultCmd),
     /// Add, inspect, change and remove Docker hosts.
     #[command(subcommand)]
-    Device(device::DeviceCmd),
+    Device(Box<device::DeviceCmd>),
     /// Manage API bearer tokens (stored hashed; shown once at creation).
     #[command(subcommand)]
     Token(token::TokenCmd),
@@ -108,7 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(g, args),
         Command::Vault(cmd) => vault::run(g, cmd),
-        Command::Device(cmd) => device::run(g, cmd),
+        Command::Device(cmd) => device::run(g, *cmd),
         Command::Token(cmd) => token::run(g, cmd),
     }
 }

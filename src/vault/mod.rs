@@ -505,10 +505,10 @@ pub fn generate_key_file(path: &Path) -> Result<()> {
 
 fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), "vault key file is readable by group or others; run `chmod 600` on it");
-        }
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(path = %path.display(), "vault key file is readable by group or others; run `chmod 600` on it");
     }
 }
 
