@@ -139,7 +139,10 @@ impl Engine {
 
     /// The pooled connections to `device`'s daemon, for raw requests (proxying) as well
     /// as bollard.
-    pub fn docker_client(&self, device: &Device) -> Result<std::sync::Arc<DockerClient>, ConnectError> {
+    pub fn docker_client(
+        &self,
+        device: &Device,
+    ) -> Result<std::sync::Arc<DockerClient>, ConnectError> {
         self.docker.client(device, || {
             self.devices()
                 .and_then(|d| d.secrets(device))

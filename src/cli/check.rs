@@ -175,7 +175,10 @@ pub(crate) fn print_table(reports: &[CheckReport]) {
                 if r.connected {
                     "ok".into()
                 } else {
-                    format!("FAILED ({})", r.error.as_ref().map(|e| e.kind).unwrap_or("?"))
+                    format!(
+                        "FAILED ({})",
+                        r.error.as_ref().map(|e| e.kind).unwrap_or("?")
+                    )
                 },
                 r.docker
                     .as_ref()
@@ -187,7 +190,9 @@ pub(crate) fn print_table(reports: &[CheckReport]) {
         })
         .collect();
     table(
-        &["DEVICE", "KIND", "ADDRESS", "RESULT", "DOCKER", "LATENCY", "TOTAL"],
+        &[
+            "DEVICE", "KIND", "ADDRESS", "RESULT", "DOCKER", "LATENCY", "TOTAL",
+        ],
         &rows,
     );
     let failures: Vec<&CheckReport> = reports.iter().filter(|r| !r.connected).collect();

@@ -147,7 +147,11 @@ impl CheckReport {
 }
 
 /// Checks `device` with `secrets` over a fresh connection.
-pub async fn run_check(device: &Device, secrets: &DeviceSecrets, opts: &CheckOptions) -> CheckReport {
+pub async fn run_check(
+    device: &Device,
+    secrets: &DeviceSecrets,
+    opts: &CheckOptions,
+) -> CheckReport {
     let start = Instant::now();
     let steps = Steps::default();
     let policy = if opts.trust_host_key {
@@ -220,7 +224,8 @@ async fn probe(
 
     // With Docker-only credentials, the device's own login is verified too.
     if device.kind == DeviceKind::Ssh && device.docker_login.is_some() {
-        let main = SshTransport::with_login(device, secrets, &opts.connect, policy, LoginChoice::Main)?;
+        let main =
+            SshTransport::with_login(device, secrets, &opts.connect, policy, LoginChoice::Main)?;
         steps
             .run("main-login", main.login_only(&Steps::default()))
             .await?;
