@@ -137,7 +137,14 @@ pub fn assert_success(o: &Output, what: &str) {
 
 #[track_caller]
 pub fn assert_failure_says(o: &Output, needle: &str) {
-    assert!(!o.status.success(), "expected failure, got success:\n{}", stdout(o));
+    assert!(
+        !o.status.success(),
+        "expected failure, got success:\n{}",
+        stdout(o)
+    );
     let err = stderr(o);
-    assert!(err.contains(needle), "expected stderr to contain {needle:?}, got:\n{err}");
+    assert!(
+        err.contains(needle),
+        "expected stderr to contain {needle:?}, got:\n{err}"
+    );
 }
