@@ -1062,8 +1062,16 @@ async fn a_stopped_sshd_gives_a_clear_error_and_the_next_operation_reconnects() 
     let docker = client(&d, &s).docker().await.unwrap();
     list(&docker).await.unwrap();
     assert_eq!(sshd.accepted_sessions(), 1);
+    let mut events = docker.events(None::<bollard::query_parameters::EventsOptions>);
+    let pending = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
+    assert!(pending.is_err(), "the event stream is open and quiet");
 
     sshd.stop();
+    // A stream through the dead session ends instead of hanging.
+    let ended = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("the event stream ends when the session dies");
+    assert!(ended.as_ref().is_none_or(|r| r.is_err()), "{ended:?}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     for _ in 0..2 {
         let e = list(&docker).await.expect_err("sshd is down");

@@ -232,7 +232,15 @@ impl SshTransport {
                     self.forget(&session).await;
                     retried = true;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // A kept session that cannot open a channel in time is probably
+                    // dead without having noticed (no RST on a dropped network): the
+                    // next operation starts a new one.
+                    if !fresh && e.is_timeout() {
+                        self.forget(&session).await;
+                    }
+                    return Err(e);
+                }
             }
         }
     }
