@@ -41,7 +41,7 @@ use crate::device::{Device, DeviceKind, DeviceSecrets, IpFamily};
 
 pub use check::{CheckFailure, CheckOptions, CheckReport, DockerFacts, HostKeyReport, run_check};
 pub use error::{ConnectError, classify_bollard};
-pub use pool::{DockerClient, Pool};
+pub use pool::{DockerClient, PingInfo, Pool};
 
 /// The request and response body type of raw requests: any boxed body of bytes.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
