@@ -328,7 +328,10 @@ async fn connects_over_ssh_with_keyboard_interactive_answering_the_password_prom
     assert_connected(&check(&d, &s).await);
 
     let mut wrong = DeviceSecrets::default();
-    wrong.set(SecretField::Password, Secret::from_str_owned("not-it".into()));
+    wrong.set(
+        SecretField::Password,
+        Secret::from_str_owned("not-it".into()),
+    );
     let r = check(&d, &wrong).await;
     let msg = assert_fails(&r, "auth");
     assert!(msg.contains("keyboard-interactive"), "{msg}");

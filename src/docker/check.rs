@@ -128,7 +128,7 @@ pub struct HostKeyReport {
     pub fingerprint: String,
     /// The key as an OpenSSH public key line, to pin it.
     pub key: String,
-    /// A key is pinned on the device and the server presented it.
+    /// The server presented the key pinned on the device.
     pub pinned: bool,
     /// No key was pinned, trust on first use was asked for and the login succeeded: the
     /// caller should pin `key` now.
@@ -195,11 +195,16 @@ pub async fn run_check(
         }
         if let Some(k) = client.transport().presented_host_key() {
             let authenticated = client.transport().ssh_authenticated();
+            let pinned = device
+                .host_key
+                .as_deref()
+                .and_then(|p| crate::device::parse_host_key(p).ok())
+                .is_some_and(|p| p.key_data() == k.key_data());
             report.host_key = Some(HostKeyReport {
                 algorithm: k.algorithm().to_string(),
                 fingerprint: ssh::fingerprint(&k),
                 key: ssh::openssh_line(&k),
-                pinned: device.host_key.is_some() && authenticated,
+                pinned,
                 trusted_now: device.host_key.is_none()
                     && policy == HostKeyPolicy::TrustOnFirstUse
                     && authenticated,
