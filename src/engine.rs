@@ -7,13 +7,11 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use std::sync::Arc;
-
 use anyhow::{Context, bail};
 
 use crate::config::Settings;
-use crate::device::{Device, DeviceError, DeviceKind, Devices};
-use crate::proxy::{Dialer, LocalDialer, LocalTarget};
+use crate::device::{Device, DeviceError, Devices};
+use crate::docker::{ConnectError, DockerClient};
 use crate::secret::Secret;
 use crate::store::Store;
 use crate::token::Tokens;
@@ -24,6 +22,8 @@ pub struct Engine {
     pub store: Store,
     pub vault: Vault,
     pub tokens: Tokens,
+    /// Docker connections, one client per device, opened on first use.
+    pub docker: crate::docker::Pool,
 }
 
 /// Where a passphrase may come from when the vault needs one.
@@ -78,6 +78,7 @@ impl Engine {
             store,
             vault,
             tokens,
+            docker: crate::docker::Pool::default(),
         })
     }
 
@@ -120,6 +121,7 @@ impl Engine {
                 store,
                 vault,
                 tokens,
+                docker: crate::docker::Pool::default(),
             },
             created,
         ))
@@ -129,18 +131,26 @@ impl Engine {
         Devices::new(&self.store, &self.vault)
     }
 
-    /// A dialer that opens byte streams to the device's Docker daemon (for proxy mode).
-    pub async fn dialer(&self, device: &Device) -> anyhow::Result<Arc<dyn Dialer>> {
-        match device.kind {
-            DeviceKind::Local => Ok(Arc::new(LocalDialer {
-                target: LocalTarget::resolve(device.docker_host.as_deref())
-                    .map_err(anyhow::Error::msg)?,
-            })),
-            kind => bail!(
-                "device {}: proxy mode does not reach {kind} devices yet; use a local device",
-                device.name
-            ),
-        }
+    /// A bollard client for `device` over its pooled connection (SSH session, TLS or
+    /// local socket), its API version negotiated on first use.
+    pub async fn docker(&self, device: &Device) -> Result<bollard::Docker, ConnectError> {
+        self.docker_client(device)?.docker().await
+    }
+
+    /// The pooled connections to `device`'s daemon, for raw requests (proxying) as well
+    /// as bollard.
+    pub fn docker_client(
+        &self,
+        device: &Device,
+    ) -> Result<std::sync::Arc<DockerClient>, ConnectError> {
+        self.docker.client(device, || {
+            self.devices()
+                .and_then(|d| d.secrets(device))
+                .map_err(|e| ConnectError::Secrets {
+                    device: device.name.clone(),
+                    detail: e.to_string(),
+                })
+        })
     }
 }
 

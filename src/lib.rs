@@ -2,7 +2,8 @@
 //!
 //! The modules mirror the flow of a request through the engine: configuration and the
 //! command line resolve into settings ([`config`], [`cli`]); the [`store`] holds every
-//! record and the [`vault`] every secret; [`device`] describes the Docker hosts; the
+//! record and the [`vault`] every secret; [`device`] describes the Docker hosts and
+//! [`docker`] connects to them (SSH, TLS, local socket), pooled and checked; the
 //! [`api`] serves it all over HTTP behind bearer tokens ([`token`]). The [`policy`] engine
 //! decides every Docker API request, and [`proxy`] serves the Docker API behind it.
 
@@ -10,6 +11,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod docker;
 pub mod engine;
 pub mod policy;
 pub mod proxy;

@@ -392,3 +392,48 @@ fn serve_refuses_to_start_when_a_configured_proxy_policy_is_invalid() {
         .unwrap();
     assert_failure_says(&out, "CONTAINERS");
 }
+
+#[test]
+fn the_docker_cli_works_through_the_proxy_for_an_ssh_device() {
+    let infra = Infra::get();
+    let host_key = std::fs::read_to_string(infra.path("SSH_HOST_KEY_PUB")).unwrap();
+    run_cli_suite(
+        &[
+            "--kind",
+            "ssh",
+            "--host",
+            infra.var("SSH_HOST4"),
+            "--port",
+            infra.var("SSH_PORT"),
+            "--user",
+            infra.var("SSH_USER_KEY"),
+            "--ssh-key-file",
+            infra.var("SSH_KEY_ED25519"),
+            "--host-key",
+            host_key.trim(),
+        ],
+        "ssh",
+    );
+}
+
+#[test]
+fn the_docker_cli_works_through_the_proxy_for_a_tls_device() {
+    let infra = Infra::get();
+    run_cli_suite(
+        &[
+            "--kind",
+            "tls",
+            "--host",
+            infra.var("TLS_HOST"),
+            "--port",
+            infra.var("TLS_PORT"),
+            "--tls-ca",
+            infra.var("TLS_CA"),
+            "--tls-cert",
+            infra.var("TLS_CERT"),
+            "--tls-key",
+            infra.var("TLS_KEY"),
+        ],
+        "tls",
+    );
+}

@@ -6,5 +6,6 @@ mod util;
 mod cli_device;
 mod cli_policy;
 mod cli_vault;
+mod docker;
 mod proxy;
 mod serve;

@@ -7,6 +7,7 @@
 //! it; a test walks every route and expects 401 without a token.
 
 mod devices;
+mod docker;
 pub mod error;
 
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::engine::Engine;
@@ -24,13 +25,19 @@ pub use error::AppError;
 pub type AppState = Arc<Engine>;
 
 /// Every route, for the auth test: (method, path with placeholders filled).
-pub const PROTECTED_ROUTES: &[(&str, &str)] =
-    &[("GET", "/api/devices"), ("GET", "/api/devices/local")];
+pub const PROTECTED_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/api/devices"),
+    ("GET", "/api/devices/local"),
+    ("POST", "/api/docker/pre-check"),
+    ("GET", "/api/docker/check/local"),
+];
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/devices", get(devices::list))
         .route("/devices/{name}", get(devices::show))
+        .route("/docker/pre-check", post(docker::pre_check))
+        .route("/docker/check/{id}", get(docker::check))
         .fallback(|| async { AppError::NotFound("no such API route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

@@ -9,10 +9,22 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
-use super::{GlobalArgs, print_table};
+use std::time::Duration;
+
+use super::{GlobalArgs, check, print_table};
 use crate::device::{Device, DeviceChanges, DeviceKind, IpFamily, SecretField, SshAuth};
+use crate::docker::run_check;
 use crate::engine::Engine;
 use crate::secret::Secret;
+
+const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn pin_key(key: &str) -> DeviceChanges {
+    DeviceChanges {
+        host_key: Some(Some(key.to_string())),
+        ..Default::default()
+    }
+}
 
 #[derive(Debug, Subcommand)]
 pub enum DeviceCmd {
@@ -26,6 +38,32 @@ pub enum DeviceCmd {
         kind: DeviceKind,
         #[command(flatten)]
         opts: DeviceOpts,
+        /// Connect once and pin the SSH host key the server presents (trust on first
+        /// use; compare the printed fingerprint with the host's). Without it, or
+        /// --host-key, connections are refused until a key is pinned.
+        #[arg(long, conflicts_with_all = ["host_key", "host_key_file"])]
+        trust_host_key: bool,
+    },
+    /// Check that the Docker daemon of a device (or of every device) answers: connect,
+    /// ping, version and info, each step timed. Exits non-zero when a check fails.
+    #[command(after_help = CHECK_EXAMPLES)]
+    Check {
+        /// Device name or id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Check every device, concurrently.
+        #[arg(long)]
+        all: bool,
+        /// When no SSH host key is pinned yet, pin the one the server presents (trust on
+        /// first use; compare the printed fingerprint with the host's).
+        #[arg(long)]
+        trust_host_key: bool,
+        /// Seconds allowed for connecting and for each call.
+        #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
+        timeout: u64,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List devices.
     List {
@@ -72,6 +110,12 @@ Examples:
   capstan device add db1 --kind ssh --host db1 --user ops --auth agent --sudo --socket /run/docker.sock
   capstan device add edge --kind tls --host 10.0.0.9 --tls-ca ca.pem --tls-cert cert.pem --tls-key key.pem
   capstan device add here --kind local --docker-host unix:///var/run/docker.sock";
+
+const CHECK_EXAMPLES: &str = "\
+Examples:
+  capstan device check web1
+  capstan device check web1 --trust-host-key     # pin the host key on first contact
+  capstan device check --all --json";
 
 /// Device settings shared by `add` and `edit`. Booleans take an optional value, so
 /// `--sudo` turns sudo on and `--sudo=false` turns it off.
@@ -351,7 +395,15 @@ pub fn run(g: &GlobalArgs, cmd: DeviceCmd) -> anyhow::Result<()> {
     let engine = Engine::open(g.settings(None)?, &g.passphrase())?;
     let devices = engine.devices()?;
     match cmd {
-        DeviceCmd::Add { name, kind, opts } => {
+        DeviceCmd::Add {
+            name,
+            kind,
+            opts,
+            trust_host_key,
+        } => {
+            if trust_host_key && kind != DeviceKind::Ssh {
+                bail!("--trust-host-key is for ssh devices");
+            }
             let mut ch = opts.into_changes(kind, None)?;
             ch.name = Some(name);
             let d = devices.add(kind, ch)?;
@@ -362,6 +414,86 @@ pub fn run(g: &GlobalArgs, cmd: DeviceCmd) -> anyhow::Result<()> {
                 d.address(),
                 d.id
             );
+            if trust_host_key {
+                let secrets = devices.secrets(&d)?;
+                let opts = check::options(true, DEFAULT_CHECK_TIMEOUT);
+                let report = check::runtime()?.block_on(run_check(&d, &secrets, &opts));
+                match &report.host_key {
+                    Some(k) if k.trusted_now => {
+                        devices.edit(&d.id.to_string(), pin_key(&k.key))?;
+                        println!("pinned host key {} {}", k.algorithm, k.fingerprint);
+                        if let Some(e) = &report.error {
+                            eprintln!(
+                                "warning: the SSH login works, but Docker does not answer yet: {}",
+                                e.message
+                            );
+                        }
+                    }
+                    _ => {
+                        devices.remove(&d.id.to_string())?;
+                        engine.store.flush()?;
+                        let why = report
+                            .error
+                            .as_ref()
+                            .map(|e| e.message.clone())
+                            .unwrap_or_else(|| "the server presented no host key".into());
+                        bail!("could not log in to pin the host key, so nothing was added: {why}");
+                    }
+                }
+            }
+        }
+        DeviceCmd::Check {
+            name,
+            all,
+            trust_host_key,
+            timeout,
+            json,
+        } => {
+            let list = if all {
+                devices.list()?
+            } else {
+                vec![devices.get(name.as_deref().unwrap_or_default())?]
+            };
+            let mut work = Vec::with_capacity(list.len());
+            for d in list {
+                let s = devices.secrets(&d)?;
+                work.push((d, s));
+            }
+            let opts = check::options(trust_host_key, Duration::from_secs(timeout));
+            let reports = check::runtime()?.block_on(check::run_all(work, &opts, all));
+            for r in &reports {
+                if let Some(k) = r.host_key.as_ref().filter(|k| k.trusted_now) {
+                    let id = r.device_id.map(|i| i.to_string());
+                    devices.edit(id.as_deref().unwrap_or(&r.device), pin_key(&k.key))?;
+                    if !json {
+                        println!(
+                            "pinned host key {} {} for device {}",
+                            k.algorithm, k.fingerprint, r.device
+                        );
+                    }
+                }
+            }
+            engine.store.flush()?;
+            let failed = reports.iter().filter(|r| !r.connected).count();
+            if json {
+                let v = if all {
+                    serde_json::to_string_pretty(&reports)?
+                } else {
+                    serde_json::to_string_pretty(&reports[0])?
+                };
+                println!("{v}");
+            } else if all {
+                check::print_table(&reports);
+            } else {
+                check::print_one(&reports[0]);
+            }
+            if failed > 0 {
+                if all {
+                    bail!("{failed} of {} devices failed the check", reports.len());
+                }
+                let e = reports[0].error.as_ref().map(|e| e.message.clone());
+                bail!("{}", e.unwrap_or_else(|| "the check failed".into()));
+            }
         }
         DeviceCmd::List { json } => {
             let list = devices.list()?;

@@ -4,6 +4,7 @@
 //! with the config file into [`Settings`] before any command runs; commands never read
 //! the environment themselves, except the vault passphrase (see [`PassphraseInput`]).
 
+mod check;
 mod device;
 mod policy;
 mod proxy;

@@ -1,0 +1,243 @@
+//! Docker connection checks over HTTP.
+//!
+//! - `POST /api/docker/pre-check`: checks an unsaved device spec, secrets included (as
+//!   strings in the JSON body). Nothing is stored; secrets are never echoed.
+//! - `GET /api/docker/check/{id}`: checks a stored device (by id or name).
+//!
+//! Both answer with the check report: 200 only when the daemon answered, 502 when the
+//! device or the daemon failed, 504 on a timeout (the body says which kind of failure,
+//! what to do, and which steps succeeded).
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::{AppError, AppState};
+use crate::device::{
+    self, Device, DeviceKind, DeviceSecrets, DockerSshLogin, IpFamily, SecretField, SshAuth,
+};
+use crate::docker::{CheckOptions, CheckReport, run_check};
+use crate::secret::Secret;
+
+/// Seconds allowed for connecting and for each call when the request does not say.
+const DEFAULT_TIMEOUT_SECS: u64 = 10;
+const MAX_TIMEOUT_SECS: u64 = 120;
+
+/// The body of `POST /api/docker/pre-check`: a device as `capstan device add` takes it,
+/// with its secrets inline.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreCheckSpec {
+    /// A name for messages (default `pre-check`).
+    #[serde(default)]
+    name: Option<String>,
+    kind: DeviceKind,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    user: Option<String>,
+    /// Inferred from `private_key` / `password` when absent.
+    #[serde(default)]
+    auth: Option<SshAuth>,
+    #[serde(default)]
+    password: Option<Secret>,
+    /// OpenSSH or PEM private key text.
+    #[serde(default)]
+    private_key: Option<Secret>,
+    #[serde(default)]
+    key_passphrase: Option<Secret>,
+    /// Docker-only SSH credentials.
+    #[serde(default)]
+    docker_login: Option<DockerLoginSpec>,
+    #[serde(default)]
+    ip_family: IpFamily,
+    #[serde(default)]
+    agent_forwarding: bool,
+    #[serde(default)]
+    keyboard_interactive: bool,
+    #[serde(default)]
+    socket_path: Option<String>,
+    #[serde(default)]
+    sudo: bool,
+    /// The host key to expect (OpenSSH public key line).
+    #[serde(default)]
+    host_key: Option<String>,
+    #[serde(default)]
+    docker_host: Option<String>,
+    #[serde(default)]
+    tls_server_name: Option<String>,
+    /// PEM texts.
+    #[serde(default)]
+    tls_ca: Option<Secret>,
+    #[serde(default)]
+    tls_cert: Option<Secret>,
+    #[serde(default)]
+    tls_key: Option<Secret>,
+    /// Accept the SSH server's key when `host_key` is absent; the report shows it, to
+    /// pin when the device is saved.
+    #[serde(default)]
+    trust_host_key: bool,
+    /// Seconds allowed for connecting and for each call (1-120, default 10).
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerLoginSpec {
+    user: String,
+    #[serde(default)]
+    auth: Option<SshAuth>,
+    #[serde(default)]
+    password: Option<Secret>,
+    #[serde(default)]
+    private_key: Option<Secret>,
+    #[serde(default)]
+    key_passphrase: Option<Secret>,
+}
+
+fn infer_auth(
+    given: Option<SshAuth>,
+    key: &Option<Secret>,
+    pw: &Option<Secret>,
+) -> Option<SshAuth> {
+    given.or(if key.is_some() {
+        Some(SshAuth::Key)
+    } else if pw.is_some() {
+        Some(SshAuth::Password)
+    } else {
+        None
+    })
+}
+
+impl PreCheckSpec {
+    /// The device and secrets the spec describes, validated as `device add` would.
+    fn into_device(self) -> Result<(Device, DeviceSecrets, CheckSettings), AppError> {
+        let now = chrono::Utc::now();
+        let mut secrets = DeviceSecrets::default();
+        let mut put = |f: SecretField, s: Option<Secret>| {
+            if let Some(s) = s {
+                secrets.set(f, s);
+            }
+        };
+        let auth = infer_auth(self.auth, &self.private_key, &self.password);
+        let key_has_passphrase = self.key_passphrase.is_some();
+        put(SecretField::Password, self.password);
+        put(SecretField::PrivateKey, self.private_key);
+        put(SecretField::KeyPassphrase, self.key_passphrase);
+        let docker_login = match self.docker_login {
+            Some(l) => {
+                let auth = infer_auth(l.auth, &l.private_key, &l.password).ok_or_else(|| {
+                    AppError::Invalid(
+                        "docker_login needs private_key, password or an auth method".into(),
+                    )
+                })?;
+                let has_pass = l.key_passphrase.is_some();
+                put(SecretField::DockerPassword, l.password);
+                put(SecretField::DockerPrivateKey, l.private_key);
+                put(SecretField::DockerKeyPassphrase, l.key_passphrase);
+                Some(DockerSshLogin {
+                    user: l.user,
+                    auth,
+                    key_has_passphrase: has_pass && auth == SshAuth::Key,
+                })
+            }
+            None => None,
+        };
+        put(SecretField::TlsCa, self.tls_ca);
+        put(SecretField::TlsCert, self.tls_cert);
+        put(SecretField::TlsKey, self.tls_key);
+        let dev = Device {
+            id: uuid::Uuid::new_v4(),
+            name: self.name.unwrap_or_else(|| "pre-check".into()),
+            kind: self.kind,
+            host: self.host,
+            port: self.port,
+            user: self.user,
+            auth,
+            key_has_passphrase: key_has_passphrase && auth == Some(SshAuth::Key),
+            docker_login,
+            ip_family: self.ip_family,
+            agent_forwarding: self.agent_forwarding,
+            keyboard_interactive: self.keyboard_interactive,
+            socket_path: self.socket_path,
+            sudo: self.sudo,
+            host_key: self.host_key.map(|k| k.trim().to_string()),
+            docker_host: self.docker_host,
+            tls_server_name: self.tls_server_name,
+            created_at: now,
+            updated_at: now,
+        };
+        device::validate(&dev, &|f| secrets.get(f).cloned())?;
+        let timeout = self.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        if !(1..=MAX_TIMEOUT_SECS).contains(&timeout) {
+            return Err(AppError::Invalid(format!(
+                "timeout_secs must be between 1 and {MAX_TIMEOUT_SECS}"
+            )));
+        }
+        Ok((
+            dev,
+            secrets,
+            CheckSettings {
+                trust_host_key: self.trust_host_key,
+                timeout: Duration::from_secs(timeout),
+            },
+        ))
+    }
+}
+
+struct CheckSettings {
+    trust_host_key: bool,
+    timeout: Duration,
+}
+
+fn check_options(state: &AppState, s: &CheckSettings) -> CheckOptions {
+    let mut connect = state.docker.options().clone();
+    connect.connect_timeout = s.timeout;
+    connect.request_timeout = s.timeout;
+    CheckOptions {
+        trust_host_key: s.trust_host_key,
+        connect,
+    }
+}
+
+fn respond(report: CheckReport) -> Response {
+    let status = StatusCode::from_u16(report.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    (status, Json(report)).into_response()
+}
+
+/// `POST /api/docker/pre-check`
+pub async fn pre_check(State(state): State<AppState>, body: Bytes) -> Result<Response, AppError> {
+    let spec: PreCheckSpec = serde_json::from_slice(&body)
+        .map_err(|e| AppError::Invalid(format!("invalid device spec: {e}")))?;
+    let (dev, secrets, settings) = spec.into_device()?;
+    let report = run_check(&dev, &secrets, &check_options(&state, &settings)).await;
+    Ok(respond(report))
+}
+
+/// `GET /api/docker/check/{id}` (a device id or name)
+pub async fn check(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, AppError> {
+    let (dev, secrets) = {
+        let devices = state.devices()?;
+        let dev = devices.get(&id)?;
+        let secrets = devices.secrets(&dev)?;
+        (dev, secrets)
+    };
+    let settings = CheckSettings {
+        trust_host_key: false,
+        timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+    };
+    let mut report = run_check(&dev, &secrets, &check_options(&state, &settings)).await;
+    report.device_id = Some(dev.id);
+    Ok(respond(report))
+}

@@ -1,0 +1,291 @@
+//! Connection checks: connect, ping, read the version and system info, timing each step.
+//!
+//! A check always opens a fresh connection (it does not borrow the engine's pooled one),
+//! so it proves that the stored credentials, host key and daemon work now. The report
+//! says which steps succeeded and how long each took, and on failure the kind
+//! ([`ConnectError::kind`]), the step that failed and a message saying what to do. The
+//! HTTP status follows from it: 200 connected, 504 timed out, 502 anything else.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::ssh::{self, LoginChoice, SshTransport};
+use super::{
+    ConnectError, ConnectOptions, DockerClient, HostKeyPolicy, Step, Steps, classify_bollard,
+    within,
+};
+use crate::device::{Device, DeviceKind, DeviceSecrets};
+
+/// How to run a check.
+#[derive(Debug, Clone, Default)]
+pub struct CheckOptions {
+    /// Accept the SSH server's key when none is pinned (trust on first use). The report's
+    /// `host_key.trusted_now` then tells the caller to record it.
+    pub trust_host_key: bool,
+    pub connect: ConnectOptions,
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    /// Device name.
+    pub device: String,
+    /// Device id (absent for a pre-check of an unsaved device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<Uuid>,
+    pub kind: DeviceKind,
+    pub address: String,
+    /// Whether the daemon answered ping, version and info.
+    pub connected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerFacts>,
+    /// The ping round trip on the new connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+    /// The whole check.
+    pub total_ms: f64,
+    /// The steps that succeeded, in order.
+    pub steps: Vec<Step>,
+    /// The step that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<CheckFailure>,
+    /// The SSH server's host key (ssh devices).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<HostKeyReport>,
+}
+
+/// Why a check failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckFailure {
+    /// `resolve`, `unreachable`, `timeout`, `auth`, `host-key-mismatch`,
+    /// `host-key-unknown`, `docker-missing`, `permission-denied`, `daemon-not-running`,
+    /// `tls`, `ssh`, …
+    pub kind: &'static str,
+    /// What failed, on which device, and what to do.
+    pub message: String,
+    /// For `auth`: the methods the server offered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offered_methods: Option<Vec<String>>,
+    /// For host key failures: the pinned key's fingerprint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_fingerprint: Option<String>,
+    /// For host key failures: the fingerprint of the key the server presented.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presented_fingerprint: Option<String>,
+}
+
+impl From<&ConnectError> for CheckFailure {
+    fn from(e: &ConnectError) -> Self {
+        let fps = e.host_key_fingerprints();
+        CheckFailure {
+            kind: e.kind(),
+            message: e.to_string(),
+            offered_methods: e.offered_methods().map(|m| m.to_vec()),
+            expected_fingerprint: fps.and_then(|(x, _)| x.map(str::to_string)),
+            presented_fingerprint: fps.map(|(_, p)| p.to_string()),
+        }
+    }
+}
+
+/// What the daemon says about itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct DockerFacts {
+    /// Engine version, e.g. `20.10.24`.
+    pub version: String,
+    /// The daemon's API version.
+    pub api_version: String,
+    /// The oldest API version the daemon accepts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_api_version: Option<String>,
+    /// The API version Capstan speaks with it.
+    pub negotiated_api_version: String,
+    pub os: String,
+    pub arch: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operating_system: Option<String>,
+    /// The daemon host's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containers: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containers_running: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub images: Option<i64>,
+}
+
+/// The SSH server's host key as seen by the check.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostKeyReport {
+    pub algorithm: String,
+    /// `SHA256:…`
+    pub fingerprint: String,
+    /// The key as an OpenSSH public key line, to pin it.
+    pub key: String,
+    /// The server presented the key pinned on the device.
+    pub pinned: bool,
+    /// No key was pinned, trust on first use was asked for and the login succeeded: the
+    /// caller should pin `key` now.
+    pub trusted_now: bool,
+}
+
+impl CheckReport {
+    /// 200 when connected, 504 when the failure was a timeout, 502 otherwise.
+    pub fn http_status(&self) -> u16 {
+        match &self.error {
+            None if self.connected => 200,
+            Some(e) if e.kind == "timeout" => 504,
+            _ => 502,
+        }
+    }
+}
+
+/// Checks `device` with `secrets` over a fresh connection.
+pub async fn run_check(
+    device: &Device,
+    secrets: &DeviceSecrets,
+    opts: &CheckOptions,
+) -> CheckReport {
+    let start = Instant::now();
+    let steps = Steps::default();
+    let policy = if opts.trust_host_key {
+        HostKeyPolicy::TrustOnFirstUse
+    } else {
+        HostKeyPolicy::PinnedOnly
+    };
+    let mut report = CheckReport {
+        device: device.name.clone(),
+        device_id: None,
+        kind: device.kind,
+        address: device.address(),
+        connected: false,
+        docker: None,
+        latency_ms: None,
+        total_ms: 0.0,
+        steps: Vec::new(),
+        failed_step: None,
+        error: None,
+        host_key: None,
+    };
+    let client = match DockerClient::new(device, secrets, &opts.connect, policy) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            report.failed_step = Some("configure");
+            report.error = Some(CheckFailure::from(&e));
+            None
+        }
+    };
+    if let Some(client) = &client {
+        match probe(device, secrets, client, policy, opts, &steps).await {
+            Ok((facts, latency)) => {
+                report.connected = true;
+                report.docker = Some(facts);
+                report.latency_ms = Some(latency);
+            }
+            Err(e) => {
+                report.failed_step = Some(steps.current().unwrap_or("connect"));
+                report.error = Some(CheckFailure::from(&e));
+            }
+        }
+        if let Some(k) = client.transport().presented_host_key() {
+            let authenticated = client.transport().ssh_authenticated();
+            let pinned = device
+                .host_key
+                .as_deref()
+                .and_then(|p| crate::device::parse_host_key(p).ok())
+                .is_some_and(|p| p.key_data() == k.key_data());
+            report.host_key = Some(HostKeyReport {
+                algorithm: k.algorithm().to_string(),
+                fingerprint: ssh::fingerprint(&k),
+                key: ssh::openssh_line(&k),
+                pinned,
+                trusted_now: device.host_key.is_none()
+                    && policy == HostKeyPolicy::TrustOnFirstUse
+                    && authenticated,
+            });
+        }
+    }
+    report.steps = steps.done();
+    report.total_ms = start.elapsed().as_secs_f64() * 1000.0;
+    report
+}
+
+async fn probe(
+    device: &Device,
+    secrets: &DeviceSecrets,
+    client: &DockerClient,
+    policy: HostKeyPolicy,
+    opts: &CheckOptions,
+    steps: &Steps,
+) -> Result<(DockerFacts, f64), ConnectError> {
+    let name = device.name.as_str();
+    let limit = opts.connect.connect_timeout;
+
+    // With Docker-only credentials, the device's own login is verified too.
+    if device.kind == DeviceKind::Ssh && device.docker_login.is_some() {
+        let main =
+            SshTransport::with_login(device, secrets, &opts.connect, policy, LoginChoice::Main)?;
+        steps
+            .run("main-login", main.login_only(&Steps::default()))
+            .await?;
+    }
+
+    client.connect_traced(steps).await?;
+    let t = Instant::now();
+    let ping = within(name, limit, steps, steps.run("ping", client.ping())).await?;
+    let latency = t.elapsed().as_secs_f64() * 1000.0;
+    let docker = client.bollard_for(ping.api_version.as_deref()).await?;
+    let version = within(
+        name,
+        limit,
+        steps,
+        steps.run("version", async {
+            docker
+                .version()
+                .await
+                .map_err(|e| classify_bollard(name, "reading the version", limit, e))
+        }),
+    )
+    .await?;
+    let info = within(
+        name,
+        limit,
+        steps,
+        steps.run("info", async {
+            docker
+                .info()
+                .await
+                .map_err(|e| classify_bollard(name, "reading the system info", limit, e))
+        }),
+    )
+    .await?;
+    let facts = DockerFacts {
+        version: version.version.clone().unwrap_or_default(),
+        api_version: version
+            .api_version
+            .clone()
+            .or(ping.api_version.clone())
+            .unwrap_or_default(),
+        min_api_version: version.min_api_version.clone(),
+        negotiated_api_version: docker.client_version().to_string(),
+        os: version
+            .os
+            .clone()
+            .or(ping.os_type.clone())
+            .unwrap_or_default(),
+        arch: version.arch.clone().unwrap_or_default(),
+        kernel_version: version.kernel_version.clone(),
+        operating_system: info.operating_system.clone(),
+        name: info.name.clone(),
+        containers: info.containers,
+        containers_running: info.containers_running,
+        images: info.images,
+    };
+    Ok((facts, latency))
+}
