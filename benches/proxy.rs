@@ -14,8 +14,10 @@ use hyper::Request;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
+use capstan::device::{Device, DeviceKind, DeviceSecrets};
+use capstan::docker::{ConnectOptions, DockerClient, HostKeyPolicy};
 use capstan::policy::Policy;
-use capstan::proxy::{Dialer, Listen, LocalDialer, LocalTarget, Proxy, ProxyListener};
+use capstan::proxy::{Listen, Proxy, ProxyListener};
 
 const ROUNDS: usize = 2_000;
 const CALLS: &[&str] = &["/v1.41/containers/json?all=1", "/v1.41/version", "/_ping"];
@@ -56,14 +58,25 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let target = LocalTarget::resolve(None).expect("docker host");
-        let LocalTarget::Unix(socket) = target.clone() else {
-            panic!("this benchmark compares against a unix socket; unset DOCKER_HOST or point it at unix://")
+        let socket = match std::env::var("DOCKER_HOST") {
+            Ok(h) if !h.is_empty() => h
+                .strip_prefix("unix://")
+                .map(std::path::PathBuf::from)
+                .expect("this benchmark compares against a unix socket; unset DOCKER_HOST or point it at unix://"),
+            _ => std::path::PathBuf::from("/var/run/docker.sock"),
         };
+        let mut device = Device::blank(DeviceKind::Local, "local");
+        device.docker_host = Some(format!("unix://{}", socket.display()));
+        let upstream = DockerClient::new(
+            &device,
+            &DeviceSecrets::default(),
+            &ConnectOptions::default(),
+            HostKeyPolicy::PinnedOnly,
+        )
+        .expect("local client");
         let policy = Policy::from_env_block("CONTAINERS=1\n").unwrap().compile();
         let listen: Listen = "tcp://127.0.0.1:0".parse().unwrap();
-        let dialer: Arc<dyn Dialer> = Arc::new(LocalDialer { target });
-        let proxy = Arc::new(Proxy::new("local", policy, dialer, &listen, None).unwrap());
+        let proxy = Arc::new(Proxy::new("local", policy, upstream, &listen, None).unwrap());
         let listener = ProxyListener::bind(&listen).await.unwrap();
         let Listen::Tcp(addr) = listener.local_listen() else { unreachable!() };
         let port = addr.port();

@@ -194,6 +194,32 @@ impl DeviceSecrets {
 }
 
 impl Device {
+    /// A device of `kind` with nothing set but its name and a fresh id (not validated).
+    pub fn blank(kind: DeviceKind, name: &str) -> Device {
+        let now = Utc::now();
+        Device {
+            id: Uuid::new_v4(),
+            name: name.to_string(),
+            kind,
+            host: None,
+            port: None,
+            user: None,
+            auth: None,
+            key_has_passphrase: false,
+            docker_login: None,
+            ip_family: IpFamily::Any,
+            agent_forwarding: false,
+            keyboard_interactive: false,
+            socket_path: None,
+            sudo: false,
+            host_key: None,
+            docker_host: None,
+            tls_server_name: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     pub fn port_or_default(&self) -> u16 {
         self.port.unwrap_or(match self.kind {
             DeviceKind::Ssh => 22,
@@ -593,15 +619,14 @@ fn validate_socket_path(p: &str) -> Result<(), DeviceError> {
 }
 
 pub fn validate_docker_host(h: &str) -> Result<(), DeviceError> {
-    if let Some(p) = h.strip_prefix("unix://") {
-        if p.starts_with('/') {
-            return Ok(());
-        }
-    } else if let Some(rest) = h.strip_prefix("tcp://")
-        && rest
+    let ok = match (h.strip_prefix("unix://"), h.strip_prefix("tcp://")) {
+        (Some(p), _) => p.starts_with('/'),
+        (None, Some(rest)) => rest
             .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-    {
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
+        (None, None) => false,
+    };
+    if ok {
         return Ok(());
     }
     Err(invalid(format!(
@@ -681,28 +706,7 @@ impl<'a> Devices<'a> {
     }
 
     pub fn add(&self, kind: DeviceKind, changes: DeviceChanges) -> Result<Device, DeviceError> {
-        let now = Utc::now();
-        let mut dev = Device {
-            id: Uuid::new_v4(),
-            name: String::new(),
-            kind,
-            host: None,
-            port: None,
-            user: None,
-            auth: None,
-            key_has_passphrase: false,
-            docker_login: None,
-            ip_family: IpFamily::Any,
-            agent_forwarding: false,
-            keyboard_interactive: false,
-            socket_path: None,
-            sudo: false,
-            host_key: None,
-            docker_host: None,
-            tls_server_name: None,
-            created_at: now,
-            updated_at: now,
-        };
+        let mut dev = Device::blank(kind, "");
         apply(&mut dev, &changes, &|_| false);
         validate(&dev, &|f| changes.secrets.get(f).cloned())?;
         self.write(None, &dev, &changes)?;

@@ -7,14 +7,11 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use std::sync::Arc;
-
 use anyhow::{Context, bail};
 
 use crate::config::Settings;
-use crate::device::{Device, DeviceError, DeviceKind, Devices};
+use crate::device::{Device, DeviceError, Devices};
 use crate::docker::{ConnectError, DockerClient};
-use crate::proxy::{Dialer, LocalDialer, LocalTarget};
 use crate::secret::Secret;
 use crate::store::Store;
 use crate::token::Tokens;
@@ -132,20 +129,6 @@ impl Engine {
 
     pub fn devices(&self) -> Result<Devices<'_>, DeviceError> {
         Devices::new(&self.store, &self.vault)
-    }
-
-    /// A dialer that opens byte streams to the device's Docker daemon (for proxy mode).
-    pub async fn dialer(&self, device: &Device) -> anyhow::Result<Arc<dyn Dialer>> {
-        match device.kind {
-            DeviceKind::Local => Ok(Arc::new(LocalDialer {
-                target: LocalTarget::resolve(device.docker_host.as_deref())
-                    .map_err(anyhow::Error::msg)?,
-            })),
-            kind => bail!(
-                "device {}: proxy mode does not reach {kind} devices yet; use a local device",
-                device.name
-            ),
-        }
     }
 
     /// A bollard client for `device` over its pooled connection (SSH session, TLS or

@@ -13,16 +13,15 @@
 //! useful. Streaming responses (logs -f, events) are passed through as they arrive, and
 //! upgraded connections (attach, exec) are spliced byte for byte.
 //!
-//! Upstream connections are pooled HTTP/1.1 connections over whatever byte stream the
-//! device's [`Dialer`] opens (a unix socket, a TLS stream, an SSH channel running
-//! `docker system dial-stdio`).
+//! Upstream requests go through the device's [`DockerClient`]: the same pooled
+//! connections (local socket, TLS, SSH channels running `docker system dial-stdio`) that
+//! plugins and checks use — `src/docker/` stays the one place that opens them.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -30,30 +29,21 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper::header::{self, HeaderMap, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::header::{self, HeaderMap};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Mutex;
 
+use crate::docker::{BoxError, DockerClient};
 use crate::policy::CompiledPolicy;
 use crate::secret::Secret;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-/// A bidirectional byte stream to a Docker daemon.
-pub trait DockerStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> DockerStream for T {}
-
-pub type BoxStream = Box<dyn DockerStream>;
-pub type DialFuture<'a> = Pin<Box<dyn Future<Output = std::io::Result<BoxStream>> + Send + 'a>>;
-
-/// Opens a new byte stream to a device's Docker daemon.
-pub trait Dialer: Send + Sync + 'static {
-    fn dial(&self) -> DialFuture<'_>;
-}
+/// A client connection accepted by a proxy.
+trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> ClientStream for T {}
+type BoxStream = Box<dyn ClientStream>;
 
 /// Where a proxy listens: `tcp://HOST:PORT` or `unix:///path.sock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,66 +104,11 @@ pub struct ProxyStats {
     pub denied: AtomicU64,
 }
 
-/// Pooled HTTP/1.1 connections to one daemon.
-struct Upstream {
-    dialer: Arc<dyn Dialer>,
-    idle: Mutex<Vec<SendRequest<ProxyBody>>>,
-}
-
-const MAX_IDLE: usize = 16;
-
-impl Upstream {
-    async fn sender(&self) -> std::io::Result<SendRequest<ProxyBody>> {
-        while let Some(s) = self.idle.lock().await.pop() {
-            if s.is_ready() {
-                return Ok(s);
-            }
-        }
-        let stream = self.dialer.dial().await?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection closed");
-            }
-        });
-        Ok(sender)
-    }
-
-    /// Returns the connection to the pool once its current response has been read.
-    fn release(self: &Arc<Self>, mut sender: SendRequest<ProxyBody>) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = this.idle.lock().await;
-                if idle.len() < MAX_IDLE {
-                    idle.push(sender);
-                }
-            }
-        });
-    }
-
-    async fn send(self: &Arc<Self>, req: Request<ProxyBody>) -> Result<Response<Incoming>, String> {
-        let mut sender = self
-            .sender()
-            .await
-            .map_err(|e| format!("cannot reach the daemon: {e}"))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("the daemon connection failed: {e}"))?;
-        self.release(sender);
-        Ok(resp)
-    }
-}
-
 /// A running proxy's shared state.
 pub struct Proxy {
     device: String,
     policy: Arc<CompiledPolicy>,
-    upstream: Arc<Upstream>,
+    upstream: Arc<DockerClient>,
     token_hash: Option<[u8; 32]>,
     pub stats: ProxyStats,
 }
@@ -241,7 +176,7 @@ impl Proxy {
     pub fn new(
         device: &str,
         policy: CompiledPolicy,
-        dialer: Arc<dyn Dialer>,
+        upstream: Arc<DockerClient>,
         listen: &Listen,
         token: Option<&Secret>,
     ) -> Result<Proxy, ProxyError> {
@@ -257,10 +192,7 @@ impl Proxy {
         Ok(Proxy {
             device: device.to_string(),
             policy: Arc::new(policy),
-            upstream: Arc::new(Upstream {
-                dialer,
-                idle: Mutex::new(Vec::new()),
-            }),
+            upstream,
             token_hash: token.map(|t| hash_token(t.expose())),
             stats: ProxyStats::default(),
         })
@@ -336,7 +268,9 @@ impl Proxy {
         }
         let mut up = Request::builder().method(parts.method).uri(forward_path);
         *up.headers_mut().expect("builder has headers") = parts.headers;
-        let up = up.body(body.boxed()).expect("valid request");
+        let up = up
+            .body(body.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+            .expect("valid request");
 
         let mut resp = match self.upstream.send(up).await {
             Ok(r) => r,
@@ -384,9 +318,9 @@ impl Proxy {
         let uri = format!("/containers/{}/json", percent_encode_segment(container));
         let req = Request::get(uri)
             .header(header::HOST, "docker")
-            .body(empty())
+            .body(crate::docker::empty_body())
             .expect("valid request");
-        let resp = self.upstream.send(req).await?;
+        let resp = self.upstream.send(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
         let body = resp
             .into_body()
@@ -550,61 +484,10 @@ fn percent_encode_segment(s: &str) -> String {
     out
 }
 
-/// Dials the local daemon: a unix socket or a plain TCP address.
-pub struct LocalDialer {
-    pub target: LocalTarget,
-}
-
-#[derive(Debug, Clone)]
-pub enum LocalTarget {
-    Unix(PathBuf),
-    Tcp(String),
-}
-
-impl LocalTarget {
-    /// `unix:///path`, `tcp://host:port`; `None` means `DOCKER_HOST`, else the default
-    /// socket.
-    pub fn resolve(docker_host: Option<&str>) -> Result<LocalTarget, String> {
-        let from_env = std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty());
-        let h = docker_host
-            .map(str::to_string)
-            .or(from_env)
-            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
-        if let Some(p) = h.strip_prefix("unix://") {
-            Ok(LocalTarget::Unix(PathBuf::from(p)))
-        } else if let Some(a) = h.strip_prefix("tcp://") {
-            Ok(LocalTarget::Tcp(a.to_string()))
-        } else {
-            Err(format!(
-                "unsupported Docker host {h:?}: use unix:///path or tcp://host:port"
-            ))
-        }
-    }
-}
-
-impl Dialer for LocalDialer {
-    fn dial(&self) -> DialFuture<'_> {
-        Box::pin(async move {
-            Ok(match &self.target {
-                LocalTarget::Unix(p) => {
-                    Box::new(tokio::net::UnixStream::connect(p).await?) as BoxStream
-                }
-                LocalTarget::Tcp(a) => {
-                    let s = tokio::net::TcpStream::connect(a).await?;
-                    s.set_nodelay(true)?;
-                    Box::new(s) as BoxStream
-                }
-            })
-        })
-    }
-}
-
-#[allow(dead_code)]
-fn _assert_header_value(_: HeaderValue, _: Method) {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::HeaderValue;
 
     #[test]
     fn listen_addresses_parse_and_say_what_they_expect() {

@@ -392,3 +392,130 @@ fn serve_refuses_to_start_when_a_configured_proxy_policy_is_invalid() {
         .unwrap();
     assert_failure_says(&out, "CONTAINERS");
 }
+
+#[test]
+fn the_docker_cli_works_through_the_proxy_for_an_ssh_device() {
+    let infra = Infra::get();
+    let host_key = std::fs::read_to_string(infra.path("SSH_HOST_KEY_PUB")).unwrap();
+    run_cli_suite(
+        &[
+            "--kind",
+            "ssh",
+            "--host",
+            infra.var("SSH_HOST4"),
+            "--port",
+            infra.var("SSH_PORT"),
+            "--user",
+            infra.var("SSH_USER_KEY"),
+            "--ssh-key-file",
+            infra.var("SSH_KEY_ED25519"),
+            "--host-key",
+            host_key.trim(),
+        ],
+        "ssh",
+    );
+}
+
+#[test]
+fn the_docker_cli_works_through_the_proxy_for_a_tls_device() {
+    let infra = Infra::get();
+    run_cli_suite(
+        &[
+            "--kind",
+            "tls",
+            "--host",
+            infra.var("TLS_HOST"),
+            "--port",
+            infra.var("TLS_PORT"),
+            "--tls-ca",
+            infra.var("TLS_CA"),
+            "--tls-cert",
+            infra.var("TLS_CERT"),
+            "--tls-key",
+            infra.var("TLS_KEY"),
+        ],
+        "tls",
+    );
+}
+
+#[test]
+fn the_proxy_refuses_containers_outside_the_policy_container_scope() {
+    let infra = Infra::get();
+    let image = infra.var("TEST_IMAGE");
+    let data = DataDir::with_vault();
+    assert_success(
+        &data.capstan(&["device", "add", "d", "--kind", "local"]),
+        "device add",
+    );
+    let policy = data.path().join("scoped.toml");
+    std::fs::write(
+        &policy,
+        "CONTAINERS = 1\nPOST = 1\ndevices = [\"d\"]\n\n[containers]\nlabels = [\"capstan.test.scope=in\"]\n",
+    )
+    .unwrap();
+    let tag = std::process::id();
+    let inside = format!("capstan-scope-in-{tag}");
+    let outside = format!("capstan-scope-out-{tag}");
+    for (name, label) in [(&inside, "in"), (&outside, "out")] {
+        remove_container(name);
+        let out = Command::new("docker")
+            .args([
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--label",
+                &format!("capstan.test.scope={label}"),
+                image,
+            ])
+            .output()
+            .unwrap();
+        assert_success(&out, "start a test container");
+    }
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = data
+        .cmd()
+        .args([
+            "proxy",
+            "--device",
+            "d",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--listen",
+            &format!("tcp://{addr}"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("serving"), "{line}");
+    let proxy = ProxyProcess { child, addr };
+    let cfg = tempfile::tempdir().unwrap();
+
+    let out = docker(&proxy.addr, cfg.path())
+        .args(["restart", "-t", "1", &outside])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("outside the policy's container scope"),
+        "{}",
+        stderr(&out)
+    );
+    let out = docker(&proxy.addr, cfg.path())
+        .args(["restart", "-t", "1", &inside])
+        .output()
+        .unwrap();
+    assert_success(&out, "restart inside the scope");
+    let out = docker(&proxy.addr, cfg.path())
+        .args(["inspect", "does-not-exist-anywhere"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    remove_container(&inside);
+    remove_container(&outside);
+    drop(proxy);
+}

@@ -7,6 +7,7 @@ mod cli_device;
 mod cli_plugin;
 mod cli_policy;
 mod cli_vault;
+mod docker;
 mod plugin_examples;
 mod plugins;
 mod proxy;

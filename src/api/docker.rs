@@ -103,7 +103,11 @@ pub struct DockerLoginSpec {
     key_passphrase: Option<Secret>,
 }
 
-fn infer_auth(given: Option<SshAuth>, key: &Option<Secret>, pw: &Option<Secret>) -> Option<SshAuth> {
+fn infer_auth(
+    given: Option<SshAuth>,
+    key: &Option<Secret>,
+    pw: &Option<Secret>,
+) -> Option<SshAuth> {
     given.or(if key.is_some() {
         Some(SshAuth::Key)
     } else if pw.is_some() {

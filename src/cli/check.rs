@@ -145,6 +145,12 @@ pub(crate) fn print_one(r: &CheckReport) {
             "trusted now"
         } else if k.pinned {
             "pinned"
+        } else if r
+            .error
+            .as_ref()
+            .is_some_and(|e| e.kind == "host-key-mismatch")
+        {
+            "NOT the pinned key"
         } else {
             "not pinned"
         };
@@ -200,7 +206,7 @@ pub(crate) fn print_table(reports: &[CheckReport]) {
         println!();
         for r in failures {
             if let Some(e) = &r.error {
-                println!("{}: {}", r.device, e.message);
+                println!("{}", e.message);
             }
         }
     }

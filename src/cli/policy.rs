@@ -34,9 +34,13 @@ pub enum PolicyCmd {
 
 /// Loads a policy file: TOML when the name ends in `.toml`, else an environment block.
 pub fn load_policy_file(path: &Path) -> anyhow::Result<Policy> {
+    read_policy(path, path.extension().is_some_and(|e| e == "toml"))
+}
+
+fn read_policy(path: &Path, toml: bool) -> anyhow::Result<Policy> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read policy file {}", path.display()))?;
-    let parsed = if path.extension().is_some_and(|e| e == "toml") {
+    let parsed = if toml {
         Policy::from_toml_str(&text)
     } else {
         Policy::from_env_block(&text)
@@ -52,18 +56,8 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
             reasons,
         } => {
             let policy = match (env_file, policy) {
-                (Some(f), _) => {
-                    let text = std::fs::read_to_string(&f)
-                        .with_context(|| format!("cannot read {}", f.display()))?;
-                    Policy::from_env_block(&text)
-                        .with_context(|| format!("invalid policy in {}", f.display()))?
-                }
-                (None, Some(f)) => {
-                    let text = std::fs::read_to_string(&f)
-                        .with_context(|| format!("cannot read {}", f.display()))?;
-                    Policy::from_toml_str(&text)
-                        .with_context(|| format!("invalid policy in {}", f.display()))?
-                }
+                (Some(f), _) => read_policy(&f, false)?,
+                (None, Some(f)) => read_policy(&f, true)?,
                 (None, None) => unreachable!("clap requires one"),
             };
             let compiled = policy.compile();

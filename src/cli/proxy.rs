@@ -51,14 +51,14 @@ pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     rt.block_on(async {
         let device = engine.devices()?.get(&args.device)?;
-        let dialer = engine.dialer(&device).await?;
-        // The dialer holds what it needs (secrets in memory); release the data directory so
-        // the engine and other proxies can use it.
+        let upstream = engine.docker_client(&device)?;
+        // The client holds what it needs (secrets in memory); release the data directory
+        // so the engine and other proxies can use it.
         drop(engine);
         let proxy = Arc::new(Proxy::new(
             &device.name,
             policy,
-            dialer,
+            upstream,
             &args.listen,
             token.as_ref(),
         )?);

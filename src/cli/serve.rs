@@ -160,9 +160,9 @@ async fn serve(
             .devices()?
             .get(&p.device)
             .with_context(|| format!("[[proxy]] on {}", p.listen))?;
-        let dialer = engine.dialer(&device).await?;
+        let upstream = engine.docker_client(&device)?;
         let proxy = Arc::new(
-            Proxy::new(&device.name, policy, dialer, &p.listen, token.as_ref())
+            Proxy::new(&device.name, policy, upstream, &p.listen, token.as_ref())
                 .with_context(|| format!("[[proxy]] for device {} on {}", device.name, p.listen))?,
         );
         let listener = ProxyListener::bind(&p.listen).await?;

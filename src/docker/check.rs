@@ -128,7 +128,7 @@ pub struct HostKeyReport {
     pub fingerprint: String,
     /// The key as an OpenSSH public key line, to pin it.
     pub key: String,
-    /// A key is pinned on the device and the server presented it.
+    /// The server presented the key pinned on the device.
     pub pinned: bool,
     /// No key was pinned, trust on first use was asked for and the login succeeded: the
     /// caller should pin `key` now.
@@ -147,7 +147,11 @@ impl CheckReport {
 }
 
 /// Checks `device` with `secrets` over a fresh connection.
-pub async fn run_check(device: &Device, secrets: &DeviceSecrets, opts: &CheckOptions) -> CheckReport {
+pub async fn run_check(
+    device: &Device,
+    secrets: &DeviceSecrets,
+    opts: &CheckOptions,
+) -> CheckReport {
     let start = Instant::now();
     let steps = Steps::default();
     let policy = if opts.trust_host_key {
@@ -191,11 +195,16 @@ pub async fn run_check(device: &Device, secrets: &DeviceSecrets, opts: &CheckOpt
         }
         if let Some(k) = client.transport().presented_host_key() {
             let authenticated = client.transport().ssh_authenticated();
+            let pinned = device
+                .host_key
+                .as_deref()
+                .and_then(|p| crate::device::parse_host_key(p).ok())
+                .is_some_and(|p| p.key_data() == k.key_data());
             report.host_key = Some(HostKeyReport {
                 algorithm: k.algorithm().to_string(),
                 fingerprint: ssh::fingerprint(&k),
                 key: ssh::openssh_line(&k),
-                pinned: device.host_key.is_some() && authenticated,
+                pinned,
                 trusted_now: device.host_key.is_none()
                     && policy == HostKeyPolicy::TrustOnFirstUse
                     && authenticated,
@@ -220,7 +229,8 @@ async fn probe(
 
     // With Docker-only credentials, the device's own login is verified too.
     if device.kind == DeviceKind::Ssh && device.docker_login.is_some() {
-        let main = SshTransport::with_login(device, secrets, &opts.connect, policy, LoginChoice::Main)?;
+        let main =
+            SshTransport::with_login(device, secrets, &opts.connect, policy, LoginChoice::Main)?;
         steps
             .run("main-login", main.login_only(&Steps::default()))
             .await?;

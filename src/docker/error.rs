@@ -74,14 +74,14 @@ pub enum ConnectError {
     },
 
     #[error(
-        "device {device}: the SSH host key of {addr} is not pinned, so the server cannot be verified; it presented {presented} ({algorithm}). Compare it with `ssh-keygen -lf /etc/ssh/ssh_host_{algorithm_short}_key.pub` on the host, then pin it: `capstan device check {device} --trust-host-key` (or `capstan device edit {device} --host-key '<public key line>'`)"
+        "device {device}: the SSH host key of {addr} is not pinned, so the server cannot be verified; it presented {presented} ({algorithm}). Compare it with `ssh-keygen -lf /etc/ssh/ssh_host_{}_key.pub` on the host, then pin it: `capstan device check {device} --trust-host-key` (or `capstan device edit {device} --host-key '<public key line>'`)",
+        host_key_file_name(.algorithm)
     )]
     HostKeyUnknown {
         device: String,
         addr: String,
         presented: String,
         algorithm: String,
-        algorithm_short: String,
         /// The presented key as an OpenSSH public key line, to pin it.
         key: String,
     },
@@ -288,6 +288,19 @@ pub fn classify_bollard(
     }
 }
 
+/// The part of `/etc/ssh/ssh_host_<x>_key.pub` that names the algorithm.
+pub(crate) fn host_key_file_name(algorithm: &str) -> &'static str {
+    if algorithm.contains("ed25519") {
+        "ed25519"
+    } else if algorithm.starts_with("ecdsa") {
+        "ecdsa"
+    } else if algorithm.contains("rsa") {
+        "rsa"
+    } else {
+        "*"
+    }
+}
+
 fn fmt_methods(m: &[String]) -> String {
     if m.is_empty() {
         "nothing more (it closed authentication)".into()
@@ -299,8 +312,9 @@ fn fmt_methods(m: &[String]) -> String {
 fn auth_hint(method: &str, offered: &[String]) -> String {
     let has = |m: &str| offered.iter().any(|o| o == m);
     if method == "password" && !has("password") && has("keyboard-interactive") {
-        "; this server asks passwords through keyboard-interactive: enable --keyboard-interactive".into()
-    } else if method != "publickey" && has("publickey") && !has("password") {
+        "; this server asks passwords through keyboard-interactive: enable --keyboard-interactive"
+            .into()
+    } else if !method.starts_with("publickey") && has("publickey") && !has("password") {
         "; this server accepts keys only: give --ssh-key-file or use --auth agent".into()
     } else {
         String::new()
@@ -312,5 +326,62 @@ pub(crate) fn fmt_duration(d: Duration) -> String {
         format!("{} ms", d.as_millis())
     } else {
         format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_refused_where_only_keyboard_interactive_is_offered_says_so() {
+        let e = ConnectError::AuthRejected {
+            device: "web1".into(),
+            user: "ops".into(),
+            method: "password".into(),
+            offered: vec!["keyboard-interactive".into()],
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains("web1") && msg.contains("--keyboard-interactive"),
+            "{msg}"
+        );
+        assert_eq!(e.kind(), "auth");
+        assert_eq!(e.offered_methods().unwrap(), ["keyboard-interactive"]);
+    }
+
+    #[test]
+    fn backing_off_keeps_the_kind_of_the_failure_behind_it() {
+        let last = ConnectError::Timeout {
+            device: "db".into(),
+            step: "ssh-handshake",
+            after: Duration::from_secs(10),
+        };
+        let e = ConnectError::BackingOff {
+            failures: 3,
+            retry_in: Duration::from_millis(1500),
+            last: Box::new(last),
+        };
+        assert_eq!(e.kind(), "timeout");
+        assert!(e.is_timeout());
+        let msg = e.to_string();
+        assert!(
+            msg.contains("ssh-handshake") && msg.contains("1.5 s"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_connect_error_survives_the_trip_through_bollard() {
+        let e = ConnectError::DockerMissing {
+            device: "d".into(),
+            user: "u".into(),
+            detail: "sh: 1: docker: not found".into(),
+        };
+        let b = e.into_bollard();
+        let back = ConnectError::from_bollard(&b).expect("the same error");
+        assert_eq!(back.kind(), "docker-missing");
+        let c = classify_bollard("d", "x", Duration::from_secs(1), b);
+        assert_eq!(c.kind(), "docker-missing");
     }
 }

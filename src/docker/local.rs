@@ -110,13 +110,25 @@ fn unix_error(device: &str, path: &std::path::Path, e: std::io::Error) -> Connec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn docker_host_urls_parse_like_the_docker_cli_reads_them() {
-        assert!(matches!(parse_endpoint("unix:///var/run/docker.sock"), Some(Endpoint::Unix(p)) if p == PathBuf::from("/var/run/docker.sock")));
-        assert!(matches!(parse_endpoint("tcp://127.0.0.1:2375"), Some(Endpoint::Tcp { host, port: 2375 }) if host == "127.0.0.1"));
-        assert!(matches!(parse_endpoint("tcp://[::1]:2375"), Some(Endpoint::Tcp { host, .. }) if host == "::1"));
-        for bad in ["ssh://me@host", "unix://relative", "tcp://host", "npipe:////./pipe/x"] {
+        assert!(
+            matches!(parse_endpoint("unix:///var/run/docker.sock"), Some(Endpoint::Unix(p)) if p == Path::new("/var/run/docker.sock"))
+        );
+        assert!(
+            matches!(parse_endpoint("tcp://127.0.0.1:2375"), Some(Endpoint::Tcp { host, port: 2375 }) if host == "127.0.0.1")
+        );
+        assert!(
+            matches!(parse_endpoint("tcp://[::1]:2375"), Some(Endpoint::Tcp { host, .. }) if host == "::1")
+        );
+        for bad in [
+            "ssh://me@host",
+            "unix://relative",
+            "tcp://host",
+            "npipe:////./pipe/x",
+        ] {
             assert!(parse_endpoint(bad).is_none(), "{bad}");
         }
     }

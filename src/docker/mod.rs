@@ -41,7 +41,7 @@ use crate::device::{Device, DeviceKind, DeviceSecrets, IpFamily};
 
 pub use check::{CheckFailure, CheckOptions, CheckReport, DockerFacts, HostKeyReport, run_check};
 pub use error::{ConnectError, classify_bollard};
-pub use pool::{DockerClient, Pool};
+pub use pool::{DockerClient, PingInfo, Pool};
 
 /// The request and response body type of raw requests: any boxed body of bytes.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -104,9 +104,7 @@ impl Default for ConnectOptions {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             agent_socket: std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from),
-            docker_host_env: std::env::var("DOCKER_HOST")
-                .ok()
-                .filter(|s| !s.is_empty()),
+            docker_host_env: std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty()),
         }
     }
 }
@@ -115,7 +113,9 @@ impl ConnectOptions {
     /// The pause before the next attempt after `failures` failed attempts in a row.
     pub(crate) fn backoff(&self, failures: u32) -> Duration {
         let factor = 1u32 << failures.saturating_sub(1).min(16);
-        self.backoff_base.saturating_mul(factor).min(self.backoff_max)
+        self.backoff_base
+            .saturating_mul(factor)
+            .min(self.backoff_max)
     }
 }
 
@@ -210,7 +210,7 @@ pub(crate) type Io = Box<dyn IoStream>;
 /// The transports, chosen by the device kind.
 pub(crate) enum Transport {
     Local(local::LocalTransport),
-    Ssh(ssh::SshTransport),
+    Ssh(Box<ssh::SshTransport>),
     Tls(tls::TlsTransport),
 }
 
@@ -223,9 +223,9 @@ impl Transport {
     ) -> Result<Transport, ConnectError> {
         Ok(match device.kind {
             DeviceKind::Local => Transport::Local(local::LocalTransport::new(device, opts)?),
-            DeviceKind::Ssh => Transport::Ssh(ssh::SshTransport::new(
+            DeviceKind::Ssh => Transport::Ssh(Box::new(ssh::SshTransport::new(
                 device, secrets, opts, host_keys,
-            )?),
+            )?)),
             DeviceKind::Tls => Transport::Tls(tls::TlsTransport::new(device, secrets, opts)?),
         })
     }
@@ -270,7 +270,11 @@ impl Transport {
     }
 
     /// Maps an I/O failure on an established stream to the error it stands for.
-    pub(crate) fn classify_stream_error(&self, device: &str, e: &std::io::Error) -> Option<ConnectError> {
+    pub(crate) fn classify_stream_error(
+        &self,
+        device: &str,
+        e: &std::io::Error,
+    ) -> Option<ConnectError> {
         match self {
             Transport::Ssh(t) => t.classify_stream_error(e),
             Transport::Tls(t) => tls::classify_stream_error(device, &t.addr_label(), e),
@@ -396,10 +400,7 @@ impl<G: Unpin> AsyncWrite for Guarded<G> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 
@@ -413,5 +414,40 @@ impl<G: Unpin> AsyncWrite for Guarded<G> {
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn back_off_doubles_up_to_the_maximum() {
+        let o = ConnectOptions {
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(4),
+            ..ConnectOptions::default()
+        };
+        let got: Vec<u128> = (1..=6).map(|n| o.backoff(n).as_millis()).collect();
+        assert_eq!(got, [500, 1000, 2000, 4000, 4000, 4000]);
+        assert_eq!(o.backoff(u32::MAX), Duration::from_secs(4));
+    }
+
+    #[test]
+    fn addresses_in_messages_bracket_ipv6() {
+        assert_eq!(host_port("::1", 22), "[::1]:22");
+        assert_eq!(host_port("example.org", 2376), "example.org:2376");
+    }
+
+    #[tokio::test]
+    async fn resolving_keeps_only_the_requested_family() {
+        let v4 = resolve("d", "127.0.0.1", 22, IpFamily::Ipv4).await.unwrap();
+        assert!(v4.iter().all(|a| a.is_ipv4()));
+        let e = resolve("d", "127.0.0.1", 22, IpFamily::Ipv6)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), "resolve");
+        let v6 = resolve("d", "::1", 22, IpFamily::Ipv6).await.unwrap();
+        assert_eq!(v6[0].to_string(), "[::1]:22");
     }
 }

@@ -14,6 +14,7 @@
 //! included (`hyper::upgrade::on(response)`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,10 @@ struct Inner {
     max: usize,
     idle: Mutex<Vec<Idle>>,
     returned: Notify,
+    /// Connections whose response is still being read; they come back when it ends.
+    returning: AtomicUsize,
+    /// Connections opened so far.
+    opened: AtomicUsize,
     idle_timeout: Duration,
     request_timeout: Duration,
 }
@@ -55,6 +60,10 @@ struct Idle {
     sender: SendRequest<Body>,
     since: Instant,
 }
+
+/// How often a request yields to let a just-finished connection come back before it
+/// opens a new one.
+const RETURN_YIELDS: usize = 8;
 
 /// What `GET /_ping` says about the daemon.
 #[derive(Debug, Clone)]
@@ -84,6 +93,8 @@ impl DockerClient {
             max,
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
+            returning: AtomicUsize::new(0),
+            opened: AtomicUsize::new(0),
             idle_timeout: opts.idle_timeout,
             request_timeout: opts.request_timeout,
         });
@@ -131,7 +142,10 @@ impl DockerClient {
     /// that API refuse (400 "client version 1.53 is too new"), so the version comes from
     /// the `_ping` header, as the docker CLI does it; bollard's negotiation remains the
     /// fallback for a daemon that sends no such header.
-    pub(crate) async fn bollard_for(&self, api_version: Option<&str>) -> Result<Docker, ConnectError> {
+    pub(crate) async fn bollard_for(
+        &self,
+        api_version: Option<&str>,
+    ) -> Result<Docker, ConnectError> {
         let announced = api_version.and_then(parse_version);
         let version = match announced {
             Some(v) if v < *API_DEFAULT_VERSION => v,
@@ -145,6 +159,8 @@ impl DockerClient {
                 inner.send(req).await.map_err(ConnectError::into_bollard)
             }
         };
+        // The one place a bollard client is built (see clippy.toml).
+        #[allow(clippy::disallowed_methods)]
         let docker = Docker::connect_with_custom_transport(
             transport,
             Some("http://docker"),
@@ -159,20 +175,28 @@ impl DockerClient {
             return Ok(docker);
         }
         let device = self.inner.device.clone();
-        docker
-            .negotiate_version()
-            .await
-            .map_err(|e| super::classify_bollard(&device, "negotiating the API version", self.inner.request_timeout, e))
+        docker.negotiate_version().await.map_err(|e| {
+            super::classify_bollard(
+                &device,
+                "negotiating the API version",
+                self.inner.request_timeout,
+                e,
+            )
+        })
     }
 
     /// Opens one connection now, recording each step, and keeps it for the next request.
     pub(crate) async fn connect_traced(&self, steps: &Steps) -> Result<(), ConnectError> {
-        let permit = self.inner.slots.clone().acquire_owned().await.map_err(|_| {
-            ConnectError::Transport {
+        let permit = self
+            .inner
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ConnectError::Transport {
                 device: self.inner.device.clone(),
                 detail: "the client is shutting down".into(),
-            }
-        })?;
+            })?;
         let sender = self.inner.connect(permit, steps).await?;
         self.inner.put_idle(sender);
         Ok(())
@@ -187,14 +211,26 @@ impl DockerClient {
         self.inner.max - self.inner.slots.available_permits()
     }
 
+    /// Connections opened since the client was created (for SSH: channels).
+    pub fn connections_opened(&self) -> usize {
+        self.inner.opened.load(Ordering::Relaxed)
+    }
+
     /// Connections open and idle now.
     pub fn idle_connections(&self) -> usize {
-        self.inner.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.inner
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 }
 
 impl Inner {
-    async fn send(self: &Arc<Self>, mut req: Request<Body>) -> Result<Response<Incoming>, ConnectError> {
+    async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, ConnectError> {
         self.prepare(&mut req)?;
         let mut stale = 0;
         loop {
@@ -264,10 +300,8 @@ impl Inner {
             })?;
         }
         if !req.headers().contains_key(HOST) {
-            req.headers_mut().insert(
-                HOST,
-                HeaderValue::from_static(self.transport.host_header()),
-            );
+            req.headers_mut()
+                .insert(HOST, HeaderValue::from_static(self.transport.host_header()));
         }
         Ok(())
     }
@@ -280,6 +314,18 @@ impl Inner {
             returned.as_mut().enable();
             if let Some(s) = self.take_idle() {
                 return Ok((s, true));
+            }
+            // A response read to its end a moment ago frees its connection only once the
+            // connection task has noticed: give it that moment rather than open another
+            // connection (for SSH, a channel and a remote process) for every call of a
+            // sequential caller.
+            if self.returning.load(Ordering::Acquire) > 0 {
+                for _ in 0..RETURN_YIELDS {
+                    tokio::task::yield_now().await;
+                    if let Some(s) = self.take_idle() {
+                        return Ok((s, true));
+                    }
+                }
             }
             if let Ok(permit) = self.slots.clone().try_acquire_owned() {
                 return Ok((self.connect(permit, &Steps::default()).await?, false));
@@ -324,12 +370,15 @@ impl Inner {
             self.put_idle(sender);
             return;
         }
+        self.returning.fetch_add(1, Ordering::AcqRel);
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                if let Some(inner) = me.upgrade() {
+            let ready = sender.ready().await.is_ok();
+            if let Some(inner) = me.upgrade() {
+                if ready {
                     inner.put_idle(sender);
                 }
+                inner.returning.fetch_sub(1, Ordering::AcqRel);
             }
         });
     }
@@ -340,6 +389,7 @@ impl Inner {
         steps: &Steps,
     ) -> Result<SendRequest<Body>, ConnectError> {
         let io = self.transport.connect(steps).await?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
         let io = TokioIo::new(Guarded { io, _guard: permit });
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
@@ -358,10 +408,11 @@ impl Inner {
     fn hyper_error(&self, e: hyper::Error) -> ConnectError {
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = src {
-            if let Some(io) = s.downcast_ref::<std::io::Error>() {
-                if let Some(c) = self.transport.classify_stream_error(&self.device, io) {
-                    return c;
-                }
+            if let Some(c) = s
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| self.transport.classify_stream_error(&self.device, io))
+            {
+                return c;
             }
             src = s.source();
         }
@@ -441,10 +492,8 @@ impl Pool {
         secrets: impl FnOnce() -> Result<DeviceSecrets, ConnectError>,
     ) -> Result<Arc<DockerClient>, ConnectError> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = clients.get(&device.id) {
-            if c.device == *device {
-                return Ok(c.clone());
-            }
+        if let Some(c) = clients.get(&device.id).filter(|c| c.device == *device) {
+            return Ok(c.clone());
         }
         let client = DockerClient::new(device, &secrets()?, &self.opts, HostKeyPolicy::PinnedOnly)?;
         clients.insert(device.id, client.clone());

@@ -31,8 +31,7 @@ use russh::{ChannelMsg, ChannelWriteHalf, MethodKind, MethodSet};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{
-    ConnectError, ConnectOptions, HostKeyPolicy, Io, Steps, connect_tcp, host_port, resolve,
-    within,
+    ConnectError, ConnectOptions, HostKeyPolicy, Io, Steps, connect_tcp, host_port, resolve, within,
 };
 use crate::device::{Device, DeviceSecrets, IpFamily, SecretField, SshAuth};
 use crate::secret::Secret;
@@ -233,7 +232,15 @@ impl SshTransport {
                     self.forget(&session).await;
                     retried = true;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // A kept session that cannot open a channel in time is probably
+                    // dead without having noticed (no RST on a dropped network): the
+                    // next operation starts a new one.
+                    if !fresh && e.is_timeout() {
+                        self.forget(&session).await;
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -298,11 +305,7 @@ impl SshTransport {
 
     async fn forget(&self, session: &Arc<Session>) {
         let mut st = self.state.lock().await;
-        if st
-            .session
-            .as_ref()
-            .is_some_and(|s| Arc::ptr_eq(s, session))
-        {
+        if st.session.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) {
             st.session = None;
         }
     }
@@ -409,10 +412,7 @@ impl SshTransport {
                     None
                 };
                 let r = handle
-                    .authenticate_publickey(
-                        &user,
-                        PrivateKeyWithHashAlg::new(key.clone(), hash),
-                    )
+                    .authenticate_publickey(&user, PrivateKeyWithHashAlg::new(key.clone(), hash))
                     .await
                     .map_err(err)?;
                 match r {
@@ -475,8 +475,8 @@ impl SshTransport {
                     let answers: Vec<String> = prompts
                         .iter()
                         .map(|p| {
-                            let asks_secret = !p.echo
-                                || p.prompt.to_ascii_lowercase().contains("password");
+                            let asks_secret =
+                                !p.echo || p.prompt.to_ascii_lowercase().contains("password");
                             if asks_secret {
                                 answered += 1;
                                 pw.to_string()
@@ -487,7 +487,9 @@ impl SshTransport {
                         .collect();
                     if answered > 2 {
                         // The server keeps asking: the password is wrong.
-                        return Ok(Some(MethodSet::from(&[MethodKind::KeyboardInteractive][..])));
+                        return Ok(Some(MethodSet::from(
+                            &[MethodKind::KeyboardInteractive][..],
+                        )));
                     }
                     reply = handle
                         .authenticate_keyboard_interactive_respond(answers)
@@ -509,7 +511,10 @@ impl SshTransport {
             detail,
         };
         let sock = self.agent_socket.as_ref().ok_or_else(|| {
-            invalid("agent auth needs an ssh-agent: SSH_AUTH_SOCK is not set for the capstan process".into())
+            invalid(
+                "agent auth needs an ssh-agent: SSH_AUTH_SOCK is not set for the capstan process"
+                    .into(),
+            )
         })?;
         let mut agent = russh::keys::agent::client::AgentClient::connect_uds(sock)
             .await
@@ -608,11 +613,21 @@ impl SshTransport {
         } else {
             last_lines(text, 3)
         };
-        let sudo_refused = ["password is required", "not allowed to", "not in the sudoers", "may not run", "a terminal is required", "sudo: not found"];
+        let sudo_refused = [
+            "password is required",
+            "not allowed to",
+            "not in the sudoers",
+            "may not run",
+            "a terminal is required",
+            "sudo: not found",
+        ];
         if lower.contains("sudo") && sudo_refused.iter().any(|s| lower.contains(s)) {
             return ConnectError::SudoRefused { device, detail };
         }
-        if f.exit == Some(127) || lower.contains("command not found") || (lower.contains("docker") && lower.contains("not found")) {
+        if f.exit == Some(127)
+            || lower.contains("command not found")
+            || (lower.contains("docker") && lower.contains("not found"))
+        {
             return ConnectError::DockerMissing {
                 device,
                 user: self.login.user.clone(),
@@ -735,19 +750,6 @@ pub(crate) fn openssh_line(k: &PublicKey) -> String {
         .unwrap_or_default()
 }
 
-/// The part of `/etc/ssh/ssh_host_<x>_key.pub` that names the algorithm.
-fn host_key_file_name(algorithm: &str) -> &'static str {
-    if algorithm.contains("ed25519") {
-        "ed25519"
-    } else if algorithm.starts_with("ecdsa") {
-        "ecdsa"
-    } else if algorithm.contains("rsa") {
-        "rsa"
-    } else {
-        "*"
-    }
-}
-
 #[derive(Debug)]
 enum HandlerError {
     Ssh(russh::Error),
@@ -799,7 +801,6 @@ impl client::Handler for ClientHandler {
                 device: self.device.clone(),
                 addr: self.addr.clone(),
                 presented: fingerprint(&presented),
-                algorithm_short: host_key_file_name(&algorithm).to_string(),
                 algorithm,
                 key: openssh_line(&presented),
             })),
@@ -880,9 +881,10 @@ impl DialStdio {
     fn new(channel: russh::Channel<Msg>) -> DialStdio {
         let (read_half, write_half) = channel.split();
         let tx = Box::pin(write_half.make_writer());
-        let rx = Box::pin(futures_util::stream::unfold(read_half, |mut r| async move {
-            r.wait().await.map(|m| (m, r))
-        }));
+        let rx = Box::pin(futures_util::stream::unfold(
+            read_half,
+            |mut r| async move { r.wait().await.map(|m| (m, r)) },
+        ));
         DialStdio {
             rx,
             tx,
@@ -980,10 +982,7 @@ impl AsyncWrite for DialStdio {
         self.tx.as_mut().poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.tx.as_mut().poll_shutdown(cx)
     }
 }
@@ -992,11 +991,124 @@ impl Drop for DialStdio {
     fn drop(&mut self) {
         // Close the channel so the remote dial-stdio exits and the server's channel slot
         // (MaxSessions) comes free.
-        if let (Some(w), Ok(rt)) = (self.write_half.take(), tokio::runtime::Handle::try_current())
-        {
+        if let (Some(w), Ok(rt)) = (
+            self.write_half.take(),
+            tokio::runtime::Handle::try_current(),
+        ) {
             rt.spawn(async move {
                 let _ = w.close().await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transport(sudo: bool) -> SshTransport {
+        let now = chrono::Utc::now();
+        let d = Device {
+            id: uuid::Uuid::new_v4(),
+            name: "web1".into(),
+            kind: crate::device::DeviceKind::Ssh,
+            host: Some("10.0.0.5".into()),
+            port: None,
+            user: Some("ops".into()),
+            auth: Some(SshAuth::None),
+            key_has_passphrase: false,
+            docker_login: None,
+            ip_family: IpFamily::Any,
+            agent_forwarding: false,
+            keyboard_interactive: false,
+            socket_path: None,
+            sudo,
+            host_key: None,
+            docker_host: None,
+            tls_server_name: None,
+            created_at: now,
+            updated_at: now,
+        };
+        SshTransport::new(
+            &d,
+            &DeviceSecrets::default(),
+            &ConnectOptions::default(),
+            HostKeyPolicy::PinnedOnly,
+        )
+        .unwrap()
+    }
+
+    fn kind_of(stderr: &str, exit: Option<u32>) -> &'static str {
+        let f = DialStdioFailed {
+            stderr: stderr.into(),
+            exit,
+            lost: false,
+        };
+        transport(false).classify_dial_failure(&f).kind()
+    }
+
+    #[test]
+    fn dial_stdio_stderr_maps_to_the_failure_kinds() {
+        assert_eq!(
+            kind_of("sh: 1: docker: not found\n", Some(127)),
+            "docker-missing"
+        );
+        assert_eq!(
+            kind_of("bash: docker: command not found", Some(127)),
+            "docker-missing"
+        );
+        assert_eq!(
+            kind_of("sudo: docker: command not found", Some(1)),
+            "docker-missing"
+        );
+        assert_eq!(
+            kind_of(
+                "failed to open the raw stream connection: dial unix /var/run/docker.sock: connect: permission denied",
+                Some(1)
+            ),
+            "permission-denied"
+        );
+        assert_eq!(
+            kind_of("sudo: a password is required", Some(1)),
+            "permission-denied"
+        );
+        assert_eq!(
+            kind_of(
+                "failed to open the raw stream connection: dial unix /x.sock: connect: no such file or directory",
+                Some(1)
+            ),
+            "daemon-not-running"
+        );
+        assert_eq!(
+            kind_of(
+                "dial unix /var/run/docker.sock: connect: connection refused",
+                Some(1)
+            ),
+            "daemon-not-running"
+        );
+        assert_eq!(
+            kind_of("something else entirely", Some(2)),
+            "remote-command"
+        );
+        let lost = DialStdioFailed {
+            stderr: String::new(),
+            exit: None,
+            lost: true,
+        };
+        assert_eq!(transport(false).classify_dial_failure(&lost).kind(), "ssh");
+    }
+
+    #[test]
+    fn the_remote_command_uses_sudo_and_the_socket_path_when_asked() {
+        assert_eq!(transport(false).command, "docker system dial-stdio");
+        assert_eq!(transport(true).command, "sudo -n docker system dial-stdio");
+    }
+
+    #[test]
+    fn host_key_file_names_follow_the_algorithm() {
+        use super::super::error::host_key_file_name;
+        assert_eq!(host_key_file_name("ssh-ed25519"), "ed25519");
+        assert_eq!(host_key_file_name("ecdsa-sha2-nistp256"), "ecdsa");
+        assert_eq!(host_key_file_name("rsa-sha2-512"), "rsa");
     }
 }

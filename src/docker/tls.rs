@@ -38,10 +38,11 @@ impl TlsTransport {
             .host
             .clone()
             .ok_or_else(|| invalid("a tls device needs a host".into()))?;
-        let server_name_text = device
-            .tls_server_name
-            .clone()
-            .unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_string());
+        let server_name_text = device.tls_server_name.clone().unwrap_or_else(|| {
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        });
         let server_name = ServerName::try_from(server_name_text.clone()).map_err(|_| {
             invalid(format!(
                 "{server_name_text:?} is not a valid TLS server name; set --tls-server-name"
@@ -67,7 +68,10 @@ impl TlsTransport {
         let device = self.device.as_str();
         let fut = async {
             let addrs = steps
-                .run("resolve", resolve(device, &self.host, self.port, self.family))
+                .run(
+                    "resolve",
+                    resolve(device, &self.host, self.port, self.family),
+                )
                 .await?;
             let tcp = steps
                 .run(
@@ -98,7 +102,10 @@ impl TlsTransport {
 }
 
 /// Builds the rustls client configuration from the device's PEM secrets.
-fn client_config(device: &str, secrets: &DeviceSecrets) -> Result<rustls::ClientConfig, ConnectError> {
+fn client_config(
+    device: &str,
+    secrets: &DeviceSecrets,
+) -> Result<rustls::ClientConfig, ConnectError> {
     let invalid = |detail: String| ConnectError::Invalid {
         device: device.to_string(),
         detail,
@@ -128,11 +135,14 @@ fn client_config(device: &str, secrets: &DeviceSecrets) -> Result<rustls::Client
     if chain.is_empty() {
         return Err(invalid("the --tls-cert PEM holds no certificate".into()));
     }
-    let key = PrivateKeyDer::from_pem_slice(key.expose())
-        .map_err(|e| invalid(format!("the --tls-key PEM holds no usable private key: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key.expose()).map_err(|e| {
+        invalid(format!(
+            "the --tls-key PEM holds no usable private key: {e}"
+        ))
+    })?;
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| invalid(format!("TLS set-up failed: {e}")))?
         .with_root_certificates(roots)
@@ -141,7 +151,12 @@ fn client_config(device: &str, secrets: &DeviceSecrets) -> Result<rustls::Client
             invalid(format!(
                 "the client certificate and key do not go together or are unsupported: {e}"
             ))
-        })
+        })?;
+    // Connections are pooled, so a full handshake per connection costs little; and TLS
+    // terminators built on OpenSSL that verify client certificates without a session id
+    // context (socat, for one) abort a resumed handshake with an internal_error alert.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }
 
 /// Finds a TLS failure in an I/O error (handshake, or the first read when the daemon
