@@ -183,11 +183,13 @@ async fn serve(
             "cannot listen on {addr} (is another capstan running? choose another with --listen)"
         )
     })?;
+    // Handlers first: a signal right after the banner must still shut down gracefully.
+    let shutdown = shutdown_signal();
     println!("capstan API listening on http://{}", listener.local_addr()?);
     let app = crate::api::router(engine);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            shutdown.await;
             let _ = stop_tx.send(true);
         })
         .await
@@ -202,12 +204,17 @@ async fn serve(
     Ok(())
 }
 
-pub(crate) async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers now (not when first polled, so a signal that
+/// arrives before the server starts polling is not fatal) and resolves on either.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }

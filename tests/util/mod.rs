@@ -113,7 +113,9 @@ impl DataDir {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn capstan");
-        child.stdin.take().unwrap().write_all(input).unwrap();
+        // A process that refuses its input may exit before reading all of it: a broken
+        // pipe here is its answer, not a test failure.
+        let _ = child.stdin.take().unwrap().write_all(input);
         child.wait_with_output().expect("wait for capstan")
     }
 }
