@@ -5,6 +5,7 @@
 //! record and the [`vault`] every secret; [`device`] describes the Docker hosts; the
 //! [`api`] serves it all over HTTP behind bearer tokens ([`token`]). The [`policy`] engine
 //! decides every Docker API request, and [`proxy`] serves the Docker API behind it.
+//! [`trigger`] decides when plugins run: cron schedules and verified webhook deliveries.
 
 pub mod api;
 pub mod cli;
@@ -16,4 +17,5 @@ pub mod proxy;
 pub mod secret;
 pub mod store;
 pub mod token;
+pub mod trigger;
 pub mod vault;
