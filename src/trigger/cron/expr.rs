@@ -22,6 +22,7 @@
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, LocalResult, NaiveDateTime, TimeZone, Utc};
@@ -32,7 +33,7 @@ use super::CronError;
 /// A parsed schedule: a cron expression, a macro, or `@every <duration>`.
 #[derive(Clone, Debug)]
 pub struct Schedule {
-    source: String,
+    source: Arc<str>,
     kind: Kind,
 }
 
@@ -336,7 +337,7 @@ impl Schedule {
             exprs.push(expr);
         }
         let schedule = Schedule {
-            source: source.clone(),
+            source: Arc::from(source.as_str()),
             kind: Kind::Cron {
                 exprs,
                 every_hour,
@@ -359,13 +360,18 @@ impl Schedule {
             return Err("@every needs an interval of at least 1s".into());
         }
         Ok(Schedule {
-            source: source.to_string(),
+            source: Arc::from(source),
             kind: Kind::Every(d.as_secs()),
         })
     }
 
     /// The schedule as written.
     pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// The schedule as written, shared (a cheap key for identical schedules).
+    pub fn source(&self) -> &Arc<str> {
         &self.source
     }
 

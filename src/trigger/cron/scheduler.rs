@@ -23,6 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
@@ -98,6 +99,9 @@ pub struct ShutdownReport {
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 type Callback = Arc<dyn Fn(TriggerId, FireInfo) -> BoxFuture + Send + Sync>;
+type SharedGate = Arc<Mutex<OverlapGate>>;
+/// Next fire times computed in one batch: (schedule, zone, after) -> next.
+type NextMemo = HashMap<(Arc<str>, Tz, DateTime<Utc>), Option<DateTime<Utc>>>;
 
 /// Every cron trigger of the engine. Cheap to clone; clones share the triggers.
 #[derive(Clone, Default)]
@@ -114,19 +118,26 @@ struct Shared {
     stopping: AtomicBool,
 }
 
+/// Triggers live in slots so the heap refers to them by index, without hashing ids on
+/// the hot path; `index` maps ids to slots for add and remove.
 #[derive(Default)]
 struct State {
-    triggers: HashMap<TriggerId, Entry>,
+    index: HashMap<TriggerId, usize>,
+    slots: Vec<Option<Entry>>,
+    free: Vec<usize>,
     heap: BinaryHeap<Reverse<Due>>,
     next_generation: u64,
 }
 
 struct Entry {
+    id: TriggerId,
     trigger: Arc<CronTrigger>,
-    gate: OverlapGate,
+    /// Shared with the trigger's running fires, which report their end to it without
+    /// taking the scheduler's lock.
+    gate: SharedGate,
     jitter: Jitter,
-    /// Distinguishes this installation from an earlier one under the same id, so stale
-    /// heap entries and finishing runs of a replaced trigger are ignored.
+    /// Unique per installation, so heap entries of a removed or replaced trigger (or of
+    /// an earlier occupant of the slot) are recognised as stale.
     generation: u64,
     next_scheduled: Option<DateTime<Utc>>,
 }
@@ -138,13 +149,43 @@ struct Due {
     scheduled_at: DateTime<Utc>,
     /// The one-off `run_on_start` fire, which does not continue the schedule.
     on_start: bool,
-    id: TriggerId,
+    slot: usize,
 }
 
-struct Start {
-    id: TriggerId,
+/// A fire that passed its gate, or a trigger to reschedule.
+struct Fire {
+    slot: usize,
     generation: u64,
     scheduled_at: DateTime<Utc>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl State {
+    fn entry(&self, slot: usize, generation: u64) -> Option<&Entry> {
+        self.slots
+            .get(slot)?
+            .as_ref()
+            .filter(|e| e.generation == generation)
+    }
+
+    fn entry_mut(&mut self, slot: usize, generation: u64) -> Option<&mut Entry> {
+        self.slots
+            .get_mut(slot)?
+            .as_mut()
+            .filter(|e| e.generation == generation)
+    }
+
+    /// Takes a trigger out; a fire waiting behind its running one is dropped with it.
+    fn take(&mut self, id: &TriggerId) -> Option<Entry> {
+        let slot = self.index.remove(id)?;
+        let entry = self.slots[slot].take()?;
+        self.free.push(slot);
+        lock(&entry.gate).clear_waiting();
+        Some(entry)
+    }
 }
 
 impl CronScheduler {
@@ -153,7 +194,7 @@ impl CronScheduler {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.shared.state)
     }
 
     /// Installs a trigger (or replaces the one with the same id: its running callbacks
@@ -162,11 +203,20 @@ impl CronScheduler {
     pub fn add(&self, id: TriggerId, trigger: CronTrigger) -> bool {
         let now = Utc::now();
         let mut st = self.state();
+        let replaced = st.take(&id).is_some();
         let generation = st.next_generation;
         st.next_generation += 1;
+        let slot = match st.free.pop() {
+            Some(slot) => slot,
+            None => {
+                st.slots.push(None);
+                st.slots.len() - 1
+            }
+        };
         let mut entry = Entry {
+            id: id.clone(),
             jitter: trigger.jitter_source(),
-            gate: OverlapGate::new(trigger.overlap()),
+            gate: Arc::new(Mutex::new(OverlapGate::new(trigger.overlap()))),
             trigger: Arc::new(trigger),
             generation,
             next_scheduled: None,
@@ -177,22 +227,25 @@ impl CronScheduler {
                 generation,
                 scheduled_at: now,
                 on_start: true,
-                id: id.clone(),
+                slot,
             }));
         }
-        if let Some(due) = schedule_next(&id, &mut entry, now) {
+        let next = entry.trigger.next_after(now);
+        if let Some(due) = due_at(slot, &mut entry, next) {
             st.heap.push(Reverse(due));
         }
-        let replaced = st.triggers.insert(id, entry).is_some();
+        st.slots[slot] = Some(entry);
+        st.index.insert(id, slot);
         compact(&mut st);
         drop(st);
         self.shared.wake.notify_one();
         replaced
     }
 
-    /// Removes a trigger: it fires no more; a callback already running finishes.
+    /// Removes a trigger: it fires no more, and a fire waiting behind its running one
+    /// is dropped; a callback already running finishes.
     pub fn remove(&self, id: &TriggerId) -> bool {
-        let removed = self.state().triggers.remove(id).is_some();
+        let removed = self.state().take(id).is_some();
         if removed {
             self.shared.wake.notify_one();
         }
@@ -202,18 +255,24 @@ impl CronScheduler {
     /// Removes every trigger of a plugin (uninstall). Returns how many.
     pub fn remove_plugin(&self, plugin: &str) -> usize {
         let mut st = self.state();
-        let before = st.triggers.len();
-        st.triggers.retain(|id, _| id.plugin() != plugin);
-        let n = before - st.triggers.len();
+        let ids: Vec<TriggerId> = st
+            .index
+            .keys()
+            .filter(|id| id.plugin() == plugin)
+            .cloned()
+            .collect();
+        for id in &ids {
+            st.take(id);
+        }
         drop(st);
-        if n > 0 {
+        if !ids.is_empty() {
             self.shared.wake.notify_one();
         }
-        n
+        ids.len()
     }
 
     pub fn len(&self) -> usize {
-        self.state().triggers.len()
+        self.state().index.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -222,19 +281,20 @@ impl CronScheduler {
 
     /// Installed trigger ids, sorted.
     pub fn ids(&self) -> Vec<TriggerId> {
-        let mut ids: Vec<_> = self.state().triggers.keys().cloned().collect();
+        let mut ids: Vec<_> = self.state().index.keys().cloned().collect();
         ids.sort();
         ids
     }
 
     pub fn status(&self, id: &TriggerId) -> Option<TriggerStatus> {
         let st = self.state();
-        let e = st.triggers.get(id)?;
+        let e = st.slots[*st.index.get(id)?].as_ref()?;
+        let gate = lock(&e.gate);
         Some(TriggerStatus {
             next_fire: e.next_scheduled,
-            running: e.gate.running(),
-            waiting: e.gate.waiting(),
-            stats: e.gate.stats(),
+            running: gate.running(),
+            waiting: gate.waiting(),
+            stats: gate.stats(),
         })
     }
 
@@ -265,10 +325,16 @@ impl CronScheduler {
         tokio::pin!(shutdown);
         loop {
             let now = Utc::now();
-            let (starts, next) = self.take_due(now);
-            for s in starts {
-                tasks.spawn(run_fire(self.shared.clone(), callback.clone(), s));
-            }
+            let fired = self.fire_due(now, |id, gate, scheduled_at| {
+                tasks.spawn(run_fire(
+                    self.shared.clone(),
+                    callback.clone(),
+                    id,
+                    gate,
+                    scheduled_at,
+                ));
+            });
+            let next = self.reschedule(fired, now);
             while tasks.try_join_next().is_some() {}
             let wait = next
                 .map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))
@@ -285,10 +351,10 @@ impl CronScheduler {
         self.shared.stopping.store(true, Ordering::SeqCst);
         let dropped_waiting = self
             .state()
-            .triggers
-            .values_mut()
-            .map(|e| e.gate.clear_waiting())
-            .filter(|cleared| *cleared)
+            .slots
+            .iter()
+            .flatten()
+            .filter(|e| lock(&e.gate).clear_waiting())
             .count();
         while tasks.try_join_next().is_some() {}
         let in_flight = tasks.len();
@@ -304,52 +370,77 @@ impl CronScheduler {
         }
     }
 
-    /// Pops every due fire, passes it through its gate and schedules the trigger's next
-    /// one. Returns the fires to start and the next deadline.
-    fn take_due(&self, now: DateTime<Utc>) -> (Vec<Start>, Option<DateTime<Utc>>) {
-        let mut starts = Vec::new();
+    /// Pops every due fire, passes it through its gate and hands the started ones to
+    /// `start` at once. Returns the triggers whose next fire is to be scheduled: firing
+    /// comes first, so callbacks do not wait while next times are computed.
+    fn fire_due(
+        &self,
+        now: DateTime<Utc>,
+        mut start: impl FnMut(TriggerId, SharedGate, DateTime<Utc>),
+    ) -> Vec<Fire> {
+        let mut fired = Vec::new();
         let mut st = self.state();
-        let State { triggers, heap, .. } = &mut *st;
-        while let Some(Reverse(due)) = heap.peek() {
+        while let Some(Reverse(due)) = st.heap.peek() {
             if due.at > now {
                 break;
             }
-            let Some(Reverse(due)) = heap.pop() else {
+            let Some(Reverse(due)) = st.heap.pop() else {
                 break;
             };
-            let Some(entry) = triggers.get_mut(&due.id) else {
+            let Some(entry) = st.entry(due.slot, due.generation) else {
                 continue;
             };
-            if entry.generation != due.generation {
-                continue;
-            }
-            if !due.on_start
-                && let Some(next) = schedule_next(&due.id, entry, now.max(due.scheduled_at))
-            {
-                heap.push(Reverse(next));
-            }
-            match entry.gate.on_fire(due.scheduled_at) {
-                FireDecision::Start => starts.push(Start {
-                    id: due.id,
-                    generation: due.generation,
-                    scheduled_at: due.scheduled_at,
-                }),
+            let decision = lock(&entry.gate).on_fire(due.scheduled_at);
+            match decision {
+                FireDecision::Start => {
+                    start(entry.id.clone(), entry.gate.clone(), due.scheduled_at);
+                }
                 FireDecision::Queue => {
-                    tracing::debug!(trigger = %due.id, scheduled_at = %due.scheduled_at, "previous run still going; fire queued")
+                    tracing::debug!(trigger = %entry.id, scheduled_at = %due.scheduled_at, "previous run still going; fire queued")
                 }
                 FireDecision::Skip => {
-                    tracing::info!(trigger = %due.id, scheduled_at = %due.scheduled_at, "previous run still going; fire skipped")
+                    tracing::info!(trigger = %entry.id, scheduled_at = %due.scheduled_at, "previous run still going; fire skipped")
                 }
             }
+            if !due.on_start {
+                fired.push(Fire {
+                    slot: due.slot,
+                    generation: due.generation,
+                    scheduled_at: due.scheduled_at,
+                });
+            }
         }
-        let next = heap.peek().map(|Reverse(d)| d.at);
-        (starts, next)
+        fired
+    }
+
+    /// Schedules the next fire of each trigger that just fired (no catch-up: the next
+    /// time after now). Identical schedules in one zone share one computation. Returns
+    /// the earliest deadline.
+    fn reschedule(&self, fired: Vec<Fire>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let mut memo: NextMemo = HashMap::new();
+        let mut st = self.state();
+        let mut due = Vec::with_capacity(fired.len());
+        for f in fired {
+            let Some(entry) = st.entry_mut(f.slot, f.generation) else {
+                continue;
+            };
+            let after = now.max(f.scheduled_at);
+            let trigger = &entry.trigger;
+            let key = (
+                trigger.schedule().source().clone(),
+                trigger.timezone(),
+                after,
+            );
+            let next = *memo.entry(key).or_insert_with(|| trigger.next_after(after));
+            due.extend(due_at(f.slot, entry, next));
+        }
+        st.heap.extend(due.into_iter().map(Reverse));
+        st.heap.peek().map(|Reverse(d)| d.at)
     }
 }
 
-/// The trigger's next fire after `after`, with jitter; records it on the entry.
-fn schedule_next(id: &TriggerId, entry: &mut Entry, after: DateTime<Utc>) -> Option<Due> {
-    let scheduled_at = entry.trigger.next_after(after);
+/// The heap entry for a fire at `scheduled_at` plus jitter; records it on the entry.
+fn due_at(slot: usize, entry: &mut Entry, scheduled_at: Option<DateTime<Utc>>) -> Option<Due> {
     entry.next_scheduled = scheduled_at;
     let scheduled_at = scheduled_at?;
     let delay = entry.jitter.next_delay();
@@ -359,35 +450,32 @@ fn schedule_next(id: &TriggerId, entry: &mut Entry, after: DateTime<Utc>) -> Opt
         generation: entry.generation,
         scheduled_at,
         on_start: false,
-        id: id.clone(),
+        slot,
     })
 }
 
 /// Rebuilds the heap when removed or replaced triggers have left it mostly stale.
 fn compact(st: &mut State) {
-    if st.heap.len() <= 2 * st.triggers.len() + 64 {
+    if st.heap.len() <= 2 * st.index.len() + 64 {
         return;
     }
-    let triggers = &st.triggers;
-    let kept: Vec<_> = std::mem::take(&mut st.heap)
+    let heap = std::mem::take(&mut st.heap);
+    let kept: Vec<_> = heap
         .into_vec()
         .into_iter()
-        .filter(|Reverse(d)| {
-            triggers
-                .get(&d.id)
-                .is_some_and(|e| e.generation == d.generation)
-        })
+        .filter(|Reverse(d)| st.entry(d.slot, d.generation).is_some())
         .collect();
     st.heap = BinaryHeap::from(kept);
 }
 
 /// Runs one started fire, then any fire that queued behind it.
-async fn run_fire(shared: Arc<Shared>, callback: Callback, start: Start) {
-    let Start {
-        id,
-        generation,
-        mut scheduled_at,
-    } = start;
+async fn run_fire(
+    shared: Arc<Shared>,
+    callback: Callback,
+    id: TriggerId,
+    gate: SharedGate,
+    mut scheduled_at: DateTime<Utc>,
+) {
     loop {
         let info = FireInfo {
             scheduled_at,
@@ -396,13 +484,7 @@ async fn run_fire(shared: Arc<Shared>, callback: Callback, start: Start) {
         if let Err(panic) = CatchUnwind(callback(id.clone(), info)).await {
             tracing::error!(trigger = %id, panic = panic_message(&panic), "cron callback panicked; counted as finished");
         }
-        let next = {
-            let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            match st.triggers.get_mut(&id) {
-                Some(e) if e.generation == generation => e.gate.on_finish(),
-                _ => None,
-            }
-        };
+        let next = lock(&gate).on_finish();
         match next {
             Some(s) if !shared.stopping.load(Ordering::SeqCst) => scheduled_at = s,
             _ => break,
