@@ -14,6 +14,7 @@ pub mod device;
 pub mod engine;
 pub mod policy;
 pub mod proxy;
+pub mod runs;
 pub mod secret;
 pub mod store;
 pub mod token;
