@@ -5,7 +5,8 @@
 //! record and the [`vault`] every secret; [`device`] describes the Docker hosts; the
 //! [`api`] serves it all over HTTP behind bearer tokens ([`token`]). The [`policy`] engine
 //! decides every Docker API request, and [`proxy`] serves the Docker API behind it.
-//! [`trigger`] decides when plugins run: cron schedules and verified webhook deliveries.
+//! [`trigger`] decides when plugins run (cron schedules, verified webhook deliveries) and
+//! [`runs`] records every run.
 
 pub mod api;
 pub mod cli;

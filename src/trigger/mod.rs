@@ -7,3 +7,4 @@
 
 pub mod cron;
 pub mod units;
+pub mod webhook;
