@@ -493,7 +493,10 @@ impl RunStore {
             .entry(plugin.to_string())
             .or_default() += 1;
         self.publish(&record);
-        self.retain_on_insert(plugin)?;
+        // The run is recorded; a retention hiccup must not make its creation fail.
+        if let Err(e) = self.retain_on_insert(plugin) {
+            tracing::warn!(plugin, error = %e, "run retention on insert failed; the periodic pass will retry");
+        }
         Ok(record)
     }
 

@@ -51,7 +51,8 @@ A cron schedule, read in the trigger's time zone (default UTC):
   5 fields  m h dom mon dow      on the minute, e.g. \"*/5 * * * *\"
   6 fields  s m h dom mon dow    seconds first, e.g. \"*/10 * * * * *\"
   @yearly @annually @monthly @weekly @daily @midnight @hourly
-  @every DURATION                fixed interval from 00:00 UTC, e.g. \"@every 90s\", \"@every 1h30m\"
+  @every DURATION                fixed interval counted from the Unix epoch (aligned to 00:00
+                                 UTC when it divides a day), e.g. \"@every 90s\", \"@every 1h30m\"
 Fields take *, N, A-B, */S, A-B/S, N/S and comma lists; months JAN-DEC; days of the
 week 0-7 (0 and 7 are Sunday) or SUN-SAT. When both day-of-month and day-of-week are
 restricted, a day matching either fires. 7 fields (with a year) are not accepted.";
