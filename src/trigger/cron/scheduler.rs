@@ -25,7 +25,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 
 use super::gate::{FireDecision, GateStats, OverlapGate};
 use super::{CronTrigger, Jitter};
@@ -33,6 +33,8 @@ use super::{CronTrigger, Jitter};
 /// The longest the loop sleeps before looking at the wall clock again, so that a clock
 /// step (NTP, suspend) is noticed promptly.
 const MAX_SLEEP: Duration = Duration::from_secs(5);
+/// How early the timer is set before a deadline; see the loop in [`CronScheduler::run`].
+const EARLY_WAKE: Duration = Duration::from_millis(1);
 
 /// Names one cron trigger: the plugin and the trigger's position in its manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -202,6 +204,7 @@ impl CronScheduler {
     /// effect at once, also while [`CronScheduler::run`] is running.
     pub fn add(&self, id: TriggerId, trigger: CronTrigger) -> bool {
         let now = Utc::now();
+        let next = trigger.next_after(now);
         let mut st = self.state();
         let replaced = st.take(&id).is_some();
         let generation = st.next_generation;
@@ -230,7 +233,6 @@ impl CronScheduler {
                 slot,
             }));
         }
-        let next = entry.trigger.next_after(now);
         if let Some(due) = due_at(slot, &mut entry, next) {
             st.heap.push(Reverse(due));
         }
@@ -320,31 +322,44 @@ impl CronScheduler {
             "CronScheduler::run called twice"
         );
         self.shared.stopping.store(false, Ordering::SeqCst);
-        let callback: Callback = Arc::new(move |id, info| Box::pin(callback(id, info)));
-        let mut tasks = JoinSet::new();
+        let runner = Arc::new(Runner {
+            shared: self.shared.clone(),
+            callback: Arc::new(move |id, info| Box::pin(callback(id, info))),
+        });
+        // The fires in flight, pruned of finished ones now and then (amortised).
+        let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+        let mut prune_at = 64;
         tokio::pin!(shutdown);
         loop {
             let now = Utc::now();
             let fired = self.fire_due(now, |id, gate, scheduled_at| {
-                tasks.spawn(run_fire(
-                    self.shared.clone(),
-                    callback.clone(),
+                tasks.push(tokio::spawn(run_fire(
+                    runner.clone(),
                     id,
                     gate,
                     scheduled_at,
-                ));
+                )));
             });
             let next = self.reschedule(fired, now);
-            while tasks.try_join_next().is_some() {}
+            if tasks.len() >= prune_at {
+                tasks.retain(|t| !t.is_finished());
+                prune_at = (tasks.len() * 2).max(64);
+            }
             let wait = next
                 .map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))
                 .unwrap_or(MAX_SLEEP)
                 .min(MAX_SLEEP);
+            if wait <= EARLY_WAKE {
+                // Tokio's timer wakes a millisecond or more late, so the timer is set
+                // that much early and the last stretch is waited out by yielding.
+                tokio::task::yield_now().await;
+                continue;
+            }
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
                 _ = self.shared.wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(wait - EARLY_WAKE) => {}
             }
         }
 
@@ -356,12 +371,27 @@ impl CronScheduler {
             .flatten()
             .filter(|e| lock(&e.gate).clear_waiting())
             .count();
-        while tasks.try_join_next().is_some() {}
+        tasks.retain(|t| !t.is_finished());
         let in_flight = tasks.len();
-        let drained =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-        let aborted = if drained.is_err() { tasks.len() } else { 0 };
-        tasks.shutdown().await;
+        let drained = tokio::time::timeout(grace, async {
+            for t in tasks.iter_mut() {
+                let _ = t.await;
+            }
+        })
+        .await
+        .is_ok();
+        let mut aborted = 0;
+        if !drained {
+            for t in &tasks {
+                if !t.is_finished() {
+                    t.abort();
+                    aborted += 1;
+                }
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
         self.shared.running.store(false, Ordering::SeqCst);
         ShutdownReport {
             finished: in_flight - aborted,
@@ -468,10 +498,16 @@ fn compact(st: &mut State) {
     st.heap = BinaryHeap::from(kept);
 }
 
-/// Runs one started fire, then any fire that queued behind it.
-async fn run_fire(
+/// What every running fire shares for one [`CronScheduler::run`].
+struct Runner {
     shared: Arc<Shared>,
     callback: Callback,
+}
+
+/// Runs one started fire, then any fire that queued behind it. Aborting the task (past
+/// the shutdown grace period) drops the callback's future.
+async fn run_fire(
+    runner: Arc<Runner>,
     id: TriggerId,
     gate: SharedGate,
     mut scheduled_at: DateTime<Utc>,
@@ -481,12 +517,12 @@ async fn run_fire(
             scheduled_at,
             fired_at: Utc::now(),
         };
-        if let Err(panic) = CatchUnwind(callback(id.clone(), info)).await {
+        if let Err(panic) = CatchUnwind((runner.callback)(id.clone(), info)).await {
             tracing::error!(trigger = %id, panic = panic_message(&panic), "cron callback panicked; counted as finished");
         }
         let next = lock(&gate).on_finish();
         match next {
-            Some(s) if !shared.stopping.load(Ordering::SeqCst) => scheduled_at = s,
+            Some(s) if !runner.shared.stopping.load(Ordering::SeqCst) => scheduled_at = s,
             _ => break,
         }
     }
