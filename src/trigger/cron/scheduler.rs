@@ -67,8 +67,11 @@ impl std::fmt::Display for TriggerId {
 }
 
 /// What the callback is told about one fire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FireInfo {
+    /// The trigger's schedule as written (for the plugin's `cron` event and the run
+    /// record).
+    pub schedule: Arc<str>,
     /// The cron time this fire is for (without jitter). For `run_on_start`, the moment
     /// the trigger was added.
     pub scheduled_at: DateTime<Utc>,
@@ -332,13 +335,8 @@ impl CronScheduler {
         tokio::pin!(shutdown);
         loop {
             let now = Utc::now();
-            let fired = self.fire_due(now, |id, gate, scheduled_at| {
-                tasks.push(tokio::spawn(run_fire(
-                    runner.clone(),
-                    id,
-                    gate,
-                    scheduled_at,
-                )));
+            let fired = self.fire_due(now, |start| {
+                tasks.push(tokio::spawn(run_fire(runner.clone(), start)));
             });
             let next = self.reschedule(fired, now);
             if tasks.len() >= prune_at {
@@ -403,11 +401,7 @@ impl CronScheduler {
     /// Pops every due fire, passes it through its gate and hands the started ones to
     /// `start` at once. Returns the triggers whose next fire is to be scheduled: firing
     /// comes first, so callbacks do not wait while next times are computed.
-    fn fire_due(
-        &self,
-        now: DateTime<Utc>,
-        mut start: impl FnMut(TriggerId, SharedGate, DateTime<Utc>),
-    ) -> Vec<Fire> {
+    fn fire_due(&self, now: DateTime<Utc>, mut start: impl FnMut(Started)) -> Vec<Fire> {
         let mut fired = Vec::new();
         let mut st = self.state();
         while let Some(Reverse(due)) = st.heap.peek() {
@@ -423,7 +417,12 @@ impl CronScheduler {
             let decision = lock(&entry.gate).on_fire(due.scheduled_at);
             match decision {
                 FireDecision::Start => {
-                    start(entry.id.clone(), entry.gate.clone(), due.scheduled_at);
+                    start(Started {
+                        id: entry.id.clone(),
+                        gate: entry.gate.clone(),
+                        schedule: entry.trigger.schedule().source().clone(),
+                        scheduled_at: due.scheduled_at,
+                    });
                 }
                 FireDecision::Queue => {
                     tracing::debug!(trigger = %entry.id, scheduled_at = %due.scheduled_at, "previous run still going; fire queued")
@@ -506,14 +505,24 @@ struct Runner {
 
 /// Runs one started fire, then any fire that queued behind it. Aborting the task (past
 /// the shutdown grace period) drops the callback's future.
-async fn run_fire(
-    runner: Arc<Runner>,
+/// A fire that passed its gate, to run.
+struct Started {
     id: TriggerId,
     gate: SharedGate,
-    mut scheduled_at: DateTime<Utc>,
-) {
+    schedule: Arc<str>,
+    scheduled_at: DateTime<Utc>,
+}
+
+async fn run_fire(runner: Arc<Runner>, start: Started) {
+    let Started {
+        id,
+        gate,
+        schedule,
+        mut scheduled_at,
+    } = start;
     loop {
         let info = FireInfo {
+            schedule: schedule.clone(),
             scheduled_at,
             fired_at: Utc::now(),
         };
@@ -657,6 +666,7 @@ mod tests {
         let fires = rec.fires_of(&id);
         assert!(fires.len() >= 2, "{fires:?}");
         for f in &fires {
+            assert_eq!(&*f.schedule, "* * * * * *");
             assert_eq!(f.scheduled_at.timestamp_subsec_nanos(), 0, "{f:?}");
             let late = f.fired_at - f.scheduled_at;
             assert!(late >= chrono::Duration::zero(), "fired early: {f:?}");
@@ -710,7 +720,7 @@ mod tests {
         assert_eq!(rec.max_running.load(Ordering::SeqCst), 1);
         let fires = rec.fires_of(&id);
         assert!(fires.len() >= 2, "{fires:?}");
-        let (first, second) = (fires[0], fires[1]);
+        let (first, second) = (&fires[0], &fires[1]);
         assert_eq!(
             second.scheduled_at - first.scheduled_at,
             chrono::Duration::seconds(1),
