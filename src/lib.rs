@@ -7,6 +7,8 @@
 //! [`api`] serves it all over HTTP behind bearer tokens ([`token`]). The [`policy`] engine
 //! decides every Docker API request, [`proxy`] serves the Docker API behind it, and
 //! [`plugin`] runs sandboxed WebAssembly plugins under it.
+//! [`trigger`] decides when plugins run (cron schedules, verified webhook deliveries) and
+//! [`runs`] records every run.
 
 pub mod api;
 pub mod cli;
@@ -17,7 +19,9 @@ pub mod engine;
 pub mod plugin;
 pub mod policy;
 pub mod proxy;
+pub mod runs;
 pub mod secret;
 pub mod store;
 pub mod token;
+pub mod trigger;
 pub mod vault;

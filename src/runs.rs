@@ -1,0 +1,1200 @@
+//! Run history: one record per plugin run, kept in sled, followed live.
+//!
+//! Every run the engine starts — on a cron fire, a webhook delivery or by hand — gets a
+//! [`RunRecord`] before the plugin is instantiated, so a run that never ends (a crash, a
+//! kill, a shutdown deadline) still leaves a trace, marked `interrupted` at the next
+//! start-up ([`RunStore::interrupt_active`]). Records say why the run started, when it
+//! was queued, started and finished, how it ended, what the plugin logged (capped) and
+//! which host calls it made and how the policy decided on them.
+//!
+//! Layout (three trees):
+//! - `runs`: run id (16 bytes, UUIDv7, so key order is time order) → JSON record;
+//! - `runs_by_plugin`: `plugin \0 id` → empty, for newest-first listing per plugin;
+//! - `runs_active`: id → plugin, for the queued and running ones, so crash recovery does
+//!   not scan the history.
+//!
+//! Every change to a record is one sled transaction over the trees it touches, and is
+//! broadcast to followers ([`RunStore::subscribe`], for `capstan runs --follow`).
+//! Retention (last N per plugin, maximum age) is applied on every insert, a bounded
+//! amount at a time, and in full by [`RunStore::apply_retention`], which the engine calls
+//! periodically; queued and running records are never removed.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::store::{self, Store, StoreError};
+
+const RUNS_TREE: &str = "runs";
+const BY_PLUGIN_TREE: &str = "runs_by_plugin";
+const ACTIVE_TREE: &str = "runs_active";
+
+/// Default cap on a run's kept log text.
+pub const DEFAULT_LOG_CAP_BYTES: usize = 64 * 1024;
+/// Default cap on the host calls kept per run.
+pub const DEFAULT_MAX_HOST_CALLS: usize = 1_000;
+/// How many old records one insert removes at most; the periodic pass does the rest.
+const RETENTION_BATCH: usize = 32;
+/// Most records one page of a listing returns.
+pub const MAX_PAGE: usize = 1_000;
+/// Updates a follower may fall behind before it is told it lagged.
+const FOLLOW_BUFFER: usize = 1_024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("no run {0}")]
+    NotFound(RunId),
+    #[error("run {id} is {from}; it cannot become {to}")]
+    InvalidTransition {
+        id: RunId,
+        from: RunStatus,
+        to: RunStatus,
+    },
+    #[error("invalid run: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sled::Error> for RunError {
+    fn from(e: sled::Error) -> Self {
+        RunError::Store(StoreError::Sled(e))
+    }
+}
+
+impl From<TransactionError<RunError>> for RunError {
+    fn from(e: TransactionError<RunError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => e.into(),
+        }
+    }
+}
+
+/// A run's id: a UUIDv7, so ids sort by creation time (monotonic within the process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RunId(Uuid);
+
+impl RunId {
+    pub fn new() -> RunId {
+        RunId(Uuid::now_v7())
+    }
+
+    /// The id's key bytes (big-endian time first).
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+
+    fn from_slice(b: &[u8]) -> Option<RunId> {
+        Uuid::from_slice(b).ok().map(RunId)
+    }
+
+    /// When the id was made (millisecond precision).
+    pub fn created_at(&self) -> DateTime<Utc> {
+        let ms = self
+            .0
+            .get_timestamp()
+            .map(|t| {
+                let (s, ns) = t.to_unix();
+                s as i64 * 1000 + i64::from(ns / 1_000_000)
+            })
+            .unwrap_or(0);
+        DateTime::from_timestamp_millis(ms).unwrap_or_default()
+    }
+}
+
+impl Default for RunId {
+    fn default() -> Self {
+        RunId::new()
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for RunId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s)
+            .map(RunId)
+            .map_err(|_| format!("{s:?} is not a run id (a UUID)"))
+    }
+}
+
+/// Where a run is in its life. `queued` and `running` are active; the rest are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    /// The plugin returned an outcome.
+    Ok,
+    /// The plugin returned an error or trapped.
+    Failed,
+    /// The run was refused before or while running (policy, disabled plugin).
+    Denied,
+    /// The run hit its deadline.
+    TimedOut,
+    /// The engine stopped (crash, kill, shutdown deadline) before the run ended.
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Ok => "ok",
+            RunStatus::Failed => "failed",
+            RunStatus::Denied => "denied",
+            RunStatus::TimedOut => "timed-out",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a run started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum RunTrigger {
+    Cron {
+        schedule: String,
+        scheduled_at: DateTime<Utc>,
+    },
+    Webhook {
+        hook: String,
+        /// The sender's delivery id, when the hook names one.
+        delivery: Option<String>,
+    },
+    Manual {
+        /// Who asked: an API token's name, or `cli`.
+        by: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub at: DateTime<Utc>,
+    pub level: LogLevel,
+    pub message: String,
+}
+
+/// A run's log, capped: when the text exceeds the cap the *oldest* lines go (the last
+/// lines usually say how a run ended), counted in `dropped_lines` and `dropped_bytes`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RunLogs {
+    pub lines: VecDeque<LogLine>,
+    /// Message bytes currently kept.
+    pub bytes: usize,
+    pub dropped_lines: u64,
+    pub dropped_bytes: u64,
+}
+
+impl RunLogs {
+    /// Appends a line, keeping at most `cap` bytes of messages. A single line longer
+    /// than the cap keeps its last `cap` bytes.
+    pub fn push(&mut self, mut line: LogLine, cap: usize) {
+        if line.message.len() > cap {
+            let mut cut = line.message.len() - cap;
+            while !line.message.is_char_boundary(cut) {
+                cut += 1;
+            }
+            self.dropped_bytes += cut as u64;
+            line.message.drain(..cut);
+        }
+        self.bytes += line.message.len();
+        self.lines.push_back(line);
+        while self.bytes > cap {
+            let Some(old) = self.lines.pop_front() else {
+                break;
+            };
+            self.bytes -= old.message.len();
+            self.dropped_bytes += old.message.len() as u64;
+            self.dropped_lines += 1;
+        }
+    }
+
+    /// Appends another log (e.g. a runtime's buffer), keeping its drop counts.
+    pub fn extend(&mut self, other: RunLogs, cap: usize) {
+        self.dropped_bytes += other.dropped_bytes;
+        self.dropped_lines += other.dropped_lines;
+        for line in other.lines {
+            self.push(line, cap);
+        }
+    }
+}
+
+/// How the policy decided on a host call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
+/// One host function call a plugin made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCall {
+    /// Interface and function, e.g. `docker.restart-container`.
+    pub op: String,
+    pub device: Option<String>,
+    /// The Docker API request it stands for, e.g. `POST /containers/web/restart`.
+    pub request: Option<String>,
+    pub decision: Decision,
+    /// Why it was denied (or a note on an allow).
+    pub reason: Option<String>,
+}
+
+/// One run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: RunId,
+    pub plugin: String,
+    pub trigger: RunTrigger,
+    pub queued_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub status: RunStatus,
+    /// What the plugin returned on success (its JSON outcome).
+    pub outcome: Option<serde_json::Value>,
+    /// Why the run failed, was denied, timed out or was interrupted.
+    pub error: Option<String>,
+    pub logs: RunLogs,
+    pub host_calls: Vec<HostCall>,
+    pub host_calls_dropped: u64,
+}
+
+impl RunRecord {
+    /// From start to finish (or to now, while running).
+    pub fn duration(&self) -> Option<chrono::Duration> {
+        let start = self.started_at?;
+        Some(self.finished_at.unwrap_or_else(Utc::now) - start)
+    }
+}
+
+/// How a run ended, for [`RunStore::finish`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunEnd {
+    /// A final status.
+    pub status: RunStatus,
+    pub outcome: Option<serde_json::Value>,
+    pub error: Option<String>,
+    /// Logs not yet appended with [`RunStore::append`].
+    pub logs: RunLogs,
+    /// Host calls not yet appended.
+    pub host_calls: Vec<HostCall>,
+}
+
+impl RunEnd {
+    pub fn ok(outcome: Option<serde_json::Value>) -> RunEnd {
+        RunEnd {
+            status: RunStatus::Ok,
+            outcome,
+            error: None,
+            logs: RunLogs::default(),
+            host_calls: Vec::new(),
+        }
+    }
+
+    /// A failed, denied, timed-out or interrupted end with its reason.
+    pub fn error(status: RunStatus, error: impl Into<String>) -> RunEnd {
+        RunEnd {
+            status,
+            outcome: None,
+            error: Some(error.into()),
+            logs: RunLogs::default(),
+            host_calls: Vec::new(),
+        }
+    }
+}
+
+/// Limits and retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunStoreConfig {
+    /// Keep at most this many finished runs per plugin (newest kept). Default 500.
+    pub keep_per_plugin: Option<usize>,
+    /// Remove finished runs older than this. Default 30 days.
+    pub max_age: Option<Duration>,
+    /// Log bytes kept per run. Default 64 KiB.
+    pub log_cap_bytes: usize,
+    /// Host calls kept per run. Default 1000.
+    pub max_host_calls: usize,
+}
+
+impl Default for RunStoreConfig {
+    fn default() -> Self {
+        RunStoreConfig {
+            keep_per_plugin: Some(500),
+            max_age: Some(Duration::from_secs(30 * 24 * 3600)),
+            log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
+            max_host_calls: DEFAULT_MAX_HOST_CALLS,
+        }
+    }
+}
+
+/// A page of a listing, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunPage {
+    pub runs: Vec<RunRecord>,
+    /// Pass as `before` to get the next (older) page; `None` on the last page.
+    pub next: Option<RunId>,
+}
+
+/// What to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunQuery {
+    /// One plugin's runs, or every plugin's.
+    pub plugin: Option<String>,
+    /// Only runs older than this one (the previous page's `next`).
+    pub before: Option<RunId>,
+    /// Page size; 0 means 50; at most [`MAX_PAGE`].
+    pub limit: usize,
+}
+
+/// What [`RunStore::apply_retention`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retained {
+    pub removed_over_count: usize,
+    pub removed_over_age: usize,
+}
+
+/// The run history. Cheap to clone.
+#[derive(Clone)]
+pub struct RunStore {
+    runs: sled::Tree,
+    by_plugin: sled::Tree,
+    active: sled::Tree,
+    config: RunStoreConfig,
+    /// Records per plugin, kept in memory so retention on insert needs no count scan.
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    updates: broadcast::Sender<Arc<RunRecord>>,
+}
+
+fn plugin_key(plugin: &str, id: &RunId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(plugin.len() + 17);
+    k.extend_from_slice(plugin.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn plugin_prefix(plugin: &str) -> Vec<u8> {
+    let mut k = plugin.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+impl RunStore {
+    pub fn open(store: &Store, config: RunStoreConfig) -> Result<RunStore, RunError> {
+        let runs = store.tree(RUNS_TREE)?;
+        let by_plugin = store.tree(BY_PLUGIN_TREE)?;
+        let active = store.tree(ACTIVE_TREE)?;
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for key in by_plugin.iter().keys() {
+            let key = key?;
+            if let Some(nul) = key.iter().position(|b| *b == 0) {
+                *counts
+                    .entry(String::from_utf8_lossy(&key[..nul]).into_owned())
+                    .or_default() += 1;
+            }
+        }
+        Ok(RunStore {
+            runs,
+            by_plugin,
+            active,
+            config,
+            counts: Arc::new(Mutex::new(counts)),
+            updates: broadcast::channel(FOLLOW_BUFFER).0,
+        })
+    }
+
+    pub fn config(&self) -> &RunStoreConfig {
+        &self.config
+    }
+
+    /// Every change to a record, as it is committed. A follower that falls more than
+    /// 1024 updates behind gets `RecvError::Lagged` and should re-read with `get`.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<RunRecord>> {
+        self.updates.subscribe()
+    }
+
+    fn publish(&self, record: &RunRecord) {
+        // No follower is not an error.
+        let _ = self.updates.send(Arc::new(record.clone()));
+    }
+
+    /// Records a new run, `queued`.
+    pub fn create(&self, plugin: &str, trigger: RunTrigger) -> Result<RunRecord, RunError> {
+        if plugin.is_empty() || plugin.contains('\0') {
+            return Err(RunError::Invalid(format!(
+                "plugin name {plugin:?} is empty or contains NUL"
+            )));
+        }
+        let id = RunId::new();
+        let record = RunRecord {
+            id,
+            plugin: plugin.to_string(),
+            trigger,
+            queued_at: Utc::now(),
+            started_at: None,
+            finished_at: None,
+            status: RunStatus::Queued,
+            outcome: None,
+            error: None,
+            logs: RunLogs::default(),
+            host_calls: Vec::new(),
+            host_calls_dropped: 0,
+        };
+        let bytes = store::encode(&record);
+        let pkey = plugin_key(plugin, &id);
+        (&self.runs, &self.by_plugin, &self.active).transaction(|(runs, by_plugin, active)| {
+            runs.insert(&id.as_bytes()[..], bytes.as_slice())?;
+            by_plugin.insert(pkey.as_slice(), &[][..])?;
+            active.insert(&id.as_bytes()[..], plugin.as_bytes())?;
+            Ok::<_, ConflictableTransactionError<RunError>>(())
+        })?;
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(plugin.to_string())
+            .or_default() += 1;
+        self.publish(&record);
+        // The run is recorded; a retention hiccup must not make its creation fail.
+        if let Err(e) = self.retain_on_insert(plugin) {
+            tracing::warn!(plugin, error = %e, "run retention on insert failed; the periodic pass will retry");
+        }
+        Ok(record)
+    }
+
+    /// `queued` → `running`.
+    pub fn start(&self, id: RunId) -> Result<RunRecord, RunError> {
+        let now = Utc::now();
+        self.update(id, |r| {
+            if r.status != RunStatus::Queued {
+                return Err(RunError::InvalidTransition {
+                    id,
+                    from: r.status,
+                    to: RunStatus::Running,
+                });
+            }
+            r.status = RunStatus::Running;
+            r.started_at = Some(now);
+            Ok(())
+        })
+    }
+
+    /// Adds log lines and host calls to an active run (for followers while it runs).
+    pub fn append(
+        &self,
+        id: RunId,
+        logs: RunLogs,
+        host_calls: Vec<HostCall>,
+    ) -> Result<RunRecord, RunError> {
+        let (cap, max_calls) = (self.config.log_cap_bytes, self.config.max_host_calls);
+        self.update(id, |r| {
+            if r.status.is_final() {
+                return Err(RunError::InvalidTransition {
+                    id,
+                    from: r.status,
+                    to: r.status,
+                });
+            }
+            r.logs.extend(logs.clone(), cap);
+            add_host_calls(r, host_calls.clone(), max_calls);
+            Ok(())
+        })
+    }
+
+    /// Ends an active run (`queued` or `running`) with a final status.
+    pub fn finish(&self, id: RunId, end: RunEnd) -> Result<RunRecord, RunError> {
+        if !end.status.is_final() {
+            return Err(RunError::Invalid(format!(
+                "a run cannot finish as {}",
+                end.status
+            )));
+        }
+        let now = Utc::now();
+        let (cap, max_calls) = (self.config.log_cap_bytes, self.config.max_host_calls);
+        self.update(id, |r| {
+            if r.status.is_final() {
+                return Err(RunError::InvalidTransition {
+                    id,
+                    from: r.status,
+                    to: end.status,
+                });
+            }
+            r.status = end.status;
+            r.finished_at = Some(now);
+            r.outcome = end.outcome.clone();
+            r.error = end.error.clone();
+            r.logs.extend(end.logs.clone(), cap);
+            add_host_calls(r, end.host_calls.clone(), max_calls);
+            Ok(())
+        })
+    }
+
+    /// Applies `change` to a record in one transaction, keeping the active index in
+    /// step, and publishes the result. `change` may run more than once (on conflict).
+    fn update(
+        &self,
+        id: RunId,
+        change: impl Fn(&mut RunRecord) -> Result<(), RunError>,
+    ) -> Result<RunRecord, RunError> {
+        let key = id.as_bytes();
+        let record = (&self.runs, &self.active).transaction(|(runs, active)| {
+            let Some(bytes) = runs.get(key)? else {
+                return Err(ConflictableTransactionError::Abort(RunError::NotFound(id)));
+            };
+            let mut record: RunRecord = store::decode(key, &bytes)
+                .map_err(|e| ConflictableTransactionError::Abort(e.into()))?;
+            change(&mut record).map_err(ConflictableTransactionError::Abort)?;
+            runs.insert(&key[..], store::encode(&record))?;
+            if record.status.is_final() {
+                active.remove(&key[..])?;
+            }
+            Ok(record)
+        })?;
+        self.publish(&record);
+        Ok(record)
+    }
+
+    pub fn get(&self, id: RunId) -> Result<Option<RunRecord>, RunError> {
+        let key = id.as_bytes();
+        match self.runs.get(key)? {
+            Some(bytes) => Ok(Some(store::decode(key, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Runs newest first, one page at a time.
+    pub fn list(&self, query: &RunQuery) -> Result<RunPage, RunError> {
+        let limit = match query.limit {
+            0 => 50,
+            n => n.min(MAX_PAGE),
+        };
+        let mut ids: Vec<RunId> = Vec::with_capacity(limit + 1);
+        match &query.plugin {
+            Some(plugin) => {
+                let prefix = plugin_prefix(plugin);
+                let end = match &query.before {
+                    Some(b) => plugin_key(plugin, b),
+                    None => {
+                        let mut e = plugin.as_bytes().to_vec();
+                        e.push(1);
+                        e
+                    }
+                };
+                for key in self.by_plugin.range(prefix.clone()..end).keys().rev() {
+                    let key = key?;
+                    if let Some(id) = RunId::from_slice(&key[prefix.len()..]) {
+                        ids.push(id);
+                    }
+                    if ids.len() > limit {
+                        break;
+                    }
+                }
+            }
+            None => {
+                let iter = match &query.before {
+                    Some(b) => self.runs.range(..&b.as_bytes()[..]),
+                    None => self.runs.iter(),
+                };
+                for key in iter.keys().rev() {
+                    if let Some(id) = RunId::from_slice(&key?) {
+                        ids.push(id);
+                    }
+                    if ids.len() > limit {
+                        break;
+                    }
+                }
+            }
+        }
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        let mut runs = Vec::with_capacity(ids.len());
+        for id in &ids {
+            // An index entry whose record is gone (removed concurrently) is skipped.
+            if let Some(r) = self.get(*id)? {
+                runs.push(r);
+            }
+        }
+        Ok(RunPage {
+            next: if more { ids.last().copied() } else { None },
+            runs,
+        })
+    }
+
+    /// Ids of the queued and running runs, oldest first.
+    pub fn active(&self) -> Result<Vec<RunId>, RunError> {
+        self.active
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k?;
+                RunId::from_slice(&k)
+                    .ok_or_else(|| RunError::Invalid("malformed id in the active index".into()))
+            })
+            .collect()
+    }
+
+    /// Marks every queued and running run `interrupted` with `reason`: at start-up
+    /// (the previous process died with runs in flight) and at shutdown once the grace
+    /// period is over. Returns the runs marked.
+    pub fn interrupt_active(&self, reason: &str) -> Result<Vec<RunId>, RunError> {
+        let mut marked = Vec::new();
+        for id in self.active()? {
+            match self.finish(id, RunEnd::error(RunStatus::Interrupted, reason)) {
+                Ok(_) => marked.push(id),
+                // Finished or removed meanwhile: nothing to mark.
+                Err(RunError::InvalidTransition { .. } | RunError::NotFound(_)) => {
+                    self.active.remove(id.as_bytes())?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(marked)
+    }
+
+    /// Applies both retention rules in full. Call periodically (e.g. hourly).
+    pub fn apply_retention(&self) -> Result<Retained, RunError> {
+        self.apply_retention_at(Utc::now())
+    }
+
+    /// [`RunStore::apply_retention`] as if it were `now` (tests, and catching up).
+    pub fn apply_retention_at(&self, now: DateTime<Utc>) -> Result<Retained, RunError> {
+        let plugins: Vec<String> = self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut out = Retained::default();
+        for p in plugins {
+            out.removed_over_count += self.trim_plugin(&p, usize::MAX)?;
+        }
+        out.removed_over_age = self.expire(now, usize::MAX)?;
+        Ok(out)
+    }
+
+    fn retain_on_insert(&self, plugin: &str) -> Result<(), RunError> {
+        self.trim_plugin(plugin, RETENTION_BATCH)?;
+        self.expire(Utc::now(), RETENTION_BATCH)?;
+        Ok(())
+    }
+
+    /// Removes a plugin's oldest finished runs beyond `keep_per_plugin`, at most `max`.
+    fn trim_plugin(&self, plugin: &str, max: usize) -> Result<usize, RunError> {
+        let Some(keep) = self.config.keep_per_plugin else {
+            return Ok(0);
+        };
+        let count = self.count(plugin);
+        if count <= keep {
+            return Ok(0);
+        }
+        let excess = (count - keep).min(max);
+        let prefix = plugin_prefix(plugin);
+        let mut removed = 0;
+        for key in self.by_plugin.scan_prefix(&prefix).keys() {
+            if removed == excess {
+                break;
+            }
+            let key = key?;
+            let Some(id) = RunId::from_slice(&key[prefix.len()..]) else {
+                continue;
+            };
+            if self.active.contains_key(id.as_bytes())? {
+                continue;
+            }
+            if self.remove(id, plugin)? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes finished runs that ended before `now - max_age`, oldest first, at most
+    /// `max`.
+    fn expire(&self, now: DateTime<Utc>, max: usize) -> Result<usize, RunError> {
+        let Some(max_age) = self.config.max_age else {
+            return Ok(0);
+        };
+        let cutoff = now - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+        let mut removed = 0;
+        for item in self.runs.iter() {
+            if removed == max {
+                break;
+            }
+            let (key, bytes) = item?;
+            let Some(id) = RunId::from_slice(&key) else {
+                continue;
+            };
+            // Ids are in creation order: nothing after this one is old enough.
+            if id.created_at() >= cutoff {
+                break;
+            }
+            let record: RunRecord = store::decode(&key, &bytes)?;
+            if record.status.is_final()
+                && record.finished_at.unwrap_or(record.queued_at) < cutoff
+                && self.remove(id, &record.plugin)?
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes one finished record and its index entry. False if it was gone already.
+    fn remove(&self, id: RunId, plugin: &str) -> Result<bool, RunError> {
+        let pkey = plugin_key(plugin, &id);
+        let existed = (&self.runs, &self.by_plugin).transaction(|(runs, by_plugin)| {
+            by_plugin.remove(pkey.as_slice())?;
+            Ok::<_, ConflictableTransactionError<RunError>>(
+                runs.remove(&id.as_bytes()[..])?.is_some(),
+            )
+        })?;
+        if existed {
+            let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = counts.get_mut(plugin) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    counts.remove(plugin);
+                }
+            }
+        }
+        Ok(existed)
+    }
+
+    /// Records held for a plugin.
+    pub fn count(&self, plugin: &str) -> usize {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(plugin)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn flush(&self) -> Result<(), RunError> {
+        self.runs.flush()?;
+        Ok(())
+    }
+}
+
+fn add_host_calls(r: &mut RunRecord, calls: Vec<HostCall>, max: usize) {
+    for call in calls {
+        if r.host_calls.len() < max {
+            r.host_calls.push(call);
+        } else {
+            r.host_calls_dropped += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path, config: RunStoreConfig) -> RunStore {
+        RunStore::open(&Store::open(dir).unwrap(), config).unwrap()
+    }
+
+    fn manual() -> RunTrigger {
+        RunTrigger::Manual { by: "cli".into() }
+    }
+
+    fn line(msg: &str) -> LogLine {
+        LogLine {
+            at: Utc::now(),
+            level: LogLevel::Info,
+            message: msg.into(),
+        }
+    }
+
+    fn call(op: &str) -> HostCall {
+        HostCall {
+            op: op.into(),
+            device: Some("local".into()),
+            request: Some("POST /containers/web/restart".into()),
+            decision: Decision::Deny,
+            reason: Some("POST=0".into()),
+        }
+    }
+
+    #[test]
+    fn a_new_run_is_queued_with_a_time_ordered_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path(), RunStoreConfig::default());
+        let a = runs.create("heal", manual()).unwrap();
+        let b = runs.create("heal", manual()).unwrap();
+        assert_eq!(a.status, RunStatus::Queued);
+        assert!(a.started_at.is_none() && a.finished_at.is_none());
+        assert!(b.id > a.id, "ids sort by creation");
+        assert!((a.id.created_at() - a.queued_at).num_milliseconds().abs() <= 1);
+        assert_eq!(runs.active().unwrap(), vec![a.id, b.id]);
+        assert_eq!(a.id.to_string().parse::<RunId>().unwrap(), a.id);
+        assert!("nope".parse::<RunId>().is_err());
+    }
+
+    #[test]
+    fn starting_and_finishing_record_times_status_outcome_logs_and_host_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path(), RunStoreConfig::default());
+        let r = runs.create("heal", manual()).unwrap();
+        let started = runs.start(r.id).unwrap();
+        assert_eq!(started.status, RunStatus::Running);
+        let mut logs = RunLogs::default();
+        logs.push(line("restarting web"), 1024);
+        let mut end = RunEnd::ok(Some(serde_json::json!({"restarted": ["web"]})));
+        end.logs = logs;
+        end.host_calls = vec![call("docker.restart-container")];
+        let done = runs.finish(r.id, end).unwrap();
+        assert_eq!(done.status, RunStatus::Ok);
+        assert!(done.finished_at.unwrap() >= done.started_at.unwrap());
+        assert!(done.duration().unwrap() >= chrono::Duration::zero());
+        assert_eq!(done.outcome.unwrap()["restarted"][0], "web");
+        assert_eq!(done.logs.lines[0].message, "restarting web");
+        assert_eq!(done.host_calls[0].decision, Decision::Deny);
+        assert!(runs.active().unwrap().is_empty());
+        assert_eq!(runs.get(r.id).unwrap().unwrap().status, RunStatus::Ok);
+    }
+
+    #[test]
+    fn a_finished_run_cannot_be_started_or_finished_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path(), RunStoreConfig::default());
+        let r = runs.create("heal", manual()).unwrap();
+        runs.finish(r.id, RunEnd::error(RunStatus::Denied, "plugin disabled"))
+            .unwrap();
+        let e = runs.start(r.id).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is denied; it cannot become running"),
+            "{e}"
+        );
+        let e = runs.finish(r.id, RunEnd::ok(None)).unwrap_err();
+        assert!(matches!(e, RunError::InvalidTransition { .. }), "{e}");
+        let e = runs
+            .finish(r.id, RunEnd::error(RunStatus::Running, "x"))
+            .unwrap_err();
+        assert!(e.to_string().contains("cannot finish as running"), "{e}");
+        let missing = RunId::new();
+        assert!(matches!(runs.start(missing), Err(RunError::NotFound(id)) if id == missing));
+        assert!(runs.get(missing).unwrap().is_none());
+    }
+
+    #[test]
+    fn listing_is_newest_first_per_plugin_or_overall_and_pages_with_a_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path(), RunStoreConfig::default());
+        let mut heal = Vec::new();
+        let mut all = Vec::new();
+        for i in 0..7 {
+            let r = runs.create("heal", manual()).unwrap();
+            heal.push(r.id);
+            all.push(r.id);
+            if i % 2 == 0 {
+                // A plugin whose name extends the other's must not leak into its list.
+                all.push(runs.create("heal-x", manual()).unwrap().id);
+            }
+        }
+        heal.reverse();
+        all.reverse();
+        let page = |plugin: Option<&str>, before, limit| {
+            runs.list(&RunQuery {
+                plugin: plugin.map(str::to_string),
+                before,
+                limit,
+            })
+            .unwrap()
+        };
+        let p1 = page(Some("heal"), None, 3);
+        assert_eq!(p1.runs.iter().map(|r| r.id).collect::<Vec<_>>(), heal[..3]);
+        let p2 = page(Some("heal"), p1.next, 3);
+        assert_eq!(p2.runs.iter().map(|r| r.id).collect::<Vec<_>>(), heal[3..6]);
+        let p3 = page(Some("heal"), p2.next, 3);
+        assert_eq!(p3.runs.iter().map(|r| r.id).collect::<Vec<_>>(), heal[6..]);
+        assert_eq!(p3.next, None);
+        let overall = page(None, None, 0);
+        assert_eq!(overall.runs.iter().map(|r| r.id).collect::<Vec<_>>(), all);
+        let older = page(None, Some(all[2]), 2);
+        assert_eq!(
+            older.runs.iter().map(|r| r.id).collect::<Vec<_>>(),
+            all[3..5]
+        );
+        assert!(page(Some("nobody"), None, 5).runs.is_empty());
+    }
+
+    #[test]
+    fn logs_keep_the_newest_lines_within_the_cap_and_count_what_was_dropped() {
+        let mut logs = RunLogs::default();
+        for i in 0..10 {
+            logs.push(line(&format!("line {i:02}")), 30);
+        }
+        let kept: Vec<_> = logs.lines.iter().map(|l| l.message.as_str()).collect();
+        assert_eq!(kept, ["line 06", "line 07", "line 08", "line 09"]);
+        assert_eq!(logs.bytes, 28);
+        assert_eq!(logs.dropped_lines, 6);
+        assert_eq!(logs.dropped_bytes, 42);
+        let mut long = RunLogs::default();
+        long.push(line("ééééé-tail"), 6);
+        assert_eq!(long.lines[0].message, "-tail");
+        assert_eq!(long.dropped_bytes, 10);
+    }
+
+    #[test]
+    fn the_store_caps_logs_and_host_calls_of_each_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RunStoreConfig {
+            log_cap_bytes: 10,
+            max_host_calls: 2,
+            ..RunStoreConfig::default()
+        };
+        let runs = open(dir.path(), config);
+        let r = runs.create("heal", manual()).unwrap();
+        runs.start(r.id).unwrap();
+        let mut logs = RunLogs::default();
+        logs.push(line("0123456789"), usize::MAX);
+        runs.append(r.id, logs, vec![call("a"), call("b"), call("c")])
+            .unwrap();
+        let mut more = RunLogs::default();
+        more.push(line("abc"), usize::MAX);
+        let mut end = RunEnd::ok(None);
+        end.logs = more;
+        end.host_calls = vec![call("d")];
+        let done = runs.finish(r.id, end).unwrap();
+        assert_eq!(done.logs.lines.len(), 1);
+        assert_eq!(done.logs.lines[0].message, "abc");
+        assert_eq!(done.logs.dropped_bytes, 10);
+        assert_eq!(done.host_calls.len(), 2);
+        assert_eq!(done.host_calls_dropped, 2);
+        let e = runs.append(r.id, RunLogs::default(), vec![]).unwrap_err();
+        assert!(matches!(e, RunError::InvalidTransition { .. }));
+    }
+
+    #[tokio::test]
+    async fn followers_receive_every_change_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path(), RunStoreConfig::default());
+        let mut follow = runs.subscribe();
+        let r = runs.create("heal", manual()).unwrap();
+        runs.start(r.id).unwrap();
+        runs.finish(r.id, RunEnd::error(RunStatus::Failed, "exit 1"))
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let u = follow.recv().await.unwrap();
+            assert_eq!(u.id, r.id);
+            seen.push(u.status);
+        }
+        assert_eq!(
+            seen,
+            [RunStatus::Queued, RunStatus::Running, RunStatus::Failed]
+        );
+    }
+
+    #[test]
+    fn records_survive_reopening_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let runs = open(dir.path(), RunStoreConfig::default());
+            let r = runs
+                .create(
+                    "deploy",
+                    RunTrigger::Webhook {
+                        hook: "registry".into(),
+                        delivery: Some("d-1".into()),
+                    },
+                )
+                .unwrap();
+            runs.start(r.id).unwrap();
+            runs.finish(r.id, RunEnd::ok(Some(serde_json::json!("done"))))
+                .unwrap();
+            runs.flush().unwrap();
+            r.id
+        };
+        let runs = open(dir.path(), RunStoreConfig::default());
+        let r = runs.get(id).unwrap().unwrap();
+        assert_eq!(r.status, RunStatus::Ok);
+        assert_eq!(r.outcome, Some(serde_json::json!("done")));
+        assert!(
+            matches!(r.trigger, RunTrigger::Webhook { ref delivery, .. } if delivery.as_deref() == Some("d-1"))
+        );
+        assert_eq!(runs.count("deploy"), 1, "counts are rebuilt at open");
+    }
+
+    #[test]
+    fn runs_left_queued_or_running_by_a_crash_are_marked_interrupted_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (running, queued, done) = {
+            let runs = open(dir.path(), RunStoreConfig::default());
+            let a = runs.create("heal", manual()).unwrap();
+            runs.start(a.id).unwrap();
+            let b = runs.create("heal", manual()).unwrap();
+            let c = runs.create("heal", manual()).unwrap();
+            runs.finish(c.id, RunEnd::ok(None)).unwrap();
+            runs.flush().unwrap();
+            (a.id, b.id, c.id)
+        };
+        let runs = open(dir.path(), RunStoreConfig::default());
+        let marked = runs
+            .interrupt_active("the engine stopped before the run finished")
+            .unwrap();
+        assert_eq!(marked, vec![running, queued]);
+        for id in [running, queued] {
+            let r = runs.get(id).unwrap().unwrap();
+            assert_eq!(r.status, RunStatus::Interrupted);
+            assert!(r.finished_at.is_some());
+            assert_eq!(
+                r.error.as_deref(),
+                Some("the engine stopped before the run finished")
+            );
+        }
+        assert_eq!(runs.get(done).unwrap().unwrap().status, RunStatus::Ok);
+        assert!(runs.interrupt_active("again").unwrap().is_empty());
+    }
+
+    #[test]
+    fn retention_keeps_the_last_runs_per_plugin_but_never_an_active_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RunStoreConfig {
+            keep_per_plugin: Some(3),
+            ..RunStoreConfig::default()
+        };
+        let runs = open(dir.path(), config);
+        let still_running = runs.create("heal", manual()).unwrap();
+        runs.start(still_running.id).unwrap();
+        let mut finished = Vec::new();
+        for _ in 0..5 {
+            let r = runs.create("heal", manual()).unwrap();
+            runs.finish(r.id, RunEnd::ok(None)).unwrap();
+            finished.push(r.id);
+        }
+        let other = runs.create("other", manual()).unwrap();
+        runs.finish(other.id, RunEnd::ok(None)).unwrap();
+        // Trimming happens on insert: the oldest finished runs went; the running one,
+        // though oldest, stays.
+        let kept: Vec<_> = runs
+            .list(&RunQuery {
+                plugin: Some("heal".into()),
+                ..RunQuery::default()
+            })
+            .unwrap()
+            .runs
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert!(kept.contains(&still_running.id));
+        assert!(kept.contains(&finished[4]) && kept.contains(&finished[3]));
+        assert!(!kept.contains(&finished[0]) && !kept.contains(&finished[1]));
+        assert!(runs.get(finished[0]).unwrap().is_none());
+        assert_eq!(runs.count("heal"), kept.len());
+        assert!(runs.get(other.id).unwrap().is_some());
+    }
+
+    #[test]
+    fn retention_removes_finished_runs_past_the_maximum_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RunStoreConfig {
+            keep_per_plugin: None,
+            max_age: Some(Duration::from_secs(3600)),
+            ..RunStoreConfig::default()
+        };
+        let runs = open(dir.path(), config);
+        let old = runs.create("heal", manual()).unwrap();
+        runs.finish(old.id, RunEnd::ok(None)).unwrap();
+        let active = runs.create("heal", manual()).unwrap();
+        assert_eq!(runs.apply_retention().unwrap(), Retained::default());
+        let later = Utc::now() + chrono::Duration::hours(2);
+        let done = runs.apply_retention_at(later).unwrap();
+        assert_eq!(done.removed_over_age, 1);
+        assert!(runs.get(old.id).unwrap().is_none());
+        assert!(
+            runs.get(active.id).unwrap().is_some(),
+            "active runs are kept"
+        );
+        assert_eq!(runs.count("heal"), 1);
+        let listed = runs
+            .list(&RunQuery {
+                plugin: Some("heal".into()),
+                ..RunQuery::default()
+            })
+            .unwrap();
+        assert_eq!(listed.runs.len(), 1, "the index entry went with the record");
+    }
+
+    #[test]
+    fn records_serialize_with_kebab_case_status_and_tagged_triggers() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path(), RunStoreConfig::default());
+        let at = DateTime::parse_from_rfc3339("2026-03-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let r = runs
+            .create(
+                "heal",
+                RunTrigger::Cron {
+                    schedule: "*/5 * * * *".into(),
+                    scheduled_at: at,
+                },
+            )
+            .unwrap();
+        let r = runs
+            .finish(r.id, RunEnd::error(RunStatus::TimedOut, "deadline 30s"))
+            .unwrap();
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["status"], "timed-out");
+        assert_eq!(v["trigger"]["kind"], "cron");
+        assert_eq!(v["trigger"]["schedule"], "*/5 * * * *");
+        assert_eq!(v["trigger"]["scheduled_at"], "2026-03-01T10:00:00Z");
+        assert_eq!(v["id"], r.id.to_string());
+    }
+
+    #[test]
+    fn a_plugin_name_with_nul_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path(), RunStoreConfig::default());
+        assert!(matches!(
+            runs.create("a\0b", manual()),
+            Err(RunError::Invalid(_))
+        ));
+        assert!(matches!(
+            runs.create("", manual()),
+            Err(RunError::Invalid(_))
+        ));
+    }
+}
