@@ -17,6 +17,6 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use capstan::plugin::docker as wit_docker;
-pub use capstan::plugin::host as wit_host;
-pub use capstan::plugin::types::{DockerError, Error as WitError};
+pub use self::capstan::plugin::docker as wit_docker;
+pub use self::capstan::plugin::host as wit_host;
+pub use self::capstan::plugin::types::{DockerError, Error as WitError};

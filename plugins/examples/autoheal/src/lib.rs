@@ -58,14 +58,18 @@ impl Settings {
     /// How long to wait after `attempts` restarts before the next one.
     fn backoff(&self, attempts: u32) -> i64 {
         let factor = 1i64 << attempts.saturating_sub(1).min(20);
-        self.backoff_ms.saturating_mul(factor).min(self.max_backoff_ms)
+        self.backoff_ms
+            .saturating_mul(factor)
+            .min(self.max_backoff_ms)
     }
 }
 
 fn heal_device(device: &str, s: &Settings, now: i64, report: &mut Report) -> Result<(), Error> {
     let unhealthy = docker::list_containers(
         device,
-        &ContainerFilter::running().label(s.label.as_str()).health("unhealthy"),
+        &ContainerFilter::running()
+            .label(s.label.as_str())
+            .health("unhealthy"),
     )?;
     let prefix = format!("heal/{device}/");
     for c in &unhealthy {
@@ -73,12 +77,16 @@ fn heal_device(device: &str, s: &Settings, now: i64, report: &mut Report) -> Res
         let key = format!("{prefix}{}", c.id);
         let mut a: Attempts = state::get_json(&key).unwrap_or_default();
         if a.attempts >= s.max_attempts {
-            report.gave_up.push(format!("{who} (after {} restarts)", a.attempts));
+            report
+                .gave_up
+                .push(format!("{who} (after {} restarts)", a.attempts));
             continue;
         }
         if a.attempts > 0 && now - a.last_ms < s.backoff(a.attempts) {
             let wait = (s.backoff(a.attempts) - (now - a.last_ms)) / 1000;
-            report.waiting.push(format!("{who} (next restart in {wait} s)"));
+            report
+                .waiting
+                .push(format!("{who} (next restart in {wait} s)"));
             continue;
         }
         match docker::restart_container(device, &c.id, Some(s.stop_timeout)) {
@@ -88,9 +96,15 @@ fn heal_device(device: &str, s: &Settings, now: i64, report: &mut Report) -> Res
                 log::with(
                     log::LogLevel::Info,
                     "restarted an unhealthy container",
-                    &[("device", device), ("container", &c.name), ("attempt", &a.attempts.to_string())],
+                    &[
+                        ("device", device),
+                        ("container", &c.name),
+                        ("attempt", &a.attempts.to_string()),
+                    ],
                 );
-                report.restarted.push(format!("{who} (attempt {})", a.attempts));
+                report
+                    .restarted
+                    .push(format!("{who} (attempt {})", a.attempts));
                 state::set_json(&key, &a)?;
             }
             Err(e) => {
@@ -109,7 +123,9 @@ fn heal_device(device: &str, s: &Settings, now: i64, report: &mut Report) -> Res
         let a: Attempts = state::get_json(&key).unwrap_or_default();
         if now - a.last_ms >= s.reset_after_ms {
             state::delete(&key);
-            report.recovered.push(format!("{device}/{}", &id[..id.len().min(12)]));
+            report
+                .recovered
+                .push(format!("{device}/{}", &id[..id.len().min(12)]));
         }
     }
     Ok(())
@@ -123,7 +139,9 @@ impl Plugin for Autoheal {
         for device in docker::list_devices() {
             if let Err(e) = heal_device(&device.name, &s, now, &mut report) {
                 log::error(&format!("device {}: {}", device.name, e.message()));
-                report.device_errors.push(format!("{}: {}", device.name, e.message()));
+                report
+                    .device_errors
+                    .push(format!("{}: {}", device.name, e.message()));
             }
         }
         let mut parts = vec![format!("restarted {}", report.restarted.len())];

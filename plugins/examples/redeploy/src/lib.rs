@@ -44,7 +44,9 @@ fn image_of(payload: &str) -> Result<String, Error> {
     if !text.is_empty() && !text.contains(char::is_whitespace) {
         return Ok(text.to_string());
     }
-    Err(Error::Invalid(format!("`{text}` is neither JSON nor an image reference")))
+    Err(Error::Invalid(format!(
+        "`{text}` is neither JSON nor an image reference"
+    )))
 }
 
 /// `nginx` → `docker.io/library/nginx:latest`, so references written differently compare
@@ -59,7 +61,8 @@ fn normalise(reference: &str) -> String {
         None => (name, tag),
     };
     let first = name.split('/').next().unwrap_or_default();
-    let has_registry = name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_registry =
+        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
     let name = if has_registry {
         name
     } else if name.contains('/') {
@@ -103,7 +106,10 @@ fn redeploy_device(device: &str, image: &str, stop_timeout: u32) -> Result<Devic
             log::info(&format!("{device}: pulled {image}: {}", p.status));
         }
         Err(e) => {
-            log::warn(&format!("{device}: pull of {image} failed, using the local image if present: {}", e.message()));
+            log::warn(&format!(
+                "{device}: pull of {image} failed, using the local image if present: {}",
+                e.message()
+            ));
             result.pull_error = Some(e.message());
         }
     }
@@ -115,7 +121,11 @@ fn redeploy_device(device: &str, image: &str, stop_timeout: u32) -> Result<Devic
         };
         match docker::recreate_container(device, &c.id, &options) {
             Ok(r) => {
-                let changed = if r.old_image_id == r.new_image_id { "same image" } else { "new image" };
+                let changed = if r.old_image_id == r.new_image_id {
+                    "same image"
+                } else {
+                    "new image"
+                };
                 result.recreated.push(format!("{} ({changed})", r.name));
             }
             Err(e) => result.failed.push(format!("{}: {}", c.name, e.message())),
@@ -127,7 +137,11 @@ fn redeploy_device(device: &str, image: &str, stop_timeout: u32) -> Result<Devic
 impl Plugin for Redeploy {
     fn run(event: Event) -> Result<Outcome, Error> {
         let image = match &event {
-            Event::Cron(_) => return Err(Error::Invalid("redeploy runs on a webhook or by hand, with an image".into())),
+            Event::Cron(_) => {
+                return Err(Error::Invalid(
+                    "redeploy runs on a webhook or by hand, with an image".into(),
+                ));
+            }
             other => image_of(&other.input())?,
         };
         let stop_timeout = config::get_or("stop_timeout_secs", 10);
@@ -156,10 +170,16 @@ impl Plugin for Redeploy {
             summary.push_str(&format!(" ({})", recreated.join(", ")));
         }
         if pull_errors > 0 {
-            summary.push_str(&format!("; pull failed on {pull_errors} device(s), used the local image"));
+            summary.push_str(&format!(
+                "; pull failed on {pull_errors} device(s), used the local image"
+            ));
         }
         if !failed.is_empty() {
-            summary.push_str(&format!("; failed {} ({})", failed.len(), failed.join("; ")));
+            summary.push_str(&format!(
+                "; failed {} ({})",
+                failed.len(),
+                failed.join("; ")
+            ));
         }
         let outcome = Outcome::new(summary).with_details(&results);
         if !failed.is_empty() && recreated.is_empty() {
@@ -177,12 +197,19 @@ mod tests {
 
     #[test]
     fn reads_the_image_from_each_payload_kind() {
-        assert_eq!(image_of(r#"{"image": "team/app:1.4"}"#).unwrap(), "team/app:1.4");
         assert_eq!(
-            image_of(r#"{"repository": {"repo_name": "team/app"}, "push_data": {"tag": "1.4"}}"#).unwrap(),
+            image_of(r#"{"image": "team/app:1.4"}"#).unwrap(),
             "team/app:1.4"
         );
-        assert_eq!(image_of(r#"{"repository": {"repo_name": "team/app"}}"#).unwrap(), "team/app:latest");
+        assert_eq!(
+            image_of(r#"{"repository": {"repo_name": "team/app"}, "push_data": {"tag": "1.4"}}"#)
+                .unwrap(),
+            "team/app:1.4"
+        );
+        assert_eq!(
+            image_of(r#"{"repository": {"repo_name": "team/app"}}"#).unwrap(),
+            "team/app:latest"
+        );
         assert_eq!(image_of("nginx:1.27").unwrap(), "nginx:1.27");
         assert!(image_of(r#"{"other": 1}"#).is_err());
         assert!(image_of("two words").is_err());
@@ -190,8 +217,14 @@ mod tests {
 
     #[test]
     fn compares_references_written_differently() {
-        assert_eq!(normalise("nginx"), normalise("docker.io/library/nginx:latest"));
-        assert_eq!(normalise("team/app"), normalise("docker.io/team/app:latest"));
+        assert_eq!(
+            normalise("nginx"),
+            normalise("docker.io/library/nginx:latest")
+        );
+        assert_eq!(
+            normalise("team/app"),
+            normalise("docker.io/team/app:latest")
+        );
         assert_ne!(normalise("team/app:1"), normalise("team/app:2"));
         assert_eq!(normalise("registry:5000/app"), "registry:5000/app:latest");
         assert_eq!(normalise("localhost/app:2"), "localhost/app:2");

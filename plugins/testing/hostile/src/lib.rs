@@ -84,15 +84,24 @@ impl Plugin for Hostile {
                 let results = [
                     attempt("read /etc/passwd", std::fs::read_to_string("/etc/passwd")),
                     attempt("read ./plugin.toml", std::fs::read_to_string("plugin.toml")),
-                    attempt("create /tmp/capstan-hostile", std::fs::write("/tmp/capstan-hostile", b"x")),
+                    attempt(
+                        "create /tmp/capstan-hostile",
+                        std::fs::write("/tmp/capstan-hostile", b"x"),
+                    ),
                     attempt("list /", std::fs::read_dir("/")),
                 ];
                 Ok(Outcome::new(results.join("; ")))
             }
             "net" => {
                 let results = [
-                    attempt("tcp connect 127.0.0.1:22", std::net::TcpStream::connect("127.0.0.1:22")),
-                    attempt("tcp bind 127.0.0.1:0", std::net::TcpListener::bind("127.0.0.1:0")),
+                    attempt(
+                        "tcp connect 127.0.0.1:22",
+                        std::net::TcpStream::connect("127.0.0.1:22"),
+                    ),
+                    attempt(
+                        "tcp bind 127.0.0.1:0",
+                        std::net::TcpListener::bind("127.0.0.1:0"),
+                    ),
                     attempt("udp bind 0.0.0.0:0", std::net::UdpSocket::bind("0.0.0.0:0")),
                     attempt(
                         "resolve localhost",
@@ -108,7 +117,8 @@ impl Plugin for Hostile {
                 let home = std::env::var("HOME");
                 Ok(Outcome::new(format!(
                     "vars={vars} args={args} cwd={} home={}",
-                    cwd.map(|c| c.display().to_string()).unwrap_or_else(|e| format!("refused ({e})")),
+                    cwd.map(|c| c.display().to_string())
+                        .unwrap_or_else(|e| format!("refused ({e})")),
                     home.unwrap_or_else(|e| format!("refused ({e})"))
                 )))
             }

@@ -29,7 +29,12 @@ fn call(c: &Value) -> Result<Value, Error> {
     let d = s(c, "device");
     let ct = s(c, "container");
     Ok(match s(c, "op").as_str() {
-        "list-devices" => json!(docker::list_devices().iter().map(|d| json!({"name": d.name, "kind": d.kind})).collect::<Vec<_>>()),
+        "list-devices" => json!(
+            docker::list_devices()
+                .iter()
+                .map(|d| json!({"name": d.name, "kind": d.kind}))
+                .collect::<Vec<_>>()
+        ),
         "connect" => {
             docker::connect(&d)?;
             json!(null)
@@ -63,7 +68,11 @@ fn call(c: &Value) -> Result<Value, Error> {
         "pause" => json!(docker::pause_container(&d, &ct)?),
         "unpause" => json!(docker::unpause_container(&d, &ct)?),
         "logs" => {
-            let r = docker::container_logs(&d, &ct, LogOptions::tail(c["tail"].as_u64().unwrap_or(10) as u32))?;
+            let r = docker::container_logs(
+                &d,
+                &ct,
+                LogOptions::tail(c["tail"].as_u64().unwrap_or(10) as u32),
+            )?;
             json!({"text": r.text, "truncated": r.truncated})
         }
         "stats" => {
@@ -71,26 +80,50 @@ fn call(c: &Value) -> Result<Value, Error> {
             json!({"memory_usage": r.memory_usage, "memory_limit": r.memory_limit, "pids": r.pids, "cpu_percent": r.cpu_percent})
         }
         "exec" => {
-            let cmd: Vec<String> = c["cmd"].as_array().into_iter().flatten().filter_map(|x| x.as_str().map(str::to_string)).collect();
+            let cmd: Vec<String> = c["cmd"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect();
             let mut o = ExecOptions::cmd(cmd);
             o.timeout_secs = c["timeout"].as_u64().map(|t| t as u32);
             let r = docker::exec(&d, &ct, &o)?;
             json!({"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr})
         }
         "recreate" => {
-            let mut o = if c["pull"].as_bool().unwrap_or(false) { RecreateOptions::pull() } else { RecreateOptions::local() };
+            let mut o = if c["pull"].as_bool().unwrap_or(false) {
+                RecreateOptions::pull()
+            } else {
+                RecreateOptions::local()
+            };
             o.image = c["image"].as_str().map(str::to_string);
             o.stop_timeout_secs = Some(1);
             let r = docker::recreate_container(&d, &ct, &o)?;
             json!({"name": r.name, "old_id": r.old_id, "new_id": r.new_id, "image": r.image, "pulled": r.pulled, "pull_error": r.pull_error, "old_image_id": r.old_image_id, "new_image_id": r.new_image_id})
         }
-        "list-images" => json!(docker::list_images(&d, false)?.iter().map(|i| json!({"id": i.id, "tags": i.tags})).collect::<Vec<_>>()),
+        "list-images" => json!(
+            docker::list_images(&d, false)?
+                .iter()
+                .map(|i| json!({"id": i.id, "tags": i.tags}))
+                .collect::<Vec<_>>()
+        ),
         "pull" => {
             let r = docker::pull_image(&d, &s(c, "image"))?;
             json!({"image": r.image, "id": r.id, "status": r.status})
         }
-        "list-networks" => json!(docker::list_networks(&d)?.iter().map(|n| n.name.clone()).collect::<Vec<_>>()),
-        "list-volumes" => json!(docker::list_volumes(&d)?.iter().map(|n| n.name.clone()).collect::<Vec<_>>()),
+        "list-networks" => json!(
+            docker::list_networks(&d)?
+                .iter()
+                .map(|n| n.name.clone())
+                .collect::<Vec<_>>()
+        ),
+        "list-volumes" => json!(
+            docker::list_volumes(&d)?
+                .iter()
+                .map(|n| n.name.clone())
+                .collect::<Vec<_>>()
+        ),
         "system-info" => {
             let r = docker::system_info(&d)?;
             json!({"name": r.name, "server_version": r.server_version, "cpus": r.cpus, "containers": r.containers})
@@ -101,7 +134,8 @@ fn call(c: &Value) -> Result<Value, Error> {
 
 impl Plugin for Probe {
     fn run(event: Event) -> Result<Outcome, Error> {
-        let calls: Vec<Value> = serde_json::from_str(&event.input()).map_err(|e| Error::Invalid(e.to_string()))?;
+        let calls: Vec<Value> =
+            serde_json::from_str(&event.input()).map_err(|e| Error::Invalid(e.to_string()))?;
         let results: Vec<Value> = calls
             .iter()
             .map(|c| match call(c) {

@@ -9,7 +9,10 @@ impl Plugin for Trivial {
     fn run(event: Event) -> Result<Outcome, Error> {
         let input = event.input();
         if let Some(n) = input.strip_prefix("calls:") {
-            let n: u64 = n.trim().parse().map_err(|_| Error::failed("calls:N needs a number"))?;
+            let n: u64 = n
+                .trim()
+                .parse()
+                .map_err(|_| Error::failed("calls:N needs a number"))?;
             let mut last = 0;
             for _ in 0..n {
                 last = time::now();
