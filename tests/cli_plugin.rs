@@ -136,7 +136,9 @@ fn scaffolds_a_plugin_crate_that_builds_and_installs_as_it_is() {
         .expect("run cargo");
     assert!(
         build.status.success(),
-        "the scaffold builds:\n{}",
+        "the scaffold builds ({}):\n{}{}",
+        build.status,
+        String::from_utf8_lossy(&build.stdout),
         String::from_utf8_lossy(&build.stderr)
     );
     let out = d.capstan(&["plugin", "install", krate.to_str().unwrap()]);

@@ -28,10 +28,10 @@ const PROBE_ALL: &str = "[policy]\nCONTAINERS = 1\nIMAGES = 1\nNETWORKS = 1\nVOL
 #[test]
 fn every_docker_function_works_on_a_container_in_scope() {
     let h = Harness::new();
-    h.install("probe", &manifest("probe", PROBE_ALL));
     let image = Infra::get().var("TEST_IMAGE");
     let c = Container::run("cap-probe", &["--label", "capstan.test.probe=yes"], image);
     let _other = Container::run("cap-probe-other", &[], image);
+    h.install_text_for("probe", &manifest("probe", PROBE_ALL), &[&c.name]);
     let n = c.name.as_str();
     let r = probe(
         &h,
@@ -168,24 +168,16 @@ fn recreate_keeps_the_configuration_and_reports_a_failed_pull() {
 #[test]
 fn autoheal_restarts_an_unhealthy_labelled_container_backs_off_and_gives_up() {
     let h = Harness::new();
-    let dir = h.dir.path().join("autoheal");
-    std::fs::create_dir_all(&dir).unwrap();
+    let health = Infra::get().var("HEALTH_IMAGE");
+    let sick = Container::run("cap-heal", &["--label", "capstan.autoheal=true"], health);
+    let ignored = Container::run("cap-heal-optout", &[], health);
     let text =
         std::fs::read_to_string(crate::util::plugin::example_dir("autoheal").join("plugin.toml"))
             .unwrap()
             .replace("max_attempts = 5", "max_attempts = 2")
             .replace("backoff_secs = 60", "backoff_secs = 0");
-    std::fs::write(dir.join("plugin.toml"), text).unwrap();
-    std::fs::copy(
-        crate::util::plugin::wasm("autoheal"),
-        dir.join("autoheal.wasm"),
-    )
-    .unwrap();
-    h.runtime.install(&dir, None).unwrap();
+    h.install_text_for("autoheal", &text, &[&sick.name, &ignored.name]);
 
-    let health = Infra::get().var("HEALTH_IMAGE");
-    let sick = Container::run("cap-heal", &["--label", "capstan.autoheal=true"], health);
-    let ignored = Container::run("cap-heal-optout", &[], health);
     sick.wait_health("healthy", 20);
     ignored.wait_health("healthy", 20);
     let make_unhealthy = |c: &Container| {
@@ -255,10 +247,10 @@ fn autoheal_restarts_an_unhealthy_labelled_container_backs_off_and_gives_up() {
 #[test]
 fn redeploy_recreates_the_containers_of_an_image_from_the_local_image_when_the_pull_fails() {
     let h = Harness::new();
-    h.install_example("redeploy");
     let image = Infra::get().var("TEST_IMAGE");
     let app = Container::run("cap-redeploy", &["--label", "capstan.redeploy=true"], image);
     let bystander = Container::run("cap-redeploy-no", &[], image);
+    h.install_example_for("redeploy", &[&app.name, &bystander.name]);
     let old = app.inspect("{{.Id}}");
     let bystander_id = bystander.inspect("{{.Id}}");
     let body = json!({"repository": {"repo_name": image.split(':').next().unwrap()}, "push_data": {"tag": "latest"}});

@@ -109,6 +109,36 @@ impl Harness {
             .unwrap_or_else(|e| panic!("install {name}: {e}"));
     }
 
+    /// Installs an example plugin with its own manifest, its container scope narrowed to
+    /// the containers named (so test runs sharing the daemon do not act on each other's
+    /// containers).
+    pub fn install_example_for(&self, name: &str, containers: &[&str]) {
+        let text = std::fs::read_to_string(example_dir(name).join("plugin.toml")).unwrap();
+        self.install_text_for(name, &text, containers);
+    }
+
+    /// Installs plugin `crate_name` with manifest `text`, its container scope narrowed to
+    /// the containers named.
+    pub fn install_text_for(&self, crate_name: &str, text: &str, containers: &[&str]) {
+        let names: Vec<String> = containers.iter().map(|c| format!("{c:?}")).collect();
+        let scoped = text.replacen(
+            "[policy.containers]\n",
+            &format!("[policy.containers]\nnames = [{}]\n", names.join(", ")),
+            1,
+        );
+        assert_ne!(scoped, text, "the manifest has a [policy.containers] table");
+        let dir = self
+            .dir
+            .path()
+            .join(format!("src-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(wasm(crate_name), dir.join("plugin.wasm")).unwrap();
+        std::fs::write(dir.join("plugin.toml"), scoped).unwrap();
+        self.runtime
+            .install(&dir.join("plugin.wasm"), None)
+            .unwrap_or_else(|e| panic!("install {crate_name}: {e}"));
+    }
+
     pub fn run(&self, name: &str, input: &str) -> RunReport {
         self.rt
             .block_on(self.runtime.run(name, TriggerEvent::manual(input)))
