@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions};
-use capstan::device::{Device, DeviceKind, DeviceSecrets, IpFamily, SecretField, SshAuth};
+use capstan::device::{Device, DeviceKind, DeviceSecrets, SecretField, SshAuth};
 use capstan::docker::{ConnectOptions, DockerClient, HostKeyPolicy};
 use capstan::secret::Secret;
 
@@ -63,31 +63,6 @@ impl Infra {
     }
 }
 
-fn blank(kind: DeviceKind, name: &str) -> Device {
-    let now = chrono::Utc::now();
-    Device {
-        id: uuid::Uuid::new_v4(),
-        name: name.into(),
-        kind,
-        host: None,
-        port: None,
-        user: None,
-        auth: None,
-        key_has_passphrase: false,
-        docker_login: None,
-        ip_family: IpFamily::Any,
-        agent_forwarding: false,
-        keyboard_interactive: false,
-        socket_path: None,
-        sudo: false,
-        host_key: None,
-        docker_host: None,
-        tls_server_name: None,
-        created_at: now,
-        updated_at: now,
-    }
-}
-
 struct Target {
     label: &'static str,
     device: Device,
@@ -95,10 +70,10 @@ struct Target {
 }
 
 fn targets(i: &Infra) -> Vec<Target> {
-    let mut local = blank(DeviceKind::Local, "bench-local");
+    let mut local = Device::blank(DeviceKind::Local, "bench-local");
     local.docker_host = Some(format!("unix://{}", i.var("DOCKER_SOCKET")));
 
-    let mut ssh = blank(DeviceKind::Ssh, "bench-ssh");
+    let mut ssh = Device::blank(DeviceKind::Ssh, "bench-ssh");
     ssh.host = Some(i.var("SSH_HOST4").into());
     ssh.port = Some(i.var("SSH_PORT").parse().unwrap());
     ssh.user = Some(i.var("SSH_USER_KEY").into());
@@ -112,7 +87,7 @@ fn targets(i: &Infra) -> Vec<Target> {
     let mut ssh_secrets = DeviceSecrets::default();
     ssh_secrets.set(SecretField::PrivateKey, i.secret("SSH_KEY_ED25519"));
 
-    let mut tls = blank(DeviceKind::Tls, "bench-tls");
+    let mut tls = Device::blank(DeviceKind::Tls, "bench-tls");
     tls.host = Some(i.var("TLS_HOST").into());
     tls.port = Some(i.var("TLS_PORT").parse().unwrap());
     let mut tls_secrets = DeviceSecrets::default();

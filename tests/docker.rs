@@ -59,31 +59,6 @@ fn ssh_port() -> u16 {
     infra().var("SSH_PORT").parse().expect("SSH_PORT is a port")
 }
 
-fn blank(kind: DeviceKind, name: &str) -> Device {
-    let now = chrono::Utc::now();
-    Device {
-        id: uuid::Uuid::new_v4(),
-        name: name.into(),
-        kind,
-        host: None,
-        port: None,
-        user: None,
-        auth: None,
-        key_has_passphrase: false,
-        docker_login: None,
-        ip_family: IpFamily::Any,
-        agent_forwarding: false,
-        keyboard_interactive: false,
-        socket_path: None,
-        sudo: false,
-        host_key: None,
-        docker_host: None,
-        tls_server_name: None,
-        created_at: now,
-        updated_at: now,
-    }
-}
-
 /// An ssh device on the test sshd with its host key pinned.
 fn ssh_device(name: &str, user_var: &str, auth: SshAuth) -> Device {
     Device {
@@ -92,7 +67,7 @@ fn ssh_device(name: &str, user_var: &str, auth: SshAuth) -> Device {
         user: Some(infra().var(user_var).into()),
         auth: Some(auth),
         host_key: Some(host_key_line()),
-        ..blank(DeviceKind::Ssh, name)
+        ..Device::blank(DeviceKind::Ssh, name)
     }
 }
 
@@ -116,7 +91,7 @@ fn tls_device(name: &str) -> Device {
     Device {
         host: Some(infra().var("TLS_HOST").into()),
         port: Some(infra().var("TLS_PORT").parse().unwrap()),
-        ..blank(DeviceKind::Tls, name)
+        ..Device::blank(DeviceKind::Tls, name)
     }
 }
 
@@ -588,7 +563,7 @@ async fn tls_refuses_a_client_certificate_from_another_ca() {
 
 #[tokio::test]
 async fn connects_to_the_local_socket_and_to_another_unix_socket() {
-    let mut d = blank(DeviceKind::Local, "local");
+    let mut d = Device::blank(DeviceKind::Local, "local");
     d.docker_host = Some(format!("unix://{}", infra().var("DOCKER_SOCKET")));
     assert_connected(&check(&d, &DeviceSecrets::default()).await);
 
@@ -604,7 +579,7 @@ async fn connects_to_the_local_socket_and_to_another_unix_socket() {
 
 #[tokio::test]
 async fn a_local_device_without_address_follows_docker_host() {
-    let d = blank(DeviceKind::Local, "env");
+    let d = Device::blank(DeviceKind::Local, "env");
     let mut o = opts();
     o.docker_host_env = Some(format!("unix://{}", infra().var("ALT_DOCKER_SOCKET")));
     let r = run_check(
@@ -733,7 +708,7 @@ async fn the_api_version_is_negotiated_down_to_the_daemons() {
 #[tokio::test]
 async fn every_transport_serves_the_same_calls() {
     let (sd, ss) = key_device("same-ssh");
-    let mut ld = blank(DeviceKind::Local, "same-local");
+    let mut ld = Device::blank(DeviceKind::Local, "same-local");
     ld.docker_host = Some(format!("unix://{}", infra().var("DOCKER_SOCKET")));
     let td = tls_device("same-tls");
     let ts = tls_secrets("TLS_CA", "TLS_CERT", "TLS_KEY");
