@@ -22,7 +22,28 @@ use axum::{Json, Router};
 use crate::engine::Engine;
 pub use error::AppError;
 
-pub type AppState = Arc<Engine>;
+/// What every handler works on: the engine's state and its run scheduler.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub scheduler: Arc<crate::scheduler::Scheduler>,
+}
+
+impl AppState {
+    pub fn new(scheduler: Arc<crate::scheduler::Scheduler>) -> AppState {
+        AppState {
+            engine: scheduler.engine().clone(),
+            scheduler,
+        }
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
 
 /// Every route, for the auth test: (method, path with placeholders filled).
 pub const PROTECTED_ROUTES: &[(&str, &str)] = &[
