@@ -89,8 +89,8 @@ pub enum IpFamily {
 #[serde(rename_all = "kebab-case")]
 pub enum SshTunnel {
     /// A `direct-streamlocal@openssh.com` channel to the remote Docker socket when the
-    /// server allows it, else `docker system dial-stdio`. Devices using sudo always use
-    /// dial-stdio.
+    /// server allows it, else `docker system dial-stdio`. Devices using sudo or agent
+    /// forwarding use dial-stdio.
     #[default]
     Auto,
     /// Only a `direct-streamlocal@openssh.com` channel straight to the remote socket (no

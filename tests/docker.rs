@@ -324,6 +324,10 @@ async fn requests_agent_forwarding_when_asked_and_still_connects() {
     let (mut d, s) = key_device("forwarding");
     d.agent_forwarding = true;
     assert_connected(&check(&d, &s).await);
+    // The agent is forwarded for the remote docker command: auto runs dial-stdio.
+    let cl = tunnel_client(&d, &s, SshTunnel::Auto);
+    some_calls(&cl).await;
+    assert_eq!(cl.ssh_channels().streamlocal, 0);
 }
 
 #[tokio::test]

@@ -22,7 +22,8 @@
 //! `auto` (the default) asks for a streamlocal channel and falls back to dial-stdio
 //! when the server refuses it, logging why at debug level; after a refusal the session
 //! goes straight to dial-stdio for a minute before asking again. A device with sudo
-//! always uses dial-stdio.
+//! always uses dial-stdio, and so does `auto` for a device with agent forwarding (the
+//! agent is there for the remote docker command).
 //!
 //! OpenSSH's sshd only disables Nagle's algorithm on a connection once a command runs on
 //! it, so a session whose channels are all streamlocal also runs `true` once, in the
@@ -96,7 +97,8 @@ pub(crate) struct SshTransport {
     command: String,
     /// The remote socket: the streamlocal target, and named in messages.
     remote_socket: String,
-    /// How channels reach the daemon (dial-stdio for sudo devices, whatever was asked).
+    /// How channels reach the daemon (dial-stdio for sudo devices whatever was asked, and
+    /// for `auto` with agent forwarding).
     tunnel: SshTunnel,
     streamlocal_opened: AtomicUsize,
     dial_stdio_opened: AtomicUsize,
@@ -243,6 +245,10 @@ impl SshTransport {
             if opts.ssh_tunnel == SshTunnel::Streamlocal {
                 tracing::debug!(device = %device.name, "the device runs docker through sudo: using dial-stdio, not streamlocal");
             }
+            SshTunnel::DialStdio
+        } else if device.agent_forwarding && opts.ssh_tunnel == SshTunnel::Auto {
+            // The agent is forwarded for the remote docker command (an ssh:// context
+            // there); a streamlocal channel would bypass both.
             SshTunnel::DialStdio
         } else {
             opts.ssh_tunnel
@@ -1292,6 +1298,28 @@ mod tests {
         assert_eq!(forced.tunnel, SshTunnel::DialStdio);
         let plain = transport_with(false, SshTunnel::Streamlocal);
         assert_eq!(plain.tunnel, SshTunnel::Streamlocal);
+    }
+
+    #[test]
+    fn auto_uses_dial_stdio_when_the_agent_is_forwarded() {
+        let d = Device {
+            agent_forwarding: true,
+            host: Some("10.0.0.5".into()),
+            user: Some("ops".into()),
+            auth: Some(SshAuth::None),
+            ..Device::blank(crate::device::DeviceKind::Ssh, "web1")
+        };
+        let with = |tunnel| {
+            let o = ConnectOptions {
+                ssh_tunnel: tunnel,
+                ..ConnectOptions::default()
+            };
+            SshTransport::new(&d, &DeviceSecrets::default(), &o, HostKeyPolicy::PinnedOnly)
+                .unwrap()
+                .tunnel
+        };
+        assert_eq!(with(SshTunnel::Auto), SshTunnel::DialStdio);
+        assert_eq!(with(SshTunnel::Streamlocal), SshTunnel::Streamlocal);
     }
 
     #[test]
