@@ -16,6 +16,7 @@ pub mod config;
 pub mod device;
 pub mod docker;
 pub mod engine;
+pub mod metrics;
 pub mod plugin;
 pub mod policy;
 pub mod proxy;
