@@ -131,7 +131,7 @@ pub enum HostKeyPolicy {
 }
 
 /// One timed step of establishing a connection or of a check.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Step {
     pub step: &'static str,
     pub ms: f64,
