@@ -33,6 +33,30 @@ pub struct ConfigFile {
     /// Docker API proxies `capstan serve` starts (`[[proxy]]` tables).
     #[serde(default, rename = "proxy")]
     pub proxies: Vec<ProxySection>,
+    /// Plugin runs: concurrency, shutdown, history.
+    #[serde(default)]
+    pub runs: RunsSection,
+}
+
+/// The `[runs]` table. Each key may also come from `CAPSTAN_RUNS_<KEY>` (upper case),
+/// which wins over the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsSection {
+    /// Runs executing at once across all plugins. Default 16.
+    pub max_concurrent: Option<usize>,
+    /// Runs of one plugin executing at once. Default 4.
+    pub max_per_plugin: Option<usize>,
+    /// Runs of one plugin waiting for a slot before new ones are refused. Default 1000.
+    pub max_queued_per_plugin: Option<usize>,
+    /// How long running runs may go on at shutdown (e.g. `"30s"`). Default 30s.
+    pub shutdown_grace: Option<String>,
+    /// The longest `?wait=true` waits for a run's end. Default 60s.
+    pub max_wait: Option<String>,
+    /// Finished runs kept per plugin (newest). Default 500.
+    pub keep_per_plugin: Option<usize>,
+    /// Finished runs older than this are removed (e.g. `"30d"`). Default 30d.
+    pub max_age: Option<String>,
 }
 
 /// One Docker API proxy: a device's daemon served behind a policy.
@@ -106,6 +130,8 @@ pub struct Settings {
     pub key_file: Option<PathBuf>,
     /// Proxies to start with the engine, checked at load.
     pub proxies: Vec<ProxySettings>,
+    /// Run concurrency, shutdown grace and history retention.
+    pub runs: crate::scheduler::SchedulerConfig,
 }
 
 /// A validated `[[proxy]]` entry.
@@ -168,12 +194,102 @@ impl Settings {
             listen,
             key_file: flag_key_file.or_else(|| file.vault.key_file.clone()),
             proxies,
+            runs: resolve_runs(&file.runs, |k| std::env::var(k).ok())?,
         })
     }
 
     pub fn default_key_file(&self) -> PathBuf {
         self.data_dir.join(DEFAULT_KEY_FILE_NAME)
     }
+}
+
+/// The `[runs]` table over the defaults, with `CAPSTAN_RUNS_*` from `env` winning.
+fn resolve_runs(
+    file: &RunsSection,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<crate::scheduler::SchedulerConfig, ConfigError> {
+    use crate::trigger::units::parse_duration;
+    let mut c = crate::scheduler::SchedulerConfig::default();
+    let count = |field: &'static str,
+                 var: &str,
+                 file: Option<usize>|
+     -> Result<Option<usize>, ConfigError> {
+        match env(var) {
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .map(Some)
+                .ok_or_else(|| ConfigError::Invalid {
+                    field,
+                    message: format!("{var}={v:?} is not a positive whole number"),
+                }),
+            None => match file {
+                Some(0) => Err(ConfigError::Invalid {
+                    field,
+                    message: "must be at least 1".into(),
+                }),
+                other => Ok(other),
+            },
+        }
+    };
+    let duration = |field: &'static str,
+                    var: &str,
+                    file: &Option<String>|
+     -> Result<Option<std::time::Duration>, ConfigError> {
+        match env(var).or_else(|| file.clone()) {
+            Some(v) => parse_duration(&v)
+                .map(Some)
+                .map_err(|m| ConfigError::Invalid {
+                    field,
+                    message: format!("{m} (write e.g. \"30s\", \"5m\", \"30d\")"),
+                }),
+            None => Ok(None),
+        }
+    };
+    if let Some(n) = count(
+        "runs.max_concurrent",
+        "CAPSTAN_RUNS_MAX_CONCURRENT",
+        file.max_concurrent,
+    )? {
+        c.max_concurrent_runs = n;
+    }
+    if let Some(n) = count(
+        "runs.max_per_plugin",
+        "CAPSTAN_RUNS_MAX_PER_PLUGIN",
+        file.max_per_plugin,
+    )? {
+        c.max_runs_per_plugin = n;
+    }
+    if let Some(n) = count(
+        "runs.max_queued_per_plugin",
+        "CAPSTAN_RUNS_MAX_QUEUED_PER_PLUGIN",
+        file.max_queued_per_plugin,
+    )? {
+        c.max_queued_per_plugin = n;
+    }
+    if let Some(n) = count(
+        "runs.keep_per_plugin",
+        "CAPSTAN_RUNS_KEEP_PER_PLUGIN",
+        file.keep_per_plugin,
+    )? {
+        c.history.keep_per_plugin = Some(n);
+    }
+    if let Some(d) = duration(
+        "runs.shutdown_grace",
+        "CAPSTAN_RUNS_SHUTDOWN_GRACE",
+        &file.shutdown_grace,
+    )? {
+        c.shutdown_grace = d;
+    }
+    if let Some(d) = duration("runs.max_wait", "CAPSTAN_RUNS_MAX_WAIT", &file.max_wait)? {
+        c.max_wait = d;
+    }
+    if let Some(d) = duration("runs.max_age", "CAPSTAN_RUNS_MAX_AGE", &file.max_age)? {
+        c.history.max_age = Some(d);
+    }
+    Ok(c)
 }
 
 #[cfg(test)]
@@ -231,6 +347,40 @@ mod tests {
         assert!(err.to_string().contains("used by another proxy"), "{err}");
         let typo = "[[proxy]]\ndevice = \"a\"\npolicy = \"p.env\"\nlisten = \"tcp://127.0.0.1:1\"\ntoken = \"x\"\n";
         assert!(ConfigFile::parse(typo).unwrap_err().contains("token"));
+    }
+
+    #[test]
+    fn the_runs_table_takes_env_overrides_and_names_bad_fields() {
+        let file = ConfigFile::parse(
+            "[runs]\nmax_concurrent = 3\nshutdown_grace = \"5s\"\nmax_age = \"7d\"\n",
+        )
+        .unwrap();
+        let c = resolve_runs(&file.runs, |_| None).unwrap();
+        assert_eq!(c.max_concurrent_runs, 3);
+        assert_eq!(c.shutdown_grace, std::time::Duration::from_secs(5));
+        assert_eq!(
+            c.history.max_age,
+            Some(std::time::Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(c.max_runs_per_plugin, 4, "default kept");
+        let c = resolve_runs(&file.runs, |k| {
+            (k == "CAPSTAN_RUNS_MAX_CONCURRENT").then(|| "9".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.max_concurrent_runs, 9);
+        let err = resolve_runs(&file.runs, |k| {
+            (k == "CAPSTAN_RUNS_SHUTDOWN_GRACE").then(|| "soon".to_string())
+        })
+        .unwrap_err();
+        assert!(err.to_string().starts_with("runs.shutdown_grace:"), "{err}");
+        let zero = ConfigFile::parse("[runs]\nmax_per_plugin = 0\n").unwrap();
+        let err = resolve_runs(&zero.runs, |_| None).unwrap_err();
+        assert!(err.to_string().starts_with("runs.max_per_plugin:"), "{err}");
+        assert!(
+            ConfigFile::parse("[runs]\nmax_concurent = 1\n")
+                .unwrap_err()
+                .contains("max_concurent")
+        );
     }
 
     #[test]

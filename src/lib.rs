@@ -21,6 +21,7 @@ pub mod plugin;
 pub mod policy;
 pub mod proxy;
 pub mod runs;
+pub mod scheduler;
 pub mod secret;
 pub mod store;
 pub mod token;

@@ -18,6 +18,13 @@ impl Secret {
         Secret(Zeroizing::new(bytes))
     }
 
+    /// `bytes` random bytes from the OS, hex-encoded (a generated shared secret).
+    pub fn random_hex(bytes: usize) -> Self {
+        let mut raw = zeroize::Zeroizing::new(vec![0u8; bytes]);
+        crate::vault::crypto::random_fill(&mut raw[..]);
+        Secret::from_str_owned(hex::encode(&raw[..]))
+    }
+
     pub fn from_str_owned(s: String) -> Self {
         Secret::new(s.into_bytes())
     }

@@ -1100,6 +1100,7 @@ impl Api {
             listen: "127.0.0.1:0".parse().unwrap(),
             key_file: None,
             proxies: Vec::new(),
+            runs: Default::default(),
         };
         let (engine, _) =
             Engine::open_or_init(settings, &capstan::engine::PassphraseInput::default()).unwrap();
@@ -1108,7 +1109,8 @@ impl Api {
         let engine = Arc::new(engine);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = capstan::api::router(engine.clone());
+        let scheduler = capstan::scheduler::Scheduler::with_defaults(engine.clone()).unwrap();
+        let app = capstan::api::router(capstan::api::AppState::new(scheduler));
         tokio::spawn(async move { axum::serve(listener, app).await });
         Api {
             addr,

@@ -29,7 +29,28 @@ use axum::{Json, Router};
 use crate::engine::Engine;
 pub use error::{AppError, ErrorBody};
 
-pub type AppState = Arc<Engine>;
+/// What every handler works on: the engine's state and its run scheduler.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub scheduler: Arc<crate::scheduler::Scheduler>,
+}
+
+impl AppState {
+    pub fn new(scheduler: Arc<crate::scheduler::Scheduler>) -> AppState {
+        AppState {
+            engine: scheduler.engine().clone(),
+            scheduler,
+        }
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
 
 /// One route of the API.
 pub struct Route {

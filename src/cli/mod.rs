@@ -5,10 +5,13 @@
 //! the environment themselves, except the vault passphrase (see [`PassphraseInput`]).
 
 mod check;
+mod client;
 mod device;
+mod hook;
 mod plugin;
 mod policy;
 mod proxy;
+mod runs;
 mod serve;
 mod token;
 mod vault;
@@ -91,6 +94,11 @@ pub enum Command {
     /// Install, run and manage WebAssembly plugins; scaffold new ones.
     #[command(subcommand)]
     Plugin(plugin::PluginCmd),
+    /// The run history: `capstan runs [--plugin NAME] [--follow]`, `capstan runs show ID`.
+    Runs(runs::RunsArgs),
+    /// Webhook secrets: list hooks, rotate and retire their secrets.
+    #[command(subcommand)]
+    Hook(hook::HookCmd),
 }
 
 impl GlobalArgs {
@@ -124,6 +132,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Proxy(args) => proxy::run(g, args),
         Command::Plugin(cmd) => plugin::run(g, cmd),
+        Command::Runs(args) => runs::run(g, args),
+        Command::Hook(cmd) => hook::run(g, cmd),
     }
 }
 

@@ -6,16 +6,21 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Subcommand;
 
+use super::client::{ApiClient, Target};
 use super::{GlobalArgs, print_table};
-use crate::engine::Engine;
 use crate::plugin::scaffold;
-use crate::plugin::{PluginRuntime, RuntimeConfig, TriggerEvent};
+use crate::plugin::{InstalledPlugin, PluginRuntime, PluginSource, RuntimeConfig, TriggerEvent};
+use crate::runs::{RunEnd, RunStatus, RunTrigger};
+use crate::scheduler::{Installed, Scheduler};
+use crate::trigger::cron::CronTrigger;
 
 #[derive(Debug, Subcommand)]
 pub enum PluginCmd {
     /// Install a plugin: a .wasm with plugin.toml beside it, or a plugin crate directory
     /// (after `cargo build --target wasm32-wasip2 --release`). Validates the manifest
     /// and compiles the component first; replaces an installed plugin of the same name.
+    /// While the engine runs, it installs through its API and the plugin's triggers
+    /// take effect at once. A webhook without a secret gets one, printed once.
     Install {
         /// The .wasm file or the directory holding plugin.toml.
         path: PathBuf,
@@ -43,8 +48,17 @@ pub enum PluginCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Remove an installed plugin, its compiled code and its state.
+    /// Remove an installed plugin, its compiled code and its state. Its triggers stop at
+    /// once when the engine is running.
     Remove { name: String },
+    /// Show a plugin's cron triggers and their next fire times (in UTC and in the
+    /// trigger's time zone).
+    Schedule {
+        name: String,
+        /// How many fire times per trigger.
+        #[arg(long, default_value_t = 5)]
+        count: usize,
+    },
     /// Show the last audit records of plugin host calls.
     Audit {
         /// How many records.
@@ -81,62 +95,31 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let engine = Arc::new(Engine::open(g.settings(None)?, &g.passphrase())?);
     let rt = super::check::runtime()?;
+    let engine = match Target::open(g.settings(None)?, &g.passphrase())? {
+        Target::Local(engine) => Arc::new(engine),
+        Target::Remote(api) => return rt.block_on(remote(&api, cmd)),
+    };
     // The runtime's epoch ticker and pooled connections live inside the tokio runtime.
     let _guard = rt.enter();
-    let runtime = PluginRuntime::new(engine.clone(), RuntimeConfig::default())?;
+    let runtime = Arc::new(PluginRuntime::new(
+        engine.clone(),
+        RuntimeConfig::default(),
+    )?);
+    let scheduler = Scheduler::new(
+        engine.clone(),
+        runtime.clone(),
+        Arc::new(crate::metrics::Metrics::new()),
+        engine.settings.runs.clone(),
+    )?;
     match cmd {
         PluginCmd::Install { path, manifest } => {
-            let p = runtime.install(&path, manifest.as_deref())?;
-            println!(
-                "installed plugin {} {} ({} bytes, sha256 {})",
-                p.name,
-                p.version,
-                p.size,
-                &p.sha256[..16]
-            );
-            for c in &p.triggers.cron {
-                println!(
-                    "  cron {} ({})",
-                    c.schedule,
-                    c.timezone.as_deref().unwrap_or("UTC")
-                );
-            }
-            for h in &p.triggers.webhooks {
-                println!("  webhook {h}");
-            }
+            let src = PluginSource::read(&path, manifest.as_deref())?;
+            let installed = scheduler.install(&src)?;
+            print_installed(&installed.plugin);
+            print_generated_secrets(&installed);
         }
-        PluginCmd::List => {
-            let rows: Vec<Vec<String>> = runtime
-                .installed()?
-                .into_iter()
-                .map(|p| {
-                    let mut triggers: Vec<String> = p
-                        .triggers
-                        .cron
-                        .iter()
-                        .map(|c| format!("cron {}", c.schedule))
-                        .collect();
-                    triggers.extend(p.triggers.webhooks.iter().map(|h| format!("webhook {h}")));
-                    vec![
-                        p.name,
-                        p.version,
-                        p.devices.join(","),
-                        if triggers.is_empty() {
-                            "manual".into()
-                        } else {
-                            triggers.join("; ")
-                        },
-                        p.description,
-                    ]
-                })
-                .collect();
-            print_table(
-                &["NAME", "VERSION", "DEVICES", "TRIGGERS", "DESCRIPTION"],
-                &rows,
-            );
-        }
+        PluginCmd::List => print_list(&runtime.installed()?),
         PluginCmd::Show { name } => {
             let p = runtime.installed_plugin(&name)?;
             let manifest = std::fs::read_to_string(
@@ -165,6 +148,9 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
             println!("devices:     {}", p.devices.join(", "));
             println!("manifest:\n{}", indent(&manifest));
         }
+        PluginCmd::Schedule { name, count } => {
+            print_schedule(&runtime.installed_plugin(&name)?, count)?
+        }
         PluginCmd::Run {
             name,
             input,
@@ -172,40 +158,39 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
             webhook,
             json,
         } => {
-            let input = match (input, input_file) {
-                (Some(i), _) => i,
-                (None, Some(f)) if f.as_os_str() == "-" => {
-                    std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
-                }
-                (None, Some(f)) => std::fs::read_to_string(&f)
-                    .with_context(|| format!("cannot read {}", f.display()))?,
-                (None, None) => String::new(),
-            };
-            let event = match webhook {
-                Some(hook) => TriggerEvent::Webhook {
-                    hook,
-                    headers: vec![("content-type".into(), "application/json".into())],
-                    body: input.into_bytes(),
-                },
-                None => TriggerEvent::manual(input),
-            };
-            let summary = runtime.load_installed()?;
+            let event = event_of(input, input_file, webhook)?;
+            let (summary, _) = scheduler.load_installed()?;
             if let Some((_, why)) = summary.failed.iter().find(|(n, _)| *n == name) {
                 bail!("plugin {name} cannot be loaded: {why}");
             }
-            let report = rt.block_on(runtime.run(&name, event))?;
+            // Recorded in the run history like any other run.
+            let runs = scheduler.runs();
+            let record = runs.create(&name, RunTrigger::Manual { by: "cli".into() })?;
+            runs.start(record.id)?;
+            let report = match rt.block_on(runtime.run(&name, event)) {
+                Ok(r) => r,
+                Err(e) => {
+                    runs.finish(record.id, RunEnd::error(RunStatus::Failed, e.to_string()))?;
+                    return Err(e.into());
+                }
+            };
+            runs.finish(
+                record.id,
+                crate::scheduler::end_of(report.clone(), runs.config().log_cap_bytes),
+            )?;
             engine.store.flush()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.render());
+                println!("recorded as run {}", record.id);
             }
             if !report.succeeded() {
                 bail!("plugin {name} {}", report.status);
             }
         }
         PluginCmd::Remove { name } => {
-            let p = runtime.remove(&name)?;
+            let p = scheduler.remove(&name)?;
             println!("removed plugin {} {}", p.name, p.version);
         }
         PluginCmd::Audit { tail } => {
@@ -233,6 +218,230 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
             );
         }
         PluginCmd::New { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn event_of(
+    input: Option<String>,
+    input_file: Option<PathBuf>,
+    webhook: Option<String>,
+) -> anyhow::Result<TriggerEvent> {
+    let input = match (input, input_file) {
+        (Some(i), _) => i,
+        (None, Some(f)) if f.as_os_str() == "-" => {
+            std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
+        }
+        (None, Some(f)) => {
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?
+        }
+        (None, None) => String::new(),
+    };
+    Ok(match webhook {
+        Some(hook) => TriggerEvent::Webhook {
+            hook,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: input.into_bytes(),
+        },
+        None => TriggerEvent::manual(input),
+    })
+}
+
+fn print_installed(p: &InstalledPlugin) {
+    println!(
+        "installed plugin {} {} ({} bytes, sha256 {})",
+        p.name,
+        p.version,
+        p.size,
+        &p.sha256[..16.min(p.sha256.len())]
+    );
+    for c in &p.triggers.cron {
+        println!(
+            "  cron {} ({})",
+            c.schedule,
+            c.timezone.as_deref().unwrap_or("UTC")
+        );
+    }
+    for h in &p.triggers.webhook {
+        println!("  webhook POST /hooks/{}", h.name);
+    }
+}
+
+/// Prints hook secrets generated at install: shown once, never stored in the clear.
+pub(crate) fn print_generated_secrets(installed: &Installed) {
+    for (hook, secret) in &installed.generated_secrets {
+        println!(
+            "  hook {hook}: generated secret, shown once; configure the sender with it:\n    {}",
+            secret.expose_str().unwrap_or("(not text)")
+        );
+    }
+}
+
+fn print_list(plugins: &[InstalledPlugin]) {
+    let rows: Vec<Vec<String>> = plugins
+        .iter()
+        .map(|p| {
+            let mut triggers: Vec<String> = p
+                .triggers
+                .cron
+                .iter()
+                .map(|c| format!("cron {}", c.schedule))
+                .collect();
+            triggers.extend(
+                p.triggers
+                    .webhook
+                    .iter()
+                    .map(|h| format!("webhook {}", h.name)),
+            );
+            vec![
+                p.name.clone(),
+                p.version.clone(),
+                p.devices.join(","),
+                if triggers.is_empty() {
+                    "manual".into()
+                } else {
+                    triggers.join("; ")
+                },
+                p.description.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["NAME", "VERSION", "DEVICES", "TRIGGERS", "DESCRIPTION"],
+        &rows,
+    );
+}
+
+fn print_schedule(p: &InstalledPlugin, count: usize) -> anyhow::Result<()> {
+    if p.triggers.cron.is_empty() {
+        println!("plugin {} has no cron trigger", p.name);
+        return Ok(());
+    }
+    let now = chrono::Utc::now();
+    for (i, c) in p.triggers.cron.iter().enumerate() {
+        let t = CronTrigger::from_config(c)?;
+        println!(
+            "trigger {i}: {:?} in {} (overlap {:?}{}{})",
+            c.schedule,
+            t.timezone(),
+            t.overlap(),
+            if t.jitter().is_zero() {
+                String::new()
+            } else {
+                format!(
+                    ", jitter up to {}",
+                    crate::trigger::units::format_duration(t.jitter())
+                )
+            },
+            if t.run_on_start() {
+                ", runs on start"
+            } else {
+                ""
+            }
+        );
+        for at in t.next_fire_times(now, count.max(1)) {
+            let local = at.with_timezone(&t.timezone());
+            println!(
+                "  {}   {}",
+                at.format("%Y-%m-%d %H:%M:%S UTC"),
+                local.format("%Y-%m-%d %H:%M:%S %Z")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The same commands against the running engine's API.
+async fn remote(api: &ApiClient, cmd: PluginCmd) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    match cmd {
+        PluginCmd::Install { path, manifest } => {
+            let src = PluginSource::read(&path, manifest.as_deref())?;
+            let body = serde_json::json!({
+                "manifest": src.manifest,
+                "wasm_base64": base64::engine::general_purpose::STANDARD.encode(&src.wasm),
+            });
+            let v = api.json("POST", "/api/plugins", Some(body)).await?;
+            let p: InstalledPlugin = serde_json::from_value(v["plugin"].clone())
+                .context("the engine's answer to the install")?;
+            print_installed(&p);
+            for s in v["generated_secrets"].as_array().into_iter().flatten() {
+                println!(
+                    "  hook {}: generated secret, shown once; configure the sender with it:\n    {}",
+                    s["hook"].as_str().unwrap_or("?"),
+                    s["secret"].as_str().unwrap_or("?")
+                );
+            }
+            println!("  active now in the running engine");
+        }
+        PluginCmd::List => {
+            let v = api.json("GET", "/api/plugins", None).await?;
+            let plugins: Vec<InstalledPlugin> =
+                serde_json::from_value(v).context("the engine's plugin list")?;
+            print_list(&plugins);
+        }
+        PluginCmd::Show { name } => {
+            let v = api
+                .json("GET", &format!("/api/plugins/{name}"), None)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        PluginCmd::Schedule { name, count } => {
+            let v = api
+                .json("GET", &format!("/api/plugins/{name}"), None)
+                .await?;
+            let p: InstalledPlugin =
+                serde_json::from_value(v).context("the engine's plugin record")?;
+            print_schedule(&p, count)?;
+        }
+        PluginCmd::Run {
+            name,
+            input,
+            input_file,
+            webhook,
+            json,
+        } => {
+            if webhook.is_some() {
+                bail!(
+                    "--webhook runs need the data directory; while the engine runs, POST to /hooks/NAME instead"
+                );
+            }
+            let input = match event_of(input, input_file, None)? {
+                TriggerEvent::Manual { input } => input,
+                _ => unreachable!("no webhook"),
+            };
+            let v = api
+                .json(
+                    "POST",
+                    &format!("/api/plugins/{name}/run?wait=true"),
+                    Some(serde_json::json!({ "input": input })),
+                )
+                .await?;
+            let record: crate::runs::RunRecord =
+                serde_json::from_value(if v.get("run").is_some() {
+                    v["run"].clone()
+                } else {
+                    v
+                })
+                .context("the engine's run record")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&record)?);
+            } else {
+                print!("{}", super::runs::render(&record));
+            }
+            if record.status != RunStatus::Ok {
+                bail!("plugin {name} {}", record.status);
+            }
+        }
+        PluginCmd::Remove { name } => {
+            api.json("DELETE", &format!("/api/plugins/{name}"), None)
+                .await?;
+            println!("removed plugin {name}; its triggers stopped");
+        }
+        PluginCmd::Audit { .. } => bail!(
+            "the audit log is read from the data directory, which the running engine holds; see `capstan runs show ID` for a run's host calls"
+        ),
+        PluginCmd::New { .. } => unreachable!("handled before"),
     }
     Ok(())
 }

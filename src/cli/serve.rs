@@ -7,8 +7,10 @@
 //! points at the example plugins it builds). Every later start opens what is there and
 //! loads the installed plugins from the compile cache.
 
+use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -16,9 +18,11 @@ use super::GlobalArgs;
 use crate::config::ProxySettings;
 use crate::device::{DeviceChanges, DeviceError, DeviceKind};
 use crate::engine::Engine;
-use crate::plugin::{PluginRuntime, RuntimeConfig};
+use crate::metrics::Metrics;
+use crate::plugin::{PluginRuntime, PluginSource, RuntimeConfig};
 use crate::policy::CompiledPolicy;
 use crate::proxy::{Proxy, ProxyListener};
+use crate::scheduler::Scheduler;
 use crate::secret::Secret;
 
 #[derive(Debug, clap::Args)]
@@ -68,31 +72,84 @@ pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         policies.push((p.clone(), policy, token));
     }
 
+    let cli_token = create_cli_token(&engine)?;
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let engine = Arc::new(engine);
-    let plugins = {
+    let scheduler = {
         let _guard = rt.enter();
         start_plugins(&engine, created.vault, args.default_plugins.as_deref())?
     };
-    rt.block_on(serve(engine.clone(), policies))?;
-    drop(plugins);
+    rt.block_on(serve(scheduler.clone(), policies, cli_token))?;
+    drop(scheduler);
     engine.store.flush()?;
+    let _ = std::fs::remove_file(engine.settings.data_dir.join(CLI_TOKEN_FILE));
     tracing::info!("stopped");
     Ok(())
 }
 
-/// The plugin runtime: on first start the default plugins are installed, then every
-/// installed plugin is loaded (compiled code from the cache). Triggers are recorded with
-/// each plugin; firing them is the scheduler's job.
+/// The file the CLI on this host uses to reach the running engine (`capstan runs`,
+/// `capstan plugin install` while the engine holds the data directory): the API's
+/// address on the first line (once it listens), a token on the second. Replaced at every
+/// start; mode 0600 in the data directory, beside the vault key file.
+pub const CLI_TOKEN_FILE: &str = "cli.token";
+/// The name of the token in that file.
+pub const CLI_TOKEN_NAME: &str = "local-cli";
+
+fn create_cli_token(engine: &Engine) -> anyhow::Result<Secret> {
+    engine.tokens.revoke(CLI_TOKEN_NAME)?;
+    Ok(engine.tokens.create(CLI_TOKEN_NAME)?.0)
+}
+
+fn write_cli_token(
+    engine: &Engine,
+    addr: std::net::SocketAddr,
+    token: &Secret,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = engine.settings.data_dir.join(CLI_TOKEN_FILE);
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let mut text = zeroize::Zeroizing::new(format!("{addr}\n").into_bytes());
+    text.extend_from_slice(token.expose());
+    text.push(b'\n');
+    f.write_all(&text)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// The plugin runtime and the scheduler: on first start the default plugins are
+/// installed, then every installed plugin is loaded (compiled code from the cache) and
+/// its triggers activated.
 fn start_plugins(
     engine: &Arc<Engine>,
     first_start: bool,
     defaults: Option<&Path>,
-) -> anyhow::Result<Arc<PluginRuntime>> {
-    let runtime = PluginRuntime::new(engine.clone(), RuntimeConfig::default())?;
+) -> anyhow::Result<Arc<Scheduler>> {
+    let config = engine.settings.runs.clone();
+    let runtime = Arc::new(PluginRuntime::new(
+        engine.clone(),
+        RuntimeConfig {
+            max_concurrent_runs: config.max_concurrent_runs as u32,
+            ..RuntimeConfig::default()
+        },
+    )?);
+    let scheduler = Scheduler::new(
+        engine.clone(),
+        runtime.clone(),
+        Arc::new(Metrics::new()),
+        config,
+    )?;
     if first_start && let Some(dir) = defaults {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| {
@@ -107,24 +164,34 @@ fn start_plugins(
             .collect();
         entries.sort();
         for p in entries {
-            let installed = runtime
-                .install(&p, None)
+            let src = PluginSource::read(&p, None)?;
+            let installed = scheduler
+                .install(&src)
                 .with_context(|| format!("installing the default plugin {}", p.display()))?;
-            println!("installed plugin {} {}", installed.name, installed.version);
+            println!(
+                "installed plugin {} {}",
+                installed.plugin.name, installed.plugin.version
+            );
+            super::plugin::print_generated_secrets(&installed);
         }
     }
-    let summary = runtime.load_installed()?;
+    let (summary, problems) = scheduler.load_installed()?;
     println!(
-        "plugins: {} loaded ({} from the compile cache, {} compiled), {} instance allocator",
+        "plugins: {} loaded ({} from the compile cache, {} compiled), {} instance allocator; {} cron trigger(s), {} hook(s)",
         summary.loaded,
         summary.from_cache,
         summary.compiled,
-        runtime.allocator()
+        runtime.allocator(),
+        scheduler.cron().len(),
+        scheduler.hooks().names().len(),
     );
     for (name, why) in &summary.failed {
         eprintln!("plugin {name} cannot be loaded: {why}");
     }
-    Ok(Arc::new(runtime))
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    Ok(scheduler)
 }
 
 fn ensure_local_device(engine: &Engine) -> anyhow::Result<()> {
@@ -150,10 +217,18 @@ fn ensure_local_device(engine: &Engine) -> anyhow::Result<()> {
 }
 
 async fn serve(
-    engine: Arc<Engine>,
+    scheduler: Arc<Scheduler>,
     proxies: Vec<(ProxySettings, CompiledPolicy, Option<Secret>)>,
+    cli_token: Secret,
 ) -> anyhow::Result<()> {
+    let engine = scheduler.engine().clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
     let mut proxy_tasks = Vec::new();
     for (p, policy, token) in proxies {
         let device = engine
@@ -166,15 +241,12 @@ async fn serve(
                 .with_context(|| format!("[[proxy]] for device {} on {}", device.name, p.listen))?,
         );
         let listener = ProxyListener::bind(&p.listen).await?;
-        let mut rx = stop_rx.clone();
         println!(
             "proxy for device {} listening on {}",
             device.name,
             listener.local_listen()
         );
-        proxy_tasks.push(tokio::spawn(proxy.serve(listener, async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        })));
+        proxy_tasks.push(tokio::spawn(proxy.serve(listener, stopped())));
     }
 
     let addr = engine.settings.listen;
@@ -185,15 +257,41 @@ async fn serve(
     })?;
     // Handlers first: a signal right after the banner must still shut down gracefully.
     let shutdown = shutdown_signal();
+    write_cli_token(&engine, listener.local_addr()?, &cli_token)?;
+    drop(cli_token);
     println!("capstan API listening on http://{}", listener.local_addr()?);
-    let app = crate::api::router(engine);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
+    println!(
+        "webhooks: POST http://{}/hooks/NAME",
+        listener.local_addr()?
+    );
+
+    let cron = tokio::spawn(scheduler.clone().run_cron(stopped()));
+    let housekeeping = tokio::spawn(housekeeping(scheduler.clone(), stopped()));
+    let app = crate::api::router(crate::api::AppState::new(scheduler.clone()))
+        .merge(crate::scheduler::hook_router(scheduler.clone()));
+    let server = axum::serve(listener, app).with_graceful_shutdown(stopped());
+    let mut server = std::pin::pin!(server.into_future());
+
+    // Serve until a signal; then stop triggering, let runs finish within the grace
+    // period (webhook callers waiting on them get their answer), and stop serving.
+    let report = tokio::select! {
+        r = &mut server => {
+            r.context("the API server failed")?;
+            None
+        }
+        () = shutdown => {
             let _ = stop_tx.send(true);
-        })
-        .await
-        .context("the API server failed")?;
+            let report = scheduler.shutdown().await;
+            // Open requests (a follower's stream) get a moment, then the server goes.
+            if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+                tracing::debug!("open API connections closed at shutdown");
+            }
+            Some(report)
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = cron.await;
+    let _ = housekeeping.await;
     for t in proxy_tasks {
         match t.await {
             Ok(Err(e)) => tracing::error!(error = %e, "proxy failed"),
@@ -201,7 +299,39 @@ async fn serve(
             Ok(Ok(())) => {}
         }
     }
+    if let Some(r) = report {
+        println!(
+            "stopped: {} run(s) finished during shutdown, {} interrupted",
+            r.finished, r.interrupted
+        );
+    }
     Ok(())
+}
+
+/// Hourly: run-history retention and expired webhook delivery ids.
+async fn housekeeping(scheduler: Arc<Scheduler>, stopped: impl std::future::Future<Output = ()>) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = every.tick() => {}
+        }
+        match scheduler.runs().apply_retention() {
+            Ok(r) if r.removed_over_count + r.removed_over_age > 0 => {
+                tracing::info!(
+                    over_count = r.removed_over_count,
+                    over_age = r.removed_over_age,
+                    "old runs removed"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "run retention failed"),
+        }
+        if let Err(e) = scheduler.hooks().purge_expired() {
+            tracing::warn!(error = %e, "purging webhook delivery ids failed");
+        }
+    }
 }
 
 /// Installs the SIGINT and SIGTERM handlers now (not when first polled, so a signal that

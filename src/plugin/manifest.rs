@@ -13,12 +13,15 @@
 //! description = "Restarts unhealthy containers that opt in"
 //!
 //! [[triggers.cron]]
-//! schedule = "*/1 * * * *"      # 5 fields (minute first), or 6-7 with seconds first
+//! schedule = "*/1 * * * *"      # 5 fields (minute first), 6 with seconds first, or @hourly…
 //! timezone = "Europe/Berlin"    # optional, default UTC
 //! overlap = "skip"              # skip (default) | queue | allow
+//! jitter = "10s"                # optional random delay per fire
+//! run_on_start = false          # one run when installed / when the engine starts
 //!
-//! [triggers]
-//! webhooks = ["redeploy"]       # POST /hooks/redeploy runs the plugin
+//! [[triggers.webhook]]          # POST /hooks/heal-now runs the plugin
+//! name = "heal-now"
+//! auth = "hmac-sha256"          # or "bearer"; the secret lives in the vault
 //!
 //! [policy]                      # the policy engine's TOML (socket-proxy variables)
 //! CONTAINERS = 1
@@ -36,11 +39,12 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::policy::Policy;
+use crate::trigger::cron::{CronTrigger, CronTriggerConfig};
+use crate::trigger::webhook::HookConfig;
 
 /// The manifest's file name beside the `.wasm`.
 pub const MANIFEST_FILE: &str = "plugin.toml";
@@ -77,75 +81,14 @@ pub struct Manifest {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Triggers {
-    /// Cron schedules (`[[triggers.cron]]`).
+    /// Cron schedules (`[[triggers.cron]]`): `schedule`, `timezone`, `overlap`,
+    /// `jitter`, `run_on_start`; see [`crate::trigger::cron`].
     #[serde(default)]
-    pub cron: Vec<CronTrigger>,
-    /// Webhook names: a request to the engine's hook endpoint of that name runs the
-    /// plugin with a `webhook` event.
+    pub cron: Vec<CronTriggerConfig>,
+    /// Webhooks (`[[triggers.webhook]]`): a verified `POST /hooks/<name>` runs the
+    /// plugin with a `webhook` event; see [`crate::trigger::webhook`].
     #[serde(default)]
-    pub webhooks: Vec<String>,
-}
-
-/// One cron schedule.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct CronTrigger {
-    /// A cron expression: 5 fields (`min hour day month weekday`, as in crontab) or the
-    /// `cron` crate's 6–7 fields with seconds first (and an optional year last).
-    pub schedule: String,
-    /// An IANA time zone (`Europe/Berlin`); default UTC.
-    #[serde(default)]
-    pub timezone: Option<String>,
-    /// What to do when the schedule fires while the previous run still runs.
-    #[serde(default)]
-    pub overlap: Overlap,
-}
-
-impl CronTrigger {
-    /// The schedule in the `cron` crate's form (seconds first).
-    pub fn parsed(&self) -> Result<cron::Schedule, String> {
-        parse_schedule(&self.schedule)
-    }
-
-    /// The time zone, UTC when none is given.
-    pub fn tz(&self) -> Result<chrono_tz::Tz, String> {
-        match &self.timezone {
-            None => Ok(chrono_tz::UTC),
-            Some(name) => chrono_tz::Tz::from_str(name).map_err(|_| {
-                format!("`{name}` is not an IANA time zone (such as `UTC` or `Europe/Berlin`)")
-            }),
-        }
-    }
-}
-
-/// Parses a 5-field crontab expression (a `0` seconds field is prepended) or the `cron`
-/// crate's 6–7 fields.
-pub fn parse_schedule(text: &str) -> Result<cron::Schedule, String> {
-    let fields = text.split_whitespace().count();
-    let normal = match fields {
-        5 => format!("0 {}", text.trim()),
-        6 | 7 => text.trim().to_string(),
-        _ if text.trim().starts_with('@') => text.trim().to_string(),
-        n => {
-            return Err(format!(
-                "`{text}` has {n} fields; write 5 (`min hour day month weekday`) or 6–7 (seconds first)"
-            ));
-        }
-    };
-    cron::Schedule::from_str(&normal).map_err(|e| format!("`{text}` is not a cron expression: {e}"))
-}
-
-/// Overlapping runs of one cron trigger.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Overlap {
-    /// Skip the new run while one runs (the default).
-    #[default]
-    Skip,
-    /// Start the new run when the running one ends (at most one waits).
-    Queue,
-    /// Run both.
-    Allow,
+    pub webhook: Vec<HookConfig>,
 }
 
 /// The `[limits]` table: each key optional.
@@ -258,18 +201,29 @@ impl Manifest {
             return Err(invalid("description", "must be one line".into()));
         }
         for (i, c) in self.triggers.cron.iter().enumerate() {
-            c.parsed()
-                .map_err(|m| invalid(&format!("triggers.cron[{i}].schedule"), m))?;
-            c.tz()
-                .map_err(|m| invalid(&format!("triggers.cron[{i}].timezone"), m))?;
+            CronTrigger::from_config(c).map_err(|e| {
+                use crate::trigger::cron::CronError;
+                let (field, help) = match &e {
+                    CronError::Timezone { .. } => ("timezone", ""),
+                    CronError::Jitter(_) => ("jitter", ""),
+                    _ => ("schedule", crate::trigger::cron::SCHEDULE_HELP),
+                };
+                let message = if help.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e}\n{}", help.trim_end())
+                };
+                invalid(&format!("triggers.cron[{i}].{field}"), message)
+            })?;
         }
         let mut hooks = std::collections::HashSet::new();
-        for (i, h) in self.triggers.webhooks.iter().enumerate() {
-            validate_hook(h).map_err(|m| invalid(&format!("triggers.webhooks[{i}]"), m))?;
-            if !hooks.insert(h) {
+        for (i, h) in self.triggers.webhook.iter().enumerate() {
+            h.validate()
+                .map_err(|e| invalid(&format!("triggers.webhook[{i}]"), e.to_string()))?;
+            if !hooks.insert(&h.name) {
                 return Err(invalid(
-                    &format!("triggers.webhooks[{i}]"),
-                    format!("`{h}` is listed twice"),
+                    &format!("triggers.webhook[{i}].name"),
+                    format!("hook `{}` is declared twice", h.name),
                 ));
             }
         }
@@ -370,22 +324,6 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Webhook names: `[A-Za-z0-9_-]{1,64}` (they become a URL path segment).
-pub fn validate_hook(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{name}` is not a webhook name: use letters, digits, `-` and `_`, at most 64 characters"
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,8 +338,9 @@ schedule = "*/2 * * * *"
 timezone = "Europe/Berlin"
 overlap = "queue"
 
-[triggers]
-webhooks = ["heal-now"]
+[[triggers.webhook]]
+name = "heal-now"
+auth = "bearer"
 
 [policy]
 CONTAINERS = 1
@@ -427,7 +366,11 @@ backoff = [60, 300]
     fn reads_and_validates_a_complete_manifest() {
         let m = Manifest::parse(GOOD, "plugin.toml").unwrap();
         m.validate("plugin.toml", &devices()).unwrap();
-        assert_eq!(m.triggers.cron[0].overlap, Overlap::Queue);
+        assert_eq!(
+            m.triggers.cron[0].overlap,
+            crate::trigger::cron::OverlapPolicy::Queue
+        );
+        assert_eq!(m.triggers.webhook[0].name, "heal-now");
         assert!(m.policy.devices().allows("prod-eu"));
         let limits = Limits::resolve(&m.limits, &Limits::DEFAULT);
         assert_eq!(limits.memory_mib, 32);
@@ -473,10 +416,30 @@ backoff = [60, 300]
     }
 
     #[test]
-    fn accepts_crontab_and_seconds_forms() {
-        assert!(parse_schedule("*/5 * * * *").is_ok());
-        assert!(parse_schedule("0 30 9 * * Mon-Fri").is_ok());
-        assert!(parse_schedule("@hourly").is_ok());
+    fn triggers_survive_the_stored_record_round_trip() {
+        let text = "name = \"a\"\nversion = \"1\"\n[[triggers.cron]]\nschedule = \"@hourly\"\n\
+                    [[triggers.cron]]\nschedule = \"*/5 * * * * *\"\njitter = \"1m30s\"\nrun_on_start = true\n\
+                    [[triggers.webhook]]\nname = \"h\"\nauth = \"hmac-sha256\"\nmax_body = \"2KiB\"\n\
+                    replay_window = \"90s\"\ntimestamp_header = \"X-T\"\nsigned_payload = \"{timestamp}.{body}\"\n\
+                    rate_limit = { requests = 5, per = \"1m\" }\n\
+                    [[triggers.webhook]]\nname = \"b\"\nauth = \"bearer\"\n";
+        let m = Manifest::parse(text, "p").unwrap();
+        m.validate("p", &devices()).unwrap();
+        let json = serde_json::to_string(&m.triggers).unwrap();
+        let back: Triggers = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m.triggers, "{json}");
+        assert_eq!(back.webhook[0].max_body, Some(2048));
+    }
+
+    #[test]
+    fn accepts_crontab_seconds_and_macro_forms() {
+        for schedule in ["*/5 * * * *", "0 30 9 * * Mon-Fri", "@hourly"] {
+            let text = format!(
+                "name = \"a\"\nversion = \"1\"\n[[triggers.cron]]\nschedule = \"{schedule}\"\n"
+            );
+            let m = Manifest::parse(&text, "p").unwrap();
+            m.validate("p", &devices()).unwrap();
+        }
     }
 
     #[test]
@@ -495,8 +458,14 @@ backoff = [60, 300]
     #[test]
     fn refuses_bad_names_hooks_and_limits() {
         assert!(error_of("name = \"Auto Heal\"\nversion = \"1\"\n").contains("name"));
-        let e = error_of("name = \"a\"\nversion = \"1\"\n[triggers]\nwebhooks = [\"a/b\"]\n");
-        assert!(e.contains("triggers.webhooks[0]"), "{e}");
+        let e = error_of(
+            "name = \"a\"\nversion = \"1\"\n[[triggers.webhook]]\nname = \"a/b\"\nauth = \"bearer\"\n",
+        );
+        assert!(e.contains("triggers.webhook[0]"), "{e}");
+        let e = error_of(
+            "name = \"a\"\nversion = \"1\"\n[[triggers.webhook]]\nname = \"h\"\nauth = \"bearer\"\n[[triggers.webhook]]\nname = \"h\"\nauth = \"bearer\"\n",
+        );
+        assert!(e.contains("declared twice"), "{e}");
         let e = error_of("name = \"a\"\nversion = \"1\"\n[limits]\nmemory_mib = 100000\n");
         assert!(e.contains("limits.memory_mib"), "{e}");
         let e = error_of("name = \"a\"\nversion = \"1\"\n[limits]\ntimeout_secs = 0\n");

@@ -40,5 +40,5 @@ pub use records::{AuditRecord, InstalledPlugin};
 pub use report::{Denial, HostCall, LogRecord, Outcome, RunReport, RunStatus};
 pub use runtime::{
     AllocatorChoice, AllocatorKind, LoadSummary, LoadedPlugin, PluginError, PluginRuntime,
-    RuntimeConfig, TriggerEvent,
+    PluginSource, RuntimeConfig, TriggerEvent,
 };

@@ -63,6 +63,8 @@ pub enum PluginError {
     Store(#[from] StoreError),
     #[error("plugin {name}: {detail}")]
     Io { name: String, detail: String },
+    #[error("{0}")]
+    Trigger(String),
 }
 
 /// Which instance allocator the engine uses.
@@ -175,6 +177,37 @@ impl TriggerEvent {
                 input: input.clone(),
             }),
         }
+    }
+}
+
+/// A plugin to install: its manifest text and component bytes, with where they came
+/// from (for error messages).
+#[derive(Debug, Clone)]
+pub struct PluginSource {
+    pub manifest: String,
+    pub manifest_file: String,
+    pub wasm: Vec<u8>,
+    pub wasm_file: String,
+}
+
+impl PluginSource {
+    /// Reads `source`: a `.wasm` with `plugin.toml` beside it (or `manifest`), or a
+    /// directory holding `plugin.toml` (the `.wasm` in it, or in a
+    /// `target/wasm32-wasip2/release/` at or above it, named after the plugin).
+    pub fn read(source: &Path, manifest: Option<&Path>) -> Result<PluginSource, PluginError> {
+        let (wasm_path, manifest_path) = locate(source, manifest)?;
+        let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
+            PluginError::Source(format!("cannot read {}: {e}", manifest_path.display()))
+        })?;
+        let wasm = std::fs::read(&wasm_path).map_err(|e| {
+            PluginError::Source(format!("cannot read {}: {e}", wasm_path.display()))
+        })?;
+        Ok(PluginSource {
+            manifest: text,
+            manifest_file: manifest_path.display().to_string(),
+            wasm,
+            wasm_file: wasm_path.display().to_string(),
+        })
     }
 }
 
@@ -401,12 +434,21 @@ impl PluginRuntime {
         source: &Path,
         manifest: Option<&Path>,
     ) -> Result<InstalledPlugin, PluginError> {
-        let (wasm_path, manifest_path) = locate(source, manifest)?;
-        let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
-            PluginError::Source(format!("cannot read {}: {e}", manifest_path.display()))
-        })?;
-        let file = manifest_path.display().to_string();
-        let manifest = Manifest::parse(&text, &file)?;
+        let src = PluginSource::read(source, manifest)?;
+        self.install_bytes(&src.manifest, &src.manifest_file, &src.wasm, &src.wasm_file)
+    }
+
+    /// Installs a plugin from its manifest text and its component's bytes (`file` and
+    /// `wasm_file` name them in errors): validated, compiled and linked before anything
+    /// is stored. Replaces an installed plugin of that name.
+    pub fn install_bytes(
+        &self,
+        text: &str,
+        file: &str,
+        wasm: &[u8],
+        wasm_file: &str,
+    ) -> Result<InstalledPlugin, PluginError> {
+        let manifest = Manifest::parse(text, file)?;
         let devices: Vec<String> = self
             .services
             .engine
@@ -416,11 +458,8 @@ impl PluginRuntime {
             .into_iter()
             .map(|d| d.name)
             .collect();
-        manifest.validate(&file, &devices)?;
-        let wasm = std::fs::read(&wasm_path).map_err(|e| {
-            PluginError::Source(format!("cannot read {}: {e}", wasm_path.display()))
-        })?;
-        let loaded = self.prepare(&manifest, &wasm, &wasm_path)?;
+        manifest.validate(file, &devices)?;
+        let loaded = self.prepare(&manifest, wasm, Path::new(wasm_file))?;
 
         let dir = self.plugin_dir(&manifest.name);
         let io = |e: std::io::Error| PluginError::Io {
@@ -428,7 +467,7 @@ impl PluginRuntime {
             detail: format!("cannot write {}: {e}", dir.display()),
         };
         std::fs::create_dir_all(&dir).map_err(io)?;
-        write_atomic(&dir.join(WASM_FILE), &wasm).map_err(io)?;
+        write_atomic(&dir.join(WASM_FILE), wasm).map_err(io)?;
         write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes()).map_err(io)?;
         if let Some(old) = self.records.get(&manifest.name)?
             && old.sha256 != loaded.sha256

@@ -150,9 +150,10 @@ description = "Counts running containers on every device in scope"
 
 # When it runs besides `capstan plugin run {name}`:
 # [[triggers.cron]]
-# schedule = "*/5 * * * *"
-# [triggers]
-# webhooks = ["{name}"]
+# schedule = "*/5 * * * *"        # or 6 fields with seconds first, or @hourly
+# [[triggers.webhook]]
+# name = "{name}"                 # POST /hooks/{name}
+# auth = "hmac-sha256"            # X-Hub-Signature-256 as GitHub sends it; or "bearer"
 
 # What it may touch: socket-proxy variables, devices and containers. It needs to list
 # containers (CONTAINERS=1) and nothing else.

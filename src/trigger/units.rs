@@ -115,11 +115,15 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
 pub mod serde_duration {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
     }
 
     /// For `Option<Duration>` fields (use with `#[serde(default)]`).
@@ -127,10 +131,19 @@ pub mod serde_duration {
         use super::*;
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-            let s = String::deserialize(d)?;
-            super::super::parse_duration(&s)
-                .map(Some)
-                .map_err(serde::de::Error::custom)
+            match Option::<String>::deserialize(d)? {
+                Some(s) => super::super::parse_duration(&s)
+                    .map(Some)
+                    .map_err(serde::de::Error::custom),
+                None => Ok(None),
+            }
+        }
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_str(&super::super::format_duration(*d)),
+                None => s.serialize_none(),
+            }
         }
     }
 }

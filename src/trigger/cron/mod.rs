@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use expr::Schedule;
 pub use gate::{FireDecision, GateStats, OverlapGate, OverlapPolicy};
@@ -111,7 +111,7 @@ fn year_note(count: &usize) -> &'static str {
 }
 
 /// A cron trigger as written in a plugin manifest (`[[trigger.cron]]`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CronTriggerConfig {
     /// The schedule; see [`SCHEDULE_HELP`].

@@ -48,7 +48,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use deliveries::{ClaimResult, Deliveries};
@@ -81,7 +81,7 @@ pub const SECRET_KIND: &str = "hook";
 const HIDDEN_HEADERS: &[&str] = &["authorization", "cookie", "proxy-authorization"];
 
 /// How a hook authenticates deliveries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthKind {
     /// An HMAC-SHA256 of the body (or a template over timestamp and body) in a header.
@@ -91,7 +91,7 @@ pub enum AuthKind {
 }
 
 /// A hook as written in a plugin manifest (`[[trigger.webhook]]`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookConfig {
     /// The hook's name, in its URL (`/hooks/<name>`): lower-case letters, digits, `-`,
@@ -136,11 +136,13 @@ pub struct HookConfig {
 }
 
 fn deserialize_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    units::serde_byte_size::deserialize(d).map(Some)
+    #[derive(Deserialize)]
+    struct Size(#[serde(deserialize_with = "units::serde_byte_size::deserialize")] u64);
+    Ok(Option::<Size>::deserialize(d)?.map(|s| s.0))
 }
 
 /// A hook's rate limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// Deliveries allowed per `per`.
@@ -663,6 +665,17 @@ struct Hook {
     bucket: Option<Mutex<TokenBucket>>,
 }
 
+/// An installed hook as the API and CLI list it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HookInfo {
+    pub name: String,
+    pub plugin: String,
+    pub auth: AuthKind,
+    pub max_body: u64,
+    /// Whether repeated delivery ids are recognised.
+    pub idempotent: bool,
+}
+
 /// Every installed hook, and the delivery ids they have accepted. Shared by reference
 /// (`Arc<Webhooks>`) between the API route and plugin install/remove.
 pub struct Webhooks {
@@ -756,6 +769,33 @@ impl Webhooks {
             self.remove(n)?;
         }
         Ok(names)
+    }
+
+    /// The plugin a hook belongs to, if it is installed.
+    pub fn owner(&self, name: &str) -> Option<String> {
+        self.hook(name).map(|h| h.plugin.clone())
+    }
+
+    /// Every installed hook (never its secrets), sorted by name.
+    pub fn list(&self) -> Vec<HookInfo> {
+        let mut v: Vec<HookInfo> = self
+            .hooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|h| HookInfo {
+                name: h.spec.name.clone(),
+                plugin: h.plugin.clone(),
+                auth: match h.spec.auth {
+                    Auth::Hmac { .. } => AuthKind::HmacSha256,
+                    Auth::Bearer => AuthKind::Bearer,
+                },
+                max_body: h.spec.max_body,
+                idempotent: h.spec.delivery_header.is_some(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     /// Installed hook names, sorted.

@@ -1,5 +1,6 @@
-//! The smallest useful plugin, for the engine's benchmark: `run` returns at once, or
-//! (input `calls:N`) makes N host calls (`host.now`) first.
+//! The smallest useful plugin, for the engine's benchmarks and tests: `run` returns at
+//! once, or (input `calls:N`) makes N host calls (`host.now`) first, or (input
+//! `sleep:MS`, or config `sleep_ms` for cron and webhook runs) sleeps that long first.
 
 use capstan_sdk::prelude::*;
 
@@ -8,6 +9,14 @@ struct Trivial;
 impl Plugin for Trivial {
     fn run(event: Event) -> Result<Outcome, Error> {
         let input = event.input();
+        let sleep_ms = input
+            .strip_prefix("sleep:")
+            .map(|ms| ms.trim().parse().unwrap_or(0))
+            .unwrap_or_else(|| config::get_or("sleep_ms", 0u64));
+        if sleep_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(sleep_ms));
+            return Ok(Outcome::new(format!("slept {sleep_ms} ms")));
+        }
         if let Some(n) = input.strip_prefix("calls:") {
             let n: u64 = n
                 .trim()

@@ -1,0 +1,123 @@
+//! `capstan hook …`: the webhook secrets in the vault. A hook is declared by its
+//! plugin's manifest (`[[triggers.webhook]]`); its secret lives in the vault and never
+//! in a file. Rotation keeps the previous secret valid until it is retired, so senders
+//! can be switched over without dropping deliveries.
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+
+use super::GlobalArgs;
+use crate::engine::Engine;
+use crate::secret::Secret;
+use crate::trigger::webhook::HookKeys;
+
+#[derive(Debug, Subcommand)]
+pub enum HookCmd {
+    /// List the hooks of the installed plugins and whether each has its secrets.
+    List,
+    /// Give a hook a new secret; the old one stays valid (as `previous`) until
+    /// `capstan hook retire`. Without --secret-file/--secret-stdin a random secret is
+    /// generated and printed once.
+    Rotate {
+        name: String,
+        /// Read the new secret from this file.
+        #[arg(long, value_name = "FILE", conflicts_with = "secret_stdin")]
+        secret_file: Option<std::path::PathBuf>,
+        /// Read the new secret from standard input.
+        #[arg(long)]
+        secret_stdin: bool,
+    },
+    /// Stop accepting a hook's previous secret.
+    Retire { name: String },
+}
+
+pub fn run(g: &GlobalArgs, cmd: HookCmd) -> anyhow::Result<()> {
+    let engine = Engine::open(g.settings(None)?, &g.passphrase()).map_err(|e| {
+        if matches!(
+            e.downcast_ref::<crate::store::StoreError>(),
+            Some(crate::store::StoreError::Locked(_))
+        ) {
+            e.context("hook secrets are changed with the engine stopped (the vault is the engine's while it runs); a change takes effect at its next start")
+        } else {
+            e
+        }
+    })?;
+    let declared = declared_hooks(&engine)?;
+    match cmd {
+        HookCmd::List => {
+            let rows: Vec<Vec<String>> = declared
+                .iter()
+                .map(|(hook, plugin, auth)| {
+                    let secrets = match HookKeys::load(&engine.vault, hook) {
+                        Ok(k) if k.previous.is_some() => "current + previous".into(),
+                        Ok(_) => "current".into(),
+                        Err(_) => "none (closed)".into(),
+                    };
+                    vec![hook.clone(), plugin.clone(), auth.clone(), secrets]
+                })
+                .collect();
+            super::print_table(&["HOOK", "PLUGIN", "AUTH", "SECRETS"], &rows);
+        }
+        HookCmd::Rotate {
+            name,
+            secret_file,
+            secret_stdin,
+        } => {
+            if !declared.iter().any(|(h, _, _)| *h == name) {
+                bail!("no installed plugin declares hook {name:?} (see `capstan hook list`)");
+            }
+            let (secret, generated) = match (secret_file, secret_stdin) {
+                (Some(f), _) => (
+                    Secret::from_file(&f)
+                        .with_context(|| format!("cannot read {}", f.display()))?,
+                    false,
+                ),
+                (None, true) => (
+                    Secret::from_reader(std::io::stdin()).context("cannot read stdin")?,
+                    false,
+                ),
+                (None, false) => (Secret::random_hex(32), true),
+            };
+            if secret.expose().len() < 16 {
+                bail!("a hook secret must be at least 16 bytes");
+            }
+            HookKeys::rotate(&engine.vault, &name, &secret)?;
+            engine.store.flush()?;
+            println!(
+                "hook {name}: new secret stored; the previous one stays valid until `capstan hook retire {name}`"
+            );
+            if generated {
+                println!(
+                    "  generated secret, shown once:\n    {}",
+                    secret.expose_str().unwrap_or("")
+                );
+            }
+        }
+        HookCmd::Retire { name } => {
+            if HookKeys::retire_previous(&engine.vault, &name)? {
+                engine.store.flush()?;
+                println!("hook {name}: the previous secret is no longer accepted");
+            } else {
+                println!("hook {name} has no previous secret");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// (hook, plugin, auth) for every hook an installed plugin declares.
+fn declared_hooks(engine: &Engine) -> anyhow::Result<Vec<(String, String, String)>> {
+    let records = crate::plugin::records::PluginRecords::open(&engine.store)?;
+    let mut out = Vec::new();
+    for p in records.list()? {
+        for h in &p.triggers.webhook {
+            let auth = serde_json::to_value(h.auth)?
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            out.push((h.name.clone(), p.name.clone(), auth));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
