@@ -8,6 +8,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -309,7 +310,11 @@ pub async fn show(
         (status = 422, description = "Not a valid device; the message says why", body = super::ErrorBody),
     )
 )]
-pub async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, AppError> {
+pub async fn create(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AppError> {
+    let body = body?;
     let (kind, changes) = parse_body(&body)?.into_changes(None)?;
     let dev = state.devices()?.add(kind, changes)?;
     tracing::info!(device = %dev.name, kind = %dev.kind, "device added over the API");
@@ -338,8 +343,9 @@ pub async fn create(State(state): State<AppState>, body: Bytes) -> Result<Respon
 pub async fn update(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<DeviceView>, AppError> {
+    let body = body?;
     let body = parse_body(&body)?;
     let dev = {
         let devices = state.devices()?;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -238,7 +239,11 @@ fn respond(report: CheckReport) -> Response {
         (status = 504, description = "A step timed out", body = CheckReport),
     )
 )]
-pub async fn pre_check(State(state): State<AppState>, body: Bytes) -> Result<Response, AppError> {
+pub async fn pre_check(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AppError> {
+    let body = body?;
     let spec: PreCheckSpec =
         serde_json::from_slice(&body).map_err(|e| AppError::bad_json("device spec", &e))?;
     let (dev, secrets, settings) = spec.into_device()?;

@@ -3,7 +3,9 @@
 //!
 //! Every error answers `{"error": {"kind": "...", "message": "..."}}` ([`ErrorBody`]);
 //! `kind` is one of `unauthorized`, `not-found`, `method-not-allowed`, `invalid`,
-//! `conflict`, `unavailable`, `internal`.
+//! `conflict`, `too-large`, `unavailable`, `internal`. Handlers take their body as
+//! `Result<Bytes, BytesRejection>` and convert with `?`, so a body over the route's
+//! limit is this JSON too.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -24,6 +26,8 @@ pub enum AppError {
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    TooLarge(String),
     /// The engine cannot do it now (shutting down, at capacity); the client may retry.
     #[error("{0}")]
     Unavailable(String),
@@ -40,7 +44,7 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// `unauthorized`, `not-found`, `method-not-allowed`, `invalid`, `conflict`,
-    /// `unavailable` or `internal`.
+    /// `too-large`, `unavailable` or `internal`.
     #[schema(example = "invalid")]
     pub kind: &'static str,
     /// What failed and what to do next. Never contains a secret.
@@ -55,6 +59,7 @@ impl AppError {
             AppError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             AppError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            AppError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -104,6 +109,19 @@ impl IntoResponse for AppError {
             );
         }
         resp
+    }
+}
+
+impl From<axum::extract::rejection::BytesRejection> for AppError {
+    fn from(e: axum::extract::rejection::BytesRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::TooLarge("the request body is larger than this route accepts".into())
+        } else {
+            AppError::Invalid(format!(
+                "the request body could not be read: {}",
+                e.body_text()
+            ))
+        }
     }
 }
 

@@ -15,11 +15,15 @@
 mod devices;
 mod docker;
 pub mod error;
+mod hooks;
+mod metrics;
 pub mod openapi;
+mod plugins;
+mod runs;
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -109,9 +113,69 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/api/plugins",
+        example: "/api/plugins",
+        handler: || get(plugins::list),
+    },
+    Route {
+        method: "POST",
+        path: "/api/plugins",
+        example: "/api/plugins",
+        handler: || post(plugins::install).layer(DefaultBodyLimit::max(plugins::MAX_INSTALL_BODY)),
+    },
+    Route {
+        method: "GET",
+        path: "/api/plugins/{name}",
+        example: "/api/plugins/inventory",
+        handler: || get(plugins::show),
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/plugins/{name}",
+        example: "/api/plugins/inventory",
+        handler: || delete(plugins::remove),
+    },
+    Route {
+        method: "POST",
+        path: "/api/plugins/{name}/run",
+        example: "/api/plugins/inventory/run",
+        handler: || post(plugins::run),
+    },
+    Route {
+        method: "GET",
+        path: "/api/runs",
+        example: "/api/runs",
+        handler: || get(runs::list),
+    },
+    Route {
+        method: "GET",
+        path: "/api/runs/events",
+        example: "/api/runs/events",
+        handler: || get(runs::events),
+    },
+    Route {
+        method: "GET",
+        path: "/api/runs/{id}",
+        example: "/api/runs/0190b5c2-0000-7000-8000-000000000000",
+        handler: || get(runs::show),
+    },
+    Route {
+        method: "GET",
+        path: "/api/hooks",
+        example: "/api/hooks",
+        handler: || get(hooks::list),
+    },
+    Route {
+        method: "GET",
         path: "/api/openapi.json",
         example: "/api/openapi.json",
         handler: || get(openapi::serve),
+    },
+    Route {
+        method: "GET",
+        path: "/metrics",
+        example: "/metrics",
+        handler: || get(metrics::serve),
     },
 ];
 
@@ -146,8 +210,9 @@ pub async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Accepts `Authorization: Bearer cap_…` when the token's hash is stored.
-async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Accepts `Authorization: Bearer cap_…` when the token's hash is stored, and hands the
+/// token's record to the handler (`Extension<TokenInfo>`, e.g. who asked for a run).
+async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(AUTHORIZATION)
@@ -158,7 +223,10 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
         return AppError::Unauthorized.into_response();
     };
     match state.tokens.verify(token.as_bytes()) {
-        Ok(Some(_)) => next.run(req).await,
+        Ok(Some(info)) => {
+            req.extensions_mut().insert(info);
+            next.run(req).await
+        }
         Ok(None) => AppError::Unauthorized.into_response(),
         Err(e) => AppError::Internal(e.to_string()).into_response(),
     }

@@ -17,7 +17,7 @@ use utoipa::openapi::{RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{AppError, ErrorBody, error::ErrorDetail};
-use super::{devices, docker};
+use super::{devices, docker, hooks, metrics, plugins, runs};
 
 /// The security scheme's name in the document.
 pub const BEARER: &str = "bearer";
@@ -39,7 +39,17 @@ pub const BEARER: &str = "bearer";
         devices::delete,
         docker::pre_check,
         docker::check,
+        plugins::list,
+        plugins::show,
+        plugins::install,
+        plugins::remove,
+        plugins::run,
+        runs::list,
+        runs::show,
+        runs::events,
+        hooks::list,
         serve,
+        metrics::serve,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Auth),
@@ -47,6 +57,9 @@ pub const BEARER: &str = "bearer";
     tags(
         (name = "devices", description = "Docker hosts and how to reach them; secrets are write-only"),
         (name = "docker", description = "Connection checks"),
+        (name = "plugins", description = "Installed plugins; install, remove, run now"),
+        (name = "runs", description = "Run history, and runs as they happen"),
+        (name = "hooks", description = "Installed webhooks (deliveries go to POST /hooks/{name}, outside this API)"),
         (name = "engine", description = "Health, metrics and this document"),
     )
 )]
