@@ -26,7 +26,9 @@ const DEVICES_TREE: &str = "devices";
 const NAMES_TREE: &str = "device_names";
 const VAULT_KIND: &str = "device";
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     /// A remote daemon reached over SSH with `docker system dial-stdio`.
@@ -48,7 +50,9 @@ impl std::fmt::Display for DeviceKind {
 }
 
 /// How an SSH login authenticates. The secrets each method needs live in the vault.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum SshAuth {
     /// A password (also used to answer keyboard-interactive prompts when enabled).
@@ -72,7 +76,18 @@ impl std::fmt::Display for SshAuth {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Serialize,
+    Deserialize,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum IpFamily {
     /// Whatever the name resolves to.
@@ -122,7 +137,7 @@ impl std::str::FromStr for SshTunnel {
 }
 
 /// Separate SSH credentials used only for the Docker connection (dial-stdio).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DockerSshLogin {
     pub user: String,
@@ -133,7 +148,7 @@ pub struct DockerSshLogin {
 }
 
 /// A Docker host and how to reach it. Contains no secret.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Device {
     pub id: Uuid,

@@ -1,23 +1,326 @@
-//! Prometheus metrics (placeholder interface; the exposition lands with the API work).
+//! The engine's metrics, served at `GET /metrics` for Prometheus.
+//!
+//! One [`Metrics`] per process (shared as `Arc<Metrics>`): the scheduler reports each
+//! finished run and each host call, the webhook route each delivery, and [`Metrics::render`]
+//! reads the Docker pool's SSH sessions and channels at scrape time. Built on the
+//! Prometheus project's client (`prometheus-client`), rendered in the OpenMetrics text
+//! format, which Prometheus scrapes natively ([`CONTENT_TYPE`]).
+//!
+//! Families (all prefixed `capstan_`):
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `capstan_runs_total` | counter | `plugin`, `status` |
+//! | `capstan_run_duration_seconds` | histogram | `plugin` |
+//! | `capstan_host_calls_total` | counter | `op`, `decision` |
+//! | `capstan_ssh_sessions` | gauge | — |
+//! | `capstan_ssh_channels` | gauge | — |
+//! | `capstan_webhook_deliveries_total` | counter | `hook`, `result` |
+//!
+//! A labelled family appears in the text once it has a series (the client leaves empty
+//! families out, as Prometheus's own clients do); the SSH gauges are always there.
+//!
+//! Label values come from installed plugins, hooks and fixed vocabularies, so the number
+//! of series stays bounded. The one label a stranger controls — the hook name of a
+//! delivery to a hook that does not exist — is recorded as `hook=""`, so probing random
+//! URLs cannot grow the series without end.
 
 use std::time::Duration;
 
-/// The engine's counters.
-#[derive(Default)]
-pub struct Metrics {}
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Run duration buckets, seconds: from a tiny plugin's few milliseconds to the longest
+/// deadline a manifest is likely to set.
+const RUN_DURATION_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// The webhook result whose hook label is dropped (see the module docs).
+const UNKNOWN_HOOK: &str = "unknown-hook";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunLabels {
+    plugin: String,
+    status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabel {
+    plugin: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostCallLabels {
+    op: String,
+    decision: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    hook: String,
+    result: String,
+}
+
+fn run_duration_histogram() -> Histogram {
+    Histogram::new(RUN_DURATION_BUCKETS)
+}
+
+/// The engine's counters and gauges, and the registry that renders them.
+pub struct Metrics {
+    registry: Registry,
+    runs: Family<RunLabels, Counter>,
+    run_duration: Family<PluginLabel, Histogram, fn() -> Histogram>,
+    host_calls: Family<HostCallLabels, Counter>,
+    ssh_sessions: Gauge,
+    ssh_channels: Gauge,
+    webhook_deliveries: Family<DeliveryLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
 
 impl Metrics {
     pub fn new() -> Metrics {
-        Metrics {}
+        let mut registry = Registry::with_prefix("capstan");
+        let runs = Family::<RunLabels, Counter>::default();
+        registry.register(
+            "runs",
+            "Plugin runs that reached a final status, by plugin and status",
+            runs.clone(),
+        );
+        let run_duration =
+            Family::<PluginLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                run_duration_histogram,
+            );
+        registry.register(
+            "run_duration_seconds",
+            "How long finished plugin runs took, from start to finish, by plugin",
+            run_duration.clone(),
+        );
+        let host_calls = Family::<HostCallLabels, Counter>::default();
+        registry.register(
+            "host_calls",
+            "Host function calls plugins made, by operation and the policy's decision",
+            host_calls.clone(),
+        );
+        let ssh_sessions = Gauge::default();
+        registry.register(
+            "ssh_sessions",
+            "SSH sessions open to Docker hosts now",
+            ssh_sessions.clone(),
+        );
+        let ssh_channels = Gauge::default();
+        registry.register(
+            "ssh_channels",
+            "SSH channels (Docker connections over dial-stdio) open now",
+            ssh_channels.clone(),
+        );
+        let webhook_deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook deliveries, by hook and how they were answered",
+            webhook_deliveries.clone(),
+        );
+        Metrics {
+            registry,
+            runs,
+            run_duration,
+            host_calls,
+            ssh_sessions,
+            ssh_channels,
+            webhook_deliveries,
+        }
     }
 
-    pub fn run_finished(&self, _plugin: &str, _status: &str, _duration: Duration) {}
+    /// A run reached a final status (`ok`, `failed`, `denied`, `timed-out`, `interrupted`).
+    pub fn run_finished(&self, plugin: &str, status: &str, duration: Duration) {
+        self.runs
+            .get_or_create(&RunLabels {
+                plugin: plugin.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+        self.run_duration
+            .get_or_create(&PluginLabel {
+                plugin: plugin.to_string(),
+            })
+            .observe(duration.as_secs_f64());
+    }
 
-    pub fn host_call(&self, _op: &str, _decision: &str) {}
+    /// One host function call a plugin made and the policy's decision (`allow`/`deny`).
+    pub fn host_call(&self, op: &str, decision: &str) {
+        self.host_calls
+            .get_or_create(&HostCallLabels {
+                op: op.to_string(),
+                decision: decision.to_string(),
+            })
+            .inc();
+    }
 
-    pub fn webhook_delivery(&self, _hook: &str, _result: &str) {}
+    /// One webhook delivery and how it was answered: `accepted`, `duplicate`, `unauthorized`,
+    /// `unknown-hook`, `too-large`, `invalid`, `rate-limited`, `unavailable`.
+    ///
+    /// For `unknown-hook` the hook name (chosen by whoever sent the request) is not kept.
+    pub fn webhook_delivery(&self, hook: &str, result: &str) {
+        let hook = if result == UNKNOWN_HOOK { "" } else { hook };
+        self.webhook_deliveries
+            .get_or_create(&DeliveryLabels {
+                hook: hook.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
 
-    pub fn render(&self, _pool: &crate::docker::Pool) -> String {
-        String::new()
+    /// The Prometheus text exposition, with the Docker pool's SSH sessions and channels read now.
+    pub fn render(&self, pool: &crate::docker::Pool) -> String {
+        let stats = pool.stats();
+        self.ssh_sessions.set(gauge_value(stats.ssh_sessions));
+        self.ssh_channels.set(gauge_value(stats.ssh_channels));
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn renders_the_ssh_gauges_always_and_labelled_families_once_they_have_a_series() {
+        let m = Metrics::new();
+        let text = m.render(&crate::docker::Pool::default());
+        assert_eq!(sample(&text, "capstan_ssh_sessions "), Some(0.0), "{text}");
+        assert_eq!(sample(&text, "capstan_ssh_channels "), Some(0.0), "{text}");
+        assert!(!text.contains("capstan_runs"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        m.run_finished("p", "ok", Duration::from_millis(1));
+        m.host_call("docker.list-containers", "allow");
+        m.webhook_delivery("h", "accepted");
+        let text = m.render(&crate::docker::Pool::default());
+        for family in [
+            "capstan_runs counter",
+            "capstan_run_duration_seconds histogram",
+            "capstan_host_calls counter",
+            "capstan_ssh_sessions gauge",
+            "capstan_ssh_channels gauge",
+            "capstan_webhook_deliveries counter",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family}\n")),
+                "{family} missing:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn counts_runs_by_plugin_and_status_and_observes_their_duration() {
+        let m = Metrics::new();
+        m.run_finished("restarter", "ok", Duration::from_millis(3));
+        m.run_finished("restarter", "ok", Duration::from_millis(40));
+        m.run_finished("restarter", "timed-out", Duration::from_secs(5));
+        m.host_call("docker.restart-container", "deny");
+        let text = m.render(&crate::docker::Pool::default());
+        assert_eq!(
+            sample(
+                &text,
+                r#"capstan_runs_total{plugin="restarter",status="ok"}"#
+            ),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"capstan_runs_total{plugin="restarter",status="timed-out"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"capstan_run_duration_seconds_count{plugin="restarter"}"#
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"capstan_run_duration_seconds_bucket{le="0.005",plugin="restarter"}"#
+            )
+            .or_else(|| sample(
+                &text,
+                r#"capstan_run_duration_seconds_bucket{plugin="restarter",le="0.005"}"#
+            )),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"capstan_host_calls_total{op="docker.restart-container",decision="deny"}"#
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn deliveries_to_unknown_hooks_do_not_keep_the_requested_name() {
+        let m = Metrics::new();
+        m.webhook_delivery("deploy", "accepted");
+        for i in 0..100 {
+            m.webhook_delivery(&format!("probe-{i}"), "unknown-hook");
+        }
+        let text = m.render(&crate::docker::Pool::default());
+        assert!(!text.contains("probe-"), "{text}");
+        assert_eq!(
+            sample(
+                &text,
+                r#"capstan_webhook_deliveries_total{hook="",result="unknown-hook"}"#
+            ),
+            Some(100.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"capstan_webhook_deliveries_total{hook="deploy",result="accepted"}"#
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn is_shareable_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Metrics>();
     }
 }

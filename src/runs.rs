@@ -81,7 +81,19 @@ impl From<TransactionError<RunError>> for RunError {
 }
 
 /// A run's id: a UUIDv7, so ids sort by creation time (monotonic within the process).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(transparent)]
 pub struct RunId(Uuid);
 
@@ -135,7 +147,7 @@ impl FromStr for RunId {
 }
 
 /// Where a run is in its life. `queued` and `running` are active; the rest are final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunStatus {
     Queued,
@@ -177,7 +189,7 @@ impl fmt::Display for RunStatus {
 }
 
 /// Why a run started.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum RunTrigger {
     Cron {
@@ -195,7 +207,7 @@ pub enum RunTrigger {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     Trace,
@@ -205,7 +217,7 @@ pub enum LogLevel {
     Error,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogLine {
     pub at: DateTime<Utc>,
     pub level: LogLevel,
@@ -214,8 +226,9 @@ pub struct LogLine {
 
 /// A run's log, capped: when the text exceeds the cap the *oldest* lines go (the last
 /// lines usually say how a run ended), counted in `dropped_lines` and `dropped_bytes`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunLogs {
+    #[schema(value_type = Vec<LogLine>)]
     pub lines: VecDeque<LogLine>,
     /// Message bytes currently kept.
     pub bytes: usize,
@@ -258,7 +271,7 @@ impl RunLogs {
 }
 
 /// How the policy decided on a host call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
     Allow,
@@ -266,7 +279,7 @@ pub enum Decision {
 }
 
 /// One host function call a plugin made.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostCall {
     /// Interface and function, e.g. `docker.restart-container`.
     pub op: String,
@@ -279,7 +292,7 @@ pub struct HostCall {
 }
 
 /// One run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunRecord {
     pub id: RunId,
     pub plugin: String,

@@ -76,25 +76,6 @@ fn first_start_creates_vault_key_file_local_device_and_prints_a_token_once() {
 }
 
 #[test]
-fn every_api_route_answers_401_without_a_valid_token() {
-    let data = DataDir::empty();
-    let server = Server::start(&data);
-    for (method, path) in capstan::api::PROTECTED_ROUTES {
-        for headers in [
-            vec![],
-            vec![("Authorization", "Bearer cap_00000000_nope")],
-            vec![("Authorization", "Basic YWRtaW46YWRtaW4=")],
-        ] {
-            let (status, body) = http(&server.addr, method, path, &headers, b"");
-            assert_eq!(status, 401, "{method} {path} with {headers:?}: {body}");
-            assert!(!body.contains("local"), "a 401 leaks nothing: {body}");
-        }
-    }
-    // Unknown routes under /api are also behind auth.
-    assert_eq!(http(&server.addr, "GET", "/api/nope", &[], b"").0, 401);
-}
-
-#[test]
 fn a_revoked_token_is_refused() {
     let data = DataDir::empty();
     let server = Server::start(&data);

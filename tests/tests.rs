@@ -3,6 +3,7 @@
 
 mod util;
 
+mod api;
 mod cli_device;
 mod cli_plugin;
 mod cli_policy;

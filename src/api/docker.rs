@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -30,7 +31,7 @@ const MAX_TIMEOUT_SECS: u64 = 120;
 
 /// The body of `POST /api/docker/pre-check`: a device as `capstan device add` takes it,
 /// with its secrets inline.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PreCheckSpec {
     /// A name for messages (default `pre-check`).
@@ -47,11 +48,14 @@ pub struct PreCheckSpec {
     #[serde(default)]
     auth: Option<SshAuth>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Password, write_only)]
     password: Option<Secret>,
     /// OpenSSH or PEM private key text.
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Password, write_only)]
     private_key: Option<Secret>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Password, write_only)]
     key_passphrase: Option<Secret>,
     /// Docker-only SSH credentials.
     #[serde(default)]
@@ -75,10 +79,13 @@ pub struct PreCheckSpec {
     tls_server_name: Option<String>,
     /// PEM texts.
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Password, write_only)]
     tls_ca: Option<Secret>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Password, write_only)]
     tls_cert: Option<Secret>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Password, write_only)]
     tls_key: Option<Secret>,
     /// Accept the SSH server's key when `host_key` is absent; the report shows it, to
     /// pin when the device is saved.
@@ -89,17 +96,20 @@ pub struct PreCheckSpec {
     timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DockerLoginSpec {
     user: String,
     #[serde(default)]
     auth: Option<SshAuth>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Password, write_only)]
     password: Option<Secret>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Password, write_only)]
     private_key: Option<Secret>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Password, write_only)]
     key_passphrase: Option<Secret>,
 }
 
@@ -213,16 +223,47 @@ fn respond(report: CheckReport) -> Response {
     (status, Json(report)).into_response()
 }
 
-/// `POST /api/docker/pre-check`
-pub async fn pre_check(State(state): State<AppState>, body: Bytes) -> Result<Response, AppError> {
-    let spec: PreCheckSpec = serde_json::from_slice(&body)
-        .map_err(|e| AppError::Invalid(format!("invalid device spec: {e}")))?;
+/// Check an unsaved device
+///
+/// Connects with the given settings and secrets, pings the daemon and reads its version;
+/// nothing is stored and no secret is echoed.
+#[utoipa::path(
+    post,
+    path = "/api/docker/pre-check",
+    tag = "docker",
+    request_body = PreCheckSpec,
+    responses(
+        (status = 200, description = "The daemon answered", body = CheckReport),
+        (status = 422, description = "Not a valid device spec", body = super::ErrorBody),
+        (status = 502, description = "The device or the daemon failed; the report says which step and why", body = CheckReport),
+        (status = 504, description = "A step timed out", body = CheckReport),
+    )
+)]
+pub async fn pre_check(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AppError> {
+    let body = body?;
+    let spec: PreCheckSpec =
+        serde_json::from_slice(&body).map_err(|e| AppError::bad_json("device spec", &e))?;
     let (dev, secrets, settings) = spec.into_device()?;
     let report = run_check(&dev, &secrets, &check_options(&state, &settings)).await;
     Ok(respond(report))
 }
 
-/// `GET /api/docker/check/{id}` (a device id or name)
+/// Check a stored device
+#[utoipa::path(
+    get,
+    path = "/api/docker/check/{id}",
+    tag = "docker",
+    params(("id" = String, Path, description = "Device id or name")),
+    responses(
+        (status = 200, description = "The daemon answered", body = CheckReport),
+        (status = 404, description = "No such device", body = super::ErrorBody),
+        (status = 502, description = "The device or the daemon failed; the report says which step and why", body = CheckReport),
+        (status = 504, description = "A step timed out", body = CheckReport),
+    )
+)]
 pub async fn check(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -1,9 +1,16 @@
 //! One error type for every API failure, mapped to a status code and a JSON body in one
 //! place. Internal detail is logged, not returned.
+//!
+//! Every error answers `{"error": {"kind": "...", "message": "..."}}` ([`ErrorBody`]);
+//! `kind` is one of `unauthorized`, `not-found`, `method-not-allowed`, `invalid`,
+//! `conflict`, `too-large`, `unavailable`, `internal`. Handlers take their body as
+//! `Result<Bytes, BytesRejection>` and convert with `?`, so a body over the route's
+//! limit is this JSON too.
 
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 
 use crate::device::DeviceError;
 
@@ -13,12 +20,35 @@ pub enum AppError {
     Unauthorized,
     #[error("{0}")]
     NotFound(String),
+    #[error("this route does not take that method")]
+    MethodNotAllowed,
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    TooLarge(String),
+    /// The engine cannot do it now (shutting down, at capacity); the client may retry.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error")]
     Internal(String),
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// `unauthorized`, `not-found`, `method-not-allowed`, `invalid`, `conflict`,
+    /// `too-large`, `unavailable` or `internal`.
+    #[schema(example = "invalid")]
+    pub kind: &'static str,
+    /// What failed and what to do next. Never contains a secret.
+    pub message: String,
 }
 
 impl AppError {
@@ -26,10 +56,33 @@ impl AppError {
         match self {
             AppError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            AppError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             AppError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            AppError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+            AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
+    }
+
+    /// A request body that is not the JSON the route takes. serde's messages quote the
+    /// offending value ("invalid type: string \"…\", expected …"), which may be a secret
+    /// put in the wrong field: those keep only what was expected and where.
+    pub fn bad_json(what: &str, e: &serde_json::Error) -> AppError {
+        let msg = e.to_string();
+        let msg = match (
+            msg.starts_with("invalid type:") || msg.starts_with("invalid value:"),
+            msg.find(", expected "),
+        ) {
+            (true, Some(at)) => format!("a value has the wrong type or form{}", &msg[at..]),
+            (true, None) => format!(
+                "a value has the wrong type or form at line {} column {}",
+                e.line(),
+                e.column()
+            ),
+            (false, _) => msg,
+        };
+        AppError::Invalid(format!("invalid {what}: {msg}"))
     }
 }
 
@@ -41,7 +94,12 @@ impl IntoResponse for AppError {
         let (status, kind) = self.status_and_kind();
         let mut resp = (
             status,
-            Json(serde_json::json!({ "error": { "kind": kind, "message": self.to_string() } })),
+            Json(ErrorBody {
+                error: ErrorDetail {
+                    kind,
+                    message: self.to_string(),
+                },
+            }),
         )
             .into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -54,6 +112,19 @@ impl IntoResponse for AppError {
     }
 }
 
+impl From<axum::extract::rejection::BytesRejection> for AppError {
+    fn from(e: axum::extract::rejection::BytesRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::TooLarge("the request body is larger than this route accepts".into())
+        } else {
+            AppError::Invalid(format!(
+                "the request body could not be read: {}",
+                e.body_text()
+            ))
+        }
+    }
+}
+
 impl From<DeviceError> for AppError {
     fn from(e: DeviceError) -> Self {
         match e {
@@ -62,5 +133,35 @@ impl From<DeviceError> for AppError {
             DeviceError::Duplicate(_) => AppError::Conflict(e.to_string()),
             other => AppError::Internal(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_in_the_wrong_place_is_not_quoted_back() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Spec {
+            port: u16,
+        }
+        let e = serde_json::from_str::<Spec>(r#"{"port": "hunter2"}"#).unwrap_err();
+        let msg = AppError::bad_json("device", &e).to_string();
+        assert!(!msg.contains("hunter2"), "{msg}");
+        assert!(msg.contains("expected u16"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_are_named() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Spec {
+            port: u16,
+        }
+        let e = serde_json::from_str::<Spec>(r#"{"prot": 1}"#).unwrap_err();
+        assert!(AppError::bad_json("x", &e).to_string().contains("prot"));
     }
 }

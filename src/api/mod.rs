@@ -1,26 +1,37 @@
 //! The HTTP API (axum): one router, one error type, bearer-token auth on every route but
 //! the health probe.
 //!
-//! [`router`] builds the whole API from the engine state so tests drive it with
-//! `tower::ServiceExt::oneshot` and `serve` binds it to a socket. Authentication is a
-//! layer on the `/api` sub-router, not a per-handler check, so a new route cannot forget
-//! it; a test walks every route and expects 401 without a token.
+//! [`ROUTES`] is the one list of the API's routes: [`router`] registers exactly those,
+//! behind the token check, and a test holds the OpenAPI document
+//! (`GET /api/openapi.json`, generated from the handlers by utoipa, see [`openapi`]) to
+//! the same list, both ways. Authentication is a layer over every route in the list and
+//! the fallback, not a per-handler check, so a new route cannot forget it; a test walks
+//! the list and expects 401 without a token. Only `/healthz` is open.
+//!
+//! Webhook deliveries (`POST /hooks/{name}`) are not part of this router: they
+//! authenticate each delivery with the hook's own secret (see
+//! [`crate::trigger::webhook`]) and are merged in beside it by `serve`.
 
 mod devices;
 mod docker;
 pub mod error;
+mod hooks;
+mod metrics;
+pub mod openapi;
+mod plugins;
+mod runs;
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, delete, get, patch, post};
 use axum::{Json, Router};
 
 use crate::engine::Engine;
-pub use error::AppError;
+pub use error::{AppError, ErrorBody};
 
 /// What every handler works on: the engine's state and its run scheduler.
 #[derive(Clone)]
@@ -45,34 +56,163 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// Every route, for the auth test: (method, path with placeholders filled).
-pub const PROTECTED_ROUTES: &[(&str, &str)] = &[
-    ("GET", "/api/devices"),
-    ("GET", "/api/devices/local"),
-    ("POST", "/api/docker/pre-check"),
-    ("GET", "/api/docker/check/local"),
+/// One route of the API.
+pub struct Route {
+    /// `GET`, `POST`, `PATCH`, `DELETE`.
+    pub method: &'static str,
+    /// The path as registered, `{name}` for a parameter.
+    pub path: &'static str,
+    /// The path with its parameters filled, for tests that walk the routes.
+    pub example: &'static str,
+    handler: fn() -> MethodRouter<AppState>,
+}
+
+/// Every route but `/healthz`; each needs a bearer token.
+pub const ROUTES: &[Route] = &[
+    Route {
+        method: "GET",
+        path: "/api/devices",
+        example: "/api/devices",
+        handler: || get(devices::list),
+    },
+    Route {
+        method: "POST",
+        path: "/api/devices",
+        example: "/api/devices",
+        handler: || post(devices::create),
+    },
+    Route {
+        method: "GET",
+        path: "/api/devices/{name}",
+        example: "/api/devices/local",
+        handler: || get(devices::show),
+    },
+    Route {
+        method: "PATCH",
+        path: "/api/devices/{name}",
+        example: "/api/devices/local",
+        handler: || patch(devices::update),
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/devices/{name}",
+        example: "/api/devices/local",
+        handler: || delete(devices::delete),
+    },
+    Route {
+        method: "POST",
+        path: "/api/docker/pre-check",
+        example: "/api/docker/pre-check",
+        handler: || post(docker::pre_check),
+    },
+    Route {
+        method: "GET",
+        path: "/api/docker/check/{id}",
+        example: "/api/docker/check/local",
+        handler: || get(docker::check),
+    },
+    Route {
+        method: "GET",
+        path: "/api/plugins",
+        example: "/api/plugins",
+        handler: || get(plugins::list),
+    },
+    Route {
+        method: "POST",
+        path: "/api/plugins",
+        example: "/api/plugins",
+        handler: || post(plugins::install).layer(DefaultBodyLimit::max(plugins::MAX_INSTALL_BODY)),
+    },
+    Route {
+        method: "GET",
+        path: "/api/plugins/{name}",
+        example: "/api/plugins/inventory",
+        handler: || get(plugins::show),
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/plugins/{name}",
+        example: "/api/plugins/inventory",
+        handler: || delete(plugins::remove),
+    },
+    Route {
+        method: "POST",
+        path: "/api/plugins/{name}/run",
+        example: "/api/plugins/inventory/run",
+        handler: || post(plugins::run),
+    },
+    Route {
+        method: "GET",
+        path: "/api/runs",
+        example: "/api/runs",
+        handler: || get(runs::list),
+    },
+    Route {
+        method: "GET",
+        path: "/api/runs/events",
+        example: "/api/runs/events",
+        handler: || get(runs::events),
+    },
+    Route {
+        method: "GET",
+        path: "/api/runs/{id}",
+        example: "/api/runs/0190b5c2-0000-7000-8000-000000000000",
+        handler: || get(runs::show),
+    },
+    Route {
+        method: "GET",
+        path: "/api/hooks",
+        example: "/api/hooks",
+        handler: || get(hooks::list),
+    },
+    Route {
+        method: "GET",
+        path: "/api/openapi.json",
+        example: "/api/openapi.json",
+        handler: || get(openapi::serve),
+    },
+    Route {
+        method: "GET",
+        path: "/metrics",
+        example: "/metrics",
+        handler: || get(metrics::serve),
+    },
 ];
 
+/// The open route: a liveness probe that says nothing about the engine.
+pub const HEALTH_PATH: &str = "/healthz";
+
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/devices", get(devices::list))
-        .route("/devices/{name}", get(devices::show))
-        .route("/docker/pre-check", post(docker::pre_check))
-        .route("/docker/check/{id}", get(docker::check))
+    let mut protected = Router::new();
+    for r in ROUTES {
+        protected = protected.route(r.path, (r.handler)());
+    }
+    let protected = protected
         .fallback(|| async { AppError::NotFound("no such API route".into()) })
+        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
-        .route("/healthz", get(healthz))
-        .nest("/api", api)
+        .route(HEALTH_PATH, get(healthz))
+        .merge(protected)
         .with_state(state)
 }
 
-async fn healthz() -> impl IntoResponse {
+/// Liveness probe
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "engine",
+    security(()),
+    responses((status = 200, description = "The engine is up", body = Object,
+        example = json!({"status": "ok"})))
+)]
+pub async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Accepts `Authorization: Bearer cap_…` when the token's hash is stored.
-async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Accepts `Authorization: Bearer cap_…` when the token's hash is stored, and hands the
+/// token's record to the handler (`Extension<TokenInfo>`, e.g. who asked for a run).
+async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(AUTHORIZATION)
@@ -83,7 +223,10 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
         return AppError::Unauthorized.into_response();
     };
     match state.tokens.verify(token.as_bytes()) {
-        Ok(Some(_)) => next.run(req).await,
+        Ok(Some(info)) => {
+            req.extensions_mut().insert(info);
+            next.run(req).await
+        }
         Ok(None) => AppError::Unauthorized.into_response(),
         Err(e) => AppError::Internal(e.to_string()).into_response(),
     }

@@ -28,7 +28,7 @@ pub struct CheckOptions {
 }
 
 /// The outcome of a check.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CheckReport {
     /// Device name.
     pub device: String,
@@ -59,7 +59,7 @@ pub struct CheckReport {
 }
 
 /// Why a check failed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CheckFailure {
     /// `resolve`, `unreachable`, `timeout`, `auth`, `host-key-mismatch`,
     /// `host-key-unknown`, `docker-missing`, `permission-denied`, `daemon-not-running`,
@@ -92,7 +92,7 @@ impl From<&ConnectError> for CheckFailure {
 }
 
 /// What the daemon says about itself.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DockerFacts {
     /// Engine version, e.g. `20.10.24`.
     pub version: String,
@@ -121,7 +121,7 @@ pub struct DockerFacts {
 }
 
 /// The SSH server's host key as seen by the check.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HostKeyReport {
     pub algorithm: String,
     /// `SHA256:…`

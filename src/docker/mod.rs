@@ -160,7 +160,7 @@ pub struct SshChannels {
 }
 
 /// One timed step of establishing a connection or of a check.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Step {
     pub step: &'static str,
     pub ms: f64,

@@ -471,6 +471,15 @@ fn parse_version(v: &str) -> Option<ClientVersion> {
     })
 }
 
+/// What [`Pool::stats`] counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// SSH sessions open (at most one per SSH device).
+    pub ssh_sessions: usize,
+    /// SSH channels open: one per Docker connection over `dial-stdio`, busy or idle.
+    pub ssh_channels: usize,
+}
+
 /// One [`DockerClient`] per device, created on first use and kept while the device's
 /// record is unchanged (an edited device gets a new client; its old connections close
 /// when their last user lets go).
@@ -513,6 +522,30 @@ impl Pool {
         secrets: impl FnOnce() -> Result<DeviceSecrets, ConnectError>,
     ) -> Result<Docker, ConnectError> {
         self.client(device, secrets)?.docker().await
+    }
+
+    /// SSH sessions and channels open now, over the clients this pool holds (for
+    /// `/metrics`). A session being connected or checked at this very moment counts as
+    /// open when it has channels.
+    pub fn stats(&self) -> PoolStats {
+        let clients: Vec<Arc<DockerClient>> = self
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut stats = PoolStats::default();
+        for c in clients {
+            if let Transport::Ssh(t) = &c.inner.transport {
+                let channels = c.open_connections();
+                stats.ssh_channels += channels;
+                if t.has_session().unwrap_or(channels > 0) {
+                    stats.ssh_sessions += 1;
+                }
+            }
+        }
+        stats
     }
 
     /// Drops the client of a removed or edited device.

@@ -1181,6 +1181,15 @@ impl Drop for ChannelIo {
     }
 }
 
+impl SshTransport {
+    /// Whether a session is open now; `None` while another task holds the session state
+    /// (connecting or checking it). Read-only, for metrics.
+    pub(crate) fn has_session(&self) -> Option<bool> {
+        let st = self.state.try_lock().ok()?;
+        Some(st.session.as_ref().is_some_and(|s| !s.handle.is_closed()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -256,6 +256,28 @@ impl Server {
         }
     }
 
+    /// The admin token `serve` printed on first start.
+    pub fn admin_token(&self) -> String {
+        self.banner
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("cap_"))
+            .unwrap_or_else(|| panic!("no admin token in the banner:\n{}", self.banner))
+            .to_string()
+    }
+
+    /// Sends SIGTERM, waits, and returns everything serve wrote to stderr (its log).
+    pub fn stop_and_collect_stderr(mut self) -> String {
+        unsafe_kill(self.child.id() as i32, 15);
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err).ok();
+        }
+        self.child.wait().unwrap();
+        std::mem::forget(self);
+        err
+    }
+
     /// Sends SIGTERM and waits; returns the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.child.id() as i32;

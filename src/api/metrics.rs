@@ -1,0 +1,25 @@
+//! `GET /metrics`: the engine's metrics for Prometheus (see [`crate::metrics`]). Behind the
+//! bearer token like every route but `/healthz`: give Prometheus a token of its own in
+//! the scrape config (`authorization: { credentials_file: … }`).
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+
+use super::AppState;
+
+/// Prometheus metrics
+///
+/// The OpenMetrics text format: runs by plugin and status, run durations, host calls by
+/// operation and decision, SSH sessions and channels, webhook deliveries by result.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "engine",
+    responses((status = 200, description = "OpenMetrics text", body = String,
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"))
+)]
+pub async fn serve(State(state): State<AppState>) -> impl IntoResponse {
+    let text = state.scheduler.metrics().render(&state.docker);
+    ([(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
+}

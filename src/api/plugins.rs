@@ -1,0 +1,329 @@
+//! Plugin routes: list, show, install, remove, run.
+//!
+//! Install takes the manifest text and the component as base64 in one JSON body (up to
+//! [`MAX_INSTALL_BODY`]); the engine validates the manifest against the known devices and
+//! compiles the component before anything is stored. Webhook secrets the engine
+//! generated for the plugin's hooks are in the install answer — the only time they are
+//! shown. A run request is queued through the scheduler like any trigger; `?wait=true`
+//! waits (bounded) and answers with the run record.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::{AppError, AppState};
+use crate::plugin::{InstalledPlugin, PluginError, PluginSource, TriggerEvent};
+use crate::runs::{RunId, RunRecord, RunTrigger};
+use crate::scheduler::SubmitError;
+use crate::token::TokenInfo;
+
+/// Largest install body: the component travels base64-encoded inside it.
+pub const MAX_INSTALL_BODY: usize = 64 << 20;
+/// The longest `timeout` a run request may give (the engine's `runs.max_wait` bounds it
+/// further).
+const MAX_WAIT_SECS: u64 = 3600;
+
+/// An installed plugin.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PluginView {
+    #[schema(example = "autoheal")]
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// SHA-256 of the `.wasm`, hex.
+    pub sha256: String,
+    /// Size of the `.wasm`, bytes.
+    pub size: u64,
+    pub installed_at: chrono::DateTime<chrono::Utc>,
+    /// Its device scope as written in the manifest (names or globs).
+    pub devices: Vec<String>,
+    /// The manifest's `[triggers]`: cron schedules and webhooks.
+    #[schema(value_type = Object)]
+    pub triggers: serde_json::Value,
+    /// Its limits, resolved against the engine's defaults.
+    #[schema(value_type = Object)]
+    pub limits: serde_json::Value,
+    /// Whether the runtime has it loaded (compiled and linked) and can run it.
+    pub loaded: bool,
+}
+
+fn view(state: &AppState, p: InstalledPlugin) -> PluginView {
+    let loaded = state.scheduler.runtime().plugin(&p.name).is_some();
+    PluginView {
+        triggers: serde_json::to_value(&p.triggers).unwrap_or_default(),
+        limits: serde_json::to_value(p.limits).unwrap_or_default(),
+        name: p.name,
+        version: p.version,
+        description: p.description,
+        sha256: p.sha256,
+        size: p.size,
+        installed_at: p.installed_at,
+        devices: p.devices,
+        loaded,
+    }
+}
+
+impl From<SubmitError> for AppError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::NotInstalled(_) => AppError::NotFound(e.to_string()),
+            SubmitError::ShuttingDown | SubmitError::QueueFull { .. } => {
+                AppError::Unavailable(e.to_string())
+            }
+            SubmitError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<PluginError> for AppError {
+    fn from(e: PluginError) -> Self {
+        match e {
+            PluginError::NotInstalled(_) => AppError::NotFound(e.to_string()),
+            PluginError::Manifest(_)
+            | PluginError::Source(_)
+            | PluginError::Component { .. }
+            | PluginError::Trigger(_) => AppError::Invalid(e.to_string()),
+            PluginError::Engine(_) | PluginError::Store(_) | PluginError::Io { .. } => {
+                AppError::Internal(e.to_string())
+            }
+        }
+    }
+}
+
+/// List installed plugins
+#[utoipa::path(
+    get,
+    path = "/api/plugins",
+    tag = "plugins",
+    responses((status = 200, description = "Every installed plugin, by name", body = [PluginView]))
+)]
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<PluginView>>, AppError> {
+    let plugins = state.scheduler.runtime().installed()?;
+    Ok(Json(plugins.into_iter().map(|p| view(&state, p)).collect()))
+}
+
+/// Show one plugin
+#[utoipa::path(
+    get,
+    path = "/api/plugins/{name}",
+    tag = "plugins",
+    params(("name" = String, Path, description = "Plugin name")),
+    responses(
+        (status = 200, description = "The plugin", body = PluginView),
+        (status = 404, description = "Not installed", body = super::ErrorBody),
+    )
+)]
+pub async fn show(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<PluginView>, AppError> {
+    let p = state.scheduler.runtime().installed_plugin(&name)?;
+    Ok(Json(view(&state, p)))
+}
+
+/// The body of `POST /api/plugins`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstallBody {
+    /// The plugin's `plugin.toml`, as text.
+    manifest: String,
+    /// The plugin's `.wasm` component, base64 (standard alphabet).
+    wasm_base64: String,
+}
+
+/// A hook secret the engine generated at install.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HookSecret {
+    pub hook: String,
+    /// Give it to the sender (HMAC key or bearer token). Shown once, here.
+    pub secret: String,
+}
+
+/// The answer to an install.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InstalledView {
+    pub plugin: PluginView,
+    /// Secrets generated for the plugin's hooks that had none; not shown again.
+    pub generated_secrets: Vec<HookSecret>,
+}
+
+/// Install or replace a plugin
+///
+/// The manifest is validated against the known devices and the component compiled and
+/// linked before anything is stored; a plugin of the same name is replaced.
+#[utoipa::path(
+    post,
+    path = "/api/plugins",
+    tag = "plugins",
+    request_body = InstallBody,
+    responses(
+        (status = 201, description = "Installed; hook secrets are shown this once", body = InstalledView),
+        (status = 413, description = "The body is over 64 MiB", body = super::ErrorBody),
+        (status = 422, description = "Not a valid manifest or component; the message says why", body = super::ErrorBody),
+    )
+)]
+pub async fn install(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AppError> {
+    let body = body?;
+    let body: InstallBody =
+        serde_json::from_slice(&body).map_err(|e| AppError::bad_json("install request", &e))?;
+    let wasm = {
+        use base64::Engine as _;
+        let text: String = body
+            .wasm_base64
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|e| AppError::Invalid(format!("wasm_base64 is not base64: {e}")))?
+    };
+    let src = PluginSource {
+        manifest: body.manifest,
+        manifest_file: "the uploaded manifest".into(),
+        wasm,
+        wasm_file: "the uploaded component".into(),
+    };
+    let scheduler = state.scheduler.clone();
+    // Compiling a component takes a while: off the async workers.
+    let installed = tokio::task::spawn_blocking(move || scheduler.install(&src))
+        .await
+        .map_err(|e| AppError::Internal(format!("the install task failed: {e}")))??;
+    let name = installed.plugin.name.clone();
+    let generated_secrets = installed
+        .generated_secrets
+        .iter()
+        .map(|(hook, secret)| HookSecret {
+            hook: hook.clone(),
+            secret: secret.expose_str().unwrap_or_default().to_string(),
+        })
+        .collect();
+    tracing::info!(plugin = %name, "plugin installed over the API");
+    let v = InstalledView {
+        plugin: view(&state, installed.plugin),
+        generated_secrets,
+    };
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/api/plugins/{name}"))],
+        Json(v),
+    )
+        .into_response())
+}
+
+/// Remove a plugin
+///
+/// Its record, files, compiled code, state and hooks go; its run history stays.
+#[utoipa::path(
+    delete,
+    path = "/api/plugins/{name}",
+    tag = "plugins",
+    params(("name" = String, Path, description = "Plugin name")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "Not installed", body = super::ErrorBody),
+    )
+)]
+pub async fn remove(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, AppError> {
+    let removed = state.scheduler.remove(&name)?;
+    tracing::info!(plugin = %removed.name, "plugin removed over the API");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The body of `POST /api/plugins/{name}/run`.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunBody {
+    /// Handed to the plugin as the manual event's input.
+    #[serde(default)]
+    input: String,
+}
+
+/// The query of `POST /api/plugins/{name}/run`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RunParams {
+    /// Wait for the run to end and answer with its record.
+    #[serde(default)]
+    wait: bool,
+    /// Seconds to wait at most (1-3600; default and upper bound: the engine's
+    /// `runs.max_wait`, 60 s unless configured).
+    timeout: Option<u64>,
+}
+
+/// The answer to a run request that does not wait.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RunStarted {
+    #[schema(value_type = String, format = Uuid)]
+    pub run_id: RunId,
+}
+
+/// Run a plugin now
+///
+/// Queues a manual run; `?wait=true` waits for it to end (bounded by `timeout`) and
+/// answers with the run record: 200 when it ended, 202 when it is still queued or running.
+#[utoipa::path(
+    post,
+    path = "/api/plugins/{name}/run",
+    tag = "plugins",
+    params(("name" = String, Path, description = "Plugin name"), RunParams),
+    request_body(content = RunBody, description = "Optional; `{}` runs with empty input"),
+    responses(
+        (status = 202, description = "Queued (without wait, or still running at the timeout)", body = RunStarted),
+        (status = 200, description = "With wait: the run ended", body = RunRecord),
+        (status = 404, description = "Not installed", body = super::ErrorBody),
+        (status = 503, description = "The engine cannot take runs now", body = super::ErrorBody),
+    )
+)]
+pub async fn run(
+    State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
+    Path(name): Path<String>,
+    query: Result<Query<RunParams>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AppError> {
+    let body = body?;
+    let Query(q) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
+    let body: RunBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RunBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| AppError::bad_json("run request", &e))?
+    };
+    let wait = match q.timeout {
+        Some(t) if !(1..=MAX_WAIT_SECS).contains(&t) => {
+            return Err(AppError::Invalid(format!(
+                "timeout must be between 1 and {MAX_WAIT_SECS} seconds"
+            )));
+        }
+        Some(t) => Duration::from_secs(t),
+        None => state.scheduler.config().max_wait,
+    };
+    let trigger = RunTrigger::Manual {
+        by: format!("api:{}", token.name),
+    };
+    let id = state
+        .scheduler
+        .submit(&name, trigger, TriggerEvent::manual(body.input))?;
+    if !q.wait {
+        return Ok((StatusCode::ACCEPTED, Json(RunStarted { run_id: id })).into_response());
+    }
+    let record = state.scheduler.wait(id, wait).await?;
+    let status = if record.status.is_final() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(record)).into_response())
+}
