@@ -13,3 +13,4 @@ mod plugin_examples;
 mod plugins;
 mod proxy;
 mod serve;
+mod triggers;

@@ -1,0 +1,628 @@
+//! The engine service: webhooks and cron schedules running plugins in a real
+//! `capstan serve`, the run history, graceful shutdown and hot install/remove. Every
+//! request is real HTTP; every run is the real trivial plugin on wasmtime.
+
+use std::time::{Duration, Instant};
+
+use hmac::{KeyInit, Mac};
+use serde_json::Value;
+
+use crate::util::plugin::wasm;
+use crate::util::*;
+
+/// Writes `trivial.wasm` with `manifest` into a fresh directory and installs it with
+/// `capstan plugin install` (local, or through the API when the engine runs). Returns
+/// the CLI's output (which shows generated hook secrets once).
+fn install(data: &DataDir, manifest: &str) -> String {
+    let dir = data.path().join(format!("src-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(wasm("trivial"), dir.join("plugin.wasm")).unwrap();
+    std::fs::write(dir.join("plugin.toml"), manifest).unwrap();
+    let out = data.capstan(&[
+        "plugin",
+        "install",
+        dir.join("plugin.wasm").to_str().unwrap(),
+    ]);
+    assert_success(&out, "plugin install");
+    stdout(&out)
+}
+
+/// The secret printed once for `hook` by an install.
+fn generated_secret(install_output: &str, hook: &str) -> String {
+    let mut lines = install_output.lines();
+    while let Some(l) = lines.next() {
+        if l.contains(&format!("hook {hook}: generated secret")) {
+            return lines.next().expect("the secret line").trim().to_string();
+        }
+    }
+    panic!("no generated secret for hook {hook} in:\n{install_output}")
+}
+
+fn token_of(server: &Server) -> String {
+    server
+        .banner
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("cap_"))
+        .unwrap_or_else(|| panic!("no admin token in the banner:\n{}", server.banner))
+        .to_string()
+}
+
+fn sign(secret: &str, payload: &[u8]) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(payload);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// The run history as `capstan runs --json` prints it (through the API when the engine
+/// runs, from the data directory when it does not).
+fn runs(data: &DataDir, plugin: &str) -> Vec<Value> {
+    let out = data.capstan(&["runs", "--json", "--limit", "1000", "--plugin", plugin]);
+    assert_success(&out, "capstan runs --json");
+    match json(&stdout(&out)) {
+        Value::Array(v) => v,
+        other => panic!("not a list: {other}"),
+    }
+}
+
+fn time(v: &Value) -> chrono::DateTime<chrono::Utc> {
+    v.as_str()
+        .unwrap_or_else(|| panic!("not a time: {v}"))
+        .parse()
+        .unwrap()
+}
+
+/// Waits until `f` holds, up to `secs`, polling.
+fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("not within {secs} s: {what}");
+}
+
+const HOOKS: &str = r#"
+[[triggers.webhook]]
+name = "gh"
+auth = "hmac-sha256"
+delivery_header = "X-GitHub-Delivery"
+max_body = "1KiB"
+
+[[triggers.webhook]]
+name = "stamped"
+auth = "hmac-sha256"
+signature_header = "X-Signature"
+signature_prefix = "v0="
+signed_payload = "v0:{timestamp}:{body}"
+timestamp_header = "X-Timestamp"
+replay_window = "5m"
+
+[[triggers.webhook]]
+name = "tokened"
+auth = "bearer"
+"#;
+
+#[test]
+fn webhook_deliveries_are_verified_and_every_accepted_one_is_a_recorded_run() {
+    let data = DataDir::with_vault();
+    let out = install(
+        &data,
+        &format!("name = \"hooked\"\nversion = \"1\"\n{HOOKS}"),
+    );
+    let gh = generated_secret(&out, "gh");
+    let stamped = generated_secret(&out, "stamped");
+    let tokened = generated_secret(&out, "tokened");
+    assert!(gh.len() >= 32 && gh != stamped && stamped != tokened);
+    let server = Server::start(&data);
+    let addr = server.addr.as_str();
+    let post = |path: &str, headers: &[(&str, &str)], body: &[u8]| {
+        let (status, body) = http(addr, "POST", path, headers, body);
+        (status, body)
+    };
+
+    // A genuine GitHub-style delivery runs the plugin; ?wait=true answers with its end.
+    let body = br#"{"ref":"main"}"#;
+    let sig = format!("sha256={}", sign(&gh, body));
+    let (status, resp) = post(
+        "/hooks/gh?wait=true",
+        &[("X-Hub-Signature-256", &sig), ("X-GitHub-Delivery", "d-1")],
+        body,
+    );
+    assert_eq!(status, 200, "{resp}");
+    let resp = json(&resp);
+    assert_eq!(resp["status"], "ok", "{resp}");
+    assert_eq!(resp["run"]["trigger"]["kind"], "webhook");
+    assert_eq!(resp["run"]["trigger"]["hook"], "gh");
+    assert_eq!(resp["run"]["trigger"]["delivery"], "d-1");
+    let first_run = resp["run_id"].as_str().unwrap().to_string();
+
+    // The same delivery again is not run twice: 200, the first run's id.
+    let (status, resp) = post(
+        "/hooks/gh",
+        &[("X-Hub-Signature-256", &sig), ("X-GitHub-Delivery", "d-1")],
+        body,
+    );
+    assert_eq!(status, 200, "{resp}");
+    let resp = json(&resp);
+    assert_eq!(resp["status"], "duplicate");
+    assert_eq!(resp["run_id"], first_run.as_str());
+
+    // A new delivery id is a new run: 202 with its id.
+    let (status, resp) = post(
+        "/hooks/gh",
+        &[("X-Hub-Signature-256", &sig), ("X-GitHub-Delivery", "d-2")],
+        body,
+    );
+    assert_eq!(status, 202, "{resp}");
+    assert_ne!(json(&resp)["run_id"], first_run.as_str());
+
+    // Refused: a wrong signature, a signature of another body, none at all, a signature
+    // made with another secret, no delivery id, a body over the hook's limit.
+    type Case<'a> = (Vec<(&'a str, String)>, Vec<u8>, u16);
+    let refused: Vec<Case> = vec![
+        (
+            vec![
+                ("X-Hub-Signature-256", "sha256=00".into()),
+                ("X-GitHub-Delivery", "d-3".into()),
+            ],
+            body.to_vec(),
+            401,
+        ),
+        (
+            vec![
+                ("X-Hub-Signature-256", sig.clone()),
+                ("X-GitHub-Delivery", "d-4".into()),
+            ],
+            br#"{"ref":"evil"}"#.to_vec(),
+            401,
+        ),
+        (
+            vec![("X-GitHub-Delivery", "d-5".into())],
+            body.to_vec(),
+            401,
+        ),
+        (
+            vec![
+                (
+                    "X-Hub-Signature-256",
+                    format!("sha256={}", sign(&stamped, body)),
+                ),
+                ("X-GitHub-Delivery", "d-6".into()),
+            ],
+            body.to_vec(),
+            401,
+        ),
+        (
+            vec![("X-Hub-Signature-256", sig.clone())],
+            body.to_vec(),
+            422,
+        ),
+        (
+            vec![
+                (
+                    "X-Hub-Signature-256",
+                    format!("sha256={}", sign(&gh, &[b'x'; 2048])),
+                ),
+                ("X-GitHub-Delivery", "d-7".into()),
+            ],
+            vec![b'x'; 2048],
+            413,
+        ),
+    ];
+    for (i, (headers, body, want)) in refused.iter().enumerate() {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, resp) = post("/hooks/gh", &h, body);
+        assert_eq!(status, *want, "case {i}: {resp}");
+        let err = json(&resp);
+        assert!(err["error"]["message"].is_string(), "case {i}: {resp}");
+        assert!(!resp.contains(&gh), "the secret is never echoed");
+    }
+
+    // A signed timestamp inside the replay window runs; the same delivery replayed ten
+    // minutes later (a captured request) is refused, as is a timestamp from the future.
+    let stamp_at = |secs: i64| {
+        let ts = secs.to_string();
+        let payload = format!("v0:{ts}:{{}}");
+        (ts, format!("v0={}", sign(&stamped, payload.as_bytes())))
+    };
+    let now = chrono::Utc::now().timestamp();
+    for (at, want) in [(now, 202), (now - 600, 401), (now + 600, 401)] {
+        let (ts, sig) = stamp_at(at);
+        let (status, resp) = post(
+            "/hooks/stamped",
+            &[("X-Timestamp", &ts), ("X-Signature", &sig)],
+            b"{}",
+        );
+        assert_eq!(status, want, "timestamp {at} (now {now}): {resp}");
+    }
+
+    // Bearer hooks: the right token runs, a wrong one does not.
+    let bearer = format!("Bearer {tokened}");
+    let (status, resp) = post("/hooks/tokened", &[("Authorization", &bearer)], b"x");
+    assert_eq!(status, 202, "{resp}");
+    let (status, _) = post("/hooks/tokened", &[("Authorization", "Bearer nope")], b"x");
+    assert_eq!(status, 401);
+    let (status, _) = post("/hooks/nope", &[], b"x");
+    assert_eq!(status, 404);
+
+    // Accepted deliveries and recorded runs agree: d-1, d-2, one stamped, one bearer.
+    eventually(20, "four runs recorded, all ok", || {
+        let r = runs(&data, "hooked");
+        r.len() == 4 && r.iter().all(|r| r["status"] == "ok")
+    });
+    let hooks: Vec<String> = runs(&data, "hooked")
+        .iter()
+        .map(|r| r["trigger"]["hook"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(hooks.iter().filter(|h| *h == "gh").count(), 2, "{hooks:?}");
+    let exit = server.stop();
+    assert!(exit.success(), "serve exits cleanly: {exit}");
+}
+
+#[test]
+fn cron_with_seconds_fires_every_second_on_the_second() {
+    let data = DataDir::with_vault();
+    install(
+        &data,
+        "name = \"ticker\"\nversion = \"1\"\n[[triggers.cron]]\nschedule = \"* * * * * *\"\n",
+    );
+    let server = Server::start(&data);
+    std::thread::sleep(Duration::from_millis(4500));
+    let list = runs(&data, "ticker");
+    drop(server);
+    assert!(list.len() >= 3, "at least 3 fires in 4.5 s: {}", list.len());
+    let mut scheduled: Vec<chrono::DateTime<chrono::Utc>> = Vec::new();
+    for r in &list {
+        assert_eq!(r["trigger"]["kind"], "cron");
+        assert_eq!(r["trigger"]["schedule"], "* * * * * *");
+        let at = time(&r["trigger"]["scheduled_at"]);
+        assert_eq!(at.timestamp_subsec_millis(), 0, "on a whole second: {at}");
+        let queued = time(&r["queued_at"]);
+        assert!(
+            queued >= at && queued - at < chrono::Duration::seconds(1),
+            "fired within its second: scheduled {at}, queued {queued}"
+        );
+        scheduled.push(at);
+    }
+    scheduled.sort();
+    for w in scheduled.windows(2) {
+        assert_eq!(
+            w[1] - w[0],
+            chrono::Duration::seconds(1),
+            "one fire per second, none missed: {scheduled:?}"
+        );
+    }
+}
+
+/// The runs of a plugin as (scheduled, started, finished), oldest first.
+fn spans(
+    list: &[Value],
+) -> Vec<(
+    chrono::DateTime<chrono::Utc>,
+    chrono::DateTime<chrono::Utc>,
+    chrono::DateTime<chrono::Utc>,
+)> {
+    let mut v: Vec<_> = list
+        .iter()
+        .filter(|r| r["status"] == "ok")
+        .map(|r| {
+            (
+                time(&r["trigger"]["scheduled_at"]),
+                time(&r["started_at"]),
+                time(&r["finished_at"]),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn each_overlap_policy_does_what_it_says() {
+    let data = DataDir::with_vault();
+    // Each run takes 2.5 s; the schedule fires every second.
+    for (name, overlap) in [
+        ("skipper", "skip"),
+        ("queuer", "queue"),
+        ("allower", "allow"),
+    ] {
+        install(
+            &data,
+            &format!(
+                "name = \"{name}\"\nversion = \"1\"\n[[triggers.cron]]\nschedule = \"* * * * * *\"\noverlap = \"{overlap}\"\n[config]\nsleep_ms = 2500\n"
+            ),
+        );
+    }
+    let server = Server::start(&data);
+    std::thread::sleep(Duration::from_secs(8));
+    // Stopping lets the running ones finish (grace 30 s); their records are final.
+    assert!(server.stop().success());
+
+    let skip = spans(&runs(&data, "skipper"));
+    assert!(skip.len() >= 2, "{skip:?}");
+    for w in skip.windows(2) {
+        assert!(
+            w[1].1 >= w[0].2,
+            "skip: a run started while another ran: {w:?}"
+        );
+    }
+    let fires_skipped = runs(&data, "skipper").len();
+    assert!(
+        fires_skipped <= 4,
+        "skip: fires during a run are dropped, not recorded: {fires_skipped} runs in 8 s"
+    );
+
+    let queue = spans(&runs(&data, "queuer"));
+    assert!(queue.len() >= 2, "{queue:?}");
+    for w in queue.windows(2) {
+        assert!(w[1].1 >= w[0].2, "queue: runs overlapped: {w:?}");
+    }
+    assert!(
+        queue.windows(2).any(|w| w[1].0 < w[0].2),
+        "queue: a fire that came during a run waited and ran after it: {queue:?}"
+    );
+
+    let allow = spans(&runs(&data, "allower"));
+    assert!(
+        allow.windows(2).any(|w| w[1].1 < w[0].2),
+        "allow: runs overlapped: {allow:?}"
+    );
+}
+
+#[test]
+fn shutdown_lets_short_runs_finish_and_records_the_rest_as_interrupted() {
+    let data = DataDir::with_vault();
+    let out = install(
+        &data,
+        "name = \"sleeper\"\nversion = \"1\"\n[[triggers.webhook]]\nname = \"sleep\"\nauth = \"bearer\"\n",
+    );
+    let bearer = format!("Bearer {}", generated_secret(&out, "sleep"));
+    let server = Server::start_with(&data, |c| {
+        c.env("CAPSTAN_RUNS_SHUTDOWN_GRACE", "2s");
+    });
+    for ms in ["sleep:300", "sleep:30000"] {
+        let (status, resp) = http(
+            &server.addr,
+            "POST",
+            "/hooks/sleep",
+            &[("Authorization", &bearer)],
+            ms.as_bytes(),
+        );
+        assert_eq!(status, 202, "{resp}");
+    }
+    eventually(10, "both runs running", || {
+        runs(&data, "sleeper")
+            .iter()
+            .filter(|r| r["status"] == "running" || r["status"] == "ok")
+            .count()
+            == 2
+    });
+    let started = Instant::now();
+    assert!(server.stop().success(), "SIGTERM is a clean stop");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the 30 s run did not hold the engine past its grace period"
+    );
+    let list = runs(&data, "sleeper");
+    let mut statuses: Vec<&str> = list.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    statuses.sort();
+    assert_eq!(statuses, ["interrupted", "ok"], "{list:?}");
+    let interrupted = list.iter().find(|r| r["status"] == "interrupted").unwrap();
+    assert!(
+        interrupted["error"]
+            .as_str()
+            .unwrap()
+            .contains("shutdown grace period"),
+        "{interrupted}"
+    );
+    assert!(interrupted["finished_at"].is_string());
+}
+
+#[test]
+fn the_run_history_survives_a_restart_and_lists_the_same_runs() {
+    let data = DataDir::with_vault();
+    let out = install(
+        &data,
+        "name = \"kept\"\nversion = \"1\"\n[[triggers.webhook]]\nname = \"kept\"\nauth = \"bearer\"\n",
+    );
+    let bearer = format!("Bearer {}", generated_secret(&out, "kept"));
+    let server = Server::start(&data);
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let (status, resp) = http(
+            &server.addr,
+            "POST",
+            "/hooks/kept?wait=true",
+            &[("Authorization", &bearer)],
+            format!("delivery {i}").as_bytes(),
+        );
+        assert_eq!(status, 200, "{resp}");
+        ids.push(json(&resp)["run_id"].as_str().unwrap().to_string());
+    }
+    let before = runs(&data, "kept");
+    assert!(server.stop().success());
+
+    // Stopped: read from the data directory.
+    let offline = runs(&data, "kept");
+    assert_eq!(offline, before, "the same records with the engine stopped");
+    // Started again: the same records through the API, and each shows in full.
+    let server = Server::start(&data);
+    let after = runs(&data, "kept");
+    assert_eq!(after, before);
+    let mut listed: Vec<String> = after
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+    let out = data.capstan(&["runs", "show", &ids[0]]);
+    assert_success(&out, "runs show");
+    let text = stdout(&out);
+    assert!(
+        text.contains("status:   ok") && text.contains("webhook kept"),
+        "{text}"
+    );
+    drop(server);
+}
+
+#[test]
+fn plugins_installed_and_removed_while_the_engine_runs_take_effect_at_once() {
+    let data = DataDir::with_vault();
+    let server = Server::start(&data);
+    let token = token_of(&server);
+    // Installed through the running engine (the CLI finds it and uses its API).
+    let out = install(
+        &data,
+        "name = \"late\"\nversion = \"1\"\n[[triggers.cron]]\nschedule = \"* * * * * *\"\n[[triggers.webhook]]\nname = \"late\"\nauth = \"bearer\"\n",
+    );
+    assert!(out.contains("active now"), "{out}");
+    let bearer = format!("Bearer {}", generated_secret(&out, "late"));
+    eventually(10, "the new cron trigger fires", || {
+        runs(&data, "late")
+            .iter()
+            .any(|r| r["trigger"]["kind"] == "cron" && r["status"] == "ok")
+    });
+    let (status, resp) = http(
+        &server.addr,
+        "POST",
+        "/hooks/late?wait=true",
+        &[("Authorization", &bearer)],
+        b"",
+    );
+    assert_eq!(status, 200, "the new hook answers: {resp}");
+    let (status, resp) = http(
+        &server.addr,
+        "GET",
+        "/api/hooks",
+        &[("Authorization", &format!("Bearer {token}"))],
+        b"",
+    );
+    assert_eq!(status, 200, "{resp}");
+    assert!(resp.contains("\"late\""), "{resp}");
+    assert!(
+        !resp.contains(bearer.trim_start_matches("Bearer ")),
+        "no secret in the list"
+    );
+
+    let out = data.capstan(&["plugin", "remove", "late"]);
+    assert_success(&out, "plugin remove");
+    let (status, _) = http(
+        &server.addr,
+        "POST",
+        "/hooks/late",
+        &[("Authorization", &bearer)],
+        b"",
+    );
+    assert_eq!(status, 404, "the removed plugin's hook is gone");
+    // Runs already under way may end; no new fire starts after that.
+    std::thread::sleep(Duration::from_millis(1500));
+    let settled = runs(&data, "late").len();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(runs(&data, "late").len(), settled, "no fire after removal");
+    drop(server);
+}
+
+#[test]
+fn plugin_schedule_shows_next_fire_times_and_bad_schedules_are_refused_at_install() {
+    let data = DataDir::with_vault();
+    install(
+        &data,
+        "name = \"office\"\nversion = \"1\"\n[[triggers.cron]]\nschedule = \"0 30 9 * * Mon-Fri\"\ntimezone = \"Europe/Berlin\"\n[[triggers.cron]]\nschedule = \"@hourly\"\n",
+    );
+    let out = data.capstan(&["plugin", "schedule", "office", "--count", "3"]);
+    assert_success(&out, "plugin schedule");
+    let text = stdout(&out);
+    let berlin: Vec<&str> = text.lines().filter(|l| l.contains("09:30:00 CE")).collect();
+    assert_eq!(
+        berlin.len(),
+        3,
+        "three fire times at 09:30 Berlin time:\n{text}"
+    );
+    assert!(
+        text.contains("Europe/Berlin") && text.contains("@hourly"),
+        "{text}"
+    );
+    let hourly = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("20") && l.contains(":00:00 UTC"))
+        .count();
+    assert!(hourly >= 3, "{text}");
+
+    let dir = data.path().join("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(wasm("trivial"), dir.join("plugin.wasm")).unwrap();
+    for (schedule, needle) in [
+        ("61 * * * *", "triggers.cron[0].schedule"),
+        ("* * *", "3 fields"),
+        ("@fortnightly", "triggers.cron[0].schedule"),
+    ] {
+        std::fs::write(
+            dir.join("plugin.toml"),
+            format!(
+                "name = \"bad\"\nversion = \"1\"\n[[triggers.cron]]\nschedule = \"{schedule}\"\n"
+            ),
+        )
+        .unwrap();
+        let out = data.capstan(&[
+            "plugin",
+            "install",
+            dir.join("plugin.wasm").to_str().unwrap(),
+        ]);
+        assert_failure_says(&out, needle);
+    }
+    let out = data.capstan(&["plugin", "list"]);
+    assert!(!stdout(&out).contains("bad"), "nothing installed");
+}
+
+#[test]
+fn runs_follow_prints_each_run_as_it_is_queued_starts_and_ends() {
+    use std::io::BufRead;
+    let data = DataDir::with_vault();
+    let out = install(
+        &data,
+        "name = \"followed\"\nversion = \"1\"\n[[triggers.webhook]]\nname = \"f\"\nauth = \"bearer\"\n",
+    );
+    let bearer = format!("Bearer {}", generated_secret(&out, "f"));
+    let server = Server::start(&data);
+    let mut follower = data
+        .cmd()
+        .args(["runs", "--follow", "--json", "--plugin", "followed"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(follower.stdout.take().unwrap()).lines();
+    // The list comes first (empty), then the stream: give it a moment to subscribe.
+    assert_eq!(lines.next().unwrap().unwrap().trim(), "[]");
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, resp) = http(
+        &server.addr,
+        "POST",
+        "/hooks/f",
+        &[("Authorization", &bearer)],
+        b"sleep:200",
+    );
+    assert_eq!(status, 202, "{resp}");
+    let run_id = json(&resp)["run_id"].as_str().unwrap().to_string();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let v = json(&line.unwrap());
+        assert_eq!(v["id"], run_id.as_str());
+        seen.push(v["status"].as_str().unwrap().to_string());
+        if v["status"] == "ok" {
+            break;
+        }
+    }
+    assert_eq!(seen, ["queued", "running", "ok"]);
+    let _ = follower.kill();
+    let _ = follower.wait();
+    drop(server);
+}
