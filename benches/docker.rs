@@ -3,8 +3,9 @@
 //! Run in release: `cargo bench --bench docker` (after `scripts/testinfra up`).
 //!
 //! The same two operations (list containers, inspect one container) over the local
-//! socket, the pooled SSH tunnel and TLS, and the docker CLI over `ssh://` on the same
-//! sshd as the reference; then connection set-up per transport and 100 concurrent
+//! socket, the pooled SSH tunnel (the default `auto` tunnel, a streamlocal channel on the
+//! test sshd, and forced `dial-stdio` for comparison) and TLS, and the docker CLI over
+//! `ssh://` on the same sshd as the reference; then connection set-up per transport and 100 concurrent
 //! operations on one SSH device. Prints medians and p99, and the ratios the design sets
 //! targets for: pooled SSH / local (target ≤ 1.5×) and docker CLI over ssh / pooled SSH
 //! (target ≥ 20×).
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use bollard::Docker;
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions};
 use capstan::device::{Device, DeviceKind, DeviceSecrets, SecretField, SshAuth};
-use capstan::docker::{ConnectOptions, DockerClient, HostKeyPolicy};
+use capstan::docker::{ConnectOptions, DockerClient, HostKeyPolicy, SshTunnel};
 use capstan::secret::Secret;
 
 const ROUNDS: usize = 400;
@@ -67,6 +68,8 @@ struct Target {
     label: &'static str,
     device: Device,
     secrets: DeviceSecrets,
+    /// For SSH targets: the tunnel to force (else the options' default, `auto`).
+    tunnel: Option<SshTunnel>,
 }
 
 fn targets(i: &Infra) -> Vec<Target> {
@@ -100,16 +103,25 @@ fn targets(i: &Infra) -> Vec<Target> {
             label: "local socket",
             device: local,
             secrets: DeviceSecrets::default(),
+            tunnel: None,
         },
         Target {
             label: "pooled SSH",
+            device: ssh.clone(),
+            secrets: ssh_secrets.clone(),
+            tunnel: Some(SshTunnel::Auto),
+        },
+        Target {
+            label: "pooled SSH dial-stdio",
             device: ssh,
             secrets: ssh_secrets,
+            tunnel: Some(SshTunnel::DialStdio),
         },
         Target {
             label: "TLS",
             device: tls,
             secrets: tls_secrets,
+            tunnel: None,
         },
     ]
 }
@@ -249,10 +261,14 @@ fn main() {
 }
 
 async fn run(i: &Infra) {
-    let opts = ConnectOptions {
+    let base = ConnectOptions {
         docker_host_env: None,
         agent_socket: None,
         ..ConnectOptions::default()
+    };
+    let opts = |t: &Target| ConnectOptions {
+        ssh_tunnel: t.tunnel.unwrap_or(SshTunnel::Auto),
+        ..base.clone()
     };
     let name = format!("capstan-bench-{}", &uuid::Uuid::new_v4().to_string()[..8]);
     let out = Command::new("docker")
@@ -282,7 +298,7 @@ async fn run(i: &Infra) {
     let mut medians: HashMap<(&str, &str), f64> = HashMap::new();
     let mut clients = Vec::new();
     for t in targets(i) {
-        let c = DockerClient::new(&t.device, &t.secrets, &opts, HostKeyPolicy::PinnedOnly)
+        let c = DockerClient::new(&t.device, &t.secrets, &opts(&t), HostKeyPolicy::PinnedOnly)
             .expect("client");
         let d = c.docker().await.expect("connect");
         clients.push((t.label, c, d));
@@ -313,8 +329,17 @@ async fn run(i: &Infra) {
         }
     }
     for (label, c, _) in &clients {
+        let ch = c.ssh_channels();
+        let how = if ch.streamlocal + ch.dial_stdio > 0 {
+            format!(
+                " ({} streamlocal, {} dial-stdio)",
+                ch.streamlocal, ch.dial_stdio
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{:<26} {:<22} {} connection(s) opened for {} sequential calls",
+            "{:<26} {:<22} {} connection(s){how} opened for {} sequential calls",
             "",
             label,
             c.connections_opened(),
@@ -336,7 +361,7 @@ async fn run(i: &Infra) {
         let mut v = Vec::new();
         for _ in 0..SETUP_ROUNDS {
             let start = Instant::now();
-            let c = DockerClient::new(&t.device, &t.secrets, &opts, HostKeyPolicy::PinnedOnly)
+            let c = DockerClient::new(&t.device, &t.secrets, &opts(&t), HostKeyPolicy::PinnedOnly)
                 .expect("client");
             let d = c.docker().await.expect("connect");
             list(&d).await;
@@ -403,13 +428,15 @@ async fn run(i: &Infra) {
     for op in ["list", "inspect"] {
         let local = medians[&(op, "local socket")];
         let ssh = medians[&(op, "pooled SSH")];
+        let dial = medians[&(op, "pooled SSH dial-stdio")];
         let tls = medians[&(op, "TLS")];
         let cli = medians[&(op, "cli")];
         println!(
-            "  {op:<8} pooled SSH / local = {:.2}x (target <= 1.5x)   docker CLI ssh / pooled SSH = {:.0}x (target >= 20x)   TLS / local = {:.2}x",
+            "  {op:<8} pooled SSH / local = {:.2}x (target <= 1.5x)   docker CLI ssh / pooled SSH = {:.0}x (target >= 20x)   TLS / local = {:.2}x   SSH dial-stdio / local = {:.2}x",
             ssh / local,
             cli / ssh,
-            tls / local
+            tls / local,
+            dial / local
         );
     }
 }

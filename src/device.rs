@@ -99,6 +99,43 @@ pub enum IpFamily {
     Ipv6,
 }
 
+/// How a Docker connection crosses an SSH session.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SshTunnel {
+    /// A `direct-streamlocal@openssh.com` channel to the remote Docker socket when the
+    /// server allows it, else `docker system dial-stdio`. Devices using sudo or agent
+    /// forwarding use dial-stdio.
+    #[default]
+    Auto,
+    /// Only a `direct-streamlocal@openssh.com` channel straight to the remote socket (no
+    /// remote process; needs `AllowStreamLocalForwarding` and a user who may open the
+    /// socket).
+    Streamlocal,
+    /// Only `docker system dial-stdio` run on the remote host (honours the remote user's
+    /// Docker context; the only way through sudo).
+    DialStdio,
+}
+
+impl std::fmt::Display for SshTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SshTunnel::Auto => "auto",
+            SshTunnel::Streamlocal => "streamlocal",
+            SshTunnel::DialStdio => "dial-stdio",
+        })
+    }
+}
+
+impl std::str::FromStr for SshTunnel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        <SshTunnel as clap::ValueEnum>::from_str(s.trim(), true).map_err(|_| {
+            format!("unknown SSH tunnel {s:?} (expected auto, streamlocal or dial-stdio)")
+        })
+    }
+}
+
 /// Separate SSH credentials used only for the Docker connection (dial-stdio).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

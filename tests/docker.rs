@@ -16,7 +16,8 @@ use capstan::device::{
     SshAuth,
 };
 use capstan::docker::{
-    CheckOptions, CheckReport, ConnectError, ConnectOptions, DockerClient, HostKeyPolicy, run_check,
+    CheckOptions, CheckReport, ConnectError, ConnectOptions, DockerClient, HostKeyPolicy,
+    SshChannels, SshTunnel, run_check,
 };
 use capstan::engine::Engine;
 use capstan::secret::Secret;
@@ -323,6 +324,10 @@ async fn requests_agent_forwarding_when_asked_and_still_connects() {
     let (mut d, s) = key_device("forwarding");
     d.agent_forwarding = true;
     assert_connected(&check(&d, &s).await);
+    // The agent is forwarded for the remote docker command: auto runs dial-stdio.
+    let cl = tunnel_client(&d, &s, SshTunnel::Auto);
+    some_calls(&cl).await;
+    assert_eq!(cl.ssh_channels().streamlocal, 0);
 }
 
 #[tokio::test]
@@ -872,6 +877,11 @@ struct PrivateSshd {
 
 impl PrivateSshd {
     fn start() -> PrivateSshd {
+        Self::start_with("")
+    }
+
+    /// With `extra` server-wide settings (placed before the config's own, so they win).
+    fn start_with(extra: &str) -> PrivateSshd {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -885,7 +895,7 @@ impl PrivateSshd {
             .map(|l| format!("{l}\n"))
             .collect();
         let config_text = format!(
-            "ListenAddress 127.0.0.1:{port}\nPidFile {}\n{config_text}",
+            "ListenAddress 127.0.0.1:{port}\nPidFile {}\n{extra}\n{config_text}",
             dir.path().join("sshd.pid").display()
         );
         let config = dir.path().join("sshd_config");
@@ -1003,6 +1013,114 @@ fn descendants(pid: u32) -> Vec<u32> {
         }
     }
     out
+}
+
+fn tunnel_client(d: &Device, s: &DeviceSecrets, tunnel: SshTunnel) -> Arc<DockerClient> {
+    let o = ConnectOptions {
+        ssh_tunnel: tunnel,
+        ..opts()
+    };
+    DockerClient::new(d, s, &o, HostKeyPolicy::PinnedOnly).expect("client")
+}
+
+/// A few sequential and concurrent calls, so the client opens more than one channel.
+async fn some_calls(cl: &DockerClient) {
+    let docker = cl.docker().await.expect("connect");
+    for i in 0..3 {
+        list(&docker)
+            .await
+            .unwrap_or_else(|e| panic!("operation {i}: {e}"));
+    }
+    let lists = (0..4).map(|_| {
+        let docker = docker.clone();
+        async move { list(&docker).await }
+    });
+    for r in futures_util::future::join_all(lists).await {
+        r.expect("concurrent list");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_connections_go_straight_to_the_socket_when_the_server_allows_streamlocal() {
+    let (d, s) = key_device("streamlocal");
+    let cl = tunnel_client(&d, &s, SshTunnel::Auto);
+    some_calls(&cl).await;
+    let ch = cl.ssh_channels();
+    assert!(ch.streamlocal >= 1, "{ch:?}");
+    assert_eq!(ch.dial_stdio, 0, "{ch:?}");
+
+    // A custom socket path is the streamlocal target too.
+    let (mut d, s) = key_device("streamlocal-alt");
+    d.socket_path = Some(infra().var("ALT_DOCKER_SOCKET").into());
+    let cl = tunnel_client(&d, &s, SshTunnel::Streamlocal);
+    some_calls(&cl).await;
+    assert_eq!(cl.ssh_channels().dial_stdio, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forcing_dial_stdio_never_opens_a_streamlocal_channel() {
+    let (d, s) = key_device("forced-dial-stdio");
+    let cl = tunnel_client(&d, &s, SshTunnel::DialStdio);
+    some_calls(&cl).await;
+    let ch = cl.ssh_channels();
+    assert_eq!(ch.streamlocal, 0, "{ch:?}");
+    assert!(ch.dial_stdio >= 1, "{ch:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falls_back_to_dial_stdio_when_the_server_refuses_streamlocal() {
+    let sshd = PrivateSshd::start_with("AllowStreamLocalForwarding no");
+    let (d, s) = sshd.device("no-streamlocal");
+    let cl = tunnel_client(&d, &s, SshTunnel::Auto);
+    some_calls(&cl).await;
+    let ch = cl.ssh_channels();
+    assert_eq!(ch.streamlocal, 0, "{ch:?}");
+    assert!(ch.dial_stdio >= 1, "{ch:?}");
+    assert_eq!(
+        sshd.accepted_sessions(),
+        1,
+        "the fallback keeps the session"
+    );
+
+    // Forced streamlocal has nothing to fall back to, and says why.
+    let cl = tunnel_client(&d, &s, SshTunnel::Streamlocal);
+    let e = cl.docker().await.expect_err("streamlocal is refused");
+    assert_eq!(e.kind(), "ssh", "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("streamlocal"), "{msg}");
+    assert!(msg.contains("AllowStreamLocalForwarding"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sudo_devices_use_dial_stdio_whatever_the_tunnel_setting() {
+    let mut d = ssh_device("sudo-tunnel", "SSH_USER_SUDO", SshAuth::Key);
+    d.sudo = true;
+    let s = secrets(&[(SecretField::PrivateKey, "SSH_USER_SUDO_KEY")]);
+    for tunnel in [SshTunnel::Auto, SshTunnel::Streamlocal] {
+        let cl = tunnel_client(&d, &s, tunnel);
+        some_calls(&cl).await;
+        let ch = cl.ssh_channels();
+        assert_eq!(ch.streamlocal, 0, "{tunnel}: {ch:?}");
+        assert!(ch.dial_stdio >= 1, "{tunnel}: {ch:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_may_not_open_the_socket_gets_dial_stdios_diagnosis() {
+    // sshd cannot open the socket for this user either: auto falls back, and the error
+    // is the one dial-stdio gives.
+    let d = ssh_device("nodocker-tunnel", "SSH_USER_NODOCKER", SshAuth::Key);
+    let s = secrets(&[(SecretField::PrivateKey, "SSH_USER_NODOCKER_KEY")]);
+    let cl = tunnel_client(&d, &s, SshTunnel::Auto);
+    let e = cl.docker().await.expect_err("no access to the socket");
+    assert_eq!(e.kind(), "permission-denied", "{e}");
+    assert_eq!(
+        cl.ssh_channels(),
+        SshChannels {
+            streamlocal: 0,
+            dial_stdio: 1
+        }
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

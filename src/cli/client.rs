@@ -21,7 +21,7 @@ use crate::store::StoreError;
 /// Where a command's work happens.
 pub enum Target {
     /// The data directory, opened here.
-    Local(Engine),
+    Local(Box<Engine>),
     /// The running engine that holds it.
     Remote(ApiClient),
 }
@@ -30,7 +30,7 @@ impl Target {
     /// Opens the data directory, or, when a running engine holds it, its API.
     pub fn open(settings: Settings, pass: &PassphraseInput) -> anyhow::Result<Target> {
         match Engine::open(settings.clone(), pass) {
-            Ok(e) => Ok(Target::Local(e)),
+            Ok(e) => Ok(Target::Local(Box::new(e))),
             Err(e) if matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Locked(_))) => {
                 Ok(Target::Remote(ApiClient::for_running_engine(&settings)?))
             }

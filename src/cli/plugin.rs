@@ -97,7 +97,7 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
     }
     let rt = super::check::runtime()?;
     let engine = match Target::open(g.settings(None)?, &g.passphrase())? {
-        Target::Local(engine) => Arc::new(engine),
+        Target::Local(engine) => Arc::new(*engine),
         Target::Remote(api) => return rt.block_on(remote(&api, cmd)),
     };
     // The runtime's epoch ticker and pooled connections live inside the tokio runtime.

@@ -7,9 +7,11 @@
 //!
 //! - [`local`]: a unix socket or `tcp://` address (`device.docker_host`, else
 //!   `DOCKER_HOST`, else `/var/run/docker.sock`);
-//! - [`ssh`]: one russh session per device, one channel per HTTP connection running
-//!   `docker system dial-stdio` on the remote host (optionally through `sudo -n`, with a
-//!   custom socket path, with Docker-only credentials);
+//! - [`ssh`]: one russh session per device, one channel per HTTP connection: a
+//!   `direct-streamlocal@openssh.com` channel straight to the remote Docker socket when
+//!   the server allows it, else `docker system dial-stdio` run on the remote host
+//!   (optionally through `sudo -n`, with a custom socket path, with Docker-only
+//!   credentials); see [`SshTunnel`];
 //! - [`tls`]: `tcp://host:2376` with the CA, client certificate and key from the vault,
 //!   kept in memory only.
 //!
@@ -37,6 +39,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+pub use crate::device::SshTunnel;
 use crate::device::{Device, DeviceKind, DeviceSecrets, IpFamily};
 
 pub use check::{CheckFailure, CheckOptions, CheckReport, DockerFacts, HostKeyReport, run_check};
@@ -93,6 +96,10 @@ pub struct ConnectOptions {
     /// `DOCKER_HOST` for local devices without their own address (default: the
     /// environment variable).
     pub docker_host_env: Option<String>,
+    /// How SSH devices reach the remote daemon (default: `CAPSTAN_SSH_TUNNEL`, else
+    /// [`SshTunnel::Auto`]): a streamlocal channel straight to the socket, or
+    /// `docker system dial-stdio`.
+    pub ssh_tunnel: SshTunnel,
 }
 
 impl Default for ConnectOptions {
@@ -105,7 +112,20 @@ impl Default for ConnectOptions {
             backoff_max: Duration::from_secs(30),
             agent_socket: std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from),
             docker_host_env: std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty()),
+            ssh_tunnel: ssh_tunnel_from_env(),
         }
+    }
+}
+
+/// `CAPSTAN_SSH_TUNNEL` (`auto`, `streamlocal`, `dial-stdio`); unset or unreadable means
+/// `auto` (with a warning for a value it does not know).
+fn ssh_tunnel_from_env() -> SshTunnel {
+    match std::env::var("CAPSTAN_SSH_TUNNEL") {
+        Ok(v) if !v.trim().is_empty() => v.parse().unwrap_or_else(|e| {
+            tracing::warn!("CAPSTAN_SSH_TUNNEL: {e}; using auto");
+            SshTunnel::Auto
+        }),
+        _ => SshTunnel::Auto,
     }
 }
 
@@ -128,6 +148,15 @@ pub enum HostKeyPolicy {
     /// Like `PinnedOnly`, but when no key is pinned accept the presented one (trust on
     /// first use). The caller records the key: see [`CheckReport::host_key`].
     TrustOnFirstUse,
+}
+
+/// How many SSH channels a client has opened, by tunnel (see [`SshTunnel`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SshChannels {
+    /// `direct-streamlocal@openssh.com` channels straight to the remote socket.
+    pub streamlocal: usize,
+    /// Channels running `docker system dial-stdio`.
+    pub dial_stdio: usize,
 }
 
 /// One timed step of establishing a connection or of a check.
@@ -261,6 +290,20 @@ impl Transport {
         match self {
             Transport::Ssh(t) => t.authenticated(),
             _ => false,
+        }
+    }
+
+    /// SSH channels opened so far, by how they reach the daemon.
+    pub(crate) fn ssh_channels(&self) -> SshChannels {
+        match self {
+            Transport::Ssh(t) => {
+                let (streamlocal, dial_stdio) = t.channels_opened();
+                SshChannels {
+                    streamlocal,
+                    dial_stdio,
+                }
+            }
+            _ => SshChannels::default(),
         }
     }
 

@@ -216,6 +216,12 @@ impl DockerClient {
         self.inner.opened.load(Ordering::Relaxed)
     }
 
+    /// SSH channels opened since the client was created, by tunnel (all zero for other
+    /// transports).
+    pub fn ssh_channels(&self) -> super::SshChannels {
+        self.inner.transport.ssh_channels()
+    }
+
     /// Connections open and idle now.
     pub fn idle_connections(&self) -> usize {
         self.inner

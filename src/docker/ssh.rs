@@ -1,12 +1,34 @@
-//! A remote daemon over SSH: `docker system dial-stdio` on a russh channel.
+//! A remote daemon over SSH: a russh channel to the remote Docker socket.
 //!
 //! One SSH session per device, opened on first use and kept: every HTTP connection to
-//! the daemon is a channel on it running `docker system dial-stdio` (through `sudo -n`
-//! when the device says so, with `-H unix://<path>` for a custom socket), whose stdin and
-//! stdout carry the Docker API. Opening a channel on a live session costs one round
+//! the daemon is a channel on it. Opening a channel on a live session costs one round
 //! trip; a new session costs a TCP connect, key exchange and authentication, so sessions
 //! are reused until they drop, and the next operation reconnects (pausing with back-off
 //! after failures, so a dead host is not hammered).
+//!
+//! A channel reaches the daemon one of two ways ([`SshTunnel`]):
+//!
+//! - `direct-streamlocal@openssh.com`: sshd connects the channel straight to the socket
+//!   (the device's socket path, else `/var/run/docker.sock`). No remote process, so
+//!   every request and response crosses one relay (sshd) instead of two (sshd, then the
+//!   dial-stdio process and its pipes): the faster way. It needs a server that allows
+//!   streamlocal forwarding (`AllowStreamLocalForwarding`, not `DisableForwarding`) and a
+//!   user who may open the socket, and it goes to that socket whatever Docker context
+//!   the remote user has set.
+//! - `docker system dial-stdio` run on the remote host (through `sudo -n` when the device
+//!   says so, with `-H unix://<path>` for a custom socket), whose stdin and stdout carry
+//!   the Docker API. Works wherever the docker CLI does, sudo included.
+//!
+//! `auto` (the default) asks for a streamlocal channel and falls back to dial-stdio
+//! when the server refuses it, logging why at debug level; after a refusal the session
+//! goes straight to dial-stdio for a minute before asking again. A device with sudo
+//! always uses dial-stdio, and so does `auto` for a device with agent forwarding (the
+//! agent is there for the remote docker command).
+//!
+//! OpenSSH's sshd only disables Nagle's algorithm on a connection once a command runs on
+//! it, so a session whose channels are all streamlocal also runs `true` once, in the
+//! background: without it, concurrent channels and responses written in pieces stall on
+//! delayed ACKs (tens of milliseconds).
 //!
 //! The server's host key must match the key pinned on the device (compared by key data,
 //! not by comment). Without a pinned key the connection is refused with the presented
@@ -18,7 +40,7 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -33,7 +55,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::{
     ConnectError, ConnectOptions, HostKeyPolicy, Io, Steps, connect_tcp, host_port, resolve, within,
 };
-use crate::device::{Device, DeviceSecrets, IpFamily, SecretField, SshAuth};
+use crate::device::{Device, DeviceSecrets, IpFamily, SecretField, SshAuth, SshTunnel};
 use crate::secret::Secret;
 
 /// Which of the device's logins a transport uses.
@@ -73,8 +95,13 @@ pub(crate) struct SshTransport {
     agent_socket: Option<PathBuf>,
     agent_forwarding: bool,
     command: String,
-    /// The remote socket, for messages.
+    /// The remote socket: the streamlocal target, and named in messages.
     remote_socket: String,
+    /// How channels reach the daemon (dial-stdio for sudo devices whatever was asked, and
+    /// for `auto` with agent forwarding).
+    tunnel: SshTunnel,
+    streamlocal_opened: AtomicUsize,
+    dial_stdio_opened: AtomicUsize,
     opts: ConnectOptions,
     config: Arc<client::Config>,
     state: tokio::sync::Mutex<SessionState>,
@@ -92,6 +119,52 @@ struct SessionState {
 
 struct Session {
     handle: Handle<ClientHandler>,
+    /// When the server last refused a streamlocal channel: `auto` goes straight to
+    /// dial-stdio for [`STREAMLOCAL_RETRY`] after that.
+    streamlocal_refused: Mutex<Option<Instant>>,
+    /// A command has run on this session (see [`Session::nudge_nodelay`]).
+    exec_done: AtomicBool,
+}
+
+impl Session {
+    /// OpenSSH's sshd turns on TCP_NODELAY for a connection only when a command or shell
+    /// starts on it. A session carrying only streamlocal channels keeps Nagle's
+    /// algorithm, and a second small write from sshd (concurrent channels, a response
+    /// or stream written in pieces) then waits for our delayed ACK, up to 40 ms. So the
+    /// first streamlocal channel of a session runs `true` once on the side, in the
+    /// background, for that effect alone.
+    fn nudge_nodelay(self: &Arc<Self>, device: &str) {
+        if self.exec_done.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = self.clone();
+        let device = device.to_string();
+        rt.spawn(async move {
+            let run = async {
+                let mut ch = me.handle.channel_open_session().await?;
+                ch.exec(false, "true").await?;
+                // Wait for it to end, so the channel slot comes free before we go.
+                while let Some(m) = ch.wait().await {
+                    if matches!(m, ChannelMsg::Close) {
+                        break;
+                    }
+                }
+                Ok::<_, russh::Error>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(30), run).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(%device, "running `true` to have sshd set TCP_NODELAY failed: {e}")
+                }
+                Err(_) => {
+                    tracing::debug!(%device, "running `true` to have sshd set TCP_NODELAY did not end within 30 s")
+                }
+            }
+        });
+    }
 }
 
 impl SshTransport {
@@ -168,6 +241,18 @@ impl SshTransport {
             Some(p) => format!("{docker} -H 'unix://{p}' system dial-stdio"),
             None => format!("{docker} system dial-stdio"),
         };
+        let tunnel = if device.sudo {
+            if opts.ssh_tunnel == SshTunnel::Streamlocal {
+                tracing::debug!(device = %device.name, "the device runs docker through sudo: using dial-stdio, not streamlocal");
+            }
+            SshTunnel::DialStdio
+        } else if device.agent_forwarding && opts.ssh_tunnel == SshTunnel::Auto {
+            // The agent is forwarded for the remote docker command (an ssh:// context
+            // there); a streamlocal channel would bypass both.
+            SshTunnel::DialStdio
+        } else {
+            opts.ssh_tunnel
+        };
         let config = client::Config {
             nodelay: true,
             keepalive_interval: Some(Duration::from_secs(30)),
@@ -189,6 +274,9 @@ impl SshTransport {
                 .socket_path
                 .clone()
                 .unwrap_or_else(|| "/var/run/docker.sock".into()),
+            tunnel,
+            streamlocal_opened: AtomicUsize::new(0),
+            dial_stdio_opened: AtomicUsize::new(0),
             opts: opts.clone(),
             config: Arc::new(config),
             state: tokio::sync::Mutex::new(SessionState::default()),
@@ -212,7 +300,15 @@ impl SshTransport {
         self.authenticated.load(Ordering::Relaxed)
     }
 
-    /// Opens a channel running dial-stdio, on the live session or a new one.
+    /// Channels opened so far: (streamlocal, dial-stdio).
+    pub(crate) fn channels_opened(&self) -> (usize, usize) {
+        (
+            self.streamlocal_opened.load(Ordering::Relaxed),
+            self.dial_stdio_opened.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Opens a channel to the daemon, on the live session or a new one.
     pub(crate) async fn connect(&self, steps: &Steps) -> Result<Io, ConnectError> {
         let device = self.device.as_str();
         let mut retried = false;
@@ -348,7 +444,11 @@ impl SshTransport {
             .await?;
         self.authenticated.store(true, Ordering::Relaxed);
         tracing::debug!(device = %self.device, %addr, user = %self.login.user, "SSH session established");
-        Ok(Session { handle })
+        Ok(Session {
+            handle,
+            streamlocal_refused: Mutex::new(None),
+            exec_done: AtomicBool::new(false),
+        })
     }
 
     fn ssh_error(&self, what: &str, e: russh::Error) -> ConnectError {
@@ -565,7 +665,56 @@ impl SshTransport {
         })
     }
 
-    async fn open_channel(&self, session: &Session) -> Result<Io, ConnectError> {
+    async fn open_channel(&self, session: &Arc<Session>) -> Result<Io, ConnectError> {
+        let streamlocal = match self.tunnel {
+            SshTunnel::DialStdio => false,
+            SshTunnel::Streamlocal => true,
+            SshTunnel::Auto => !session
+                .streamlocal_refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|at| at.elapsed() < STREAMLOCAL_RETRY),
+        };
+        if streamlocal {
+            match session
+                .handle
+                .channel_open_direct_streamlocal(self.remote_socket.as_str())
+                .await
+            {
+                Ok(channel) => {
+                    self.streamlocal_opened.fetch_add(1, Ordering::Relaxed);
+                    session.nudge_nodelay(&self.device);
+                    return Ok(Box::new(ChannelIo::new(channel)));
+                }
+                Err(russh::Error::ChannelOpenFailure(f)) if self.tunnel == SshTunnel::Auto => {
+                    // sshd answers "connect failed" both when its configuration forbids
+                    // streamlocal and when the socket cannot be opened, so whichever it
+                    // was, the next channels skip the question for a while (a daemon
+                    // that was restarting gets its streamlocal channels back after it).
+                    *session
+                        .streamlocal_refused
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    tracing::debug!(
+                        device = %self.device,
+                        "no streamlocal channel: {}; using docker system dial-stdio for the next {} s",
+                        streamlocal_refusal(&f, &self.remote_socket),
+                        STREAMLOCAL_RETRY.as_secs()
+                    );
+                }
+                Err(russh::Error::ChannelOpenFailure(f)) => {
+                    return Err(ConnectError::Ssh {
+                        device: self.device.clone(),
+                        addr: self.addr_label(),
+                        detail: format!(
+                            "{}; the tunnel is set to streamlocal only (auto would fall back to docker system dial-stdio)",
+                            streamlocal_refusal(&f, &self.remote_socket)
+                        ),
+                    });
+                }
+                Err(e) => return Err(self.ssh_error("opening a streamlocal channel failed", e)),
+            }
+        }
         let err = |e: russh::Error| match e {
             russh::Error::ChannelOpenFailure(f) => ConnectError::Ssh {
                 device: self.device.clone(),
@@ -585,7 +734,9 @@ impl SshTransport {
             .exec(false, self.command.as_bytes())
             .await
             .map_err(err)?;
-        Ok(Box::new(DialStdio::new(channel)))
+        session.exec_done.store(true, Ordering::Relaxed);
+        self.dial_stdio_opened.fetch_add(1, Ordering::Relaxed);
+        Ok(Box::new(ChannelIo::new(channel)))
     }
 
     /// Maps a failed read on a dial-stdio channel to what the remote side said.
@@ -656,6 +807,32 @@ impl SshTransport {
             device,
             command: self.command.clone(),
             detail,
+        }
+    }
+}
+
+/// How long `auto` uses dial-stdio on a session after the server refused a streamlocal
+/// channel, before asking again.
+const STREAMLOCAL_RETRY: Duration = Duration::from_secs(60);
+
+/// Why the server refused a streamlocal channel, in words.
+fn streamlocal_refusal(f: &russh::ChannelOpenFailure, socket: &str) -> String {
+    match f {
+        russh::ChannelOpenFailure::AdministrativelyProhibited => format!(
+            "the SSH server refused a streamlocal channel to {socket} (AllowStreamLocalForwarding no, DisableForwarding or a key restriction)"
+        ),
+        russh::ChannelOpenFailure::UnknownChannelType => {
+            "the SSH server does not know direct-streamlocal channels".into()
+        }
+        // OpenSSH says this for a forbidden forwarding as well as for a failed connect.
+        russh::ChannelOpenFailure::ConnectFailed => format!(
+            "the SSH server did not connect a streamlocal channel to {socket} (its AllowStreamLocalForwarding or DisableForwarding forbids it, or there is no such socket, no daemon, or the user may not open it)"
+        ),
+        russh::ChannelOpenFailure::ResourceShortage => {
+            "the SSH server is short of resources for another channel".into()
+        }
+        russh::ChannelOpenFailure::Other { code, reason } => {
+            format!("the SSH server refused a streamlocal channel to {socket} ({code}: {reason})")
         }
     }
 }
@@ -862,9 +1039,11 @@ const STDERR_KEEP: usize = 8 * 1024;
 
 type MsgStream = Pin<Box<dyn Stream<Item = ChannelMsg> + Send>>;
 
-/// A dial-stdio channel as a byte stream: stdout in, stdin out, stderr and the exit
-/// status kept for the error when the command fails before answering.
-struct DialStdio {
+/// A channel to the daemon as a byte stream: channel data in, data out. For dial-stdio,
+/// that is the command's stdout and stdin, and its stderr and exit status are kept for
+/// the error when the command fails before answering (a streamlocal channel has
+/// neither).
+struct ChannelIo {
     rx: MsgStream,
     tx: Pin<Box<dyn AsyncWrite + Send>>,
     write_half: Option<ChannelWriteHalf<Msg>>,
@@ -877,15 +1056,15 @@ struct DialStdio {
     lost: bool,
 }
 
-impl DialStdio {
-    fn new(channel: russh::Channel<Msg>) -> DialStdio {
+impl ChannelIo {
+    fn new(channel: russh::Channel<Msg>) -> ChannelIo {
         let (read_half, write_half) = channel.split();
         let tx = Box::pin(write_half.make_writer());
         let rx = Box::pin(futures_util::stream::unfold(
             read_half,
             |mut r| async move { r.wait().await.map(|m| (m, r)) },
         ));
-        DialStdio {
+        ChannelIo {
             rx,
             tx,
             write_half: Some(write_half),
@@ -919,7 +1098,7 @@ impl DialStdio {
     }
 }
 
-impl AsyncRead for DialStdio {
+impl AsyncRead for ChannelIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -969,7 +1148,7 @@ impl AsyncRead for DialStdio {
     }
 }
 
-impl AsyncWrite for DialStdio {
+impl AsyncWrite for ChannelIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -987,10 +1166,10 @@ impl AsyncWrite for DialStdio {
     }
 }
 
-impl Drop for DialStdio {
+impl Drop for ChannelIo {
     fn drop(&mut self) {
-        // Close the channel so the remote dial-stdio exits and the server's channel slot
-        // (MaxSessions) comes free.
+        // Close the channel so the remote dial-stdio exits (or sshd closes its socket
+        // connection) and the server's channel slot (MaxSessions) comes free.
         if let (Some(w), Ok(rt)) = (
             self.write_half.take(),
             tokio::runtime::Handle::try_current(),
@@ -1016,6 +1195,10 @@ mod tests {
     use super::*;
 
     fn transport(sudo: bool) -> SshTransport {
+        transport_with(sudo, SshTunnel::Auto)
+    }
+
+    fn transport_with(sudo: bool, tunnel: SshTunnel) -> SshTransport {
         let now = chrono::Utc::now();
         let d = Device {
             id: uuid::Uuid::new_v4(),
@@ -1041,7 +1224,10 @@ mod tests {
         SshTransport::new(
             &d,
             &DeviceSecrets::default(),
-            &ConnectOptions::default(),
+            &ConnectOptions {
+                ssh_tunnel: tunnel,
+                ..ConnectOptions::default()
+            },
             HostKeyPolicy::PinnedOnly,
         )
         .unwrap()
@@ -1111,6 +1297,50 @@ mod tests {
     fn the_remote_command_uses_sudo_and_the_socket_path_when_asked() {
         assert_eq!(transport(false).command, "docker system dial-stdio");
         assert_eq!(transport(true).command, "sudo -n docker system dial-stdio");
+    }
+
+    #[test]
+    fn sudo_devices_always_use_dial_stdio() {
+        assert_eq!(transport(false).tunnel, SshTunnel::Auto);
+        assert_eq!(transport(true).tunnel, SshTunnel::DialStdio);
+        let forced = transport_with(true, SshTunnel::Streamlocal);
+        assert_eq!(forced.tunnel, SshTunnel::DialStdio);
+        let plain = transport_with(false, SshTunnel::Streamlocal);
+        assert_eq!(plain.tunnel, SshTunnel::Streamlocal);
+    }
+
+    #[test]
+    fn auto_uses_dial_stdio_when_the_agent_is_forwarded() {
+        let d = Device {
+            agent_forwarding: true,
+            host: Some("10.0.0.5".into()),
+            user: Some("ops".into()),
+            auth: Some(SshAuth::None),
+            ..Device::blank(crate::device::DeviceKind::Ssh, "web1")
+        };
+        let with = |tunnel| {
+            let o = ConnectOptions {
+                ssh_tunnel: tunnel,
+                ..ConnectOptions::default()
+            };
+            SshTransport::new(&d, &DeviceSecrets::default(), &o, HostKeyPolicy::PinnedOnly)
+                .unwrap()
+                .tunnel
+        };
+        assert_eq!(with(SshTunnel::Auto), SshTunnel::DialStdio);
+        assert_eq!(with(SshTunnel::Streamlocal), SshTunnel::Streamlocal);
+    }
+
+    #[test]
+    fn tunnel_names_parse_as_the_cli_spells_them() {
+        for t in [
+            SshTunnel::Auto,
+            SshTunnel::Streamlocal,
+            SshTunnel::DialStdio,
+        ] {
+            assert_eq!(t.to_string().parse::<SshTunnel>(), Ok(t));
+        }
+        assert!("stdio".parse::<SshTunnel>().is_err());
     }
 
     #[test]
