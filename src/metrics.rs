@@ -129,7 +129,7 @@ impl Metrics {
         let ssh_channels = Gauge::default();
         registry.register(
             "ssh_channels",
-            "SSH channels (Docker connections over dial-stdio) open now",
+            "SSH channels open now: one per Docker connection (streamlocal or dial-stdio)",
             ssh_channels.clone(),
         );
         let webhook_deliveries = Family::<DeliveryLabels, Counter>::default();

@@ -766,3 +766,60 @@ fn an_install_that_is_not_a_plugin_is_refused_with_422_and_nothing_is_installed(
     );
     assert_eq!(record["status"], "ok", "{record}");
 }
+
+#[test]
+fn metrics_count_the_pooled_ssh_session_and_its_channels() {
+    let data = DataDir::empty();
+    let api = Api::start(&data);
+    let infra = Infra::get();
+    api.json(
+        "POST",
+        "/api/devices",
+        &json!({
+            "name": "sshbox",
+            "kind": "ssh",
+            "host": infra.var("SSH_HOST4"),
+            "port": infra.var("SSH_PORT").parse::<u16>().unwrap(),
+            "user": infra.var("SSH_USER_KEY"),
+            "private_key": read(infra.var("SSH_KEY_ED25519")),
+            "host_key": read(infra.var("SSH_HOST_KEY_PUB")),
+        }),
+        201,
+    );
+    let manifest = "name = \"sshprobe\"\nversion = \"0.0.1\"\n[policy]\nCONTAINERS = 1\ndevices = [\"sshbox\"]\n";
+    let wasm = std::fs::read(crate::util::plugin::wasm("probe")).unwrap();
+    api.json(
+        "POST",
+        "/api/plugins",
+        &json!({ "manifest": manifest, "wasm_base64": base64(&wasm) }),
+        201,
+    );
+    let gauges = |api: &Api| {
+        let (_, m) = api.call("GET", "/metrics", &Value::Null);
+        (
+            sample(&m, "capstan_ssh_sessions ").unwrap(),
+            sample(&m, "capstan_ssh_channels ").unwrap(),
+        )
+    };
+    assert_eq!(gauges(&api), (0.0, 0.0), "nothing connected yet");
+
+    let calls = json!([{ "op": "list-containers", "device": "sshbox" }]).to_string();
+    let record = api.json(
+        "POST",
+        "/api/plugins/sshprobe/run?wait=true",
+        &json!({ "input": calls }),
+        200,
+    );
+    assert_eq!(record["status"], "ok", "{record}");
+    let (sessions, channels) = gauges(&api);
+    assert_eq!(sessions, 1.0, "one session to sshbox, kept");
+    assert!(
+        channels >= 1.0,
+        "its dial-stdio channel is kept: {channels}"
+    );
+
+    // Deleting the device drops its pooled connections.
+    api.json("DELETE", "/api/plugins/sshprobe", &Value::Null, 204);
+    api.json("DELETE", "/api/devices/sshbox", &Value::Null, 204);
+    assert_eq!(gauges(&api), (0.0, 0.0));
+}

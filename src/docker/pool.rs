@@ -476,7 +476,8 @@ fn parse_version(v: &str) -> Option<ClientVersion> {
 pub struct PoolStats {
     /// SSH sessions open (at most one per SSH device).
     pub ssh_sessions: usize,
-    /// SSH channels open: one per Docker connection over `dial-stdio`, busy or idle.
+    /// SSH channels open: one per Docker connection (streamlocal or `dial-stdio`), busy
+    /// or idle.
     pub ssh_channels: usize,
 }
 
