@@ -550,6 +550,7 @@ fn plugin_schedule_shows_next_fire_times_and_bad_schedules_are_refused_at_instal
         text.contains("Europe/Berlin") && text.contains("@hourly"),
         "{text}"
     );
+    assert!(text.contains("(overlap skip)"), "{text}");
     let hourly = text
         .lines()
         .filter(|l| l.trim_start().starts_with("20") && l.contains(":00:00 UTC"))

@@ -321,10 +321,10 @@ fn print_schedule(p: &InstalledPlugin, count: usize) -> anyhow::Result<()> {
     for (i, c) in p.triggers.cron.iter().enumerate() {
         let t = CronTrigger::from_config(c)?;
         println!(
-            "trigger {i}: {:?} in {} (overlap {:?}{}{})",
+            "trigger {i}: {:?} in {} (overlap {}{}{})",
             c.schedule,
             t.timezone(),
-            t.overlap(),
+            serde_json::to_value(t.overlap())?.as_str().unwrap_or("?"),
             if t.jitter().is_zero() {
                 String::new()
             } else {
