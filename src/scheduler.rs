@@ -87,6 +87,24 @@ pub enum SubmitError {
     Store(#[from] RunError),
 }
 
+/// Why a hook's secrets could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum HookAdminError {
+    #[error("no installed plugin declares hook {0:?}")]
+    Unknown(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+}
+
+/// Shortest hook secret accepted.
+pub const MIN_HOOK_SECRET: usize = 16;
+
 /// What [`Scheduler::install`] did.
 #[derive(Debug)]
 pub struct Installed {
@@ -296,6 +314,68 @@ impl Scheduler {
             }
         }
         self.runtime.remove(name)
+    }
+
+    /// The plugin that declares hook `name`.
+    fn hook_plugin(&self, name: &str) -> Result<String, HookAdminError> {
+        self.runtime
+            .installed()?
+            .into_iter()
+            .find(|p| p.triggers.webhook.iter().any(|h| h.name == name))
+            .map(|p| p.name)
+            .ok_or_else(|| HookAdminError::Unknown(name.to_string()))
+    }
+
+    /// Puts a hook's secrets from the vault into effect at once.
+    fn apply_hook_keys(&self, name: &str, plugin: &str) -> Result<(), HookAdminError> {
+        let keys = HookKeys::load(&self.engine.vault, name)?;
+        if !self.hooks.set_keys(name, keys)
+            && let Some(p) = self.runtime.plugin(plugin)
+        {
+            // The hook was closed for want of a secret: open it now.
+            self.activate(&p)
+                .map_err(|e| HookAdminError::Invalid(format!("{e:#}")))?;
+        }
+        self.engine.store.flush()?;
+        Ok(())
+    }
+
+    /// Gives hook `name` a new secret (`None`: a generated one, returned to show once).
+    /// The old secret stays valid until [`Scheduler::retire_hook`], so senders can be
+    /// switched over without losing deliveries. Takes effect at once.
+    pub fn rotate_hook(
+        &self,
+        name: &str,
+        secret: Option<Secret>,
+    ) -> Result<Option<Secret>, HookAdminError> {
+        let _admin = lock(&self.admin);
+        let plugin = self.hook_plugin(name)?;
+        let (secret, generated) = match secret {
+            Some(s) => (s, false),
+            None => (Secret::random_hex(32), true),
+        };
+        if secret.expose().len() < MIN_HOOK_SECRET {
+            return Err(HookAdminError::Invalid(format!(
+                "a hook secret must be at least {MIN_HOOK_SECRET} bytes"
+            )));
+        }
+        match HookKeys::rotate(&self.engine.vault, name, &secret) {
+            Ok(()) => {}
+            Err(HookError::NoSecret(_)) => HookKeys::set(&self.engine.vault, name, &secret)?,
+            Err(e) => return Err(e.into()),
+        }
+        self.apply_hook_keys(name, &plugin)?;
+        tracing::info!(hook = name, "hook secret rotated");
+        Ok(generated.then_some(secret))
+    }
+
+    /// Stops accepting hook `name`'s previous secret. Returns whether it had one.
+    pub fn retire_hook(&self, name: &str) -> Result<bool, HookAdminError> {
+        let _admin = lock(&self.admin);
+        let plugin = self.hook_plugin(name)?;
+        let had = HookKeys::retire_previous(&self.engine.vault, name)?;
+        self.apply_hook_keys(name, &plugin)?;
+        Ok(had)
     }
 
     /// Puts a loaded plugin's triggers in place of whatever it had. Hooks it still

@@ -627,3 +627,75 @@ fn runs_follow_prints_each_run_as_it_is_queued_starts_and_ends() {
     let _ = follower.wait();
     drop(server);
 }
+
+#[test]
+fn a_hook_secret_rotated_while_the_engine_runs_overlaps_until_the_old_one_is_retired() {
+    let data = DataDir::with_vault();
+    let out = install(
+        &data,
+        "name = \"rotated\"\nversion = \"1\"\n[[triggers.webhook]]\nname = \"r\"\nauth = \"bearer\"\n",
+    );
+    let old = generated_secret(&out, "r");
+    let server = Server::start(&data);
+    let deliver = |secret: &str| {
+        http(
+            &server.addr,
+            "POST",
+            "/hooks/r",
+            &[("Authorization", &format!("Bearer {secret}"))],
+            b"",
+        )
+        .0
+    };
+    assert_eq!(deliver(&old), 202);
+
+    // Rotated through the running engine: both secrets work.
+    let out = data.capstan(&["hook", "rotate", "r"]);
+    assert_success(&out, "hook rotate");
+    let text = stdout(&out);
+    let new = text
+        .lines()
+        .skip_while(|l| !l.contains("generated secret"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no generated secret:\n{text}"))
+        .trim()
+        .to_string();
+    assert_ne!(new, old);
+    assert_eq!(deliver(&new), 202, "the new secret works at once");
+    assert_eq!(deliver(&old), 202, "the old one still works until retired");
+
+    // A chosen secret that is too short is refused and changes nothing.
+    let out = data.capstan_stdin(&["hook", "rotate", "r", "--secret-stdin"], b"short");
+    assert_failure_says(&out, "at least 16 bytes");
+    assert!(!stderr(&out).contains("short"), "the secret is not echoed");
+    assert_eq!(deliver(&new), 202);
+
+    let out = data.capstan(&["hook", "retire", "r"]);
+    assert_success(&out, "hook retire");
+    assert!(
+        stdout(&out).contains("no longer accepted"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(deliver(&old), 401, "the retired secret is refused");
+    assert_eq!(deliver(&new), 202);
+
+    let out = data.capstan(&["hook", "rotate", "nope"]);
+    assert_failure_says(&out, "no installed plugin declares hook");
+    let out = data.capstan(&["hook", "list"]);
+    assert_success(&out, "hook list");
+    assert!(stdout(&out).contains("/hooks/r"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains(&new), "no secret in the list");
+    drop(server);
+
+    // Stopped: the vault keeps the new secret; the engine started again accepts it.
+    let server = Server::start(&data);
+    let (status, _) = http(
+        &server.addr,
+        "POST",
+        "/hooks/r",
+        &[("Authorization", &format!("Bearer {new}"))],
+        b"",
+    );
+    assert_eq!(status, 202);
+}

@@ -166,6 +166,18 @@ pub const ROUTES: &[Route] = &[
         handler: || get(hooks::list),
     },
     Route {
+        method: "POST",
+        path: "/api/hooks/{name}/rotate",
+        example: "/api/hooks/registry/rotate",
+        handler: || post(hooks::rotate),
+    },
+    Route {
+        method: "POST",
+        path: "/api/hooks/{name}/retire",
+        example: "/api/hooks/registry/retire",
+        handler: || post(hooks::retire),
+    },
+    Route {
         method: "GET",
         path: "/api/openapi.json",
         example: "/api/openapi.json",

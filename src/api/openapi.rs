@@ -48,6 +48,8 @@ pub const BEARER: &str = "bearer";
         runs::show,
         runs::events,
         hooks::list,
+        hooks::rotate,
+        hooks::retire,
         serve,
         metrics::serve,
     ),

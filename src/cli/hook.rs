@@ -1,13 +1,16 @@
 //! `capstan hook …`: the webhook secrets in the vault. A hook is declared by its
 //! plugin's manifest (`[[triggers.webhook]]`); its secret lives in the vault and never
 //! in a file. Rotation keeps the previous secret valid until it is retired, so senders
-//! can be switched over without dropping deliveries.
+//! can be switched over without dropping deliveries. While the engine runs, the commands
+//! go through its API and a change takes effect at once.
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
 
 use super::GlobalArgs;
+use super::client::{ApiClient, Target};
 use crate::engine::Engine;
+use crate::scheduler::MIN_HOOK_SECRET;
 use crate::secret::Secret;
 use crate::trigger::webhook::HookKeys;
 
@@ -32,16 +35,10 @@ pub enum HookCmd {
 }
 
 pub fn run(g: &GlobalArgs, cmd: HookCmd) -> anyhow::Result<()> {
-    let engine = Engine::open(g.settings(None)?, &g.passphrase()).map_err(|e| {
-        if matches!(
-            e.downcast_ref::<crate::store::StoreError>(),
-            Some(crate::store::StoreError::Locked(_))
-        ) {
-            e.context("hook secrets are changed with the engine stopped (the vault is the engine's while it runs); a change takes effect at its next start")
-        } else {
-            e
-        }
-    })?;
+    let engine = match Target::open(g.settings(None)?, &g.passphrase())? {
+        Target::Local(engine) => engine,
+        Target::Remote(api) => return super::check::runtime()?.block_on(remote(&api, cmd)),
+    };
     let declared = declared_hooks(&engine)?;
     match cmd {
         HookCmd::List => {
@@ -78,8 +75,8 @@ pub fn run(g: &GlobalArgs, cmd: HookCmd) -> anyhow::Result<()> {
                 ),
                 (None, false) => (Secret::random_hex(32), true),
             };
-            if secret.expose().len() < 16 {
-                bail!("a hook secret must be at least 16 bytes");
+            if secret.expose().len() < MIN_HOOK_SECRET {
+                bail!("a hook secret must be at least {MIN_HOOK_SECRET} bytes");
             }
             HookKeys::rotate(&engine.vault, &name, &secret)?;
             engine.store.flush()?;
@@ -96,6 +93,69 @@ pub fn run(g: &GlobalArgs, cmd: HookCmd) -> anyhow::Result<()> {
         HookCmd::Retire { name } => {
             if HookKeys::retire_previous(&engine.vault, &name)? {
                 engine.store.flush()?;
+                println!("hook {name}: the previous secret is no longer accepted");
+            } else {
+                println!("hook {name} has no previous secret");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The same commands against the running engine.
+async fn remote(api: &ApiClient, cmd: HookCmd) -> anyhow::Result<()> {
+    match cmd {
+        HookCmd::List => {
+            let v = api.json("GET", "/api/hooks", None).await?;
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|h| {
+                    ["name", "plugin", "auth", "url_path"]
+                        .iter()
+                        .map(|k| h[*k].as_str().unwrap_or_default().to_string())
+                        .collect()
+                })
+                .collect();
+            super::print_table(&["HOOK", "PLUGIN", "AUTH", "PATH"], &rows);
+        }
+        HookCmd::Rotate {
+            name,
+            secret_file,
+            secret_stdin,
+        } => {
+            let secret = match (secret_file, secret_stdin) {
+                (Some(f), _) => Some(
+                    Secret::from_file(&f)
+                        .with_context(|| format!("cannot read {}", f.display()))?,
+                ),
+                (None, true) => {
+                    Some(Secret::from_reader(std::io::stdin()).context("cannot read stdin")?)
+                }
+                (None, false) => None,
+            };
+            let body = match &secret {
+                Some(s) => serde_json::json!({
+                    "secret": s.expose_str().context("the secret must be text")?.trim_end_matches(['\r', '\n'])
+                }),
+                None => serde_json::json!({}),
+            };
+            let v = api
+                .json("POST", &format!("/api/hooks/{name}/rotate"), Some(body))
+                .await?;
+            println!(
+                "hook {name}: new secret in effect; the previous one stays valid until `capstan hook retire {name}`"
+            );
+            if let Some(s) = v["generated_secret"].as_str() {
+                println!("  generated secret, shown once:\n    {s}");
+            }
+        }
+        HookCmd::Retire { name } => {
+            let v = api
+                .json("POST", &format!("/api/hooks/{name}/retire"), None)
+                .await?;
+            if v["retired"].as_bool() == Some(true) {
                 println!("hook {name}: the previous secret is no longer accepted");
             } else {
                 println!("hook {name} has no previous secret");
