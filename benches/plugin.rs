@@ -13,7 +13,10 @@
 //! 3. Start-up with 50 installed plugins: a new runtime loading them all from the compile
 //!    cache (each a distinct component), against compiling them all.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::wasm_path;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,18 +40,6 @@ impl WasiView for Bare {
             table: &mut self.table,
         }
     }
-}
-
-fn wasm_path(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("plugins/target/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    assert!(
-        p.is_file(),
-        "{} is missing: cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release",
-        p.display()
-    );
-    p
 }
 
 struct Stats {

@@ -44,6 +44,9 @@
 //! (recorded runs over the time from the first request to the last run's end), the
 //! server's CPU time (with its children: webhook's `true` processes), and the ratios.
 
+mod common;
+use common::wasm_path;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -93,18 +96,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn wasm_path(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("plugins/target/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    assert!(
-        p.is_file(),
-        "{} is missing: cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release",
-        p.display()
-    );
-    p
 }
 
 /// The executable `name` on PATH, or a panic naming the Debian package that has it.

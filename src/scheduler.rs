@@ -111,8 +111,6 @@ pub struct Installed {
     pub plugin: InstalledPlugin,
     /// Webhook secrets generated for hooks that had none, shown to the user once.
     pub generated_secrets: Vec<(String, Secret)>,
-    /// Whether a plugin of that name was replaced.
-    pub replaced: bool,
 }
 
 /// What [`Scheduler::shutdown`] found.
@@ -271,7 +269,6 @@ impl Scheduler {
                 )));
             }
         }
-        let replaced = self.runtime.plugin(&parsed.name).is_some();
         let plugin = self
             .runtime
             .install_bytes(manifest, source, &src.wasm, &src.wasm_file)?;
@@ -298,7 +295,6 @@ impl Scheduler {
         Ok(Installed {
             plugin,
             generated_secrets,
-            replaced,
         })
     }
 
@@ -540,12 +536,16 @@ impl Scheduler {
     /// Waits up to `timeout` (at most `max_wait`) for a run to end, and returns its
     /// record as it is then.
     pub async fn wait(&self, id: RunId, timeout: Duration) -> Result<RunRecord, RunError> {
-        let done = lock(&self.in_flight).get(&id).map(|f| f.done.clone());
-        if let Some(mut done) = done {
+        if let Some(mut done) = self.done_of(id) {
             let _ = tokio::time::timeout(timeout.min(self.config.max_wait), done.wait_for(|d| *d))
                 .await;
         }
         self.runs.get(id)?.ok_or(RunError::NotFound(id))
+    }
+
+    /// Turns true when run `id` ends; `None` when it already has.
+    fn done_of(&self, id: RunId) -> Option<watch::Receiver<bool>> {
+        lock(&self.in_flight).get(&id).map(|f| f.done.clone())
     }
 
     /// Runs queued or running now.
@@ -583,8 +583,7 @@ impl Scheduler {
         };
         match self.submit(id.plugin(), trigger, event) {
             Ok(run) => {
-                let done = lock(&self.in_flight).get(&run).map(|f| f.done.clone());
-                if let Some(mut done) = done {
+                if let Some(mut done) = self.done_of(run) {
                     let _ = done.wait_for(|d| *d).await;
                 }
             }
@@ -694,26 +693,13 @@ async fn hook(
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> axum::response::Response {
-    use crate::trigger::webhook::{WebhookError, read_body, receive};
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
 
     let wait = query.wait;
-    let Some(limit) = s.hooks.max_body(&name) else {
-        s.metrics.webhook_delivery("", "unknown-hook");
-        return WebhookError::UnknownHook(name).into_response();
-    };
-    let body = match read_body(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
-            s.metrics
-                .webhook_delivery(&name, delivery_result(e.status()));
-            return e.into_response();
-        }
-    };
     let started: Arc<Mutex<Option<RunId>>> = Arc::default();
     let (cell, launcher) = (started.clone(), s.clone());
-    let resp = receive(&s.hooks, &name, &headers, body, move |d| {
+    let resp = crate::trigger::webhook::deliver(&s.hooks, &name, &headers, body, move |d| {
         let r = launcher.launch_delivery(d);
         if let Ok(id) = &r {
             *lock(&cell) = Some(*id);
@@ -721,8 +707,14 @@ async fn hook(
         async move { r.map_err(|e| e.to_string()) }
     })
     .await;
+    // Unknown hooks share one label, so strangers cannot create series at will.
+    let label = if resp.status() == StatusCode::NOT_FOUND {
+        ""
+    } else {
+        name.as_str()
+    };
     s.metrics
-        .webhook_delivery(&name, delivery_result(resp.status()));
+        .webhook_delivery(label, delivery_result(resp.status()));
     let id = *lock(&started);
     match id {
         Some(id) if wait && resp.status() == StatusCode::ACCEPTED => {

@@ -4,13 +4,12 @@
 //! can be switched over without dropping deliveries. While the engine runs, the commands
 //! go through its API and a change takes effect at once.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Subcommand;
 
 use super::GlobalArgs;
 use super::client::{ApiClient, Target};
 use crate::engine::Engine;
-use crate::scheduler::MIN_HOOK_SECRET;
 use crate::secret::Secret;
 use crate::trigger::webhook::HookKeys;
 
@@ -39,10 +38,9 @@ pub fn run(g: &GlobalArgs, cmd: HookCmd) -> anyhow::Result<()> {
         Target::Local(engine) => engine,
         Target::Remote(api) => return super::check::runtime()?.block_on(remote(&api, cmd)),
     };
-    let declared = declared_hooks(&engine)?;
     match cmd {
         HookCmd::List => {
-            let rows: Vec<Vec<String>> = declared
+            let rows: Vec<Vec<String>> = declared_hooks(&engine)?
                 .iter()
                 .map(|(hook, plugin, auth)| {
                     let secrets = match HookKeys::load(&engine.vault, hook) {
@@ -60,46 +58,53 @@ pub fn run(g: &GlobalArgs, cmd: HookCmd) -> anyhow::Result<()> {
             secret_file,
             secret_stdin,
         } => {
-            if !declared.iter().any(|(h, _, _)| *h == name) {
-                bail!("no installed plugin declares hook {name:?} (see `capstan hook list`)");
-            }
-            let (secret, generated) = match (secret_file, secret_stdin) {
-                (Some(f), _) => (
-                    Secret::from_file(&f)
-                        .with_context(|| format!("cannot read {}", f.display()))?,
-                    false,
-                ),
-                (None, true) => (
-                    Secret::from_reader(std::io::stdin()).context("cannot read stdin")?,
-                    false,
-                ),
-                (None, false) => (Secret::random_hex(32), true),
-            };
-            if secret.expose().len() < MIN_HOOK_SECRET {
-                bail!("a hook secret must be at least {MIN_HOOK_SECRET} bytes");
-            }
-            HookKeys::rotate(&engine.vault, &name, &secret)?;
-            engine.store.flush()?;
-            println!(
-                "hook {name}: new secret stored; the previous one stays valid until `capstan hook retire {name}`"
-            );
-            if generated {
-                println!(
-                    "  generated secret, shown once:\n    {}",
-                    secret.expose_str().unwrap_or("")
-                );
-            }
+            let secret = read_secret(secret_file, secret_stdin)?;
+            let generated = local_scheduler(engine)?.rotate_hook(&name, secret)?;
+            print_rotated(&name, generated.as_ref().and_then(|s| s.expose_str().ok()));
         }
         HookCmd::Retire { name } => {
-            if HookKeys::retire_previous(&engine.vault, &name)? {
-                engine.store.flush()?;
-                println!("hook {name}: the previous secret is no longer accepted");
-            } else {
-                println!("hook {name} has no previous secret");
-            }
+            print_retired(&name, local_scheduler(engine)?.retire_hook(&name)?);
         }
     }
     Ok(())
+}
+
+/// The scheduler on the data directory opened here: the same rotation and retirement
+/// the API does, without an engine running.
+fn local_scheduler(
+    engine: Box<Engine>,
+) -> anyhow::Result<std::sync::Arc<crate::scheduler::Scheduler>> {
+    let rt = super::check::runtime()?;
+    let _guard = rt.enter();
+    crate::scheduler::Scheduler::with_defaults(std::sync::Arc::new(*engine))
+}
+
+/// `--secret-file` or `--secret-stdin`; `None` asks for a generated secret.
+fn read_secret(file: Option<std::path::PathBuf>, stdin: bool) -> anyhow::Result<Option<Secret>> {
+    Ok(match (file, stdin) {
+        (Some(f), _) => {
+            Some(Secret::from_file(&f).with_context(|| format!("cannot read {}", f.display()))?)
+        }
+        (None, true) => Some(Secret::from_reader(std::io::stdin()).context("cannot read stdin")?),
+        (None, false) => None,
+    })
+}
+
+fn print_rotated(name: &str, generated: Option<&str>) {
+    println!(
+        "hook {name}: new secret in effect; the previous one stays valid until `capstan hook retire {name}`"
+    );
+    if let Some(s) = generated {
+        println!("  generated secret, shown once:\n    {s}");
+    }
+}
+
+fn print_retired(name: &str, retired: bool) {
+    if retired {
+        println!("hook {name}: the previous secret is no longer accepted");
+    } else {
+        println!("hook {name} has no previous secret");
+    }
 }
 
 /// The same commands against the running engine.
@@ -125,41 +130,22 @@ async fn remote(api: &ApiClient, cmd: HookCmd) -> anyhow::Result<()> {
             secret_file,
             secret_stdin,
         } => {
-            let secret = match (secret_file, secret_stdin) {
-                (Some(f), _) => Some(
-                    Secret::from_file(&f)
-                        .with_context(|| format!("cannot read {}", f.display()))?,
-                ),
-                (None, true) => {
-                    Some(Secret::from_reader(std::io::stdin()).context("cannot read stdin")?)
-                }
-                (None, false) => None,
-            };
-            let body = match &secret {
+            let body = match read_secret(secret_file, secret_stdin)? {
                 Some(s) => serde_json::json!({
-                    "secret": s.expose_str().context("the secret must be text")?.trim_end_matches(['\r', '\n'])
+                    "secret": s.expose_str().context("the secret must be text")?
                 }),
                 None => serde_json::json!({}),
             };
             let v = api
                 .json("POST", &format!("/api/hooks/{name}/rotate"), Some(body))
                 .await?;
-            println!(
-                "hook {name}: new secret in effect; the previous one stays valid until `capstan hook retire {name}`"
-            );
-            if let Some(s) = v["generated_secret"].as_str() {
-                println!("  generated secret, shown once:\n    {s}");
-            }
+            print_rotated(&name, v["generated_secret"].as_str());
         }
         HookCmd::Retire { name } => {
             let v = api
                 .json("POST", &format!("/api/hooks/{name}/retire"), None)
                 .await?;
-            if v["retired"].as_bool() == Some(true) {
-                println!("hook {name}: the previous secret is no longer accepted");
-            } else {
-                println!("hook {name} has no previous secret");
-            }
+            print_retired(&name, v["retired"].as_bool() == Some(true));
         }
     }
     Ok(())

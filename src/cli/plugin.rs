@@ -9,7 +9,7 @@ use clap::Subcommand;
 use super::client::{ApiClient, Target};
 use super::{GlobalArgs, print_table};
 use crate::plugin::scaffold;
-use crate::plugin::{InstalledPlugin, PluginRuntime, PluginSource, RuntimeConfig, TriggerEvent};
+use crate::plugin::{InstalledPlugin, PluginSource, TriggerEvent};
 use crate::runs::{RunEnd, RunStatus, RunTrigger};
 use crate::scheduler::{Installed, Scheduler};
 use crate::trigger::cron::CronTrigger;
@@ -102,16 +102,8 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
     };
     // The runtime's epoch ticker and pooled connections live inside the tokio runtime.
     let _guard = rt.enter();
-    let runtime = Arc::new(PluginRuntime::new(
-        engine.clone(),
-        RuntimeConfig::default(),
-    )?);
-    let scheduler = Scheduler::new(
-        engine.clone(),
-        runtime.clone(),
-        Arc::new(crate::metrics::Metrics::new()),
-        engine.settings.runs.clone(),
-    )?;
+    let scheduler = Scheduler::with_defaults(engine.clone())?;
+    let runtime = scheduler.runtime().clone();
     match cmd {
         PluginCmd::Install { path, manifest } => {
             let src = PluginSource::read(&path, manifest.as_deref())?;
@@ -270,11 +262,14 @@ fn print_installed(p: &InstalledPlugin) {
 /// Prints hook secrets generated at install: shown once, never stored in the clear.
 pub(crate) fn print_generated_secrets(installed: &Installed) {
     for (hook, secret) in &installed.generated_secrets {
-        println!(
-            "  hook {hook}: generated secret, shown once; configure the sender with it:\n    {}",
-            secret.expose_str().unwrap_or("(not text)")
-        );
+        print_generated_secret(hook, secret.expose_str().unwrap_or("(not text)"));
     }
+}
+
+fn print_generated_secret(hook: &str, secret: &str) {
+    println!(
+        "  hook {hook}: generated secret, shown once; configure the sender with it:\n    {secret}"
+    );
 }
 
 fn print_list(plugins: &[InstalledPlugin]) {
@@ -366,10 +361,9 @@ async fn remote(api: &ApiClient, cmd: PluginCmd) -> anyhow::Result<()> {
                 .context("the engine's answer to the install")?;
             print_installed(&p);
             for s in v["generated_secrets"].as_array().into_iter().flatten() {
-                println!(
-                    "  hook {}: generated secret, shown once; configure the sender with it:\n    {}",
+                print_generated_secret(
                     s["hook"].as_str().unwrap_or("?"),
-                    s["secret"].as_str().unwrap_or("?")
+                    s["secret"].as_str().unwrap_or("?"),
                 );
             }
             println!("  active now in the running engine");

@@ -18,8 +18,7 @@ use super::GlobalArgs;
 use crate::config::ProxySettings;
 use crate::device::{DeviceChanges, DeviceError, DeviceKind};
 use crate::engine::Engine;
-use crate::metrics::Metrics;
-use crate::plugin::{PluginRuntime, PluginSource, RuntimeConfig};
+use crate::plugin::PluginSource;
 use crate::policy::CompiledPolicy;
 use crate::proxy::{Proxy, ProxyListener};
 use crate::scheduler::Scheduler;
@@ -136,20 +135,7 @@ fn start_plugins(
     first_start: bool,
     defaults: Option<&Path>,
 ) -> anyhow::Result<Arc<Scheduler>> {
-    let config = engine.settings.runs.clone();
-    let runtime = Arc::new(PluginRuntime::new(
-        engine.clone(),
-        RuntimeConfig {
-            max_concurrent_runs: config.max_concurrent_runs as u32,
-            ..RuntimeConfig::default()
-        },
-    )?);
-    let scheduler = Scheduler::new(
-        engine.clone(),
-        runtime.clone(),
-        Arc::new(Metrics::new()),
-        config,
-    )?;
+    let scheduler = Scheduler::with_defaults(engine.clone())?;
     if first_start && let Some(dir) = defaults {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| {
@@ -181,7 +167,7 @@ fn start_plugins(
         summary.loaded,
         summary.from_cache,
         summary.compiled,
-        runtime.allocator(),
+        scheduler.runtime().allocator(),
         scheduler.cron().len(),
         scheduler.hooks().names().len(),
     );

@@ -1173,8 +1173,29 @@ where
     }
 }
 
-/// The `POST /hooks/{name}` route: reads the body within the hook's limit, then
-/// [`receive`]. Merge it into the engine's router *outside* the token-protected `/api`
+/// One delivery from the request as axum hands it over: reads the body within the
+/// hook's limit (404 for an unknown hook, 413 past the limit), then [`receive`].
+pub async fn deliver<F, Fut>(
+    hooks: &Webhooks,
+    name: &str,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    launch: F,
+) -> Response
+where
+    F: FnOnce(Delivery) -> Fut,
+    Fut: Future<Output = Result<RunId, String>>,
+{
+    let Some(limit) = hooks.max_body(name) else {
+        return WebhookError::UnknownHook(name.to_string()).into_response();
+    };
+    match read_body(body, limit).await {
+        Ok(body) => receive(hooks, name, headers, body, launch).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The `POST /hooks/{name}` route: [`deliver`]. Merge it into the engine's router *outside* the token-protected `/api`
 /// tree: hooks authenticate each delivery themselves.
 pub fn router<F, Fut>(hooks: Arc<Webhooks>, launch: F) -> axum::Router
 where
@@ -1188,15 +1209,7 @@ where
             move |Path(name): Path<String>, headers: HeaderMap, body: axum::body::Body| {
                 let hooks = hooks.clone();
                 let launch = launch.clone();
-                async move {
-                    let Some(limit) = hooks.max_body(&name) else {
-                        return WebhookError::UnknownHook(name).into_response();
-                    };
-                    match read_body(body, limit).await {
-                        Ok(body) => receive(&hooks, &name, &headers, body, launch).await,
-                        Err(e) => e.into_response(),
-                    }
-                }
+                async move { deliver(&hooks, &name, &headers, body, launch).await }
             },
         ),
     )
