@@ -100,7 +100,18 @@ pub enum IpFamily {
 }
 
 /// How a Docker connection crosses an SSH session.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Serialize,
+    Deserialize,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum SshTunnel {
     /// A `direct-streamlocal@openssh.com` channel to the remote Docker socket when the
@@ -179,6 +190,10 @@ pub struct Device {
     /// Run the remote Docker client through `sudo -n`.
     #[serde(default)]
     pub sudo: bool,
+    /// How Docker connections cross the SSH session (ssh); unset means the engine's
+    /// default (`CAPSTAN_SSH_TUNNEL`, else `auto`).
+    #[serde(default)]
+    pub ssh_tunnel: Option<SshTunnel>,
     /// The pinned SSH host key, OpenSSH public key format (`ssh-ed25519 AAAA…`).
     pub host_key: Option<String>,
     /// For local devices: `unix:///path`, `tcp://host:port`; unset means `DOCKER_HOST` or
@@ -264,6 +279,7 @@ impl Device {
             keyboard_interactive: false,
             socket_path: None,
             sudo: false,
+            ssh_tunnel: None,
             host_key: None,
             docker_host: None,
             tls_server_name: None,
@@ -361,6 +377,7 @@ pub struct DeviceChanges {
     pub keyboard_interactive: Option<bool>,
     pub socket_path: Option<Option<String>>,
     pub sudo: Option<bool>,
+    pub ssh_tunnel: Option<Option<SshTunnel>>,
     pub host_key: Option<Option<String>>,
     pub docker_host: Option<Option<String>>,
     pub tls_server_name: Option<Option<String>>,
@@ -430,6 +447,7 @@ fn apply(dev: &mut Device, ch: &DeviceChanges, has_secret: &dyn Fn(SecretField) 
         keyboard_interactive,
         socket_path,
         sudo,
+        ssh_tunnel,
         host_key,
         docker_host,
         tls_server_name
@@ -515,6 +533,18 @@ pub fn validate(
             if let Some(p) = &dev.socket_path {
                 validate_socket_path(p)?;
             }
+            if dev.ssh_tunnel == Some(SshTunnel::Streamlocal) {
+                if dev.sudo {
+                    return Err(invalid(
+                        "--ssh-tunnel streamlocal cannot go through sudo: a sudo device reaches Docker only by running `sudo -n docker system dial-stdio` (use --ssh-tunnel auto or dial-stdio, or drop --sudo)",
+                    ));
+                }
+                if dev.agent_forwarding {
+                    return Err(invalid(
+                        "--ssh-tunnel streamlocal runs no remote command, so a forwarded agent would serve nothing (use --ssh-tunnel auto or dial-stdio, or drop --agent-forwarding)",
+                    ));
+                }
+            }
             if let Some(k) = &dev.host_key {
                 parse_host_key(k)?;
             }
@@ -539,10 +569,11 @@ pub fn validate(
                 || dev.auth.is_some()
                 || dev.docker_login.is_some()
                 || dev.sudo
+                || dev.ssh_tunnel.is_some()
                 || dev.host_key.is_some()
             {
                 return Err(invalid(
-                    "SSH options (--user, --auth, --docker-user, --sudo, --host-key) do not apply to tls devices",
+                    "SSH options (--user, --auth, --docker-user, --sudo, --ssh-tunnel, --host-key) do not apply to tls devices",
                 ));
             }
         }
@@ -551,6 +582,7 @@ pub fn validate(
                 || dev.user.is_some()
                 || dev.auth.is_some()
                 || dev.sudo
+                || dev.ssh_tunnel.is_some()
                 || dev.docker_login.is_some()
             {
                 return Err(invalid(
@@ -897,5 +929,55 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a private key"), "{err}");
+    }
+
+    fn agent_ssh_device() -> Device {
+        let mut d = Device::blank(DeviceKind::Ssh, "web1");
+        d.host = Some("10.0.0.5".into());
+        d.user = Some("ops".into());
+        d.auth = Some(SshAuth::Agent);
+        d
+    }
+
+    #[test]
+    fn the_tunnel_setting_is_for_ssh_devices_and_streamlocal_excludes_sudo_and_agent_forwarding() {
+        let none = |_: SecretField| None;
+        let mut d = agent_ssh_device();
+        for t in [
+            None,
+            Some(SshTunnel::Auto),
+            Some(SshTunnel::Streamlocal),
+            Some(SshTunnel::DialStdio),
+        ] {
+            d.ssh_tunnel = t;
+            validate(&d, &none).unwrap();
+        }
+        for t in [SshTunnel::Auto, SshTunnel::DialStdio] {
+            d.ssh_tunnel = Some(t);
+            d.sudo = true;
+            d.agent_forwarding = true;
+            validate(&d, &none).unwrap();
+        }
+        d.ssh_tunnel = Some(SshTunnel::Streamlocal);
+        d.agent_forwarding = false;
+        let err = validate(&d, &none).unwrap_err().to_string();
+        assert!(err.contains("sudo") && err.contains("dial-stdio"), "{err}");
+        d.sudo = false;
+        d.agent_forwarding = true;
+        let err = validate(&d, &none).unwrap_err().to_string();
+        assert!(err.contains("--agent-forwarding"), "{err}");
+
+        let mut local = Device::blank(DeviceKind::Local, "here");
+        local.ssh_tunnel = Some(SshTunnel::DialStdio);
+        let err = validate(&local, &none).unwrap_err().to_string();
+        assert!(err.contains("local devices take only"), "{err}");
+    }
+
+    #[test]
+    fn records_written_before_the_tunnel_setting_still_read() {
+        let mut v = serde_json::to_value(agent_ssh_device()).unwrap();
+        v.as_object_mut().unwrap().remove("ssh_tunnel");
+        let d: Device = serde_json::from_value(v).unwrap();
+        assert_eq!(d.ssh_tunnel, None);
     }
 }

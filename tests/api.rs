@@ -151,6 +151,31 @@ fn devices_round_trip_over_http_and_no_response_holds_a_secret() {
     );
     seen.push(report.to_string());
 
+    // The device's own tunnel: set, checked through it, refused with sudo, cleared.
+    let updated = api.json(
+        "PATCH",
+        "/api/devices/web1",
+        &json!({ "ssh_tunnel": "dial-stdio" }),
+        200,
+    );
+    assert_eq!(updated["ssh_tunnel"], "dial-stdio");
+    let report = api.json("GET", "/api/docker/check/web1", &Value::Null, 200);
+    assert_eq!(report["connected"], true, "{report}");
+    api.json(
+        "PATCH",
+        "/api/devices/web1",
+        &json!({ "ssh_tunnel": "streamlocal", "sudo": true }),
+        422,
+    );
+    let updated = api.json(
+        "PATCH",
+        "/api/devices/web1",
+        &json!({ "ssh_tunnel": null }),
+        200,
+    );
+    assert_eq!(updated["ssh_tunnel"], Value::Null);
+    assert_eq!(updated["sudo"], false);
+
     // Rename; the old name is gone.
     let renamed = api.json(
         "PATCH",
@@ -274,6 +299,103 @@ fn an_invalid_device_is_refused_with_422_saying_why_and_nothing_is_stored() {
         before
     );
     api.json("PATCH", "/api/devices/nope", &json!({}), 404);
+}
+
+#[test]
+fn a_stored_device_without_a_host_key_is_pinned_only_when_the_check_asks_to_trust_it() {
+    let data = DataDir::empty();
+    let api = Api::start(&data);
+    let infra = Infra::get();
+    let presented = read(infra.var("SSH_HOST_KEY_PUB"));
+    api.json(
+        "POST",
+        "/api/devices",
+        &json!({
+            "name": "fresh",
+            "kind": "ssh",
+            "host": infra.var("SSH_HOST4"),
+            "port": infra.var("SSH_PORT").parse::<u16>().unwrap(),
+            "user": infra.var("SSH_USER_KEY"),
+            "private_key": read(infra.var("SSH_KEY_ED25519")),
+        }),
+        201,
+    );
+
+    // A plain check refuses the unknown key and shows it; nothing is pinned.
+    let report = api.json("GET", "/api/docker/check/fresh", &Value::Null, 502);
+    assert_eq!(report["error"]["kind"], "host-key-unknown", "{report}");
+    assert_eq!(report["host_key"]["trusted_now"], false, "{report}");
+    let shown = report["host_key"]["key"].as_str().unwrap().to_string();
+    assert_eq!(
+        shown.split_whitespace().take(2).collect::<Vec<_>>(),
+        presented.split_whitespace().take(2).collect::<Vec<_>>()
+    );
+    let dev = api.json("GET", "/api/devices/fresh", &Value::Null, 200);
+    assert_eq!(dev["host_key"], Value::Null);
+    // So does a POST without the option (an empty body means no options).
+    let (status, body) = api.call("POST", "/api/docker/check/fresh", &Value::Null);
+    assert_eq!(status, 502, "{body}");
+
+    // Bad options are refused before anything happens.
+    let err = api.json(
+        "POST",
+        "/api/docker/check/fresh",
+        &json!({ "trust": true }),
+        422,
+    );
+    assert!(err.to_string().contains("trust"), "{err}");
+    api.json(
+        "POST",
+        "/api/docker/check/fresh",
+        &json!({ "timeout_secs": 0 }),
+        422,
+    );
+    let err = api.json(
+        "POST",
+        "/api/docker/check/local",
+        &json!({ "trust_host_key": true }),
+        422,
+    );
+    assert!(err.to_string().contains("ssh devices"), "{err}");
+    api.json(
+        "POST",
+        "/api/docker/check/nope",
+        &json!({ "trust_host_key": true }),
+        404,
+    );
+
+    // Asked to trust: the check connects and the key is pinned.
+    let report = api.json(
+        "POST",
+        "/api/docker/check/fresh",
+        &json!({ "trust_host_key": true, "timeout_secs": 20 }),
+        200,
+    );
+    assert_eq!(report["connected"], true, "{report}");
+    assert_eq!(report["host_key"]["trusted_now"], true, "{report}");
+    let dev = api.json("GET", "/api/devices/fresh", &Value::Null, 200);
+    assert_eq!(dev["host_key"].as_str(), Some(shown.as_str()));
+
+    // From now on the plain check passes against the pinned key.
+    let report = api.json("GET", "/api/docker/check/fresh", &Value::Null, 200);
+    assert_eq!(report["host_key"]["pinned"], true, "{report}");
+
+    // A pinned key is never replaced: pin another one and trust refuses to connect.
+    api.json(
+        "PATCH",
+        "/api/devices/fresh",
+        &json!({ "host_key": read(infra.var("SSH_OTHER_HOST_KEY_PUB")) }),
+        200,
+    );
+    let report = api.json(
+        "POST",
+        "/api/docker/check/fresh",
+        &json!({ "trust_host_key": true }),
+        502,
+    );
+    assert_eq!(report["error"]["kind"], "host-key-mismatch", "{report}");
+    let dev = api.json("GET", "/api/devices/fresh", &Value::Null, 200);
+    assert_ne!(dev["host_key"].as_str(), Some(shown.as_str()));
 }
 
 #[test]

@@ -352,6 +352,45 @@ fn edit_renames_changes_options_and_rm_removes_the_secrets() {
         s.contains("sudo:        false") && s.contains("not pinned"),
         "{s}"
     );
+    assert!(s.contains("ssh tunnel:  engine default"), "{s}");
+    // The tunnel: set, refused with sudo (and left as it was), and back to the default.
+    assert_success(
+        &data.capstan(&["device", "edit", "b", "--ssh-tunnel", "streamlocal"]),
+        "set the tunnel",
+    );
+    let s = stdout(&data.capstan(&["device", "show", "b"]));
+    assert!(s.contains("ssh tunnel:  streamlocal"), "{s}");
+    assert_failure_says(
+        &data.capstan(&["device", "edit", "b", "--sudo"]),
+        "streamlocal cannot go through sudo",
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&stdout(&data.capstan(&["device", "show", "b", "--json"]))).unwrap();
+    assert_eq!(v["ssh_tunnel"], "streamlocal");
+    assert_eq!(v["sudo"], false);
+    assert_success(
+        &data.capstan(&[
+            "device",
+            "edit",
+            "b",
+            "--sudo",
+            "--ssh-tunnel",
+            "dial-stdio",
+        ]),
+        "sudo with dial-stdio",
+    );
+    assert_success(
+        &data.capstan(&["device", "edit", "b", "--ssh-tunnel", "default"]),
+        "back to the engine default",
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&stdout(&data.capstan(&["device", "show", "b", "--json"]))).unwrap();
+    assert_eq!(v["ssh_tunnel"], serde_json::Value::Null);
+    assert_eq!(v["sudo"], true);
+    assert_success(
+        &data.capstan(&["device", "edit", "b", "--sudo=false"]),
+        "sudo off",
+    );
     // Switching to password auth drops the stored key.
     let out = data.capstan_stdin(&["device", "edit", "b", "--password-stdin"], b"pw");
     assert_success(&out, "switch to password");

@@ -1068,6 +1068,27 @@ async fn forcing_dial_stdio_never_opens_a_streamlocal_channel() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devices_own_tunnel_setting_wins_over_the_engines() {
+    // The engine says streamlocal; the device says dial-stdio, and gets it.
+    let (mut d, s) = key_device("device-dial-stdio");
+    d.ssh_tunnel = Some(SshTunnel::DialStdio);
+    let cl = tunnel_client(&d, &s, SshTunnel::Streamlocal);
+    some_calls(&cl).await;
+    let ch = cl.ssh_channels();
+    assert_eq!(ch.streamlocal, 0, "{ch:?}");
+    assert!(ch.dial_stdio >= 1, "{ch:?}");
+
+    // And the other way round.
+    let (mut d, s) = key_device("device-streamlocal");
+    d.ssh_tunnel = Some(SshTunnel::Streamlocal);
+    let cl = tunnel_client(&d, &s, SshTunnel::DialStdio);
+    some_calls(&cl).await;
+    let ch = cl.ssh_channels();
+    assert!(ch.streamlocal >= 1, "{ch:?}");
+    assert_eq!(ch.dial_stdio, 0, "{ch:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falls_back_to_dial_stdio_when_the_server_refuses_streamlocal() {
     let sshd = PrivateSshd::start_with("AllowStreamLocalForwarding no");
     let (d, s) = sshd.device("no-streamlocal");

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Deserializer};
 
 use super::{AppError, AppState};
-use crate::device::{Device, DeviceChanges, DeviceKind, IpFamily, SecretField, SshAuth};
+use crate::device::{Device, DeviceChanges, DeviceKind, IpFamily, SecretField, SshAuth, SshTunnel};
 use crate::secret::Secret;
 
 /// A device as the API shows it: the record, and which secrets are stored (names only).
@@ -104,6 +104,11 @@ pub struct DeviceBody {
     socket_path: Option<Option<String>>,
     /// Run the remote docker client through `sudo -n`.
     sudo: Option<bool>,
+    /// How Docker connections cross the SSH session; `null` returns to the engine's
+    /// default (`CAPSTAN_SSH_TUNNEL`, else `auto`).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<SshTunnel>, nullable)]
+    ssh_tunnel: Option<Option<SshTunnel>>,
     /// The SSH host key to pin, an OpenSSH public key line (`ssh-ed25519 AAAA…`).
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<String>, nullable)]
@@ -204,6 +209,7 @@ impl DeviceBody {
             keyboard_interactive: self.keyboard_interactive,
             socket_path: self.socket_path,
             sudo: self.sudo,
+            ssh_tunnel: self.ssh_tunnel,
             host_key: self
                 .host_key
                 .map(|k| k.map(|k| k.trim().to_string()).filter(|k| !k.is_empty())),

@@ -21,6 +21,7 @@ use serde::Deserialize;
 use super::{AppError, AppState};
 use crate::device::{
     self, Device, DeviceKind, DeviceSecrets, DockerSshLogin, IpFamily, SecretField, SshAuth,
+    SshTunnel,
 };
 use crate::docker::{CheckOptions, CheckReport, run_check};
 use crate::secret::Secret;
@@ -70,6 +71,9 @@ pub struct PreCheckSpec {
     socket_path: Option<String>,
     #[serde(default)]
     sudo: bool,
+    /// How the Docker connection crosses the SSH session (default: the engine's).
+    #[serde(default)]
+    ssh_tunnel: Option<SshTunnel>,
     /// The host key to expect (OpenSSH public key line).
     #[serde(default)]
     host_key: Option<String>,
@@ -179,6 +183,7 @@ impl PreCheckSpec {
             keyboard_interactive: self.keyboard_interactive,
             socket_path: self.socket_path,
             sudo: self.sudo,
+            ssh_tunnel: self.ssh_tunnel,
             host_key: self.host_key.map(|k| k.trim().to_string()),
             docker_host: self.docker_host,
             tls_server_name: self.tls_server_name,
@@ -252,6 +257,10 @@ pub async fn pre_check(
 }
 
 /// Check a stored device
+///
+/// Connects with the stored settings and secrets, pings the daemon and reads its
+/// version. An SSH device without a pinned host key fails with `host-key-unknown`, the
+/// report showing the key the server presented; `POST` with `trust_host_key` pins it.
 #[utoipa::path(
     get,
     path = "/api/docker/check/{id}",
@@ -268,17 +277,96 @@ pub async fn check(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, AppError> {
-    let (dev, secrets) = {
-        let devices = state.devices()?;
-        let dev = devices.get(&id)?;
-        let secrets = devices.secrets(&dev)?;
-        (dev, secrets)
-    };
     let settings = CheckSettings {
         trust_host_key: false,
         timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
     };
-    let mut report = run_check(&dev, &secrets, &check_options(&state, &settings)).await;
+    check_stored(&state, &id, &settings).await
+}
+
+/// The body of `POST /api/docker/check/{id}`; every field is optional.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    /// When the device has no pinned SSH host key, accept the one the server presents
+    /// and pin it (trust on first use). A pinned key is never replaced.
+    #[serde(default)]
+    trust_host_key: bool,
+    /// Seconds allowed for connecting and for each call (1-120, default 10).
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+/// Check a stored device, with options
+///
+/// As `GET`, with a timeout of your choosing and, for an SSH device with no pinned
+/// host key, trust on first use: the presented key is pinned when the SSH login succeeds
+/// (`host_key.trusted_now` in the report).
+#[utoipa::path(
+    post,
+    path = "/api/docker/check/{id}",
+    tag = "docker",
+    params(("id" = String, Path, description = "Device id or name")),
+    request_body(content = Option<CheckRequest>, description = "Options; an empty body means none"),
+    responses(
+        (status = 200, description = "The daemon answered", body = CheckReport),
+        (status = 404, description = "No such device", body = super::ErrorBody),
+        (status = 422, description = "Bad options, or trust_host_key for a device that is not ssh", body = super::ErrorBody),
+        (status = 502, description = "The device or the daemon failed; the report says which step and why", body = CheckReport),
+        (status = 504, description = "A step timed out", body = CheckReport),
+    )
+)]
+pub async fn check_with(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AppError> {
+    let body = body?;
+    let req: CheckRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CheckRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| AppError::bad_json("check options", &e))?
+    };
+    let timeout = req.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
+    if !(1..=MAX_TIMEOUT_SECS).contains(&timeout) {
+        return Err(AppError::Invalid(format!(
+            "timeout_secs must be between 1 and {MAX_TIMEOUT_SECS}"
+        )));
+    }
+    let settings = CheckSettings {
+        trust_host_key: req.trust_host_key,
+        timeout: Duration::from_secs(timeout),
+    };
+    check_stored(&state, &id, &settings).await
+}
+
+async fn check_stored(
+    state: &AppState,
+    id: &str,
+    settings: &CheckSettings,
+) -> Result<Response, AppError> {
+    let (dev, secrets) = {
+        let devices = state.devices()?;
+        let dev = devices.get(id)?;
+        let secrets = devices.secrets(&dev)?;
+        (dev, secrets)
+    };
+    if settings.trust_host_key && dev.kind != DeviceKind::Ssh {
+        return Err(AppError::Invalid(format!(
+            "trust_host_key is for ssh devices; {} is a {} device",
+            dev.name, dev.kind
+        )));
+    }
+    let mut report = run_check(&dev, &secrets, &check_options(state, settings)).await;
     report.device_id = Some(dev.id);
+    if let Some(k) = report.host_key.as_ref().filter(|k| k.trusted_now) {
+        let changes = device::DeviceChanges {
+            host_key: Some(Some(k.key.clone())),
+            ..Default::default()
+        };
+        state.devices()?.edit(&dev.id.to_string(), changes)?;
+        state.docker.forget(dev.id);
+        tracing::info!(device = %dev.name, key = %k.fingerprint, "pinned the SSH host key the server presented (trust on first use, over the API)");
+    }
     Ok(respond(report))
 }

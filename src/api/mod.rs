@@ -112,6 +112,12 @@ pub const ROUTES: &[Route] = &[
         handler: || get(docker::check),
     },
     Route {
+        method: "POST",
+        path: "/api/docker/check/{id}",
+        example: "/api/docker/check/local",
+        handler: || post(docker::check_with),
+    },
+    Route {
         method: "GET",
         path: "/api/plugins",
         example: "/api/plugins",

@@ -39,6 +39,7 @@ pub const BEARER: &str = "bearer";
         devices::delete,
         docker::pre_check,
         docker::check,
+        docker::check_with,
         plugins::list,
         plugins::show,
         plugins::install,

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use std::time::Duration;
 
 use super::{GlobalArgs, check, print_table};
-use crate::device::{Device, DeviceChanges, DeviceKind, IpFamily, SecretField, SshAuth};
+use crate::device::{Device, DeviceChanges, DeviceKind, IpFamily, SecretField, SshAuth, SshTunnel};
 use crate::docker::run_check;
 use crate::engine::Engine;
 use crate::secret::Secret;
@@ -117,6 +117,15 @@ Examples:
   capstan device check web1 --trust-host-key     # pin the host key on first contact
   capstan device check --all --json";
 
+/// `--ssh-tunnel`: a device's own tunnel, or `default` for the engine's.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TunnelArg {
+    Auto,
+    Streamlocal,
+    DialStdio,
+    Default,
+}
+
 /// Device settings shared by `add` and `edit`. Booleans take an optional value, so
 /// `--sudo` turns sudo on and `--sudo=false` turns it off.
 #[derive(Debug, Args, Default)]
@@ -188,6 +197,18 @@ pub struct DeviceOpts {
     /// Run the remote docker client through `sudo -n`.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Docker over SSH")]
     sudo: Option<bool>,
+    /// How Docker connections cross the SSH session: `streamlocal` opens a channel
+    /// straight to the remote socket (no remote process; sshd must allow stream-local
+    /// forwarding), `dial-stdio` runs `docker system dial-stdio` there (the only way
+    /// through sudo), `auto` tries streamlocal and falls back, `default` follows the
+    /// engine (CAPSTAN_SSH_TUNNEL, else auto).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "TUNNEL",
+        help_heading = "Docker over SSH"
+    )]
+    ssh_tunnel: Option<TunnelArg>,
     /// CA certificate (PEM) that signed the daemon's certificate.
     #[arg(long, value_name = "FILE", help_heading = "TLS")]
     tls_ca: Option<PathBuf>,
@@ -365,6 +386,12 @@ impl DeviceOpts {
         ch.keyboard_interactive = self.keyboard_interactive;
         ch.agent_forwarding = self.agent_forwarding;
         ch.sudo = self.sudo;
+        ch.ssh_tunnel = self.ssh_tunnel.map(|t| match t {
+            TunnelArg::Default => None,
+            TunnelArg::Auto => Some(SshTunnel::Auto),
+            TunnelArg::Streamlocal => Some(SshTunnel::Streamlocal),
+            TunnelArg::DialStdio => Some(SshTunnel::DialStdio),
+        });
         if let Some(s) = self.socket {
             ch.socket_path = Some(Some(s));
         }
@@ -584,6 +611,10 @@ fn print_device(d: &Device, stored: &[&str]) {
         println!("keyboard-interactive: {}", d.keyboard_interactive);
         println!("agent forwarding: {}", d.agent_forwarding);
         println!("sudo:        {}", d.sudo);
+        match d.ssh_tunnel {
+            Some(t) => println!("ssh tunnel:  {t}"),
+            None => println!("ssh tunnel:  engine default (CAPSTAN_SSH_TUNNEL, else auto)"),
+        }
         println!("socket:      {}", opt(&d.socket_path));
         match &d.host_key {
             Some(k) => match crate::device::parse_host_key(k) {

@@ -241,18 +241,7 @@ impl SshTransport {
             Some(p) => format!("{docker} -H 'unix://{p}' system dial-stdio"),
             None => format!("{docker} system dial-stdio"),
         };
-        let tunnel = if device.sudo {
-            if opts.ssh_tunnel == SshTunnel::Streamlocal {
-                tracing::debug!(device = %device.name, "the device runs docker through sudo: using dial-stdio, not streamlocal");
-            }
-            SshTunnel::DialStdio
-        } else if device.agent_forwarding && opts.ssh_tunnel == SshTunnel::Auto {
-            // The agent is forwarded for the remote docker command (an ssh:// context
-            // there); a streamlocal channel would bypass both.
-            SshTunnel::DialStdio
-        } else {
-            opts.ssh_tunnel
-        };
+        let tunnel = effective_tunnel(device, opts.ssh_tunnel);
         let config = client::Config {
             nodelay: true,
             keepalive_interval: Some(Duration::from_secs(30)),
@@ -816,6 +805,25 @@ impl SshTransport {
 const STREAMLOCAL_RETRY: Duration = Duration::from_secs(60);
 
 /// Why the server refused a streamlocal channel, in words.
+/// The tunnel a device's channels use: its own setting, else the engine's. A sudo device
+/// always runs dial-stdio (validation refuses its own streamlocal setting; an engine-wide
+/// one yields); so does an agent-forwarding device on `auto`, since the agent is
+/// forwarded for the remote docker command (an ssh:// context there), which a
+/// streamlocal channel would bypass.
+fn effective_tunnel(device: &Device, engine: SshTunnel) -> SshTunnel {
+    let wanted = device.ssh_tunnel.unwrap_or(engine);
+    if device.sudo {
+        if wanted == SshTunnel::Streamlocal {
+            tracing::debug!(device = %device.name, "the device runs docker through sudo: using dial-stdio, not streamlocal");
+        }
+        SshTunnel::DialStdio
+    } else if device.agent_forwarding && wanted == SshTunnel::Auto {
+        SshTunnel::DialStdio
+    } else {
+        wanted
+    }
+}
+
 fn streamlocal_refusal(f: &russh::ChannelOpenFailure, socket: &str) -> String {
     match f {
         russh::ChannelOpenFailure::AdministrativelyProhibited => format!(
@@ -1199,27 +1207,12 @@ mod tests {
     }
 
     fn transport_with(sudo: bool, tunnel: SshTunnel) -> SshTransport {
-        let now = chrono::Utc::now();
         let d = Device {
-            id: uuid::Uuid::new_v4(),
-            name: "web1".into(),
-            kind: crate::device::DeviceKind::Ssh,
             host: Some("10.0.0.5".into()),
-            port: None,
             user: Some("ops".into()),
             auth: Some(SshAuth::None),
-            key_has_passphrase: false,
-            docker_login: None,
-            ip_family: IpFamily::Any,
-            agent_forwarding: false,
-            keyboard_interactive: false,
-            socket_path: None,
             sudo,
-            host_key: None,
-            docker_host: None,
-            tls_server_name: None,
-            created_at: now,
-            updated_at: now,
+            ..Device::blank(crate::device::DeviceKind::Ssh, "web1")
         };
         SshTransport::new(
             &d,
@@ -1329,6 +1322,28 @@ mod tests {
         };
         assert_eq!(with(SshTunnel::Auto), SshTunnel::DialStdio);
         assert_eq!(with(SshTunnel::Streamlocal), SshTunnel::Streamlocal);
+    }
+
+    #[test]
+    fn a_device_setting_wins_over_the_engine_default() {
+        let d = |t| Device {
+            ssh_tunnel: t,
+            ..Device::blank(crate::device::DeviceKind::Ssh, "web1")
+        };
+        for engine in [
+            SshTunnel::Auto,
+            SshTunnel::Streamlocal,
+            SshTunnel::DialStdio,
+        ] {
+            assert_eq!(effective_tunnel(&d(None), engine), engine);
+            for own in [
+                SshTunnel::Auto,
+                SshTunnel::Streamlocal,
+                SshTunnel::DialStdio,
+            ] {
+                assert_eq!(effective_tunnel(&d(Some(own)), engine), own);
+            }
+        }
     }
 
     #[test]
