@@ -2,13 +2,19 @@
 //!
 //! Run in release: `cargo bench --bench docker` (after `scripts/testinfra up`).
 //!
-//! The same two operations (list containers, inspect one container) over the local
-//! socket, the pooled SSH tunnel (the default `auto` tunnel, a streamlocal channel on the
-//! test sshd, and forced `dial-stdio` for comparison) and TLS, and the docker CLI over
-//! `ssh://` on the same sshd as the reference; then connection set-up per transport and 100 concurrent
-//! operations on one SSH device. Prints medians and p99, and the ratios the design sets
-//! targets for: pooled SSH / local (target ≤ 1.5×) and docker CLI over ssh / pooled SSH
-//! (target ≥ 20×).
+//! The same operations (list containers as `docker ps -a`, inspect one container) over
+//! the local socket, the pooled SSH tunnel (the default `auto` tunnel, a streamlocal
+//! channel on the test sshd, and forced `dial-stdio` for comparison) and TLS, and the
+//! docker CLI over `ssh://` on the same sshd as the reference; then connection set-up per
+//! transport and 100 concurrent operations on one SSH device. Prints medians and p99, and
+//! the ratios the design sets targets for: pooled SSH / local (target ≤ 1.5×) and docker
+//! CLI over ssh / pooled SSH (target ≥ 20×).
+//!
+//! For scale, the same calls also go through the daemon's socket behind one socat relay
+//! (the cost of any extra process hop) and through OpenSSH's own client forwarding a
+//! local socket over the same sshd (`ssh -L`, the reference SSH tunnel); and `docker ps`
+//! on the idle daemon, an empty answer, shows the bare round trip: each transport's fixed
+//! cost per call.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -76,6 +82,11 @@ fn targets(i: &Infra) -> Vec<Target> {
     let mut local = Device::blank(DeviceKind::Local, "bench-local");
     local.docker_host = Some(format!("unix://{}", i.var("DOCKER_SOCKET")));
 
+    // The same daemon behind one relay process (the test infrastructure's socat
+    // forwarder): what any hop through another process costs, crypto aside.
+    let mut relayed = Device::blank(DeviceKind::Local, "bench-relayed");
+    relayed.docker_host = Some(format!("unix://{}", i.var("ALT_DOCKER_SOCKET")));
+
     let mut ssh = Device::blank(DeviceKind::Ssh, "bench-ssh");
     ssh.host = Some(i.var("SSH_HOST4").into());
     ssh.port = Some(i.var("SSH_PORT").parse().unwrap());
@@ -102,6 +113,12 @@ fn targets(i: &Infra) -> Vec<Target> {
         Target {
             label: "local socket",
             device: local,
+            secrets: DeviceSecrets::default(),
+            tunnel: None,
+        },
+        Target {
+            label: "socket via socat relay",
+            device: relayed,
             secrets: DeviceSecrets::default(),
             tunnel: None,
         },
@@ -155,10 +172,23 @@ fn row(what: &str, over: &str, s: &Sample) {
     );
 }
 
+/// `docker ps -a`: every container, the bench's own among them (the docker CLI row
+/// runs exactly this).
 async fn list(d: &Docker) {
+    d.list_containers(Some(ListContainersOptions {
+        all: true,
+        ..Default::default()
+    }))
+    .await
+    .expect("list containers");
+}
+
+/// `docker ps`: running containers only; on the idle test daemon an empty answer, so
+/// this is the bare round trip and shows each transport's fixed cost per call.
+async fn list_running(d: &Docker) {
     d.list_containers(None::<ListContainersOptions>)
         .await
-        .expect("list containers");
+        .expect("list running containers");
 }
 
 async fn inspect(d: &Docker, name: &str) {
@@ -211,6 +241,34 @@ impl DockerCli {
             ),
             home,
         }
+    }
+
+    /// `ssh -N -L <tmp>/docker.sock:/var/run/docker.sock` with the same configuration;
+    /// waits for the local socket. Stopped (by its pid) when dropped.
+    fn forward(&self, i: &Infra) -> Forward {
+        let socket = self.home.path().join("forward.sock");
+        let child = Command::new("/usr/bin/ssh")
+            .arg("-F")
+            .arg(self.home.path().join(".ssh/config"))
+            .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
+            .arg(format!("{}:{}", socket.display(), i.var("DOCKER_SOCKET")))
+            .arg(i.var("SSH_HOST4"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start ssh -L");
+        let mut forward = Forward { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !forward.socket.exists() {
+            if let Ok(Some(status)) = forward.child.try_wait() {
+                panic!("ssh -L exited ({status}) before forwarding");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ssh -L did not forward within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        forward
     }
 
     fn path(&self) -> std::ffi::OsString {
@@ -296,8 +354,21 @@ async fn run(i: &Infra) {
         i.var("DOCKER_API_VERSION")
     );
     let mut medians: HashMap<(&str, &str), f64> = HashMap::new();
+    let cli = DockerCli::new(i);
+    // OpenSSH's own client forwarding a local socket to the remote one over the same
+    // sshd: the reference implementation of an SSH tunnel, for comparison.
+    let forward = cli.forward(i);
+    let mut forwarded = Device::blank(DeviceKind::Local, "bench-openssh-forward");
+    forwarded.docker_host = Some(format!("unix://{}", forward.socket.display()));
+    let mut all_targets = targets(i);
+    all_targets.push(Target {
+        label: "OpenSSH -L forward",
+        device: forwarded,
+        secrets: DeviceSecrets::default(),
+        tunnel: None,
+    });
     let mut clients = Vec::new();
-    for t in targets(i) {
+    for t in all_targets {
         let c = DockerClient::new(&t.device, &t.secrets, &opts(&t), HostKeyPolicy::PinnedOnly)
             .expect("client");
         let d = c.docker().await.expect("connect");
@@ -306,7 +377,8 @@ async fn run(i: &Infra) {
     // The transports take turns call by call, so a busy moment on the machine falls on
     // all of them alike.
     for (op, what) in [
-        ("list", "list containers"),
+        ("list", "list containers (ps -a)"),
+        ("running", "list running (ps)"),
         ("inspect", "inspect container"),
     ] {
         let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); clients.len()];
@@ -315,6 +387,7 @@ async fn run(i: &Infra) {
                 let t = Instant::now();
                 match op {
                     "list" => list(d).await,
+                    "running" => list_running(d).await,
                     _ => inspect(d, &name).await,
                 }
                 if round >= WARMUP {
@@ -343,12 +416,12 @@ async fn run(i: &Infra) {
             "",
             label,
             c.connections_opened(),
-            2 * (ROUNDS + WARMUP) + 1
+            3 * (ROUNDS + WARMUP) + 1
         );
     }
     let clients: HashMap<&str, _> = clients.into_iter().map(|(l, c, d)| (l, (c, d))).collect();
+    drop(forward);
 
-    let cli = DockerCli::new(i);
     let s = cli.time(&["ps", "-a"]);
     row("list containers (ps -a)", "docker CLI ssh://", &s);
     medians.insert(("list", "cli"), s.median());
@@ -425,19 +498,46 @@ async fn run(i: &Infra) {
     );
 
     println!("\nratios (medians)");
-    for op in ["list", "inspect"] {
+    for op in ["list", "running", "inspect"] {
         let local = medians[&(op, "local socket")];
         let ssh = medians[&(op, "pooled SSH")];
         let dial = medians[&(op, "pooled SSH dial-stdio")];
         let tls = medians[&(op, "TLS")];
-        let cli = medians[&(op, "cli")];
+        let relay = medians[&(op, "socket via socat relay")];
+        let openssh = medians[&(op, "OpenSSH -L forward")];
+        match medians.get(&(op, "cli")) {
+            Some(cli) => println!(
+                "  {op:<8} pooled SSH / local = {:.2}x (target <= 1.5x)   docker CLI ssh / pooled SSH = {:.0}x (target >= 20x)",
+                ssh / local,
+                cli / ssh,
+            ),
+            None => println!(
+                "  {op:<8} pooled SSH / local = {:.2}x (the bare round trip: pooled SSH adds {:.3} ms a call, OpenSSH -L adds {:.3} ms)",
+                ssh / local,
+                ssh - local,
+                openssh - local,
+            ),
+        }
         println!(
-            "  {op:<8} pooled SSH / local = {:.2}x (target <= 1.5x)   docker CLI ssh / pooled SSH = {:.0}x (target >= 20x)   TLS / local = {:.2}x   SSH dial-stdio / local = {:.2}x",
-            ssh / local,
-            cli / ssh,
+            "  {:<8} for comparison: SSH dial-stdio / local = {:.2}x   OpenSSH -L forward / local = {:.2}x   socat relay / local = {:.2}x   TLS / local = {:.2}x",
+            "",
+            dial / local,
+            openssh / local,
+            relay / local,
             tls / local,
-            dial / local
         );
+    }
+}
+
+struct Forward {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -330,6 +330,49 @@ async fn requests_agent_forwarding_when_asked_and_still_connects() {
     assert_eq!(cl.ssh_channels().streamlocal, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_agent_serves_the_remote_docker_command_and_only_when_asked() {
+    // An sshd that runs `ssh-add -l` (what a remote docker command with an ssh://
+    // context would use the agent for) before the requested command, recording what
+    // the agent it finds holds.
+    let seen = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(seen.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let record = seen.path().join("agent.txt");
+    let sshd = PrivateSshd::start_with(&format!(
+        "ForceCommand ssh-add -l >>{} 2>&1; exec $SSH_ORIGINAL_COMMAND",
+        record.display()
+    ));
+    let agent_key = fingerprint_of(
+        &std::fs::read_to_string(format!("{}.pub", infra().var("SSH_KEY_ED25519"))).unwrap(),
+    );
+
+    // Without forwarding the remote command finds no agent.
+    let (d, s) = sshd.device("no-forwarding");
+    let cl = tunnel_client(&d, &s, SshTunnel::DialStdio);
+    some_calls(&cl).await;
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(!text.is_empty(), "the forced command ran");
+    assert!(!text.contains(&agent_key), "no agent was forwarded: {text}");
+    assert!(text.contains("Could not open a connection"), "{text}");
+    std::fs::remove_file(&record).unwrap();
+
+    // With it, every docker command on the remote host reaches the engine's agent.
+    let (mut d, s) = sshd.device("forwarding");
+    d.agent_forwarding = true;
+    let cl = tunnel_client(&d, &s, SshTunnel::Auto);
+    some_calls(&cl).await;
+    let ch = cl.ssh_channels();
+    assert_eq!(ch.streamlocal, 0, "{ch:?}");
+    let text = std::fs::read_to_string(&record).unwrap();
+    let runs = text.lines().filter(|l| l.contains(&agent_key)).count();
+    assert_eq!(
+        runs, ch.dial_stdio,
+        "each dial-stdio command saw the agent's key {agent_key}: {text}"
+    );
+    assert!(!text.contains("Could not open a connection"), "{text}");
+}
+
 #[tokio::test]
 async fn a_wrong_key_is_an_auth_failure_listing_the_offered_methods() {
     let d = ssh_device("wrong-key", "SSH_USER_KEY", SshAuth::Key);
@@ -381,6 +424,26 @@ async fn an_unknown_host_name_is_a_resolve_failure() {
 
 // ---------------------------------------------------------------------------------------
 // remote docker: socket path, sudo, Docker-only credentials, failures
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_without_the_docker_command_is_reported_as_docker_missing() {
+    // A real sshd whose users have no `docker` on their PATH (the remote host of a
+    // device whose Docker CLI is not installed).
+    let sshd = PrivateSshd::start_with(
+        "ForceCommand PATH=/usr/lib/capstan-nothing-here; export PATH; eval \"$SSH_ORIGINAL_COMMAND\"",
+    );
+    let (mut d, s) = sshd.device("no-docker-cli");
+    d.ssh_tunnel = Some(SshTunnel::DialStdio);
+    let r = check(&d, &s).await;
+    let msg = assert_fails(&r, "docker-missing");
+    assert!(msg.contains("install the Docker CLI"), "{msg}");
+    // The login itself worked: the report says so.
+    assert!(
+        r.steps.iter().any(|st| st.step == "authenticate"),
+        "{}",
+        serde_json::to_string_pretty(&r).unwrap()
+    );
+}
 
 #[tokio::test]
 async fn reaches_a_custom_socket_path_over_ssh() {
