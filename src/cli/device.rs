@@ -183,12 +183,16 @@ pub struct DeviceOpts {
     /// Auth method of the Docker-only login [default: inferred].
     #[arg(long, value_enum, help_heading = "Docker over SSH")]
     docker_auth: Option<SshAuth>,
+    /// File with the Docker-only login's password.
     #[arg(long, value_name = "FILE", help_heading = "Docker over SSH")]
     docker_password_file: Option<PathBuf>,
+    /// Read the Docker-only login's password from stdin.
     #[arg(long, help_heading = "Docker over SSH")]
     docker_password_stdin: bool,
+    /// The Docker-only login's private key file. Stored in the vault.
     #[arg(long, value_name = "FILE", help_heading = "Docker over SSH")]
     docker_key_file: Option<PathBuf>,
+    /// File with the passphrase of the Docker-only login's private key.
     #[arg(long, value_name = "FILE", help_heading = "Docker over SSH")]
     docker_key_passphrase_file: Option<PathBuf>,
     /// Docker socket on the remote host, e.g. /run/user/1000/docker.sock.
