@@ -390,7 +390,7 @@ pub struct DeviceChanges {
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("invalid device: {0}")]
-    Invalid(String),
+    Invalid(Invalid),
     #[error("no device named {0:?} (see `capstan device list`)")]
     NotFound(String),
     #[error("a device named {0:?} already exists")]
@@ -408,7 +408,100 @@ impl From<sled::Error> for DeviceError {
 }
 
 fn invalid(msg: impl Into<String>) -> DeviceError {
-    DeviceError::Invalid(msg.into())
+    DeviceError::Invalid(Invalid(msg.into()))
+}
+
+/// Why a device is invalid. The message names settings as `[[setting]]`, which reads as
+/// the command-line flag (`Display`, for the CLI) or as the request body's field
+/// ([`Invalid::for_api`]), so each audience is told what it can actually give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(String);
+
+/// Each setting a message can name: as the CLI spells it, and as the API body does.
+const SETTING_NAMES: &[(&str, &str, &str)] = &[
+    ("host", "--host", "`host`"),
+    ("user", "--user", "`user`"),
+    ("auth", "--auth", "`auth`"),
+    (
+        "password",
+        "--password-file or --password-stdin",
+        "`password`",
+    ),
+    ("private-key", "--ssh-key-file", "`private_key`"),
+    (
+        "key-passphrase",
+        "--key-passphrase-file or --key-passphrase-stdin",
+        "`key_passphrase`",
+    ),
+    ("docker-user", "--docker-user", "`docker_login`"),
+    (
+        "docker-password",
+        "--docker-password-file or --docker-password-stdin",
+        "`docker_login.password`",
+    ),
+    (
+        "docker-private-key",
+        "--docker-key-file",
+        "`docker_login.private_key`",
+    ),
+    (
+        "docker-key-passphrase",
+        "--docker-key-passphrase-file",
+        "`docker_login.key_passphrase`",
+    ),
+    (
+        "keyboard-interactive",
+        "--keyboard-interactive",
+        "`keyboard_interactive`",
+    ),
+    (
+        "agent-forwarding",
+        "--agent-forwarding",
+        "`agent_forwarding`",
+    ),
+    ("sudo", "--sudo", "`sudo`"),
+    ("ssh-tunnel", "--ssh-tunnel", "`ssh_tunnel`"),
+    ("host-key", "--host-key", "`host_key`"),
+    ("docker-host", "--docker-host", "`docker_host`"),
+    ("tls-server-name", "--tls-server-name", "`tls_server_name`"),
+    ("tls-ca", "--tls-ca", "`tls_ca`"),
+    ("tls-cert", "--tls-cert", "`tls_cert`"),
+    ("tls-key", "--tls-key", "`tls_key`"),
+];
+
+impl Invalid {
+    /// The message as the API tells it: settings named by their body fields.
+    pub fn for_api(&self) -> String {
+        self.render(|&(_, _, api)| api)
+    }
+
+    fn render(
+        &self,
+        pick: impl Fn(&(&'static str, &'static str, &'static str)) -> &'static str,
+    ) -> String {
+        let mut out = String::with_capacity(self.0.len());
+        let mut rest = self.0.as_str();
+        while let Some(start) = rest.find("[[") {
+            let Some(len) = rest[start + 2..].find("]]") else {
+                break;
+            };
+            let key = &rest[start + 2..start + 2 + len];
+            out.push_str(&rest[..start]);
+            match SETTING_NAMES.iter().find(|(k, _, _)| *k == key) {
+                Some(names) => out.push_str(pick(names)),
+                None => out.push_str(&rest[start..start + 4 + len]),
+            }
+            rest = &rest[start + 4 + len..];
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.render(|&(_, cli, _)| cli))
+    }
 }
 
 /// Checks a device name: 1–64 characters of letters, digits, `.`, `_`, `-`, starting with a
@@ -481,7 +574,7 @@ pub fn validate(
         match dev.host.as_deref().map(str::trim) {
             Some(h) if !h.is_empty() => Ok(h),
             _ => Err(invalid(format!(
-                "{} devices need a host: give --host",
+                "{} devices need a host: give [[host]]",
                 what
             ))),
         }
@@ -499,10 +592,10 @@ pub fn validate(
             }
             match dev.user.as_deref() {
                 Some(u) if !u.is_empty() && !u.starts_with('-') => {}
-                _ => return Err(invalid("ssh devices need a login user: give --user")),
+                _ => return Err(invalid("ssh devices need a login user: give [[user]]")),
             }
             let auth = dev.auth.ok_or_else(|| {
-                invalid("ssh devices need an auth method: give --key-file, --password-file/--password-stdin, or --auth agent|none")
+                invalid("ssh devices need an auth method: give [[private-key]] or [[password]], or [[auth]] agent or none")
             })?;
             check_login_secrets(
                 auth,
@@ -514,7 +607,7 @@ pub fn validate(
             )?;
             if dev.keyboard_interactive && auth != SshAuth::Password {
                 return Err(invalid(
-                    "--keyboard-interactive answers prompts with the password: use it with password auth",
+                    "[[keyboard-interactive]] answers prompts with the password: use it with password auth",
                 ));
             }
             if let Some(d) = &dev.docker_login {
@@ -536,12 +629,12 @@ pub fn validate(
             if dev.ssh_tunnel == Some(SshTunnel::Streamlocal) {
                 if dev.sudo {
                     return Err(invalid(
-                        "--ssh-tunnel streamlocal cannot go through sudo: a sudo device reaches Docker only by running `sudo -n docker system dial-stdio` (use --ssh-tunnel auto or dial-stdio, or drop --sudo)",
+                        "[[ssh-tunnel]] streamlocal cannot go through sudo: a sudo device reaches Docker only by running `sudo -n docker system dial-stdio` (use [[ssh-tunnel]] auto or dial-stdio, or turn [[sudo]] off)",
                     ));
                 }
                 if dev.agent_forwarding {
                     return Err(invalid(
-                        "--ssh-tunnel streamlocal runs no remote command, so a forwarded agent would serve nothing (use --ssh-tunnel auto or dial-stdio, or drop --agent-forwarding)",
+                        "[[ssh-tunnel]] streamlocal runs no remote command, so a forwarded agent would serve nothing (use [[ssh-tunnel]] auto or dial-stdio, or turn [[agent-forwarding]] off)",
                     ));
                 }
             }
@@ -550,16 +643,16 @@ pub fn validate(
             }
             if dev.docker_host.is_some() || dev.tls_server_name.is_some() {
                 return Err(invalid(
-                    "--docker-host and --tls-server-name are for local and tls devices",
+                    "[[docker-host]] and [[tls-server-name]] are for local and tls devices",
                 ));
             }
         }
         DeviceKind::Tls => {
             need_host("tls")?;
             for (f, flag) in [
-                (SecretField::TlsCa, "--tls-ca"),
-                (SecretField::TlsCert, "--tls-cert"),
-                (SecretField::TlsKey, "--tls-key"),
+                (SecretField::TlsCa, "[[tls-ca]]"),
+                (SecretField::TlsCert, "[[tls-cert]]"),
+                (SecretField::TlsKey, "[[tls-key]]"),
             ] {
                 let s = secret(f)
                     .ok_or_else(|| invalid(format!("tls devices need {flag} (a PEM file)")))?;
@@ -573,7 +666,7 @@ pub fn validate(
                 || dev.host_key.is_some()
             {
                 return Err(invalid(
-                    "SSH options (--user, --auth, --docker-user, --sudo, --ssh-tunnel, --host-key) do not apply to tls devices",
+                    "SSH options ([[user]], [[auth]], [[docker-user]], [[sudo]], [[ssh-tunnel]], [[host-key]]) do not apply to tls devices",
                 ));
             }
         }
@@ -586,7 +679,7 @@ pub fn validate(
                 || dev.docker_login.is_some()
             {
                 return Err(invalid(
-                    "local devices take only --docker-host (unix:///path or tcp://host:port); host, user and auth are for ssh and tls devices",
+                    "local devices take only [[docker-host]] (unix:///path or tcp://host:port); host, user and auth are for ssh and tls devices",
                 ));
             }
             if let Some(h) = &dev.docker_host {
@@ -609,13 +702,13 @@ fn check_login_secrets(
         SshAuth::Password => {
             if secret(password).is_none_or(|s| s.is_empty()) {
                 return Err(invalid(format!(
-                    "password auth needs a password: give --{flag_prefix}password-file or --{flag_prefix}password-stdin"
+                    "password auth needs a password: give [[{flag_prefix}password]]"
                 )));
             }
         }
         SshAuth::Key => {
             let k = secret(key)
-                .ok_or_else(|| invalid(format!("key auth needs --{flag_prefix}key-file")))?;
+                .ok_or_else(|| invalid(format!("key auth needs [[{flag_prefix}private-key]]")))?;
             let pass = secret(passphrase);
             check_private_key(&k, pass.as_ref(), flag_prefix)?;
         }
@@ -633,12 +726,12 @@ pub fn check_private_key(
 ) -> Result<(), DeviceError> {
     let text = key.expose_str().map_err(|_| {
         invalid(format!(
-            "the {flag_prefix}key file is not a private key (not text)"
+            "the key given as [[{flag_prefix}private-key]] is not a private key (not text)"
         ))
     })?;
     if !text.contains("PRIVATE KEY") && !text.starts_with("PuTTY-User-Key-File-") {
         return Err(invalid(format!(
-            "the {flag_prefix}key file is not a private key (expected an OpenSSH or PEM private key; a .pub file is the public half)"
+            "the key given as [[{flag_prefix}private-key]] is not a private key (expected an OpenSSH or PEM private key; a .pub file is the public half)"
         )));
     }
     let pass = match passphrase {
@@ -651,13 +744,13 @@ pub fn check_private_key(
     match russh::keys::decode_secret_key(text, pass) {
         Ok(_) => Ok(()),
         Err(russh::keys::Error::KeyIsEncrypted) => Err(invalid(format!(
-            "the {flag_prefix}key is encrypted: give --{flag_prefix}key-passphrase-file or --{flag_prefix}key-passphrase-stdin"
+            "the key given as [[{flag_prefix}private-key]] is encrypted: give its passphrase as [[{flag_prefix}key-passphrase]]"
         ))),
         Err(e) if pass.is_some() => Err(invalid(format!(
-            "the {flag_prefix}key does not open with the given passphrase, or is not a supported private key ({e})"
+            "the key given as [[{flag_prefix}private-key]] does not open with the given passphrase, or is not a supported private key ({e})"
         ))),
         Err(e) => Err(invalid(format!(
-            "the {flag_prefix}key file is not a usable private key: {e}"
+            "the key given as [[{flag_prefix}private-key]] is not a usable private key: {e}"
         ))),
     }
 }
@@ -979,5 +1072,54 @@ mod tests {
         v.as_object_mut().unwrap().remove("ssh_tunnel");
         let d: Device = serde_json::from_value(v).unwrap();
         assert_eq!(d.ssh_tunnel, None);
+    }
+
+    #[test]
+    fn invalid_messages_name_flags_for_the_cli_and_fields_for_the_api() {
+        let none = |_: SecretField| None;
+        let mut d = agent_ssh_device();
+        d.auth = None;
+        let DeviceError::Invalid(why) = validate(&d, &none).unwrap_err() else {
+            panic!("not an Invalid")
+        };
+        let cli = why.to_string();
+        assert!(
+            cli.contains(
+                "--ssh-key-file or --password-file or --password-stdin, or --auth agent or none"
+            ),
+            "{cli}"
+        );
+        let api = why.for_api();
+        assert!(
+            api.contains("`private_key` or `password`, or `auth` agent or none"),
+            "{api}"
+        );
+        assert!(!api.contains("--") && !api.contains("[["), "{api}");
+
+        // The Docker-only login's flags and fields.
+        d.auth = Some(SshAuth::Agent);
+        d.docker_login = Some(DockerSshLogin {
+            user: "docker".into(),
+            auth: SshAuth::Key,
+            key_has_passphrase: false,
+        });
+        let DeviceError::Invalid(why) = validate(&d, &none).unwrap_err() else {
+            panic!("not an Invalid")
+        };
+        assert!(
+            why.to_string()
+                .ends_with("key auth needs --docker-key-file"),
+            "{why}"
+        );
+        assert!(
+            why.for_api()
+                .ends_with("key auth needs `docker_login.private_key`"),
+            "{}",
+            why.for_api()
+        );
+
+        // Text that only looks like a marker is left alone.
+        let odd = Invalid("a [[nothing]] b [[unclosed".into());
+        assert_eq!(odd.to_string(), "a [[nothing]] b [[unclosed");
     }
 }

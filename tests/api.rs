@@ -233,11 +233,11 @@ fn an_invalid_device_is_refused_with_422_saying_why_and_nothing_is_stored() {
     let cases = [
         (
             json!({ "name": "nohost", "kind": "ssh", "user": "u", "password": secret }),
-            "need a host",
+            "need a host: give `host`",
         ),
         (
             json!({ "name": "x", "kind": "ssh", "host": "h", "user": "u", "auth": "key" }),
-            "key auth needs",
+            "key auth needs `private_key`",
         ),
         (
             json!({ "name": "bad name!", "kind": "local" }),
@@ -266,6 +266,10 @@ fn an_invalid_device_is_refused_with_422_saying_why_and_nothing_is_stored() {
         assert_eq!(err["error"]["kind"], "invalid", "{text}");
         let msg = err["error"]["message"].as_str().unwrap();
         assert!(msg.contains(says), "{body}: expected {says:?} in {msg:?}");
+        assert!(
+            !msg.contains("--"),
+            "API errors name body fields, not CLI flags: {msg}"
+        );
         assert!(!text.contains(secret), "{text}");
     }
     let (status, text) = api.call("POST", "/api/devices", &Value::Null);
@@ -298,7 +302,8 @@ fn an_invalid_device_is_refused_with_422_saying_why_and_nothing_is_stored() {
         api.json("GET", "/api/devices/local", &Value::Null, 200),
         before
     );
-    api.json("PATCH", "/api/devices/nope", &json!({}), 404);
+    let err = api.json("PATCH", "/api/devices/nope", &json!({}), 404);
+    assert_eq!(err["error"]["message"], "no device named \"nope\"", "{err}");
 }
 
 #[test]

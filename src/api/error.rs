@@ -128,8 +128,11 @@ impl From<axum::extract::rejection::BytesRejection> for AppError {
 impl From<DeviceError> for AppError {
     fn from(e: DeviceError) -> Self {
         match e {
-            DeviceError::NotFound(_) => AppError::NotFound(e.to_string()),
-            DeviceError::Invalid(_) => AppError::Invalid(e.to_string()),
+            // The API's own wording: body fields rather than CLI flags, and no CLI hint.
+            DeviceError::NotFound(name) => AppError::NotFound(format!("no device named {name:?}")),
+            DeviceError::Invalid(why) => {
+                AppError::Invalid(format!("invalid device: {}", why.for_api()))
+            }
             DeviceError::Duplicate(_) => AppError::Conflict(e.to_string()),
             other => AppError::Internal(other.to_string()),
         }
