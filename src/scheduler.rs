@@ -682,7 +682,7 @@ struct HookQuery {
 pub fn hook_router(scheduler: Arc<Scheduler>) -> axum::Router {
     use axum::routing::post;
     axum::Router::new()
-        .route("/hooks/{name}", post(hook))
+        .route(crate::api::HOOK_PATH, post(hook))
         .with_state(scheduler)
 }
 

@@ -515,7 +515,10 @@ fn the_openapi_document_describes_every_route_and_the_token() {
     let mut routed: Vec<(String, String)> = capstan::api::ROUTES
         .iter()
         .map(|r| (r.method.to_string(), r.path.to_string()))
-        .chain([("GET".into(), capstan::api::HEALTH_PATH.into())])
+        .chain([
+            ("GET".into(), capstan::api::HEALTH_PATH.into()),
+            ("POST".into(), capstan::api::HOOK_PATH.into()),
+        ])
         .collect();
     routed.sort();
     assert_eq!(described, routed);

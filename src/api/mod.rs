@@ -200,6 +200,10 @@ pub const ROUTES: &[Route] = &[
 /// The open route: a liveness probe that says nothing about the engine.
 pub const HEALTH_PATH: &str = "/healthz";
 
+/// Webhook deliveries: outside `/api`, each hook authenticating its own (served by
+/// [`crate::scheduler::hook_router`]).
+pub const HOOK_PATH: &str = "/hooks/{name}";
+
 pub fn router(state: AppState) -> Router {
     let mut protected = Router::new();
     for r in ROUTES {

@@ -53,6 +53,7 @@ pub const BEARER: &str = "bearer";
         hooks::retire,
         serve,
         metrics::serve,
+        hook_delivery,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Auth),
@@ -98,7 +99,7 @@ impl Modify for Auth {
                 .build()
         };
         for (path, item) in doc.paths.paths.iter_mut() {
-            if path == super::HEALTH_PATH {
+            if path == super::HEALTH_PATH || path == super::HOOK_PATH {
                 continue;
             }
             for op in operations(item) {
@@ -173,6 +174,43 @@ pub async fn serve() -> Result<impl IntoResponse, AppError> {
     Ok(([(CONTENT_TYPE, "application/json")], json))
 }
 
+/// Deliver to a webhook
+///
+/// Outside `/api`, and no API token: each hook authenticates its deliveries itself, as its
+/// plugin's manifest sets it up (`GET /api/hooks` lists each hook's scheme): an
+/// HMAC-SHA256 signature of the body in a header (by default
+/// `X-Hub-Signature-256: sha256=<hex>`, as GitHub signs), optionally over a timestamp
+/// header within a replay window, or a bearer token of the hook's own. Either of the
+/// hook's two secrets verifies while a rotation is under way. A delivery id header, when
+/// the hook names one, makes repeats answer 200 `duplicate` instead of running again.
+/// Checks, in order: the hook exists (404), body size (413), signature or token and
+/// timestamp (401), delivery id and JSON body when required (422), repeat (200), rate
+/// limit (429 with `Retry-After`).
+#[utoipa::path(
+    post,
+    path = "/hooks/{name}",
+    tag = "hooks",
+    security(()),
+    params(
+        ("name" = String, Path, description = "The hook's name"),
+        ("wait" = Option<bool>, Query, description = "Answer when the run has ended (200 with the run record), waiting at most `runs.max_wait`; 202 with the record so far if it is still running"),
+    ),
+    request_body(content = String, content_type = "application/json", description = "The payload as the sender sends it; the plugin receives it with the headers (less Authorization, Cookie and Proxy-Authorization)"),
+    responses(
+        (status = 202, description = "Accepted: a run started", body = Object,
+            example = json!({"status": "accepted", "run_id": "0192f0c4-7d55-7c1a-9a7e-3f2b8d1e6a40"})),
+        (status = 200, description = "A delivery id seen before (`status: duplicate`, with the first run's id), or with `?wait=true` the ended run (`status`, `run_id`, `run`)", body = Object),
+        (status = 401, description = "Missing or wrong signature or token, or a missing, stale or future timestamp", body = ErrorBody),
+        (status = 404, description = "No such hook", body = ErrorBody),
+        (status = 413, description = "Body over the hook's `max_body`", body = ErrorBody),
+        (status = 422, description = "Delivery id missing or malformed, or the body is not JSON where the hook requires it", body = ErrorBody),
+        (status = 429, description = "Over the hook's rate limit; `Retry-After` says when to retry", body = ErrorBody),
+        (status = 503, description = "The engine is shutting down, or the plugin has too many runs waiting", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)] // Documents the route `crate::scheduler::hook_router` serves.
+fn hook_delivery() {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +222,7 @@ mod tests {
             .map(|r| (r.method.to_string(), r.path.to_string()))
             .collect();
         registered.push(("GET".into(), super::super::HEALTH_PATH.into()));
+        registered.push(("POST".into(), super::super::HOOK_PATH.into()));
         registered.sort();
         assert_eq!(described_routes(document()), registered);
     }
@@ -198,7 +237,7 @@ mod tests {
         );
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
-                if path == super::super::HEALTH_PATH {
+                if path == super::super::HEALTH_PATH || path == super::super::HOOK_PATH {
                     assert_eq!(op["security"], serde_json::json!([{}]), "{path}");
                     continue;
                 }
