@@ -27,3 +27,20 @@ pub mod store;
 pub mod token;
 pub mod trigger;
 pub mod vault;
+
+/// A duration in milliseconds to the microsecond, as reports and records give times
+/// (`0.347`, not `0.34724099999999997`).
+pub fn millis(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn millis_keep_microseconds() {
+        use std::time::Duration;
+        assert_eq!(super::millis(Duration::from_nanos(347_241)), 0.347);
+        assert_eq!(super::millis(Duration::from_micros(14_488)), 14.488);
+        assert_eq!(super::millis(Duration::from_secs(2)), 2000.0);
+    }
+}

@@ -212,7 +212,7 @@ pub async fn run_check(
         }
     }
     report.steps = steps.done();
-    report.total_ms = start.elapsed().as_secs_f64() * 1000.0;
+    report.total_ms = crate::millis(start.elapsed());
     report
 }
 
@@ -239,7 +239,7 @@ async fn probe(
     client.connect_traced(steps).await?;
     let t = Instant::now();
     let ping = within(name, limit, steps, steps.run("ping", client.ping())).await?;
-    let latency = t.elapsed().as_secs_f64() * 1000.0;
+    let latency = crate::millis(t.elapsed());
     let docker = client.bollard_for(ping.api_version.as_deref()).await?;
     let version = within(
         name,

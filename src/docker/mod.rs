@@ -190,7 +190,7 @@ impl Steps {
         let start = Instant::now();
         let r = fut.await;
         if r.is_ok() {
-            let ms = start.elapsed().as_secs_f64() * 1000.0;
+            let ms = crate::millis(start.elapsed());
             let mut inner = self.lock();
             inner.done.push(Step { step: name, ms });
             inner.current = None;

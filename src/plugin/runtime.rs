@@ -606,7 +606,7 @@ impl PluginRuntime {
                 }
             }
         };
-        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let duration_ms = crate::millis(started.elapsed());
         let run = std::mem::replace(
             &mut store.data_mut().run,
             RunCtx::new(plugin.clone(), self.services.clone(), deadline),

@@ -153,7 +153,7 @@ impl RunState {
                 request: call.request.clone(),
                 decision: decision.to_string(),
                 result: result.to_string(),
-                ms: call.started.elapsed().as_secs_f64() * 1000.0,
+                ms: crate::millis(call.started.elapsed()),
             });
         }
         let rec = AuditRecord {
@@ -523,7 +523,7 @@ impl Host for RunState {
         let r = async {
             let t = Instant::now();
             api.call(&ping, None).await?;
-            let latency_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let latency_ms = crate::millis(t.elapsed());
             let v = api.json(&version, None).await?;
             Ok(CheckReport {
                 server_version: str_of(&v["Version"]),

@@ -39,7 +39,7 @@ impl Host for RunState {
         let level = level_str(level);
         tracing::debug!(plugin = %run.plugin.name, level, %message, "plugin log");
         run.logs.push(LogRecord {
-            at_ms: run.started.elapsed().as_secs_f64() * 1000.0,
+            at_ms: crate::millis(run.started.elapsed()),
             level: level.to_string(),
             message,
             fields,
