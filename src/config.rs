@@ -69,8 +69,15 @@ pub struct ProxySection {
     pub policy: PathBuf,
     /// `tcp://IP:PORT` or `unix:///path.sock`.
     pub listen: String,
-    /// File holding the token clients must send; required on non-loopback addresses.
+    /// File holding the token clients must send; required on non-loopback addresses
+    /// unless client certificates are.
     pub token_file: Option<PathBuf>,
+    /// Serve TLS with this certificate (PEM); needs `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Demand client certificates signed by this CA (PEM); needs `tls_cert`.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,6 +148,7 @@ pub struct ProxySettings {
     pub policy_file: PathBuf,
     pub listen: crate::proxy::Listen,
     pub token_file: Option<PathBuf>,
+    pub tls: Option<crate::proxy::TlsFiles>,
 }
 
 impl Settings {
@@ -182,11 +190,40 @@ impl Settings {
                     message: format!("[[proxy]] #{}: {listen} is used by another proxy", i + 1),
                 });
             }
+            let tls = match (&p.tls_cert, &p.tls_key, &p.tls_client_ca) {
+                (Some(cert), Some(key), ca) => Some(crate::proxy::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: ca.clone(),
+                }),
+                (None, None, None) => None,
+                (Some(_), None, _) | (None, Some(_), _) => {
+                    return Err(ConfigError::Invalid {
+                        field: "proxy.tls_cert",
+                        message: format!(
+                            "[[proxy]] #{} ({}): tls_cert and tls_key go together",
+                            i + 1,
+                            p.device
+                        ),
+                    });
+                }
+                (None, None, Some(_)) => {
+                    return Err(ConfigError::Invalid {
+                        field: "proxy.tls_client_ca",
+                        message: format!(
+                            "[[proxy]] #{} ({}): tls_client_ca needs tls_cert and tls_key (client certificates are asked for in the TLS handshake)",
+                            i + 1,
+                            p.device
+                        ),
+                    });
+                }
+            };
             proxies.push(ProxySettings {
                 device: p.device.clone(),
                 policy_file: p.policy.clone(),
                 listen,
                 token_file: p.token_file.clone(),
+                tls,
             });
         }
         Ok(Settings {
@@ -347,6 +384,40 @@ mod tests {
         assert!(err.to_string().contains("used by another proxy"), "{err}");
         let typo = "[[proxy]]\ndevice = \"a\"\npolicy = \"p.env\"\nlisten = \"tcp://127.0.0.1:1\"\ntoken = \"x\"\n";
         assert!(ConfigFile::parse(typo).unwrap_err().contains("token"));
+    }
+
+    #[test]
+    fn a_proxys_tls_files_come_as_certificate_and_key() {
+        let base =
+            "[[proxy]]\ndevice = \"a\"\npolicy = \"p.env\"\nlisten = \"tcp://127.0.0.1:2376\"\n";
+        let resolve = |extra: &str| {
+            Settings::resolve(
+                &ConfigFile::parse(&format!("{base}{extra}")).unwrap(),
+                None,
+                None,
+                None,
+            )
+        };
+        let s = resolve("tls_cert = \"s.pem\"\ntls_key = \"s.key\"\ntls_client_ca = \"ca.pem\"\n")
+            .unwrap();
+        assert_eq!(
+            s.proxies[0].tls,
+            Some(crate::proxy::TlsFiles {
+                cert: "s.pem".into(),
+                key: "s.key".into(),
+                client_ca: Some("ca.pem".into()),
+            })
+        );
+        assert_eq!(resolve("").unwrap().proxies[0].tls, None);
+        let err = resolve("tls_cert = \"s.pem\"\n").unwrap_err().to_string();
+        assert!(err.contains("tls_cert and tls_key go together"), "{err}");
+        let err = resolve("tls_client_ca = \"ca.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tls_client_ca needs tls_cert and tls_key"),
+            "{err}"
+        );
     }
 
     #[test]

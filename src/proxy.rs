@@ -13,6 +13,11 @@
 //! useful. Streaming responses (logs -f, events) are passed through as they arrive, and
 //! upgraded connections (attach, exec) are spliced byte for byte.
 //!
+//! On a TCP listener the proxy can speak TLS (`--tls-cert`, `--tls-key`), and with
+//! `--tls-client-ca` demand client certificates signed by that CA, as `dockerd
+//! --tlsverify` does: `docker --tlsverify -H tcp://…` then works against the proxy
+//! unchanged, and the certificate is the client's credential (no token needed).
+//!
 //! Upstream requests go through the device's [`DockerClient`]: the same pooled
 //! connections (local socket, TLS, SSH channels running `docker system dial-stdio`) that
 //! plugins and checks use — `src/docker/` stays the one place that opens them.
@@ -21,9 +26,10 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -85,9 +91,11 @@ impl std::fmt::Display for Listen {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error(
-        "refusing to serve the Docker API on the non-loopback address {0} without a token: anyone who can reach it would control the daemon. Give a token (--token-file; clients send it as `X-Capstan-Token` or `Authorization: Bearer`) or listen on 127.0.0.1"
+        "refusing to serve the Docker API on the non-loopback address {0} without client authentication: anyone who can reach it would control the daemon. Require client certificates (--tls-cert, --tls-key, --tls-client-ca), or give a token (--token-file; clients send it as `X-Capstan-Token` or `Authorization: Bearer`), or listen on 127.0.0.1"
     )]
     ExposedWithoutToken(SocketAddr),
+    #[error("proxy TLS: {0}")]
+    Tls(String),
     #[error("the policy's device scope does not include device {0:?}")]
     DeviceOutOfScope(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -104,12 +112,116 @@ pub struct ProxyStats {
     pub denied: AtomicU64,
 }
 
+/// The proxy's own TLS: its certificate chain and key, and the CA whose client
+/// certificates it demands (PEM files, read when the proxy starts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// How a listener's banner describes its TLS: ` (TLS)`, with client certificates or not.
+pub fn tls_note(tls: Option<&TlsFiles>) -> &'static str {
+    match tls {
+        Some(TlsFiles {
+            client_ca: Some(_), ..
+        }) => " (TLS, client certificates required)",
+        Some(_) => " (TLS)",
+        None => "",
+    }
+}
+
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TlsFiles {
+    /// Reads the files and builds the server configuration (ring provider, TLS 1.2 and
+    /// 1.3), saying which file is wrong and how.
+    fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, ProxyError> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use rustls_pki_types::pem::PemObject;
+        let tls = |m: String| ProxyError::Tls(m);
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| tls(format!("cannot read the {what} {}: {e}", path.display())))
+        };
+        let certs = |path: &Path, what: &str| -> Result<Vec<CertificateDer<'static>>, ProxyError> {
+            let pem = read(path, what)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| tls(format!("{} is not a PEM {what}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(tls(format!(
+                    "{} holds no certificate (expected a PEM {what})",
+                    path.display()
+                )));
+            }
+            Ok(certs)
+        };
+        let chain = certs(&self.cert, "certificate")?;
+        let key_pem = read(&self.key, "private key")?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            tls(format!(
+                "{} is not a PEM private key: {e}",
+                self.key.display()
+            ))
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls(e.to_string()))?;
+        let builder = match &self.client_ca {
+            Some(ca_file) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in certs(ca_file, "CA certificate")? {
+                    roots.add(c).map_err(|e| {
+                        tls(format!(
+                            "{} holds a certificate that cannot be a CA: {e}",
+                            ca_file.display()
+                        ))
+                    })?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| tls(format!("client CA {}: {e}", ca_file.display())))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+            tls(format!(
+                "the key {} does not go with the certificate {}: {e}",
+                self.key.display(),
+                self.cert.display()
+            ))
+        })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// A proxy reachable from other hosts must authenticate its clients: by a token or by
+/// client certificates.
+fn check_exposure(listen: &Listen, token: bool, client_certs: bool) -> Result<(), ProxyError> {
+    match listen {
+        Listen::Tcp(addr) if !addr.ip().is_loopback() && !token && !client_certs => {
+            Err(ProxyError::ExposedWithoutToken(*addr))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A running proxy's shared state.
 pub struct Proxy {
     device: String,
     policy: Arc<CompiledPolicy>,
     upstream: Arc<DockerClient>,
     token_hash: Option<[u8; 32]>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     pub stats: ProxyStats,
 }
 
@@ -171,21 +283,28 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Proxy {
-    /// Builds a proxy for `device`. Fails when the listen address is exposed without a
-    /// token, or when the policy's device scope leaves the device out.
+    /// Builds a proxy for `device`. Fails when the listen address is exposed without
+    /// client authentication (a token or client certificates), when the policy's device
+    /// scope leaves the device out, or when the TLS files are unusable.
     pub fn new(
         device: &str,
         policy: CompiledPolicy,
         upstream: Arc<DockerClient>,
         listen: &Listen,
         token: Option<&Secret>,
+        tls: Option<&TlsFiles>,
     ) -> Result<Proxy, ProxyError> {
-        if let Listen::Tcp(addr) = listen
-            && !addr.ip().is_loopback()
-            && token.is_none()
-        {
-            return Err(ProxyError::ExposedWithoutToken(*addr));
+        check_exposure(
+            listen,
+            token.is_some(),
+            tls.is_some_and(|t| t.client_ca.is_some()),
+        )?;
+        if tls.is_some() && matches!(listen, Listen::Unix(_)) {
+            return Err(ProxyError::Tls(format!(
+                "TLS is for tcp:// listeners; {listen} is a unix socket, guarded by its file permissions"
+            )));
         }
+        let tls = tls.map(TlsFiles::acceptor).transpose()?;
         if !policy.devices().is_empty() && !policy.devices().allows(device) {
             return Err(ProxyError::DeviceOutOfScope(device.to_string()));
         }
@@ -194,6 +313,7 @@ impl Proxy {
             policy: Arc::new(policy),
             upstream,
             token_hash: token.map(|t| hash_token(t.expose())),
+            tls,
             stats: ProxyStats::default(),
         })
     }
@@ -367,7 +487,12 @@ impl Proxy {
     ) -> Result<(), ProxyError> {
         let listen = listener.listen.clone();
         let listener = listener.inner;
-        tracing::info!(device = %self.device, listen = %listen, "proxy listening");
+        tracing::info!(
+            device = %self.device,
+            listen = %listen,
+            tls = self.tls.is_some(),
+            "proxy listening"
+        );
         tokio::pin!(shutdown);
         loop {
             let (io, client): (BoxStream, String) = tokio::select! {
@@ -391,6 +516,23 @@ impl Proxy {
             };
             let this = self.clone();
             tokio::spawn(async move {
+                let io: BoxStream = match &this.tls {
+                    None => io,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await
+                        {
+                            Ok(Ok(tls)) => Box::new(tls),
+                            Ok(Err(e)) => {
+                                tracing::info!(%client, error = %e, "proxy TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!(%client, "proxy TLS handshake timed out");
+                                return;
+                            }
+                        }
+                    }
+                };
                 let svc =
                     hyper::service::service_fn(move |req| this.clone().handle(req, client.clone()));
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -507,6 +649,21 @@ mod tests {
         ] {
             assert!(bad.parse::<Listen>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_non_loopback_listener_needs_a_token_or_client_certificates() {
+        let exposed: Listen = "tcp://0.0.0.0:2376".parse().unwrap();
+        let local: Listen = "tcp://127.0.0.1:2375".parse().unwrap();
+        let unix: Listen = "unix:///run/capstan-proxy.sock".parse().unwrap();
+        assert!(matches!(
+            check_exposure(&exposed, false, false),
+            Err(ProxyError::ExposedWithoutToken(_))
+        ));
+        check_exposure(&exposed, true, false).unwrap();
+        check_exposure(&exposed, false, true).unwrap();
+        check_exposure(&local, false, false).unwrap();
+        check_exposure(&unix, false, false).unwrap();
     }
 
     #[test]

@@ -283,6 +283,208 @@ fn a_proxy_with_a_token_refuses_clients_without_it() {
     );
 }
 
+/// `curl` to the proxy's `/_ping` over https with `args`; its stdout, or its error.
+fn curl_ping(addr: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .arg(format!("https://{addr}/_ping"))
+        .output()
+        .expect("run curl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn a_tls_proxy_serves_clients_with_certificates_from_its_ca_and_no_others() {
+    let infra = Infra::get();
+    let data = DataDir::with_vault();
+    assert_success(
+        &data.capstan(&["device", "add", "d", "--kind", "local"]),
+        "device add",
+    );
+    let (ca, cert, key) = (
+        infra.var("TLS_CA"),
+        infra.var("TLS_CERT"),
+        infra.var("TLS_KEY"),
+    );
+    let proxy = start_proxy(
+        &data,
+        "d",
+        "CONTAINERS=1\n",
+        &[
+            "--tls-cert",
+            infra.var("TLS_SERVER_CERT"),
+            "--tls-key",
+            infra.var("TLS_SERVER_KEY"),
+            "--tls-client-ca",
+            ca,
+        ],
+    );
+
+    // The docker CLI as it talks to `dockerd --tlsverify`, unchanged.
+    let cfg = tempfile::tempdir().unwrap();
+    let tls_docker = |args: &[&str]| {
+        docker(&proxy.addr, cfg.path())
+            .args([
+                "--tlsverify",
+                "--tlscacert",
+                ca,
+                "--tlscert",
+                cert,
+                "--tlskey",
+                key,
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = tls_docker(&["version", "--format", "{{.Server.APIVersion}}"]);
+    assert_success(&out, "docker version over TLS");
+    assert_eq!(stdout(&out).trim(), infra.var("DOCKER_API_VERSION"));
+    assert_success(&tls_docker(&["ps", "-a"]), "docker ps over TLS");
+    // The policy still decides.
+    let out = tls_docker(&["network", "create", "capstan-tls-denied"]);
+    assert_failure_says(&out, "capstan policy");
+
+    // curl: with the client certificate, yes; without one, from another CA, or in
+    // plain HTTP, no.
+    assert_eq!(
+        curl_ping(&proxy.addr, &["--cacert", ca, "--cert", cert, "--key", key]).as_deref(),
+        Ok("OK")
+    );
+    let e = curl_ping(&proxy.addr, &["--cacert", ca]).expect_err("no client certificate");
+    assert!(!e.is_empty());
+    curl_ping(
+        &proxy.addr,
+        &[
+            "--cacert",
+            ca,
+            "--cert",
+            infra.var("TLS_OTHER_CERT"),
+            "--key",
+            infra.var("TLS_OTHER_KEY"),
+        ],
+    )
+    .expect_err("a client certificate from another CA");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(format!("http://{}/_ping", proxy.addr))
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("OK"),
+        "plain HTTP must not reach the daemon"
+    );
+}
+
+#[test]
+fn a_tls_proxy_without_client_certificates_still_needs_its_token() {
+    let infra = Infra::get();
+    let data = DataDir::with_vault();
+    assert_success(
+        &data.capstan(&["device", "add", "d", "--kind", "local"]),
+        "device add",
+    );
+    let token = data.path().join("proxy.token");
+    std::fs::write(&token, "tls-proxy-token-9\n").unwrap();
+    let ca = infra.var("TLS_CA");
+    let proxy = start_proxy(
+        &data,
+        "d",
+        "",
+        &[
+            "--tls-cert",
+            infra.var("TLS_SERVER_CERT"),
+            "--tls-key",
+            infra.var("TLS_SERVER_KEY"),
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    // Encrypted, no certificate asked for; the token decides.
+    let err = curl_ping(&proxy.addr, &["--cacert", ca, "-f"]).expect_err("no token");
+    assert!(err.contains("401"), "{err}");
+    assert_eq!(
+        curl_ping(
+            &proxy.addr,
+            &["--cacert", ca, "-H", "X-Capstan-Token: tls-proxy-token-9"]
+        )
+        .as_deref(),
+        Ok("OK")
+    );
+}
+
+#[test]
+fn a_proxy_with_unusable_tls_files_refuses_to_start_saying_which() {
+    let infra = Infra::get();
+    let data = DataDir::with_vault();
+    assert_success(
+        &data.capstan(&["device", "add", "d", "--kind", "local"]),
+        "device add",
+    );
+    let policy = data.path().join("p.env");
+    std::fs::write(&policy, "CONTAINERS=1\n").unwrap();
+    let not_pem = data.path().join("not.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    let proxy = |listen: &str, tls: &[&str]| {
+        let mut args = vec![
+            "proxy",
+            "--device",
+            "d",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--listen",
+            listen,
+        ];
+        args.extend_from_slice(tls);
+        data.capstan(&args)
+    };
+    let port = format!("tcp://127.0.0.1:{}", free_port());
+    let server_cert = infra.var("TLS_SERVER_CERT");
+    let server_key = infra.var("TLS_SERVER_KEY");
+    // A key that belongs to another certificate.
+    let out = proxy(
+        &port,
+        &["--tls-cert", server_cert, "--tls-key", infra.var("TLS_KEY")],
+    );
+    assert_failure_says(&out, "does not go with the certificate");
+    // Not a certificate at all.
+    let out = proxy(
+        &port,
+        &[
+            "--tls-cert",
+            not_pem.to_str().unwrap(),
+            "--tls-key",
+            server_key,
+        ],
+    );
+    assert_failure_says(&out, "holds no certificate");
+    // A client CA that is not there.
+    let out = proxy(
+        &port,
+        &[
+            "--tls-cert",
+            server_cert,
+            "--tls-key",
+            server_key,
+            "--tls-client-ca",
+            "/nonexistent/ca.pem",
+        ],
+    );
+    assert_failure_says(&out, "cannot read the CA certificate /nonexistent/ca.pem");
+    // A certificate without its key.
+    let out = proxy(&port, &["--tls-cert", server_cert]);
+    assert_failure_says(&out, "--tls-key");
+    // TLS on a unix socket.
+    let sock = format!("unix://{}", data.path().join("p.sock").display());
+    let out = proxy(&sock, &["--tls-cert", server_cert, "--tls-key", server_key]);
+    assert_failure_says(&out, "TLS is for tcp:// listeners");
+}
+
 #[test]
 fn a_proxy_on_a_non_loopback_address_without_a_token_refuses_to_start() {
     let data = DataDir::with_vault();
@@ -333,12 +535,20 @@ fn serve_starts_the_proxies_declared_in_the_config() {
     let policy = data.path().join("ro.env");
     std::fs::write(&policy, "CONTAINERS=1\n").unwrap();
     let cfg = data.path().join("capstan.toml");
+    let infra = Infra::get();
+    let tls_addr = format!("127.0.0.1:{}", free_port());
     std::fs::write(
         &cfg,
         format!(
-            "[[proxy]]\ndevice = \"local\"\npolicy = \"{}\"\nlisten = \"unix://{}\"\n",
+            "[[proxy]]\ndevice = \"local\"\npolicy = \"{}\"\nlisten = \"unix://{}\"\n\
+             [[proxy]]\ndevice = \"local\"\npolicy = \"{}\"\nlisten = \"tcp://{tls_addr}\"\n\
+             tls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n",
             policy.display(),
-            sock.display()
+            sock.display(),
+            policy.display(),
+            infra.var("TLS_SERVER_CERT"),
+            infra.var("TLS_SERVER_KEY"),
+            infra.var("TLS_CA"),
         ),
     )
     .unwrap();
@@ -352,6 +562,24 @@ fn serve_starts_the_proxies_declared_in_the_config() {
         "{}",
         server.banner
     );
+    // The TLS proxy from the config answers clients with a certificate from its CA.
+    let ca = infra.var("TLS_CA");
+    assert_eq!(
+        curl_ping(
+            &tls_addr,
+            &[
+                "--cacert",
+                ca,
+                "--cert",
+                infra.var("TLS_CERT"),
+                "--key",
+                infra.var("TLS_KEY")
+            ]
+        )
+        .as_deref(),
+        Ok("OK")
+    );
+    curl_ping(&tls_addr, &["--cacert", ca]).expect_err("no client certificate");
     let docker_cfg = tempfile::tempdir().unwrap();
     let host = format!("unix://{}", sock.display());
     let run = |args: &[&str]| {

@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use super::GlobalArgs;
 use crate::engine::Engine;
-use crate::proxy::{Listen, Proxy, ProxyListener};
+use crate::proxy::{Listen, Proxy, ProxyListener, TlsFiles};
 use crate::secret::Secret;
 
 #[derive(Debug, clap::Args)]
@@ -15,6 +15,11 @@ use crate::secret::Secret;
 Examples:
   capstan proxy --device web1 --policy readonly.env --listen tcp://127.0.0.1:2375
   DOCKER_HOST=tcp://127.0.0.1:2375 docker ps
+
+  # over the network, clients with certificates from ca.pem (as dockerd --tlsverify):
+  capstan proxy --device web1 --policy readonly.env --listen tcp://10.0.0.2:2376 \\
+    --tls-cert server.pem --tls-key server-key.pem --tls-client-ca ca.pem
+  docker --tlsverify --tlscacert ca.pem --tlscert cert.pem --tlskey key.pem -H tcp://10.0.0.2:2376 ps
 
 The policy file is a socket-proxy environment block (CONTAINERS=1, POST=0, ALLOW_RESTARTS=1,
 …, as in a docker-compose `environment:` section) or a TOML file ending in .toml. Denied
@@ -33,6 +38,16 @@ pub struct ProxyArgs {
     /// Bearer …`); required when listening on a non-loopback address.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Serve TLS with this certificate (PEM, the chain from the server's own first).
+    #[arg(long, value_name = "FILE", requires = "tls_key", help_heading = "TLS")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert", help_heading = "TLS")]
+    tls_key: Option<PathBuf>,
+    /// Demand client certificates signed by this CA (PEM), as `dockerd --tlsverify` does;
+    /// they authenticate clients, so no token is needed.
+    #[arg(long, value_name = "FILE", requires = "tls_cert", help_heading = "TLS")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
@@ -43,6 +58,14 @@ pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read token file {}", f.display()))?,
         ),
         None => None,
+    };
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+        }),
+        _ => None,
     };
     let engine = Engine::open(g.settings(None)?, &g.passphrase())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -61,12 +84,14 @@ pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
             upstream,
             &args.listen,
             token.as_ref(),
+            tls.as_ref(),
         )?);
         let listener = ProxyListener::bind(&args.listen).await?;
         println!(
-            "serving the Docker API of device {} on {}",
+            "serving the Docker API of device {} on {}{}",
             device.name,
-            listener.local_listen()
+            listener.local_listen(),
+            crate::proxy::tls_note(tls.as_ref())
         );
         proxy
             .serve(listener, super::serve::shutdown_signal())

@@ -223,14 +223,22 @@ async fn serve(
             .with_context(|| format!("[[proxy]] on {}", p.listen))?;
         let upstream = engine.docker_client(&device)?;
         let proxy = Arc::new(
-            Proxy::new(&device.name, policy, upstream, &p.listen, token.as_ref())
-                .with_context(|| format!("[[proxy]] for device {} on {}", device.name, p.listen))?,
+            Proxy::new(
+                &device.name,
+                policy,
+                upstream,
+                &p.listen,
+                token.as_ref(),
+                p.tls.as_ref(),
+            )
+            .with_context(|| format!("[[proxy]] for device {} on {}", device.name, p.listen))?,
         );
         let listener = ProxyListener::bind(&p.listen).await?;
         println!(
-            "proxy for device {} listening on {}",
+            "proxy for device {} listening on {}{}",
             device.name,
-            listener.local_listen()
+            listener.local_listen(),
+            crate::proxy::tls_note(p.tls.as_ref())
         );
         proxy_tasks.push(tokio::spawn(proxy.serve(listener, stopped())));
     }
