@@ -77,6 +77,16 @@ fn docker(addr: &str, config: &std::path::Path) -> Command {
     c
 }
 
+/// A data directory with the local daemon as device `d`.
+fn with_local_device() -> DataDir {
+    let data = DataDir::with_vault();
+    assert_success(
+        &data.capstan(&["device", "add", "d", "--kind", "local"]),
+        "device add",
+    );
+    data
+}
+
 fn remove_container(name: &str) {
     let _ = Command::new("docker").args(["rm", "-f", name]).output();
 }
@@ -203,11 +213,7 @@ fn the_docker_cli_works_through_the_proxy_for_a_local_device() {
 
 #[test]
 fn the_proxy_decides_on_the_normalised_path_and_denies_traversal() {
-    let data = DataDir::with_vault();
-    assert_success(
-        &data.capstan(&["device", "add", "d", "--kind", "local"]),
-        "device add",
-    );
+    let data = with_local_device();
     let proxy = start_proxy(&data, "d", "# the defaults: PING, VERSION, EVENTS\n", &[]);
     assert_eq!(http(&proxy.addr, "GET", "/_ping", &[], b"").0, 200);
     assert_eq!(http(&proxy.addr, "GET", "/v1.41/version", &[], b"").0, 200);
@@ -239,11 +245,7 @@ fn the_proxy_decides_on_the_normalised_path_and_denies_traversal() {
 
 #[test]
 fn a_proxy_with_a_token_refuses_clients_without_it() {
-    let data = DataDir::with_vault();
-    assert_success(
-        &data.capstan(&["device", "add", "d", "--kind", "local"]),
-        "device add",
-    );
+    let data = with_local_device();
     let token = data.path().join("proxy.token");
     std::fs::write(&token, "proxy-secret-123\n").unwrap();
     let proxy = start_proxy(&data, "d", "", &["--token-file", token.to_str().unwrap()]);
@@ -301,11 +303,7 @@ fn curl_ping(addr: &str, args: &[&str]) -> Result<String, String> {
 #[test]
 fn a_tls_proxy_serves_clients_with_certificates_from_its_ca_and_no_others() {
     let infra = Infra::get();
-    let data = DataDir::with_vault();
-    assert_success(
-        &data.capstan(&["device", "add", "d", "--kind", "local"]),
-        "device add",
-    );
+    let data = with_local_device();
     let (ca, cert, key) = (
         infra.var("TLS_CA"),
         infra.var("TLS_CERT"),
@@ -384,11 +382,7 @@ fn a_tls_proxy_serves_clients_with_certificates_from_its_ca_and_no_others() {
 #[test]
 fn a_tls_proxy_without_client_certificates_still_needs_its_token() {
     let infra = Infra::get();
-    let data = DataDir::with_vault();
-    assert_success(
-        &data.capstan(&["device", "add", "d", "--kind", "local"]),
-        "device add",
-    );
+    let data = with_local_device();
     let token = data.path().join("proxy.token");
     std::fs::write(&token, "tls-proxy-token-9\n").unwrap();
     let ca = infra.var("TLS_CA");
@@ -421,11 +415,7 @@ fn a_tls_proxy_without_client_certificates_still_needs_its_token() {
 #[test]
 fn a_proxy_with_unusable_tls_files_refuses_to_start_saying_which() {
     let infra = Infra::get();
-    let data = DataDir::with_vault();
-    assert_success(
-        &data.capstan(&["device", "add", "d", "--kind", "local"]),
-        "device add",
-    );
+    let data = with_local_device();
     let policy = data.path().join("p.env");
     std::fs::write(&policy, "CONTAINERS=1\n").unwrap();
     let not_pem = data.path().join("not.pem");
@@ -487,11 +477,7 @@ fn a_proxy_with_unusable_tls_files_refuses_to_start_saying_which() {
 
 #[test]
 fn a_proxy_on_a_non_loopback_address_without_a_token_refuses_to_start() {
-    let data = DataDir::with_vault();
-    assert_success(
-        &data.capstan(&["device", "add", "d", "--kind", "local"]),
-        "device add",
-    );
+    let data = with_local_device();
     let policy = data.path().join("p.env");
     std::fs::write(&policy, "CONTAINERS=1\n").unwrap();
     let out = data.capstan(&[
@@ -511,11 +497,7 @@ fn a_proxy_on_a_non_loopback_address_without_a_token_refuses_to_start() {
 
 #[test]
 fn an_invalid_policy_file_is_refused_naming_the_variable() {
-    let data = DataDir::with_vault();
-    assert_success(
-        &data.capstan(&["device", "add", "d", "--kind", "local"]),
-        "device add",
-    );
+    let data = with_local_device();
     let policy = data.path().join("p.env");
     std::fs::write(&policy, "CONTAINERS=1\nPOST=true\n").unwrap();
     let out = data.capstan(&[
@@ -670,11 +652,7 @@ fn the_docker_cli_works_through_the_proxy_for_a_tls_device() {
 fn the_proxy_refuses_containers_outside_the_policy_container_scope() {
     let infra = Infra::get();
     let image = infra.var("TEST_IMAGE");
-    let data = DataDir::with_vault();
-    assert_success(
-        &data.capstan(&["device", "add", "d", "--kind", "local"]),
-        "device add",
-    );
+    let data = with_local_device();
     let policy = data.path().join("scoped.toml");
     std::fs::write(
         &policy,

@@ -191,19 +191,10 @@ impl PreCheckSpec {
             updated_at: now,
         };
         device::validate(&dev, &|f| secrets.get(f).cloned())?;
-        let timeout = self.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
-        if !(1..=MAX_TIMEOUT_SECS).contains(&timeout) {
-            return Err(AppError::Invalid(format!(
-                "timeout_secs must be between 1 and {MAX_TIMEOUT_SECS}"
-            )));
-        }
         Ok((
             dev,
             secrets,
-            CheckSettings {
-                trust_host_key: self.trust_host_key,
-                timeout: Duration::from_secs(timeout),
-            },
+            CheckSettings::new(self.trust_host_key, self.timeout_secs)?,
         ))
     }
 }
@@ -211,6 +202,22 @@ impl PreCheckSpec {
 struct CheckSettings {
     trust_host_key: bool,
     timeout: Duration,
+}
+
+impl CheckSettings {
+    /// From a request's options: the timeout must be 1-120 s (default 10).
+    fn new(trust_host_key: bool, timeout_secs: Option<u64>) -> Result<CheckSettings, AppError> {
+        let timeout = timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        if !(1..=MAX_TIMEOUT_SECS).contains(&timeout) {
+            return Err(AppError::Invalid(format!(
+                "timeout_secs must be between 1 and {MAX_TIMEOUT_SECS}"
+            )));
+        }
+        Ok(CheckSettings {
+            trust_host_key,
+            timeout: Duration::from_secs(timeout),
+        })
+    }
 }
 
 fn check_options(state: &AppState, s: &CheckSettings) -> CheckOptions {
@@ -277,11 +284,7 @@ pub async fn check(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, AppError> {
-    let settings = CheckSettings {
-        trust_host_key: false,
-        timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
-    };
-    check_stored(&state, &id, &settings).await
+    check_stored(&state, &id, &CheckSettings::new(false, None)?).await
 }
 
 /// The body of `POST /api/docker/check/{id}`; every field is optional.
@@ -327,16 +330,7 @@ pub async fn check_with(
     } else {
         serde_json::from_slice(&body).map_err(|e| AppError::bad_json("check options", &e))?
     };
-    let timeout = req.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
-    if !(1..=MAX_TIMEOUT_SECS).contains(&timeout) {
-        return Err(AppError::Invalid(format!(
-            "timeout_secs must be between 1 and {MAX_TIMEOUT_SECS}"
-        )));
-    }
-    let settings = CheckSettings {
-        trust_host_key: req.trust_host_key,
-        timeout: Duration::from_secs(timeout),
-    };
+    let settings = CheckSettings::new(req.trust_host_key, req.timeout_secs)?;
     check_stored(&state, &id, &settings).await
 }
 
