@@ -689,14 +689,28 @@ pub fn hook_router(scheduler: Arc<Scheduler>) -> axum::Router {
 async fn hook(
     axum::extract::State(s): axum::extract::State<Arc<Scheduler>>,
     axum::extract::Path(name): axum::extract::Path<String>,
-    axum::extract::Query(query): axum::extract::Query<HookQuery>,
+    query: Result<axum::extract::Query<HookQuery>, axum::extract::rejection::QueryRejection>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> axum::response::Response {
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
 
-    let wait = query.wait;
+    let wait = match query {
+        Ok(q) => q.0.wait,
+        // Answered as every other refusal on this route is: JSON, and counted.
+        Err(e) => {
+            s.metrics
+                .webhook_delivery("", delivery_result(StatusCode::UNPROCESSABLE_ENTITY));
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(serde_json::json!({
+                    "error": { "kind": "invalid", "message": format!("the query: {}", e.body_text()) }
+                })),
+            )
+                .into_response();
+        }
+    };
     let started: Arc<Mutex<Option<RunId>>> = Arc::default();
     let (cell, launcher) = (started.clone(), s.clone());
     let resp = crate::trigger::webhook::deliver(&s.hooks, &name, &headers, body, move |d| {

@@ -340,6 +340,14 @@ fn a_stored_device_without_a_host_key_is_pinned_only_when_the_check_asks_to_trus
     // So does a POST without the option (an empty body means no options).
     let (status, body) = api.call("POST", "/api/docker/check/fresh", &Value::Null);
     assert_eq!(status, 502, "{body}");
+    let (status, body) = http(
+        &api.server.addr,
+        "POST",
+        "/api/docker/check/fresh",
+        &[("Authorization", &api.auth)],
+        b"null",
+    );
+    assert_eq!(status, 502, "`null` is no options too: {body}");
 
     // Bad options are refused before anything happens.
     let err = api.json(

@@ -251,6 +251,15 @@ fn webhook_deliveries_are_verified_and_every_accepted_one_is_a_recorded_run() {
     assert_eq!(status, 401);
     let (status, _) = post("/hooks/nope", &[], b"x");
     assert_eq!(status, 404);
+    // A query that does not parse is refused as JSON, before anything runs.
+    let (status, resp) = post(
+        "/hooks/tokened?wait=perhaps",
+        &[("Authorization", &bearer)],
+        b"x",
+    );
+    assert_eq!(status, 422, "{resp}");
+    let err: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(err["error"]["kind"], "invalid", "{resp}");
 
     // Accepted deliveries and recorded runs agree: d-1, d-2, one stamped, one bearer.
     eventually(20, "four runs recorded, all ok", || {

@@ -66,7 +66,7 @@ pub struct DeviceBody {
     host: Option<Option<String>>,
     /// Port; defaults: 22 for ssh, 2376 for tls.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<u16>, nullable)]
+    #[schema(value_type = Option<u16>, nullable, minimum = 1)]
     port: Option<Option<u16>>,
     /// SSH login user.
     #[serde(default, deserialize_with = "nullable")]

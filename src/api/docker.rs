@@ -42,6 +42,7 @@ pub struct PreCheckSpec {
     #[serde(default)]
     host: Option<String>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     port: Option<u16>,
     #[serde(default)]
     user: Option<String>,
@@ -97,6 +98,7 @@ pub struct PreCheckSpec {
     trust_host_key: bool,
     /// Seconds allowed for connecting and for each call (1-120, default 10).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 120)]
     timeout_secs: Option<u64>,
 }
 
@@ -297,6 +299,7 @@ pub struct CheckRequest {
     trust_host_key: bool,
     /// Seconds allowed for connecting and for each call (1-120, default 10).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 120)]
     timeout_secs: Option<u64>,
 }
 
@@ -310,7 +313,7 @@ pub struct CheckRequest {
     path = "/api/docker/check/{id}",
     tag = "docker",
     params(("id" = String, Path, description = "Device id or name")),
-    request_body(content = Option<CheckRequest>, description = "Options; an empty body means none"),
+    request_body(content = Option<CheckRequest>, description = "Options; an empty body or `null` means none"),
     responses(
         (status = 200, description = "The daemon answered", body = CheckReport),
         (status = 404, description = "No such device", body = super::ErrorBody),
@@ -325,11 +328,13 @@ pub async fn check_with(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AppError> {
     let body = body?;
-    let req: CheckRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        CheckRequest::default()
+    // No body, or `null`, means no options.
+    let req: Option<CheckRequest> = if body.iter().all(u8::is_ascii_whitespace) {
+        None
     } else {
         serde_json::from_slice(&body).map_err(|e| AppError::bad_json("check options", &e))?
     };
+    let req = req.unwrap_or_default();
     let settings = CheckSettings::new(req.trust_host_key, req.timeout_secs)?;
     check_stored(&state, &id, &settings).await
 }

@@ -98,6 +98,14 @@ impl Modify for Auth {
                 )
                 .build()
         };
+        // `Device` refuses unknown fields when a stored record is decoded, which its
+        // derived schema states as `additionalProperties: false`; but the API shows it
+        // flattened into `DeviceView`, beside `secrets`, which that would forbid.
+        if let Some(RefOr::T(utoipa::openapi::schema::Schema::Object(device))) =
+            components.schemas.get_mut("Device")
+        {
+            device.additional_properties = None;
+        }
         for (path, item) in doc.paths.paths.iter_mut() {
             if path == super::HEALTH_PATH || path == super::HOOK_PATH {
                 continue;
@@ -203,7 +211,7 @@ pub async fn serve() -> Result<impl IntoResponse, AppError> {
         (status = 401, description = "Missing or wrong signature or token, or a missing, stale or future timestamp", body = ErrorBody),
         (status = 404, description = "No such hook", body = ErrorBody),
         (status = 413, description = "Body over the hook's `max_body`", body = ErrorBody),
-        (status = 422, description = "Delivery id missing or malformed, or the body is not JSON where the hook requires it", body = ErrorBody),
+        (status = 422, description = "A bad query (`wait`), a delivery id missing or malformed, or a body that is not JSON where the hook requires it", body = ErrorBody),
         (status = 429, description = "Over the hook's rate limit; `Retry-After` says when to retry", body = ErrorBody),
         (status = 503, description = "The engine is shutting down, or the plugin has too many runs waiting", body = ErrorBody),
     )
@@ -225,6 +233,16 @@ mod tests {
         registered.push(("POST".into(), super::super::HOOK_PATH.into()));
         registered.sort();
         assert_eq!(described_routes(document()), registered);
+    }
+
+    #[test]
+    fn a_device_as_shown_may_carry_its_secret_names() {
+        // DeviceView is Device flattened beside `secrets`: the Device part must not
+        // forbid other properties.
+        let doc = serde_json::to_value(document()).unwrap();
+        let device = &doc["components"]["schemas"]["Device"];
+        assert!(device["properties"]["name"].is_object(), "{device}");
+        assert!(device.get("additionalProperties").is_none(), "{device}");
     }
 
     #[test]

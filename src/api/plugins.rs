@@ -260,6 +260,7 @@ pub struct RunParams {
     wait: bool,
     /// Seconds to wait at most (1-3600; default and upper bound: the engine's
     /// `runs.max_wait`, 60 s unless configured).
+    #[param(minimum = 1, maximum = 3600)]
     timeout: Option<u64>,
 }
 
@@ -284,6 +285,7 @@ pub struct RunStarted {
         (status = 202, description = "Queued (without wait, or still running at the timeout)", body = RunStarted),
         (status = 200, description = "With wait: the run ended", body = RunRecord),
         (status = 404, description = "Not installed", body = super::ErrorBody),
+        (status = 422, description = "A bad query (`wait`, `timeout`) or body", body = super::ErrorBody),
         (status = 503, description = "The engine cannot take runs now", body = super::ErrorBody),
     )
 )]

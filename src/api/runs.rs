@@ -38,8 +38,10 @@ pub struct ListQuery {
     /// Only this plugin's runs.
     plugin: Option<String>,
     /// Only runs older than this one: the previous page's `next`.
+    #[param(format = Uuid)]
     before: Option<String>,
     /// Page size (default 50, at most 1000).
+    #[param(maximum = 1000)]
     limit: Option<usize>,
 }
 
@@ -93,7 +95,7 @@ pub async fn list(
     get,
     path = "/api/runs/{id}",
     tag = "runs",
-    params(("id" = String, Path, description = "Run id (a UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "Run id (a UUID)")),
     responses(
         (status = 200, description = "The run", body = RunRecord),
         (status = 404, description = "No such run", body = super::ErrorBody),
