@@ -76,7 +76,7 @@ fn main() {
         .expect("local client");
         let policy = Policy::from_env_block("CONTAINERS=1\n").unwrap().compile();
         let listen: Listen = "tcp://127.0.0.1:0".parse().unwrap();
-        let proxy = Arc::new(Proxy::new("local", policy, upstream, &listen, None).unwrap());
+        let proxy = Arc::new(Proxy::new("local", policy, upstream, &listen, None, None).unwrap());
         let listener = ProxyListener::bind(&listen).await.unwrap();
         let Listen::Tcp(addr) = listener.local_listen() else { unreachable!() };
         let port = addr.port();

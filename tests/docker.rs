@@ -230,7 +230,7 @@ async fn connects_over_ssh_with_an_ed25519_key() {
     let (d, s) = key_device("ed25519");
     let r = check(&d, &s).await;
     assert_connected(&r);
-    let names: Vec<&str> = r.steps.iter().map(|s| s.step).collect();
+    let names: Vec<&str> = r.steps.iter().map(|s| s.step.as_ref()).collect();
     for step in [
         "resolve",
         "tcp-connect",
@@ -379,7 +379,7 @@ async fn a_wrong_key_is_an_auth_failure_listing_the_offered_methods() {
     let s = secrets(&[(SecretField::PrivateKey, "SSH_USER_NODOCKER_KEY")]);
     let r = check(&d, &s).await;
     let msg = assert_fails(&r, "auth");
-    assert_eq!(r.failed_step, Some("authenticate"));
+    assert_eq!(r.failed_step.as_deref(), Some("authenticate"));
     assert!(msg.contains("publickey"), "{msg}");
     assert_eq!(
         r.error.unwrap().offered_methods.unwrap(),
@@ -412,7 +412,7 @@ async fn forcing_a_family_the_host_lacks_is_a_clear_resolve_failure() {
     let r = check(&d, &s).await;
     let msg = assert_fails(&r, "resolve");
     assert!(msg.contains("no IPv6 address"), "{msg}");
-    assert_eq!(r.failed_step, Some("resolve"));
+    assert_eq!(r.failed_step.as_deref(), Some("resolve"));
 }
 
 #[tokio::test]
@@ -544,7 +544,7 @@ async fn refuses_a_changed_host_key_showing_both_fingerprints() {
     let e = r.error.unwrap();
     assert_eq!(e.expected_fingerprint.as_deref(), Some(expected.as_str()));
     assert_eq!(e.presented_fingerprint.as_deref(), Some(presented.as_str()));
-    assert_eq!(r.failed_step, Some("ssh-handshake"));
+    assert_eq!(r.failed_step.as_deref(), Some("ssh-handshake"));
     // Trust on first use never overrides a pinned key.
     assert_fails(&check_with(&d, &s, true).await, "host-key-mismatch");
 }
@@ -615,7 +615,7 @@ async fn tls_with_the_wrong_ca_is_refused_clearly() {
     let r = check(&tls_device("tls-wrong-ca"), &s).await;
     let msg = assert_fails(&r, "tls");
     assert!(msg.contains("not signed by the CA"), "{msg}");
-    assert_eq!(r.failed_step, Some("tls-handshake"));
+    assert_eq!(r.failed_step.as_deref(), Some("tls-handshake"));
 }
 
 #[tokio::test]

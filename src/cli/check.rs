@@ -111,8 +111,8 @@ pub(crate) fn print_one(r: &CheckReport) {
             r.device,
             r.kind,
             r.address,
-            r.failed_step.unwrap_or("?"),
-            r.error.as_ref().map(|e| e.kind).unwrap_or("?")
+            r.failed_step.as_deref().unwrap_or("?"),
+            r.error.as_ref().map(|e| e.kind.as_ref()).unwrap_or("?")
         );
     }
     if let Some(d) = &r.docker {
@@ -183,7 +183,7 @@ pub(crate) fn print_table(reports: &[CheckReport]) {
                 } else {
                     format!(
                         "FAILED ({})",
-                        r.error.as_ref().map(|e| e.kind).unwrap_or("?")
+                        r.error.as_ref().map(|e| e.kind.as_ref()).unwrap_or("?")
                     )
                 },
                 r.docker

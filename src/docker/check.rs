@@ -6,9 +6,10 @@
 //! ([`ConnectError::kind`]), the step that failed and a message saying what to do. The
 //! HTTP status follows from it: 200 connected, 504 timed out, 502 anything else.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::ssh::{self, LoginChoice, SshTransport};
@@ -28,7 +29,7 @@ pub struct CheckOptions {
 }
 
 /// The outcome of a check.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckReport {
     /// Device name.
     pub device: String,
@@ -50,7 +51,8 @@ pub struct CheckReport {
     pub steps: Vec<Step>,
     /// The step that failed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub failed_step: Option<&'static str>,
+    #[schema(value_type = Option<String>)]
+    pub failed_step: Option<Cow<'static, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<CheckFailure>,
     /// The SSH server's host key (ssh devices).
@@ -59,12 +61,13 @@ pub struct CheckReport {
 }
 
 /// Why a check failed.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckFailure {
     /// `resolve`, `unreachable`, `timeout`, `auth`, `host-key-mismatch`,
     /// `host-key-unknown`, `docker-missing`, `permission-denied`, `daemon-not-running`,
     /// `tls`, `ssh`, …
-    pub kind: &'static str,
+    #[schema(value_type = String)]
+    pub kind: Cow<'static, str>,
     /// What failed, on which device, and what to do.
     pub message: String,
     /// For `auth`: the methods the server offered.
@@ -82,7 +85,7 @@ impl From<&ConnectError> for CheckFailure {
     fn from(e: &ConnectError) -> Self {
         let fps = e.host_key_fingerprints();
         CheckFailure {
-            kind: e.kind(),
+            kind: e.kind().into(),
             message: e.to_string(),
             offered_methods: e.offered_methods().map(|m| m.to_vec()),
             expected_fingerprint: fps.and_then(|(x, _)| x.map(str::to_string)),
@@ -92,7 +95,7 @@ impl From<&ConnectError> for CheckFailure {
 }
 
 /// What the daemon says about itself.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DockerFacts {
     /// Engine version, e.g. `20.10.24`.
     pub version: String,
@@ -121,7 +124,7 @@ pub struct DockerFacts {
 }
 
 /// The SSH server's host key as seen by the check.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostKeyReport {
     pub algorithm: String,
     /// `SHA256:…`
@@ -176,7 +179,7 @@ pub async fn run_check(
     let client = match DockerClient::new(device, secrets, &opts.connect, policy) {
         Ok(c) => Some(c),
         Err(e) => {
-            report.failed_step = Some("configure");
+            report.failed_step = Some("configure".into());
             report.error = Some(CheckFailure::from(&e));
             None
         }
@@ -189,7 +192,7 @@ pub async fn run_check(
                 report.latency_ms = Some(latency);
             }
             Err(e) => {
-                report.failed_step = Some(steps.current().unwrap_or("connect"));
+                report.failed_step = Some(steps.current().unwrap_or("connect").into());
                 report.error = Some(CheckFailure::from(&e));
             }
         }

@@ -160,9 +160,10 @@ pub struct SshChannels {
 }
 
 /// One timed step of establishing a connection or of a check.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Step {
-    pub step: &'static str,
+    #[schema(value_type = String)]
+    pub step: std::borrow::Cow<'static, str>,
     pub ms: f64,
 }
 
@@ -192,7 +193,10 @@ impl Steps {
         if r.is_ok() {
             let ms = crate::millis(start.elapsed());
             let mut inner = self.lock();
-            inner.done.push(Step { step: name, ms });
+            inner.done.push(Step {
+                step: name.into(),
+                ms,
+            });
             inner.current = None;
         }
         r
