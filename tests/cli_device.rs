@@ -406,3 +406,120 @@ fn edit_renames_changes_options_and_rm_removes_the_secrets() {
     assert!(status.contains("secrets:        0"), "{status}");
     assert_failure_says(&data.capstan(&["device", "rm", "b"]), "no device named");
 }
+
+#[test]
+fn device_commands_go_through_a_running_engines_api_and_take_effect_at_once() {
+    let data = DataDir::with_vault();
+    let server = Server::start(&data);
+    let infra = Infra::get();
+    let key_file = infra.var("SSH_KEY_ED25519");
+    let key_text = std::fs::read_to_string(key_file).unwrap();
+    let key_body = key_text.lines().nth(1).unwrap().to_string();
+
+    // Added through the engine, the host key pinned on first use.
+    let out = add(
+        &data,
+        &[
+            "web1",
+            "--kind",
+            "ssh",
+            "--host",
+            infra.var("SSH_HOST4"),
+            "--port",
+            infra.var("SSH_PORT"),
+            "--user",
+            infra.var("SSH_USER_KEY"),
+            "--ssh-key-file",
+            key_file,
+            "--trust-host-key",
+        ],
+    );
+    assert_success(&out, "add through the engine");
+    assert!(
+        stdout(&out).contains("pinned host key ssh-ed25519 SHA256:"),
+        "{}",
+        stdout(&out)
+    );
+    // The engine has it now, pinned, with its key in the vault.
+    let (status, body) = http(
+        &server.addr,
+        "GET",
+        "/api/devices/web1",
+        &[("Authorization", &format!("Bearer {}", server.admin_token()))],
+        b"",
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["host_key"].as_str().unwrap().starts_with("ssh-ed25519 "));
+    assert_eq!(v["secrets"], serde_json::json!(["private-key"]));
+
+    // list, show and check print as they do without an engine, and no key material.
+    let list = data.capstan(&["device", "list"]);
+    assert_success(&list, "list");
+    assert!(
+        stdout(&list).contains("web1") && stdout(&list).contains("local"),
+        "{}",
+        stdout(&list)
+    );
+    let show = data.capstan(&["device", "show", "web1"]);
+    assert_success(&show, "show");
+    assert!(
+        stdout(&show).contains("private-key (stored in the vault)"),
+        "{}",
+        stdout(&show)
+    );
+    let check = data.capstan(&["device", "check", "--all"]);
+    assert_success(&check, "check --all through the engine");
+    assert_eq!(
+        stdout(&check).matches(" ok ").count(),
+        2,
+        "{}",
+        stdout(&check)
+    );
+
+    // Edit: a secret from stdin and a rename; a bad change is refused and changes nothing.
+    let out = data.capstan_stdin(
+        &[
+            "device",
+            "edit",
+            "web1",
+            "--rename",
+            "web2",
+            "--user",
+            infra.var("SSH_USER_PASSWORD"),
+            "--password-stdin",
+        ],
+        std::fs::read(infra.var("SSH_PASSWORD_FILE"))
+            .unwrap()
+            .as_slice(),
+    );
+    assert_success(&out, "edit through the engine");
+    let check = data.capstan(&["device", "check", "web2", "--json"]);
+    assert_success(&check, "the new password works");
+    let out = data.capstan(&["device", "edit", "web2", "--port", "0"]);
+    assert_failure_says(&out, "port 0 is not a port");
+    let out = data.capstan(&["device", "show", "web2", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["port"], infra.var("SSH_PORT").parse::<u16>().unwrap());
+    assert_eq!(v["secrets"], serde_json::json!(["password"]));
+    assert_failure_says(
+        &data.capstan(&["device", "show", "web1"]),
+        "no device named",
+    );
+
+    // Removed through the engine.
+    assert_success(&data.capstan(&["device", "rm", "web2"]), "rm");
+    assert_failure_says(
+        &data.capstan(&["device", "show", "web2"]),
+        "no device named",
+    );
+
+    for out in [list, show] {
+        assert!(!stdout(&out).contains(&key_body));
+    }
+    let log = server.stop_and_collect_stderr();
+    assert!(
+        !log.contains(&key_body),
+        "the engine's log holds key material"
+    );
+}

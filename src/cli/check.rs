@@ -7,8 +7,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 
 use super::print_table as table;
-use crate::device::{Device, DeviceSecrets};
-use crate::docker::{CheckOptions, CheckReport, ConnectOptions, run_check};
+use crate::docker::{CheckOptions, CheckReport, ConnectOptions};
 
 /// How many devices are checked at once by `--all`.
 const CONCURRENCY: usize = 16;
@@ -31,29 +30,32 @@ pub(crate) fn options(trust_host_key: bool, timeout: Duration) -> CheckOptions {
     }
 }
 
-/// Checks every device concurrently; reports come back in the devices' order. With
-/// `progress`, a progress bar is drawn on stderr when it is a terminal.
-pub(crate) async fn run_all(
-    work: Vec<(Device, DeviceSecrets)>,
-    opts: &CheckOptions,
+/// Checks every device concurrently (`check_one` per item, here or through the engine's
+/// API); reports come back in the items' order. With `progress`, a progress bar is drawn
+/// on stderr when it is a terminal.
+pub(crate) async fn run_all<T, F, Fut>(
+    work: Vec<T>,
+    check_one: F,
     progress: bool,
-) -> Vec<CheckReport> {
+) -> anyhow::Result<Vec<CheckReport>>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<CheckReport>>,
+{
     let total = work.len();
     let bar = progress && total > 1 && std::io::stderr().is_terminal();
     let mut done = 0;
     let mut out: Vec<Option<CheckReport>> = vec![None; total];
+    let check_one = &check_one;
     let mut results = futures_util::stream::iter(work.into_iter().enumerate())
-        .map(|(i, (d, s))| async move {
-            let mut r = run_check(&d, &s, opts).await;
-            r.device_id = Some(d.id);
-            (i, r)
-        })
+        .map(|(i, item)| async move { (i, check_one(item).await) })
         .buffer_unordered(CONCURRENCY);
     if bar {
         draw_bar(0, total, 0);
     }
     let mut failed = 0;
     while let Some((i, r)) = results.next().await {
+        let r = r?;
         done += 1;
         if !r.connected {
             failed += 1;
@@ -66,7 +68,7 @@ pub(crate) async fn run_all(
     if bar {
         eprintln!();
     }
-    out.into_iter().flatten().collect()
+    Ok(out.into_iter().flatten().collect())
 }
 
 fn draw_bar(done: usize, total: usize, failed: usize) {

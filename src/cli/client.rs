@@ -124,6 +124,20 @@ impl ApiClient {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
+        let (status, value) = self.call(method, path, body).await?;
+        if !status.is_success() {
+            return Err(Self::error_of(status, &value));
+        }
+        Ok(value)
+    }
+
+    /// Sends a request and returns the status and the JSON answer, whatever the status.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
         let body = body.map(|b| serde_json::to_vec(&b)).transpose()?;
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
@@ -135,17 +149,19 @@ impl ApiClient {
                 serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
             })
         };
-        if !status.is_success() {
-            let message = value["error"]["message"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
-            if status == hyper::StatusCode::UNAUTHORIZED {
-                bail!("the engine refused the CLI token ({status}): {message}");
-            }
-            bail!("{message} ({status})");
+        Ok((status, value))
+    }
+
+    /// The error an error answer stands for: the engine's message.
+    pub fn error_of(status: hyper::StatusCode, value: &serde_json::Value) -> anyhow::Error {
+        let message = value["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
+        if status == hyper::StatusCode::UNAUTHORIZED {
+            return anyhow::anyhow!("the engine refused the CLI token ({status}): {message}");
         }
-        Ok(value)
+        anyhow::anyhow!("{message} ({status})")
     }
 
     /// Reads a newline-delimited JSON stream, calling `each` per value until the stream

@@ -1,7 +1,11 @@
 //! `capstan device …`: add, list, show, edit and remove Docker hosts.
 //!
-//! Secrets come from a file (`--password-file`, `--key-file`, …), from stdin (one
+//! Secrets come from a file (`--password-file`, `--ssh-key-file`, …), from stdin (one
 //! `--…-stdin` flag per call) or from a prompt on a terminal, never from argv alone.
+//!
+//! When `capstan serve` holds the data directory, every command goes through its API
+//! instead (the same requests, the same output), so a device added or edited is in
+//! effect at once.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -11,9 +15,10 @@ use clap::{Args, Subcommand};
 
 use std::time::Duration;
 
+use super::client::{ApiClient, Target};
 use super::{GlobalArgs, check, print_table};
 use crate::device::{Device, DeviceChanges, DeviceKind, IpFamily, SecretField, SshAuth, SshTunnel};
-use crate::docker::run_check;
+use crate::docker::{CheckReport, run_check};
 use crate::engine::Engine;
 use crate::secret::Secret;
 
@@ -423,7 +428,14 @@ impl DeviceOpts {
 }
 
 pub fn run(g: &GlobalArgs, cmd: DeviceCmd) -> anyhow::Result<()> {
-    let engine = Engine::open(g.settings(None)?, &g.passphrase())?;
+    match Target::open(g.settings(None)?, &g.passphrase())? {
+        Target::Local(engine) => run_local(&engine, cmd),
+        // A running engine holds the data directory: the same commands through its API.
+        Target::Remote(api) => check::runtime()?.block_on(run_remote(&api, cmd)),
+    }
+}
+
+fn run_local(engine: &Engine, cmd: DeviceCmd) -> anyhow::Result<()> {
     let devices = engine.devices()?;
     match cmd {
         DeviceCmd::Add {
@@ -432,43 +444,21 @@ pub fn run(g: &GlobalArgs, cmd: DeviceCmd) -> anyhow::Result<()> {
             opts,
             trust_host_key,
         } => {
-            if trust_host_key && kind != DeviceKind::Ssh {
-                bail!("--trust-host-key is for ssh devices");
-            }
-            let mut ch = opts.into_changes(kind, None)?;
-            ch.name = Some(name);
+            let ch = add_changes(name, kind, opts, trust_host_key)?;
             let d = devices.add(kind, ch)?;
-            println!(
-                "added device {} ({}, {}) id {}",
-                d.name,
-                d.kind,
-                d.address(),
-                d.id
-            );
+            print_added(&d);
             if trust_host_key {
                 let secrets = devices.secrets(&d)?;
                 let opts = check::options(true, DEFAULT_CHECK_TIMEOUT);
                 let report = check::runtime()?.block_on(run_check(&d, &secrets, &opts));
-                match &report.host_key {
-                    Some(k) if k.trusted_now => {
-                        devices.edit(&d.id.to_string(), pin_key(&k.key))?;
-                        println!("pinned host key {} {}", k.algorithm, k.fingerprint);
-                        if let Some(e) = &report.error {
-                            eprintln!(
-                                "warning: the SSH login works, but Docker does not answer yet: {}",
-                                e.message
-                            );
-                        }
+                match pinned_on_first_use(&report) {
+                    Ok(key) => {
+                        devices.edit(&d.id.to_string(), pin_key(key))?;
                     }
-                    _ => {
+                    Err(why) => {
                         devices.remove(&d.id.to_string())?;
                         engine.store.flush()?;
-                        let why = report
-                            .error
-                            .as_ref()
-                            .map(|e| e.message.clone())
-                            .unwrap_or_else(|| "the server presented no host key".into());
-                        bail!("could not log in to pin the host key, so nothing was added: {why}");
+                        bail!("{why}");
                     }
                 }
             }
@@ -491,75 +481,36 @@ pub fn run(g: &GlobalArgs, cmd: DeviceCmd) -> anyhow::Result<()> {
                 work.push((d, s));
             }
             let opts = check::options(trust_host_key, Duration::from_secs(timeout));
-            let reports = check::runtime()?.block_on(check::run_all(work, &opts, all));
+            let reports = check::runtime()?.block_on(check::run_all(
+                work,
+                |(d, s)| {
+                    let opts = &opts;
+                    async move {
+                        let mut r = run_check(&d, &s, opts).await;
+                        r.device_id = Some(d.id);
+                        Ok(r)
+                    }
+                },
+                all,
+            ))?;
             for r in &reports {
                 if let Some(k) = r.host_key.as_ref().filter(|k| k.trusted_now) {
                     let id = r.device_id.map(|i| i.to_string());
                     devices.edit(id.as_deref().unwrap_or(&r.device), pin_key(&k.key))?;
-                    if !json {
-                        println!(
-                            "pinned host key {} {} for device {}",
-                            k.algorithm, k.fingerprint, r.device
-                        );
-                    }
                 }
             }
             engine.store.flush()?;
-            let failed = reports.iter().filter(|r| !r.connected).count();
-            if json {
-                let v = if all {
-                    serde_json::to_string_pretty(&reports)?
-                } else {
-                    serde_json::to_string_pretty(&reports[0])?
-                };
-                println!("{v}");
-            } else if all {
-                check::print_table(&reports);
-            } else {
-                check::print_one(&reports[0]);
-            }
-            if failed > 0 {
-                if all {
-                    bail!("{failed} of {} devices failed the check", reports.len());
-                }
-                let e = reports[0].error.as_ref().map(|e| e.message.clone());
-                bail!("{}", e.unwrap_or_else(|| "the check failed".into()));
-            }
+            finish_checks(&reports, all, json)?;
         }
-        DeviceCmd::List { json } => {
-            let list = devices.list()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                let rows: Vec<Vec<String>> = list
-                    .iter()
-                    .map(|d| {
-                        vec![
-                            d.name.clone(),
-                            d.kind.to_string(),
-                            d.address(),
-                            d.auth.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
-                            d.id.to_string(),
-                        ]
-                    })
-                    .collect();
-                print_table(&["NAME", "KIND", "ADDRESS", "AUTH", "ID"], &rows);
-            }
-        }
+        DeviceCmd::List { json } => print_list(&devices.list()?, json)?,
         DeviceCmd::Show { name, json } => {
             let d = devices.get(&name)?;
-            let stored: Vec<&str> = devices
+            let stored: Vec<String> = devices
                 .stored_secret_fields(&d)?
                 .into_iter()
-                .map(|f| f.as_str())
+                .map(|f| f.as_str().to_string())
                 .collect();
-            if json {
-                let mut v = serde_json::to_value(&d)?;
-                v["secrets"] = serde_json::json!(stored);
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_device(&d, &stored);
-            }
+            print_show(&d, &stored, json)?;
         }
         DeviceCmd::Edit {
             name,
@@ -571,20 +522,17 @@ pub fn run(g: &GlobalArgs, cmd: DeviceCmd) -> anyhow::Result<()> {
             clear_key_passphrase,
         } => {
             let old = devices.get(&name)?;
-            let mut ch = opts.into_changes(old.kind, Some(&old))?;
-            ch.name = rename;
-            if clear_host_key {
-                ch.host_key = Some(None);
-            }
-            if clear_socket {
-                ch.socket_path = Some(None);
-            }
-            if clear_docker_login {
-                ch.docker_login = Some(None);
-            }
-            if clear_key_passphrase {
-                ch.clear_secrets.push(SecretField::KeyPassphrase);
-            }
+            let ch = edit_changes(
+                &old,
+                opts,
+                rename,
+                [
+                    clear_host_key,
+                    clear_socket,
+                    clear_docker_login,
+                    clear_key_passphrase,
+                ],
+            )?;
             let d = devices.edit(&name, ch)?;
             println!("updated device {} ({})", d.name, d.address());
         }
@@ -594,6 +542,377 @@ pub fn run(g: &GlobalArgs, cmd: DeviceCmd) -> anyhow::Result<()> {
         }
     }
     engine.store.flush()?;
+    Ok(())
+}
+
+async fn run_remote(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
+    match cmd {
+        DeviceCmd::Add {
+            name,
+            kind,
+            opts,
+            trust_host_key,
+        } => {
+            let ch = add_changes(name, kind, opts, trust_host_key)?;
+            let view = api
+                .json("POST", "/api/devices", Some(request_body(Some(kind), &ch)?))
+                .await?;
+            let (d, _) = device_of(view)?;
+            print_added(&d);
+            if trust_host_key {
+                let report =
+                    remote_check(api, &d.id.to_string(), true, DEFAULT_CHECK_TIMEOUT).await?;
+                if let Err(why) = pinned_on_first_use(&report) {
+                    api.json("DELETE", &format!("/api/devices/{}", d.id), None)
+                        .await?;
+                    bail!("{why}");
+                }
+            }
+        }
+        DeviceCmd::Check {
+            name,
+            all,
+            trust_host_key,
+            timeout,
+            json,
+        } => {
+            let ids: Vec<String> = if all {
+                devices_of(api.json("GET", "/api/devices", None).await?)?
+                    .into_iter()
+                    .map(|d| d.id.to_string())
+                    .collect()
+            } else {
+                vec![name.unwrap_or_default()]
+            };
+            let timeout = Duration::from_secs(timeout);
+            let reports = check::run_all(
+                ids,
+                |id| async move { remote_check(api, &id, trust_host_key, timeout).await },
+                all,
+            )
+            .await?;
+            finish_checks(&reports, all, json)?;
+        }
+        DeviceCmd::List { json } => {
+            print_list(
+                &devices_of(api.json("GET", "/api/devices", None).await?)?,
+                json,
+            )?;
+        }
+        DeviceCmd::Show { name, json } => {
+            let (d, stored) = device_of(api.json("GET", &device_path(&name)?, None).await?)?;
+            print_show(&d, &stored, json)?;
+        }
+        DeviceCmd::Edit {
+            name,
+            rename,
+            opts,
+            clear_host_key,
+            clear_socket,
+            clear_docker_login,
+            clear_key_passphrase,
+        } => {
+            let (old, _) = device_of(api.json("GET", &device_path(&name)?, None).await?)?;
+            let ch = edit_changes(
+                &old,
+                opts,
+                rename,
+                [
+                    clear_host_key,
+                    clear_socket,
+                    clear_docker_login,
+                    clear_key_passphrase,
+                ],
+            )?;
+            let path = format!("/api/devices/{}", old.id);
+            let (d, _) = device_of(
+                api.json("PATCH", &path, Some(request_body(None, &ch)?))
+                    .await?,
+            )?;
+            println!("updated device {} ({})", d.name, d.address());
+        }
+        DeviceCmd::Rm { name } => {
+            let (d, _) = device_of(api.json("GET", &device_path(&name)?, None).await?)?;
+            api.json("DELETE", &format!("/api/devices/{}", d.id), None)
+                .await?;
+            println!("removed device {} and its secrets", d.name);
+        }
+    }
+    Ok(())
+}
+
+/// `/api/devices/NAME`. Device names and ids need no escaping; anything else cannot
+/// name a device.
+fn device_path(name: &str) -> anyhow::Result<String> {
+    Ok(format!("/api/devices/{}", device_segment(name)?))
+}
+
+fn device_segment(name: &str) -> anyhow::Result<&str> {
+    if crate::device::validate_name(name).is_err() {
+        bail!("no device named {name:?} (see `capstan device list`)");
+    }
+    Ok(name)
+}
+
+/// The change set of `device add`.
+fn add_changes(
+    name: String,
+    kind: DeviceKind,
+    opts: DeviceOpts,
+    trust_host_key: bool,
+) -> anyhow::Result<DeviceChanges> {
+    if trust_host_key && kind != DeviceKind::Ssh {
+        bail!("--trust-host-key is for ssh devices");
+    }
+    let mut ch = opts.into_changes(kind, None)?;
+    ch.name = Some(name);
+    Ok(ch)
+}
+
+/// The change set of `device edit`.
+fn edit_changes(
+    old: &Device,
+    opts: DeviceOpts,
+    rename: Option<String>,
+    [
+        clear_host_key,
+        clear_socket,
+        clear_docker_login,
+        clear_key_passphrase,
+    ]: [bool; 4],
+) -> anyhow::Result<DeviceChanges> {
+    let mut ch = opts.into_changes(old.kind, Some(old))?;
+    ch.name = rename;
+    if clear_host_key {
+        ch.host_key = Some(None);
+    }
+    if clear_socket {
+        ch.socket_path = Some(None);
+    }
+    if clear_docker_login {
+        ch.docker_login = Some(None);
+    }
+    if clear_key_passphrase {
+        ch.clear_secrets.push(SecretField::KeyPassphrase);
+    }
+    Ok(ch)
+}
+
+/// A check through the engine's API, which pins a trusted key itself.
+async fn remote_check(
+    api: &ApiClient,
+    id: &str,
+    trust_host_key: bool,
+    timeout: Duration,
+) -> anyhow::Result<CheckReport> {
+    let body = serde_json::json!({
+        "trust_host_key": trust_host_key,
+        "timeout_secs": timeout.as_secs(),
+    });
+    let path = format!("/api/docker/check/{}", device_segment(id)?);
+    let (status, v) = api.call("POST", &path, Some(body)).await?;
+    // 502 and 504 carry a report too: the check ran and failed.
+    if matches!(status.as_u16(), 200 | 502 | 504) {
+        return serde_json::from_value(v)
+            .context("the engine sent a check report this CLI cannot read");
+    }
+    Err(ApiClient::error_of(status, &v))
+}
+
+/// The API's view of a device: the record, and the names of its stored secrets.
+fn device_of(mut v: serde_json::Value) -> anyhow::Result<(Device, Vec<String>)> {
+    let secrets = match v.as_object_mut().and_then(|o| o.remove("secrets")) {
+        Some(s) => serde_json::from_value(s)?,
+        None => Vec::new(),
+    };
+    let d = serde_json::from_value(v).context("the engine sent a device this CLI cannot read")?;
+    Ok((d, secrets))
+}
+
+fn devices_of(v: serde_json::Value) -> anyhow::Result<Vec<Device>> {
+    let serde_json::Value::Array(items) = v else {
+        bail!("the engine sent a device list this CLI cannot read");
+    };
+    items
+        .into_iter()
+        .map(|i| device_of(i).map(|(d, _)| d))
+        .collect()
+}
+
+/// The API request body for a change set (`kind` for a new device). Secrets go in the
+/// body: the CLI reaches the engine on this host only (its token file is local).
+fn request_body(kind: Option<DeviceKind>, ch: &DeviceChanges) -> anyhow::Result<serde_json::Value> {
+    use serde_json::{Value, json};
+    let mut b = serde_json::Map::new();
+    if let Some(k) = kind {
+        b.insert("kind".into(), json!(k));
+    }
+    if let Some(n) = &ch.name {
+        b.insert("name".into(), json!(n));
+    }
+    macro_rules! put {
+        ($($f:ident),*) => { $( if let Some(v) = &ch.$f { b.insert(stringify!($f).into(), json!(v)); } )* };
+    }
+    put!(
+        host,
+        port,
+        user,
+        auth,
+        ip_family,
+        agent_forwarding,
+        keyboard_interactive,
+        socket_path,
+        sudo,
+        ssh_tunnel,
+        host_key,
+        docker_host,
+        tls_server_name
+    );
+    let mut docker_login = serde_json::Map::new();
+    match &ch.docker_login {
+        Some(Some((user, auth))) => {
+            docker_login.insert("user".into(), json!(user));
+            docker_login.insert("auth".into(), json!(auth));
+        }
+        Some(None) => {
+            b.insert("docker_login".into(), Value::Null);
+        }
+        None => {}
+    }
+    let mut set = |f: SecretField, v: Value| {
+        let (in_login, key) = match f {
+            SecretField::Password => (false, "password"),
+            SecretField::PrivateKey => (false, "private_key"),
+            SecretField::KeyPassphrase => (false, "key_passphrase"),
+            SecretField::DockerPassword => (true, "password"),
+            SecretField::DockerPrivateKey => (true, "private_key"),
+            SecretField::DockerKeyPassphrase => (true, "key_passphrase"),
+            SecretField::TlsCa => (false, "tls_ca"),
+            SecretField::TlsCert => (false, "tls_cert"),
+            SecretField::TlsKey => (false, "tls_key"),
+        };
+        if in_login {
+            docker_login.insert(key.into(), v);
+        } else {
+            b.insert(key.into(), v);
+        }
+    };
+    for (f, secret) in &ch.secrets.0 {
+        let text = secret
+            .expose_str()
+            .with_context(|| format!("the {} is not text", f.as_str()))?;
+        set(*f, Value::String(text.to_string()));
+    }
+    for f in &ch.clear_secrets {
+        set(*f, Value::Null);
+    }
+    if !docker_login.is_empty() {
+        b.insert("docker_login".into(), Value::Object(docker_login));
+    }
+    Ok(Value::Object(b))
+}
+
+fn print_added(d: &Device) {
+    println!(
+        "added device {} ({}, {}) id {}",
+        d.name,
+        d.kind,
+        d.address(),
+        d.id
+    );
+}
+
+/// After `add --trust-host-key`: the key to pin, or why nothing was added.
+fn pinned_on_first_use(report: &CheckReport) -> Result<&str, String> {
+    match &report.host_key {
+        Some(k) if k.trusted_now => {
+            println!("pinned host key {} {}", k.algorithm, k.fingerprint);
+            if let Some(e) = &report.error {
+                eprintln!(
+                    "warning: the SSH login works, but Docker does not answer yet: {}",
+                    e.message
+                );
+            }
+            Ok(&k.key)
+        }
+        _ => {
+            let why = report
+                .error
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_else(|| "the server presented no host key".into());
+            Err(format!(
+                "could not log in to pin the host key, so nothing was added: {why}"
+            ))
+        }
+    }
+}
+
+/// Prints check reports (and the keys pinned on first use); fails when any check did.
+fn finish_checks(reports: &[CheckReport], all: bool, json: bool) -> anyhow::Result<()> {
+    if !json {
+        for r in reports {
+            if let Some(k) = r.host_key.as_ref().filter(|k| k.trusted_now) {
+                println!(
+                    "pinned host key {} {} for device {}",
+                    k.algorithm, k.fingerprint, r.device
+                );
+            }
+        }
+    }
+    let failed = reports.iter().filter(|r| !r.connected).count();
+    if json {
+        let v = if all {
+            serde_json::to_string_pretty(reports)?
+        } else {
+            serde_json::to_string_pretty(&reports[0])?
+        };
+        println!("{v}");
+    } else if all {
+        check::print_table(reports);
+    } else {
+        check::print_one(&reports[0]);
+    }
+    if failed > 0 {
+        if all {
+            bail!("{failed} of {} devices failed the check", reports.len());
+        }
+        let e = reports[0].error.as_ref().map(|e| e.message.clone());
+        bail!("{}", e.unwrap_or_else(|| "the check failed".into()));
+    }
+    Ok(())
+}
+
+fn print_list(list: &[Device], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(list)?);
+    } else {
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|d| {
+                vec![
+                    d.name.clone(),
+                    d.kind.to_string(),
+                    d.address(),
+                    d.auth.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                    d.id.to_string(),
+                ]
+            })
+            .collect();
+        print_table(&["NAME", "KIND", "ADDRESS", "AUTH", "ID"], &rows);
+    }
+    Ok(())
+}
+
+fn print_show(d: &Device, stored: &[String], json: bool) -> anyhow::Result<()> {
+    if json {
+        let mut v = serde_json::to_value(d)?;
+        v["secrets"] = serde_json::json!(stored);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let stored: Vec<&str> = stored.iter().map(String::as_str).collect();
+        print_device(d, &stored);
+    }
     Ok(())
 }
 
