@@ -563,6 +563,15 @@ fn apply(dev: &mut Device, ch: &DeviceChanges, has_secret: &dyn Fn(SecretField) 
     }
 }
 
+/// The device `changes` describe as a new device of `kind`, validated (store aside): what
+/// `add` would store, for callers that send it elsewhere (the CLI to a running engine).
+pub fn new_device(kind: DeviceKind, changes: &DeviceChanges) -> Result<Device, DeviceError> {
+    let mut dev = Device::blank(kind, "");
+    apply(&mut dev, changes, &|_| false);
+    validate(&dev, &|f| changes.secrets.get(f).cloned())?;
+    Ok(dev)
+}
+
 /// Validates a device and the secrets it will have. `secret` looks up a secret value
 /// (new or stored).
 pub fn validate(
@@ -883,9 +892,7 @@ impl<'a> Devices<'a> {
     }
 
     pub fn add(&self, kind: DeviceKind, changes: DeviceChanges) -> Result<Device, DeviceError> {
-        let mut dev = Device::blank(kind, "");
-        apply(&mut dev, &changes, &|_| false);
-        validate(&dev, &|f| changes.secrets.get(f).cloned())?;
+        let dev = new_device(kind, &changes)?;
         self.write(None, &dev, &changes)?;
         Ok(dev)
     }

@@ -507,6 +507,17 @@ fn device_commands_go_through_a_running_engines_api_and_take_effect_at_once() {
         "no device named",
     );
 
+    // A bad new device is refused in the command's own words, and nothing is added.
+    let out = add(
+        &data,
+        &["nohost", "--kind", "ssh", "--user", "u", "--auth", "agent"],
+    );
+    assert_failure_says(&out, "ssh devices need a host: give --host");
+    assert_failure_says(
+        &data.capstan(&["device", "show", "nohost"]),
+        "no device named",
+    );
+
     // Removed through the engine.
     assert_success(&data.capstan(&["device", "rm", "web2"]), "rm");
     assert_failure_says(

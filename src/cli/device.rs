@@ -554,6 +554,8 @@ async fn run_remote(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
             trust_host_key,
         } => {
             let ch = add_changes(name, kind, opts, trust_host_key)?;
+            // Checked here first, so mistakes are told in this command's words (flags).
+            crate::device::new_device(kind, &ch)?;
             let view = api
                 .json("POST", "/api/devices", Some(request_body(Some(kind), &ch)?))
                 .await?;
