@@ -387,6 +387,16 @@ pub struct DeviceChanges {
     pub clear_secrets: Vec<SecretField>,
 }
 
+impl DeviceChanges {
+    /// The change that pins `key` (an OpenSSH public key line) as the host key.
+    pub fn pin_host_key(key: &str) -> DeviceChanges {
+        DeviceChanges {
+            host_key: Some(Some(key.to_string())),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("invalid device: {0}")]

@@ -139,27 +139,29 @@ impl TlsFiles {
     /// Reads the files and builds the server configuration (ring provider, TLS 1.2 and
     /// 1.3), saying which file is wrong and how.
     fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, ProxyError> {
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use crate::docker::tls::{PemProblem, pem_certs, pem_roots};
+        use rustls::pki_types::PrivateKeyDer;
         use rustls_pki_types::pem::PemObject;
         let tls = |m: String| ProxyError::Tls(m);
         let read = |path: &Path, what: &str| {
             std::fs::read(path)
                 .map_err(|e| tls(format!("cannot read the {what} {}: {e}", path.display())))
         };
-        let certs = |path: &Path, what: &str| -> Result<Vec<CertificateDer<'static>>, ProxyError> {
-            let pem = read(path, what)?;
-            let certs = CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| tls(format!("{} is not a PEM {what}: {e}", path.display())))?;
-            if certs.is_empty() {
-                return Err(tls(format!(
+        let problem = |path: &Path, what: &str, p: PemProblem| {
+            tls(match p {
+                PemProblem::Unreadable(e) => format!("{} is not a PEM {what}: {e}", path.display()),
+                PemProblem::Empty => format!(
                     "{} holds no certificate (expected a PEM {what})",
                     path.display()
-                )));
-            }
-            Ok(certs)
+                ),
+                PemProblem::NotCa(e) => format!(
+                    "{} holds a certificate that cannot be a CA: {e}",
+                    path.display()
+                ),
+            })
         };
-        let chain = certs(&self.cert, "certificate")?;
+        let chain = pem_certs(&read(&self.cert, "certificate")?)
+            .map_err(|p| problem(&self.cert, "certificate", p))?;
         let key_pem = read(&self.key, "private key")?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
             tls(format!(
@@ -173,15 +175,8 @@ impl TlsFiles {
             .map_err(|e| tls(e.to_string()))?;
         let builder = match &self.client_ca {
             Some(ca_file) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in certs(ca_file, "CA certificate")? {
-                    roots.add(c).map_err(|e| {
-                        tls(format!(
-                            "{} holds a certificate that cannot be a CA: {e}",
-                            ca_file.display()
-                        ))
-                    })?;
-                }
+                let roots = pem_roots(&read(ca_file, "CA certificate")?)
+                    .map_err(|p| problem(ca_file, "CA certificate", p))?;
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     Arc::new(roots),
                     provider,

@@ -700,15 +700,14 @@ async fn hook(
         Ok(q) => q.0.wait,
         // Answered as every other refusal on this route is: JSON, and counted.
         Err(e) => {
+            let resp = crate::trigger::webhook::WebhookError::Unprocessable(format!(
+                "the query: {}",
+                e.body_text()
+            ))
+            .into_response();
             s.metrics
-                .webhook_delivery("", delivery_result(StatusCode::UNPROCESSABLE_ENTITY));
-            return (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                axum::Json(serde_json::json!({
-                    "error": { "kind": "invalid", "message": format!("the query: {}", e.body_text()) }
-                })),
-            )
-                .into_response();
+                .webhook_delivery("", delivery_result(resp.status()));
+            return resp;
         }
     };
     let started: Arc<Mutex<Option<RunId>>> = Arc::default();

@@ -359,11 +359,10 @@ async fn check_stored(
     let mut report = run_check(&dev, &secrets, &check_options(state, settings)).await;
     report.device_id = Some(dev.id);
     if let Some(k) = report.host_key.as_ref().filter(|k| k.trusted_now) {
-        let changes = device::DeviceChanges {
-            host_key: Some(Some(k.key.clone())),
-            ..Default::default()
-        };
-        state.devices()?.edit(&dev.id.to_string(), changes)?;
+        state.devices()?.edit(
+            &dev.id.to_string(),
+            device::DeviceChanges::pin_host_key(&k.key),
+        )?;
         state.docker.forget(dev.id);
         tracing::info!(device = %dev.name, key = %k.fingerprint, "pinned the SSH host key the server presented (trust on first use, over the API)");
     }

@@ -24,13 +24,6 @@ use crate::secret::Secret;
 
 const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn pin_key(key: &str) -> DeviceChanges {
-    DeviceChanges {
-        host_key: Some(Some(key.to_string())),
-        ..Default::default()
-    }
-}
-
 #[derive(Debug, Subcommand)]
 pub enum DeviceCmd {
     /// Register a Docker host.
@@ -90,18 +83,8 @@ pub enum DeviceCmd {
         rename: Option<String>,
         #[command(flatten)]
         opts: DeviceOpts,
-        /// Forget the pinned host key (the next check must pin one again).
-        #[arg(long)]
-        clear_host_key: bool,
-        /// Drop the custom socket path.
-        #[arg(long)]
-        clear_socket: bool,
-        /// Drop the Docker-only SSH credentials.
-        #[arg(long)]
-        clear_docker_login: bool,
-        /// Drop the stored key passphrase.
-        #[arg(long)]
-        clear_key_passphrase: bool,
+        #[command(flatten)]
+        clear: ClearOpts,
     },
     /// Remove a device and its secrets.
     #[command(alias = "remove")]
@@ -121,6 +104,23 @@ Examples:
   capstan device check web1
   capstan device check web1 --trust-host-key     # pin the host key on first contact
   capstan device check --all --json";
+
+/// What `device edit` can drop.
+#[derive(Debug, Args, Default)]
+pub struct ClearOpts {
+    /// Forget the pinned host key (the next check must pin one again).
+    #[arg(long)]
+    clear_host_key: bool,
+    /// Drop the custom socket path.
+    #[arg(long)]
+    clear_socket: bool,
+    /// Drop the Docker-only SSH credentials.
+    #[arg(long)]
+    clear_docker_login: bool,
+    /// Drop the stored key passphrase.
+    #[arg(long)]
+    clear_key_passphrase: bool,
+}
 
 /// `--ssh-tunnel`: a device's own tunnel, or `default` for the engine's.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -453,7 +453,7 @@ fn run_local(engine: &Engine, cmd: DeviceCmd) -> anyhow::Result<()> {
                 let report = check::runtime()?.block_on(run_check(&d, &secrets, &opts));
                 match pinned_on_first_use(&report) {
                     Ok(key) => {
-                        devices.edit(&d.id.to_string(), pin_key(key))?;
+                        devices.edit(&d.id.to_string(), DeviceChanges::pin_host_key(key))?;
                     }
                     Err(why) => {
                         devices.remove(&d.id.to_string())?;
@@ -496,7 +496,10 @@ fn run_local(engine: &Engine, cmd: DeviceCmd) -> anyhow::Result<()> {
             for r in &reports {
                 if let Some(k) = r.host_key.as_ref().filter(|k| k.trusted_now) {
                     let id = r.device_id.map(|i| i.to_string());
-                    devices.edit(id.as_deref().unwrap_or(&r.device), pin_key(&k.key))?;
+                    devices.edit(
+                        id.as_deref().unwrap_or(&r.device),
+                        DeviceChanges::pin_host_key(&k.key),
+                    )?;
                 }
             }
             engine.store.flush()?;
@@ -516,23 +519,10 @@ fn run_local(engine: &Engine, cmd: DeviceCmd) -> anyhow::Result<()> {
             name,
             rename,
             opts,
-            clear_host_key,
-            clear_socket,
-            clear_docker_login,
-            clear_key_passphrase,
+            clear,
         } => {
             let old = devices.get(&name)?;
-            let ch = edit_changes(
-                &old,
-                opts,
-                rename,
-                [
-                    clear_host_key,
-                    clear_socket,
-                    clear_docker_login,
-                    clear_key_passphrase,
-                ],
-            )?;
+            let ch = edit_changes(&old, opts, rename, clear)?;
             let d = devices.edit(&name, ch)?;
             println!("updated device {} ({})", d.name, d.address());
         }
@@ -609,23 +599,10 @@ async fn run_remote(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
             name,
             rename,
             opts,
-            clear_host_key,
-            clear_socket,
-            clear_docker_login,
-            clear_key_passphrase,
+            clear,
         } => {
             let (old, _) = device_of(api.json("GET", &device_path(&name)?, None).await?)?;
-            let ch = edit_changes(
-                &old,
-                opts,
-                rename,
-                [
-                    clear_host_key,
-                    clear_socket,
-                    clear_docker_login,
-                    clear_key_passphrase,
-                ],
-            )?;
+            let ch = edit_changes(&old, opts, rename, clear)?;
             let path = format!("/api/devices/{}", old.id);
             let (d, _) = device_of(
                 api.json("PATCH", &path, Some(request_body(None, &ch)?))
@@ -676,25 +653,20 @@ fn edit_changes(
     old: &Device,
     opts: DeviceOpts,
     rename: Option<String>,
-    [
-        clear_host_key,
-        clear_socket,
-        clear_docker_login,
-        clear_key_passphrase,
-    ]: [bool; 4],
+    clear: ClearOpts,
 ) -> anyhow::Result<DeviceChanges> {
     let mut ch = opts.into_changes(old.kind, Some(old))?;
     ch.name = rename;
-    if clear_host_key {
+    if clear.clear_host_key {
         ch.host_key = Some(None);
     }
-    if clear_socket {
+    if clear.clear_socket {
         ch.socket_path = Some(None);
     }
-    if clear_docker_login {
+    if clear.clear_docker_login {
         ch.docker_login = Some(None);
     }
-    if clear_key_passphrase {
+    if clear.clear_key_passphrase {
         ch.clear_secrets.push(SecretField::KeyPassphrase);
     }
     Ok(ch)
@@ -912,13 +884,12 @@ fn print_show(d: &Device, stored: &[String], json: bool) -> anyhow::Result<()> {
         v["secrets"] = serde_json::json!(stored);
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        let stored: Vec<&str> = stored.iter().map(String::as_str).collect();
-        print_device(d, &stored);
+        print_device(d, stored);
     }
     Ok(())
 }
 
-fn print_device(d: &Device, stored: &[&str]) {
+fn print_device(d: &Device, stored: &[String]) {
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     println!("name:        {}", d.name);
     println!("id:          {}", d.id);

@@ -26,7 +26,7 @@ mod error;
 mod local;
 pub mod pool;
 mod ssh;
-mod tls;
+pub(crate) mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;

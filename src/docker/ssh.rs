@@ -804,7 +804,6 @@ impl SshTransport {
 /// channel, before asking again.
 const STREAMLOCAL_RETRY: Duration = Duration::from_secs(60);
 
-/// Why the server refused a streamlocal channel, in words.
 /// The tunnel a device's channels use: its own setting, else the engine's. A sudo device
 /// always runs dial-stdio (validation refuses its own streamlocal setting; an engine-wide
 /// one yields); so does an agent-forwarding device on `auto`, since the agent is
@@ -824,6 +823,7 @@ fn effective_tunnel(device: &Device, engine: SshTunnel) -> SshTunnel {
     }
 }
 
+/// Why the server refused a streamlocal channel, in words.
 fn streamlocal_refusal(f: &russh::ChannelOpenFailure, socket: &str) -> String {
     match f {
         russh::ChannelOpenFailure::AdministrativelyProhibited => format!(

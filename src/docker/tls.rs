@@ -119,22 +119,21 @@ fn client_config(
     let cert = get(SecretField::TlsCert, "--tls-cert")?;
     let key = get(SecretField::TlsKey, "--tls-key")?;
 
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca.expose()) {
-        let c = c.map_err(|e| invalid(format!("the --tls-ca PEM is unreadable: {e}")))?;
-        roots
-            .add(c)
-            .map_err(|e| invalid(format!("the --tls-ca certificate is unusable: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(invalid("the --tls-ca PEM holds no certificate".into()));
-    }
-    let chain = CertificateDer::pem_slice_iter(cert.expose())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(format!("the --tls-cert PEM is unreadable: {e}")))?;
-    if chain.is_empty() {
-        return Err(invalid("the --tls-cert PEM holds no certificate".into()));
-    }
+    let roots = pem_roots(ca.expose()).map_err(|p| {
+        invalid(match p {
+            PemProblem::Unreadable(e) => format!("the --tls-ca PEM is unreadable: {e}"),
+            PemProblem::Empty => "the --tls-ca PEM holds no certificate".into(),
+            PemProblem::NotCa(e) => format!("the --tls-ca certificate is unusable: {e}"),
+        })
+    })?;
+    let chain = pem_certs(cert.expose()).map_err(|p| {
+        invalid(match p {
+            PemProblem::Empty => "the --tls-cert PEM holds no certificate".into(),
+            PemProblem::Unreadable(e) | PemProblem::NotCa(e) => {
+                format!("the --tls-cert PEM is unreadable: {e}")
+            }
+        })
+    })?;
     let key = PrivateKeyDer::from_pem_slice(key.expose()).map_err(|e| {
         invalid(format!(
             "the --tls-key PEM holds no usable private key: {e}"
@@ -157,6 +156,33 @@ fn client_config(
     // context (socat, for one) abort a resumed handshake with an internal_error alert.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
+}
+
+/// What is wrong with PEM certificates; the caller names their source (a flag, a file).
+pub(crate) enum PemProblem {
+    Unreadable(String),
+    Empty,
+    NotCa(String),
+}
+
+/// The certificates in a PEM text, at least one.
+pub(crate) fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemProblem> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PemProblem::Unreadable(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(PemProblem::Empty);
+    }
+    Ok(certs)
+}
+
+/// A root store of the CA certificates in a PEM text, at least one.
+pub(crate) fn pem_roots(pem: &[u8]) -> Result<rustls::RootCertStore, PemProblem> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pem_certs(pem)? {
+        roots.add(c).map_err(|e| PemProblem::NotCa(e.to_string()))?;
+    }
+    Ok(roots)
 }
 
 /// Finds a TLS failure in an I/O error (handshake, or the first read when the daemon
