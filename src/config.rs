@@ -78,6 +78,9 @@ pub struct ProxySection {
     pub tls_key: Option<PathBuf>,
     /// Demand client certificates signed by this CA (PEM); needs `tls_cert`.
     pub tls_client_ca: Option<PathBuf>,
+    /// Append a JSON line per request (allowed or denied) to this file, created with mode
+    /// 0600. Without it, allowed requests are `info` log lines and denied ones `warn`.
+    pub access_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +152,8 @@ pub struct ProxySettings {
     pub listen: crate::proxy::Listen,
     pub token_file: Option<PathBuf>,
     pub tls: Option<crate::proxy::TlsFiles>,
+    /// JSON-lines access log, if one is set.
+    pub access_log: Option<PathBuf>,
 }
 
 impl Settings {
@@ -218,12 +223,26 @@ impl Settings {
                     });
                 }
             };
+            if p.access_log
+                .as_ref()
+                .is_some_and(|f| f.as_os_str().is_empty())
+            {
+                return Err(ConfigError::Invalid {
+                    field: "proxy.access_log",
+                    message: format!(
+                        "[[proxy]] #{} ({}): access_log must name a file (or be left out to log requests as `info` lines)",
+                        i + 1,
+                        p.device
+                    ),
+                });
+            }
             proxies.push(ProxySettings {
                 device: p.device.clone(),
                 policy_file: p.policy.clone(),
                 listen,
                 token_file: p.token_file.clone(),
                 tls,
+                access_log: p.access_log.clone(),
             });
         }
         Ok(Settings {
@@ -386,18 +405,21 @@ mod tests {
         assert!(ConfigFile::parse(typo).unwrap_err().contains("token"));
     }
 
-    #[test]
-    fn a_proxys_tls_files_come_as_certificate_and_key() {
+    /// Settings from one `[[proxy]]` table with `extra` lines.
+    fn resolve_proxy(extra: &str) -> Result<Settings, ConfigError> {
         let base =
             "[[proxy]]\ndevice = \"a\"\npolicy = \"p.env\"\nlisten = \"tcp://127.0.0.1:2376\"\n";
-        let resolve = |extra: &str| {
-            Settings::resolve(
-                &ConfigFile::parse(&format!("{base}{extra}")).unwrap(),
-                None,
-                None,
-                None,
-            )
-        };
+        Settings::resolve(
+            &ConfigFile::parse(&format!("{base}{extra}")).unwrap(),
+            None,
+            None,
+            None,
+        )
+    }
+
+    #[test]
+    fn a_proxys_tls_files_come_as_certificate_and_key() {
+        let resolve = resolve_proxy;
         let s = resolve("tls_cert = \"s.pem\"\ntls_key = \"s.key\"\ntls_client_ca = \"ca.pem\"\n")
             .unwrap();
         assert_eq!(
@@ -418,6 +440,19 @@ mod tests {
             err.contains("tls_client_ca needs tls_cert and tls_key"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_proxys_access_log_is_a_file_name_or_left_out() {
+        let resolve = resolve_proxy;
+        let s = resolve("access_log = \"/var/log/capstan/proxy.jsonl\"\n").unwrap();
+        assert_eq!(
+            s.proxies[0].access_log.as_deref(),
+            Some(Path::new("/var/log/capstan/proxy.jsonl"))
+        );
+        assert_eq!(resolve("").unwrap().proxies[0].access_log, None);
+        let err = resolve("access_log = \"\"\n").unwrap_err().to_string();
+        assert!(err.contains("access_log must name a file"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,13 @@
 //! --tlsverify` does: `docker --tlsverify -H tcp://…` then works against the proxy
 //! unchanged, and the certificate is the client's credential (no token needed).
 //!
+//! Every request the proxy answers is recorded ([`AccessLog`]): client, device, method,
+//! the path decided on, the decision, the rule and variable that made it, and the status.
+//! By default allowed requests are `info` events (denials are `warn` events anyway); with
+//! `--access-log FILE` (`access_log` in `[[proxy]]`) every request is a JSON line in that
+//! file. Bodies and headers are never recorded, and query values that may hold secrets
+//! (build arguments, remote URLs) are written as `***`.
+//!
 //! Upstream requests go through the device's [`DockerClient`]: the same pooled
 //! connections (local socket, TLS, SSH channels running `docker system dial-stdio`) that
 //! plugins and checks use — `src/docker/` stays the one place that opens them.
@@ -41,7 +48,7 @@ use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 
 use crate::docker::{BoxError, DockerClient};
-use crate::policy::CompiledPolicy;
+use crate::policy::{CompiledPolicy, Decision, Framing, Var};
 use crate::secret::Secret;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -101,6 +108,14 @@ pub enum ProxyError {
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open the access log {}: {source} (check that its directory exists and is writable, or leave the access log out to record requests as `info` log lines)",
+        path.display()
+    )]
+    AccessLog {
+        path: PathBuf,
         source: std::io::Error,
     },
 }
@@ -210,6 +225,104 @@ fn check_exposure(listen: &Listen, token: bool, client_certs: bool) -> Result<()
     }
 }
 
+/// Where a proxy records the requests it answers.
+#[derive(Debug)]
+pub enum AccessLog {
+    /// Allowed requests as `info` events of the `capstan::proxy::access` target (denied ones
+    /// are `warn` events of the proxy with the reason).
+    Tracing,
+    /// Every request as one JSON line appended to this file.
+    File {
+        path: PathBuf,
+        file: std::sync::Mutex<std::fs::File>,
+    },
+}
+
+impl AccessLog {
+    /// Opens (creating it with mode 0600 if needed) `path` for appending.
+    pub fn open(path: &Path) -> Result<AccessLog, ProxyError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| ProxyError::AccessLog {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(AccessLog::File {
+            path: path.to_path_buf(),
+            file: std::sync::Mutex::new(file),
+        })
+    }
+}
+
+/// One access record as it is filled in while a request is decided.
+#[derive(Debug, Default)]
+struct AccessNote {
+    /// The path and query decided on (what is forwarded), once decided.
+    path: Option<String>,
+    /// The rule that decided (`section`, `guard`, `toggle`, `write-gate`, `token`,
+    /// `container-scope`, …).
+    rule: &'static str,
+    /// The variable that decided, if one did.
+    variable: Option<Var>,
+    /// Whether the request was sent to the daemon.
+    forwarded: bool,
+}
+
+impl AccessNote {
+    /// Notes the policy's decision.
+    fn decided(&mut self, decision: &Decision<'_>) {
+        self.path = Some(decision.path().to_string());
+        self.rule = decision.rule().kind();
+        self.variable = decision.rule().var();
+    }
+}
+
+/// The JSON line of one request.
+#[derive(serde::Serialize)]
+struct AccessRecord<'a> {
+    time: String,
+    client: &'a str,
+    device: &'a str,
+    method: &'a str,
+    path: &'a str,
+    decision: &'static str,
+    rule: &'static str,
+    variable: Option<&'static str>,
+    status: u16,
+}
+
+/// Query parameters whose values may hold secrets: build arguments and the URLs of build
+/// contexts, image imports and plugins (which may carry credentials).
+const SECRET_QUERY_KEYS: &[&str] = &["buildargs", "remote", "fromSrc"];
+
+/// `path_and_query` with the values of [`SECRET_QUERY_KEYS`] replaced by `***`.
+fn redact_query(path_and_query: &str) -> std::borrow::Cow<'_, str> {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.into();
+    };
+    let secret = |pair: &str| {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        SECRET_QUERY_KEYS
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(key))
+    };
+    if !query.split('&').any(secret) {
+        return path_and_query.into();
+    }
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if secret(pair) => format!("{key}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{path}?{}", pairs.join("&")).into()
+}
+
 /// A running proxy's shared state.
 pub struct Proxy {
     device: String,
@@ -217,6 +330,7 @@ pub struct Proxy {
     upstream: Arc<DockerClient>,
     token_hash: Option<[u8; 32]>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    access_log: AccessLog,
     pub stats: ProxyStats,
 }
 
@@ -257,6 +371,22 @@ fn strip_hop_headers(h: &mut HeaderMap, keep_upgrade: bool) {
         h.remove(header::CONNECTION);
         h.remove(header::UPGRADE);
     }
+}
+
+/// Whether the body is a form the daemon reads parameters from as it reads the query (Go's
+/// `ParseForm` reads `application/x-www-form-urlencoded`; `multipart/form-data` counts
+/// too, and so does a Content-Type that is not text, to be safe).
+fn is_form_body(h: &HeaderMap) -> bool {
+    h.get_all(header::CONTENT_TYPE)
+        .iter()
+        .any(|v| match v.to_str() {
+            Err(_) => true,
+            Ok(s) => {
+                let media = s.split(';').next().unwrap_or_default().trim();
+                media.eq_ignore_ascii_case("application/x-www-form-urlencoded")
+                    || media.eq_ignore_ascii_case("multipart/form-data")
+            }
+        })
 }
 
 fn is_upgrade(h: &HeaderMap) -> bool {
@@ -309,8 +439,65 @@ impl Proxy {
             upstream,
             token_hash: token.map(|t| hash_token(t.expose())),
             tls,
+            access_log: AccessLog::Tracing,
             stats: ProxyStats::default(),
         })
+    }
+
+    /// Records requests in `log` instead of as `info` events.
+    pub fn with_access_log(mut self, log: AccessLog) -> Proxy {
+        self.access_log = log;
+        self
+    }
+
+    /// Writes the access record of one answered request.
+    fn record(&self, client: &str, method: &str, raw_path: &str, note: &AccessNote, status: u16) {
+        let path = redact_query(note.path.as_deref().unwrap_or(raw_path));
+        let decision = if note.forwarded { "allow" } else { "deny" };
+        let variable = note.variable.map(Var::name);
+        match &self.access_log {
+            AccessLog::Tracing => {
+                if note.forwarded {
+                    tracing::info!(
+                        target: "capstan::proxy::access",
+                        %client,
+                        device = %self.device,
+                        %method,
+                        path = %path,
+                        rule = note.rule,
+                        variable = variable.unwrap_or("-"),
+                        status,
+                        "proxy request allowed"
+                    );
+                }
+            }
+            AccessLog::File {
+                path: file_path,
+                file,
+            } => {
+                let record = AccessRecord {
+                    time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    client,
+                    device: &self.device,
+                    method,
+                    path: &path,
+                    decision,
+                    rule: note.rule,
+                    variable,
+                    status,
+                };
+                let mut line = serde_json::to_vec(&record).expect("access records serialise");
+                line.push(b'\n');
+                let written = {
+                    use std::io::Write;
+                    let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    file.write_all(&line)
+                };
+                if let Err(e) = written {
+                    tracing::error!(device = %self.device, path = %file_path.display(), error = %e, "cannot write the proxy access log");
+                }
+            }
+        }
     }
 
     fn authorized(&self, h: &HeaderMap) -> bool {
@@ -328,13 +515,35 @@ impl Proxy {
         presented.is_some_and(|p| constant_time_eq(&hash_token(p.trim().as_bytes()), want))
     }
 
-    /// Handles one client request.
+    /// Handles one client request and records it in the access log.
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: String,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let method = req.method().clone();
+        let raw_path = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string());
+        let mut note = AccessNote::default();
+        let response = self.respond(req, &client, &mut note).await;
+        let status = response
+            .as_ref()
+            .map_or(0, |r: &Response<ProxyBody>| r.status().as_u16());
+        self.record(&client, method.as_str(), &raw_path, &note, status);
+        response
+    }
+
+    /// Decides one client request and answers it, noting how in `note`.
+    async fn respond(
+        &self,
+        mut req: Request<Incoming>,
+        client: &str,
+        note: &mut AccessNote,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         if !self.authorized(req.headers()) {
+            note.rule = "token";
             tracing::warn!(%client, device = %self.device, method = %req.method(), "proxy request without a valid token");
             return Ok(docker_error(
                 StatusCode::UNAUTHORIZED,
@@ -348,7 +557,12 @@ impl Proxy {
             .map(|p| p.as_str())
             .unwrap_or("/")
             .to_string();
-        let decision = self.policy.decide(method.as_str(), &pq);
+        let framing = Framing {
+            upgrade: is_upgrade(req.headers()),
+            form_body: is_form_body(req.headers()),
+        };
+        let decision = self.policy.decide_framed(method.as_str(), &pq, framing);
+        note.decided(&decision);
         if !decision.is_allowed() {
             self.stats.denied.fetch_add(1, Ordering::Relaxed);
             let reason = decision.reason();
@@ -362,6 +576,8 @@ impl Proxy {
             && !self.policy.containers().is_all()
             && let Err(why) = self.check_container_scope(container).await
         {
+            note.rule = "container-scope";
+            note.variable = None;
             self.stats.denied.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%client, device = %self.device, %method, path = %pq, reason = %why, "proxy request denied");
             return Ok(docker_error(
@@ -370,7 +586,6 @@ impl Proxy {
             ));
         }
         self.stats.allowed.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(%client, device = %self.device, %method, path = %pq, "proxy request allowed");
         let forward_path = decision.path().to_string();
 
         let upgrade = is_upgrade(req.headers());
@@ -387,6 +602,7 @@ impl Proxy {
             .body(body.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
             .expect("valid request");
 
+        note.forwarded = true;
         let mut resp = match self.upstream.send(up).await {
             Ok(r) => r,
             Err(e) => {
@@ -659,6 +875,51 @@ mod tests {
         check_exposure(&exposed, false, true).unwrap();
         check_exposure(&local, false, false).unwrap();
         check_exposure(&unix, false, false).unwrap();
+    }
+
+    #[test]
+    fn form_bodies_are_recognised_by_their_media_type_in_any_case() {
+        let with = |value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            is_form_body(&h)
+        };
+        assert!(with("application/x-www-form-urlencoded"));
+        assert!(with("Application/X-WWW-Form-Urlencoded; charset=utf-8"));
+        assert!(with(" multipart/form-data; boundary=x"));
+        assert!(!with("text/plain"));
+        assert!(!with("application/json"));
+        assert!(!is_form_body(&HeaderMap::new()));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_bytes(b"application/\xff").unwrap(),
+        );
+        assert!(
+            is_form_body(&h),
+            "an unreadable Content-Type counts as a form"
+        );
+    }
+
+    #[test]
+    fn access_records_leave_out_query_values_that_may_hold_secrets() {
+        assert_eq!(
+            redact_query("/build?t=app&buildargs=%7B%22TOKEN%22%3A%22s3cret%22%7D&q=1"),
+            "/build?t=app&buildargs=***&q=1"
+        );
+        assert_eq!(
+            redact_query("/build?remote=https://u:pw@git.example/r.git"),
+            "/build?remote=***"
+        );
+        assert_eq!(
+            redact_query("/images/create?fromSrc=https://u:pw@x/i.tar&repo=a"),
+            "/images/create?fromSrc=***&repo=a"
+        );
+        assert_eq!(
+            redact_query("/containers/json?all=1"),
+            "/containers/json?all=1"
+        );
+        assert_eq!(redact_query("/_ping"), "/_ping");
     }
 
     #[test]

@@ -475,20 +475,28 @@ fn a_proxy_with_unusable_tls_files_refuses_to_start_saying_which() {
     assert_failure_says(&out, "TLS is for tcp:// listeners");
 }
 
-#[test]
-fn a_proxy_on_a_non_loopback_address_without_a_token_refuses_to_start() {
-    let data = with_local_device();
+/// Runs `capstan proxy` for device `d` under `CONTAINERS=1` on `listen`, with `extra`
+/// arguments, to its end (for settings it refuses at start).
+fn proxy_refusing_to_start(data: &DataDir, listen: &str, extra: &[&str]) -> std::process::Output {
     let policy = data.path().join("p.env");
     std::fs::write(&policy, "CONTAINERS=1\n").unwrap();
-    let out = data.capstan(&[
+    let mut args = vec![
         "proxy",
         "--device",
         "d",
         "--policy",
         policy.to_str().unwrap(),
         "--listen",
-        "tcp://0.0.0.0:0",
-    ]);
+        listen,
+    ];
+    args.extend_from_slice(extra);
+    data.capstan(&args)
+}
+
+#[test]
+fn a_proxy_on_a_non_loopback_address_without_a_token_refuses_to_start() {
+    let data = with_local_device();
+    let out = proxy_refusing_to_start(&data, "tcp://0.0.0.0:0", &[]);
     assert_failure_says(
         &out,
         "refusing to serve the Docker API on the non-loopback address",
@@ -724,4 +732,360 @@ fn the_proxy_refuses_containers_outside_the_policy_container_scope() {
     remove_container(&inside);
     remove_container(&outside);
     drop(proxy);
+}
+
+/// The read-only example policy as shipped in the repository.
+fn readonly_env() -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/policies/readonly.env")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Starts `capstan proxy` for device `d` with a policy file as it is on disk.
+fn start_proxy_with_file(data: &DataDir, policy_file: &str, extra: &[&str]) -> ProxyProcess {
+    let policy = std::fs::read_to_string(policy_file).unwrap();
+    start_proxy(data, "d", &policy, extra)
+}
+
+/// Runs a test container that reads shell commands from its stdin (`docker run -i … sh`)
+/// and prints `marker` to its log first.
+fn start_shell_container(name: &str, marker: &str) {
+    let image = Infra::get().var("TEST_IMAGE");
+    remove_container(name);
+    let out = Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "-i",
+            "--label",
+            "capstan.test=effects",
+            "--name",
+            name,
+            image,
+            "sh",
+            "-c",
+            &format!("echo {marker}; exec sh"),
+        ])
+        .output()
+        .unwrap();
+    assert_success(&out, "start a container with an open stdin");
+    // Ready when its log holds the marker.
+    let t = Instant::now();
+    loop {
+        let logs = Command::new("docker")
+            .args(["logs", name])
+            .output()
+            .unwrap();
+        if stdout(&logs).contains(marker) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "container {name} never printed its marker"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `path` exists inside the container, asked of the daemon directly.
+fn exists_in(container: &str, path: &str) -> bool {
+    Command::new("docker")
+        .args(["exec", container, "test", "-e", path])
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// A websocket attach written by hand: the HTTP/1.1 Upgrade request for `target`. Returns
+/// the status, the response head and body as text, and the connection.
+fn websocket_attach(addr: &str, target: &str) -> (u16, String, std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Origin: http://{addr}\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).unwrap() == 0 {
+            break;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {head:?}"));
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse::<usize>().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; if status == 101 { 0 } else { length }];
+    s.read_exact(&mut body).unwrap();
+    (status, head + &String::from_utf8_lossy(&body), s)
+}
+
+/// Sends `text` as one masked websocket text frame (a client's frame).
+fn websocket_send(s: &mut std::net::TcpStream, text: &str) {
+    use std::io::Write;
+    let payload = text.as_bytes();
+    assert!(payload.len() < 126);
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&frame).unwrap();
+}
+
+/// A command's output, or a failure when it has not ended within `limit` (an attach that
+/// went through would not end by itself).
+fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?} (the request went through?): {}",
+                stderr(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn readonly_env_refuses_a_websocket_attach_that_would_run_commands_or_read_logs() {
+    let data = with_local_device();
+    let name = format!("capstan-effects-ws-{}", std::process::id());
+    let marker = "capstan-effects-log-marker";
+    start_shell_container(&name, marker);
+
+    // The attack works when the policy allows writes: the websocket's stdin reaches the
+    // container's shell.
+    let open = start_proxy(&data, "d", "CONTAINERS=1\nPOST=1\n", &[]);
+    let (status, head, mut ws) = websocket_attach(
+        &open.addr,
+        &format!("/v1.41/containers/{name}/attach/ws?stream=1&stdin=1&stdout=1"),
+    );
+    assert_eq!(status, 101, "{head}");
+    websocket_send(&mut ws, "touch /tmp/reached-through-open-policy\n");
+    let t = Instant::now();
+    while !exists_in(&name, "/tmp/reached-through-open-policy") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the shell never ran the command"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(ws);
+
+    // readonly.env: 403, naming POST=1, and nothing ran.
+    let ro = start_proxy_with_file(&data, &readonly_env(), &[]);
+    for target in [
+        format!("/v1.41/containers/{name}/attach/ws?stream=1&stdin=1&stdout=1"),
+        format!("/containers/{name}/attach/ws?stream=1&stdin=True&stdout=1"),
+        format!("/containers/{name}/attach/ws?stream=1&stdout=1"),
+    ] {
+        let (status, response, mut ws) = websocket_attach(&ro.addr, &target);
+        assert_eq!(status, 403, "{target}: {response}");
+        assert!(
+            response.contains("capstan policy")
+                && response.contains("POST=1")
+                && response.contains("attaching to a container is a write whatever the method"),
+            "{response}"
+        );
+        // Bytes after the refusal go nowhere.
+        use std::io::Write;
+        let _ = ws.write_all(b"touch /tmp/x; id\n");
+    }
+    assert!(
+        !exists_in(&name, "/tmp/x"),
+        "the refused attach ran a command"
+    );
+
+    // The logs read of the audit: refused, the log not returned, both variables named.
+    for proxy in [&ro, &open] {
+        let (status, response, _) = websocket_attach(
+            &proxy.addr,
+            &format!("/containers/{name}/attach/ws?logs=1&stream=0&stdout=1"),
+        );
+        assert_eq!(status, 403, "{response}");
+        assert!(!response.contains(marker), "{response}");
+        assert!(response.contains("ALLOW_LOGS=1"), "{response}");
+    }
+    // Nor through a form body the policy does not read.
+    let (status, body) = http(
+        &open.addr,
+        "POST",
+        &format!("/containers/{name}/attach?stream=0&stdout=1"),
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        b"logs=1",
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        !body.contains(marker) && body.contains("ALLOW_LOGS=1"),
+        "{body}"
+    );
+    remove_container(&name);
+}
+
+#[test]
+fn readonly_env_refuses_docker_attach_exec_and_logs_and_still_serves_ps() {
+    let data = with_local_device();
+    let name = format!("capstan-effects-cli-{}", std::process::id());
+    let marker = "capstan-effects-cli-marker";
+    start_shell_container(&name, marker);
+    let ro = start_proxy_with_file(&data, &readonly_env(), &[]);
+    let cfg = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut c = docker(&ro.addr, cfg.path());
+        c.args(args);
+        output_within(c, Duration::from_secs(30))
+    };
+
+    let out = run(&["ps"]);
+    assert_success(&out, "docker ps under readonly.env");
+    assert!(stdout(&out).contains(&name), "{}", stdout(&out));
+
+    let out = run(&["attach", &name]);
+    assert_failure_says(&out, "capstan policy");
+    assert!(
+        stderr(&out).contains("POST=1")
+            && stderr(&out).contains("attaching to a container is a write whatever the method"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = run(&["exec", &name, "touch", "/tmp/x"]);
+    assert_failure_says(&out, "capstan policy");
+    assert!(!exists_in(&name, "/tmp/x"));
+
+    let out = run(&["logs", &name]);
+    assert_failure_says(&out, "ALLOW_LOGS=1");
+    assert!(!stdout(&out).contains(marker));
+    remove_container(&name);
+}
+
+#[test]
+fn the_access_log_records_allowed_and_denied_requests_without_secrets() {
+    let data = with_local_device();
+    let log = data.path().join("access.jsonl");
+    let proxy = start_proxy(
+        &data,
+        "d",
+        "CONTAINERS=1\n",
+        &["--access-log", log.to_str().unwrap()],
+    );
+    assert_eq!(
+        http(&proxy.addr, "GET", "/v1.41/containers/json?all=1", &[], b"").0,
+        200
+    );
+    assert_eq!(
+        http(
+            &proxy.addr,
+            "POST",
+            "/containers/abc/stop",
+            &[("Authorization", "Bearer not-a-proxy-token-42")],
+            b"body-text-43"
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        http(
+            &proxy.addr,
+            "POST",
+            "/build?t=app&buildargs=%7B%22TOKEN%22%3A%22build-secret-44%22%7D",
+            &[],
+            b""
+        )
+        .0,
+        403
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    for secret in ["not-a-proxy-token-42", "body-text-43", "build-secret-44"] {
+        assert!(
+            !text.contains(secret),
+            "{secret} in the access log:\n{text}"
+        );
+    }
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert_eq!(records.len(), 3, "{text}");
+    let allowed = &records[0];
+    assert!(
+        allowed["client"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{allowed}"
+    );
+    assert_eq!(allowed["device"], "d");
+    assert_eq!(allowed["method"], "GET");
+    assert_eq!(allowed["path"], "/v1.41/containers/json?all=1");
+    assert_eq!(allowed["decision"], "allow");
+    assert_eq!(allowed["rule"], "section");
+    assert_eq!(allowed["variable"], "CONTAINERS");
+    assert_eq!(allowed["status"], 200);
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(allowed["time"].as_str().unwrap()).is_ok(),
+        "{allowed}"
+    );
+    let denied = &records[1];
+    assert_eq!(
+        (
+            &denied["method"],
+            &denied["path"],
+            &denied["decision"],
+            &denied["rule"],
+            &denied["variable"],
+            &denied["status"]
+        ),
+        (
+            &"POST".into(),
+            &"/containers/abc/stop".into(),
+            &"deny".into(),
+            &"write-gate".into(),
+            &"POST".into(),
+            &403.into()
+        )
+    );
+    assert_eq!(records[2]["path"], "/build?t=app&buildargs=***");
+    assert_eq!(records[2]["variable"], "POST");
+}
+
+#[test]
+fn a_proxy_whose_access_log_cannot_be_opened_refuses_to_start_saying_so() {
+    let data = with_local_device();
+    let listen = format!("tcp://127.0.0.1:{}", free_port());
+    let out = proxy_refusing_to_start(
+        &data,
+        &listen,
+        &["--access-log", "/nonexistent-dir/access.jsonl"],
+    );
+    assert_failure_says(
+        &out,
+        "cannot open the access log /nonexistent-dir/access.jsonl",
+    );
 }

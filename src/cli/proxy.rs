@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use super::GlobalArgs;
 use crate::engine::Engine;
-use crate::proxy::{Listen, Proxy, ProxyListener, TlsFiles};
+use crate::proxy::{AccessLog, Listen, Proxy, ProxyListener, TlsFiles};
 use crate::secret::Secret;
 
 #[derive(Debug, clap::Args)]
@@ -23,7 +23,13 @@ Examples:
 
 The policy file is a socket-proxy environment block (CONTAINERS=1, POST=0, ALLOW_RESTARTS=1,
 …, as in a docker-compose `environment:` section) or a TOML file ending in .toml. Denied
-requests get 403 with a message naming the variable that would allow them.")]
+requests get 403 with a message naming the variable that would allow them. The write gate
+(POST) and the guards (ALLOW_LOGS, …) apply by what a request does, not by its method:
+attaching to a container (POST or websocket GET) needs POST=1, and ALLOW_LOGS=1 as well when
+it asks for logs; any connection upgrade needs POST=1; `docker save` needs ALLOW_EXPORT=1.
+
+Every allowed request is logged at `info` (denied ones at `warn`); with --access-log every
+request is a JSON line in that file instead.")]
 pub struct ProxyArgs {
     /// The device whose daemon to serve (name or id).
     #[arg(long)]
@@ -48,6 +54,11 @@ pub struct ProxyArgs {
     /// they authenticate clients, so no token is needed.
     #[arg(long, value_name = "FILE", requires = "tls_cert", help_heading = "TLS")]
     tls_client_ca: Option<PathBuf>,
+    /// Append a JSON line per request (allowed or denied) to FILE, created with mode 0600:
+    /// time, client, device, method, path, decision, rule, variable, status. Bodies and
+    /// headers are never recorded.
+    #[arg(long, value_name = "FILE")]
+    access_log: Option<PathBuf>,
 }
 
 pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
@@ -67,6 +78,11 @@ pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
         }),
         _ => None,
     };
+    let access_log = args
+        .access_log
+        .as_deref()
+        .map(AccessLog::open)
+        .transpose()?;
     let engine = Engine::open(g.settings(None)?, &g.passphrase())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -78,14 +94,18 @@ pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
         // The client holds what it needs (secrets in memory); release the data directory
         // so the engine and other proxies can use it.
         drop(engine);
-        let proxy = Arc::new(Proxy::new(
+        let mut proxy = Proxy::new(
             &device.name,
             policy,
             upstream,
             &args.listen,
             token.as_ref(),
             tls.as_ref(),
-        )?);
+        )?;
+        if let Some(log) = access_log {
+            proxy = proxy.with_access_log(log);
+        }
+        let proxy = Arc::new(proxy);
         let listener = ProxyListener::bind(&args.listen).await?;
         println!(
             "serving the Docker API of device {} on {}{}",

@@ -20,7 +20,7 @@ use crate::device::{DeviceChanges, DeviceError, DeviceKind};
 use crate::engine::Engine;
 use crate::plugin::PluginSource;
 use crate::policy::CompiledPolicy;
-use crate::proxy::{Proxy, ProxyListener};
+use crate::proxy::{AccessLog, Proxy, ProxyListener};
 use crate::scheduler::Scheduler;
 use crate::secret::Secret;
 
@@ -222,17 +222,20 @@ async fn serve(
             .get(&p.device)
             .with_context(|| format!("[[proxy]] on {}", p.listen))?;
         let upstream = engine.docker_client(&device)?;
-        let proxy = Arc::new(
-            Proxy::new(
-                &device.name,
-                policy,
-                upstream,
-                &p.listen,
-                token.as_ref(),
-                p.tls.as_ref(),
-            )
-            .with_context(|| format!("[[proxy]] for device {} on {}", device.name, p.listen))?,
-        );
+        let context = || format!("[[proxy]] for device {} on {}", device.name, p.listen);
+        let mut proxy = Proxy::new(
+            &device.name,
+            policy,
+            upstream,
+            &p.listen,
+            token.as_ref(),
+            p.tls.as_ref(),
+        )
+        .with_context(context)?;
+        if let Some(file) = &p.access_log {
+            proxy = proxy.with_access_log(AccessLog::open(file).with_context(context)?);
+        }
+        let proxy = Arc::new(proxy);
         let listener = ProxyListener::bind(&p.listen).await?;
         println!(
             "proxy for device {} listening on {}{}",

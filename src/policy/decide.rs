@@ -17,19 +17,28 @@
 //! Escapes that decode to ordinary characters are fine: `/%63ontainers/json` is decided,
 //! and forwarded, as `/containers/json`. An optional API version prefix (`/v1.41`, `/v`
 //! digits `.` digits) is kept in the forwarded path and skipped for matching. The query is
-//! forwarded as received and plays no part in the decision.
+//! forwarded as received; it counts only where it changes what a request does (attach's
+//! `logs`), read at least as strictly as the daemon reads it ([`query_may_set`]).
 //!
-//! Then, for the endpoint that matched, the order of linuxserver's socket proxy:
-//! 1. guard off (logs, top, changes, export, archive) → deny;
-//! 2. a lifecycle toggle on (start, stop, restart, kill, pause, unpause) → allow;
-//! 3. method other than GET/HEAD with POST off → deny;
+//! The request's effect ([`Effects`]) comes from the endpoint's [`Effect`] in the table, not
+//! from the HTTP method alone: a method other than GET/HEAD is always a write, and so is a
+//! GET whose effect is one (attach over a websocket) or that asks to upgrade the connection
+//! ([`Framing`]). Then, for the endpoint that matched, the order of linuxserver's proxy:
+//! 1. the effect's guard off (a container's logs, top, changes, export, archive; image
+//!    export; service and task logs) → deny;
+//! 2. a lifecycle toggle on (start, stop, restart, kill, pause, unpause) → allow, unless
+//!    the request asks for an upgrade;
+//! 3. a write with POST off → deny;
 //! 4. section on → allow; 5. otherwise deny.
+//!
+//! This only ever denies more than linuxserver, whose write gate is the method and whose
+//! guards are the container sub-resources: every such write and guard is one here too.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
-use crate::policy::endpoints::{self, Endpoint, Gate, Method, Span, TargetKind};
+use crate::policy::endpoints::{self, Effect, Endpoint, Gate, Method, Span, TargetKind};
 use crate::policy::scope::{ContainerScope, DeviceScope};
 use crate::policy::vars::{Var, VarSet};
 
@@ -80,9 +89,24 @@ impl CompiledPolicy {
     ///
     /// `method` is the HTTP method token as received (case-sensitive); `path_and_query` is
     /// the request target in origin form (`/v1.47/containers/json?all=1`). Forward
-    /// [`Decision::path`] — not the input — when the decision allows.
+    /// [`Decision::path`] — not the input — when the decision allows. A proxy that sees
+    /// the request's headers calls [`decide_framed`](Self::decide_framed) instead.
     #[must_use = "a decision must be checked before the request is sent"]
+    #[inline]
     pub fn decide<'a>(&self, method: &'a str, path_and_query: &'a str) -> Decision<'a> {
+        self.decide_framed(method, path_and_query, Framing::default())
+    }
+
+    /// Decides as [`decide`](Self::decide), for a request framed as `framing` says: an
+    /// upgrade is a write whatever the endpoint, and a form body may carry what the query
+    /// does not show.
+    #[must_use = "a decision must be checked before the request is sent"]
+    pub fn decide_framed<'a>(
+        &self,
+        method: &'a str,
+        path_and_query: &'a str,
+        framing: Framing,
+    ) -> Decision<'a> {
         let mut segments = [Span(0, 0); MAX_SEGMENTS];
         let (path, layout) = match normalise(path_and_query, &mut segments) {
             Ok(normal) => normal,
@@ -96,6 +120,8 @@ impl CompiledPolicy {
                     api: 0..0,
                     target: None,
                     vars: self.vars,
+                    effects: Effects::NONE,
+                    framing,
                 };
             }
         };
@@ -119,9 +145,13 @@ impl CompiledPolicy {
                 api,
                 target: None,
                 vars: self.vars,
+                effects: Effects::NONE,
+                framing,
             };
         };
-        let rule = apply(self.vars, method_token, endpoint);
+        let query = &path[layout.path_end..];
+        let effects = Effects::resolve(method_token, endpoint, query, framing);
+        let rule = apply(self.vars, endpoint, effects, framing);
         Decision {
             allowed: rule.allows(),
             rule,
@@ -131,6 +161,8 @@ impl CompiledPolicy {
             api,
             target: endpoint.target.zip(target),
             vars: self.vars,
+            effects,
+            framing,
         }
     }
 }
@@ -141,19 +173,152 @@ impl From<VarSet> for CompiledPolicy {
     }
 }
 
-/// The decision order of linuxserver's socket proxy, on a matched endpoint.
-#[inline]
-fn apply(vars: VarSet, method: Method, endpoint: &Endpoint) -> Rule {
-    match endpoint.gate {
-        Gate::Guard(var) if !vars.contains(var) => return Rule::Guard(var),
-        Gate::Toggle(toggles) => {
-            if let Some(&var) = toggles.iter().find(|&&v| vars.contains(v)) {
-                return Rule::Toggle(var);
+/// What a proxy sees of a request, beyond its method and target, that changes what the
+/// request does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Framing {
+    /// The request asks to upgrade the connection (`Connection: Upgrade` with
+    /// `Upgrade: …`). Once the daemon agrees, bytes flow both ways and the policy sees none
+    /// of them, so an upgrade is a write whatever the endpoint, and no lifecycle toggle
+    /// allows it.
+    pub upgrade: bool,
+    /// The body is a form (`application/x-www-form-urlencoded` or `multipart/form-data`).
+    /// The daemon reads its parameters from such a body before the query's, and the policy
+    /// does not read bodies, so an effect that depends on parameters (attach's `logs`)
+    /// assumes the worst.
+    pub form_body: bool,
+}
+
+/// Why a request needs the write gate (POST=1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteCause {
+    /// Its method is not GET or HEAD.
+    Method,
+    /// Its endpoint's effect is a write whatever the method (attach, `GET
+    /// /swarm/unlockkey`).
+    Effect,
+    /// It asks to upgrade the connection to a two-way stream.
+    Upgrade,
+}
+
+/// What one request does: its endpoint's [`Effect`] resolved against its method, query
+/// and framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effects {
+    /// Why it needs POST=1, when it does.
+    pub write: Option<WriteCause>,
+    /// The guard that must be on for it, if any.
+    pub guard: Option<Var>,
+}
+
+impl Effects {
+    /// Nothing: for requests that matched no endpoint (denied anyway).
+    pub const NONE: Effects = Effects {
+        write: None,
+        guard: None,
+    };
+
+    /// Resolves `endpoint`'s effect for one request. The method only ever adds: anything
+    /// but GET and HEAD is a write, whatever the table says.
+    #[inline]
+    fn resolve(method: Method, endpoint: &Endpoint, query: &str, framing: Framing) -> Effects {
+        let write = if !method.is_read() {
+            Some(WriteCause::Method)
+        } else if endpoint.effect.writes() {
+            Some(WriteCause::Effect)
+        } else if framing.upgrade {
+            Some(WriteCause::Upgrade)
+        } else {
+            None
+        };
+        let guard = match endpoint.effect {
+            Effect::Attach => {
+                (framing.form_body || query_may_set(query, b"logs")).then_some(Var::AllowLogs)
             }
-        }
-        _ => {}
+            effect => effect.guard(),
+        };
+        Effects { write, guard }
     }
-    if !method.is_read() && !vars.contains(Var::Post) {
+
+    /// Whether the request needs POST=1.
+    pub const fn writes(self) -> bool {
+        self.write.is_some()
+    }
+}
+
+/// Whether `query` (with its leading `?`, or empty) may make the daemon read `key` as
+/// true.
+///
+/// The daemon (moby's `httputils.BoolValue`) reads the first value of `key` after
+/// percent-decoding (`+` is a space), trimming and lower-casing it, and takes `""`, `0`,
+/// `no`, `false` and `none` for false, anything else (`1`, `true`, `True`, `yes`, `2`) for
+/// true. This is stricter: every occurrence counts, not only the first; keys compare
+/// ASCII-case-insensitively and trimmed; and what the daemon might read differently — a
+/// malformed escape in a key or in this key's value, or a `;` anywhere (a separator for
+/// older Go) — counts as setting it.
+#[inline]
+fn query_may_set(query: &str, key: &[u8]) -> bool {
+    let query = query.strip_prefix('?').unwrap_or(query);
+    if query.contains(';') {
+        return true;
+    }
+    for pair in query.split('&') {
+        let (raw_key, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(name) = form_decode(raw_key) else {
+            return true;
+        };
+        if !name.trim_ascii().eq_ignore_ascii_case(key) {
+            continue;
+        }
+        let Some(value) = form_decode(raw_value) else {
+            return true;
+        };
+        let value = value.trim_ascii().to_ascii_lowercase();
+        if !matches!(&value[..], b"" | b"0" | b"no" | b"false" | b"none") {
+            return true;
+        }
+    }
+    false
+}
+
+/// Decodes one query component as a form does: `+` is a space, `%XX` a byte. `None` for a
+/// malformed escape.
+fn form_decode(raw: &str) -> Option<Vec<u8>> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hi = hex(*bytes.get(i + 1)?)?;
+                let lo = hex(*bytes.get(i + 2)?)?;
+                out.push((hi << 4) | lo);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    Some(out)
+}
+
+/// The decision order of linuxserver's socket proxy, on a matched endpoint, with the write
+/// gate and the guards applied by effect.
+#[inline]
+fn apply(vars: VarSet, endpoint: &Endpoint, effects: Effects, framing: Framing) -> Rule {
+    if let Some(var) = effects.guard
+        && !vars.contains(var)
+    {
+        return Rule::Guard(var);
+    }
+    if let Gate::Toggle(toggles) = endpoint.gate
+        && !framing.upgrade
+        && let Some(&var) = toggles.iter().find(|&&v| vars.contains(v))
+    {
+        return Rule::Toggle(var);
+    }
+    if effects.writes() && !vars.contains(Var::Post) {
         return Rule::WriteGate;
     }
     if vars.contains(endpoint.section) {
@@ -170,7 +335,7 @@ pub enum Rule {
     Guard(Var),
     /// Allowed: a lifecycle toggle is on.
     Toggle(Var),
-    /// Denied: a method other than GET/HEAD while POST is off.
+    /// Denied: a write (by method or by effect) while POST is off.
     WriteGate,
     /// Allowed: the endpoint's section is on.
     Section(Var),
@@ -186,6 +351,31 @@ impl Rule {
     /// Whether the rule allows the request.
     pub const fn allows(self) -> bool {
         matches!(self, Rule::Toggle(_) | Rule::Section(_))
+    }
+
+    /// The variable that decided, when one did (POST for the write gate).
+    pub const fn var(self) -> Option<Var> {
+        match self {
+            Rule::Guard(var) | Rule::Toggle(var) | Rule::Section(var) | Rule::SectionOff(var) => {
+                Some(var)
+            }
+            Rule::WriteGate => Some(Var::Post),
+            Rule::Unknown | Rule::Malformed(_) => None,
+        }
+    }
+
+    /// The rule's kind as one word: `guard`, `toggle`, `write-gate`, `section`,
+    /// `section-off`, `unknown` or `malformed`.
+    pub const fn kind(self) -> &'static str {
+        match self {
+            Rule::Guard(_) => "guard",
+            Rule::Toggle(_) => "toggle",
+            Rule::WriteGate => "write-gate",
+            Rule::Section(_) => "section",
+            Rule::SectionOff(_) => "section-off",
+            Rule::Unknown => "unknown",
+            Rule::Malformed(_) => "malformed",
+        }
     }
 }
 
@@ -259,6 +449,8 @@ pub struct Decision<'a> {
     api: Range<usize>,
     target: Option<(TargetKind, Range<usize>)>,
     vars: VarSet,
+    effects: Effects,
+    framing: Framing,
 }
 
 /// The resource a request names in its path: a container, image, network, ….
@@ -286,6 +478,12 @@ impl<'a> Decision<'a> {
     /// The endpoint the request matched, if any.
     pub fn endpoint(&self) -> Option<&'static Endpoint> {
         self.endpoint
+    }
+
+    /// What the request does, as decided: the write gate and the guard it needed. Nothing
+    /// for a request that matched no endpoint.
+    pub fn effects(&self) -> Effects {
+        self.effects
     }
 
     /// The method as given.
@@ -347,13 +545,10 @@ impl<'a> Decision<'a> {
             (Rule::Unknown, _) | (_, None) => return self.unknown_reason(&request),
             (_, Some(endpoint)) => endpoint,
         };
-        let method = Method::parse(self.method).unwrap_or(endpoint.method);
         // What the section path needs: the guard, the write gate, the section.
         let mut needs: Vec<Var> = Vec::with_capacity(3);
-        if let Gate::Guard(var) = endpoint.gate {
-            needs.push(var);
-        }
-        if !method.is_read() {
+        needs.extend(self.effects.guard);
+        if self.effects.writes() {
             needs.push(Var::Post);
         }
         needs.push(endpoint.section);
@@ -365,23 +560,42 @@ impl<'a> Decision<'a> {
                     .into_iter()
                     .filter(|&v| !self.vars.contains(v))
                     .collect();
+                let note = self.effect_note(endpoint);
                 match endpoint.gate {
-                    Gate::Toggle(toggles) => {
+                    Gate::Toggle(toggles) if !self.framing.upgrade => {
                         let mut alternatives = toggles.iter().map(|v| format!("{v}=1"));
                         let first = alternatives.next().unwrap_or_default();
                         let mut others: Vec<String> = alternatives.collect();
                         others.push(join(&missing, " with "));
                         format!(
-                            "{request} is denied: set {first} (or {}) to allow it",
+                            "{request} is denied: set {first} (or {}) to allow it{note}",
                             others.join(", or ")
                         )
                     }
                     _ => format!(
-                        "{request} is denied: set {} to allow it",
+                        "{request} is denied: set {} to allow it{note}",
                         join(&missing, " and ")
                     ),
                 }
             }
+        }
+    }
+
+    /// Why a denied request needs more than its method suggests, in parentheses; empty when
+    /// the method says it all.
+    fn effect_note(&self, endpoint: &Endpoint) -> &'static str {
+        match (endpoint.effect, self.effects.write) {
+            (Effect::Attach, _) => {
+                " (attaching to a container is a write whatever the method, since the session \
+                 can carry stdin into it, and needs ALLOW_LOGS=1 as well when it may return the \
+                 container's logs: logs=1, or a form body)"
+            }
+            (_, Some(WriteCause::Effect)) => " (its effect is a write whatever the method)",
+            (_, Some(WriteCause::Upgrade)) => {
+                " (it asks to upgrade the connection to a two-way stream the policy cannot see \
+                 into, which is a write whatever the method)"
+            }
+            _ => "",
         }
     }
 

@@ -6,7 +6,9 @@
 //! serves (method + path template, taken from moby's `api/swagger.yaml` for API v1.56 plus
 //! the routes the daemon registers beyond it: `/build/cancel`, `/grpc` and the
 //! experimental checkpoint routes) and applies the variables to the endpoint that matched.
-//! A request that is no endpoint is denied as unknown.
+//! A request that is no endpoint is denied as unknown. Each endpoint says what a request to
+//! it does ([`Effect`]: read, guarded read, write, attach), and the write gate and guards
+//! apply by that effect rather than by the HTTP method.
 //!
 //! Path parameters are matched strictly, segment by segment:
 //! - a container (`{id}` under `/containers`) is one segment of `[A-Za-z0-9_.-]` starting
@@ -63,7 +65,8 @@ impl Method {
         }
     }
 
-    /// GET and HEAD pass the write gate; everything else needs POST=1.
+    /// GET and HEAD may read; everything else is a write (needs POST=1), whatever the
+    /// endpoint. A GET or HEAD is a write too when its endpoint's [`Effect`] is one.
     #[inline]
     pub const fn is_read(self) -> bool {
         matches!(self, Method::Get | Method::Head)
@@ -76,14 +79,82 @@ impl fmt::Display for Method {
     }
 }
 
-/// The extra rule a container sub-resource carries on top of its section.
+/// What a request to an endpoint does. The write gate and the guards apply by effect, not
+/// by HTTP method: a GET that opens a session into a container is a write, a GET that hands
+/// out a container's logs needs ALLOW_LOGS wherever it lives in the API.
+///
+/// Every GET and HEAD endpoint was reviewed for what it does; the ones whose method would
+/// mislead are:
+/// - attach, both `POST …/attach` and `GET …/attach/ws`: [`Effect::Attach`];
+/// - `GET /swarm/unlockkey`: hands out the key that unlocks a locked swarm's encrypted
+///   state, a credential, so it is a [`Effect::Write`];
+/// - `GET /images/get` and `GET /images/{name}/get` (`docker save`): the images' whole
+///   filesystems, guarded by ALLOW_EXPORT like a container export;
+/// - `GET /services/{id}/logs` and `GET /tasks/{id}/logs`: containers' logs, guarded by
+///   ALLOW_LOGS like `/containers/{id}/logs`.
+///
+/// Any other method than GET and HEAD is a write whatever the table says (the table says
+/// so too, and a test keeps it so), so effects only ever deny more than the proxies'
+/// method rule. Reads that make the daemon contact a registry (`/images/search`,
+/// `/distribution/{name}/json`, `/plugins/privileges`) change nothing and stay reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Returns state, changes nothing, and returns nothing a guard protects.
+    Read,
+    /// Returns data a guard protects (a container's logs, processes, changes, filesystem;
+    /// an image's filesystem): denied while the guard is off, whatever else is on.
+    GuardedRead(Var),
+    /// Changes state, runs something or hands out a credential: needs POST=1, whatever the
+    /// method.
+    Write,
+    /// Writes data a guard protects (`PUT /containers/{id}/archive`): the guard and POST=1.
+    GuardedWrite(Var),
+    /// Attaches to a container's streams. Always a write, whatever the method: the session
+    /// can carry stdin into the container's process (which runs as whoever the container
+    /// runs as) and the detach keys. And a read of the container's logs, guarded by
+    /// ALLOW_LOGS, when the request may ask for them (`logs` true in the query, a form body
+    /// the policy cannot see, or a query it cannot read as the daemon would). Streamed
+    /// output without `logs` is part of the session POST=1 allows.
+    Attach,
+}
+
+impl Effect {
+    /// Whether the effect needs the write gate (POST=1).
+    #[inline]
+    pub const fn writes(self) -> bool {
+        matches!(
+            self,
+            Effect::Write | Effect::GuardedWrite(_) | Effect::Attach
+        )
+    }
+
+    /// The guard the effect always needs; attach's depends on the request.
+    #[inline]
+    pub const fn guard(self) -> Option<Var> {
+        match self {
+            Effect::GuardedRead(var) | Effect::GuardedWrite(var) => Some(var),
+            Effect::Read | Effect::Write | Effect::Attach => None,
+        }
+    }
+}
+
+impl fmt::Display for Effect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Effect::Read => f.write_str("read"),
+            Effect::GuardedRead(var) => write!(f, "read guarded by {var}"),
+            Effect::Write => f.write_str("write"),
+            Effect::GuardedWrite(var) => write!(f, "write guarded by {var}"),
+            Effect::Attach => f.write_str("attach"),
+        }
+    }
+}
+
+/// The lifecycle toggles a container sub-resource carries on top of its section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
-    /// Only the write gate and the section apply.
+    /// Only the effect and the section apply.
     Plain,
-    /// Denied while this variable is off, whatever else is on (logs, top, changes,
-    /// export, archive).
-    Guard(Var),
     /// Allowed when any of these variables is on, even with POST=0 (start, stop, restart,
     /// kill, pause, unpause); otherwise the write gate and the section decide.
     Toggle(&'static [Var]),
@@ -143,7 +214,9 @@ pub struct Endpoint {
     pub operation: &'static str,
     /// The variable that turns the endpoint's section on.
     pub section: Var,
-    /// The guard or lifecycle toggles of a container sub-resource.
+    /// What a request to it does: decides the write gate and the guard.
+    pub effect: Effect,
+    /// The lifecycle toggles of a container sub-resource.
     pub gate: Gate,
     /// What the first path parameter names, if there is one.
     pub target: Option<TargetKind>,
@@ -159,6 +232,7 @@ impl Endpoint {
         template: "",
         operation: "",
         section: Var::Ping,
+        effect: Effect::Read,
         gate: Gate::Plain,
         target: None,
         experimental: false,
@@ -263,14 +337,16 @@ fn segment_in(segment: &str, charset: &[bool; 256]) -> bool {
     !segment.is_empty() && segment.bytes().all(|b| charset[b as usize])
 }
 
-/// Builds an [`Endpoint`] from its operation ID, method, segments and section.
+/// Builds an [`Endpoint`] from its operation ID, method, segments, section and effect.
 macro_rules! endpoint {
-    ($op:literal: $method:ident $(/ $seg:literal)+ => $section:ident $(, $field:ident: $value:expr)* $(,)?) => {
+    ($op:literal: $method:ident $(/ $seg:literal)+ => $section:ident, $effect:ident $(($guard:ident))?
+        $(, $field:ident: $value:expr)* $(,)?) => {
         Endpoint {
             method: Method::$method,
             template: concat!($("/", $seg),+),
             operation: $op,
             section: Var::$section,
+            effect: Effect::$effect $((Var::$guard))?,
             segments: &[$($seg),+],
             $($field: $value,)*
             ..Endpoint::BASE
@@ -292,209 +368,210 @@ const CONFIG: Option<TargetKind> = Some(TargetKind::Config);
 
 /// `/containers…`, including exec create and the experimental checkpoints.
 pub static CONTAINERS: [Endpoint; 29] = [
-    endpoint!("ContainerList": Get / "containers" / "json" => Containers),
-    endpoint!("ContainerCreate": Post / "containers" / "create" => Containers),
-    endpoint!("ContainerPrune": Post / "containers" / "prune" => Containers),
-    endpoint!("ContainerInspect": Get / "containers" / "{id}" / "json" => Containers, target: CONTAINER),
-    endpoint!("ContainerTop": Get / "containers" / "{id}" / "top" => Containers,
-        target: CONTAINER, gate: Gate::Guard(Var::AllowTop)),
-    endpoint!("ContainerLogs": Get / "containers" / "{id}" / "logs" => Containers,
-        target: CONTAINER, gate: Gate::Guard(Var::AllowLogs)),
-    endpoint!("ContainerChanges": Get / "containers" / "{id}" / "changes" => Containers,
-        target: CONTAINER, gate: Gate::Guard(Var::AllowChanges)),
-    endpoint!("ContainerExport": Get / "containers" / "{id}" / "export" => Containers,
-        target: CONTAINER, gate: Gate::Guard(Var::AllowExport)),
-    endpoint!("ContainerStats": Get / "containers" / "{id}" / "stats" => Containers, target: CONTAINER),
-    endpoint!("ContainerResize": Post / "containers" / "{id}" / "resize" => Containers, target: CONTAINER),
-    endpoint!("ContainerStart": Post / "containers" / "{id}" / "start" => Containers,
-        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowStart])),
-    endpoint!("ContainerStop": Post / "containers" / "{id}" / "stop" => Containers,
-        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowStop, Var::AllowRestarts])),
-    endpoint!("ContainerRestart": Post / "containers" / "{id}" / "restart" => Containers,
-        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowRestarts])),
-    endpoint!("ContainerKill": Post / "containers" / "{id}" / "kill" => Containers,
-        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowRestarts])),
-    endpoint!("ContainerUpdate": Post / "containers" / "{id}" / "update" => Containers, target: CONTAINER),
-    endpoint!("ContainerRename": Post / "containers" / "{id}" / "rename" => Containers, target: CONTAINER),
-    endpoint!("ContainerPause": Post / "containers" / "{id}" / "pause" => Containers,
-        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowPause])),
-    endpoint!("ContainerUnpause": Post / "containers" / "{id}" / "unpause" => Containers,
-        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowUnpause])),
-    endpoint!("ContainerAttach": Post / "containers" / "{id}" / "attach" => Containers, target: CONTAINER),
-    endpoint!("ContainerAttachWebsocket": Get / "containers" / "{id}" / "attach" / "ws" => Containers,
+    endpoint!("ContainerList": Get / "containers" / "json" => Containers, Read),
+    endpoint!("ContainerCreate": Post / "containers" / "create" => Containers, Write),
+    endpoint!("ContainerPrune": Post / "containers" / "prune" => Containers, Write),
+    endpoint!("ContainerInspect": Get / "containers" / "{id}" / "json" => Containers, Read, target: CONTAINER),
+    endpoint!("ContainerTop": Get / "containers" / "{id}" / "top" => Containers, GuardedRead(AllowTop),
         target: CONTAINER),
-    endpoint!("ContainerWait": Post / "containers" / "{id}" / "wait" => Containers, target: CONTAINER),
-    endpoint!("ContainerDelete": Delete / "containers" / "{id}" => Containers, target: CONTAINER),
-    endpoint!("ContainerArchiveInfo": Head / "containers" / "{id}" / "archive" => Containers,
-        target: CONTAINER, gate: Gate::Guard(Var::AllowArchive)),
-    endpoint!("ContainerArchive": Get / "containers" / "{id}" / "archive" => Containers,
-        target: CONTAINER, gate: Gate::Guard(Var::AllowArchive)),
-    endpoint!("PutContainerArchive": Put / "containers" / "{id}" / "archive" => Containers,
-        target: CONTAINER, gate: Gate::Guard(Var::AllowArchive)),
-    endpoint!("ContainerExec": Post / "containers" / "{id}" / "exec" => Containers, target: CONTAINER),
-    endpoint!("CheckpointList": Get / "containers" / "{id}" / "checkpoints" => Containers,
+    endpoint!("ContainerLogs": Get / "containers" / "{id}" / "logs" => Containers, GuardedRead(AllowLogs),
+        target: CONTAINER),
+    endpoint!("ContainerChanges": Get / "containers" / "{id}" / "changes" => Containers, GuardedRead(AllowChanges),
+        target: CONTAINER),
+    endpoint!("ContainerExport": Get / "containers" / "{id}" / "export" => Containers, GuardedRead(AllowExport),
+        target: CONTAINER),
+    endpoint!("ContainerStats": Get / "containers" / "{id}" / "stats" => Containers, Read, target: CONTAINER),
+    endpoint!("ContainerResize": Post / "containers" / "{id}" / "resize" => Containers, Write, target: CONTAINER),
+    endpoint!("ContainerStart": Post / "containers" / "{id}" / "start" => Containers, Write,
+        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowStart])),
+    endpoint!("ContainerStop": Post / "containers" / "{id}" / "stop" => Containers, Write,
+        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowStop, Var::AllowRestarts])),
+    endpoint!("ContainerRestart": Post / "containers" / "{id}" / "restart" => Containers, Write,
+        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowRestarts])),
+    endpoint!("ContainerKill": Post / "containers" / "{id}" / "kill" => Containers, Write,
+        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowRestarts])),
+    endpoint!("ContainerUpdate": Post / "containers" / "{id}" / "update" => Containers, Write, target: CONTAINER),
+    endpoint!("ContainerRename": Post / "containers" / "{id}" / "rename" => Containers, Write, target: CONTAINER),
+    endpoint!("ContainerPause": Post / "containers" / "{id}" / "pause" => Containers, Write,
+        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowPause])),
+    endpoint!("ContainerUnpause": Post / "containers" / "{id}" / "unpause" => Containers, Write,
+        target: CONTAINER, gate: Gate::Toggle(&[Var::AllowUnpause])),
+    endpoint!("ContainerAttach": Post / "containers" / "{id}" / "attach" => Containers, Attach, target: CONTAINER),
+    endpoint!("ContainerAttachWebsocket": Get / "containers" / "{id}" / "attach" / "ws" => Containers, Attach,
+        target: CONTAINER),
+    endpoint!("ContainerWait": Post / "containers" / "{id}" / "wait" => Containers, Write, target: CONTAINER),
+    endpoint!("ContainerDelete": Delete / "containers" / "{id}" => Containers, Write, target: CONTAINER),
+    endpoint!("ContainerArchiveInfo": Head / "containers" / "{id}" / "archive" => Containers, GuardedRead(AllowArchive),
+        target: CONTAINER),
+    endpoint!("ContainerArchive": Get / "containers" / "{id}" / "archive" => Containers, GuardedRead(AllowArchive),
+        target: CONTAINER),
+    endpoint!("PutContainerArchive": Put / "containers" / "{id}" / "archive" => Containers, GuardedWrite(AllowArchive),
+        target: CONTAINER),
+    endpoint!("ContainerExec": Post / "containers" / "{id}" / "exec" => Containers, Write, target: CONTAINER),
+    endpoint!("CheckpointList": Get / "containers" / "{id}" / "checkpoints" => Containers, Read,
         target: CONTAINER, experimental: true),
-    endpoint!("CheckpointCreate": Post / "containers" / "{id}" / "checkpoints" => Containers,
+    endpoint!("CheckpointCreate": Post / "containers" / "{id}" / "checkpoints" => Containers, Write,
         target: CONTAINER, experimental: true),
-    endpoint!("CheckpointDelete": Delete / "containers" / "{id}" / "checkpoints" / "{checkpoint}" => Containers,
+    endpoint!("CheckpointDelete": Delete / "containers" / "{id}" / "checkpoints" / "{checkpoint}" => Containers, Write,
         target: CONTAINER, experimental: true),
 ];
 
 /// `/exec/{id}/…`: running an exec instance that `POST /containers/{id}/exec` created.
 pub static EXEC_INSTANCES: [Endpoint; 3] = [
-    endpoint!("ExecStart": Post / "exec" / "{id}" / "start" => Exec, target: EXEC),
-    endpoint!("ExecResize": Post / "exec" / "{id}" / "resize" => Exec, target: EXEC),
-    endpoint!("ExecInspect": Get / "exec" / "{id}" / "json" => Exec, target: EXEC),
+    endpoint!("ExecStart": Post / "exec" / "{id}" / "start" => Exec, Write, target: EXEC),
+    endpoint!("ExecResize": Post / "exec" / "{id}" / "resize" => Exec, Write, target: EXEC),
+    endpoint!("ExecInspect": Get / "exec" / "{id}" / "json" => Exec, Read, target: EXEC),
 ];
 
 /// `/images…`.
 pub static IMAGES: [Endpoint; 13] = [
-    endpoint!("ImageList": Get / "images" / "json" => Images),
-    endpoint!("ImageCreate": Post / "images" / "create" => Images),
-    endpoint!("ImageSearch": Get / "images" / "search" => Images),
-    endpoint!("ImagePrune": Post / "images" / "prune" => Images),
-    endpoint!("ImageGetAll": Get / "images" / "get" => Images),
-    endpoint!("ImageLoad": Post / "images" / "load" => Images),
-    endpoint!("ImageInspect": Get / "images" / "{name}" / "json" => Images, target: IMAGE),
-    endpoint!("ImageAttestations": Get / "images" / "{name}" / "attestations" => Images, target: IMAGE),
-    endpoint!("ImageHistory": Get / "images" / "{name}" / "history" => Images, target: IMAGE),
-    endpoint!("ImagePush": Post / "images" / "{name}" / "push" => Images, target: IMAGE),
-    endpoint!("ImageTag": Post / "images" / "{name}" / "tag" => Images, target: IMAGE),
-    endpoint!("ImageGet": Get / "images" / "{name}" / "get" => Images, target: IMAGE),
-    endpoint!("ImageDelete": Delete / "images" / "{name}" => Images, target: IMAGE),
+    endpoint!("ImageList": Get / "images" / "json" => Images, Read),
+    endpoint!("ImageCreate": Post / "images" / "create" => Images, Write),
+    endpoint!("ImageSearch": Get / "images" / "search" => Images, Read),
+    endpoint!("ImagePrune": Post / "images" / "prune" => Images, Write),
+    endpoint!("ImageGetAll": Get / "images" / "get" => Images, GuardedRead(AllowExport)),
+    endpoint!("ImageLoad": Post / "images" / "load" => Images, Write),
+    endpoint!("ImageInspect": Get / "images" / "{name}" / "json" => Images, Read, target: IMAGE),
+    endpoint!("ImageAttestations": Get / "images" / "{name}" / "attestations" => Images, Read, target: IMAGE),
+    endpoint!("ImageHistory": Get / "images" / "{name}" / "history" => Images, Read, target: IMAGE),
+    endpoint!("ImagePush": Post / "images" / "{name}" / "push" => Images, Write, target: IMAGE),
+    endpoint!("ImageTag": Post / "images" / "{name}" / "tag" => Images, Write, target: IMAGE),
+    endpoint!("ImageGet": Get / "images" / "{name}" / "get" => Images, GuardedRead(AllowExport), target: IMAGE),
+    endpoint!("ImageDelete": Delete / "images" / "{name}" => Images, Write, target: IMAGE),
 ];
 
 /// `/build…` (BUILD).
 pub static BUILD: [Endpoint; 3] = [
-    endpoint!("ImageBuild": Post / "build" => Build),
-    endpoint!("BuildPrune": Post / "build" / "prune" => Build),
-    endpoint!("BuildCancel": Post / "build" / "cancel" => Build),
+    endpoint!("ImageBuild": Post / "build" => Build, Write),
+    endpoint!("BuildPrune": Post / "build" / "prune" => Build, Write),
+    endpoint!("BuildCancel": Post / "build" / "cancel" => Build, Write),
 ];
 
 /// `/commit` (COMMIT).
-pub static COMMIT: [Endpoint; 1] = [endpoint!("ImageCommit": Post / "commit" => Commit)];
+pub static COMMIT: [Endpoint; 1] = [endpoint!("ImageCommit": Post / "commit" => Commit, Write)];
 
 /// `/auth` (AUTH).
-pub static AUTH: [Endpoint; 1] = [endpoint!("SystemAuth": Post / "auth" => Auth)];
+pub static AUTH: [Endpoint; 1] = [endpoint!("SystemAuth": Post / "auth" => Auth, Write)];
 
 /// `/info` (INFO).
-pub static INFO: [Endpoint; 1] = [endpoint!("SystemInfo": Get / "info" => Info)];
+pub static INFO: [Endpoint; 1] = [endpoint!("SystemInfo": Get / "info" => Info, Read)];
 
 /// `/version` (VERSION).
-pub static VERSION: [Endpoint; 1] = [endpoint!("SystemVersion": Get / "version" => Version)];
+pub static VERSION: [Endpoint; 1] = [endpoint!("SystemVersion": Get / "version" => Version, Read)];
 
 /// `/_ping` (PING).
 pub static PING: [Endpoint; 2] = [
-    endpoint!("SystemPing": Get / "_ping" => Ping),
-    endpoint!("SystemPingHead": Head / "_ping" => Ping),
+    endpoint!("SystemPing": Get / "_ping" => Ping, Read),
+    endpoint!("SystemPingHead": Head / "_ping" => Ping, Read),
 ];
 
 /// `/events` (EVENTS).
-pub static EVENTS: [Endpoint; 1] = [endpoint!("SystemEvents": Get / "events" => Events)];
+pub static EVENTS: [Endpoint; 1] = [endpoint!("SystemEvents": Get / "events" => Events, Read)];
 
 /// `/system/df` (SYSTEM).
-pub static SYSTEM: [Endpoint; 1] = [endpoint!("SystemDataUsage": Get / "system" / "df" => System)];
+pub static SYSTEM: [Endpoint; 1] =
+    [endpoint!("SystemDataUsage": Get / "system" / "df" => System, Read)];
 
 /// `/volumes…`.
 pub static VOLUMES: [Endpoint; 6] = [
-    endpoint!("VolumeList": Get / "volumes" => Volumes),
-    endpoint!("VolumeCreate": Post / "volumes" / "create" => Volumes),
-    endpoint!("VolumePrune": Post / "volumes" / "prune" => Volumes),
-    endpoint!("VolumeInspect": Get / "volumes" / "{name}" => Volumes, target: VOLUME),
-    endpoint!("VolumeUpdate": Put / "volumes" / "{name}" => Volumes, target: VOLUME),
-    endpoint!("VolumeDelete": Delete / "volumes" / "{name}" => Volumes, target: VOLUME),
+    endpoint!("VolumeList": Get / "volumes" => Volumes, Read),
+    endpoint!("VolumeCreate": Post / "volumes" / "create" => Volumes, Write),
+    endpoint!("VolumePrune": Post / "volumes" / "prune" => Volumes, Write),
+    endpoint!("VolumeInspect": Get / "volumes" / "{name}" => Volumes, Read, target: VOLUME),
+    endpoint!("VolumeUpdate": Put / "volumes" / "{name}" => Volumes, Write, target: VOLUME),
+    endpoint!("VolumeDelete": Delete / "volumes" / "{name}" => Volumes, Write, target: VOLUME),
 ];
 
 /// `/networks…`.
 pub static NETWORKS: [Endpoint; 7] = [
-    endpoint!("NetworkList": Get / "networks" => Networks),
-    endpoint!("NetworkCreate": Post / "networks" / "create" => Networks),
-    endpoint!("NetworkPrune": Post / "networks" / "prune" => Networks),
-    endpoint!("NetworkInspect": Get / "networks" / "{id}" => Networks, target: NETWORK),
-    endpoint!("NetworkDelete": Delete / "networks" / "{id}" => Networks, target: NETWORK),
-    endpoint!("NetworkConnect": Post / "networks" / "{id}" / "connect" => Networks, target: NETWORK),
-    endpoint!("NetworkDisconnect": Post / "networks" / "{id}" / "disconnect" => Networks, target: NETWORK),
+    endpoint!("NetworkList": Get / "networks" => Networks, Read),
+    endpoint!("NetworkCreate": Post / "networks" / "create" => Networks, Write),
+    endpoint!("NetworkPrune": Post / "networks" / "prune" => Networks, Write),
+    endpoint!("NetworkInspect": Get / "networks" / "{id}" => Networks, Read, target: NETWORK),
+    endpoint!("NetworkDelete": Delete / "networks" / "{id}" => Networks, Write, target: NETWORK),
+    endpoint!("NetworkConnect": Post / "networks" / "{id}" / "connect" => Networks, Write, target: NETWORK),
+    endpoint!("NetworkDisconnect": Post / "networks" / "{id}" / "disconnect" => Networks, Write, target: NETWORK),
 ];
 
 /// `/plugins…` (Docker Engine plugins).
 pub static PLUGINS: [Endpoint; 11] = [
-    endpoint!("PluginList": Get / "plugins" => Plugins),
-    endpoint!("GetPluginPrivileges": Get / "plugins" / "privileges" => Plugins),
-    endpoint!("PluginPull": Post / "plugins" / "pull" => Plugins),
-    endpoint!("PluginCreate": Post / "plugins" / "create" => Plugins),
-    endpoint!("PluginInspect": Get / "plugins" / "{name}" / "json" => Plugins, target: PLUGIN),
-    endpoint!("PluginDelete": Delete / "plugins" / "{name}" => Plugins, target: PLUGIN),
-    endpoint!("PluginEnable": Post / "plugins" / "{name}" / "enable" => Plugins, target: PLUGIN),
-    endpoint!("PluginDisable": Post / "plugins" / "{name}" / "disable" => Plugins, target: PLUGIN),
-    endpoint!("PluginUpgrade": Post / "plugins" / "{name}" / "upgrade" => Plugins, target: PLUGIN),
-    endpoint!("PluginPush": Post / "plugins" / "{name}" / "push" => Plugins, target: PLUGIN),
-    endpoint!("PluginSet": Post / "plugins" / "{name}" / "set" => Plugins, target: PLUGIN),
+    endpoint!("PluginList": Get / "plugins" => Plugins, Read),
+    endpoint!("GetPluginPrivileges": Get / "plugins" / "privileges" => Plugins, Read),
+    endpoint!("PluginPull": Post / "plugins" / "pull" => Plugins, Write),
+    endpoint!("PluginCreate": Post / "plugins" / "create" => Plugins, Write),
+    endpoint!("PluginInspect": Get / "plugins" / "{name}" / "json" => Plugins, Read, target: PLUGIN),
+    endpoint!("PluginDelete": Delete / "plugins" / "{name}" => Plugins, Write, target: PLUGIN),
+    endpoint!("PluginEnable": Post / "plugins" / "{name}" / "enable" => Plugins, Write, target: PLUGIN),
+    endpoint!("PluginDisable": Post / "plugins" / "{name}" / "disable" => Plugins, Write, target: PLUGIN),
+    endpoint!("PluginUpgrade": Post / "plugins" / "{name}" / "upgrade" => Plugins, Write, target: PLUGIN),
+    endpoint!("PluginPush": Post / "plugins" / "{name}" / "push" => Plugins, Write, target: PLUGIN),
+    endpoint!("PluginSet": Post / "plugins" / "{name}" / "set" => Plugins, Write, target: PLUGIN),
 ];
 
 /// `/nodes…` (swarm).
 pub static NODES: [Endpoint; 4] = [
-    endpoint!("NodeList": Get / "nodes" => Nodes),
-    endpoint!("NodeInspect": Get / "nodes" / "{id}" => Nodes, target: NODE),
-    endpoint!("NodeDelete": Delete / "nodes" / "{id}" => Nodes, target: NODE),
-    endpoint!("NodeUpdate": Post / "nodes" / "{id}" / "update" => Nodes, target: NODE),
+    endpoint!("NodeList": Get / "nodes" => Nodes, Read),
+    endpoint!("NodeInspect": Get / "nodes" / "{id}" => Nodes, Read, target: NODE),
+    endpoint!("NodeDelete": Delete / "nodes" / "{id}" => Nodes, Write, target: NODE),
+    endpoint!("NodeUpdate": Post / "nodes" / "{id}" / "update" => Nodes, Write, target: NODE),
 ];
 
 /// `/swarm…`.
 pub static SWARM: [Endpoint; 7] = [
-    endpoint!("SwarmInspect": Get / "swarm" => Swarm),
-    endpoint!("SwarmInit": Post / "swarm" / "init" => Swarm),
-    endpoint!("SwarmJoin": Post / "swarm" / "join" => Swarm),
-    endpoint!("SwarmLeave": Post / "swarm" / "leave" => Swarm),
-    endpoint!("SwarmUpdate": Post / "swarm" / "update" => Swarm),
-    endpoint!("SwarmUnlockkey": Get / "swarm" / "unlockkey" => Swarm),
-    endpoint!("SwarmUnlock": Post / "swarm" / "unlock" => Swarm),
+    endpoint!("SwarmInspect": Get / "swarm" => Swarm, Read),
+    endpoint!("SwarmInit": Post / "swarm" / "init" => Swarm, Write),
+    endpoint!("SwarmJoin": Post / "swarm" / "join" => Swarm, Write),
+    endpoint!("SwarmLeave": Post / "swarm" / "leave" => Swarm, Write),
+    endpoint!("SwarmUpdate": Post / "swarm" / "update" => Swarm, Write),
+    endpoint!("SwarmUnlockkey": Get / "swarm" / "unlockkey" => Swarm, Write),
+    endpoint!("SwarmUnlock": Post / "swarm" / "unlock" => Swarm, Write),
 ];
 
 /// `/services…` (swarm).
 pub static SERVICES: [Endpoint; 6] = [
-    endpoint!("ServiceList": Get / "services" => Services),
-    endpoint!("ServiceCreate": Post / "services" / "create" => Services),
-    endpoint!("ServiceInspect": Get / "services" / "{id}" => Services, target: SERVICE),
-    endpoint!("ServiceDelete": Delete / "services" / "{id}" => Services, target: SERVICE),
-    endpoint!("ServiceUpdate": Post / "services" / "{id}" / "update" => Services, target: SERVICE),
-    endpoint!("ServiceLogs": Get / "services" / "{id}" / "logs" => Services, target: SERVICE),
+    endpoint!("ServiceList": Get / "services" => Services, Read),
+    endpoint!("ServiceCreate": Post / "services" / "create" => Services, Write),
+    endpoint!("ServiceInspect": Get / "services" / "{id}" => Services, Read, target: SERVICE),
+    endpoint!("ServiceDelete": Delete / "services" / "{id}" => Services, Write, target: SERVICE),
+    endpoint!("ServiceUpdate": Post / "services" / "{id}" / "update" => Services, Write, target: SERVICE),
+    endpoint!("ServiceLogs": Get / "services" / "{id}" / "logs" => Services, GuardedRead(AllowLogs), target: SERVICE),
 ];
 
 /// `/tasks…` (swarm).
 pub static TASKS: [Endpoint; 3] = [
-    endpoint!("TaskList": Get / "tasks" => Tasks),
-    endpoint!("TaskInspect": Get / "tasks" / "{id}" => Tasks, target: TASK),
-    endpoint!("TaskLogs": Get / "tasks" / "{id}" / "logs" => Tasks, target: TASK),
+    endpoint!("TaskList": Get / "tasks" => Tasks, Read),
+    endpoint!("TaskInspect": Get / "tasks" / "{id}" => Tasks, Read, target: TASK),
+    endpoint!("TaskLogs": Get / "tasks" / "{id}" / "logs" => Tasks, GuardedRead(AllowLogs), target: TASK),
 ];
 
 /// `/secrets…` (swarm).
 pub static SECRETS: [Endpoint; 5] = [
-    endpoint!("SecretList": Get / "secrets" => Secrets),
-    endpoint!("SecretCreate": Post / "secrets" / "create" => Secrets),
-    endpoint!("SecretInspect": Get / "secrets" / "{id}" => Secrets, target: SECRET),
-    endpoint!("SecretDelete": Delete / "secrets" / "{id}" => Secrets, target: SECRET),
-    endpoint!("SecretUpdate": Post / "secrets" / "{id}" / "update" => Secrets, target: SECRET),
+    endpoint!("SecretList": Get / "secrets" => Secrets, Read),
+    endpoint!("SecretCreate": Post / "secrets" / "create" => Secrets, Write),
+    endpoint!("SecretInspect": Get / "secrets" / "{id}" => Secrets, Read, target: SECRET),
+    endpoint!("SecretDelete": Delete / "secrets" / "{id}" => Secrets, Write, target: SECRET),
+    endpoint!("SecretUpdate": Post / "secrets" / "{id}" / "update" => Secrets, Write, target: SECRET),
 ];
 
 /// `/configs…` (swarm).
 pub static CONFIGS: [Endpoint; 5] = [
-    endpoint!("ConfigList": Get / "configs" => Configs),
-    endpoint!("ConfigCreate": Post / "configs" / "create" => Configs),
-    endpoint!("ConfigInspect": Get / "configs" / "{id}" => Configs, target: CONFIG),
-    endpoint!("ConfigDelete": Delete / "configs" / "{id}" => Configs, target: CONFIG),
-    endpoint!("ConfigUpdate": Post / "configs" / "{id}" / "update" => Configs, target: CONFIG),
+    endpoint!("ConfigList": Get / "configs" => Configs, Read),
+    endpoint!("ConfigCreate": Post / "configs" / "create" => Configs, Write),
+    endpoint!("ConfigInspect": Get / "configs" / "{id}" => Configs, Read, target: CONFIG),
+    endpoint!("ConfigDelete": Delete / "configs" / "{id}" => Configs, Write, target: CONFIG),
+    endpoint!("ConfigUpdate": Post / "configs" / "{id}" / "update" => Configs, Write, target: CONFIG),
 ];
 
 /// `/distribution/{name}/json` (DISTRIBUTION).
 pub static DISTRIBUTION: [Endpoint; 1] = [endpoint!(
-    "DistributionInspect": Get / "distribution" / "{name}" / "json" => Distribution, target: IMAGE
+    "DistributionInspect": Get / "distribution" / "{name}" / "json" => Distribution, Read, target: IMAGE
 )];
 
 /// `/session` (SESSION).
-pub static SESSION: [Endpoint; 1] = [endpoint!("Session": Post / "session" => Session)];
+pub static SESSION: [Endpoint; 1] = [endpoint!("Session": Post / "session" => Session, Write)];
 
 /// `/grpc` (GRPC).
-pub static GRPC: [Endpoint; 1] = [endpoint!("Grpc": Post / "grpc" => Grpc)];
+pub static GRPC: [Endpoint; 1] = [endpoint!("Grpc": Post / "grpc" => Grpc, Write)];
 
 /// Every endpoint, grouped by first path segment.
 static GROUPS: [&[Endpoint]; 23] = [
@@ -873,16 +950,70 @@ mod tests {
     }
 
     #[test]
-    fn gives_guards_and_toggles_only_to_container_sub_resources() {
+    fn gives_toggles_only_to_container_sub_resources_that_write() {
         for endpoint in all() {
-            if endpoint.gate != Gate::Plain {
+            if let Gate::Toggle(_) = endpoint.gate {
                 assert_eq!(endpoint.section, Var::Containers, "{endpoint}");
                 assert!(endpoint.action().is_some(), "{endpoint}");
-            }
-            if let Gate::Toggle(_) = endpoint.gate {
                 assert_eq!(endpoint.method, Method::Post, "{endpoint}");
+                assert_eq!(endpoint.effect, Effect::Write, "{endpoint}");
             }
         }
+    }
+
+    #[test]
+    fn makes_every_method_but_get_and_head_a_write() {
+        for endpoint in all() {
+            if !endpoint.method.is_read() {
+                assert!(endpoint.effect.writes(), "{endpoint}: {}", endpoint.effect);
+            }
+        }
+    }
+
+    #[test]
+    fn names_every_read_method_endpoint_whose_effect_is_more_than_a_read() {
+        let mut beyond: Vec<String> = all()
+            .filter(|e| e.method.is_read() && e.effect != Effect::Read)
+            .map(|e| format!("{e} {}", e.effect))
+            .collect();
+        beyond.sort();
+        assert_eq!(
+            beyond,
+            [
+                "GET /containers/{id}/archive read guarded by ALLOW_ARCHIVE",
+                "GET /containers/{id}/attach/ws attach",
+                "GET /containers/{id}/changes read guarded by ALLOW_CHANGES",
+                "GET /containers/{id}/export read guarded by ALLOW_EXPORT",
+                "GET /containers/{id}/logs read guarded by ALLOW_LOGS",
+                "GET /containers/{id}/top read guarded by ALLOW_TOP",
+                "GET /images/get read guarded by ALLOW_EXPORT",
+                "GET /images/{name}/get read guarded by ALLOW_EXPORT",
+                "GET /services/{id}/logs read guarded by ALLOW_LOGS",
+                "GET /swarm/unlockkey write",
+                "GET /tasks/{id}/logs read guarded by ALLOW_LOGS",
+                "HEAD /containers/{id}/archive read guarded by ALLOW_ARCHIVE",
+            ]
+        );
+    }
+
+    #[test]
+    fn keeps_every_guard_of_the_proxies_on_its_container_sub_resource() {
+        for (action, guard) in [
+            ("logs", Var::AllowLogs),
+            ("top", Var::AllowTop),
+            ("changes", Var::AllowChanges),
+            ("export", Var::AllowExport),
+            ("archive", Var::AllowArchive),
+        ] {
+            let guarded: Vec<&Endpoint> = all().filter(|e| e.action() == Some(action)).collect();
+            assert!(!guarded.is_empty(), "{action}");
+            for endpoint in guarded {
+                assert_eq!(endpoint.effect.guard(), Some(guard), "{endpoint}");
+            }
+        }
+        let attach: Vec<&Endpoint> = all().filter(|e| e.action() == Some("attach")).collect();
+        assert_eq!(attach.len(), 2);
+        assert!(attach.iter().all(|e| e.effect == Effect::Attach));
     }
 
     #[test]

@@ -24,6 +24,10 @@
 //!   `%` and unsafe bytes; match case-sensitively; more than 24 segments is malformed;
 //! - path parameters ([`endpoints`]): container names follow Docker's name rule, image
 //!   and plugin references may span segments;
+//! - effects ([`Effect`]): the write gate and the guards apply by what a request does, not
+//!   by its method: attach is a write whatever the method (and needs ALLOW_LOGS when it
+//!   may return logs), an upgrade is a write, image export needs ALLOW_EXPORT and service
+//!   and task logs ALLOW_LOGS;
 //! - scopes ([`DeviceScope`], [`ContainerScope`]): devices default-deny; containers in
 //!   scope when every label selector and (if any) some name glob match;
 //! - parsing ([`Policy::from_env_block`], [`Policy::from_toml_str`]): in an environment
@@ -55,8 +59,8 @@ mod tests;
 
 use std::io::{self, BufRead, Write};
 
-pub use decide::{CompiledPolicy, Decision, Malformed, Rule, Target};
-pub use endpoints::{Endpoint, Gate, Method, TargetKind};
+pub use decide::{CompiledPolicy, Decision, Effects, Framing, Malformed, Rule, Target, WriteCause};
+pub use endpoints::{Effect, Endpoint, Gate, Method, TargetKind};
 pub use parse::{EnvLineError, PolicyError, assignment};
 pub use scope::{ContainerScope, DeviceScope, Glob, LabelSelector, ScopeError};
 pub use vars::{ValueError, Var, VarKind, VarSet, parse_value};

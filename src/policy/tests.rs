@@ -1,7 +1,7 @@
 //! The semantics of `shared/POLICY-SEMANTICS.md`, one test per row and consequence, and
 //! the promise behind them: never more permissive than linuxserver's socket proxy.
 
-use crate::policy::endpoints::{self, Endpoint, Gate};
+use crate::policy::endpoints::{self, Endpoint};
 use crate::policy::*;
 
 fn policy(env: &str) -> CompiledPolicy {
@@ -161,12 +161,10 @@ fn gives_every_endpoint_exactly_to_its_section_guard_and_write_gate() {
         let method = endpoint.method.as_str();
         let path = example_path(endpoint);
         let mut needs = vec![endpoint.section];
-        if !endpoint.method.is_read() {
+        if endpoint.effect.writes() {
             needs.push(Var::Post);
         }
-        if let Gate::Guard(var) = endpoint.gate {
-            needs.push(var);
-        }
+        needs.extend(endpoint.effect.guard());
         assert_decides(
             &vars(&needs),
             method,
@@ -221,7 +219,7 @@ fn denies_version_prefixes_that_are_not_digits_dot_digits() {
 }
 
 #[test]
-fn ignores_the_query_for_the_decision_but_forwards_it() {
+fn forwards_the_query_and_lets_it_decide_nothing_but_attach() {
     let p = policy("CONTAINERS=1");
     let target = "/containers/json?all=1&filters=%7B%22label%22%3A%5B%22a%3Db%22%5D%7D";
     let decision = p.decide("GET", target);
@@ -940,6 +938,302 @@ fn compiles_the_effective_values_of_a_policy() {
     assert_eq!(written.explicit(Var::Ping), None);
 }
 
+/// The read-only example policy, as shipped.
+const READONLY_ENV: &str = include_str!("../../examples/policies/readonly.env");
+
+/// Queries that change what an attach does, and framings a proxy sees.
+const ATTACK_QUERIES: &[&str] = &[
+    "",
+    "?stream=1&stdin=1&stdout=1&stderr=1",
+    "?logs=1&stream=0&stdout=1",
+    "?stdin=0&logs=0&stream=1&stdout=1",
+    "?stdin=true&logs=True",
+];
+
+fn framings() -> [Framing; 4] {
+    let upgrade = Framing {
+        upgrade: true,
+        ..Framing::default()
+    };
+    let form = Framing {
+        form_body: true,
+        ..Framing::default()
+    };
+    [
+        Framing::default(),
+        upgrade,
+        form,
+        Framing {
+            upgrade: true,
+            form_body: true,
+        },
+    ]
+}
+
+/// Operations that write, attach, exec or return a guarded resource, by name: a check on
+/// the table's effects that does not trust the table.
+fn sounds_unsafe(operation: &str) -> bool {
+    [
+        "Attach", "Exec", "Logs", "Export", "Archive", "Top", "Changes", "Create", "Delete",
+        "Update", "Prune", "Start", "Stop", "Kill", "Restart", "Pause", "Remove", "Push", "Pull",
+        "Load", "Get", "Unlock", "Init", "Join", "Leave", "Set", "Enable", "Disable", "Upgrade",
+        "Session", "Grpc", "Commit", "Build", "Tag", "Connect", "Resize", "Wait", "Rename", "Auth",
+    ]
+    .iter()
+    .any(|word| operation.contains(word))
+}
+
+#[test]
+fn readonly_env_allows_no_endpoint_that_writes_attaches_execs_or_returns_guarded_data() {
+    let p = policy(READONLY_ENV);
+    let mut allowed = std::collections::BTreeSet::new();
+    for endpoint in endpoints::all() {
+        for query in ATTACK_QUERIES {
+            for framing in framings() {
+                let target = format!("/v1.47{}{query}", example_path(endpoint));
+                let method = endpoint.method.as_str();
+                let decision = p.decide_framed(method, &target, framing);
+                if !decision.is_allowed() {
+                    continue;
+                }
+                let what = format!("{method} {target} ({framing:?}): {}", decision.reason());
+                assert!(endpoint.method.is_read(), "{what}");
+                assert_eq!(endpoint.effect, Effect::Read, "{what}");
+                assert_eq!(decision.effects(), Effects::NONE, "{what}");
+                assert!(
+                    !framing.upgrade,
+                    "an upgrade under a read-only policy: {what}"
+                );
+                assert_ne!(endpoint.section, Var::Exec, "{what}");
+                assert!(!sounds_unsafe(endpoint.operation), "{what}");
+                allowed.insert(endpoint.operation);
+            }
+        }
+    }
+    // What a read-only `docker ps`, `inspect`, `images`, `network ls`, `volume ls` and
+    // `info` need is still there.
+    for operation in [
+        "ContainerList",
+        "ContainerInspect",
+        "ImageList",
+        "ImageInspect",
+        "NetworkList",
+        "VolumeList",
+        "SystemInfo",
+        "SystemPing",
+    ] {
+        assert!(allowed.contains(operation), "{operation}: {allowed:?}");
+    }
+}
+
+#[test]
+fn denies_both_attach_forms_to_readonly_env_saying_attach_needs_post() {
+    let p = policy(READONLY_ENV);
+    for (method, path) in [
+        (
+            "GET",
+            "/v1.47/containers/web/attach/ws?stream=1&stdin=1&stdout=1",
+        ),
+        ("GET", "/containers/web/attach/ws?stream=1&stdout=1"),
+        ("GET", "/containers/web/attach/ws"),
+        ("POST", "/containers/web/attach?stream=1&stdin=1&stdout=1"),
+    ] {
+        let decision = p.decide_framed(
+            method,
+            path,
+            Framing {
+                upgrade: true,
+                ..Framing::default()
+            },
+        );
+        assert_eq!(decision.rule(), Rule::WriteGate, "{method} {path}");
+        let reason = decision.reason();
+        assert!(
+            reason.contains("set POST=1 to allow it")
+                && reason.contains("attaching to a container is a write whatever the method")
+                && reason.contains("ALLOW_LOGS=1"),
+            "{reason}"
+        );
+        // Without the upgrade headers too.
+        assert_eq!(p.decide(method, path).rule(), Rule::WriteGate);
+    }
+    // The logs read of the audit: the guard speaks first, and both variables are named.
+    let decision = p.decide("GET", "/containers/web/attach/ws?logs=1&stream=0&stdout=1");
+    assert_eq!(decision.rule(), Rule::Guard(Var::AllowLogs));
+    assert!(
+        decision
+            .reason()
+            .starts_with("GET /containers/web/attach/ws?logs=1&stream=0&stdout=1 is denied: set ALLOW_LOGS=1 and POST=1 to allow it"),
+        "{}",
+        decision.reason()
+    );
+}
+
+#[test]
+fn allows_attach_with_post_and_asks_for_allow_logs_when_it_may_return_logs() {
+    let p = policy("CONTAINERS=1\nPOST=1");
+    let logs = policy("CONTAINERS=1\nPOST=1\nALLOW_LOGS=1");
+    let truthy = [
+        "?logs=1",
+        "?logs=true",
+        "?logs=True",
+        "?logs=TRUE",
+        "?logs=yes",
+        "?logs=2",
+        "?logs=on",
+        "?logs=+1",
+        "?logs=%31",
+        "?%6Cogs=1",
+        "?%6c%6f%67%73=1",
+        "?LOGS=1",
+        "?Logs=1",
+        "?logs+=1",
+        "?stream=1&logs=0&logs=1",
+        "?logs=1&logs=0",
+        "?logs=0;logs=1",
+        "?x=1;logs=1",
+        "?logs=%zz",
+        "?%zz=1&logs=0",
+        "?logs=%",
+        "?logs=0x",
+        "?logs=%0B0",
+    ];
+    for query in truthy {
+        for (method, path) in [
+            ("GET", "/containers/web/attach/ws"),
+            ("POST", "/containers/web/attach"),
+        ] {
+            let target = format!("{path}{query}");
+            assert_decides(&p, method, &target, Rule::Guard(Var::AllowLogs));
+            assert_decides(&logs, method, &target, Rule::Section(Var::Containers));
+        }
+    }
+    let falsy = [
+        "",
+        "?",
+        "?logs",
+        "?logs=",
+        "?logs=0",
+        "?logs=false",
+        "?logs=FALSE",
+        "?logs=no",
+        "?logs=none",
+        "?logs=+0+",
+        "?logs=%30",
+        "?stream=1&stdin=1&stdout=1&stderr=1&detachKeys=ctrl-p,ctrl-q",
+        "?logsx=1",
+        "?xlogs=1",
+        "?x=logs%3D1",
+    ];
+    for query in falsy {
+        for (method, path) in [
+            ("GET", "/containers/web/attach/ws"),
+            ("POST", "/containers/web/attach"),
+        ] {
+            let target = format!("{path}{query}");
+            assert_decides(&p, method, &target, Rule::Section(Var::Containers));
+        }
+    }
+    // A form body may carry `logs=1` where the policy cannot see it.
+    let form = Framing {
+        form_body: true,
+        ..Framing::default()
+    };
+    assert_eq!(
+        p.decide_framed("POST", "/containers/web/attach?stream=1&stdout=1", form)
+            .rule(),
+        Rule::Guard(Var::AllowLogs)
+    );
+    assert!(
+        logs.decide_framed("POST", "/containers/web/attach?stream=1&stdout=1", form)
+            .is_allowed()
+    );
+}
+
+#[test]
+fn makes_an_upgrade_a_write_whatever_the_endpoint_and_keeps_toggles_out_of_it() {
+    let upgrade = Framing {
+        upgrade: true,
+        ..Framing::default()
+    };
+    let p = policy("CONTAINERS=1\nALLOW_START=1");
+    let decision = p.decide_framed("GET", "/containers/json", upgrade);
+    assert_eq!(decision.rule(), Rule::WriteGate);
+    assert_eq!(decision.effects().write, Some(WriteCause::Upgrade));
+    assert_eq!(
+        decision.reason(),
+        "GET /containers/json is denied: set POST=1 to allow it (it asks to upgrade the \
+         connection to a two-way stream the policy cannot see into, which is a write whatever \
+         the method)"
+    );
+    assert_decides(
+        &p,
+        "POST",
+        "/containers/abc/start",
+        Rule::Toggle(Var::AllowStart),
+    );
+    let decision = p.decide_framed("POST", "/containers/abc/start", upgrade);
+    assert_eq!(decision.rule(), Rule::WriteGate);
+    assert_eq!(
+        decision.reason(),
+        "POST /containers/abc/start is denied: set POST=1 to allow it"
+    );
+    let open = policy("CONTAINERS=1\nPOST=1");
+    assert!(
+        open.decide_framed("GET", "/containers/json", upgrade)
+            .is_allowed()
+    );
+}
+
+#[test]
+fn guards_image_export_and_service_and_task_logs_as_the_proxies_guard_containers() {
+    let p = policy("IMAGES=1\nSERVICES=1\nTASKS=1\nPOST=1");
+    for (path, guard) in [
+        ("/images/get?names=busybox", Var::AllowExport),
+        ("/images/library/busybox:latest/get", Var::AllowExport),
+        ("/services/web/logs?stdout=1", Var::AllowLogs),
+        ("/tasks/abc/logs?stdout=1", Var::AllowLogs),
+    ] {
+        assert_decides(&p, "GET", path, Rule::Guard(guard));
+        let opened = policy(&format!("IMAGES=1\nSERVICES=1\nTASKS=1\n{guard}=1"));
+        assert_allows(&opened, "GET", path);
+    }
+}
+
+#[test]
+fn holds_the_swarm_unlock_key_to_the_write_gate() {
+    assert_decides(
+        &policy("SWARM=1"),
+        "GET",
+        "/swarm/unlockkey",
+        Rule::WriteGate,
+    );
+    assert_eq!(
+        policy("SWARM=1").decide("GET", "/swarm/unlockkey").reason(),
+        "GET /swarm/unlockkey is denied: set POST=1 to allow it (its effect is a write \
+         whatever the method)"
+    );
+    assert_allows(&policy("SWARM=1\nPOST=1"), "GET", "/swarm/unlockkey");
+    assert_allows(&policy("SWARM=1"), "GET", "/swarm");
+}
+
+#[test]
+fn names_the_rule_and_variable_that_decided() {
+    let p = policy("CONTAINERS=1");
+    let cases = [
+        ("GET", "/containers/json", "section", Some(Var::Containers)),
+        ("GET", "/containers/a/logs", "guard", Some(Var::AllowLogs)),
+        ("POST", "/containers/a/stop", "write-gate", Some(Var::Post)),
+        ("GET", "/images/json", "section-off", Some(Var::Images)),
+        ("GET", "/nothing", "unknown", None),
+        ("GET", "/a//b", "malformed", None),
+    ];
+    for (method, path, kind, var) in cases {
+        let rule = p.decide(method, path).rule();
+        assert_eq!((rule.kind(), rule.var()), (kind, var), "{method} {path}");
+    }
+}
+
 /// Never more permissive than linuxserver: a model of its prefix matcher, as
 /// POLICY-SEMANTICS.md describes it, must allow whatever Capstan allows.
 mod never_more_permissive {
@@ -1224,7 +1518,16 @@ mod never_more_permissive {
             path = path.to_ascii_uppercase();
         }
         if rng.chance(20) {
-            path.push_str(rng.pick(&["?all=1", "?t=10", "?a=%2F..%2F", "?x=a b", "?"]));
+            path.push_str(rng.pick(&[
+                "?all=1",
+                "?t=10",
+                "?a=%2F..%2F",
+                "?x=a b",
+                "?",
+                "?stream=1&stdin=1",
+                "?logs=1",
+                "?logs=%zz",
+            ]));
         }
         if rng.chance(5) && path.len() > 1 {
             path = path.replacen(if method == "GET" { "json" } else { "/start" }, "", 1);

@@ -100,7 +100,8 @@ variables! {
     Session = "SESSION", default 0, Section;
     /// `/grpc`.
     Grpc = "GRPC", default 0, Section;
-    /// The write gate: any method other than GET and HEAD needs POST=1.
+    /// The write gate: any write needs POST=1 — a method other than GET and HEAD, an
+    /// attach (websocket GET too), a connection upgrade, `GET /swarm/unlockkey`.
     Post = "POST", default 0, WriteGate;
     /// `POST /containers/{id}/start`, even with POST=0.
     AllowStart = "ALLOW_START", default 0, Toggle;
@@ -112,13 +113,15 @@ variables! {
     AllowPause = "ALLOW_PAUSE", default 0, Toggle;
     /// `POST /containers/{id}/unpause`, even with POST=0.
     AllowUnpause = "ALLOW_UNPAUSE", default 0, Toggle;
-    /// Guard: while off, `/containers/{id}/logs` is denied even with CONTAINERS=1.
+    /// Guard: while off, `/containers/{id}/logs` is denied even with CONTAINERS=1, and so
+    /// are service and task logs and an attach that may return logs (`logs=1`).
     AllowLogs = "ALLOW_LOGS", default 0, Guard;
     /// Guard: while off, `/containers/{id}/top` is denied even with CONTAINERS=1.
     AllowTop = "ALLOW_TOP", default 0, Guard;
     /// Guard: while off, `/containers/{id}/changes` is denied even with CONTAINERS=1.
     AllowChanges = "ALLOW_CHANGES", default 0, Guard;
-    /// Guard: while off, `/containers/{id}/export` is denied even with CONTAINERS=1.
+    /// Guard: while off, `/containers/{id}/export` is denied even with CONTAINERS=1, and so
+    /// is image export (`GET /images/get`, `/images/{name}/get`) even with IMAGES=1.
     AllowExport = "ALLOW_EXPORT", default 0, Guard;
     /// Guard: while off, `/containers/{id}/archive` is denied even with CONTAINERS=1.
     AllowArchive = "ALLOW_ARCHIVE", default 0, Guard;
