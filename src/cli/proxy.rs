@@ -23,7 +23,15 @@ Examples:
 
 The policy file is a socket-proxy environment block (CONTAINERS=1, POST=0, ALLOW_RESTARTS=1,
 …, as in a docker-compose `environment:` section) or a TOML file ending in .toml. Denied
-requests get 403 with a message naming the variable that would allow them.")]
+requests get 403 with a message naming the variable that would allow them.
+
+Container scopes ([containers] in TOML) hold for every container a request names: path,
+query (commit?container=) and body (VolumesFrom, container:NAME modes, Links, network
+connect/disconnect), and listings show only containers in scope. Creates pass the create
+guard: privileged, host namespaces, devices, added capabilities and bind mounts are
+refused unless [create] (or CREATE_PRIVILEGED=1, CREATE_BIND_ROOTS=/srv/app, … in an
+environment block) allows them; `capstan policy show` prints it. Bodies read for these
+checks are limited to 1 MiB (413 beyond).")]
 pub struct ProxyArgs {
     /// The device whose daemon to serve (name or id).
     #[arg(long)]
