@@ -5,8 +5,13 @@
 //! request is decided by the same [`crate::policy`] engine that guards plugins: the
 //! socket-proxy vocabulary applied to the Docker API endpoint the request matched. What is
 //! forwarded is exactly the path that was decided on (decoded once, normalised), never the
-//! raw bytes the client sent. Container-targeted requests are checked against the
-//! policy's container scope (the container is inspected upstream first).
+//! raw bytes the client sent. Every container a request names — in its path, its query
+//! (`commit?container=`) or its body (`VolumesFrom`, `container:NAME` modes, `Links`,
+//! network connect's `Container`) — is checked against the policy's container scope
+//! (the daemon is asked which container the reference is), a create must pass the
+//! policy's create guard, and container and network listings are narrowed to the scope.
+//! Bodies read for that are bounded ([`body::MAX_BODY`], else 413) and refused when they
+//! cannot be read the way the daemon would read them.
 //!
 //! Denials answer 403 in Docker's own error format (`{"message": …}`) with a sentence that
 //! names the variable that would allow the request, so the docker CLI prints something
@@ -29,7 +34,6 @@
 //! connections (local socket, TLS, SSH channels running `docker system dial-stdio`) that
 //! plugins and checks use — `src/docker/` stays the one place that opens them.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,7 +44,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap};
 use hyper::{Request, Response, StatusCode};
@@ -48,7 +52,8 @@ use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 
 use crate::docker::{BoxError, DockerClient};
-use crate::policy::{CompiledPolicy, Decision, Framing, Var};
+use crate::policy::body::{self, BodyError};
+use crate::policy::{CompiledPolicy, Decision, Framing, Var, daemon};
 use crate::secret::Secret;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -264,7 +269,7 @@ struct AccessNote {
     /// The path and query decided on (what is forwarded), once decided.
     path: Option<String>,
     /// The rule that decided (`section`, `guard`, `toggle`, `write-gate`, `token`,
-    /// `container-scope`, …).
+    /// `container-scope`, `request-body`, …).
     rule: &'static str,
     /// The variable that decided, if one did.
     variable: Option<Var>,
@@ -323,6 +328,15 @@ fn redact_query(path_and_query: &str) -> std::borrow::Cow<'_, str> {
     format!("{path}?{}", pairs.join("&")).into()
 }
 
+/// An answer narrowed to the container scope before it is returned.
+#[derive(Debug, Clone, Copy)]
+enum Filter {
+    /// `GET /containers/json`.
+    Containers,
+    /// `GET /networks/{id}` and `GET /networks`.
+    Networks,
+}
+
 /// A running proxy's shared state.
 pub struct Proxy {
     device: String,
@@ -345,6 +359,11 @@ fn docker_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
                 .boxed(),
         )
         .expect("valid response")
+}
+
+/// A client's body forwarded as it arrives.
+fn streamed(body: Incoming) -> crate::docker::Body {
+    body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
 }
 
 fn empty() -> ProxyBody {
@@ -538,7 +557,7 @@ impl Proxy {
     /// Decides one client request and answers it, noting how in `note`.
     async fn respond(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: &str,
         note: &mut AccessNote,
     ) -> Result<Response<ProxyBody>, Infallible> {
@@ -585,8 +604,24 @@ impl Proxy {
                 &format!("capstan policy: {method} {pq} is denied: {why}"),
             ));
         }
+        let (parts, body) = req.into_parts();
+        let body = match self.inspect_request(&decision, &parts.headers, body).await {
+            Ok(body) => body,
+            Err((status, why)) => {
+                note.rule = "request-body";
+                note.variable = None;
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%client, device = %self.device, %method, path = %pq, reason = %why, "proxy request denied");
+                return Ok(docker_error(
+                    status,
+                    &format!("capstan policy: {method} {pq} is denied: {why}"),
+                ));
+            }
+        };
+        let mut req = Request::from_parts(parts, body);
         self.stats.allowed.fetch_add(1, Ordering::Relaxed);
         let forward_path = decision.path().to_string();
+        let filter = self.response_filter(&decision);
 
         let upgrade = is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -598,9 +633,7 @@ impl Proxy {
         }
         let mut up = Request::builder().method(parts.method).uri(forward_path);
         *up.headers_mut().expect("builder has headers") = parts.headers;
-        let up = up
-            .body(body.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
-            .expect("valid request");
+        let up = up.body(body).expect("valid request");
 
         note.forwarded = true;
         let mut resp = match self.upstream.send(up).await {
@@ -641,53 +674,165 @@ impl Proxy {
 
         let (mut parts, body) = resp.into_parts();
         strip_hop_headers(&mut parts.headers, false);
+        if let Some(filter) = filter
+            && parts.status.is_success()
+        {
+            return Ok(match self.filter_response(filter, body).await {
+                Ok(bytes) => {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    parts.headers.remove(header::CONTENT_ENCODING);
+                    Response::from_parts(
+                        parts,
+                        Full::new(bytes).map_err(|never| match never {}).boxed(),
+                    )
+                }
+                Err(why) => {
+                    tracing::error!(device = %self.device, error = %why, "proxy cannot filter a listing to the container scope");
+                    docker_error(
+                        StatusCode::BAD_GATEWAY,
+                        &format!(
+                            "capstan: cannot filter the answer to the policy's container scope: {why}"
+                        ),
+                    )
+                }
+            });
+        }
         Ok(Response::from_parts(parts, body.boxed()))
+    }
+
+    /// Reads what the request names beyond its path (see [`crate::policy::body`]): the
+    /// body of the endpoints that carry containers or host privileges is read (at most
+    /// [`body::MAX_BODY`] bytes, else 413), every container it or the query names must be
+    /// in scope, a create must pass the create guard and make a container in scope.
+    /// Returns the body to forward, or the status and reason of a refusal.
+    async fn inspect_request(
+        &self,
+        decision: &crate::policy::Decision<'_>,
+        headers: &HeaderMap,
+        body: Incoming,
+    ) -> Result<crate::docker::Body, (StatusCode, String)> {
+        let Some(endpoint) = decision.endpoint().filter(|e| body::inspects(e)) else {
+            return Ok(streamed(body));
+        };
+        let query = decision.path().split_once('?').map_or("", |(_, q)| q);
+        let (bytes, passthrough) = if body::needs_body(endpoint) {
+            if let Some(enc) = headers
+                .get(header::CONTENT_ENCODING)
+                .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+            {
+                let enc = String::from_utf8_lossy(enc.as_bytes()).into_owned();
+                return Err((StatusCode::BAD_REQUEST, BodyError::Encoded(enc).to_string()));
+            }
+            let too_large = || {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    BodyError::TooLarge {
+                        limit: body::MAX_BODY,
+                    }
+                    .to_string(),
+                )
+            };
+            let declared = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > body::MAX_BODY as u64) {
+                return Err(too_large());
+            }
+            let read = match Limited::new(body, body::MAX_BODY).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+                Err(e) => {
+                    return Err((
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read the request body: {e}"),
+                    ));
+                }
+            };
+            (read, None)
+        } else {
+            (Bytes::new(), Some(body))
+        };
+        let named = body::inspect(endpoint, query, &bytes).map_err(|e| {
+            let status = match e {
+                BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            (status, e.to_string())
+        })?;
+        let forbidden = |why: String| (StatusCode::FORBIDDEN, why);
+        if let Some(asks) = &named.asks {
+            self.policy
+                .create()
+                .check(asks)
+                .map_err(|d| forbidden(d.to_string()))?;
+        }
+        let scope = self.policy.containers();
+        daemon::check_named(&self.upstream, scope, &named.containers)
+            .await
+            .map_err(|r| forbidden(r.to_string()))?;
+        if let Some(new) = &named.new_container
+            && !scope.is_all()
+            && !scope.matches(new.name.as_deref().unwrap_or_default(), &new.labels)
+        {
+            return Err(forbidden(format!(
+                "the new container {} would be outside the policy's container scope ({}): give it a name and labels that match",
+                new.name
+                    .as_deref()
+                    .map_or("(no name given)".to_string(), |n| n.to_string()),
+                scope.describe()
+            )));
+        }
+        Ok(match passthrough {
+            Some(body) => streamed(body),
+            None => crate::docker::full_body(bytes),
+        })
+    }
+
+    /// Which answers must be narrowed to the container scope: the container list, and
+    /// the `Containers` of network inspect and list.
+    fn response_filter(&self, decision: &crate::policy::Decision<'_>) -> Option<Filter> {
+        if self.policy.containers().is_all() {
+            return None;
+        }
+        match decision.endpoint()?.operation {
+            "ContainerList" => Some(Filter::Containers),
+            "NetworkInspect" | "NetworkList" => Some(Filter::Networks),
+            _ => None,
+        }
+    }
+
+    /// Reads a listing (at most [`daemon::MAX_ANSWER`] bytes) and keeps what is in scope.
+    async fn filter_response(&self, filter: Filter, body: Incoming) -> Result<Bytes, String> {
+        let bytes = Limited::new(body, daemon::MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| format!("cannot read the daemon's answer: {e}"))?
+            .to_bytes();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| format!("unreadable answer: {e}"))?;
+        let scope = self.policy.containers();
+        match filter {
+            Filter::Containers => daemon::filter_container_list(scope, &mut v),
+            Filter::Networks => {
+                let ids = daemon::ids_in_scope(&self.upstream, scope).await?;
+                daemon::filter_network_containers(&mut v, &ids);
+            }
+        }
+        Ok(Bytes::from(
+            serde_json::to_vec(&v).expect("JSON values serialise"),
+        ))
     }
 
     /// Inspects the container upstream and checks its name and labels against the scope.
     async fn check_container_scope(&self, container: &str) -> Result<(), String> {
-        let uri = format!("/containers/{}/json", percent_encode_segment(container));
-        let req = Request::get(uri)
-            .header(header::HOST, "docker")
-            .body(crate::docker::empty_body())
-            .expect("valid request");
-        let resp = self.upstream.send(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
+        let named = [body::NamedContainer {
+            field: "path".to_string(),
+            reference: container.to_string(),
+        }];
+        daemon::check_named(&self.upstream, self.policy.containers(), &named)
             .await
-            .map_err(|e| format!("cannot read the container's details: {e}"))?
-            .to_bytes();
-        if status == StatusCode::NOT_FOUND {
-            return Err(format!(
-                "container {container:?} does not exist (or is out of scope)"
-            ));
-        }
-        if !status.is_success() {
-            return Err(format!(
-                "cannot inspect container {container:?} to check the scope (daemon answered {status})"
-            ));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| format!("unreadable container details: {e}"))?;
-        let name = v["Name"].as_str().unwrap_or("");
-        let labels: HashMap<String, String> = v["Config"]["Labels"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if self.policy.containers().matches(name, &labels) {
-            Ok(())
-        } else {
-            Err(format!(
-                "container {} is outside the policy's container scope",
-                name.trim_start_matches('/')
-            ))
-        }
+            .map_err(|r| r.to_string())
     }
 
     /// Accepts clients on `listener` until `shutdown` resolves.
@@ -821,20 +966,6 @@ impl ProxyListener {
             Listener::Unix(_, p) => Listen::Unix(p.clone()),
         }
     }
-}
-
-/// Percent-encodes a path segment (container names are `[a-zA-Z0-9_.-]`, IDs hex; this
-/// only guards against anything else).
-fn percent_encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

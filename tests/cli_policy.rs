@@ -61,3 +61,37 @@ fn an_invalid_policy_exits_non_zero_naming_the_variable() {
     );
     assert_failure_says(&out, "POST");
 }
+
+#[test]
+fn show_prints_the_scopes_and_the_create_guard() {
+    let data = DataDir::empty();
+    let toml = data.path().join("proxy.toml");
+    std::fs::write(
+        &toml,
+        "CONTAINERS = 1\n[containers]\nnames = [\"rt-in-*\"]\n[create]\nbind_roots = [\"/srv/app\"]\n",
+    )
+    .unwrap();
+    let out = data.capstan(&["policy", "show", "--policy", toml.to_str().unwrap()]);
+    assert_success(&out, "policy show");
+    let text = stdout(&out);
+    for line in [
+        "containers: name rt-in-*",
+        "  privileged = false",
+        "  bind_roots = /srv/app",
+        "  images = every image",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+    let env = data.path().join("proxy.env");
+    std::fs::write(&env, "CONTAINERS=1\nCREATE_PRIVILEGED=1\n").unwrap();
+    let out = data.capstan(&["policy", "show", "--env-file", env.to_str().unwrap()]);
+    assert_success(&out, "policy show --env-file");
+    assert!(
+        stdout(&out).contains("  privileged = true"),
+        "{}",
+        stdout(&out)
+    );
+    std::fs::write(&env, "CREATE_PRIVILEGD=1\n").unwrap();
+    let out = data.capstan(&["policy", "show", "--env-file", env.to_str().unwrap()]);
+    assert_failure_says(&out, "not a create-guard setting");
+}

@@ -370,3 +370,124 @@ fn keeps_serving_after_every_kind_of_hostile_run() {
         assert!(ok.succeeded(), "after {mode}: {}", ok.render());
     }
 }
+
+/// Runs the probe plugin with `calls`; each result is `{"ok": …}` or `{"error": "…"}`.
+fn probe_calls(h: &Harness, calls: serde_json::Value) -> Vec<serde_json::Value> {
+    let r = h.run("probe", &calls.to_string());
+    assert!(r.succeeded(), "{}", r.render());
+    let details = &r.outcome.as_ref().expect("an outcome").details;
+    serde_json::from_str::<serde_json::Value>(details)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+const PROBE_SCOPED: &str =
+    "[policy]\nCONTAINERS = 1\nIMAGES = 1\nPOST = 1\ndevices = [\"local\"]\n[policy.containers]\n";
+
+#[test]
+fn a_legacy_link_alias_does_not_list_an_out_of_scope_container() {
+    let h = Harness::new();
+    let image = Infra::get().var("TEST_IMAGE");
+    let out = Container::run("cap-alias-out", &[], image);
+    // `--link` gives `out` a second name, `/<in>/<alias>`, that the glob below matches.
+    let inside_name = format!(
+        "cap-alias-in-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    crate::util::plugin::docker(&[
+        "run",
+        "-d",
+        "--name",
+        &inside_name,
+        "--label",
+        crate::util::plugin::TEST_LABEL,
+        "--link",
+        &format!("{}:db", out.name),
+        image,
+    ]);
+    let inside = Container { name: inside_name };
+    let names = crate::util::plugin::docker(&[
+        "ps",
+        "--filter",
+        &format!("name={}", out.name),
+        "--format",
+        "{{.Names}}",
+    ]);
+    assert!(
+        names.contains(&format!("{}/db", inside.name)),
+        "the link alias is listed as a name of {}: {names}",
+        out.name
+    );
+    h.install_text_for(
+        "probe",
+        &manifest("probe", PROBE_SCOPED),
+        &[&format!("{}*", inside.name)],
+    );
+    let r = probe_calls(
+        &h,
+        serde_json::json!([{"op": "list-containers", "device": "local"}]),
+    );
+    let listed: Vec<&str> = r[0]["ok"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", r[0]))
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(listed.contains(&inside.name.as_str()), "{listed:?}");
+    assert!(
+        !listed.contains(&out.name.as_str()),
+        "the out-of-scope container is not listed through its alias: {listed:?}"
+    );
+    drop(inside);
+}
+
+#[test]
+fn recreate_may_change_the_tag_but_not_the_repository_nor_ask_for_capabilities() {
+    let h = Harness::new();
+    let image = Infra::get().var("TEST_IMAGE");
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let repo = format!("capstan-test/retag-{tag}");
+    let other = format!("capstan-test/other-{tag}:a");
+    for t in [format!("{repo}:a"), format!("{repo}:b"), other.clone()] {
+        crate::util::plugin::docker(&["tag", image, &t]);
+    }
+    let c = Container::run("cap-retag", &[], &format!("{repo}:a"));
+    let capped = Container::run("cap-retag-cap", &["--cap-add", "NET_ADMIN"], image);
+    h.install_text_for(
+        "probe",
+        &manifest("probe", PROBE_SCOPED),
+        &[&c.name, &capped.name],
+    );
+    let old_id = c.inspect("{{.Id}}");
+    let r = probe_calls(
+        &h,
+        serde_json::json!([
+            {"op": "recreate", "device": "local", "container": c.name, "image": other},
+            {"op": "recreate", "device": "local", "container": capped.name},
+            {"op": "recreate", "device": "local", "container": c.name, "image": format!("{repo}:b")},
+        ]),
+    );
+    let e = r[0]["error"].as_str().unwrap_or_else(|| panic!("{}", r[0]));
+    assert!(
+        e.starts_with("denied") && e.contains("only change the tag or digest"),
+        "{e}"
+    );
+    let e = r[1]["error"].as_str().unwrap_or_else(|| panic!("{}", r[1]));
+    assert!(e.starts_with("denied") && e.contains("cap_add"), "{e}");
+    assert!(r[2].get("ok").is_some(), "another tag is allowed: {}", r[2]);
+    assert_ne!(c.inspect("{{.Id}}"), old_id);
+    assert_eq!(c.inspect("{{.Config.Image}}"), format!("{repo}:b"));
+    assert_eq!(capped.inspect("{{.State.Running}}"), "true", "left alone");
+    drop((c, capped));
+    let _ = std::process::Command::new("docker")
+        .args([
+            "image",
+            "rm",
+            &format!("{repo}:a"),
+            &format!("{repo}:b"),
+            &other,
+        ])
+        .output();
+}

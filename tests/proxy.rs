@@ -28,7 +28,18 @@ impl Drop for ProxyProcess {
 }
 
 fn start_proxy(data: &DataDir, device: &str, policy: &str, extra: &[&str]) -> ProxyProcess {
-    let policy_file = data.path().join(format!("policy-{}.env", free_port()));
+    start_proxy_with(data, device, policy, "env", extra)
+}
+
+/// Like [`start_proxy`], the policy file named `*.{ext}` (`toml` for a TOML policy).
+fn start_proxy_with(
+    data: &DataDir,
+    device: &str,
+    policy: &str,
+    ext: &str,
+    extra: &[&str],
+) -> ProxyProcess {
+    let policy_file = data.path().join(format!("policy-{}.{ext}", free_port()));
     std::fs::write(&policy_file, policy).unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let listen = format!("tcp://{addr}");
@@ -1088,4 +1099,229 @@ fn a_proxy_whose_access_log_cannot_be_opened_refuses_to_start_saying_so() {
         &out,
         "cannot open the access log /nonexistent-dir/access.jsonl",
     );
+}
+/// `docker run -d --name NAME IMAGE` straight on the daemon (not through a proxy).
+fn run_container(name: &str, image: &str) {
+    remove_container(name);
+    let out = Command::new("docker")
+        .args(["run", "-d", "--name", name, image])
+        .output()
+        .unwrap();
+    assert_success(&out, "start a test container");
+}
+
+fn json_header() -> [(&'static str, &'static str); 1] {
+    [("Content-Type", "application/json")]
+}
+
+/// `POST path` with a JSON body; the status and the answer.
+fn post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
+    http(addr, "POST", path, &json_header(), body.as_bytes())
+}
+
+#[test]
+fn the_proxy_holds_the_container_scope_for_queries_bodies_and_listings() {
+    let image = Infra::get().var("TEST_IMAGE");
+    let tag = std::process::id();
+    let inside = format!("rt-in-{tag}-a");
+    let created = format!("rt-in-{tag}-new");
+    let outside = format!("rt-out-{tag}");
+    run_container(&inside, image);
+    run_container(&outside, image);
+    remove_container(&created);
+    let data = with_local_device();
+    let policy = format!(
+        "CONTAINERS = 1\nPOST = 1\nNETWORKS = 1\nCOMMIT = 1\ndevices = [\"d\"]\n[containers]\nnames = [\"rt-in-{tag}-*\"]\n"
+    );
+    let proxy = start_proxy_with(&data, "d", &policy, "toml", &[]);
+    let create = format!("/containers/create?name={created}");
+    let refused = |method: &str, path: &str, body: String, status: u16, needle: &str| {
+        let (got, answer) = http(&proxy.addr, method, path, &json_header(), body.as_bytes());
+        assert_eq!(got, status, "{method} {path} {body}: {answer}");
+        assert!(answer.contains(needle), "{method} {path} {body}: {answer}");
+    };
+    let outside_scope = "outside the policy's container scope";
+    for host_config in [
+        format!(r#"{{"VolumesFrom": ["{outside}:ro"]}}"#),
+        format!(r#"{{"PidMode": "container:{outside}"}}"#),
+        format!(r#"{{"NetworkMode": "container:{outside}"}}"#),
+        format!(r#"{{"IpcMode": "container:{outside}"}}"#),
+        format!(r#"{{"Links": ["/{outside}:db"]}}"#),
+    ] {
+        let body = format!(r#"{{"Image": "{image}", "HostConfig": {host_config}}}"#);
+        refused("POST", &create, body, 403, outside_scope);
+    }
+    // Docker reads field names case-insensitively, and so does the check.
+    refused(
+        "POST",
+        &create,
+        format!(r#"{{"Image": "{image}", "hostconfig": {{"volumesfrom": ["{outside}"]}}}}"#),
+        403,
+        outside_scope,
+    );
+    // Two spellings of one field could be read either way: refused.
+    refused(
+        "POST",
+        &create,
+        format!(
+            r#"{{"Image": "{image}", "HostConfig": {{"VolumesFrom": ["{inside}"], "volumesFrom": ["{outside}"]}}}}"#
+        ),
+        400,
+        "more than once",
+    );
+    refused(
+        "POST",
+        "/networks/bridge/disconnect",
+        format!(r#"{{"Container": "{outside}"}}"#),
+        403,
+        outside_scope,
+    );
+    refused(
+        "POST",
+        &format!("/commit?container={outside}&repo=capstan-test/commit-{tag}"),
+        String::new(),
+        403,
+        outside_scope,
+    );
+    refused(
+        "POST",
+        "/containers/create?name=somewhere-else",
+        format!(r#"{{"Image": "{image}"}}"#),
+        403,
+        "the new container somewhere-else would be outside",
+    );
+    // A body larger than the check reads is refused from its declared length.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&proxy.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "POST {create} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            2 << 20
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("larger than"), "{answer}");
+    }
+
+    let (status, list) = http(&proxy.addr, "GET", "/containers/json?all=1", &[], b"");
+    assert_eq!(status, 200, "{list}");
+    assert!(list.contains(&format!("/{inside}")), "{list}");
+    assert!(
+        !list.contains(&outside),
+        "the listing hides {outside}: {list}"
+    );
+    let outside_id = Command::new("docker")
+        .args(["inspect", "-f", "{{.Id}}", &outside])
+        .output()
+        .unwrap();
+    let outside_id = stdout(&outside_id).trim().to_string();
+    let (status, network) = http(&proxy.addr, "GET", "/networks/bridge", &[], b"");
+    assert_eq!(status, 200, "{network}");
+    assert!(!network.contains(&outside_id), "{network}");
+
+    // What stays inside the scope still works.
+    let (status, answer) = http(
+        &proxy.addr,
+        "POST",
+        &create,
+        &json_header(),
+        format!(r#"{{"Image": "{image}", "HostConfig": {{"VolumesFrom": ["{inside}"]}}}}"#)
+            .as_bytes(),
+    );
+    assert_eq!(status, 201, "{answer}");
+    remove_container(&created);
+    remove_container(&inside);
+    remove_container(&outside);
+    drop(proxy);
+}
+
+#[test]
+fn the_create_guard_refuses_host_privileges_naming_the_setting_that_allows_them() {
+    let image = Infra::get().var("TEST_IMAGE");
+    let data = with_local_device();
+    let root = tempfile::tempdir().unwrap();
+    let root_path = root.path().to_str().unwrap().to_string();
+    let policy = format!(
+        "CONTAINERS = 1\nPOST = 1\n[create]\nbind_roots = [\"{root_path}\"]\nimages = [\"{image}\"]\n"
+    );
+    let proxy = start_proxy_with(&data, "d", &policy, "toml", &[]);
+    let name = format!("capstan-guard-{}", std::process::id());
+    remove_container(&name);
+    let create = format!("/containers/create?name={name}");
+    for (host_config, needle) in [
+        (r#"{"Privileged": true}"#.to_string(), "privileged = true"),
+        (r#"{"PidMode": "host"}"#.to_string(), "host_namespaces = true"),
+        (r#"{"NetworkMode": "host"}"#.to_string(), "host_namespaces = true"),
+        (r#"{"UsernsMode": "host"}"#.to_string(), "host_namespaces = true"),
+        (r#"{"CapAdd": ["SYS_ADMIN"]}"#.to_string(), "cap_add"),
+        (
+            r#"{"Devices": [{"PathOnHost": "/dev/null", "PathInContainer": "/dev/x", "CgroupPermissions": "rwm"}]}"#.to_string(),
+            "devices = true",
+        ),
+        (r#"{"Binds": ["/etc:/host-etc:ro"]}"#.to_string(), "bind_roots"),
+        (
+            format!(r#"{{"Binds": ["{root_path}/../..:/up"]}}"#),
+            "bind_roots",
+        ),
+        (
+            r#"{"Mounts": [{"Type": "bind", "Source": "/", "Target": "/host"}]}"#.to_string(),
+            "bind_roots",
+        ),
+        (r#"{"SecurityOpt": ["seccomp=unconfined"]}"#.to_string(), "privileged = true"),
+    ] {
+        let body = format!(r#"{{"Image": "{image}", "HostConfig": {host_config}}}"#);
+        let (status, answer) = post_json(&proxy.addr, &create, &body);
+        assert_eq!(status, 403, "{body}: {answer}");
+        assert!(answer.contains(needle), "{body}: {answer}");
+    }
+    let (status, answer) = post_json(
+        &proxy.addr,
+        &create,
+        r#"{"Image": "capstan-test/elsewhere:1"}"#,
+    );
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("to `images`"), "{answer}");
+
+    // The docker CLI shows the denial.
+    let cfg = tempfile::tempdir().unwrap();
+    let out = docker(&proxy.addr, cfg.path())
+        .args(["run", "--rm", "--privileged", image, "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("privileged = true"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A bind mount under an allowed root, of an allowed image, is created.
+    let body =
+        format!(r#"{{"Image": "{image}", "HostConfig": {{"Binds": ["{root_path}/data:/data"]}}}}"#);
+    std::fs::create_dir(root.path().join("data")).unwrap();
+    let (status, answer) = post_json(&proxy.addr, &create, &body);
+    assert_eq!(status, 201, "{answer}");
+    remove_container(&name);
+    drop(proxy);
+
+    // An environment-block policy gets the same guard, widened by CREATE_* names.
+    let proxy = start_proxy(
+        &data,
+        "d",
+        "CONTAINERS=1\nPOST=1\nCREATE_PRIVILEGED=1\n",
+        &[],
+    );
+    let body = format!(r#"{{"Image": "{image}", "HostConfig": {{"Privileged": true}}}}"#);
+    let (status, answer) = post_json(&proxy.addr, &create, &body);
+    assert_eq!(status, 201, "{answer}");
+    remove_container(&name);
+    let body = format!(r#"{{"Image": "{image}", "HostConfig": {{"PidMode": "host"}}}}"#);
+    let (status, answer) = post_json(&proxy.addr, &create, &body);
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("CREATE_HOST_NAMESPACES=1"), "{answer}");
+    drop(proxy);
 }

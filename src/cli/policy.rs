@@ -1,4 +1,4 @@
-//! `capstan policy …`: test a policy offline.
+//! `capstan policy …`: test a policy offline: decide requests, or show what it allows.
 
 use std::path::{Path, PathBuf};
 
@@ -14,22 +14,85 @@ pub enum PolicyCmd {
         after_help = "Example:\n  printf 'GET /containers/json\\nPOST /containers/web/restart\\n' | capstan policy decide --env-file proxy.env --reasons"
     )]
     Decide {
-        /// A socket-proxy environment block: KEY=VALUE lines (or `KEY: VALUE`, `- KEY=VALUE`
-        /// as pasted from a compose file).
-        #[arg(
-            long,
-            value_name = "FILE",
-            required_unless_present = "policy",
-            conflicts_with = "policy"
-        )]
-        env_file: Option<PathBuf>,
-        /// A TOML policy (the variables as keys, plus `devices` and `[containers]` scopes).
-        #[arg(long, value_name = "FILE.toml")]
-        policy: Option<PathBuf>,
+        #[command(flatten)]
+        source: PolicySource,
         /// Follow each answer with a tab and the reason.
         #[arg(long)]
         reasons: bool,
     },
+    /// Print what a policy allows: the variables that are on, the device and container
+    /// scopes, and the create guard (what a container create may ask of the host).
+    #[command(
+        after_help = "Example:\n  capstan policy show --policy proxy.toml\n\nThe create guard refuses privileged containers, host namespaces, devices, added\ncapabilities and bind mounts unless the policy's [create] table (CREATE_* names in an\nenvironment block) allows them."
+    )]
+    Show {
+        #[command(flatten)]
+        source: PolicySource,
+    },
+}
+
+/// Which policy file a `capstan policy` command reads.
+#[derive(Debug, clap::Args)]
+pub struct PolicySource {
+    /// A socket-proxy environment block: KEY=VALUE lines (or `KEY: VALUE`, `- KEY=VALUE`
+    /// as pasted from a compose file).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "policy",
+        conflicts_with = "policy"
+    )]
+    env_file: Option<PathBuf>,
+    /// A TOML policy (the variables as keys, plus `devices`, `[containers]` and
+    /// `[create]`).
+    #[arg(long, value_name = "FILE.toml")]
+    policy: Option<PathBuf>,
+}
+
+/// The policy named by `--env-file` or `--policy`.
+fn chosen(source: PolicySource) -> anyhow::Result<Policy> {
+    match (source.env_file, source.policy) {
+        (Some(f), _) => read_policy(&f, false),
+        (None, Some(f)) => read_policy(&f, true),
+        (None, None) => unreachable!("clap requires one"),
+    }
+}
+
+/// `capstan policy show`'s text.
+pub fn describe(policy: &Policy) -> String {
+    use std::fmt::Write;
+    let on: Vec<&str> = crate::policy::Var::ALL
+        .iter()
+        .filter(|&&v| policy.get(v))
+        .map(|v| v.name())
+        .collect();
+    let devices: Vec<&str> = policy.devices().patterns().collect();
+    let mut out = String::new();
+    let _ = writeln!(out, "variables on: {}", on.join(", "));
+    let _ = writeln!(
+        out,
+        "devices: {}",
+        if devices.is_empty() {
+            "none".to_string()
+        } else {
+            devices.join(", ")
+        }
+    );
+    let containers = policy.containers();
+    let _ = writeln!(
+        out,
+        "containers: {}",
+        if containers.is_all() {
+            "every container".to_string()
+        } else {
+            containers.describe()
+        }
+    );
+    let _ = writeln!(out, "create guard:");
+    for line in policy.create().describe() {
+        let _ = writeln!(out, "  {line}");
+    }
+    out
 }
 
 /// Loads a policy file: TOML when the name ends in `.toml`, else an environment block.
@@ -50,20 +113,15 @@ fn read_policy(path: &Path, toml: bool) -> anyhow::Result<Policy> {
 
 pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
     match cmd {
-        PolicyCmd::Decide {
-            env_file,
-            policy,
-            reasons,
-        } => {
-            let policy = match (env_file, policy) {
-                (Some(f), _) => read_policy(&f, false)?,
-                (None, Some(f)) => read_policy(&f, true)?,
-                (None, None) => unreachable!("clap requires one"),
-            };
+        PolicyCmd::Decide { source, reasons } => {
+            let policy = chosen(source)?;
             let compiled = policy.compile();
             let stdin = std::io::stdin();
             let stdout = std::io::stdout();
             crate::policy::decide_stream(&compiled, stdin.lock(), stdout.lock(), reasons)?;
+        }
+        PolicyCmd::Show { source } => {
+            print!("{}", describe(&chosen(source)?));
         }
     }
     Ok(())

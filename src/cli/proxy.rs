@@ -28,6 +28,14 @@ requests get 403 with a message naming the variable that would allow them. The w
 attaching to a container (POST or websocket GET) needs POST=1, and ALLOW_LOGS=1 as well when
 it asks for logs; any connection upgrade needs POST=1; `docker save` needs ALLOW_EXPORT=1.
 
+Container scopes ([containers] in TOML) hold for every container a request names: path,
+query (commit?container=) and body (VolumesFrom, container:NAME modes, Links, network
+connect/disconnect), and listings show only containers in scope. Creates pass the create
+guard: privileged, host namespaces, devices, added capabilities and bind mounts are
+refused unless [create] (or CREATE_PRIVILEGED=1, CREATE_BIND_ROOTS=/srv/app, … in an
+environment block) allows them; `capstan policy show` prints it. Bodies read for these
+checks are limited to 1 MiB (413 beyond).
+
 Every allowed request is logged at `info` (denied ones at `warn`); with --access-log every
 request is a JSON line in that file instead.")]
 pub struct ProxyArgs {

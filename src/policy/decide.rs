@@ -38,6 +38,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
+use crate::policy::create::CreateGuard;
 use crate::policy::endpoints::{self, Effect, Endpoint, Gate, Method, Span, TargetKind};
 use crate::policy::scope::{ContainerScope, DeviceScope};
 use crate::policy::vars::{Var, VarSet};
@@ -48,16 +49,29 @@ pub struct CompiledPolicy {
     vars: VarSet,
     devices: DeviceScope,
     containers: ContainerScope,
+    create: CreateGuard,
 }
 
 impl CompiledPolicy {
-    /// A policy from variables and scopes.
+    /// A policy from variables and scopes, with the default create guard.
     pub fn new(vars: VarSet, devices: DeviceScope, containers: ContainerScope) -> Self {
         CompiledPolicy {
             vars,
             devices,
             containers,
+            create: CreateGuard::default(),
         }
+    }
+
+    /// The same policy with another create guard.
+    pub fn with_create(mut self, create: CreateGuard) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// What a container create may ask of the host.
+    pub fn create(&self) -> &CreateGuard {
+        &self.create
     }
 
     /// A policy with these variables, no device and every container.

@@ -14,8 +14,15 @@
 //! linuxserver on any request. `shared/POLICY-SEMANTICS.md` states the semantics.
 //!
 //! What a policy grants by default: PING, VERSION and EVENTS (the proxies' defaults), no
-//! device ([`DeviceScope`] is default-deny) and, within the devices granted, every
-//! container ([`ContainerScope`] narrows by labels and names).
+//! device ([`DeviceScope`] is default-deny), within the devices granted every container
+//! ([`ContainerScope`] narrows by labels and names), and creates of plain containers only
+//! ([`CreateGuard`] refuses privileges, host namespaces, devices, added capabilities and
+//! bind mounts until the `[create]` table allows them).
+//!
+//! Beyond the path, [`body`] reads the containers a request names in its query and body
+//! (`VolumesFrom`, `container:NAME` modes, `Links`, network connect's `Container`,
+//! `commit?container=`) and what a create asks for, so the scopes and the guard hold
+//! there too.
 //!
 //! Where the semantics document is silent, the choices are strict and written down where
 //! they are implemented:
@@ -48,6 +55,9 @@
 //! # Ok::<(), capstan::policy::PolicyError>(())
 //! ```
 
+pub mod body;
+pub mod create;
+pub mod daemon;
 mod decide;
 pub mod endpoints;
 mod parse;
@@ -59,6 +69,7 @@ mod tests;
 
 use std::io::{self, BufRead, Write};
 
+pub use create::{CreateAsks, CreateDenial, CreateError, CreateGuard};
 pub use decide::{CompiledPolicy, Decision, Effects, Framing, Malformed, Rule, Target, WriteCause};
 pub use endpoints::{Effect, Endpoint, Gate, Method, TargetKind};
 pub use parse::{EnvLineError, PolicyError, assignment};
@@ -77,6 +88,7 @@ pub struct Policy {
     values: VarSet,
     devices: DeviceScope,
     containers: ContainerScope,
+    create: CreateGuard,
 }
 
 impl Default for Policy {
@@ -87,6 +99,7 @@ impl Default for Policy {
             values: VarSet::EMPTY,
             devices: DeviceScope::none(),
             containers: ContainerScope::all(),
+            create: CreateGuard::default(),
         }
     }
 }
@@ -95,14 +108,16 @@ impl Policy {
     /// Parses a socket-proxy environment block as pasted from a compose file or `.env`:
     /// `KEY=VALUE`, `export KEY=VALUE`, `- KEY=VALUE`, `KEY: VALUE`, quotes, comments, an
     /// optional leading `environment:` line. The last assignment of a name wins, as in a
-    /// shell. An environment block sets no scope: no device, every container.
+    /// shell. An environment block sets no scope: no device, every container. The
+    /// create guard keeps its safe defaults unless `CREATE_*` names widen it (see
+    /// [`create`]).
     pub fn from_env_block(text: &str) -> Result<Policy, PolicyError> {
         parse::env_block(text)
     }
 
     /// Parses a TOML policy table: the variable names with integer values, plus
-    /// `devices = ["prod-*", "local"]` and a `[containers]` table with `labels` and
-    /// `names`. Unknown keys are errors.
+    /// `devices = ["prod-*", "local"]`, a `[containers]` table with `labels` and
+    /// `names`, and a `[create]` table (see [`create`]). Unknown keys are errors.
     pub fn from_toml_str(text: &str) -> Result<Policy, PolicyError> {
         parse::toml_str(text)
     }
@@ -160,9 +175,20 @@ impl Policy {
         self.containers = containers;
     }
 
+    /// What a container create may ask of the host.
+    pub fn create(&self) -> &CreateGuard {
+        &self.create
+    }
+
+    /// Replaces the create guard.
+    pub fn set_create(&mut self, create: CreateGuard) {
+        self.create = create;
+    }
+
     /// The form that decides: variables as a bit set, scopes ready to match.
     pub fn compile(&self) -> CompiledPolicy {
         CompiledPolicy::new(self.vars(), self.devices.clone(), self.containers.clone())
+            .with_create(self.create.clone())
     }
 }
 

@@ -28,12 +28,25 @@
 //! [containers]
 //! labels = ["autoheal=true", "com.example.tier"]
 //! names = ["web-*"]
+//!
+//! [create]                      # what a container create may ask of the host
+//! privileged = false            # the defaults; see `policy::create`
+//! host_namespaces = false
+//! bind_roots = ["/srv/app"]
+//! images = ["registry.local/app:*"]
 //! ```
+//!
+//! In an environment block the create guard's settings are `CREATE_PRIVILEGED=1`,
+//! `CREATE_HOST_NAMESPACES=1`, `CREATE_DEVICES=1` (integers, as the variables) and
+//! `CREATE_CAP_ADD`, `CREATE_BIND_ROOTS`, `CREATE_IMAGES` (comma-separated lists, no empty
+//! item; the last assignment wins, as for every name). Any other `CREATE_` name is an
+//! error.
 //!
 //! Keys are case-sensitive (`CONTAINERS` is the variable, `containers` the scope table).
 //! Unknown keys are errors with a did-you-mean; a key set twice is an error (TOML refuses
 //! it already, and so does [`Policy`]'s `Deserialize` for any other format). A value may
-//! be an integer or a string holding one (`"1"`); `true` and `false` are refused.
+//! be an integer or a string holding one (`"1"`); `true` and `false` are refused. The
+//! `[create]` table is Capstan's own: it takes booleans and lists of strings.
 
 use std::fmt;
 
@@ -42,6 +55,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use thiserror::Error;
 
 use crate::policy::Policy;
+use crate::policy::create::{CreateGuard, CreateTable};
 use crate::policy::scope::{ContainerScope, DeviceScope};
 use crate::policy::vars::{ValueError, Var, closest, parse_assignment, parse_value};
 
@@ -76,6 +90,22 @@ pub enum EnvLineError {
     /// A quote that is not closed on its line.
     #[error("unterminated quote in `{0}`")]
     UnterminatedQuote(String),
+    /// A `CREATE_*` name that is no create-guard setting.
+    #[error(
+        "`{0}` is not a create-guard setting: the names are CREATE_PRIVILEGED, CREATE_HOST_NAMESPACES, CREATE_DEVICES, CREATE_CAP_ADD, CREATE_BIND_ROOTS and CREATE_IMAGES"
+    )]
+    UnknownCreate(String),
+    /// A bad value for a create-guard setting.
+    #[error("{0}")]
+    Create(String),
+}
+
+/// One entry of an environment block.
+enum EnvEntry {
+    /// A socket-proxy variable.
+    Var(Var, bool),
+    /// A create-guard setting (`CREATE_…`), with its unquoted value.
+    Create(String, String),
 }
 
 /// Parses a socket-proxy environment block (see the module docs for the forms accepted).
@@ -92,17 +122,24 @@ pub fn env_block(text: &str) -> Result<Policy, PolicyError> {
         if first && strip_comment(line) == "environment:" {
             continue;
         }
-        let (var, on) = env_line(line).map_err(|error| PolicyError::Env {
+        let at = |error| PolicyError::Env {
             line: index + 1,
             error,
-        })?;
-        policy.set(var, on);
+        };
+        match env_line(line).map_err(at)? {
+            EnvEntry::Var(var, on) => policy.set(var, on),
+            EnvEntry::Create(name, value) => match policy.create.set_env(&name, &value) {
+                None => return Err(at(EnvLineError::UnknownCreate(name))),
+                Some(Err(why)) => return Err(at(EnvLineError::Create(why))),
+                Some(Ok(())) => {}
+            },
+        }
     }
     Ok(policy)
 }
 
 /// One non-blank, non-comment line, already trimmed.
-fn env_line(line: &str) -> Result<(Var, bool), EnvLineError> {
+fn env_line(line: &str) -> Result<EnvEntry, EnvLineError> {
     let mut entry = line;
     if let Some(item) = entry.strip_prefix('-') {
         entry = item.trim_start();
@@ -137,7 +174,9 @@ fn env_line(line: &str) -> Result<(Var, bool), EnvLineError> {
         value
     } else if strip_comment(rest).is_empty() {
         // `NAME` alone: check the name first so a typo is reported as such.
-        Var::from_name(name).ok_or_else(|| ValueError::unknown(name))?;
+        if !name.starts_with(CREATE_PREFIX) {
+            Var::from_name(name).ok_or_else(|| ValueError::unknown(name))?;
+        }
         return Err(EnvLineError::MissingValue(name.to_owned()));
     } else {
         return Err(EnvLineError::Syntax(line.to_owned()));
@@ -152,12 +191,21 @@ fn env_line(line: &str) -> Result<(Var, bool), EnvLineError> {
     } else {
         strip_comment(value)
     };
-    let var = Var::from_name(name).ok_or_else(|| ValueError::unknown(name))?;
     if value.trim().is_empty() {
-        return Err(EnvLineError::MissingValue(name.to_owned()));
+        if name.starts_with(CREATE_PREFIX) || Var::from_name(name).is_some() {
+            return Err(EnvLineError::MissingValue(name.to_owned()));
+        }
+        return Err(ValueError::unknown(name).into());
     }
-    Ok((var, parse_value(var, value)?))
+    if name.starts_with(CREATE_PREFIX) {
+        return Ok(EnvEntry::Create(name.to_owned(), value.to_owned()));
+    }
+    let var = Var::from_name(name).ok_or_else(|| ValueError::unknown(name))?;
+    Ok(EnvEntry::Var(var, parse_value(var, value)?))
 }
+
+/// The names of the create guard's settings in an environment block start with this.
+const CREATE_PREFIX: &str = "CREATE_";
 
 fn unterminated(line: &str) -> EnvLineError {
     EnvLineError::UnterminatedQuote(line.to_owned())
@@ -186,7 +234,7 @@ pub fn toml_str(text: &str) -> Result<Policy, PolicyError> {
 }
 
 /// The keys a policy table accepts besides the variables.
-const SCOPE_KEYS: [&str; 2] = ["devices", "containers"];
+const SCOPE_KEYS: [&str; 3] = ["devices", "containers", "create"];
 
 impl<'de> Deserialize<'de> for Policy {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -201,8 +249,8 @@ impl<'de> Visitor<'de> for PolicyVisitor {
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(
-            "a policy table of socket-proxy variables (CONTAINERS = 1, …), `devices` and \
-             `[containers]`",
+            "a policy table of socket-proxy variables (CONTAINERS = 1, …), `devices`, \
+             `[containers]` and `[create]`",
         )
     }
 
@@ -210,6 +258,7 @@ impl<'de> Visitor<'de> for PolicyVisitor {
         let mut policy = Policy::default();
         let mut devices_seen = false;
         let mut containers_seen = false;
+        let mut create_seen = false;
         while let Some(key) = map.next_key::<PolicyKey>()? {
             match key {
                 PolicyKey::Var(var) => {
@@ -231,6 +280,13 @@ impl<'de> Visitor<'de> for PolicyVisitor {
                     }
                     policy.containers = map.next_value()?;
                 }
+                PolicyKey::Create => {
+                    if std::mem::replace(&mut create_seen, true) {
+                        return Err(de::Error::custom("`create` is set twice"));
+                    }
+                    let table: CreateTable = map.next_value()?;
+                    policy.create = CreateGuard::try_from(table).map_err(de::Error::custom)?;
+                }
             }
         }
         Ok(policy)
@@ -242,6 +298,7 @@ enum PolicyKey {
     Var(Var),
     Devices,
     Containers,
+    Create,
 }
 
 impl<'de> Deserialize<'de> for PolicyKey {
@@ -256,7 +313,7 @@ impl Visitor<'_> for PolicyKeyVisitor {
     type Value = PolicyKey;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a socket-proxy variable, `devices` or `containers`")
+        f.write_str("a socket-proxy variable, `devices`, `containers` or `create`")
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<PolicyKey, E> {
@@ -266,6 +323,7 @@ impl Visitor<'_> for PolicyKeyVisitor {
         match key {
             "devices" => Ok(PolicyKey::Devices),
             "containers" => Ok(PolicyKey::Containers),
+            "create" => Ok(PolicyKey::Create),
             _ => Err(E::custom(unknown_key(key))),
         }
     }
@@ -724,6 +782,55 @@ mod tests {
                 .to_string()
                 .contains("POST is set twice")
         );
+    }
+
+    #[test]
+    fn reads_a_create_table_and_refuses_unknown_create_keys() {
+        let policy = toml_str(
+            "CONTAINERS = 1\n[create]\nprivileged = true\nbind_roots = [\"/srv/app\"]\nimages = [\"app:*\"]\n",
+        )
+        .unwrap();
+        assert!(policy.create().allows_bind("/srv/app/x"));
+        assert!(!policy.create().allows_image("other:1"));
+        assert!(Policy::default().create().is_default());
+        for (text, shown) in [
+            ("[create]\nprivilged = true", "unknown field `privilged`"),
+            ("[create]\nbind_roots = [\"rel\"]", "not an absolute path"),
+            ("[create]\nprivileged = 1", "invalid type"),
+            (
+                "[create]\ncap_add = [\"SYS ADMIN\"]",
+                "not a capability name",
+            ),
+        ] {
+            let message = toml_str(text).unwrap_err().to_string();
+            assert!(message.contains(shown), "{text}: {message}");
+        }
+    }
+
+    #[test]
+    fn reads_create_settings_in_an_environment_block() {
+        let policy = env_block(
+            "CONTAINERS=1\nCREATE_HOST_NAMESPACES=1\n- CREATE_BIND_ROOTS=\"/srv/app,/data\"\n",
+        )
+        .unwrap();
+        assert!(policy.create().allows_bind("/data/db"));
+        assert!(!policy.create().allows_bind("/etc"));
+        assert!(policy.get(Var::Containers));
+        let (line, error) = env_err("CONTAINERS=1\nCREATE_PRIVILEGD=1\n");
+        assert_eq!(line, 2);
+        assert_eq!(
+            error,
+            EnvLineError::UnknownCreate("CREATE_PRIVILEGD".into())
+        );
+        let (_, error) = env_err("CREATE_PRIVILEGED=yes");
+        assert!(error.to_string().contains("not an integer"), "{error}");
+        let (_, error) = env_err("CREATE_BIND_ROOTS=");
+        assert_eq!(
+            error,
+            EnvLineError::MissingValue("CREATE_BIND_ROOTS".into())
+        );
+        let (_, error) = env_err("CREATE_IMAGES=a,,b");
+        assert!(error.to_string().contains("empty item"), "{error}");
     }
 
     #[test]

@@ -17,6 +17,9 @@
 //!   case-sensitive, like Docker names.
 //! - Docker reports container names with a leading `/` (`/web-1`); one leading `/` is
 //!   ignored on both the name and the pattern, so `web-*` and `/web-*` are the same.
+//! - A container is matched by its own name only: the list API's `Names` also carries
+//!   legacy link aliases (`/in-scope/alias` on an out-of-scope container), and those
+//!   never count.
 //! - A label selector is `key=value` (the label is present with exactly that value; the
 //!   value may be empty or contain `=`) or `key` (the label is present, any value).
 
@@ -59,7 +62,7 @@ pub struct Glob {
 }
 
 impl Glob {
-    fn new(pattern: &str, what: &'static str) -> Result<Glob, ScopeError> {
+    pub(crate) fn new(pattern: &str, what: &'static str) -> Result<Glob, ScopeError> {
         if pattern.is_empty() {
             return Err(ScopeError::EmptyPattern { what });
         }
@@ -303,15 +306,41 @@ impl ContainerScope {
         self.labels_match(labels) && self.name_matches(name)
     }
 
-    /// Like [`ContainerScope::matches`] for a container known by several names (the list
-    /// API's `Names`): in scope when the labels match and any of its names does.
+    /// Like [`ContainerScope::matches`] for an entry of the list API, whose `Names` also
+    /// holds legacy link aliases (`/in-scope/alias` on the container `out`): only the
+    /// container's own names (one leading `/`, no other) count, so an alias never brings
+    /// a container into scope.
     pub fn matches_any_name<S: AsRef<str>>(
         &self,
         names: &[S],
         labels: &HashMap<String, String>,
     ) -> bool {
         self.labels_match(labels)
-            && (self.names.is_empty() || names.iter().any(|n| self.name_matches(n.as_ref())))
+            && (self.names.is_empty() || own_names(names).any(|n| self.name_matches(n)))
+    }
+
+    /// Whether the container of this inspect output (`GET /containers/{id}/json`: `Name`,
+    /// `Config.Labels`) is in scope.
+    pub fn admits_details(&self, details: &serde_json::Value) -> bool {
+        let name = details["Name"].as_str().unwrap_or_default();
+        self.matches(name, &labels_of(&details["Config"]["Labels"]))
+    }
+
+    /// Whether the container of this list entry (`GET /containers/json`: `Names`,
+    /// `Labels`) is in scope; see [`ContainerScope::matches_any_name`].
+    pub fn admits_summary(&self, summary: &serde_json::Value) -> bool {
+        let names: Vec<&str> = summary["Names"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+            .unwrap_or_default();
+        self.matches_any_name(&names, &labels_of(&summary["Labels"]))
+    }
+
+    /// The selectors, for a denial: `label autoheal=true, name web-*`.
+    pub fn describe(&self) -> String {
+        let mut selectors: Vec<String> = self.labels.iter().map(|l| format!("label {l}")).collect();
+        selectors.extend(self.names().map(|n| format!("name {n}")));
+        selectors.join(", ")
     }
 
     fn labels_match(&self, labels: &HashMap<String, String>) -> bool {
@@ -322,6 +351,26 @@ impl ContainerScope {
         let name = name.strip_prefix('/').unwrap_or(name);
         self.names.is_empty() || self.names.iter().any(|glob| glob.matches(name))
     }
+}
+
+/// The container's own names among Docker's `Names`: `/web`, not the legacy link alias
+/// `/other/web-alias`.
+pub fn own_names<S: AsRef<str>>(names: &[S]) -> impl Iterator<Item = &str> {
+    names.iter().map(AsRef::as_ref).filter(|n| {
+        let bare = n.strip_prefix('/').unwrap_or(n);
+        !bare.contains('/')
+    })
+}
+
+/// Docker's labels object as a map (a label whose value is not a string reads as empty).
+pub fn labels_of(v: &serde_json::Value) -> HashMap<String, String> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -439,5 +488,31 @@ mod tests {
         assert!(!scope.matches("/web-1", &HashMap::new()));
         assert!(scope.matches_any_name(&["/other", "/web-1"], &healable));
         assert!(!scope.matches_any_name(&["/other"], &healable));
+    }
+
+    #[test]
+    fn a_legacy_link_alias_does_not_bring_a_container_into_scope() {
+        let scope = ContainerScope::new([""; 0], ["rt-in-*"]).unwrap();
+        // `rt-out` linked into `rt-in-1` as `rt-in-1-db` is listed with both names.
+        let names = ["/rt-out", "/rt-in-1/rt-in-1-db"];
+        assert!(!scope.matches_any_name(&names, &HashMap::new()));
+        let listed = serde_json::json!({"Names": names, "Labels": {}});
+        assert!(!scope.admits_summary(&listed));
+        let own = serde_json::json!({"Names": ["/rt-in-2", "/x/rt-in-2"], "Labels": null});
+        assert!(scope.admits_summary(&own));
+        assert_eq!(
+            own_names(&["/a", "/b/a", "c"]).collect::<Vec<_>>(),
+            ["/a", "c"]
+        );
+    }
+
+    #[test]
+    fn admits_inspect_output_by_its_name_and_labels() {
+        let scope = ContainerScope::new(["tier=web"], ["rt-in-*"]).unwrap();
+        let d = |name: &str, tier: &str| serde_json::json!({"Name": name, "Config": {"Labels": {"tier": tier}}});
+        assert!(scope.admits_details(&d("/rt-in-1", "web")));
+        assert!(!scope.admits_details(&d("/rt-out", "web")));
+        assert!(!scope.admits_details(&d("/rt-in-1", "db")));
+        assert_eq!(scope.describe(), "label tier=web, name rt-in-*");
     }
 }

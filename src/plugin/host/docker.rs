@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::docker_api::{
     Answer, Api, MAX_BODY, MAX_OUTPUT, REQUEST_TIMEOUT, Req, connect_error, container_ref, demux,
-    encode_query, image_ref, label_map, labels_of, split_reference, str_of,
+    encode_query, image_ref, labels_of, split_reference, str_of,
 };
 use super::{HostError, MAX_REPORTED_CALLS, RunState};
 use crate::plugin::bindings::wit_docker::{
@@ -91,18 +91,14 @@ impl RunState {
                     Ok(v) => v,
                     Err(e) => return Err(self.finish_err(call, e)),
                 };
-                let name = v["Name"].as_str().unwrap_or_default();
-                if !scope.matches(name, &label_map(&v["Config"]["Labels"])) {
-                    let mut selectors: Vec<String> = scope
-                        .labels()
-                        .iter()
-                        .map(|l| format!("label {l}"))
-                        .collect();
-                    selectors.extend(scope.names().map(|n| format!("name {n}")));
+                if !scope.admits_details(&v) {
                     let reason = format!(
                         "container `{}` is outside the plugin's container scope ({})",
-                        name.trim_start_matches('/'),
-                        selectors.join(", ")
+                        v["Name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .trim_start_matches('/'),
+                        scope.describe()
                     );
                     return Err(self.deny(&call, reason));
                 }
@@ -586,13 +582,7 @@ impl Host for RunState {
             let list = v.as_array().cloned().unwrap_or_default();
             Ok(list
                 .iter()
-                .filter(|c| {
-                    let all_names: Vec<&str> = c["Names"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(Value::as_str).collect())
-                        .unwrap_or_default();
-                    scope.matches_any_name(&all_names, &label_map(&c["Labels"]))
-                })
+                .filter(|c| scope.admits_summary(c))
                 .map(summary_of)
                 .filter(|s| names.matches(&s.name, &no_labels))
                 .collect())
@@ -874,8 +864,12 @@ impl Host for RunState {
             .authorize("recreate-container", &device, &requests, Some(&c))
             .await?;
         let inspected = call.inspected.take();
-        let r = recreate(&api, &c, inspected, image, &options).await;
-        self.finish(call, r)
+        let policy = self.run.plugin.policy.clone();
+        match recreate(&api, &policy, &c, inspected, image, &options).await {
+            Err(Recreate::Denied(reason)) => Err(self.deny(&call, reason)),
+            Err(Recreate::Failed(e)) => self.finish(call, Err(e)),
+            Ok(r) => self.finish(call, Ok(r)),
+        }
     }
 
     async fn list_images(
@@ -1027,14 +1021,90 @@ async fn pull(api: &Api, req: &Req, inspect: &Req, full: &str) -> Result<PullRes
     })
 }
 
+/// Why a re-create did not happen.
+enum Recreate {
+    /// The policy refuses it (recorded as a denial; nothing was changed).
+    Denied(String),
+    /// A step failed.
+    Failed(HostError),
+}
+
+impl From<HostError> for Recreate {
+    fn from(e: HostError) -> Self {
+        Recreate::Failed(e)
+    }
+}
+
+/// `docker.io/library/app` → `app`: the repository as Docker's short form writes it.
+fn short_repository(reference: &str) -> String {
+    let (repo, _) = split_reference(reference);
+    let repo = repo.strip_prefix("docker.io/").unwrap_or(&repo);
+    repo.strip_prefix("library/").unwrap_or(repo).to_string()
+}
+
+/// A re-created container keeps its repository (only the tag or digest changes) unless
+/// the policy's `[create] images` lists the new image.
+fn keeps_repository(
+    policy: &crate::policy::CompiledPolicy,
+    current: &str,
+    image: &str,
+) -> Result<(), Recreate> {
+    let guard = policy.create();
+    if short_repository(current) == short_repository(image)
+        || (guard.has_image_list() && guard.allows_image(image))
+    {
+        return Ok(());
+    }
+    Err(Recreate::Denied(format!(
+        "recreate-container may only change the tag or digest of the container's repository ({}), not move it to {image}: list {image} in the policy's [create] images to allow it",
+        short_repository(current)
+    )))
+}
+
+/// What the create body of a re-create must pass, as a proxied create would: the create
+/// guard, and every container it names (`VolumesFrom`, `Links`, `container:` modes) in
+/// scope.
+async fn check_recreate(
+    api: &Api,
+    policy: &crate::policy::CompiledPolicy,
+    body: &Value,
+) -> Result<(), Recreate> {
+    use crate::policy::{body as request_body, daemon, endpoints};
+    let (create, _) = endpoints::find(endpoints::Method::Post, "/containers/create")
+        .expect("the create endpoint is in the table");
+    let bytes = serde_json::to_vec(body).expect("JSON values serialise");
+    let named = request_body::inspect(create, "", &bytes)
+        .map_err(|e| Recreate::Denied(format!("the re-create body cannot be checked: {e}")))?;
+    if let Some(asks) = &named.asks {
+        policy
+            .create()
+            .check(asks)
+            .map_err(|d| Recreate::Denied(d.to_string()))?;
+    }
+    let left = api.deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(
+        left.min(REQUEST_TIMEOUT),
+        daemon::check_named(&api.client, policy.containers(), &named.containers),
+    )
+    .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(refusal)) => Err(Recreate::Denied(refusal.to_string())),
+        Err(_) => Err(Recreate::Failed(HostError::timeout(
+            "checking the containers the re-created container names took too long",
+        ))),
+    }
+}
+
 /// The re-create procedure; see the WIT documentation of `recreate-container`.
 async fn recreate(
     api: &Api,
+    policy: &crate::policy::CompiledPolicy,
     c: &str,
     inspected: Option<Value>,
     image: Option<String>,
     options: &RecreateOptions,
-) -> Result<RecreateResult, HostError> {
+) -> Result<RecreateResult, Recreate> {
     let old = match inspected {
         Some(v) => v,
         None => {
@@ -1054,6 +1124,12 @@ async fn recreate(
     };
     let old_image_id = str_of(&old["Image"]);
     let was_running = old["State"]["Running"].as_bool().unwrap_or(false);
+    // The repository rule first, before anything is pulled.
+    keeps_repository(
+        policy,
+        old["Config"]["Image"].as_str().unwrap_or_default(),
+        &image,
+    )?;
 
     let (mut pulled, mut pull_error) = (false, None);
     if options.pull {
@@ -1073,7 +1149,7 @@ async fn recreate(
                 Err(e) => pull_error = Some(e),
             },
             Err(HostError::Wit(e)) => pull_error = Some(super::render_wit_error(&e)),
-            Err(trap) => return Err(trap),
+            Err(trap) => return Err(trap.into()),
         }
     }
     let new_image = match api
@@ -1087,9 +1163,10 @@ async fn recreate(
                     format!("image {image} could not be pulled ({e}) and is not present locally")
                 }
                 None => format!("image {image} is not present on device {}", api.device),
-            }));
+            })
+            .into());
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     let new_image_id = str_of(&new_image["Id"]);
     let old_image_config = api
@@ -1098,6 +1175,7 @@ async fn recreate(
         .ok()
         .map(|v| v["Config"].clone());
     let body = create_body(&old, &image, old_image_config.as_ref());
+    check_recreate(api, policy, &body).await?;
 
     let stop_q = options
         .stop_timeout_secs
@@ -1150,7 +1228,7 @@ async fn recreate(
                 "creating the new container failed ({}); rolled back",
                 describe(&e)
             );
-            return Err(with_message(e, rollback(why).await));
+            return Err(with_message(e, rollback(why).await).into());
         }
     };
     let started = api
@@ -1187,10 +1265,7 @@ async fn recreate(
         let _ = api
             .call(&Req::delete(format!("/containers/{new_id}?force=1")), None)
             .await;
-        return Err(with_message(
-            e,
-            rollback(format!("{why}; rolled back")).await,
-        ));
+        return Err(with_message(e, rollback(format!("{why}; rolled back")).await).into());
     }
     // Anonymous volumes of the old container are kept (v=0): their data is not ours to
     // destroy.

@@ -2,7 +2,6 @@
 //! device's pooled connection exactly as they were decided (method and path), with the
 //! run's deadline as a limit and every failure mapped to a WIT error.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -315,11 +314,6 @@ pub fn labels_of(v: &Value) -> Vec<(String, String)> {
         .unwrap_or_default();
     out.sort();
     out
-}
-
-/// Docker's labels object as a map (for scope matching).
-pub fn label_map(v: &Value) -> HashMap<String, String> {
-    labels_of(v).into_iter().collect()
 }
 
 pub fn str_of(v: &Value) -> String {
