@@ -35,6 +35,9 @@ pub fn millis(d: std::time::Duration) -> f64 {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     #[test]
     fn millis_keep_microseconds() {

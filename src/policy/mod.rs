@@ -65,7 +65,7 @@ mod scope;
 mod vars;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::io::{self, BufRead, Write};
 

@@ -1236,7 +1236,7 @@ fn names_the_rule_and_variable_that_decided() {
 
 /// Never more permissive than linuxserver: a model of its prefix matcher, as
 /// POLICY-SEMANTICS.md describes it, must allow whatever Capstan allows.
-mod never_more_permissive {
+pub(crate) mod never_more_permissive {
     use super::*;
 
     /// splitmix64: small, deterministic, good enough to spread test cases.
@@ -1340,7 +1340,7 @@ mod never_more_permissive {
 
     /// The model: guards, toggles, write gate, sections, deny — on the decoded,
     /// lower-cased path, with and without a version prefix.
-    fn linuxserver_allows(vars: VarSet, method: &str, target: &str) -> bool {
+    pub(crate) fn linuxserver_allows(vars: VarSet, method: &str, target: &str) -> bool {
         let path = target.split('?').next().unwrap_or_default();
         let decoded = url_dec(path).map(|p| p.to_ascii_lowercase());
         let mut candidates: Vec<&[u8]> = Vec::new();
