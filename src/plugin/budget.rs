@@ -207,6 +207,6 @@ mod tests {
             log_record_cost("info", "", &fields),
             LOG_RECORD_OVERHEAD + 4 + 3 * LOG_FIELD_OVERHEAD
         );
-        assert!(LOG_RECORD_OVERHEAD >= 64 && LOG_FIELD_OVERHEAD >= 48);
+        const { assert!(LOG_RECORD_OVERHEAD >= 64 && LOG_FIELD_OVERHEAD >= 48) };
     }
 }
