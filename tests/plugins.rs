@@ -491,3 +491,220 @@ fn recreate_may_change_the_tag_but_not_the_repository_nor_ask_for_capabilities()
         ])
         .output();
 }
+
+/// The engine's resident set and its peak, bytes, from `/proc/<pid>/status`.
+fn resident(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+    };
+    (kib("VmRSS:") * 1024, kib("VmHWM:") * 1024)
+}
+
+#[test]
+fn log_records_with_half_a_million_empty_fields_fail_the_run_and_leave_the_engine_bounded() {
+    use crate::util::{DataDir, Server, http};
+    use base64::Engine as _;
+    // The attack as reported: 20 records of 500,000 empty fields under memory_mib = 64,
+    // against a real `capstan serve`, its resident memory read before and after.
+    let data = DataDir::empty();
+    let server = Server::start(&data);
+    let auth = format!("Bearer {}", server.admin_token());
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let wasm = std::fs::read(crate::util::plugin::wasm("hostile")).unwrap();
+    let install = serde_json::json!({
+        "manifest": manifest("fields", "[limits]\nmemory_mib = 64\n"),
+        "wasm_base64": base64::engine::general_purpose::STANDARD.encode(&wasm),
+    });
+    let (status, body) = http(
+        &server.addr,
+        "POST",
+        "/api/plugins",
+        &headers,
+        install.to_string().as_bytes(),
+    );
+    assert!(status < 300, "install: {status} {body}");
+    let (before, _) = resident(server.child.id());
+    let (status, body) = http(
+        &server.addr,
+        "POST",
+        "/api/plugins/fields/run?wait=true",
+        &headers,
+        br#"{"input": "fields:20:500000"}"#,
+    );
+    let (after, peak) = resident(server.child.id());
+    assert_eq!(status, 200, "{body}");
+    let record: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(record["status"], "failed", "{body}");
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("limits.max_log_fields") && error.contains("500000 fields"),
+        "the limit is named: {error}"
+    );
+    const MB: u64 = 1_000_000;
+    println!(
+        "engine resident: {} MB before, {} MB after, peak {} MB",
+        before / MB,
+        after / MB,
+        peak / MB
+    );
+    assert!(
+        peak < before + 100 * MB,
+        "the engine grew from {} MB to a peak of {} MB",
+        before / MB,
+        peak / MB
+    );
+}
+
+#[test]
+fn refuses_a_log_record_with_more_fields_than_max_log_fields_on_the_first_call() {
+    let h = Harness::new();
+    h.install(
+        "hostile",
+        &manifest("fields", "[limits]\nmax_log_fields = 8\n"),
+    );
+    let r = h.run("fields", "fields:20:9");
+    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap()
+            .contains("limits.max_log_fields"),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(r.host_calls_total, 1, "the first such record ends the run");
+    assert!(r.logs.is_empty());
+    // In the run history the run is `failed`, with the limit named.
+    let end = capstan::scheduler::end_of(r, 64 * 1024);
+    assert_eq!(end.status, capstan::runs::RunStatus::Failed);
+    assert!(end.error.unwrap().contains("max_log_fields"));
+    // Records within the cap are kept, fields and all.
+    let r = h.run("fields", "fields:3:8");
+    assert!(r.succeeded(), "{}", r.render());
+    assert_eq!(r.logs.len(), 3);
+    assert_eq!(r.logs[0].fields.len(), 8);
+}
+
+#[test]
+fn counts_empty_log_records_with_their_overhead_and_caps_records_per_run() {
+    use capstan::plugin::budget::LOG_RECORD_OVERHEAD;
+    let h = Harness::new();
+    h.install(
+        "hostile",
+        &manifest("records", "[limits]\nmax_log_bytes = 65536\n"),
+    );
+    let r = h.run("records", "records:9990");
+    assert!(r.succeeded(), "{}", r.render());
+    let kept = r.logs.len();
+    assert!(
+        kept * (LOG_RECORD_OVERHEAD + "info".len()) <= 65536,
+        "{kept} empty records kept against a 64 KiB cap"
+    );
+    assert!(kept > 0);
+    assert_eq!(kept as u64 + r.logs_dropped, 9990);
+    // The record count has its own cap.
+    h.install(
+        "hostile",
+        &manifest(
+            "records",
+            "[limits]\nmax_log_records = 100\nmax_log_bytes = 16777216\n",
+        ),
+    );
+    let r = h.run("records", "records:500");
+    assert!(r.succeeded(), "{}", r.render());
+    assert_eq!((r.logs.len(), r.logs_dropped), (100, 400));
+}
+
+#[test]
+fn fails_a_run_whose_outcome_does_not_fit_its_host_memory() {
+    let h = Harness::new();
+    h.install(
+        "hostile",
+        &manifest("outcome", "[limits]\nmemory_mib = 128\n"),
+    );
+    let r = h.run("outcome", "outcome:40");
+    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert!(r.outcome.is_none());
+    let error = r.error.as_deref().unwrap();
+    assert!(
+        error.contains("the outcome") && error.contains("limits.max_host_bytes"),
+        "{error}"
+    );
+    assert!(h.run("outcome", "outcome:1").succeeded());
+}
+
+#[test]
+fn fails_a_run_whose_denial_records_do_not_fit_its_host_memory() {
+    let h = Harness::new();
+    h.install("hostile", &manifest("denials", ANY_DEVICE));
+    // Each denial names a device of 1 MiB: its records would keep megabytes per call.
+    let r = h.run("denials", "denials:200:1048576");
+    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    let error = r.error.as_deref().unwrap();
+    assert!(error.contains("limits.max_host_bytes"), "{error}");
+    assert!(
+        r.host_calls_total < 40,
+        "stopped after {} calls",
+        r.host_calls_total
+    );
+    let kept: usize = r
+        .denials
+        .iter()
+        .map(|d| d.device.len() + d.reason.len() + d.request.len())
+        .chain(
+            r.host_calls
+                .iter()
+                .map(|c| c.device.len() + c.request.len()),
+        )
+        .sum();
+    assert!(kept <= 32 * 1024 * 1024, "{kept} bytes of records kept");
+}
+
+#[test]
+fn eight_thousand_state_sets_complete_and_the_state_quota_holds_exactly() {
+    let h = Harness::new();
+    // "key-000000" (10 bytes) + an 8-byte value: 18 bytes a key, 8,000 keys exactly.
+    h.install(
+        "hostile",
+        &manifest("stateful", "[limits]\nmax_state_bytes = 144000\n"),
+    );
+    let started = Instant::now();
+    let r = h.run("stateful", "state:8000:8");
+    println!("8000 state sets: {:?}", started.elapsed());
+    assert_eq!(
+        r.outcome.as_ref().map(|o| o.summary.as_str()),
+        Some("stored 8000 of 8000"),
+        "{}",
+        r.render()
+    );
+    assert_eq!(h.runtime.state().size("stateful").unwrap(), 144_000);
+    // Setting the same keys again replaces them (no growth); one more key is over.
+    let r = h.run("stateful", "state:8001:8");
+    let summary = &r.outcome.as_ref().unwrap().summary;
+    assert!(
+        summary.starts_with("stored 8000 of 8001; then: invalid:")
+            && summary.contains("limits.max_state_bytes"),
+        "{summary}"
+    );
+    let r = h.run("stateful", "state:1:8:8000");
+    let summary = &r.outcome.as_ref().unwrap().summary;
+    assert!(
+        summary.starts_with("stored 0 of 1; then: invalid:"),
+        "{summary}"
+    );
+    // Deleting a key frees its bytes for another.
+    h.runtime.state().delete("stateful", "key-000000").unwrap();
+    assert_eq!(h.runtime.state().size("stateful").unwrap(), 144_000 - 18);
+    let r = h.run("stateful", "state:1:8:8000");
+    assert_eq!(r.outcome.as_ref().unwrap().summary, "stored 1 of 1");
+    assert_eq!(h.runtime.state().size("stateful").unwrap(), 144_000);
+}

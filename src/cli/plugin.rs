@@ -33,6 +33,8 @@ pub enum PluginCmd {
     /// Show an installed plugin: manifest, limits, triggers.
     Show { name: String },
     /// Run a plugin once, now, and print what it did: outcome, logs, host calls, denials.
+    /// A run that passes one of its manifest's `[limits]` (memory, time, host calls,
+    /// log fields, the memory the engine holds for it) fails with the limit named.
     Run {
         name: String,
         /// Input for a manual run (often JSON).
@@ -129,13 +131,16 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
             println!("installed:   {}", p.installed_at.to_rfc3339());
             println!("wasm:        {} bytes, sha256 {}", p.size, p.sha256);
             println!(
-                "limits:      memory {} MiB, timeout {} s, logs {} B, output {} B, state {} B, host calls {}",
+                "limits:      memory {} MiB, timeout {} s, logs {} B ({} records of {} fields), output {} B, state {} B, host calls {}, host memory {} B",
                 p.limits.memory_mib,
                 p.limits.timeout_secs,
                 p.limits.max_log_bytes,
+                p.limits.max_log_records,
+                p.limits.max_log_fields,
                 p.limits.max_output_bytes,
                 p.limits.max_state_bytes,
-                p.limits.max_host_calls
+                p.limits.max_host_calls,
+                p.limits.max_host_bytes
             );
             println!("devices:     {}", p.devices.join(", "));
             println!("manifest:\n{}", indent(&manifest));

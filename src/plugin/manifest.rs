@@ -99,15 +99,25 @@ pub struct LimitsSpec {
     pub memory_mib: Option<u32>,
     /// Wall-clock time a run may take, seconds (host calls included).
     pub timeout_secs: Option<u32>,
-    /// Log records kept per run, bytes (messages and fields); the rest is dropped and
-    /// counted.
+    /// Log records kept per run, bytes: each record's message and fields plus a fixed
+    /// overhead per record and per field (so empty records count too); the rest is
+    /// dropped and counted.
     pub max_log_bytes: Option<u32>,
+    /// Log records kept per run, counted; the rest is dropped and counted.
+    pub max_log_records: Option<u32>,
+    /// Fields one log record may carry; a record with more ends the run.
+    pub max_log_fields: Option<u32>,
     /// Captured stdout and stderr per run, bytes each; the rest is dropped and counted.
     pub max_output_bytes: Option<u32>,
     /// The plugin's persistent state, bytes in total (keys and values).
     pub max_state_bytes: Option<u32>,
     /// Host calls per run.
     pub max_host_calls: Option<u32>,
+    /// Memory the engine may hold on a run's behalf, bytes: log records, captured
+    /// output, host-call records, the outcome, state values read back. Past it the run
+    /// ends. Unset, it is the engine's default or, when larger, what the other limits
+    /// need (`max_log_bytes` + 2 × `max_output_bytes` + `max_state_bytes` + 1 MiB).
+    pub max_host_bytes: Option<u32>,
 }
 
 /// Limits resolved against the engine's defaults.
@@ -116,10 +126,32 @@ pub struct Limits {
     pub memory_mib: u32,
     pub timeout_secs: u32,
     pub max_log_bytes: u32,
+    /// Defaulted for records stored before the key existed.
+    #[serde(default = "default_max_log_records")]
+    pub max_log_records: u32,
+    #[serde(default = "default_max_log_fields")]
+    pub max_log_fields: u32,
     pub max_output_bytes: u32,
     pub max_state_bytes: u32,
     pub max_host_calls: u32,
+    #[serde(default = "default_max_host_bytes")]
+    pub max_host_bytes: u32,
 }
+
+fn default_max_log_records() -> u32 {
+    Limits::DEFAULT.max_log_records
+}
+
+fn default_max_log_fields() -> u32 {
+    Limits::DEFAULT.max_log_fields
+}
+
+fn default_max_host_bytes() -> u32 {
+    Limits::DEFAULT.max_host_bytes
+}
+
+/// What `max_host_bytes` must leave besides logs, output and a state value read back.
+pub const HOST_BYTES_HEADROOM: u32 = 1024 * 1024;
 
 impl Limits {
     /// The engine-wide defaults.
@@ -127,9 +159,12 @@ impl Limits {
         memory_mib: 64,
         timeout_secs: 60,
         max_log_bytes: 256 * 1024,
+        max_log_records: 10_000,
+        max_log_fields: 64,
         max_output_bytes: 64 * 1024,
         max_state_bytes: 1024 * 1024,
         max_host_calls: 10_000,
+        max_host_bytes: 32 * 1024 * 1024,
     };
 
     /// The most a manifest may ask for (the pooling allocator reserves memory slots of
@@ -138,21 +173,42 @@ impl Limits {
         memory_mib: 1024,
         timeout_secs: 3600,
         max_log_bytes: 16 * 1024 * 1024,
+        max_log_records: 1_000_000,
+        max_log_fields: 4096,
         max_output_bytes: 16 * 1024 * 1024,
         max_state_bytes: 64 * 1024 * 1024,
         max_host_calls: 1_000_000,
+        max_host_bytes: 1024 * 1024 * 1024,
     };
 
-    /// `spec` over `defaults`.
+    /// `spec` over `defaults`. An unset `max_host_bytes` grows to what the other limits
+    /// need ([`Limits::host_bytes_needed`]).
     pub fn resolve(spec: &LimitsSpec, defaults: &Limits) -> Limits {
-        Limits {
+        let mut l = Limits {
             memory_mib: spec.memory_mib.unwrap_or(defaults.memory_mib),
             timeout_secs: spec.timeout_secs.unwrap_or(defaults.timeout_secs),
             max_log_bytes: spec.max_log_bytes.unwrap_or(defaults.max_log_bytes),
+            max_log_records: spec.max_log_records.unwrap_or(defaults.max_log_records),
+            max_log_fields: spec.max_log_fields.unwrap_or(defaults.max_log_fields),
             max_output_bytes: spec.max_output_bytes.unwrap_or(defaults.max_output_bytes),
             max_state_bytes: spec.max_state_bytes.unwrap_or(defaults.max_state_bytes),
             max_host_calls: spec.max_host_calls.unwrap_or(defaults.max_host_calls),
-        }
+            max_host_bytes: defaults.max_host_bytes,
+        };
+        l.max_host_bytes = spec
+            .max_host_bytes
+            .unwrap_or_else(|| defaults.max_host_bytes.max(l.host_bytes_needed()));
+        l
+    }
+
+    /// The least `max_host_bytes` that holds a run's capped logs and output, one state
+    /// value read back, and [`HOST_BYTES_HEADROOM`] for host-call records and results.
+    pub fn host_bytes_needed(&self) -> u32 {
+        let need = u64::from(self.max_log_bytes)
+            + 2 * u64::from(self.max_output_bytes)
+            + u64::from(self.max_state_bytes)
+            + u64::from(HOST_BYTES_HEADROOM);
+        need.min(u64::from(u32::MAX)) as u32
     }
 }
 
@@ -258,6 +314,18 @@ impl Manifest {
                 Limits::MAX.max_log_bytes,
             ),
             (
+                "limits.max_log_records",
+                l.max_log_records,
+                0,
+                Limits::MAX.max_log_records,
+            ),
+            (
+                "limits.max_log_fields",
+                l.max_log_fields,
+                0,
+                Limits::MAX.max_log_fields,
+            ),
+            (
                 "limits.max_output_bytes",
                 l.max_output_bytes,
                 0,
@@ -275,6 +343,12 @@ impl Manifest {
                 0,
                 Limits::MAX.max_host_calls,
             ),
+            (
+                "limits.max_host_bytes",
+                l.max_host_bytes,
+                HOST_BYTES_HEADROOM,
+                Limits::MAX.max_host_bytes,
+            ),
         ];
         for (field, value, min, max) in bounded {
             if let Some(v) = value
@@ -282,6 +356,18 @@ impl Manifest {
             {
                 return Err(invalid(field, format!("{v} is outside {min}..={max}")));
             }
+        }
+        let resolved = Limits::resolve(l, &Limits::DEFAULT);
+        if let Some(v) = l.max_host_bytes
+            && v < resolved.host_bytes_needed()
+        {
+            return Err(invalid(
+                "limits.max_host_bytes",
+                format!(
+                    "{v} cannot hold what the other limits allow: max_log_bytes + 2 × max_output_bytes + max_state_bytes + 1 MiB = {}; raise it or leave it unset",
+                    resolved.host_bytes_needed()
+                ),
+            ));
         }
         Ok(())
     }
@@ -470,5 +556,35 @@ backoff = [60, 300]
         assert!(e.contains("limits.memory_mib"), "{e}");
         let e = error_of("name = \"a\"\nversion = \"1\"\n[limits]\ntimeout_secs = 0\n");
         assert!(e.contains("limits.timeout_secs"), "{e}");
+        let e = error_of("name = \"a\"\nversion = \"1\"\n[limits]\nmax_log_fields = 5000\n");
+        assert!(e.contains("limits.max_log_fields"), "{e}");
+    }
+
+    #[test]
+    fn the_host_memory_budget_holds_what_the_other_limits_allow() {
+        let d = Limits::DEFAULT;
+        assert!(d.max_host_bytes >= d.host_bytes_needed());
+        // Raising the log cap raises an unset budget with it ...
+        let spec = LimitsSpec {
+            max_log_bytes: Some(16 * 1024 * 1024),
+            max_state_bytes: Some(64 * 1024 * 1024),
+            ..Default::default()
+        };
+        let l = Limits::resolve(&spec, &d);
+        assert_eq!(
+            l.max_host_bytes,
+            16 * 1024 * 1024 + 2 * 64 * 1024 + 64 * 1024 * 1024 + 1024 * 1024,
+            "{l:?}"
+        );
+        // ... while one set too small to hold them is refused at install, naming both.
+        let e = error_of(
+            "name = \"a\"\nversion = \"1\"\n[limits]\nmax_log_bytes = 8388608\nmax_host_bytes = 4194304\n",
+        );
+        assert!(e.contains("limits.max_host_bytes"), "{e}");
+        assert!(e.contains("max_log_bytes"), "{e}");
+        // Records stored before the new keys existed still load, with the defaults.
+        let old = r#"{"memory_mib":64,"timeout_secs":60,"max_log_bytes":262144,"max_output_bytes":65536,"max_state_bytes":1048576,"max_host_calls":10000}"#;
+        let l: Limits = serde_json::from_str(old).unwrap();
+        assert_eq!(l, Limits::DEFAULT);
     }
 }

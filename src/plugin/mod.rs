@@ -26,6 +26,7 @@
 //! ```
 
 pub mod bindings;
+pub mod budget;
 pub mod cache;
 pub mod host;
 pub mod manifest;
@@ -35,6 +36,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod scaffold;
 
+pub use budget::LimitError;
 pub use manifest::{Limits, Manifest, ManifestError};
 pub use records::{AuditRecord, InstalledPlugin};
 pub use report::{Denial, HostCall, LogRecord, Outcome, RunReport, RunStatus};

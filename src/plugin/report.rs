@@ -99,7 +99,7 @@ pub struct RunReport {
     /// The plugin's error value, or why it was stopped.
     pub error: Option<String>,
     pub logs: Vec<LogRecord>,
-    /// Log records dropped past `max_log_bytes`.
+    /// Log records dropped past `max_log_bytes` or `max_log_records`.
     pub logs_dropped: u64,
     pub stdout: String,
     pub stderr: String,
@@ -151,7 +151,7 @@ impl RunReport {
             if self.logs_dropped > 0 {
                 let _ = writeln!(
                     s,
-                    "  … {} record(s) dropped (max_log_bytes)",
+                    "  … {} record(s) dropped (max_log_bytes, max_log_records)",
                     self.logs_dropped
                 );
             }

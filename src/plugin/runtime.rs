@@ -11,10 +11,12 @@
 //!   cannot stall the engine's timers, and is interrupted once past its deadline.
 //! - **Per plugin:** the component from the [compile cache](super::cache), its imports
 //!   linked once into an `InstancePre`, its compiled policy, config and limits.
-//! - **Per run:** a new `Store` with the plugin's memory limit, a WASI context that grants
-//!   nothing (see [`super::sandbox::wasi_context`]), captured output, the deadline both as
-//!   an epoch callback (guest code) and as a tokio timeout (time spent in host calls);
-//!   then instantiate, call `run`, drop everything.
+//! - **Per run:** a new `Store` with the plugin's memory limit over all its memories and
+//!   tables together (see [`super::sandbox::Limiter`]), an account of the memory the host
+//!   holds for it (see [`super::budget`]), a WASI context that grants nothing (see
+//!   [`super::sandbox::wasi_context`]), captured output, the deadline both as an epoch
+//!   callback (guest code) and as a tokio timeout (time spent in host calls); then
+//!   instantiate, call `run`, drop everything.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -32,12 +34,15 @@ use wasmtime::{
 };
 
 use super::bindings::{self, Plugin, PluginPre};
+use super::budget::{HostBudget, LimitError};
 use super::cache::{CompileCache, Loaded, sha256_hex};
 use super::host::{RunCtx, RunState, Services, render_wit_error};
 use super::manifest::{Limits, MANIFEST_FILE, Manifest, Triggers};
 use super::records::{Audit, InstalledPlugin, PluginRecords, PluginState};
 use super::report::{Outcome, RunReport, RunStatus};
-use super::sandbox::{CappedPipe, Limiter, wasi_context};
+use super::sandbox::{
+    CappedPipe, Limiter, MAX_CORE_INSTANCES, MAX_MEMORIES, MAX_TABLES, wasi_context,
+};
 use crate::policy::CompiledPolicy;
 use crate::store::StoreError;
 
@@ -531,13 +536,19 @@ impl PluginRuntime {
         let limits = plugin.limits;
         let budget = Duration::from_secs(u64::from(limits.timeout_secs));
         let deadline = Instant::now() + budget;
-        let stdout = CappedPipe::new(limits.max_output_bytes as usize);
-        let stderr = CappedPipe::new(limits.max_output_bytes as usize);
+        let budget = Arc::new(HostBudget::new(limits.max_host_bytes as usize));
+        let stdout = CappedPipe::new("stdout", limits.max_output_bytes as usize, budget.clone());
+        let stderr = CappedPipe::new("stderr", limits.max_output_bytes as usize, budget.clone());
         let state = RunState {
             wasi: wasi_context(stdout.clone(), stderr.clone()),
             table: ResourceTable::new(),
             limiter: Limiter::new(limits.memory_mib),
-            run: RunCtx::new(plugin.clone(), self.services.clone(), deadline),
+            run: RunCtx::new(
+                plugin.clone(),
+                self.services.clone(),
+                deadline,
+                budget.clone(),
+            ),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -560,6 +571,15 @@ impl PluginRuntime {
         })
         .await;
 
+        // A limit met where no trap could be raised (a record left out, a write of
+        // stdout) ends the run all the same, whatever the plugin returned.
+        let result = match result {
+            Ok(Ok(returned)) => match charge_returned(&budget, &returned) {
+                Some(e) => Ok(Err(wasmtime::Error::new(e))),
+                None => Ok(Ok(returned)),
+            },
+            other => other,
+        };
         let (status, outcome, error) = match result {
             Err(_elapsed) => (
                 RunStatus::TimedOut,
@@ -585,7 +605,7 @@ impl PluginRuntime {
                         RunStatus::MemoryExceeded,
                         None,
                         Some(format!(
-                            "stopped: it tried to grow its memory to {} MiB, its limit is {} MiB (limits.memory_mib)",
+                            "stopped: its memories and tables would have grown to {} MiB, its limit is {} MiB (limits.memory_mib)",
                             asked.div_ceil(1024 * 1024),
                             limits.memory_mib
                         )),
@@ -599,7 +619,7 @@ impl PluginRuntime {
                             limits.timeout_secs
                         )),
                     )
-                } else if let Some(limit) = &data.run.limit_hit {
+                } else if let Some(limit) = data.run.limit_hit() {
                     (RunStatus::Trapped, None, Some(format!("stopped: {limit}")))
                 } else {
                     (RunStatus::Trapped, None, Some(describe_trap(&trap)))
@@ -609,7 +629,7 @@ impl PluginRuntime {
         let duration_ms = crate::millis(started.elapsed());
         let run = std::mem::replace(
             &mut store.data_mut().run,
-            RunCtx::new(plugin.clone(), self.services.clone(), deadline),
+            RunCtx::new(plugin.clone(), self.services.clone(), deadline, budget),
         );
         drop(store);
         let (stdout, stdout_dropped) = stdout.take();
@@ -638,6 +658,19 @@ impl PluginRuntime {
             duration_ms,
         }
     }
+}
+
+/// Charges what the plugin returned (its outcome, or its error's message) to the run's
+/// host memory; the limit the run met, if it met one.
+fn charge_returned(
+    budget: &HostBudget,
+    returned: &Result<bindings::Outcome, bindings::WitError>,
+) -> Option<LimitError> {
+    let charged = match returned {
+        Ok(o) => budget.keep("the outcome", o.summary.len() + o.details.len()),
+        Err(e) => budget.keep("the error value", render_wit_error(e).len()),
+    };
+    charged.err().or_else(|| budget.exceeded())
 }
 
 /// A trap as one readable line plus the wasm backtrace, when there is one.
@@ -739,14 +772,18 @@ fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorKind), Plugi
     if config.allocator != AllocatorChoice::OnDemand {
         let slots = config.max_concurrent_runs.max(1);
         let mut pool = PoolingAllocationConfig::new();
+        // Per component, as many core instances, memories and tables as the store's
+        // limiter allows, which holds all of them together to the plugin's
+        // `memory_mib`; one memory may be as large as the largest `memory_mib`.
+        let per = |n: usize| n as u32;
         pool.total_component_instances(slots)
-            .total_core_instances(slots * 32)
-            .total_memories(slots * 4)
-            .total_tables(slots * 8)
+            .total_core_instances(slots * per(MAX_CORE_INSTANCES))
+            .total_memories(slots * per(MAX_MEMORIES))
+            .total_tables(slots * per(MAX_TABLES))
             .total_stacks(slots)
-            .max_core_instances_per_component(32)
-            .max_memories_per_component(4)
-            .max_tables_per_component(8)
+            .max_core_instances_per_component(per(MAX_CORE_INSTANCES))
+            .max_memories_per_component(per(MAX_MEMORIES))
+            .max_tables_per_component(per(MAX_TABLES))
             .max_memory_size(Limits::MAX.memory_mib as usize * 1024 * 1024);
         let mut c = base();
         c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -798,5 +835,88 @@ impl Drop for EpochTicker {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A component of `instances` core instances of one module, each with a linear
+    /// memory of `mib` MiB and a table of `elements` elements.
+    fn component(instances: u32, mib: u64, elements: u64) -> Vec<u8> {
+        use wasm_encoder::{
+            Component, InstanceSection, MemorySection, MemoryType, Module, ModuleArg,
+            ModuleSection, RefType, TableSection, TableType,
+        };
+        let mut module = Module::new();
+        let mut tables = TableSection::new();
+        tables.table(TableType {
+            element_type: RefType::FUNCREF,
+            table64: false,
+            minimum: elements,
+            maximum: None,
+            shared: false,
+        });
+        module.section(&tables);
+        let mut memories = MemorySection::new();
+        memories.memory(MemoryType {
+            minimum: mib * 16,
+            maximum: None,
+            memory64: false,
+            shared: false,
+            page_size_log2: None,
+        });
+        module.section(&memories);
+        let mut c = Component::new();
+        c.section(&ModuleSection(&module));
+        let mut section = InstanceSection::new();
+        for _ in 0..instances {
+            section.instantiate(0, Vec::<(&str, ModuleArg)>::new());
+        }
+        c.section(&section);
+        c.finish()
+    }
+
+    /// Instantiates `bytes` under `memory_mib` on the runtime's own engine (pooling).
+    fn instantiate(bytes: &[u8], memory_mib: u32) -> Result<(), String> {
+        let (engine, kind) = build_engine(&RuntimeConfig {
+            max_concurrent_runs: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(kind, AllocatorKind::Pooling);
+        let component =
+            wasmtime::component::Component::new(&engine, bytes).map_err(|e| format!("{e:#}"))?;
+        let linker = Linker::<Limiter>::new(&engine);
+        let mut store = Store::new(&engine, Limiter::new(memory_mib));
+        store.limiter(|l| l);
+        store.set_epoch_deadline(u64::MAX / 2);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(linker.instantiate_async(&mut store, &component))
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn the_memory_limit_holds_for_every_memory_of_a_component_together() {
+        // One memory of 40 MiB fits a 64 MiB limit; so does each of two, but not both.
+        instantiate(&component(1, 40, 10), 64).unwrap();
+        let e = instantiate(&component(2, 40, 10), 64).unwrap_err();
+        assert!(e.contains("limit is 64 MiB"), "{e}");
+        instantiate(&component(2, 40, 10), 96).unwrap();
+        // Tables count too: four memories of 16 MiB fill 64 MiB exactly; a table
+        // element more is over.
+        instantiate(&component(4, 16, 0), 64).unwrap();
+        let e = instantiate(&component(4, 16, 1), 64).unwrap_err();
+        assert!(e.contains("memory limit"), "{e}");
+    }
+
+    #[test]
+    fn a_component_may_not_hold_more_memories_than_the_limiter_counts() {
+        let e = instantiate(&component(MAX_MEMORIES as u32 + 1, 1, 1), 1024).unwrap_err();
+        assert!(e.contains("memor"), "{e}");
     }
 }

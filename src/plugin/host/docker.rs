@@ -14,7 +14,7 @@ use super::docker_api::{
     Answer, Api, MAX_BODY, MAX_OUTPUT, REQUEST_TIMEOUT, Req, connect_error, container_ref, demux,
     encode_query, image_ref, labels_of, split_reference, str_of,
 };
-use super::{HostError, MAX_REPORTED_CALLS, RunState};
+use super::{HostError, RunState};
 use crate::plugin::bindings::wit_docker::{
     CheckReport, ContainerDetails, ContainerFilter, ContainerSummary, DaemonInfo, Device,
     ExecOptions, ExecResult, Host, ImageSummary, LogOptions, Logs, NetworkSummary, PullResult,
@@ -132,7 +132,7 @@ impl RunState {
     fn deny(&mut self, call: &Call, reason: String) -> HostError {
         tracing::info!(plugin = %self.run.plugin.name, device = %call.device, op = call.op, request = %call.request, %reason, "plugin host call denied");
         self.record(call, "deny", "denied", &reason);
-        self.run.denials.push(Denial {
+        self.run.keep_denial(Denial {
             op: call.op.to_string(),
             device: call.device.clone(),
             request: call.request.clone(),
@@ -142,16 +142,14 @@ impl RunState {
     }
 
     fn record(&mut self, call: &Call, decision: &str, result: &str, reason: &str) {
-        if self.run.host_calls.len() < MAX_REPORTED_CALLS {
-            self.run.host_calls.push(HostCall {
-                op: call.op.to_string(),
-                device: call.device.clone(),
-                request: call.request.clone(),
-                decision: decision.to_string(),
-                result: result.to_string(),
-                ms: crate::millis(call.started.elapsed()),
-            });
-        }
+        self.run.keep_host_call(HostCall {
+            op: call.op.to_string(),
+            device: call.device.clone(),
+            request: call.request.clone(),
+            decision: decision.to_string(),
+            result: result.to_string(),
+            ms: crate::millis(call.started.elapsed()),
+        });
         let rec = AuditRecord {
             time: chrono::Utc::now(),
             plugin: self.run.plugin.name.clone(),

@@ -5,7 +5,8 @@
 //! 1. **scope and policy**: the device scope, every Docker API request the call will make
 //!    decided by the plugin's [`CompiledPolicy`](crate::policy::CompiledPolicy), then the
 //!    container scope — a refusal is `error::denied(reason)`, audited, never a trap;
-//! 2. **limit**: the run's host-call budget, and the time left before its deadline;
+//! 2. **limit**: the run's host-call budget, its host-side memory budget
+//!    ([`crate::plugin::budget`]), and the time left before its deadline;
 //! 3. **call**: the Docker request(s) over the device's pooled connection, or the store;
 //! 4. **map the error**: into a WIT `error` the plugin handles; only host bugs trap.
 
@@ -23,6 +24,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::plugin::bindings::{DockerError, WitError};
+use crate::plugin::budget::{HostBudget, LimitError, denial_cost, host_call_cost};
 use crate::plugin::records::{Audit, PluginState};
 use crate::plugin::report::{Denial, HostCall, LogRecord};
 use crate::plugin::runtime::LoadedPlugin;
@@ -131,17 +133,23 @@ pub struct RunCtx {
     pub started: Instant,
     pub deadline: Instant,
     pub logs: Vec<LogRecord>,
+    /// What the kept log records cost, counted as [`crate::plugin::budget::log_record_cost`].
     pub log_bytes: usize,
     pub logs_dropped: u64,
     pub host_calls: Vec<HostCall>,
     pub host_calls_total: u64,
     pub denials: Vec<Denial>,
-    /// Set when a limit (not a bug) ended the run from inside a host call.
-    pub limit_hit: Option<String>,
+    /// The run's host-side memory, shared with its captured stdout and stderr.
+    pub budget: Arc<HostBudget>,
 }
 
 impl RunCtx {
-    pub fn new(plugin: Arc<LoadedPlugin>, services: Arc<Services>, deadline: Instant) -> RunCtx {
+    pub fn new(
+        plugin: Arc<LoadedPlugin>,
+        services: Arc<Services>,
+        deadline: Instant,
+        budget: Arc<HostBudget>,
+    ) -> RunCtx {
         RunCtx {
             plugin,
             services,
@@ -153,22 +161,59 @@ impl RunCtx {
             host_calls: Vec::new(),
             host_calls_total: 0,
             denials: Vec::new(),
-            limit_hit: None,
+            budget,
         }
     }
 
-    /// Step 2 for every host function: count the call against the run's budget.
+    /// The limit (not a bug) that ended the run, if one did.
+    pub fn limit_hit(&self) -> Option<LimitError> {
+        self.budget.exceeded()
+    }
+
+    /// Ends the run with `e`: remembered for the report, returned as the trap.
+    pub fn limit(&self, e: LimitError) -> wasmtime::Error {
+        self.budget.note(&e);
+        wasmtime::Error::new(e)
+    }
+
+    /// Step 2 for every host function: count the call against the run's budget. A run
+    /// that already met a limit where no trap could be raised (a denial record, its
+    /// output) ends here.
     pub fn count_call(&mut self) -> wasmtime::Result<()> {
+        if let Some(e) = self.budget.exceeded() {
+            return Err(wasmtime::Error::new(e));
+        }
         self.host_calls_total += 1;
-        let max = u64::from(self.plugin.limits.max_host_calls);
-        if self.host_calls_total > max {
-            let msg = format!(
-                "host call limit: the plugin made more than {max} host calls (limits.max_host_calls)"
-            );
-            self.limit_hit = Some(msg.clone());
-            wasmtime::bail!("{msg}");
+        let max = self.plugin.limits.max_host_calls;
+        if self.host_calls_total > u64::from(max) {
+            return Err(self.limit(LimitError::HostCalls { max }));
         }
         Ok(())
+    }
+
+    /// Keeps a Docker host call's record (the first [`MAX_REPORTED_CALLS`]), charged to
+    /// the run's host memory; one that does not fit is left out and ends the run at its
+    /// next host call.
+    pub fn keep_host_call(&mut self, call: HostCall) {
+        if self.host_calls.len() < MAX_REPORTED_CALLS
+            && self
+                .budget
+                .keep("a host-call record", host_call_cost(&call))
+                .is_ok()
+        {
+            self.host_calls.push(call);
+        }
+    }
+
+    /// Keeps a denial's record, charged like [`RunCtx::keep_host_call`].
+    pub fn keep_denial(&mut self, denial: Denial) {
+        if self
+            .budget
+            .keep("a denial record", denial_cost(&denial))
+            .is_ok()
+        {
+            self.denials.push(denial);
+        }
     }
 }
 

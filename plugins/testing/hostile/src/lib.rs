@@ -16,13 +16,24 @@
 //! | `device:NAME` | listing containers on a device outside its scope |
 //! | `container:DEVICE/NAME` | restarting a container (outside its container scope, or denied by its policy) |
 //! | `calls` | more host calls than its limit allows |
+//! | `fields:CALLS:N` | `CALLS` log records with `N` empty fields each |
+//! | `records:N` | `N` empty log records |
+//! | `outcome:MIB` | an outcome of `MIB` MiB |
+//! | `denials:N:LEN` | `N` calls naming a device of `LEN` bytes outside its scope |
+//! | `state:N:SIZE[:FROM]` | `N` state keys (numbered from `FROM`) of `SIZE`-byte values; reports how many were stored |
 //! | `ok` | nothing wrong: returns at once |
 
 use std::hint::black_box;
 
+use capstan_sdk::bindings::capstan::plugin::host;
 use capstan_sdk::prelude::*;
 
 struct Hostile;
+
+/// A mode's numeric argument (0 when it is not a number).
+fn number(text: &str) -> usize {
+    text.parse().unwrap_or(0)
+}
 
 /// Recursion on the WebAssembly stack (no address-taken locals).
 fn recurse(depth: u64) -> u64 {
@@ -136,6 +147,44 @@ impl Plugin for Hostile {
                     black_box(time::now());
                 }
                 Ok(Outcome::new("made too many calls"))
+            }
+            "fields" => {
+                let (calls, n) = arg.split_once(':').unwrap_or(("1", arg));
+                let fields = vec![(String::new(), String::new()); number(n)];
+                for _ in 0..number(calls) {
+                    host::log(host::Level::Info, "", &fields);
+                }
+                Ok(Outcome::new(format!("logged {calls} records of {n} fields")))
+            }
+            "records" => {
+                for _ in 0..number(arg) {
+                    host::log(host::Level::Info, "", &[]);
+                }
+                Ok(Outcome::new(format!("logged {arg} empty records")))
+            }
+            "outcome" => Ok(Outcome::new("x".repeat(number(arg) << 20))),
+            "denials" => {
+                let (n, len) = arg.split_once(':').unwrap_or((arg, "1"));
+                let device = "x".repeat(number(len));
+                for _ in 0..number(n) {
+                    black_box(docker::list_containers(&device, &ContainerFilter::all()).err());
+                }
+                Ok(Outcome::new(format!("was denied {n} times")))
+            }
+            "state" => {
+                let mut args = arg.split(':').map(number);
+                let n = args.next().unwrap_or(0);
+                let value = vec![7u8; args.next().unwrap_or(8)];
+                let from = args.next().unwrap_or(0);
+                for i in 0..n {
+                    if let Err(e) = state::set(&format!("key-{:06}", from + i), &value) {
+                        return Ok(Outcome::new(format!(
+                            "stored {i} of {n}; then: {}",
+                            e.message()
+                        )));
+                    }
+                }
+                Ok(Outcome::new(format!("stored {n} of {n}")))
             }
             "ok" => Ok(Outcome::new("ok")),
             other => Err(Error::Invalid(format!("unknown mode `{other}`"))),
