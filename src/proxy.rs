@@ -18,6 +18,9 @@
 //! --tlsverify` does: `docker --tlsverify -H tcp://…` then works against the proxy
 //! unchanged, and the certificate is the client's credential (no token needed).
 //!
+//! Connections are accepted and timed by [`crate::server`], under the process's
+//! connection cap, as the API's are.
+//!
 //! Upstream requests go through the device's [`DockerClient`]: the same pooled
 //! connections (local socket, TLS, SSH channels running `docker system dial-stdio`) that
 //! plugins and checks use — `src/docker/` stays the one place that opens them.
@@ -29,12 +32,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -43,13 +44,9 @@ use sha2::{Digest, Sha256};
 use crate::docker::{BoxError, DockerClient};
 use crate::policy::CompiledPolicy;
 use crate::secret::Secret;
+use crate::server::{Listener, RequestBody, Server, ServerConfig};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
-
-/// A client connection accepted by a proxy.
-trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> ClientStream for T {}
-type BoxStream = Box<dyn ClientStream>;
 
 /// Where a proxy listens: `tcp://HOST:PORT` or `unix:///path.sock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +95,8 @@ pub enum ProxyError {
     Tls(String),
     #[error("the policy's device scope does not include device {0:?}")]
     DeviceOutOfScope(String),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -131,9 +130,6 @@ pub fn tls_note(tls: Option<&TlsFiles>) -> &'static str {
         None => "",
     }
 }
-
-/// How long a client may take over its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl TlsFiles {
     /// Reads the files and builds the server configuration (ring provider, TLS 1.2 and
@@ -331,7 +327,7 @@ impl Proxy {
     /// Handles one client request.
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         client: String,
     ) -> Result<Response<ProxyBody>, Infallible> {
         if !self.authorized(req.headers()) {
@@ -474,74 +470,39 @@ impl Proxy {
         }
     }
 
-    /// Accepts clients on `listener` until `shutdown` resolves.
+    /// Accepts clients on `listener` until `shutdown` resolves, with the default
+    /// [`crate::server`] limits.
     pub async fn serve(
         self: Arc<Self>,
         listener: ProxyListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ProxyError> {
-        let listen = listener.listen.clone();
-        let listener = listener.inner;
+        let server = Server::new(&ServerConfig::default()).map_err(ProxyError::Server)?;
+        self.serve_on(&server, listener, shutdown).await
+    }
+
+    /// Accepts clients on `listener` until `shutdown` resolves, under `server`'s
+    /// timeouts and connection cap (shared with the process's other listeners).
+    pub async fn serve_on(
+        self: Arc<Self>,
+        server: &Server,
+        listener: ProxyListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ProxyError> {
         tracing::info!(
             device = %self.device,
-            listen = %listen,
+            listen = %listener.listen,
             tls = self.tls.is_some(),
             "proxy listening"
         );
-        tokio::pin!(shutdown);
-        loop {
-            let (io, client): (BoxStream, String) = tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = async {
-                    match &listener {
-                        Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
-                            let _ = s.set_nodelay(true);
-                            (Box::new(s) as BoxStream, a.to_string())
-                        }),
-                        Listener::Unix(l, p) => l.accept().await.map(|(s, _)| (Box::new(s) as BoxStream, format!("unix:{}", p.display()))),
-                    }
-                } => match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "proxy accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let this = self.clone();
-            tokio::spawn(async move {
-                let io: BoxStream = match &this.tls {
-                    None => io,
-                    Some(acceptor) => {
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await
-                        {
-                            Ok(Ok(tls)) => Box::new(tls),
-                            Ok(Err(e)) => {
-                                tracing::info!(%client, error = %e, "proxy TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::info!(%client, "proxy TLS handshake timed out");
-                                return;
-                            }
-                        }
-                    }
-                };
-                let svc =
-                    hyper::service::service_fn(move |req| this.clone().handle(req, client.clone()));
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(io), svc)
-                    .with_upgrades()
-                    .await
-                {
-                    tracing::debug!(error = %e, "proxy client connection ended");
-                }
-            });
-        }
-        if let Listener::Unix(_, p) = &listener {
-            let _ = std::fs::remove_file(p);
-        }
+        let this = self.clone();
+        let make = move |client: &str| {
+            let (this, client) = (this.clone(), client.to_string());
+            hyper::service::service_fn(move |req| this.clone().handle(req, client.clone()))
+        };
+        server
+            .serve(listener.inner, self.tls.clone(), make, shutdown)
+            .await;
         tracing::info!(
             device = %self.device,
             allowed = self.stats.allowed.load(Ordering::Relaxed),
@@ -556,11 +517,6 @@ impl Proxy {
 pub struct ProxyListener {
     listen: Listen,
     inner: Listener,
-}
-
-enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener, PathBuf),
 }
 
 impl ProxyListener {

@@ -23,7 +23,10 @@ Examples:
 
 The policy file is a socket-proxy environment block (CONTAINERS=1, POST=0, ALLOW_RESTARTS=1,
 …, as in a docker-compose `environment:` section) or a TOML file ending in .toml. Denied
-requests get 403 with a message naming the variable that would allow them.")]
+requests get 403 with a message naming the variable that would allow them.
+
+Timeouts and the connection cap come from the config file's [server] table or
+CAPSTAN_SERVER_HEADER_TIMEOUT, _BODY_TIMEOUT, _IDLE_TIMEOUT and _MAX_CONNECTIONS.")]
 pub struct ProxyArgs {
     /// The device whose daemon to serve (name or id).
     #[arg(long)]
@@ -67,7 +70,10 @@ pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
         }),
         _ => None,
     };
-    let engine = Engine::open(g.settings(None)?, &g.passphrase())?;
+    let settings = g.settings(None)?;
+    crate::server::raise_open_file_limit();
+    let limits = crate::server::Server::new(&settings.server)?;
+    let engine = Engine::open(settings, &g.passphrase())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -94,7 +100,7 @@ pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
             crate::proxy::tls_note(tls.as_ref())
         );
         proxy
-            .serve(listener, super::serve::shutdown_signal())
+            .serve_on(&limits, listener, super::serve::shutdown_signal())
             .await?;
         anyhow::Ok(())
     })
