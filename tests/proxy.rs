@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -15,9 +15,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct ProxyProcess {
-    child: Child,
-    addr: String,
+pub(crate) struct ProxyProcess {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
 }
 
 impl Drop for ProxyProcess {
@@ -28,26 +28,36 @@ impl Drop for ProxyProcess {
 }
 
 fn start_proxy(data: &DataDir, device: &str, policy: &str, extra: &[&str]) -> ProxyProcess {
+    start_proxy_with(data, device, policy, extra, |_| {})
+}
+
+/// [`start_proxy`], with `configure` applied to the command before it starts.
+pub(crate) fn start_proxy_with(
+    data: &DataDir,
+    device: &str,
+    policy: &str,
+    extra: &[&str],
+    configure: impl FnOnce(&mut Command),
+) -> ProxyProcess {
     let policy_file = data.path().join(format!("policy-{}.env", free_port()));
     std::fs::write(&policy_file, policy).unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let listen = format!("tcp://{addr}");
-    let mut child = data
-        .cmd()
-        .args([
-            "proxy",
-            "--device",
-            device,
-            "--policy",
-            policy_file.to_str().unwrap(),
-            "--listen",
-            &listen,
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut cmd = data.cmd();
+    cmd.args([
+        "proxy",
+        "--device",
+        device,
+        "--policy",
+        policy_file.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ])
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    configure(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -78,7 +88,7 @@ fn docker(addr: &str, config: &std::path::Path) -> Command {
 }
 
 /// A data directory with the local daemon as device `d`.
-fn with_local_device() -> DataDir {
+pub(crate) fn with_local_device() -> DataDir {
     let data = DataDir::with_vault();
     assert_success(
         &data.capstan(&["device", "add", "d", "--kind", "local"]),
