@@ -36,6 +36,31 @@ pub struct ConfigFile {
     /// Plugin runs: concurrency, shutdown, history.
     #[serde(default)]
     pub runs: RunsSection,
+    /// What clients may hold open on every listener (API, webhooks, proxies).
+    #[serde(default)]
+    pub server: ServerSection,
+}
+
+/// The `[server]` table: bounds on what a client can hold open, for every listener of
+/// the process (the API with its webhooks, and each proxy). Each key may also come from
+/// `CAPSTAN_SERVER_<KEY>` (upper case), which wins over the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Time a client has to send a complete request head (and finish a TLS handshake),
+    /// from connecting or from the first byte of a next request. Default 10s.
+    pub header_timeout: Option<String>,
+    /// Longest pause while a request body arrives. Default 30s.
+    pub body_timeout: Option<String>,
+    /// Time a kept-alive connection may wait for its next request. Default 60s.
+    pub idle_timeout: Option<String>,
+    /// Client connections open at once across all listeners; at the cap, the connection
+    /// longest without a request in progress is closed for each new one. Default: the
+    /// open-file limit less a reserve (768 at 1024), at most 16384.
+    pub max_connections: Option<usize>,
+    /// Bytes of request bodies held before authentication (webhook deliveries), all
+    /// together, e.g. `"64MiB"`; past it deliveries get 503 with Retry-After. Default 64MiB.
+    pub preauth_body_budget: Option<String>,
 }
 
 /// The `[runs]` table. Each key may also come from `CAPSTAN_RUNS_<KEY>` (upper case),
@@ -142,6 +167,8 @@ pub struct Settings {
     pub proxies: Vec<ProxySettings>,
     /// Run concurrency, shutdown grace and history retention.
     pub runs: crate::scheduler::SchedulerConfig,
+    /// Timeouts, connection cap and pre-auth body budget of every listener.
+    pub server: crate::server::ServerConfig,
 }
 
 /// A validated `[[proxy]]` entry.
@@ -251,12 +278,94 @@ impl Settings {
             key_file: flag_key_file.or_else(|| file.vault.key_file.clone()),
             proxies,
             runs: resolve_runs(&file.runs, |k| std::env::var(k).ok())?,
+            server: resolve_server(&file.server, |k| std::env::var(k).ok())?,
         })
     }
 
     pub fn default_key_file(&self) -> PathBuf {
         self.data_dir.join(DEFAULT_KEY_FILE_NAME)
     }
+}
+
+/// The `[server]` table over the defaults, with `CAPSTAN_SERVER_*` from `env` winning.
+fn resolve_server(
+    file: &ServerSection,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<crate::server::ServerConfig, ConfigError> {
+    use crate::trigger::units::{parse_byte_size, parse_duration};
+    let mut c = crate::server::ServerConfig::default();
+    let text = |var: &str, file: &Option<String>| env(var).or_else(|| file.clone());
+    for (field, var, value, slot) in [
+        (
+            "server.header_timeout",
+            "CAPSTAN_SERVER_HEADER_TIMEOUT",
+            &file.header_timeout,
+            &mut c.header_timeout,
+        ),
+        (
+            "server.body_timeout",
+            "CAPSTAN_SERVER_BODY_TIMEOUT",
+            &file.body_timeout,
+            &mut c.body_timeout,
+        ),
+        (
+            "server.idle_timeout",
+            "CAPSTAN_SERVER_IDLE_TIMEOUT",
+            &file.idle_timeout,
+            &mut c.idle_timeout,
+        ),
+    ] {
+        if let Some(v) = text(var, value) {
+            let d = parse_duration(&v).map_err(|m| ConfigError::Invalid {
+                field,
+                message: format!("{m} (write e.g. \"10s\", \"1m\")"),
+            })?;
+            if d.is_zero() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: "must be longer than 0s".into(),
+                });
+            }
+            *slot = d;
+        }
+    }
+    let var = "CAPSTAN_SERVER_MAX_CONNECTIONS";
+    c.max_connections = match env(var) {
+        Some(v) => Some(
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ConfigError::Invalid {
+                    field: "server.max_connections",
+                    message: format!("{var}={v:?} is not a positive whole number"),
+                })?,
+        ),
+        None => match file.max_connections {
+            Some(0) => {
+                return Err(ConfigError::Invalid {
+                    field: "server.max_connections",
+                    message: "must be at least 1".into(),
+                });
+            }
+            other => other,
+        },
+    };
+    if let Some(v) = text(
+        "CAPSTAN_SERVER_PREAUTH_BODY_BUDGET",
+        &file.preauth_body_budget,
+    ) {
+        let field = "server.preauth_body_budget";
+        c.preauth_body_budget =
+            parse_byte_size(&v).map_err(|message| ConfigError::Invalid { field, message })?;
+        if c.preauth_body_budget == 0 {
+            return Err(ConfigError::Invalid {
+                field,
+                message: "must be larger than 0 (webhook deliveries need their body read)".into(),
+            });
+        }
+    }
+    Ok(c)
 }
 
 /// The `[runs]` table over the defaults, with `CAPSTAN_RUNS_*` from `env` winning.
@@ -486,6 +595,52 @@ mod tests {
             ConfigFile::parse("[runs]\nmax_concurent = 1\n")
                 .unwrap_err()
                 .contains("max_concurent")
+        );
+    }
+
+    #[test]
+    fn the_server_table_takes_env_overrides_and_names_bad_fields() {
+        use std::time::Duration;
+        let file = ConfigFile::parse(
+            "[server]\nheader_timeout = \"2s\"\nmax_connections = 100\npreauth_body_budget = \"8MiB\"\n",
+        )
+        .unwrap();
+        let c = resolve_server(&file.server, |_| None).unwrap();
+        assert_eq!(c.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.max_connections, Some(100));
+        assert_eq!(c.preauth_body_budget, 8 << 20);
+        assert_eq!(
+            c.idle_timeout,
+            crate::server::DEFAULT_IDLE_TIMEOUT,
+            "default kept"
+        );
+        let c = resolve_server(&file.server, |k| match k {
+            "CAPSTAN_SERVER_IDLE_TIMEOUT" => Some("5m".into()),
+            "CAPSTAN_SERVER_MAX_CONNECTIONS" => Some("7".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.max_connections, Some(7));
+        let defaults = resolve_server(&ServerSection::default(), |_| None).unwrap();
+        assert_eq!(defaults, crate::server::ServerConfig::default());
+        for (toml, field) in [
+            ("body_timeout = \"soon\"", "server.body_timeout:"),
+            ("header_timeout = \"0s\"", "server.header_timeout:"),
+            ("max_connections = 0", "server.max_connections:"),
+            (
+                "preauth_body_budget = \"lots\"",
+                "server.preauth_body_budget:",
+            ),
+        ] {
+            let f = ConfigFile::parse(&format!("[server]\n{toml}\n")).unwrap();
+            let err = resolve_server(&f.server, |_| None).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{toml}: {err}");
+        }
+        assert!(
+            ConfigFile::parse("[server]\nheader_timout = \"1s\"\n")
+                .unwrap_err()
+                .contains("header_timout")
         );
     }
 

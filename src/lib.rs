@@ -8,7 +8,8 @@
 //! decides every Docker API request, [`proxy`] serves the Docker API behind it, and
 //! [`plugin`] runs sandboxed WebAssembly plugins under it.
 //! [`trigger`] decides when plugins run (cron schedules, verified webhook deliveries) and
-//! [`runs`] records every run.
+//! [`runs`] records every run. Every listener (API, webhooks, proxies) is served by
+//! [`server`], which bounds what a client can hold open.
 
 pub mod api;
 pub mod cli;
@@ -23,6 +24,7 @@ pub mod proxy;
 pub mod runs;
 pub mod scheduler;
 pub mod secret;
+pub mod server;
 pub mod store;
 pub mod token;
 pub mod trigger;

@@ -30,6 +30,9 @@
 //! file. Bodies and headers are never recorded, and query values that may hold secrets
 //! (build arguments, remote URLs) are written as `***`.
 //!
+//! Connections are accepted and timed by [`crate::server`], under the process's
+//! connection cap, as the API's are.
+//!
 //! Upstream requests go through the device's [`DockerClient`]: the same pooled
 //! connections (local socket, TLS, SSH channels running `docker system dial-stdio`) that
 //! plugins and checks use — `src/docker/` stays the one place that opens them.
@@ -40,7 +43,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -55,13 +57,9 @@ use crate::docker::{BoxError, DockerClient};
 use crate::policy::body::{self, BodyError};
 use crate::policy::{CompiledPolicy, Decision, Framing, Var, daemon};
 use crate::secret::Secret;
+use crate::server::{Listener, RequestBody, Server, ServerConfig};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
-
-/// A client connection accepted by a proxy.
-trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> ClientStream for T {}
-type BoxStream = Box<dyn ClientStream>;
 
 /// Where a proxy listens: `tcp://HOST:PORT` or `unix:///path.sock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +108,8 @@ pub enum ProxyError {
     Tls(String),
     #[error("the policy's device scope does not include device {0:?}")]
     DeviceOutOfScope(String),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -151,9 +151,6 @@ pub fn tls_note(tls: Option<&TlsFiles>) -> &'static str {
         None => "",
     }
 }
-
-/// How long a client may take over its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl TlsFiles {
     /// Reads the files and builds the server configuration (ring provider, TLS 1.2 and
@@ -362,7 +359,7 @@ fn docker_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
 }
 
 /// A client's body forwarded as it arrives.
-fn streamed(body: Incoming) -> crate::docker::Body {
+fn streamed(body: RequestBody) -> crate::docker::Body {
     body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
 }
 
@@ -537,7 +534,7 @@ impl Proxy {
     /// Handles one client request and records it in the access log.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         client: String,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let method = req.method().clone();
@@ -557,7 +554,7 @@ impl Proxy {
     /// Decides one client request and answers it, noting how in `note`.
     async fn respond(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         client: &str,
         note: &mut AccessNote,
     ) -> Result<Response<ProxyBody>, Infallible> {
@@ -709,7 +706,7 @@ impl Proxy {
         &self,
         decision: &crate::policy::Decision<'_>,
         headers: &HeaderMap,
-        body: Incoming,
+        body: RequestBody,
     ) -> Result<crate::docker::Body, (StatusCode, String)> {
         let Some(endpoint) = decision.endpoint().filter(|e| body::inspects(e)) else {
             return Ok(streamed(body));
@@ -835,74 +832,39 @@ impl Proxy {
             .map_err(|r| r.to_string())
     }
 
-    /// Accepts clients on `listener` until `shutdown` resolves.
+    /// Accepts clients on `listener` until `shutdown` resolves, with the default
+    /// [`crate::server`] limits.
     pub async fn serve(
         self: Arc<Self>,
         listener: ProxyListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ProxyError> {
-        let listen = listener.listen.clone();
-        let listener = listener.inner;
+        let server = Server::new(&ServerConfig::default()).map_err(ProxyError::Server)?;
+        self.serve_on(&server, listener, shutdown).await
+    }
+
+    /// Accepts clients on `listener` until `shutdown` resolves, under `server`'s
+    /// timeouts and connection cap (shared with the process's other listeners).
+    pub async fn serve_on(
+        self: Arc<Self>,
+        server: &Server,
+        listener: ProxyListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ProxyError> {
         tracing::info!(
             device = %self.device,
-            listen = %listen,
+            listen = %listener.listen,
             tls = self.tls.is_some(),
             "proxy listening"
         );
-        tokio::pin!(shutdown);
-        loop {
-            let (io, client): (BoxStream, String) = tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = async {
-                    match &listener {
-                        Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
-                            let _ = s.set_nodelay(true);
-                            (Box::new(s) as BoxStream, a.to_string())
-                        }),
-                        Listener::Unix(l, p) => l.accept().await.map(|(s, _)| (Box::new(s) as BoxStream, format!("unix:{}", p.display()))),
-                    }
-                } => match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "proxy accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let this = self.clone();
-            tokio::spawn(async move {
-                let io: BoxStream = match &this.tls {
-                    None => io,
-                    Some(acceptor) => {
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await
-                        {
-                            Ok(Ok(tls)) => Box::new(tls),
-                            Ok(Err(e)) => {
-                                tracing::info!(%client, error = %e, "proxy TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::info!(%client, "proxy TLS handshake timed out");
-                                return;
-                            }
-                        }
-                    }
-                };
-                let svc =
-                    hyper::service::service_fn(move |req| this.clone().handle(req, client.clone()));
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(io), svc)
-                    .with_upgrades()
-                    .await
-                {
-                    tracing::debug!(error = %e, "proxy client connection ended");
-                }
-            });
-        }
-        if let Listener::Unix(_, p) = &listener {
-            let _ = std::fs::remove_file(p);
-        }
+        let this = self.clone();
+        let make = move |client: &str| {
+            let (this, client) = (this.clone(), client.to_string());
+            hyper::service::service_fn(move |req| this.clone().handle(req, client.clone()))
+        };
+        server
+            .serve(listener.inner, self.tls.clone(), make, shutdown)
+            .await;
         tracing::info!(
             device = %self.device,
             allowed = self.stats.allowed.load(Ordering::Relaxed),
@@ -917,11 +879,6 @@ impl Proxy {
 pub struct ProxyListener {
     listen: Listen,
     inner: Listener,
-}
-
-enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener, PathBuf),
 }
 
 impl ProxyListener {

@@ -1306,6 +1306,7 @@ impl Api {
             key_file: None,
             proxies: Vec::new(),
             runs: Default::default(),
+            server: Default::default(),
         };
         let (engine, _) =
             Engine::open_or_init(settings, &capstan::engine::PassphraseInput::default()).unwrap();

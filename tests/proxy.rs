@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -15,9 +15,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct ProxyProcess {
-    child: Child,
-    addr: String,
+pub(crate) struct ProxyProcess {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
 }
 
 impl Drop for ProxyProcess {
@@ -28,7 +28,7 @@ impl Drop for ProxyProcess {
 }
 
 fn start_proxy(data: &DataDir, device: &str, policy: &str, extra: &[&str]) -> ProxyProcess {
-    start_proxy_with(data, device, policy, "env", extra)
+    start_proxy_configured(data, device, policy, "env", extra, |_| {})
 }
 
 /// Like [`start_proxy`], the policy file named `*.{ext}` (`toml` for a TOML policy).
@@ -39,26 +39,37 @@ fn start_proxy_with(
     ext: &str,
     extra: &[&str],
 ) -> ProxyProcess {
+    start_proxy_configured(data, device, policy, ext, extra, |_| {})
+}
+
+/// [`start_proxy_with`], with `configure` applied to the command before it starts.
+pub(crate) fn start_proxy_configured(
+    data: &DataDir,
+    device: &str,
+    policy: &str,
+    ext: &str,
+    extra: &[&str],
+    configure: impl FnOnce(&mut Command),
+) -> ProxyProcess {
     let policy_file = data.path().join(format!("policy-{}.{ext}", free_port()));
     std::fs::write(&policy_file, policy).unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let listen = format!("tcp://{addr}");
-    let mut child = data
-        .cmd()
-        .args([
-            "proxy",
-            "--device",
-            device,
-            "--policy",
-            policy_file.to_str().unwrap(),
-            "--listen",
-            &listen,
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut cmd = data.cmd();
+    cmd.args([
+        "proxy",
+        "--device",
+        device,
+        "--policy",
+        policy_file.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ])
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    configure(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -89,7 +100,7 @@ fn docker(addr: &str, config: &std::path::Path) -> Command {
 }
 
 /// A data directory with the local daemon as device `d`.
-fn with_local_device() -> DataDir {
+pub(crate) fn with_local_device() -> DataDir {
     let data = DataDir::with_vault();
     assert_success(
         &data.capstan(&["device", "add", "d", "--kind", "local"]),

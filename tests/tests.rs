@@ -9,6 +9,7 @@ mod cli_plugin;
 mod cli_policy;
 mod cli_vault;
 mod docker;
+mod limits;
 mod plugin_examples;
 mod plugins;
 mod proxy;

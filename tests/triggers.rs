@@ -13,7 +13,7 @@ use crate::util::*;
 /// Writes `trivial.wasm` with `manifest` into a fresh directory and installs it with
 /// `capstan plugin install` (local, or through the API when the engine runs). Returns
 /// the CLI's output (which shows generated hook secrets once).
-fn install(data: &DataDir, manifest: &str) -> String {
+pub(crate) fn install(data: &DataDir, manifest: &str) -> String {
     let dir = data.path().join(format!("src-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(wasm("trivial"), dir.join("plugin.wasm")).unwrap();
@@ -28,7 +28,7 @@ fn install(data: &DataDir, manifest: &str) -> String {
 }
 
 /// The secret printed once for `hook` by an install.
-fn generated_secret(install_output: &str, hook: &str) -> String {
+pub(crate) fn generated_secret(install_output: &str, hook: &str) -> String {
     let mut lines = install_output.lines();
     while let Some(l) = lines.next() {
         if l.contains(&format!("hook {hook}: generated secret")) {
@@ -48,7 +48,7 @@ fn token_of(server: &Server) -> String {
         .to_string()
 }
 
-fn sign(secret: &str, payload: &[u8]) -> String {
+pub(crate) fn sign(secret: &str, payload: &[u8]) -> String {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(payload);
     hex::encode(mac.finalize().into_bytes())

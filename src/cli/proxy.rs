@@ -37,7 +37,10 @@ environment block) allows them; `capstan policy show` prints it. Bodies read for
 checks are limited to 1 MiB (413 beyond).
 
 Every allowed request is logged at `info` (denied ones at `warn`); with --access-log every
-request is a JSON line in that file instead.")]
+request is a JSON line in that file instead.
+
+Timeouts and the connection cap come from the config file's [server] table or
+CAPSTAN_SERVER_HEADER_TIMEOUT, _BODY_TIMEOUT, _IDLE_TIMEOUT and _MAX_CONNECTIONS.")]
 pub struct ProxyArgs {
     /// The device whose daemon to serve (name or id).
     #[arg(long)]
@@ -91,7 +94,10 @@ pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(AccessLog::open)
         .transpose()?;
-    let engine = Engine::open(g.settings(None)?, &g.passphrase())?;
+    let settings = g.settings(None)?;
+    crate::server::raise_open_file_limit();
+    let limits = crate::server::Server::new(&settings.server)?;
+    let engine = Engine::open(settings, &g.passphrase())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,7 +128,7 @@ pub fn run(g: &GlobalArgs, args: ProxyArgs) -> anyhow::Result<()> {
             crate::proxy::tls_note(tls.as_ref())
         );
         proxy
-            .serve(listener, super::serve::shutdown_signal())
+            .serve_on(&limits, listener, super::serve::shutdown_signal())
             .await?;
         anyhow::Ok(())
     })

@@ -7,7 +7,6 @@
 //! points at the example plugins it builds). Every later start opens what is there and
 //! loads the installed plugins from the compile cache.
 
-use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +24,14 @@ use crate::scheduler::Scheduler;
 use crate::secret::Secret;
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Every listener (the API, webhooks, [[proxy]] entries) closes connections that do not send a
+request head within 10s, pause a body for 30s or idle for 60s, holds at most a number of
+connections derived from the open-file limit (shedding those without a request in
+progress), and answers webhook deliveries 503 when 64MiB of unauthenticated bodies are
+being read. Change them in the config file's [server] table or with
+CAPSTAN_SERVER_HEADER_TIMEOUT, _BODY_TIMEOUT, _IDLE_TIMEOUT, _MAX_CONNECTIONS and
+_PREAUTH_BODY_BUDGET. The soft open-file limit is raised to the hard limit at start.")]
 pub struct ServeArgs {
     /// API listen address [default: 127.0.0.1:7878].
     #[arg(long, env = "CAPSTAN_API_LISTEN", value_name = "ADDR")]
@@ -37,6 +44,7 @@ pub struct ServeArgs {
 
 pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     let settings = g.settings(args.listen)?;
+    crate::server::raise_open_file_limit();
     let (engine, created) = Engine::open_or_init(settings, &g.passphrase())?;
     if let Some(k) = &created.key_file {
         println!(
@@ -208,6 +216,8 @@ async fn serve(
     cli_token: Secret,
 ) -> anyhow::Result<()> {
     let engine = scheduler.engine().clone();
+    // One connection cap for every listener: they share the process's file descriptors.
+    let limits = crate::server::Server::new(&engine.settings.server)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -243,7 +253,11 @@ async fn serve(
             listener.local_listen(),
             crate::proxy::tls_note(p.tls.as_ref())
         );
-        proxy_tasks.push(tokio::spawn(proxy.serve(listener, stopped())));
+        let limits = limits.clone();
+        let stopped = stopped();
+        proxy_tasks.push(tokio::spawn(async move {
+            proxy.serve_on(&limits, listener, stopped).await
+        }));
     }
 
     let addr = engine.settings.listen;
@@ -264,18 +278,23 @@ async fn serve(
 
     let cron = tokio::spawn(scheduler.clone().run_cron(stopped()));
     let housekeeping = tokio::spawn(housekeeping(scheduler.clone(), stopped()));
+    // Webhook bodies are read before they are authenticated: they share one budget.
+    let budget = crate::server::PreauthBudget::new(engine.settings.server.preauth_body_budget);
     let app = crate::api::router(crate::api::AppState::new(scheduler.clone()))
-        .merge(crate::scheduler::hook_router(scheduler.clone()));
-    let server = axum::serve(listener, app).with_graceful_shutdown(stopped());
-    let mut server = std::pin::pin!(server.into_future());
+        .merge(budget.wrap(crate::scheduler::hook_router(scheduler.clone())));
+    let make = move |_peer: &str| hyper_util::service::TowerToHyperService::new(app.clone());
+    let server = limits.serve(
+        crate::server::Listener::Tcp(listener),
+        None,
+        make,
+        stopped(),
+    );
+    let mut server = std::pin::pin!(server);
 
     // Serve until a signal; then stop triggering, let runs finish within the grace
     // period (webhook callers waiting on them get their answer), and stop serving.
     let report = tokio::select! {
-        r = &mut server => {
-            r.context("the API server failed")?;
-            None
-        }
+        () = &mut server => None,
         () = shutdown => {
             let _ = stop_tx.send(true);
             let report = scheduler.shutdown().await;
