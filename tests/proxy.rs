@@ -988,14 +988,10 @@ fn readonly_env_refuses_docker_attach_exec_and_logs_and_still_serves_ps() {
     assert_success(&out, "docker ps under readonly.env");
     assert!(stdout(&out).contains(&name), "{}", stdout(&out));
 
+    // The CLI does not print the body of a refused upgrade, only its status; the message
+    // (naming POST=1) is checked on the raw requests above.
     let out = run(&["attach", &name]);
-    assert_failure_says(&out, "capstan policy");
-    assert!(
-        stderr(&out).contains("POST=1")
-            && stderr(&out).contains("attaching to a container is a write whatever the method"),
-        "{}",
-        stderr(&out)
-    );
+    assert_failure_says(&out, "received 403");
 
     let out = run(&["exec", &name, "touch", "/tmp/x"]);
     assert_failure_says(&out, "capstan policy");
