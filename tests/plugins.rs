@@ -410,6 +410,7 @@ fn a_legacy_link_alias_does_not_list_an_out_of_scope_container() {
     let inside = Container { name: inside_name };
     let names = crate::util::plugin::docker(&[
         "ps",
+        "--no-trunc",
         "--filter",
         &format!("name={}", out.name),
         "--format",
@@ -439,6 +440,10 @@ fn a_legacy_link_alias_does_not_list_an_out_of_scope_container() {
     assert!(
         !listed.contains(&out.name.as_str()),
         "the out-of-scope container is not listed through its alias: {listed:?}"
+    );
+    assert!(
+        listed.iter().all(|n| !n.contains('/')),
+        "summaries carry own names, never an alias: {listed:?}"
     );
     drop(inside);
 }

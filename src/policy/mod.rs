@@ -73,7 +73,7 @@ pub use create::{CreateAsks, CreateDenial, CreateError, CreateGuard};
 pub use decide::{CompiledPolicy, Decision, Effects, Framing, Malformed, Rule, Target, WriteCause};
 pub use endpoints::{Effect, Endpoint, Gate, Method, TargetKind};
 pub use parse::{EnvLineError, PolicyError, assignment};
-pub use scope::{ContainerScope, DeviceScope, Glob, LabelSelector, ScopeError};
+pub use scope::{ContainerScope, DeviceScope, Glob, LabelSelector, ScopeError, own_names};
 pub use vars::{ValueError, Var, VarKind, VarSet, parse_value};
 
 /// A policy as written: the variables it sets, and its scopes.

@@ -22,7 +22,7 @@ use crate::plugin::bindings::wit_docker::{
 };
 use crate::plugin::records::AuditRecord;
 use crate::plugin::report::{Denial, HostCall};
-use crate::policy::ContainerScope;
+use crate::policy::{ContainerScope, own_names};
 
 /// One Docker host call under way.
 pub struct Call {
@@ -223,10 +223,14 @@ const CONTAINER_STATES: [&str; 7] = [
 const HEALTH_STATES: [&str; 4] = ["starting", "healthy", "unhealthy", "none"];
 
 fn summary_of(v: &Value) -> ContainerSummary {
-    let name = v["Names"]
+    // Docker may list a legacy link alias (`/other/alias`) before the container's own
+    // name; the summary carries the own name.
+    let names: Vec<&str> = v["Names"]
         .as_array()
-        .and_then(|n| n.first())
-        .and_then(Value::as_str)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let name = own_names(&names)
+        .next()
         .unwrap_or_default()
         .trim_start_matches('/')
         .to_string();
