@@ -608,7 +608,7 @@ pub enum WebhookError {
     #[error("rate limit reached for this hook; retry in {retry_after_secs}s")]
     RateLimited { retry_after_secs: u64 },
     #[error(
-        "the API token in {API_TOKEN_HEADER} is not valid: send a current one (capstan token create), or leave the header out for a summary answer"
+        "the API token in X-Capstan-Token is not valid: send a current one (capstan token create), or leave the header out for a summary answer"
     )]
     BadApiToken,
     #[error("internal error")]
