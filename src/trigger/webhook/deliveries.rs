@@ -186,7 +186,7 @@ impl Deliveries {
                 .unwrap_or(now);
             entries.push((expires, k, bytes));
         }
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_by_key(|e| e.0);
         let keep = self.cap - self.cap / 10;
         let excess = (entries.len() + 1).saturating_sub(keep);
         let mut removed = 0;
