@@ -442,10 +442,9 @@ impl HookConfig {
             .transpose()?;
         let reject_replays = matches!(auth, Auth::Hmac { .. })
             && self.replay.unwrap_or_default() == ReplayPolicy::Reject;
-        if self.delivery_retention.is_some()
-            && delivery_header.is_none()
-            && !(reject_replays && !has_timestamp)
-        {
+        // Signatures without a signed timestamp are remembered for delivery_retention.
+        let retains_signatures = reject_replays && !has_timestamp;
+        if self.delivery_retention.is_some() && delivery_header.is_none() && !retains_signatures {
             let message = if reject_replays {
                 "needs delivery_header: this hook remembers signatures while their timestamp is within replay_window, and has no ids to remember"
             } else {
