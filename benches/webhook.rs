@@ -6,7 +6,8 @@
 //!
 //! Capstan: a scratch data directory, `capstan vault init`, the `trivial` plugin
 //! installed with one webhook (`auth = "hmac-sha256"`, GitHub-style
-//! `X-Hub-Signature-256: sha256=<hex>`; the secret `capstan plugin install` prints once),
+//! `X-Hub-Signature-256: sha256=<hex>`; the secret `capstan plugin install` prints once;
+//! `replay = "allow"`, since the load repeats one signed delivery),
 //! then the release `capstan serve` on a loopback port. A delivery is answered 202 once
 //! its `queued` run is recorded; the run happens after.
 //!
@@ -428,7 +429,9 @@ fn install_plugin(scratch: &Path, data: &Path) -> String {
     std::fs::write(
         src.join("plugin.toml"),
         format!(
-            "name = \"{PLUGIN}\"\nversion = \"1\"\n\n[[triggers.webhook]]\nname = \"{HOOK}\"\nauth = \"hmac-sha256\"\n"
+            // Every request is the same signed delivery (as for adnanh/webhook), so the
+            // hook must run replays: `replay = "allow"`.
+            "name = \"{PLUGIN}\"\nversion = \"1\"\n\n[[triggers.webhook]]\nname = \"{HOOK}\"\nauth = \"hmac-sha256\"\nreplay = \"allow\"\n"
         ),
     )
     .unwrap();

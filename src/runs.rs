@@ -318,6 +318,40 @@ impl RunRecord {
     }
 }
 
+/// A run without its logs and host calls: what a webhook's `?wait=true` answers to a
+/// sender, who proves only that it holds one signed request.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct RunSummary {
+    pub id: RunId,
+    pub plugin: String,
+    pub status: RunStatus,
+    pub queued_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// From start to finish (or to now, while running), milliseconds.
+    pub duration_ms: Option<i64>,
+    /// What the plugin returned on success.
+    pub outcome: Option<serde_json::Value>,
+    /// Why the run failed, was denied, timed out or was interrupted.
+    pub error: Option<String>,
+}
+
+impl From<&RunRecord> for RunSummary {
+    fn from(r: &RunRecord) -> RunSummary {
+        RunSummary {
+            id: r.id,
+            plugin: r.plugin.clone(),
+            status: r.status,
+            queued_at: r.queued_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            duration_ms: r.duration().map(|d| d.num_milliseconds()),
+            outcome: r.outcome.clone(),
+            error: r.error.clone(),
+        }
+    }
+}
+
 /// How a run ended, for [`RunStore::finish`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunEnd {

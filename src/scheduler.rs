@@ -677,8 +677,10 @@ struct HookQuery {
 
 /// The `POST /hooks/{name}` route, outside the token-protected `/api` tree: each hook
 /// authenticates its deliveries itself ([`crate::trigger::webhook`]). Answers 202 with
-/// the run id; with `?wait=true`, 200 with the finished run record (or 202 with the
-/// record so far when the run outlasts `runs.max_wait`).
+/// the run id; with `?wait=true`, 200 with the finished run (or 202 with the run so far
+/// when it outlasts `runs.max_wait`): its summary ([`crate::runs::RunSummary`]), or the
+/// full record when the hook has `wait_response = "full"` or the request carries a
+/// valid API token in `X-Capstan-Token` ([`full_record`]).
 pub fn hook_router(scheduler: Arc<Scheduler>) -> axum::Router {
     use axum::routing::post;
     axum::Router::new()
@@ -696,19 +698,25 @@ async fn hook(
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
 
+    // Refused as every other refusal on this route is: JSON, and counted.
+    let refused = |e: crate::trigger::webhook::WebhookError| {
+        let resp = e.into_response();
+        s.metrics
+            .webhook_delivery("", delivery_result(resp.status()));
+        resp
+    };
     let wait = match query {
         Ok(q) => q.0.wait,
-        // Answered as every other refusal on this route is: JSON, and counted.
         Err(e) => {
-            let resp = crate::trigger::webhook::WebhookError::Unprocessable(format!(
-                "the query: {}",
-                e.body_text()
-            ))
-            .into_response();
-            s.metrics
-                .webhook_delivery("", delivery_result(resp.status()));
-            return resp;
+            return refused(crate::trigger::webhook::WebhookError::Unprocessable(
+                format!("the query: {}", e.body_text()),
+            ));
         }
+    };
+    let full = match wait.then(|| full_record(&s, &name, &headers)) {
+        None => false,
+        Some(Ok(full)) => full,
+        Some(Err(e)) => return refused(e),
     };
     let started: Arc<Mutex<Option<RunId>>> = Arc::default();
     let (cell, launcher) = (started.clone(), s.clone());
@@ -738,15 +746,22 @@ async fn hook(
                     } else {
                         StatusCode::ACCEPTED
                     };
-                    (
-                        status,
-                        axum::Json(serde_json::json!({
+                    let body = if full {
+                        serde_json::json!({
                             "status": record.status,
                             "run_id": id.to_string(),
+                            "detail": "full",
                             "run": record,
-                        })),
-                    )
-                        .into_response()
+                        })
+                    } else {
+                        serde_json::json!({
+                            "status": record.status,
+                            "run_id": id.to_string(),
+                            "detail": "summary",
+                            "run": crate::runs::RunSummary::from(&record),
+                        })
+                    };
+                    (status, axum::Json(body)).into_response()
                 }
                 Err(e) => {
                     tracing::error!(run = %id, error = %e, "cannot read the run record");
@@ -755,6 +770,33 @@ async fn hook(
             }
         }
         _ => resp,
+    }
+}
+
+/// Whether a `?wait=true` answer carries the full run record (logs, host calls): when
+/// the hook opts in (`wait_response = "full"`), or the request also carries a valid API
+/// token in `X-Capstan-Token`. Otherwise a summary: one captured delivery must not
+/// hand its holder what the plugin logged and touched. A token that does not verify is
+/// refused (401) before anything runs, rather than silently answered with less.
+fn full_record(
+    s: &Scheduler,
+    hook: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<bool, crate::trigger::webhook::WebhookError> {
+    use crate::trigger::webhook::{API_TOKEN_HEADER, WaitResponse, WebhookError};
+    match s.hooks.wait_response(hook) {
+        // Unknown: the delivery answers 404.
+        None => return Ok(false),
+        Some(WaitResponse::Full) => return Ok(true),
+        Some(WaitResponse::Summary) => {}
+    }
+    let Some(token) = headers.get(API_TOKEN_HEADER) else {
+        return Ok(false);
+    };
+    match s.engine.tokens.verify(token.as_bytes().trim_ascii()) {
+        Ok(Some(_)) => Ok(true),
+        Ok(None) => Err(WebhookError::BadApiToken),
+        Err(e) => Err(WebhookError::Internal(e.to_string())),
     }
 }
 

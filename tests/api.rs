@@ -674,7 +674,7 @@ fn plugins_install_run_and_remove_over_http_with_runs_hooks_and_metrics() {
     let hooks: Value = serde_json::from_str(&hooks).unwrap();
     assert_eq!(
         hooks,
-        json!([{ "name": "api-hook", "plugin": "apiprobe", "auth": "bearer", "url_path": "/hooks/api-hook" }])
+        json!([{ "name": "api-hook", "plugin": "apiprobe", "auth": "bearer", "url_path": "/hooks/api-hook", "rejects_replays": false, "wait_response": "summary" }])
     );
 
     // Follow the plugin's runs while they happen.

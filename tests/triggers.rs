@@ -14,9 +14,14 @@ use crate::util::*;
 /// `capstan plugin install` (local, or through the API when the engine runs). Returns
 /// the CLI's output (which shows generated hook secrets once).
 pub(crate) fn install(data: &DataDir, manifest: &str) -> String {
+    install_plugin(data, "trivial", manifest)
+}
+
+/// [`install`] with another test plugin's component.
+fn install_plugin(data: &DataDir, component: &str, manifest: &str) -> String {
     let dir = data.path().join(format!("src-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(wasm("trivial"), dir.join("plugin.wasm")).unwrap();
+    std::fs::copy(wasm(component), dir.join("plugin.wasm")).unwrap();
     std::fs::write(dir.join("plugin.toml"), manifest).unwrap();
     let out = data.capstan(&[
         "plugin",
@@ -138,10 +143,14 @@ fn webhook_deliveries_are_verified_and_every_accepted_one_is_a_recorded_run() {
     assert_eq!(status, 200, "{resp}");
     let resp = json(&resp);
     assert_eq!(resp["status"], "ok", "{resp}");
-    assert_eq!(resp["run"]["trigger"]["kind"], "webhook");
-    assert_eq!(resp["run"]["trigger"]["hook"], "gh");
-    assert_eq!(resp["run"]["trigger"]["delivery"], "d-1");
+    assert_eq!(resp["run"]["status"], "ok", "{resp}");
     let first_run = resp["run_id"].as_str().unwrap().to_string();
+    let out = data.capstan(&["runs", "show", &first_run, "--json"]);
+    assert_success(&out, "capstan runs show");
+    let record = json(&stdout(&out));
+    assert_eq!(record["trigger"]["kind"], "webhook");
+    assert_eq!(record["trigger"]["hook"], "gh");
+    assert_eq!(record["trigger"]["delivery"], "d-1");
 
     // The same delivery again is not run twice: 200, the first run's id.
     let (status, resp) = post(
@@ -154,11 +163,18 @@ fn webhook_deliveries_are_verified_and_every_accepted_one_is_a_recorded_run() {
     assert_eq!(resp["status"], "duplicate");
     assert_eq!(resp["run_id"], first_run.as_str());
 
-    // A new delivery id is a new run: 202 with its id.
+    // A new delivery (new id, new body) is a new run: 202 with its id.
+    let body2 = br#"{"ref":"next"}"#;
     let (status, resp) = post(
         "/hooks/gh",
-        &[("X-Hub-Signature-256", &sig), ("X-GitHub-Delivery", "d-2")],
-        body,
+        &[
+            (
+                "X-Hub-Signature-256",
+                &format!("sha256={}", sign(&gh, body2)),
+            ),
+            ("X-GitHub-Delivery", "d-2"),
+        ],
+        body2,
     );
     assert_eq!(status, 202, "{resp}");
     assert_ne!(json(&resp)["run_id"], first_run.as_str());
@@ -273,6 +289,260 @@ fn webhook_deliveries_are_verified_and_every_accepted_one_is_a_recorded_run() {
     assert_eq!(hooks.iter().filter(|h| *h == "gh").count(), 2, "{hooks:?}");
     let exit = server.stop();
     assert!(exit.success(), "serve exits cleanly: {exit}");
+}
+
+const REPLAY_HOOKS: &str = r#"
+[[triggers.webhook]]
+name = "gh"
+auth = "hmac-sha256"
+delivery_header = "X-GitHub-Delivery"
+
+[[triggers.webhook]]
+name = "stamped"
+auth = "hmac-sha256"
+signature_header = "X-Signature"
+signature_prefix = "v0="
+signed_payload = "v0:{timestamp}:{body}"
+timestamp_header = "X-Timestamp"
+
+[[triggers.webhook]]
+name = "again"
+auth = "hmac-sha256"
+delivery_header = "X-GitHub-Delivery"
+replay = "allow"
+"#;
+
+/// Runs of `plugin` by hook, from the run history.
+fn runs_by_hook(data: &DataDir, plugin: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut by = std::collections::BTreeMap::new();
+    for r in runs(data, plugin) {
+        *by.entry(r["trigger"]["hook"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    by
+}
+
+#[test]
+fn a_captured_delivery_replayed_with_fresh_ids_or_resent_runs_once_even_after_a_restart() {
+    let data = DataDir::with_vault();
+    let out = install(
+        &data,
+        &format!("name = \"replayed\"\nversion = \"1\"\n{REPLAY_HOOKS}"),
+    );
+    let (gh, stamped, again) = (
+        generated_secret(&out, "gh"),
+        generated_secret(&out, "stamped"),
+        generated_secret(&out, "again"),
+    );
+    let server = Server::start(&data);
+    let post = |addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]| {
+        let (status, body) = http(addr, "POST", path, headers, body);
+        (status, json(&body))
+    };
+
+    // A GitHub-signed delivery runs; the same capture with 5 fresh X-GitHub-Delivery
+    // values (not covered by the signature) answers duplicate with the first run's id.
+    let body = br#"{"ref":"refs/heads/main","after":"9b2e1c4f"}"#;
+    let sig = format!("sha256={}", sign(&gh, body));
+    let with_id = |id: &str| -> Vec<(&str, String)> {
+        vec![
+            ("X-Hub-Signature-256", sig.clone()),
+            ("X-GitHub-Delivery", id.to_string()),
+        ]
+    };
+    let send = |addr: &str, hook: &str, h: Vec<(&str, String)>, body: &[u8]| {
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        post(addr, &format!("/hooks/{hook}"), &h, body)
+    };
+    let (status, first) = send(&server.addr, "gh", with_id("orig-1"), body);
+    assert_eq!(status, 202, "{first}");
+    let first_run = first["run_id"].as_str().unwrap().to_string();
+    for i in 1..=5 {
+        let (status, resp) = send(&server.addr, "gh", with_id(&format!("forged-{i}")), body);
+        assert_eq!(status, 200, "replay {i}: {resp}");
+        assert_eq!(resp["status"], "duplicate", "replay {i}: {resp}");
+        assert_eq!(resp["matched"], "signature", "replay {i}: {resp}");
+        assert_eq!(resp["run_id"], first_run.as_str(), "replay {i}: {resp}");
+    }
+    // GitHub's "Redeliver" (same id, same signature) answers with the first run too.
+    let (status, resp) = send(&server.addr, "gh", with_id("orig-1"), body);
+    assert_eq!(
+        (status, resp["run_id"].as_str()),
+        (200, Some(first_run.as_str()))
+    );
+
+    // A Slack-style timestamp-signed delivery sent twice within the window runs once.
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let stamp_sig = format!("v0={}", sign(&stamped, format!("v0:{ts}:{{}}").as_bytes()));
+    let stamped_headers = [
+        ("X-Timestamp", ts.as_str()),
+        ("X-Signature", stamp_sig.as_str()),
+    ];
+    let (status, stamped_first) = post(&server.addr, "/hooks/stamped", &stamped_headers, b"{}");
+    assert_eq!(status, 202, "{stamped_first}");
+    let (status, resp) = post(&server.addr, "/hooks/stamped", &stamped_headers, b"{}");
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["run_id"], stamped_first["run_id"]);
+
+    // The documented opt-out: replay = "allow" runs each delivery id again.
+    let again_sig = format!("sha256={}", sign(&again, body));
+    for id in ["a-1", "a-2"] {
+        let (status, resp) = post(
+            &server.addr,
+            "/hooks/again",
+            &[
+                ("X-Hub-Signature-256", &again_sig),
+                ("X-GitHub-Delivery", id),
+            ],
+            body,
+        );
+        assert_eq!(status, 202, "{id}: {resp}");
+    }
+
+    let want: std::collections::BTreeMap<String, usize> = [
+        ("again".to_string(), 2),
+        ("gh".to_string(), 1),
+        ("stamped".to_string(), 1),
+    ]
+    .into();
+    eventually(20, "four runs recorded, all ok", || {
+        let r = runs(&data, "replayed");
+        r.len() == 4 && r.iter().all(|r| r["status"] == "ok")
+    });
+    assert_eq!(runs_by_hook(&data, "replayed"), want);
+
+    // Remembered in the data directory: after a restart, the capture is still a replay.
+    let exit = server.stop();
+    assert!(exit.success(), "serve exits cleanly: {exit}");
+    let server = Server::start(&data);
+    let (status, resp) = send(&server.addr, "gh", with_id("after-restart"), body);
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["run_id"], first_run.as_str());
+    let (status, resp) = post(&server.addr, "/hooks/stamped", &stamped_headers, b"{}");
+    assert_eq!((status, &resp["run_id"]), (200, &stamped_first["run_id"]));
+    assert_eq!(runs_by_hook(&data, "replayed"), want, "nothing else ran");
+    drop(server);
+}
+
+const WAIT_HOOKS: &str = r#"
+[[triggers.webhook]]
+name = "summary"
+auth = "hmac-sha256"
+
+[[triggers.webhook]]
+name = "full"
+auth = "hmac-sha256"
+wait_response = "full"
+
+[[triggers.webhook]]
+name = "bearer"
+auth = "bearer"
+"#;
+
+#[test]
+fn wait_true_answers_a_run_summary_unless_the_hook_opts_in_or_an_api_token_comes_along() {
+    let data = DataDir::with_vault();
+    let out = install_plugin(
+        &data,
+        "probe",
+        &format!("name = \"waited\"\nversion = \"1\"\n{WAIT_HOOKS}"),
+    );
+    let secret = |hook: &str| generated_secret(&out, hook);
+    let server = Server::start(&data);
+    let token = token_of(&server);
+    // The probe makes one host call, refused (no device is in its scope): the full
+    // record shows it, with the device and the reason, in host_calls.
+    let calls = |run: &Value| run["host_calls"].as_array().map_or(0, Vec::len);
+    let n = std::cell::Cell::new(0);
+    let delivery = |hook: &str, extra: &[(&str, &str)]| {
+        n.set(n.get() + 1);
+        let body = format!(
+            r#"[{{"op": "connect", "device": "secret-host-{}"}}]"#,
+            n.get()
+        );
+        let sig = format!("sha256={}", sign(&secret(hook), body.as_bytes()));
+        let mut h = vec![("X-Hub-Signature-256", sig.as_str())];
+        h.extend_from_slice(extra);
+        let (status, resp) = http(
+            &server.addr,
+            "POST",
+            &format!("/hooks/{hook}?wait=true"),
+            &h,
+            body.as_bytes(),
+        );
+        (status, json(&resp))
+    };
+    let summary_keys = [
+        "duration_ms",
+        "error",
+        "finished_at",
+        "id",
+        "outcome",
+        "plugin",
+        "queued_at",
+        "started_at",
+        "status",
+    ];
+
+    // Without a token: the summary only; no logs, no host calls.
+    let (status, resp) = delivery("summary", &[]);
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["detail"], "summary", "{resp}");
+    let run = resp["run"].as_object().unwrap();
+    let mut keys: Vec<&str> = run.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(keys, summary_keys, "{resp}");
+    assert!(
+        run.get("logs").is_none() && run.get("host_calls").is_none(),
+        "{resp}"
+    );
+    assert_eq!(resp["run_id"], run["id"]);
+    assert!(run["finished_at"].is_string() && run["duration_ms"].is_number());
+    let summarised = resp["run_id"].as_str().unwrap().to_string();
+
+    // With a valid API token in X-Capstan-Token: the full record.
+    let (status, resp) = delivery("summary", &[("X-Capstan-Token", &token)]);
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["detail"], "full", "{resp}");
+    assert_eq!(calls(&resp["run"]), 1, "{resp}");
+    assert!(resp["run"].get("logs").is_some(), "{resp}");
+
+    // A token that does not verify is refused before anything runs.
+    let (status, resp) = delivery("summary", &[("X-Capstan-Token", "cap_nope_nope")]);
+    assert_eq!(status, 401, "{resp}");
+    assert!(
+        resp["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("X-Capstan-Token"),
+        "{resp}"
+    );
+
+    // A hook that opts in (wait_response = "full") answers the full record.
+    let (status, resp) = delivery("full", &[]);
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["detail"], "full", "{resp}");
+    assert_eq!(calls(&resp["run"]), 1, "{resp}");
+
+    // A bearer hook takes its own token in Authorization, and the API token beside it.
+    let bearer = format!("Bearer {}", secret("bearer"));
+    let body = br#"[{"op": "connect", "device": "elsewhere"}]"#;
+    for (extra, detail) in [(None, "summary"), (Some(token.as_str()), "full")] {
+        let mut h = vec![("Authorization", bearer.as_str())];
+        h.extend(extra.map(|t| ("X-Capstan-Token", t)));
+        let (status, resp) = http(&server.addr, "POST", "/hooks/bearer?wait=true", &h, body);
+        assert_eq!(status, 200, "{resp}");
+        assert_eq!(json(&resp)["detail"], detail, "{resp}");
+    }
+
+    // Five runs, the refused delivery none; the summarised run's record is whole in the
+    // API (the summary withheld it, nothing was lost).
+    let r = runs(&data, "waited");
+    assert_eq!(r.len(), 5, "{r:?}");
+    let whole = r.iter().find(|r| r["id"] == summarised.as_str()).unwrap();
+    assert_eq!(calls(whole), 1, "{whole}");
+    assert_eq!(whole["host_calls"][0]["device"], "secret-host-1", "{whole}");
+    drop(server);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{AppError, AppState};
 use crate::scheduler::HookAdminError;
 use crate::secret::Secret;
-use crate::trigger::webhook::AuthKind;
+use crate::trigger::webhook::{AuthKind, WaitResponse};
 
 /// One installed hook.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -25,6 +25,13 @@ pub struct HookView {
     /// Where senders deliver.
     #[schema(example = "/hooks/registry")]
     pub url_path: String,
+    /// Whether a delivery whose signature was accepted before answers as a duplicate,
+    /// whatever its delivery id (HMAC hooks, unless `replay = "allow"`; a bearer hook
+    /// cannot tell).
+    pub rejects_replays: bool,
+    /// What `?wait=true` answers with: `summary`, or `full` (the run record).
+    #[schema(example = "summary")]
+    pub wait_response: &'static str,
 }
 
 fn auth_name(a: AuthKind) -> &'static str {
@@ -52,6 +59,11 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<HookView>>, 
             auth: auth_name(h.auth),
             name: h.name,
             plugin: h.plugin,
+            rejects_replays: h.rejects_replays,
+            wait_response: match h.wait_response {
+                WaitResponse::Summary => "summary",
+                WaitResponse::Full => "full",
+            },
         })
         .collect();
     hooks.sort_by(|a, b| a.name.cmp(&b.name));

@@ -55,7 +55,7 @@ pub const BEARER: &str = "bearer";
         metrics::serve,
         hook_delivery,
     ),
-    components(schemas(ErrorBody, ErrorDetail)),
+    components(schemas(ErrorBody, ErrorDetail, crate::runs::RunSummary)),
     modifiers(&Auth),
     security(("bearer" = [])),
     tags(
@@ -190,10 +190,13 @@ pub async fn serve() -> Result<impl IntoResponse, AppError> {
 /// `X-Hub-Signature-256: sha256=<hex>`, as GitHub signs), optionally over a timestamp
 /// header within a replay window, or a bearer token of the hook's own. Either of the
 /// hook's two secrets verifies while a rotation is under way. A delivery id header, when
-/// the hook names one, makes repeats answer 200 `duplicate` instead of running again.
-/// Checks, in order: the hook exists (404), body size (413), signature or token and
-/// timestamp (401), delivery id and JSON body when required (422), repeat (200), rate
-/// limit (429 with `Retry-After`).
+/// the hook names one, makes repeats answer 200 `duplicate` instead of running again;
+/// an HMAC hook also answers 200 `duplicate` to a signature it accepted before, whatever
+/// the delivery id (a replayed capture), until its signed timestamp leaves the replay
+/// window or, without one, for the hook's `delivery_retention` (`replay = "allow"` turns
+/// this off). Checks, in order: the hook exists (404), body size (413), signature or
+/// token and timestamp (401), delivery id and JSON body when required (422), repeat by
+/// id or signature (200), rate limit (429 with `Retry-After`).
 #[utoipa::path(
     post,
     path = "/hooks/{name}",
@@ -201,14 +204,16 @@ pub async fn serve() -> Result<impl IntoResponse, AppError> {
     security(()),
     params(
         ("name" = String, Path, description = "The hook's name"),
-        ("wait" = Option<bool>, Query, description = "Answer when the run has ended (200 with the run record), waiting at most `runs.max_wait`; 202 with the record so far if it is still running"),
+        ("wait" = Option<bool>, Query, description = "Answer when the run has ended (200), waiting at most `runs.max_wait` (202 if it is still running), with the run's summary (`detail: summary`: status, times, outcome or error) — or its full record (`detail: full`, with logs and host calls) when the hook has `wait_response = \"full\"` or the request carries an API token in `X-Capstan-Token`"),
+        ("X-Capstan-Token" = Option<String>, Header, description = "With `?wait=true`: an API token (`cap_…`), for the full run record. Not passed to the plugin. One that does not verify answers 401 before anything runs"),
     ),
     request_body(content = String, content_type = "application/json", description = "The payload as the sender sends it; the plugin receives it with the headers (less Authorization, Cookie and Proxy-Authorization)"),
     responses(
         (status = 202, description = "Accepted: a run started", body = Object,
             example = json!({"status": "accepted", "run_id": "0192f0c4-7d55-7c1a-9a7e-3f2b8d1e6a40"})),
-        (status = 200, description = "A delivery id seen before (`status: duplicate`, with the first run's id), or with `?wait=true` the ended run (`status`, `run_id`, `run`)", body = Object),
-        (status = 401, description = "Missing or wrong signature or token, or a missing, stale or future timestamp", body = ErrorBody),
+        (status = 200, description = "A delivery seen before (`status: duplicate`, `matched: delivery-id | signature`, with the first run's id), or with `?wait=true` the ended run (`status`, `run_id`, `detail`, `run`)", body = Object,
+            example = json!({"status": "duplicate", "delivery": "f3b1c2d0-aa11-11ef-8f00-1a2b3c4d5e6f", "matched": "signature", "run_id": "0192f0c4-7d55-7c1a-9a7e-3f2b8d1e6a40"})),
+        (status = 401, description = "Missing or wrong signature or token, a missing, stale or future timestamp, or an `X-Capstan-Token` that is not a valid API token", body = ErrorBody),
         (status = 404, description = "No such hook", body = ErrorBody),
         (status = 413, description = "Body over the hook's `max_body`", body = ErrorBody),
         (status = 422, description = "A bad query (`wait`), a delivery id missing or malformed, or a body that is not JSON where the hook requires it", body = ErrorBody),

@@ -13,6 +13,19 @@ use crate::engine::Engine;
 use crate::secret::Secret;
 use crate::trigger::webhook::HookKeys;
 
+/// How deliveries are answered, for `capstan hook --help`.
+pub const DELIVERIES_HELP: &str = "\
+Deliveries (POST /hooks/NAME):
+  A delivery whose delivery id, or (HMAC hooks) whose signature, was accepted before
+  answers 200 {\"status\": \"duplicate\", \"run_id\": <first run>} and does not run again,
+  whatever its delivery id: signatures are remembered while their signed timestamp is
+  within replay_window, or for delivery_retention (default 24h) without one. Set
+  replay = \"allow\" on a hook whose sender signs identical bodies on purpose. Bearer
+  hooks cannot detect replays; they rely on delivery_header.
+  ?wait=true answers with the run's summary (status, times, outcome or error); the full
+  record (logs, host calls) needs wait_response = \"full\" on the hook, or an API token
+  in the X-Capstan-Token header.";
+
 #[derive(Debug, Subcommand)]
 pub enum HookCmd {
     /// List the hooks of the installed plugins and whether each has its secrets.

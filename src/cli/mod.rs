@@ -97,7 +97,7 @@ pub enum Command {
     /// The run history: `capstan runs [--plugin NAME] [--follow]`, `capstan runs show ID`.
     Runs(runs::RunsArgs),
     /// Webhook secrets: list hooks, rotate and retire their secrets.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = hook::DELIVERIES_HELP)]
     Hook(hook::HookCmd),
 }
 

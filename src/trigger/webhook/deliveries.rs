@@ -1,12 +1,29 @@
-//! Delivery ids already accepted, so a sender's retry does not run a plugin twice.
+//! Deliveries already accepted, so neither a sender's retry nor a captured request
+//! replayed by someone else runs a plugin twice.
 //!
-//! Senders retry on timeouts and 5xx, and GitHub lets a user redeliver by hand; each
-//! delivery carries an id (`X-GitHub-Delivery`). The first delivery *claims* its id with
-//! a compare-and-swap in sled — so two copies arriving at once cannot both run — and,
-//! once its run exists, records the run id. A later copy within the retention window is
-//! answered "already accepted" with that run id. If the run could not be started, the
-//! claim is released and a retry may run. Entries carry their own expiry and are purged
-//! by [`Deliveries::purge_expired`] (and replaced when found expired).
+//! Two things identify a delivery, each in its own sled tree with the same shape:
+//! - the sender's **delivery id** (`X-GitHub-Delivery`, tree `webhook_deliveries`):
+//!   senders retry on timeouts and 5xx, and GitHub's "Redeliver" sends the same id;
+//! - the **verified signature** (tree `webhook_signatures`, keyed by its SHA-256): the
+//!   delivery id is not covered by any sender's signature, so a replay with a fresh id
+//!   is recognised by the signature, which is (for timestamp-signed templates, the
+//!   signed timestamp is part of what it signs).
+//!
+//! The first delivery *claims* its keys with a compare-and-swap in sled — so two copies
+//! arriving at once cannot both run — and, once its run exists, records the run id. A
+//! later copy before the entry expires is answered "already accepted" with that run id.
+//! If the run could not be started, the claim is released and a retry may run. Entries
+//! carry their own expiry and are purged by [`Deliveries::purge_expired`] (and replaced
+//! when found expired). Being in sled, they outlive a restart.
+//!
+//! Only verified deliveries make entries, so an unauthenticated sender cannot fill a
+//! tree; still, each hook keeps at most [`MAX_REMEMBERED_PER_HOOK`] per tree: past that,
+//! expired entries go first, then those closest to expiry (so a genuine sender sending
+//! faster than that over the retention period shortens how long its deliveries are
+//! remembered; nothing else changes).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -14,7 +31,13 @@ use serde::{Deserialize, Serialize};
 use crate::runs::RunId;
 use crate::store::{self, Store, StoreError};
 
-const TREE: &str = "webhook_deliveries";
+/// Delivery ids.
+const ID_TREE: &str = "webhook_deliveries";
+/// Hashes of verified signatures.
+const SIGNATURE_TREE: &str = "webhook_signatures";
+
+/// Entries kept per hook in each tree; beyond, the oldest are forgotten first.
+pub const MAX_REMEMBERED_PER_HOOK: usize = 100_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Seen {
@@ -24,7 +47,7 @@ struct Seen {
     run_id: Option<RunId>,
 }
 
-/// The outcome of claiming a delivery id.
+/// The outcome of claiming a delivery id or signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimResult {
     /// First time seen (or the earlier sighting expired): go ahead.
@@ -33,9 +56,15 @@ pub enum ClaimResult {
     Duplicate { run_id: Option<RunId> },
 }
 
+/// One tree of remembered deliveries: by delivery id ([`Deliveries::open`]) or by
+/// signature ([`Deliveries::open_signatures`]).
 #[derive(Clone)]
 pub struct Deliveries {
     tree: sled::Tree,
+    cap: usize,
+    /// Entries per hook, counted on first use; approximate under races, which only
+    /// moves the moment the cap is enforced by a few entries.
+    counts: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl std::fmt::Debug for Deliveries {
@@ -44,19 +73,40 @@ impl std::fmt::Debug for Deliveries {
     }
 }
 
-fn key(hook: &str, delivery: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(hook.len() + delivery.len() + 1);
+fn prefix(hook: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(hook.len() + 1);
     k.extend_from_slice(hook.as_bytes());
     k.push(0);
+    k
+}
+
+fn key(hook: &str, delivery: &str) -> Vec<u8> {
+    let mut k = prefix(hook);
     k.extend_from_slice(delivery.as_bytes());
     k
 }
 
 impl Deliveries {
+    /// Delivery ids.
     pub fn open(store: &Store) -> Result<Deliveries, StoreError> {
+        Self::open_tree(store, ID_TREE, MAX_REMEMBERED_PER_HOOK)
+    }
+
+    /// Verified signatures (their hex SHA-256 as the "delivery").
+    pub fn open_signatures(store: &Store) -> Result<Deliveries, StoreError> {
+        Self::open_tree(store, SIGNATURE_TREE, MAX_REMEMBERED_PER_HOOK)
+    }
+
+    fn open_tree(store: &Store, tree: &str, cap: usize) -> Result<Deliveries, StoreError> {
         Ok(Deliveries {
-            tree: store.tree(TREE)?,
+            tree: store.tree(tree)?,
+            cap: cap.max(1),
+            counts: Arc::default(),
         })
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Claims `delivery` for `hook` until `expires_at`, atomically.
@@ -79,7 +129,12 @@ impl Deliveries {
                 .tree
                 .compare_and_swap(&k, expected.as_ref(), Some(fresh.as_slice()))?
             {
-                Ok(()) => return Ok(ClaimResult::Claimed),
+                Ok(()) => {
+                    if expected.is_none() {
+                        self.added(hook, &k, now)?;
+                    }
+                    return Ok(ClaimResult::Claimed);
+                }
                 Err(cas) => {
                     let Some(current) = cas.current else {
                         expected = None;
@@ -98,6 +153,64 @@ impl Deliveries {
         }
     }
 
+    /// Counts a new entry of `hook` (`just` is its key) and keeps the hook within the
+    /// cap: expired entries go first, then those closest to expiry, down to 90 % of the
+    /// cap so that this scan happens once per tenth of the cap, not on every delivery.
+    fn added(&self, hook: &str, just: &[u8], now: DateTime<Utc>) -> Result<(), StoreError> {
+        let over = {
+            let mut counts = self.counts();
+            let n = match counts.get_mut(hook) {
+                Some(n) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    let n = self.tree.scan_prefix(prefix(hook)).count();
+                    counts.insert(hook.to_string(), n);
+                    n
+                }
+            };
+            n > self.cap
+        };
+        if !over {
+            return Ok(());
+        }
+        let mut entries: Vec<(DateTime<Utc>, sled::IVec, sled::IVec)> = Vec::new();
+        for item in self.tree.scan_prefix(prefix(hook)) {
+            let (k, bytes) = item?;
+            if &k[..] == just {
+                continue;
+            }
+            let expires = store::decode::<Seen>(&k, &bytes)
+                .map(|s| s.expires_at)
+                .unwrap_or(now);
+            entries.push((expires, k, bytes));
+        }
+        entries.sort_by_key(|e| e.0);
+        let keep = self.cap - self.cap / 10;
+        let excess = (entries.len() + 1).saturating_sub(keep);
+        let mut removed = 0;
+        for (_, k, bytes) in entries.into_iter().take(excess) {
+            if self
+                .tree
+                .compare_and_swap(&k, Some(bytes), None as Option<&[u8]>)?
+                .is_ok()
+            {
+                removed += 1;
+            }
+        }
+        if let Some(n) = self.counts().get_mut(hook) {
+            *n = n.saturating_sub(removed);
+        }
+        tracing::info!(
+            hook,
+            removed,
+            cap = self.cap,
+            "webhook hook at its cap of remembered deliveries; the oldest were forgotten"
+        );
+        Ok(())
+    }
+
     /// Records the run a claimed delivery started.
     pub fn accept(&self, hook: &str, delivery: &str, run_id: RunId) -> Result<(), StoreError> {
         let k = key(hook, delivery);
@@ -109,16 +222,21 @@ impl Deliveries {
         Ok(())
     }
 
-    /// Gives a claim up (the run could not be started), so a retry may run.
+    /// Gives a claim up (the run could not be started, or the delivery turned out to be
+    /// a replay), so a retry may run.
     pub fn release(&self, hook: &str, delivery: &str) -> Result<(), StoreError> {
         let k = key(hook, delivery);
         if let Some(bytes) = self.tree.get(&k)? {
             let seen: Seen = store::decode(&k, &bytes)?;
-            if seen.run_id.is_none() {
-                // Only if still pending: never forget an accepted delivery.
-                let _ = self
+            // Only if still pending: never forget an accepted delivery.
+            if seen.run_id.is_none()
+                && self
                     .tree
-                    .compare_and_swap(&k, Some(bytes), None as Option<&[u8]>)?;
+                    .compare_and_swap(&k, Some(bytes), None as Option<&[u8]>)?
+                    .is_ok()
+                && let Some(n) = self.counts().get_mut(hook)
+            {
+                *n = n.saturating_sub(1);
             }
         }
         Ok(())
@@ -142,18 +260,19 @@ impl Deliveries {
                 n += 1;
             }
         }
+        // Counted again on next use.
+        self.counts().clear();
         Ok(n)
     }
 
     /// Forgets every delivery of a hook (when it is removed).
     pub fn forget_hook(&self, hook: &str) -> Result<usize, StoreError> {
-        let mut prefix = hook.as_bytes().to_vec();
-        prefix.push(0);
         let mut n = 0;
-        for k in self.tree.scan_prefix(&prefix).keys() {
+        for k in self.tree.scan_prefix(prefix(hook)).keys() {
             self.tree.remove(k?)?;
             n += 1;
         }
+        self.counts().remove(hook);
         Ok(n)
     }
 
@@ -239,6 +358,69 @@ mod tests {
         ));
         assert_eq!(d.forget_hook("gh").unwrap(), 1);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn a_hook_at_its_cap_forgets_its_oldest_entries_first_and_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = Deliveries::open_tree(&store, "capped", 10).unwrap();
+        for i in 0..10 {
+            d.claim("gh", &format!("d{i}"), at(i), at(1000 + i))
+                .unwrap();
+        }
+        d.claim("other", "x", at(0), at(5)).unwrap();
+        assert_eq!(d.len(), 11, "at the cap, nothing is forgotten");
+        d.claim("gh", "d10", at(10), at(1010)).unwrap();
+        assert_eq!(
+            d.tree.scan_prefix(prefix("gh")).count(),
+            9,
+            "trimmed to 90 % of the cap"
+        );
+        for gone in ["d0", "d1"] {
+            assert_eq!(
+                d.claim("gh", gone, at(11), at(1011)).unwrap(),
+                ClaimResult::Claimed,
+                "{gone} was the closest to expiry"
+            );
+        }
+        for kept in ["d9", "d10"] {
+            assert!(matches!(
+                d.claim("gh", kept, at(12), at(1012)).unwrap(),
+                ClaimResult::Duplicate { .. }
+            ));
+        }
+        assert!(
+            matches!(
+                d.claim("other", "x", at(1), at(6)).unwrap(),
+                ClaimResult::Duplicate { .. }
+            ),
+            "another hook's entries are not touched"
+        );
+    }
+
+    #[test]
+    fn remembered_signatures_outlive_a_restart_and_are_kept_apart_from_delivery_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunId::new();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let sigs = Deliveries::open_signatures(&store).unwrap();
+            sigs.claim("gh", "ab12", at(0), at(100)).unwrap();
+            sigs.accept("gh", "ab12", run).unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let sigs = Deliveries::open_signatures(&store).unwrap();
+        assert_eq!(
+            sigs.claim("gh", "ab12", at(5), at(105)).unwrap(),
+            ClaimResult::Duplicate { run_id: Some(run) }
+        );
+        let ids = Deliveries::open(&store).unwrap();
+        assert_eq!(
+            ids.claim("gh", "ab12", at(5), at(105)).unwrap(),
+            ClaimResult::Claimed
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | timestamp present, readable, within `replay_window` | `MissingTimestamp`, `BadTimestamp`, `StaleTimestamp`, `FutureTimestamp` | 401 |
 //! | delivery id present and sane; body is JSON if required | [`WebhookError::Unprocessable`] | 422 |
 //! | delivery id not seen within `delivery_retention` | — ([`Admission::Duplicate`]) | 200 |
+//! | signature not accepted before (`replay = "reject"`, the default for HMAC hooks) | — ([`Admission::Duplicate`]) | 200 |
 //! | the hook's rate limit | [`WebhookError::RateLimited`] (+ `Retry-After`) | 429 |
 //!
 //! Decisions where senders' conventions differ:
@@ -22,12 +23,28 @@
 //! - A duplicate delivery answers **200** with `{"status":"duplicate","run_id":…}`: the
 //!   delivery *was* accepted (the first time), and senders such as GitHub treat any
 //!   non-2xx as a failure to retry or flag. A new delivery answers 202 with its run id.
+//! - A delivery id is not covered by any sender's signature: anyone holding one
+//!   captured request could send it again with fresh ids. So an HMAC hook also
+//!   remembers each verified signature (its SHA-256, in sled: [`deliveries`]), and a
+//!   delivery whose signature was accepted before is a duplicate whatever its id: until
+//!   its signed timestamp leaves `replay_window`, or, when the hook signs no timestamp,
+//!   for `delivery_retention`. GitHub's "Redeliver" repeats both id and signature, so it
+//!   answers with the first run either way. `replay = "allow"` turns this off for a
+//!   sender that signs identical bodies on purpose.
+//! - A bearer hook cannot tell a replay from a new delivery: its token is the same on
+//!   every request, so whoever holds one captured request can send any body. It relies
+//!   on delivery ids against retries, and refuses `replay`.
+//! - `?wait=true` answers with a summary of the run (status, times, outcome or error;
+//!   [`crate::runs::RunSummary`]), not its logs and host calls: anyone holding one
+//!   captured request could otherwise read them. The full record needs the hook's
+//!   `wait_response = "full"`, or a valid API token in [`API_TOKEN_HEADER`] (not
+//!   `Authorization`, which a bearer hook uses for its own token).
 //! - Authentication comes before the rate limit, so forged requests cannot use up a
 //!   genuine sender's allowance (and cost one HMAC each, over a body already capped).
 //! - A timestamp must be covered by the signature (`{timestamp}` in `signed_payload`),
 //!   or it would prove nothing: that is checked when the hook is configured.
-//! - Headers handed to the plugin leave out `Authorization`, `Cookie` and
-//!   `Proxy-Authorization`: plugins never see credentials.
+//! - Headers handed to the plugin leave out `Authorization`, `Cookie`,
+//!   `Proxy-Authorization` and [`API_TOKEN_HEADER`]: plugins never see credentials.
 //!
 //! Secrets live in the vault under `hook/<name>/current` and `hook/<name>/previous`:
 //! rotating moves the current one to `previous`, so deliveries signed with either verify
@@ -77,8 +94,17 @@ pub const MAX_DELIVERY_ID_LEN: usize = 200;
 /// Vault record kind for hook secrets.
 pub const SECRET_KIND: &str = "hook";
 
+/// The header in which a delivery may carry an API token (`cap_…`), to have
+/// `?wait=true` answer with the full run record.
+pub const API_TOKEN_HEADER: &str = "x-capstan-token";
+
 /// Request headers never passed to a plugin.
-const HIDDEN_HEADERS: &[&str] = &["authorization", "cookie", "proxy-authorization"];
+const HIDDEN_HEADERS: &[&str] = &[
+    "authorization",
+    "cookie",
+    "proxy-authorization",
+    API_TOKEN_HEADER,
+];
 
 /// How a hook authenticates deliveries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -88,6 +114,29 @@ pub enum AuthKind {
     HmacSha256,
     /// `Authorization: Bearer <secret>`.
     Bearer,
+}
+
+/// What an HMAC hook does with a delivery whose signature it accepted before.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplayPolicy {
+    /// Answer it as a duplicate (200 with the first run's id), whatever its delivery id.
+    #[default]
+    Reject,
+    /// Run it again (for a sender that signs identical bodies on purpose).
+    Allow,
+}
+
+/// What `?wait=true` answers with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WaitResponse {
+    /// The run's status, times and outcome or error; the full record only for a
+    /// caller that also presents an API token.
+    #[default]
+    Summary,
+    /// The full run record (logs and host calls) for every verified delivery.
+    Full,
 }
 
 /// A hook as written in a plugin manifest (`[[trigger.webhook]]`).
@@ -127,12 +176,24 @@ pub struct HookConfig {
     /// it is required, and a repeated id does not run the plugin twice.
     #[serde(default)]
     pub delivery_header: Option<String>,
-    /// How long delivery ids are remembered. Default 24h.
+    /// How long an accepted delivery is remembered: its delivery id, and (for an HMAC
+    /// hook that signs no timestamp) its signature. Default 24h.
     #[serde(default, with = "units::serde_duration::option")]
     pub delivery_retention: Option<Duration>,
     /// Refuse bodies that are not JSON (422). Default false.
     #[serde(default)]
     pub require_json: bool,
+    /// (hmac) A delivery whose signature was accepted before: `"reject"` (default:
+    /// answered as a duplicate whatever its delivery id, until its signed timestamp
+    /// leaves `replay_window`, or for `delivery_retention` without one) or `"allow"`
+    /// (run again).
+    #[serde(default)]
+    pub replay: Option<ReplayPolicy>,
+    /// What `?wait=true` answers with: `"summary"` (default: status, times, outcome or
+    /// error; the full record only with an API token in `X-Capstan-Token`) or `"full"`
+    /// (the run record with its logs and host calls, to every verified delivery).
+    #[serde(default)]
+    pub wait_response: Option<WaitResponse>,
 }
 
 fn deserialize_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -185,6 +246,9 @@ pub struct HookSpec {
     delivery_header: Option<HeaderName>,
     delivery_retention: Duration,
     require_json: bool,
+    /// Whether verified signatures are remembered (HMAC hooks with `replay = "reject"`).
+    reject_replays: bool,
+    wait_response: WaitResponse,
 }
 
 /// Configuration and administration errors (install, secrets), not delivery failures.
@@ -287,6 +351,12 @@ impl HookConfig {
                         ));
                     }
                 }
+                if self.replay.is_some() {
+                    return Err(invalid(
+                        "replay",
+                        "only applies to auth = \"hmac-sha256\": a bearer token is the same on every delivery, so whoever captured one can send any body and a replay cannot be told from a new delivery; set delivery_header against retries, or sign deliveries".into(),
+                    ));
+                }
                 Auth::Bearer
             }
             AuthKind::HmacSha256 => {
@@ -370,11 +440,17 @@ impl HookConfig {
             .as_deref()
             .map(|h| header_name(name, "delivery_header", h))
             .transpose()?;
-        if self.delivery_retention.is_some() && delivery_header.is_none() {
-            return Err(invalid(
-                "delivery_retention",
-                "needs delivery_header (there are no ids to remember)".into(),
-            ));
+        let reject_replays = matches!(auth, Auth::Hmac { .. })
+            && self.replay.unwrap_or_default() == ReplayPolicy::Reject;
+        // Signatures without a signed timestamp are remembered for delivery_retention.
+        let retains_signatures = reject_replays && !has_timestamp;
+        if self.delivery_retention.is_some() && delivery_header.is_none() && !retains_signatures {
+            let message = if reject_replays {
+                "needs delivery_header: this hook remembers signatures while their timestamp is within replay_window, and has no ids to remember"
+            } else {
+                "needs delivery_header (there are no ids to remember)"
+            };
+            return Err(invalid("delivery_retention", message.into()));
         }
         let delivery_retention = self
             .delivery_retention
@@ -394,6 +470,8 @@ impl HookConfig {
             delivery_header,
             delivery_retention,
             require_json: self.require_json,
+            reject_replays,
+            wait_response: self.wait_response.unwrap_or_default(),
         })
     }
 }
@@ -528,6 +606,10 @@ pub enum WebhookError {
     Unprocessable(String),
     #[error("rate limit reached for this hook; retry in {retry_after_secs}s")]
     RateLimited { retry_after_secs: u64 },
+    #[error(
+        "the API token in X-Capstan-Token is not valid: send a current one (capstan token create), or leave the header out for a summary answer"
+    )]
+    BadApiToken,
     #[error("internal error")]
     Internal(String),
 }
@@ -538,7 +620,7 @@ impl WebhookError {
         match self {
             UnknownHook(_) => StatusCode::NOT_FOUND,
             TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            MissingSignature(_) | BadSignature(_) | MissingToken | BadToken => {
+            MissingSignature(_) | BadSignature(_) | MissingToken | BadToken | BadApiToken => {
                 StatusCode::UNAUTHORIZED
             }
             MissingTimestamp(_)
@@ -556,7 +638,9 @@ impl WebhookError {
         match self {
             UnknownHook(_) => "not-found",
             TooLarge { .. } => "too-large",
-            MissingSignature(_) | BadSignature(_) | MissingToken | BadToken => "unauthorized",
+            MissingSignature(_) | BadSignature(_) | MissingToken | BadToken | BadApiToken => {
+                "unauthorized"
+            }
             MissingTimestamp(_) | BadTimestamp(_) => "unauthorized",
             StaleTimestamp { .. } | FutureTimestamp { .. } => "stale",
             Unprocessable(_) => "invalid",
@@ -614,19 +698,41 @@ pub enum Admission {
     /// Accepted before, within the hook's retention window: do not run again.
     Duplicate {
         hook: String,
-        delivery: String,
+        /// The delivery id this copy carries, when the hook names a header for it.
+        delivery: Option<String>,
+        /// What it was recognised by.
+        matched: Matched,
         /// The run the first copy started (`None` while it is being started).
         run_id: Option<RunId>,
     },
 }
 
-/// A new delivery whose id (if any) is claimed. Dropping it without
-/// [`Claim::accept`] releases the id, so a retry of a delivery that could not be run
-/// runs.
+/// What identified a duplicate delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Matched {
+    /// Its delivery id was accepted before (a retry, or a redelivery).
+    DeliveryId,
+    /// Its signature was accepted before, under whatever delivery id (a replay).
+    Signature,
+}
+
+impl Matched {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Matched::DeliveryId => "delivery-id",
+            Matched::Signature => "signature",
+        }
+    }
+}
+
+/// A new delivery whose keys (delivery id, signature) are claimed, each in its tree.
+/// Dropping it without [`Claim::accept`] releases them, so a retry of a delivery that
+/// could not be run runs.
 #[derive(Debug)]
 pub struct Claim {
     delivery: Delivery,
-    deliveries: Option<Deliveries>,
+    keys: Vec<(Deliveries, String)>,
     accepted: bool,
 }
 
@@ -638,10 +744,10 @@ impl Claim {
     /// Records the run this delivery started; a later copy is answered with its id.
     pub fn accept(mut self, run_id: RunId) -> Result<(), StoreError> {
         self.accepted = true;
-        match (&self.deliveries, &self.delivery.delivery_id) {
-            (Some(d), Some(id)) => d.accept(&self.delivery.hook, id, run_id),
-            _ => Ok(()),
+        for (tree, key) in &self.keys {
+            tree.accept(&self.delivery.hook, key, run_id)?;
         }
+        Ok(())
     }
 }
 
@@ -650,10 +756,10 @@ impl Drop for Claim {
         if self.accepted {
             return;
         }
-        if let (Some(d), Some(id)) = (&self.deliveries, &self.delivery.delivery_id)
-            && let Err(e) = d.release(&self.delivery.hook, id)
-        {
-            tracing::warn!(hook = %self.delivery.hook, delivery = %id, error = %e, "could not release a webhook delivery id");
+        for (tree, key) in &self.keys {
+            if let Err(e) = tree.release(&self.delivery.hook, key) {
+                tracing::warn!(hook = %self.delivery.hook, error = %e, "could not release a webhook delivery claim");
+            }
         }
     }
 }
@@ -674,13 +780,19 @@ pub struct HookInfo {
     pub max_body: u64,
     /// Whether repeated delivery ids are recognised.
     pub idempotent: bool,
+    /// Whether a delivery whose signature was accepted before is a duplicate.
+    pub rejects_replays: bool,
+    /// What `?wait=true` answers with.
+    pub wait_response: WaitResponse,
 }
 
-/// Every installed hook, and the delivery ids they have accepted. Shared by reference
-/// (`Arc<Webhooks>`) between the API route and plugin install/remove.
+/// Every installed hook, and the delivery ids and signatures they have accepted.
+/// Shared by reference (`Arc<Webhooks>`) between the API route and plugin
+/// install/remove.
 pub struct Webhooks {
     hooks: RwLock<HashMap<String, Arc<Hook>>>,
     deliveries: Deliveries,
+    signatures: Deliveries,
 }
 
 impl Webhooks {
@@ -688,6 +800,7 @@ impl Webhooks {
         Ok(Webhooks {
             hooks: RwLock::new(HashMap::new()),
             deliveries: Deliveries::open(store)?,
+            signatures: Deliveries::open_signatures(store)?,
         })
     }
 
@@ -741,7 +854,7 @@ impl Webhooks {
         }
     }
 
-    /// Removes a hook; its remembered delivery ids go with it.
+    /// Removes a hook; its remembered delivery ids and signatures go with it.
     pub fn remove(&self, name: &str) -> Result<bool, HookError> {
         let removed = self
             .hooks
@@ -751,6 +864,7 @@ impl Webhooks {
             .is_some();
         if removed {
             self.deliveries.forget_hook(name)?;
+            self.signatures.forget_hook(name)?;
         }
         Ok(removed)
     }
@@ -792,6 +906,8 @@ impl Webhooks {
                 },
                 max_body: h.spec.max_body,
                 idempotent: h.spec.delivery_header.is_some(),
+                rejects_replays: h.spec.reject_replays,
+                wait_response: h.spec.wait_response,
             })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -816,9 +932,15 @@ impl Webhooks {
         self.hook(name).map(|h| h.spec.max_body)
     }
 
-    /// Forgets delivery ids past their retention. Call periodically.
+    /// What the hook's `?wait=true` answers with (`None` for an unknown hook).
+    pub fn wait_response(&self, name: &str) -> Option<WaitResponse> {
+        self.hook(name).map(|h| h.spec.wait_response)
+    }
+
+    /// Forgets delivery ids and signatures past their retention. Call periodically.
     pub fn purge_expired(&self) -> Result<usize, HookError> {
-        Ok(self.deliveries.purge_expired(Utc::now())?)
+        let now = Utc::now();
+        Ok(self.deliveries.purge_expired(now)? + self.signatures.purge_expired(now)?)
     }
 
     /// Verifies a delivery: see the module docs for the checks and their order.
@@ -858,10 +980,10 @@ impl Webhooks {
             });
         }
 
-        {
+        let verified = {
             let keys = hook.keys.read().unwrap_or_else(|e| e.into_inner());
-            authenticate(spec, &keys, headers, &body, now)?;
-        }
+            authenticate(spec, &keys, headers, &body, now)?
+        };
 
         let delivery_id = match &spec.delivery_header {
             Some(h) => Some(delivery_id(h, headers)?),
@@ -873,33 +995,61 @@ impl Webhooks {
             ));
         }
 
+        let retained = now
+            + chrono::Duration::from_std(spec.delivery_retention).unwrap_or(chrono::Duration::MAX);
+        let duplicate = |matched, run_id| Admission::Duplicate {
+            hook: spec.name.clone(),
+            delivery: delivery_id.clone(),
+            matched,
+            run_id,
+        };
+        let mut keys = Vec::new();
         if let Some(id) = &delivery_id {
-            let expires = now
-                + chrono::Duration::from_std(spec.delivery_retention)
-                    .unwrap_or(chrono::Duration::MAX);
             if let ClaimResult::Duplicate { run_id } =
-                self.deliveries.claim(&spec.name, id, now, expires)?
+                self.deliveries.claim(&spec.name, id, now, retained)?
             {
-                return Ok(Admission::Duplicate {
-                    hook: spec.name.clone(),
-                    delivery: id.clone(),
-                    run_id,
-                });
+                return Ok(duplicate(Matched::DeliveryId, run_id));
             }
+            keys.push((self.deliveries.clone(), id.clone()));
         }
-        // From here on the claim is held: dropping it (on the 429 below) releases it.
-        let claim = Claim {
+        let replay_key = match (&verified, spec.reject_replays) {
+            (Verified::Signature { digest, signed_at }, true) => Some((
+                hex::encode(digest),
+                // A signed timestamp is refused as stale once it leaves the window, so
+                // it need not be remembered longer (a second more, for rounding).
+                match signed_at {
+                    Some(at) => {
+                        *at + chrono::Duration::from_std(spec.replay_window)
+                            .unwrap_or(chrono::Duration::MAX)
+                            + chrono::Duration::seconds(1)
+                    }
+                    None => retained,
+                },
+            )),
+            _ => None,
+        };
+        // From here on the claims are held: dropping this (on a replay or the 429 below)
+        // releases them.
+        let mut claim = Claim {
             delivery: Delivery {
                 hook: spec.name.clone(),
                 plugin: hook.plugin.clone(),
-                delivery_id,
+                delivery_id: delivery_id.clone(),
                 headers: visible_headers(headers),
                 body,
                 received_at: now,
             },
-            deliveries: Some(self.deliveries.clone()),
+            keys,
             accepted: false,
         };
+        if let Some((key, expires)) = replay_key {
+            if let ClaimResult::Duplicate { run_id } =
+                self.signatures.claim(&spec.name, &key, now, expires)?
+            {
+                return Ok(duplicate(Matched::Signature, run_id));
+            }
+            claim.keys.push((self.signatures.clone(), key));
+        }
 
         if let Some(bucket) = &hook.bucket {
             let taken = bucket
@@ -916,13 +1066,25 @@ impl Webhooks {
     }
 }
 
+/// What authentication established about a delivery.
+enum Verified {
+    /// A bearer token: the same on every delivery, so nothing tells one from another.
+    Token,
+    /// A valid signature: its SHA-256 (whatever the header's hex case or spacing), and
+    /// the signed timestamp when the template signs one.
+    Signature {
+        digest: [u8; 32],
+        signed_at: Option<DateTime<Utc>>,
+    },
+}
+
 fn authenticate(
     spec: &HookSpec,
     keys: &HookKeys,
     headers: &HeaderMap,
     body: &[u8],
     now: DateTime<Utc>,
-) -> Result<(), WebhookError> {
+) -> Result<Verified, WebhookError> {
     match &spec.auth {
         Auth::Bearer => {
             let presented = headers
@@ -941,7 +1103,7 @@ fn authenticate(
                 any | digests_equal(presented.as_bytes(), k.expose())
             });
             if matched {
-                Ok(())
+                Ok(Verified::Token)
             } else {
                 Err(WebhookError::BadToken)
             }
@@ -984,10 +1146,14 @@ fn authenticate(
             if !matched {
                 return Err(bad());
             }
-            if let Some((_, at)) = stamp {
+            let signed_at = stamp.map(|(_, at)| at);
+            if let Some(at) = signed_at {
                 check_window(at, now, spec.replay_window)?;
             }
-            Ok(())
+            Ok(Verified::Signature {
+                digest: Sha256::digest(&signature).into(),
+                signed_at,
+            })
         }
     }
 }
@@ -1109,9 +1275,10 @@ pub async fn read_body(body: axum::body::Body, limit: u64) -> Result<Bytes, Webh
 ///
 /// `launch` starts the plugin run for a verified, new delivery and returns its run id
 /// (the run goes on after the answer). Answers: 202 `{"status":"accepted","run_id"}`;
-/// 200 `{"status":"duplicate","run_id"}` for a repeated delivery; a
-/// [`WebhookError`]'s status otherwise; 503 if `launch` fails (the delivery id is
-/// released so the sender's retry can run).
+/// 200 `{"status":"duplicate","matched","run_id"}` for a repeated delivery (by id or
+/// by signature); a
+/// [`WebhookError`]'s status otherwise; 503 if `launch` fails (the delivery id and
+/// signature are released so the sender's retry can run).
 pub async fn receive<F, Fut>(
     hooks: &Webhooks,
     name: &str,
@@ -1131,14 +1298,23 @@ where
             e.into_response()
         }
         Ok(Admission::Duplicate {
-            delivery, run_id, ..
+            delivery,
+            matched,
+            run_id,
+            ..
         }) => {
-            tracing::info!(hook = name, %delivery, "repeated webhook delivery not run again");
+            tracing::info!(
+                hook = name,
+                delivery = delivery.as_deref().unwrap_or("-"),
+                matched = matched.as_str(),
+                "repeated webhook delivery not run again"
+            );
             (
                 StatusCode::OK,
                 Json(serde_json::json!({
                     "status": "duplicate",
                     "delivery": delivery,
+                    "matched": matched,
                     "run_id": run_id.map(|r| r.to_string()),
                 })),
             )

@@ -120,6 +120,7 @@ async fn a_github_signed_delivery_is_accepted_with_its_run_id_and_no_credentials
     let mut h = signed(SECRET, body, "d-1");
     h.insert(AUTHORIZATION, HeaderValue::from_static("Basic c2VjcmV0"));
     h.insert("cookie", HeaderValue::from_static("session=1"));
+    h.insert(API_TOKEN_HEADER, HeaderValue::from_static("cap_x_y"));
     let run = RunId::new();
     let mut seen = None;
     let resp = receive(&hooks, "gh", &h, Bytes::from(body), |d| {
@@ -138,7 +139,9 @@ async fn a_github_signed_delivery_is_accepted_with_its_run_id_and_no_credentials
     let names: Vec<_> = d.headers.iter().map(|(n, _)| n.as_str()).collect();
     assert!(names.contains(&"x-github-delivery") && names.contains(&"content-type"));
     assert!(
-        !names.contains(&"authorization") && !names.contains(&"cookie"),
+        !names.contains(&"authorization")
+            && !names.contains(&"cookie")
+            && !names.contains(&"x-capstan-token"),
         "{names:?}"
     );
 }
@@ -491,10 +494,174 @@ async fn a_repeated_delivery_answers_200_with_the_first_run_id_and_does_not_run_
     assert!(!launched, "a duplicate must not launch a run");
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json["status"], "duplicate");
+    assert_eq!(json["matched"], "delivery-id");
+    assert_eq!(json["delivery"], "7f1c");
     assert_eq!(json["run_id"], first.to_string());
-    // Another delivery id runs.
-    let (status, _, _) = deliver(&hooks, "gh", &signed(SECRET, body, "7f1d"), body).await;
+    // Another delivery (another id, another body) runs.
+    let other = r#"{"n":2}"#;
+    let (status, _, _) = deliver(&hooks, "gh", &signed(SECRET, other, "7f1d"), other).await;
     assert_eq!(status, StatusCode::ACCEPTED);
+}
+
+/// Delivers as the engine does, counting the runs launched.
+async fn deliver_counting(
+    hooks: &Webhooks,
+    name: &str,
+    h: &HeaderMap,
+    body: &str,
+    launched: &mut usize,
+) -> (StatusCode, serde_json::Value) {
+    let resp = receive(hooks, name, h, Bytes::from(body.to_string()), |_| {
+        *launched += 1;
+        async move { Ok(RunId::new()) }
+    })
+    .await;
+    let (status, _, json) = json_of(resp).await;
+    (status, json)
+}
+
+/// A GitHub-style delivery to hook `gh`, signed with [`SECRET`], counting runs launched.
+async fn deliver_github(
+    hooks: &Webhooks,
+    body: &str,
+    id: &str,
+    launched: &mut usize,
+) -> (StatusCode, serde_json::Value) {
+    deliver_counting(hooks, "gh", &signed(SECRET, body, id), body, launched).await
+}
+
+#[tokio::test]
+async fn a_github_delivery_replayed_with_fresh_delivery_ids_answers_duplicate_with_the_first_run_id()
+ {
+    let (_dir, store) = store();
+    let hooks = github(&store);
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    let mut launched = 0;
+    let (status, first) = deliver_github(&hooks, body, "d-0", &mut launched).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let first_run = first["run_id"].clone();
+    // The delivery id is not signed: a captured request sent again with fresh ids.
+    for i in 1..=5 {
+        let id = format!("fresh-{i}");
+        let (status, json) = deliver_github(&hooks, body, &id, &mut launched).await;
+        assert_eq!(status, StatusCode::OK, "replay {i}: {json}");
+        assert_eq!(json["status"], "duplicate");
+        assert_eq!(json["matched"], "signature");
+        assert_eq!(json["delivery"], id.as_str());
+        assert_eq!(json["run_id"], first_run, "the first run's id");
+    }
+    // The same signature written differently (upper-case hex, spaces) is the same one.
+    let upper = format!(
+        "sha256={} ",
+        hmac_hex(SECRET, body.as_bytes()).to_uppercase()
+    );
+    let h = headers(&[
+        ("X-Hub-Signature-256", upper.as_str()),
+        ("X-GitHub-Delivery", "fresh-6"),
+    ]);
+    let (status, json) = deliver_counting(&hooks, "gh", &h, body, &mut launched).await;
+    assert_eq!(
+        (status, &json["matched"]),
+        (StatusCode::OK, &"signature".into())
+    );
+    // GitHub's "Redeliver": same id, same signature: the first run too.
+    let (status, json) = deliver_github(&hooks, body, "d-0", &mut launched).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["run_id"], first_run);
+    assert_eq!(launched, 1, "only the first delivery ran");
+    // A replay's fresh id was not kept: a genuine delivery may carry it later.
+    let next = r#"{"ref":"refs/heads/next"}"#;
+    let (status, _) = deliver_github(&hooks, next, "fresh-1", &mut launched).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(launched, 2);
+}
+
+#[tokio::test]
+async fn a_hook_without_delivery_ids_still_answers_a_replayed_signature_as_a_duplicate() {
+    let (_dir, store) = store();
+    let hooks = hooks_with(
+        &store,
+        "name = \"plain\"\nauth = \"hmac-sha256\"\ndelivery_retention = \"1h\"\n",
+        keys(SECRET, None),
+    );
+    let body = "{}";
+    let h = headers(&[(
+        "X-Hub-Signature-256",
+        &format!("sha256={}", hmac_hex(SECRET, body.as_bytes())),
+    )]);
+    let mut launched = 0;
+    let (status, _) = deliver_counting(&hooks, "plain", &h, body, &mut launched).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, json) = deliver_counting(&hooks, "plain", &h, body, &mut launched).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["delivery"], serde_json::Value::Null);
+    assert_eq!(json["matched"], "signature");
+    assert_eq!(launched, 1);
+    // Remembered for delivery_retention, then forgotten.
+    let later = Utc::now() + chrono::Duration::minutes(61);
+    assert_eq!(hooks.signatures.purge_expired(later).unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_slack_style_delivery_sent_twice_within_the_window_runs_once() {
+    let (_dir, store) = store();
+    let hooks = slack(&store);
+    let now = Utc::now().timestamp();
+    let ts = now.to_string();
+    let mut launched = 0;
+    let h = slack_headers(&ts, "x=1");
+    let (status, first) = deliver_counting(&hooks, "slack", &h, "x=1", &mut launched).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, json) = deliver_counting(&hooks, "slack", &h, "x=1", &mut launched).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["matched"], "signature");
+    assert_eq!(json["run_id"], first["run_id"]);
+    assert_eq!(launched, 1);
+    // The same body signed at another time is another delivery.
+    let h = slack_headers(&(now - 1).to_string(), "x=1");
+    let (status, _) = deliver_counting(&hooks, "slack", &h, "x=1", &mut launched).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    // Remembered only while the timestamp is inside the window: later it is stale anyway.
+    let sent = DateTime::from_timestamp(now, 0).unwrap();
+    assert_eq!(
+        hooks
+            .signatures
+            .purge_expired(sent + chrono::Duration::seconds(299))
+            .unwrap(),
+        0,
+        "still inside the window"
+    );
+    assert_eq!(
+        hooks
+            .signatures
+            .purge_expired(sent + chrono::Duration::seconds(302))
+            .unwrap(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn with_replay_allow_the_same_signed_delivery_runs_again() {
+    let (_dir, store) = store();
+    let hooks = hooks_with(
+        &store,
+        "name = \"gh\"\nauth = \"hmac-sha256\"\ndelivery_header = \"X-GitHub-Delivery\"\nreplay = \"allow\"\n",
+        keys(SECRET, None),
+    );
+    let mut launched = 0;
+    for id in ["a", "b", "c"] {
+        let (status, _) = deliver_github(&hooks, "{}", id, &mut launched).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    // Delivery ids are still told apart.
+    let (status, json) = deliver_github(&hooks, "{}", "a", &mut launched).await;
+    assert_eq!(
+        (status, &json["matched"]),
+        (StatusCode::OK, &"delivery-id".into())
+    );
+    assert_eq!(launched, 3);
+    assert!(hooks.signatures.is_empty());
+    assert!(!hooks.list()[0].rejects_replays);
 }
 
 #[tokio::test]
@@ -511,6 +678,10 @@ async fn a_delivery_whose_run_could_not_start_answers_503_and_its_retry_runs() {
     assert!(
         !json.to_string().contains("disabled"),
         "internal detail is logged, not returned"
+    );
+    assert!(
+        hooks.signatures.is_empty() && hooks.deliveries.is_empty(),
+        "both claims released"
     );
     assert_eq!(
         deliver(&hooks, "gh", &h, "{}").await.0,
@@ -590,6 +761,7 @@ fn every_refusal_maps_to_its_documented_status() {
             401,
         ),
         (Unprocessable("x".into()), 422),
+        (BadApiToken, 401),
         (
             RateLimited {
                 retry_after_secs: 3,
@@ -672,6 +844,26 @@ fn hook_configs_are_strict_and_explain_what_to_fix() {
             "name = \"s\"\nauth = \"hmac-sha256\"\nsignature_header = \"bad header\"\n",
             "not a valid header name",
         ),
+        (
+            "name = \"ci\"\nauth = \"bearer\"\nreplay = \"reject\"\n",
+            "replay: only applies to auth = \"hmac-sha256\": a bearer token is the same on every delivery",
+        ),
+        (
+            "name = \"s\"\nauth = \"hmac-sha256\"\nreplay = \"sometimes\"\n",
+            "unknown variant `sometimes`, expected `reject` or `allow`",
+        ),
+        (
+            "name = \"s\"\nauth = \"hmac-sha256\"\nwait_response = \"logs\"\n",
+            "unknown variant `logs`, expected `summary` or `full`",
+        ),
+        (
+            "name = \"s\"\nauth = \"hmac-sha256\"\nsigned_payload = \"{timestamp}.{body}\"\ntimestamp_header = \"X-Ts\"\ndelivery_retention = \"1h\"\n",
+            "delivery_retention: needs delivery_header: this hook remembers signatures while their timestamp is within replay_window",
+        ),
+        (
+            "name = \"s\"\nauth = \"hmac-sha256\"\nreplay = \"allow\"\ndelivery_retention = \"1h\"\n",
+            "delivery_retention: needs delivery_header (there are no ids to remember)",
+        ),
     ];
     for (text, expected) in cases {
         let e = config_error(text);
@@ -708,9 +900,10 @@ fn a_hook_name_belongs_to_one_plugin_and_removing_it_forgets_its_deliveries() {
     };
     claim.accept(RunId::new()).unwrap();
     assert_eq!(hooks.deliveries.len(), 1);
+    assert_eq!(hooks.signatures.len(), 1);
     assert_eq!(hooks.remove_plugin("deploy").unwrap().len(), 2);
     assert!(hooks.names().is_empty());
-    assert!(hooks.deliveries.is_empty());
+    assert!(hooks.deliveries.is_empty() && hooks.signatures.is_empty());
     assert!(matches!(
         verify(&hooks, "gh", &signed(SECRET, "{}", "x"), "{}"),
         Err(WebhookError::UnknownHook(_))
