@@ -917,3 +917,68 @@ fn a_data_directory_of_an_older_version_migrates_at_open_even_when_killed_at_eve
         assert_eq!(leftovers(&data), Vec::<String>::new(), "{step}");
     }
 }
+
+/// The sealed bytes of the secret `name` as the vault file holds them, read without the
+/// store's lock (a running engine holds it).
+fn sealed_in_file(data: &DataDir, name: &str) -> Option<Vec<u8>> {
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.data().join("vault.json")).unwrap()).unwrap();
+    file["secrets"][name]
+        .as_str()
+        .map(|h| hex::decode(h).unwrap())
+}
+
+#[test]
+fn a_hook_secret_rotated_retired_or_removed_through_the_engine_leaves_no_copy() {
+    let data = DataDir::with_vault();
+    let src = data.path().join("hook-plugin");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::copy(plugin::wasm("trivial"), src.join("plugin.wasm")).unwrap();
+    std::fs::write(
+        src.join("plugin.toml"),
+        "name = \"forgets\"\nversion = \"1\"\n[[triggers.webhook]]\nname = \"f\"\nauth = \"bearer\"\n",
+    )
+    .unwrap();
+    let out = data.capstan(&[
+        "plugin",
+        "install",
+        src.join("plugin.wasm").to_str().unwrap(),
+    ]);
+    assert_success(&out, "plugin install");
+    let first = sealed_in_file(&data, "hook/f/current").expect("the hook's secret");
+    let server = Server::start(&data);
+
+    assert_success(&data.capstan(&["hook", "rotate", "f"]), "hook rotate");
+    let current = sealed_in_file(&data, "hook/f/current").unwrap();
+    let previous = sealed_in_file(&data, "hook/f/previous").expect("the previous secret");
+    let hits = files_holding(&data.data(), std::slice::from_ref(&first));
+    assert!(
+        hits.is_empty(),
+        "rotated-away record left:\n{}",
+        hits.join("\n")
+    );
+
+    assert_success(&data.capstan(&["hook", "retire", "f"]), "hook retire");
+    assert_eq!(sealed_in_file(&data, "hook/f/previous"), None);
+    let hits = files_holding(&data.data(), std::slice::from_ref(&previous));
+    assert!(hits.is_empty(), "retired secret left:\n{}", hits.join("\n"));
+
+    assert_success(
+        &data.capstan(&["plugin", "remove", "forgets"]),
+        "plugin remove",
+    );
+    let hits = files_holding(&data.data(), std::slice::from_ref(&current));
+    assert!(
+        hits.is_empty(),
+        "removed hook's secret left:\n{}",
+        hits.join("\n")
+    );
+    assert!(server.stop().success());
+    let store = open_store(&data);
+    let v = Vault::open(&store, &KeySource::KeyFile(data.data().join("vault.key"))).unwrap();
+    assert!(
+        !v.names().unwrap().iter().any(|n| n.starts_with("hook/")),
+        "{:?}",
+        v.names()
+    );
+}
