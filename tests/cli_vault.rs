@@ -973,7 +973,13 @@ fn a_hook_secret_rotated_retired_or_removed_through_the_engine_leaves_no_copy() 
         "removed hook's secret left:\n{}",
         hits.join("\n")
     );
+    // Compaction on demand needs the engine stopped, and says so.
+    assert_failure_says(
+        &data.capstan(&["vault", "compact"]),
+        "is `capstan serve` running?",
+    );
     assert!(server.stop().success());
+    assert_success(&data.capstan(&["vault", "compact"]), "compact once stopped");
     let store = open_store(&data);
     let v = Vault::open(&store, &KeySource::KeyFile(data.data().join("vault.key"))).unwrap();
     assert!(
