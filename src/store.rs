@@ -187,18 +187,29 @@ impl Store {
     }
 }
 
+/// How long to wait for sled's own lock when the data directory's lock is ours.
+const SLED_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens sled under `data_dir/db`. The caller holds the data directory's lock, so sled's
+/// own lock can only be held by a handle of this process that is still closing (sled
+/// finishes its background writes after the last handle is dropped) or by a process of
+/// an older version that took no directory lock: wait a little for the first, then
+/// report the directory as in use.
 fn open_db(data_dir: &Path) -> Result<sled::Db, StoreError> {
     let path = data_dir.join(DB_DIR);
-    sled::Config::new()
-        .path(&path)
-        .open()
-        .map_err(|e| match &e {
-            sled::Error::Io(io) if is_lock_error(io) => StoreError::Locked(data_dir.to_path_buf()),
-            _ => StoreError::Open {
-                path: path.clone(),
-                source: e,
-            },
-        })
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(&path).open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(io)) if is_lock_error(&io) => {
+                if started.elapsed() > SLED_RELEASE_WAIT {
+                    return Err(StoreError::Locked(data_dir.to_path_buf()));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(StoreError::Open { path, source: e }),
+        }
+    }
 }
 
 fn lock_data_dir(data_dir: &Path) -> Result<File, StoreError> {

@@ -852,7 +852,18 @@ fn a_compaction_killed_at_every_step_loses_nothing() {
 fn make_legacy(data: &DataDir) -> Vec<Vec<u8>> {
     let stored = vault::read_stored(&open_store(data)).unwrap().unwrap();
     std::fs::remove_file(data.data().join("vault.json")).unwrap();
-    let db = sled::open(data.data().join("db")).unwrap();
+    // sled finishes closing the store's database in the background: wait for its lock.
+    let started = Instant::now();
+    let db = loop {
+        match sled::open(data.data().join("db")) {
+            Ok(db) => break db,
+            Err(e) if started.elapsed() < std::time::Duration::from_secs(10) => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open the database: {e}"),
+        }
+    };
     db.open_tree("vault")
         .unwrap()
         .insert("header", serde_json::to_vec(&stored.header).unwrap())
