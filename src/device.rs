@@ -942,21 +942,23 @@ impl<'a> Devices<'a> {
                 sled::transaction::TransactionError::Abort(()) => unreachable!(),
             })?;
         self.vault.remove_record(VAULT_KIND, &id.to_string())?;
-        self.vault.flush()?;
         Ok(dev)
     }
 
     /// Stores secrets first, then the record and its name atomically; drops secrets the
-    /// device no longer calls for.
+    /// device no longer calls for. Each vault step is one replacement of the vault file,
+    /// so a replaced or dropped secret leaves no copy in the data directory.
     fn write(
         &self,
         old: Option<&Device>,
         dev: &Device,
         changes: &DeviceChanges,
     ) -> Result<(), DeviceError> {
-        for (f, v) in &changes.secrets.0 {
-            self.vault.put(&Self::secret_name(dev.id, *f), v)?;
-        }
+        self.vault.change(|c| {
+            for (f, v) in &changes.secrets.0 {
+                c.put(&Self::secret_name(dev.id, *f), v);
+            }
+        })?;
         let bytes = store::encode(dev);
         let id = dev.id;
         let new_name = dev.name.clone();
@@ -982,12 +984,13 @@ impl<'a> Devices<'a> {
                 }
             })?;
         let keep = dev.required_secrets();
-        for f in SecretField::ALL {
-            if !keep.contains(&f) {
-                self.vault.remove(&Self::secret_name(id, f))?;
+        self.vault.change(|c| {
+            for f in SecretField::ALL {
+                if !keep.contains(&f) {
+                    c.remove(&Self::secret_name(id, f));
+                }
             }
-        }
-        self.vault.flush()?;
+        })?;
         Ok(())
     }
 }

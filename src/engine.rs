@@ -69,9 +69,9 @@ impl Engine {
     /// Opens the data directory and its vault; fails if there is no vault yet.
     pub fn open(settings: Settings, pass: &PassphraseInput) -> anyhow::Result<Engine> {
         let store = Store::open(&settings.data_dir)?;
-        let header = vault::read_header(&store.db)?.ok_or(vault::VaultError::NotInitialized)?;
+        let header = vault::read_header(&store)?.ok_or(vault::VaultError::NotInitialized)?;
         let source = key_source_for(&settings, &header.protection, pass)?;
-        let vault = Vault::open(&store.db, &source)?;
+        let vault = Vault::open(&store, &source)?;
         let tokens = Tokens::new(&store)?;
         Ok(Engine {
             settings,
@@ -91,10 +91,10 @@ impl Engine {
     ) -> anyhow::Result<(Engine, Created)> {
         let store = Store::open(&settings.data_dir)?;
         let mut created = Created::default();
-        let vault = match vault::read_header(&store.db)? {
+        let vault = match vault::read_header(&store)? {
             Some(header) => {
                 let source = key_source_for(&settings, &header.protection, pass)?;
-                Vault::open(&store.db, &source)?
+                Vault::open(&store, &source)?
             }
             None => {
                 let source = if pass.is_given() {
@@ -111,7 +111,7 @@ impl Engine {
                     KeySource::KeyFile(path)
                 };
                 created.vault = true;
-                Vault::init(&store.db, &source, Argon2Params::DEFAULT)?
+                Vault::init(&store, &source, Argon2Params::DEFAULT)?
             }
         };
         let tokens = Tokens::new(&store)?;

@@ -1,6 +1,7 @@
 //! `capstan device …`: real key files from the test infrastructure, clear errors for bad
 //! input, and no secret ever printed.
 
+use crate::cli_vault::{files_holding, open_store};
 use crate::util::*;
 
 fn add(data: &DataDir, args: &[&str]) -> std::process::Output {
@@ -532,5 +533,94 @@ fn device_commands_go_through_a_running_engines_api_and_take_effect_at_once() {
     assert!(
         !log.contains(&key_body),
         "the engine's log holds key material"
+    );
+}
+
+/// The sealed bytes of a device's password as the vault file holds them, read without
+/// opening the store (a running engine holds its lock): the hex of each secret whose
+/// name is `device/<id>/password`.
+fn stored_password_ciphertext(data: &DataDir, device: &str) -> Vec<u8> {
+    let show = data.capstan(&["device", "show", device, "--json"]);
+    assert_success(&show, "device show");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&show)).unwrap();
+    let name = format!("device/{}/password", v["id"].as_str().unwrap());
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.data().join("vault.json")).unwrap()).unwrap();
+    let hex_value = file["secrets"][&name]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {name} in the vault file"));
+    hex::decode(hex_value).unwrap()
+}
+
+/// Replaces a device's password, then removes the device, and checks after each step
+/// that the superseded ciphertext is in no file of the data directory and that the
+/// vault holds only what is live.
+fn replaced_and_removed_passwords_leave_no_copy(data: &DataDir) {
+    let out = data.capstan_stdin(
+        &[
+            "device",
+            "add",
+            "pw",
+            "--kind",
+            "ssh",
+            "--host",
+            "h.example",
+            "--user",
+            "u",
+            "--password-stdin",
+        ],
+        b"first password",
+    );
+    assert_success(&out, "add");
+    let first = stored_password_ciphertext(data, "pw");
+    let edit = data.capstan_stdin(&["device", "edit", "pw", "--password-stdin"], b"second one");
+    assert_success(&edit, "edit the password");
+    let second = stored_password_ciphertext(data, "pw");
+    assert_ne!(first, second);
+    let hits = files_holding(&data.data(), std::slice::from_ref(&first));
+    assert!(
+        hits.is_empty(),
+        "the replaced password's ciphertext is left:\n{}",
+        hits.join("\n")
+    );
+    assert_success(&data.capstan(&["device", "rm", "pw"]), "rm");
+    let hits = files_holding(&data.data(), std::slice::from_ref(&second));
+    assert!(
+        hits.is_empty(),
+        "the removed password's ciphertext is left:\n{}",
+        hits.join("\n")
+    );
+}
+
+#[test]
+fn editing_or_removing_a_device_leaves_no_copy_of_its_old_password_in_the_data_directory() {
+    let data = DataDir::with_vault();
+    replaced_and_removed_passwords_leave_no_copy(&data);
+    let store = open_store(&data);
+    let v = capstan::vault::Vault::open(
+        &store,
+        &capstan::vault::KeySource::KeyFile(data.data().join("vault.key")),
+    )
+    .unwrap();
+    assert!(v.is_empty(), "{:?}", v.names().unwrap());
+}
+
+#[test]
+fn through_a_running_engine_an_edited_or_removed_password_leaves_no_copy_in_the_data_directory() {
+    let data = DataDir::with_vault();
+    let server = Server::start(&data);
+    replaced_and_removed_passwords_leave_no_copy(&data);
+    let status = server.stop();
+    assert!(status.success(), "serve stopped with {status}");
+    let store = open_store(&data);
+    let v = capstan::vault::Vault::open(
+        &store,
+        &capstan::vault::KeySource::KeyFile(data.data().join("vault.key")),
+    )
+    .unwrap();
+    assert!(
+        !v.names().unwrap().iter().any(|n| n.ends_with("/password")),
+        "{:?}",
+        v.names().unwrap()
     );
 }

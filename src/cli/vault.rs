@@ -1,4 +1,5 @@
-//! `capstan vault …`: create the vault, report on it, rotate its keys.
+//! `capstan vault …`: create the vault, report on it, rotate its keys, compact the data
+//! directory.
 
 use std::path::PathBuf;
 
@@ -24,19 +25,29 @@ pub enum VaultCmd {
     /// Show how the vault is protected, its key generation and how many secrets it holds.
     Status,
     /// Generate a new data key and re-seal every secret under it (crash-safe: an
-    /// interrupted rotation leaves the vault as it was).
+    /// interrupted rotation leaves the vault as it was). The old header and ciphertexts
+    /// are overwritten and removed from the data directory.
     RotateKey {
         /// Also replace the master key with a newly generated key file at this path.
         #[arg(long, value_name = "FILE")]
         new_key_file: Option<PathBuf>,
     },
-    /// Change the passphrase of a passphrase-protected vault.
+    /// Change the passphrase of a passphrase-protected vault. The old header is
+    /// overwritten and removed from the data directory, so the old passphrase opens
+    /// nothing left there.
     ChangePassphrase {
         /// File with the new passphrase (or set CAPSTAN_VAULT_NEW_PASSPHRASE, or answer
         /// the prompt).
         #[arg(long, value_name = "FILE")]
         new_passphrase_file: Option<PathBuf>,
     },
+    /// Rewrite the vault and the database into fresh files and overwrite and remove the
+    /// old ones, so nothing replaced or removed stays readable in the data directory.
+    /// Every vault change already does this for the vault; `compact` also clears the
+    /// database's log of superseded records (devices, tokens, runs). Needs no key; the
+    /// engine must be stopped. Crash-safe: a killed compaction is finished or undone at
+    /// the next open, nothing lost.
+    Compact,
 }
 
 pub fn run(g: &GlobalArgs, cmd: VaultCmd) -> anyhow::Result<()> {
@@ -45,7 +56,7 @@ pub fn run(g: &GlobalArgs, cmd: VaultCmd) -> anyhow::Result<()> {
     let pass = g.passphrase();
     match cmd {
         VaultCmd::Init { passphrase } => {
-            if vault::read_header(&store.db)?.is_some() {
+            if vault::read_header(&store)?.is_some() {
                 bail!(
                     "a vault already exists in {}; use `capstan vault status`",
                     settings.data_dir.display()
@@ -78,11 +89,11 @@ pub fn run(g: &GlobalArgs, cmd: VaultCmd) -> anyhow::Result<()> {
                 );
                 KeySource::KeyFile(path)
             };
-            Vault::init(&store.db, &source, Argon2Params::DEFAULT)?;
+            Vault::init(&store, &source, Argon2Params::DEFAULT)?;
             println!("vault created in {}", settings.data_dir.display());
         }
         VaultCmd::Status => {
-            let Some(header) = vault::read_header(&store.db)? else {
+            let Some(header) = vault::read_header(&store)? else {
                 println!(
                     "no vault in {} (run `capstan vault init`)",
                     settings.data_dir.display()
@@ -115,14 +126,14 @@ pub fn run(g: &GlobalArgs, cmd: VaultCmd) -> anyhow::Result<()> {
                 println!("master key changed: {}", t.to_rfc3339());
             }
             let source = key_source_for(&settings, &header.protection, &pass)?;
-            let v = Vault::open(&store.db, &source)?;
+            let v = Vault::open(&store, &source)?;
             println!("key check:      ok");
             println!("secrets:        {}", v.len());
         }
         VaultCmd::RotateKey { new_key_file } => {
-            let header = vault::read_header(&store.db)?.ok_or(vault::VaultError::NotInitialized)?;
+            let header = vault::read_header(&store)?.ok_or(vault::VaultError::NotInitialized)?;
             let source = key_source_for(&settings, &header.protection, &pass)?;
-            let mut v = Vault::open(&store.db, &source)?;
+            let mut v = Vault::open(&store, &source)?;
             let n = match &new_key_file {
                 Some(path) => {
                     vault::generate_key_file(path)?;
@@ -143,17 +154,29 @@ pub fn run(g: &GlobalArgs, cmd: VaultCmd) -> anyhow::Result<()> {
                 v.header().generation
             );
         }
+        VaultCmd::Compact => {
+            let secrets = vault::rewrite(&store)?;
+            let (_store, done) = store.compact()?;
+            match secrets {
+                Some(n) => println!("vault rewritten ({n} secrets)"),
+                None => println!("no vault in {}", settings.data_dir.display()),
+            }
+            println!(
+                "database rewritten ({} records in {} trees); old files overwritten and removed",
+                done.records, done.trees
+            );
+        }
         VaultCmd::ChangePassphrase {
             new_passphrase_file,
         } => {
-            let header = vault::read_header(&store.db)?.ok_or(vault::VaultError::NotInitialized)?;
+            let header = vault::read_header(&store)?.ok_or(vault::VaultError::NotInitialized)?;
             if header.protection == Protection::KeyFile {
                 bail!(
                     "this vault is protected by a key file, not a passphrase; use `capstan vault rotate-key --new-key-file PATH` to replace the key"
                 );
             }
             let source = key_source_for(&settings, &header.protection, &pass)?;
-            let mut v = Vault::open(&store.db, &source)?;
+            let mut v = Vault::open(&store, &source)?;
             let new = read_new_passphrase(new_passphrase_file)?;
             let params = match header.protection {
                 Protection::Passphrase { params, .. } if params.is_at_least_minimum() => params,

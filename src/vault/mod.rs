@@ -1,28 +1,43 @@
 //! The encrypted vault: every credential Capstan holds, sealed at rest.
 //!
-//! Layout inside the engine's sled database:
-//! - tree `vault`, key `header`: JSON [`Header`] — format, key generation, how the master
-//!   key is obtained (Argon2id parameters and salt, or a key file), and the data key
-//!   wrapped (sealed) under the master key.
-//! - tree `secrets.g<generation>`: one record per secret, named `kind/id/field`, sealed
-//!   under the data key with that name as associated data.
+//! The vault is one file, `DATA_DIR/vault.json` (see [`file`]): the JSON [`Header`] —
+//! format, key generation, how the master key is obtained (Argon2id parameters and salt,
+//! or a key file), and the data key wrapped (sealed) under the master key — and one
+//! record per secret, named `kind/id/field`, sealed under the data key with that name
+//! as associated data.
 //!
-//! Envelope encryption keeps both maintenance operations crash-safe with a single-key
-//! write as the commit point:
-//! - `change-passphrase` re-wraps the data key: one header write.
-//! - `rotate-key` re-seals every secret into a fresh `secrets.g<N+1>` tree, flushes it, and
-//!   only then writes the header that names generation N+1; the old tree is dropped last.
-//!   A process killed at any point leaves a header that names a complete tree, so the
-//!   vault opens with the old or the new key and nothing is lost. Leftover trees of an
-//!   interrupted rotation are removed at the next open.
+//! Why a file of its own and not trees in the engine's sled database: sled is
+//! log-structured and keeps overwritten and removed values in old segments until its
+//! garbage collection gets to them, with no way to force it. A vault in sled left every
+//! superseded header (openable with the old passphrase) and every replaced or removed
+//! ciphertext readable in the data directory. The vault is small (a few records per
+//! device and hook), so each change rewrites the whole file and scrubs the old one: after
+//! any call that changes the vault returns — put, remove, `change-passphrase`,
+//! `rotate-key` — the data directory holds only the live header and ciphertexts. This
+//! needs no reopening of the database in a running engine, and every path that changes a
+//! secret (CLI in-process, the engine's API, hooks, plugins) gets it by construction.
+//! Data directories written by older versions, with the vault in sled trees `vault` and
+//! `secrets.g<N>`, are migrated when the store opens (see [`crate::store`]): the records
+//! move into the file unchanged (no key is needed), then the database is compacted once.
+//!
+//! Envelope encryption keeps the maintenance operations cheap and crash-safe, with the
+//! rename of the new file as the single commit point:
+//! - `change-passphrase` re-wraps the data key under the new master key;
+//! - `rotate-key` re-seals every secret under a fresh data key of generation N+1.
+//!
+//! A process killed at any point leaves a file that opens with the old or the new key
+//! and loses nothing.
 //!
 //! A wrong master key fails at open with [`VaultError::WrongKey`]: unwrapping the data key
 //! is the key check, so a wrong key never yields garbage.
 
 pub mod crypto;
+pub mod file;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -30,12 +45,15 @@ use zeroize::Zeroizing;
 
 pub use crypto::Argon2Params;
 use crypto::{KEY_LEN, SymKey};
+pub use file::Contents;
 
 use crate::secret::Secret;
+use crate::store::{Store, StoreError};
 
-const META_TREE: &str = "vault";
-const HEADER_KEY: &[u8] = b"header";
-const SECRETS_TREE_PREFIX: &str = "secrets.g";
+/// The sled trees where versions before the vault file kept the vault.
+const LEGACY_META_TREE: &[u8] = b"vault";
+const LEGACY_HEADER_KEY: &[u8] = b"header";
+const LEGACY_SECRETS_TREE_PREFIX: &[u8] = b"secrets.g";
 const FORMAT: u32 = 1;
 const SALT_LEN: usize = 16;
 
@@ -60,7 +78,13 @@ pub enum VaultError {
     #[error("the vault is damaged: {0}")]
     Corrupt(String),
     #[error("vault storage error: {0}")]
-    Store(#[from] sled::Error),
+    Storage(#[from] StoreError),
+}
+
+impl From<sled::Error> for VaultError {
+    fn from(e: sled::Error) -> Self {
+        VaultError::Storage(StoreError::Sled(e))
+    }
 }
 
 pub type Result<T, E = VaultError> = std::result::Result<T, E>;
@@ -107,6 +131,13 @@ pub struct Header {
     pub master_key_changed_at: Option<DateTime<Utc>>,
 }
 
+impl Header {
+    /// The wrapped data key as stored (hex): opens only with the master key.
+    pub fn wrapped_data_key(&self) -> &str {
+        &self.wrapped_data_key
+    }
+}
+
 /// The name of one secret: `kind/id/field`, e.g. `device/<uuid>/password`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretName(String);
@@ -122,19 +153,26 @@ impl SecretName {
     }
 
     fn aad(&self) -> Vec<u8> {
-        format!("capstan-vault/v1/secret/{}", self.0).into_bytes()
+        aad(&self.0)
     }
+}
+
+fn aad(name: &str) -> Vec<u8> {
+    format!("capstan-vault/v1/secret/{name}").into_bytes()
 }
 
 fn data_key_aad(generation: u64) -> Vec<u8> {
     format!("capstan-vault/v1/data-key/g{generation}").into_bytes()
 }
 
-/// An open vault: holds the data key in memory (zeroized on drop).
+/// An open vault: holds the data key in memory (zeroized on drop) and the sealed
+/// records as they are in the file.
 pub struct Vault {
-    db: sled::Db,
-    meta: sled::Tree,
-    secrets: sled::Tree,
+    dir: PathBuf,
+    /// Keeps the data directory locked for as long as the vault may write to it.
+    _held: Arc<std::fs::File>,
+    /// The sealed records; the lock also serialises the file's replacements.
+    sealed: Mutex<BTreeMap<String, Vec<u8>>>,
     /// Kept so a data-key rotation can re-wrap without asking for the key again; it opens
     /// nothing the data key (also in memory) does not already open.
     master: SymKey,
@@ -151,20 +189,120 @@ impl std::fmt::Debug for Vault {
 }
 
 /// Reads the header without any key: for `vault status` and for choosing a key source.
-pub fn read_header(db: &sled::Db) -> Result<Option<Header>> {
-    let meta = db.open_tree(META_TREE)?;
-    match meta.get(HEADER_KEY)? {
-        None => Ok(None),
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| VaultError::Corrupt(format!("unreadable header: {e}"))),
+pub fn read_header(store: &Store) -> Result<Option<Header>> {
+    Ok(file::read(&store.data_dir)?.map(|c| c.header))
+}
+
+/// The vault exactly as stored (header and sealed bytes), without any key: for audits
+/// and tests of what the data directory holds. Nothing in it opens without the key.
+pub fn read_stored(store: &Store) -> Result<Option<Contents>> {
+    file::read(&store.data_dir)
+}
+
+/// Rewrites the vault file into a fresh one and scrubs the old (and whatever an
+/// interrupted change left). Needs no key. Returns how many secrets it holds, or `None`
+/// when there is no vault.
+pub fn rewrite(store: &Store) -> Result<Option<usize>> {
+    let Some(contents) = file::read(&store.data_dir)? else {
+        return Ok(None);
+    };
+    file::write(&store.data_dir, &contents)?;
+    Ok(Some(contents.sealed.len()))
+}
+
+/// Moves the vault of a data directory written by an older version out of its sled
+/// trees into the vault file (unchanged: no key is needed). Returns the trees the
+/// database must leave behind in a compaction; empty when there is nothing to move.
+/// Called by [`Store::open`] with the data directory locked.
+pub(crate) fn move_out_of_database(dir: &Path, db: &sled::Db) -> Result<Vec<sled::IVec>> {
+    let legacy: Vec<sled::IVec> = db
+        .tree_names()
+        .into_iter()
+        .filter(|n| &n[..] == LEGACY_META_TREE || n.starts_with(LEGACY_SECRETS_TREE_PREFIX))
+        .collect();
+    if !legacy.iter().any(|n| &n[..] == LEGACY_META_TREE) {
+        return Ok(legacy);
+    }
+    let Some(bytes) = db.open_tree(LEGACY_META_TREE)?.get(LEGACY_HEADER_KEY)? else {
+        return Ok(legacy);
+    };
+    let header: Header = serde_json::from_slice(&bytes)
+        .map_err(|e| VaultError::Corrupt(format!("unreadable header in the database: {e}")))?;
+    if file::read(dir)?.is_some() {
+        // A migration killed after the file was written: the file is the vault.
+        tracing::info!(
+            "the vault file exists; dropping the older copy of the vault in the database"
+        );
+        return Ok(legacy);
+    }
+    let tree_name = legacy_secrets_tree_name(header.generation);
+    if !legacy.iter().any(|n| n[..] == *tree_name.as_bytes()) && header.generation != 1 {
+        return Err(VaultError::Corrupt(format!(
+            "the header names key generation {} but tree {tree_name} is missing",
+            header.generation
+        )));
+    }
+    let mut sealed = BTreeMap::new();
+    if legacy.iter().any(|n| n[..] == *tree_name.as_bytes()) {
+        for item in db.open_tree(&tree_name)?.iter() {
+            let (k, v) = item?;
+            sealed.insert(String::from_utf8_lossy(&k).into_owned(), v.to_vec());
+        }
+    }
+    let n = sealed.len();
+    file::write(dir, &Contents { header, sealed })?;
+    tracing::info!(
+        secrets = n,
+        "moved the vault out of the database into {}",
+        file::FILE
+    );
+    Ok(legacy)
+}
+
+fn legacy_secrets_tree_name(generation: u64) -> String {
+    format!(
+        "{}{generation}",
+        String::from_utf8_lossy(LEGACY_SECRETS_TREE_PREFIX)
+    )
+}
+
+/// A set of changes to the vault's secrets, written as one replacement of the file.
+pub struct Changes<'a> {
+    data_key: &'a SymKey,
+    sealed: BTreeMap<String, Vec<u8>>,
+    changed: bool,
+}
+
+impl Changes<'_> {
+    /// Seals and stores a secret under `name`, replacing any previous value.
+    pub fn put(&mut self, name: &SecretName, value: &Secret) {
+        let sealed = self.data_key.seal(value.expose(), &name.aad());
+        self.sealed.insert(name.0.clone(), sealed);
+        self.changed = true;
+    }
+
+    /// Removes the secret under `name`; whether there was one.
+    pub fn remove(&mut self, name: &SecretName) -> bool {
+        let had = self.sealed.remove(name.as_str()).is_some();
+        self.changed |= had;
+        had
+    }
+
+    /// Removes every secret of one record (`kind/id/…`); how many there were.
+    pub fn remove_record(&mut self, kind: &str, id: &str) -> usize {
+        let prefix = format!("{kind}/{id}/");
+        let before = self.sealed.len();
+        self.sealed.retain(|k, _| !k.starts_with(&prefix));
+        let n = before - self.sealed.len();
+        self.changed |= n > 0;
+        n
     }
 }
 
 impl Vault {
     /// Creates a new vault protected by `source`. Fails if one exists.
-    pub fn init(db: &sled::Db, source: &KeySource, params: Argon2Params) -> Result<Vault> {
-        if read_header(db)?.is_some() {
+    pub fn init(store: &Store, source: &KeySource, params: Argon2Params) -> Result<Vault> {
+        if read_header(store)?.is_some() {
             return Err(VaultError::AlreadyInitialized);
         }
         let (protection, master) = new_master_key(source, params)?;
@@ -178,30 +316,25 @@ impl Vault {
             rotated_at: None,
             master_key_changed_at: None,
         };
-        let meta = db.open_tree(META_TREE)?;
-        let secrets = db.open_tree(secrets_tree_name(1))?;
-        secrets.clear()?;
-        let bytes = serde_json::to_vec(&header).expect("header serializes");
-        if meta
-            .compare_and_swap(HEADER_KEY, None as Option<&[u8]>, Some(bytes))?
-            .is_err()
-        {
-            return Err(VaultError::AlreadyInitialized);
-        }
-        db.flush()?;
+        let contents = Contents {
+            header,
+            sealed: BTreeMap::new(),
+        };
+        file::write(&store.data_dir, &contents)?;
         Ok(Vault {
-            db: db.clone(),
-            meta,
-            secrets,
+            dir: store.data_dir.clone(),
+            _held: store.holder(),
+            sealed: Mutex::new(contents.sealed),
             master,
             data_key,
-            header,
+            header: contents.header,
         })
     }
 
     /// Opens an existing vault. A wrong key fails with [`VaultError::WrongKey`].
-    pub fn open(db: &sled::Db, source: &KeySource) -> Result<Vault> {
-        let header = read_header(db)?.ok_or(VaultError::NotInitialized)?;
+    pub fn open(store: &Store, source: &KeySource) -> Result<Vault> {
+        let contents = file::read(&store.data_dir)?.ok_or(VaultError::NotInitialized)?;
+        let header = contents.header;
         if header.format != FORMAT {
             return Err(VaultError::Corrupt(format!(
                 "vault format {} is not supported by this version of capstan (expects {FORMAT})",
@@ -210,38 +343,58 @@ impl Vault {
         }
         let master = master_key_for(&header.protection, source)?;
         let data_key = unwrap_data_key(&header, &master, source)?;
-        let meta = db.open_tree(META_TREE)?;
-        let secrets = db.open_tree(secrets_tree_name(header.generation))?;
-        let vault = Vault {
-            db: db.clone(),
-            meta,
-            secrets,
+        Ok(Vault {
+            dir: store.data_dir.clone(),
+            _held: store.holder(),
+            sealed: Mutex::new(contents.sealed),
             master,
             data_key,
             header,
-        };
-        vault.drop_stale_generations()?;
-        Ok(vault)
+        })
     }
 
     pub fn header(&self) -> &Header {
         &self.header
     }
 
+    fn records(&self) -> MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+        self.sealed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `f`'s changes as one replacement of the vault file; when this returns
+    /// `Ok`, no superseded ciphertext is left in the data directory. Writes nothing when
+    /// `f` changed nothing.
+    pub fn change<R>(&self, f: impl FnOnce(&mut Changes<'_>) -> R) -> Result<R> {
+        let mut records = self.records();
+        let mut changes = Changes {
+            data_key: &self.data_key,
+            sealed: records.clone(),
+            changed: false,
+        };
+        let out = f(&mut changes);
+        if changes.changed {
+            let contents = Contents {
+                header: self.header.clone(),
+                sealed: changes.sealed,
+            };
+            file::write(&self.dir, &contents)?;
+            *records = contents.sealed;
+        }
+        Ok(out)
+    }
+
     /// Seals and stores a secret under `name`, replacing any previous value.
     pub fn put(&self, name: &SecretName, value: &Secret) -> Result<()> {
-        let sealed = self.data_key.seal(value.expose(), &name.aad());
-        self.secrets.insert(name.as_str().as_bytes(), sealed)?;
-        Ok(())
+        self.change(|c| c.put(name, value))
     }
 
     /// Opens the secret stored under `name`.
     pub fn get(&self, name: &SecretName) -> Result<Option<Secret>> {
-        match self.secrets.get(name.as_str().as_bytes())? {
+        match self.records().get(name.as_str()) {
             None => Ok(None),
             Some(sealed) => self
                 .data_key
-                .open(&sealed, &name.aad())
+                .open(sealed, &name.aad())
                 .map(Some)
                 .ok_or_else(|| {
                     VaultError::Corrupt(format!(
@@ -253,47 +406,30 @@ impl Vault {
     }
 
     pub fn contains(&self, name: &SecretName) -> Result<bool> {
-        Ok(self.secrets.contains_key(name.as_str().as_bytes())?)
+        Ok(self.records().contains_key(name.as_str()))
     }
 
     pub fn remove(&self, name: &SecretName) -> Result<()> {
-        self.secrets.remove(name.as_str().as_bytes())?;
-        Ok(())
+        self.change(|c| c.remove(name)).map(|_| ())
     }
 
     /// Removes every secret of one record (`kind/id/…`).
     pub fn remove_record(&self, kind: &str, id: &str) -> Result<usize> {
-        let prefix = format!("{kind}/{id}/");
-        let mut n = 0;
-        for item in self.secrets.scan_prefix(prefix.as_bytes()) {
-            let (k, _) = item?;
-            self.secrets.remove(k)?;
-            n += 1;
-        }
-        Ok(n)
+        self.change(|c| c.remove_record(kind, id))
     }
 
     /// Number of secrets held.
     pub fn len(&self) -> usize {
-        self.secrets.len()
+        self.records().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.secrets.is_empty()
+        self.records().is_empty()
     }
 
     /// Names of all secrets (the names are not secret; the values are).
     pub fn names(&self) -> Result<Vec<String>> {
-        self.secrets
-            .iter()
-            .keys()
-            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
-            .collect()
-    }
-
-    pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
-        Ok(())
+        Ok(self.records().keys().cloned().collect())
     }
 
     /// Generates a fresh data key and re-seals every secret under it. With `new_master`,
@@ -303,23 +439,18 @@ impl Vault {
         new_master: Option<(&KeySource, Argon2Params)>,
     ) -> Result<usize> {
         let next_gen = self.header.generation + 1;
-        let next_tree = self.db.open_tree(secrets_tree_name(next_gen))?;
-        next_tree.clear()?;
         let new_key = SymKey::random();
-        let mut count = 0;
-        for item in self.secrets.iter() {
-            let (k, sealed) = item?;
-            let name = SecretName(String::from_utf8_lossy(&k).into_owned());
-            let plain = self.data_key.open(&sealed, &name.aad()).ok_or_else(|| {
+        let mut records = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut resealed = BTreeMap::new();
+        for (name, sealed) in records.iter() {
+            let plain = self.data_key.open(sealed, &aad(name)).ok_or_else(|| {
                 VaultError::Corrupt(format!(
-                    "secret {} does not open; rotation aborted, nothing changed",
-                    name.as_str()
+                    "secret {name} does not open; rotation aborted, nothing changed"
                 ))
             })?;
-            next_tree.insert(k, new_key.seal(plain.expose(), &name.aad()))?;
-            count += 1;
+            resealed.insert(name.clone(), new_key.seal(plain.expose(), &aad(name)));
         }
-        next_tree.flush()?;
+        let count = resealed.len();
 
         let mut header = self.header.clone();
         let now = Utc::now();
@@ -336,20 +467,21 @@ impl Vault {
         header.wrapped_data_key =
             hex::encode(master.seal(new_key.bytes(), &data_key_aad(next_gen)));
         header.rotated_at = Some(now);
-        self.commit_header(&header)?;
-
-        let old_gen = self.header.generation;
-        self.header = header;
+        let contents = Contents {
+            header,
+            sealed: resealed,
+        };
+        file::write(&self.dir, &contents)?;
+        *records = contents.sealed;
+        drop(records);
+        self.header = contents.header;
         self.master = master;
-        self.secrets = next_tree;
         self.data_key = new_key;
-        self.db.drop_tree(secrets_tree_name(old_gen))?;
-        self.db.flush()?;
         Ok(count)
     }
 
     /// Re-wraps the data key under a new master key (new passphrase or key file). One
-    /// header write; the secrets are untouched.
+    /// replacement of the file; the sealed secrets are unchanged.
     pub fn change_master_key(&mut self, source: &KeySource, params: Argon2Params) -> Result<()> {
         let (protection, master) = new_master_key(source, params)?;
         let mut header = self.header.clone();
@@ -357,34 +489,17 @@ impl Vault {
         header.wrapped_data_key =
             hex::encode(master.seal(self.data_key.bytes(), &data_key_aad(header.generation)));
         header.master_key_changed_at = Some(Utc::now());
-        self.commit_header(&header)?;
-        self.header = header;
+        let records = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+        let contents = Contents {
+            header,
+            sealed: records.clone(),
+        };
+        file::write(&self.dir, &contents)?;
+        drop(records);
+        self.header = contents.header;
         self.master = master;
         Ok(())
     }
-
-    fn commit_header(&self, header: &Header) -> Result<()> {
-        let bytes = serde_json::to_vec(header).expect("header serializes");
-        self.meta.insert(HEADER_KEY, bytes)?;
-        self.db.flush()?;
-        Ok(())
-    }
-
-    fn drop_stale_generations(&self) -> Result<()> {
-        let current = secrets_tree_name(self.header.generation);
-        for name in self.db.tree_names() {
-            let name = String::from_utf8_lossy(&name).into_owned();
-            if name.starts_with(SECRETS_TREE_PREFIX) && name != current {
-                tracing::info!(tree = %name, "removing secrets left by an interrupted key rotation");
-                self.db.drop_tree(name.as_bytes())?;
-            }
-        }
-        Ok(())
-    }
-}
-
-fn secrets_tree_name(generation: u64) -> String {
-    format!("{SECRETS_TREE_PREFIX}{generation}")
 }
 
 fn new_master_key(source: &KeySource, params: Argon2Params) -> Result<(Protection, SymKey)> {
@@ -516,10 +631,10 @@ fn warn_if_readable_by_others(path: &Path) {
 mod tests {
     use super::*;
 
-    fn db() -> (tempfile::TempDir, sled::Db) {
+    fn db() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        (dir, db)
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
     }
 
     fn key_file(dir: &Path) -> KeySource {
@@ -614,8 +729,8 @@ mod tests {
         let b = SecretName::new("device", "b", "password");
         v.put(&a, &Secret::from_str_owned("alpha".into())).unwrap();
         v.put(&b, &Secret::from_str_owned("beta".into())).unwrap();
-        let sealed_a = v.secrets.get(a.as_str()).unwrap().unwrap();
-        v.secrets.insert(b.as_str(), sealed_a).unwrap();
+        let sealed_a = v.records()[a.as_str()].clone();
+        v.records().insert(b.as_str().to_string(), sealed_a);
         let err = v.get(&b).unwrap_err();
         assert!(err.to_string().contains("does not open"), "{err}");
     }
@@ -632,12 +747,12 @@ mod tests {
             )
             .unwrap();
         }
-        let before = v.secrets.get("t/7/f").unwrap().unwrap();
+        let before = v.records()["t/7/f"].clone();
         assert_eq!(v.rotate_data_key(None).unwrap(), 50);
         assert_eq!(v.header().generation, 2);
         drop(v);
         let v = Vault::open(&db, &src).unwrap();
-        assert_ne!(v.secrets.get("t/7/f").unwrap().unwrap(), before);
+        assert_ne!(v.records()["t/7/f"], before);
         for i in 0..50 {
             let got = v
                 .get(&SecretName::new("t", &i.to_string(), "f"))
@@ -645,15 +760,6 @@ mod tests {
                 .unwrap();
             assert_eq!(got.expose(), &vec![i as u8; 10][..]);
         }
-        let names: Vec<_> = db
-            .tree_names()
-            .into_iter()
-            .map(|n| String::from_utf8_lossy(&n).into_owned())
-            .collect();
-        assert!(
-            !names.contains(&"secrets.g1".to_string()),
-            "old generation dropped: {names:?}"
-        );
     }
 
     #[test]
@@ -673,27 +779,159 @@ mod tests {
         assert_eq!(v.get(&n).unwrap().unwrap().expose(), b"kept");
     }
 
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Every file under `dir` that holds `needle` raw or hex-encoded.
+    fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+        let hexed = hex::encode(needle).into_bytes();
+        let mut hits = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let bytes = std::fs::read(&p).unwrap();
+                    if contains(&bytes, needle) || contains(&bytes, &hexed) {
+                        hits.push(p);
+                    }
+                }
+            }
+        }
+        hits
+    }
+
     #[test]
-    fn leftovers_of_an_interrupted_rotation_are_removed_at_open() {
-        let (dir, db) = db();
+    fn every_change_leaves_only_the_live_ciphertexts_in_the_data_directory() {
+        let (dir, store) = db();
         let src = key_file(dir.path());
-        let v = Vault::init(&db, &src, Argon2Params::DEFAULT).unwrap();
-        v.put(&SecretName::new("a", "b", "c"), &Secret::new(b"v".to_vec()))
-            .unwrap();
-        db.open_tree("secrets.g2")
-            .unwrap()
-            .insert("a/b/c", b"half-done".to_vec())
-            .unwrap();
-        drop(v);
-        let v = Vault::open(&db, &src).unwrap();
-        assert_eq!(
-            v.get(&SecretName::new("a", "b", "c"))
-                .unwrap()
-                .unwrap()
-                .expose(),
-            b"v"
+        let v = Vault::init(&store, &src, Argon2Params::DEFAULT).unwrap();
+        let (a, b) = (
+            SecretName::new("d", "1", "p"),
+            SecretName::new("d", "2", "p"),
         );
-        assert!(!db.tree_names().iter().any(|n| &n[..] == b"secrets.g2"));
+        v.put(&a, &Secret::new(b"first".to_vec())).unwrap();
+        v.put(&b, &Secret::new(b"other".to_vec())).unwrap();
+        let first = v.records()[a.as_str()].clone();
+        v.put(&a, &Secret::new(b"second".to_vec())).unwrap();
+        let second = v.records()[a.as_str()].clone();
+        assert!(
+            !files_holding(dir.path(), &second).is_empty(),
+            "the scan finds live records"
+        );
+        assert!(
+            files_holding(dir.path(), &first).is_empty(),
+            "replaced value left"
+        );
+        v.change(|c| {
+            c.remove(&a);
+            c.put(
+                &SecretName::new("d", "3", "p"),
+                &Secret::new(b"third".to_vec()),
+            );
+        })
+        .unwrap();
+        assert!(
+            files_holding(dir.path(), &second).is_empty(),
+            "removed value left"
+        );
+        assert_eq!(v.get(&b).unwrap().unwrap().expose(), b"other");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("vault.json"))
+            .collect();
+        assert_eq!(
+            names,
+            ["vault.json"],
+            "no copy of the vault besides the live file"
+        );
+    }
+
+    #[test]
+    fn a_vault_kept_in_the_database_by_an_older_version_moves_into_the_file_and_leaves_nothing_behind()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let src = key_file(dir.path());
+        let KeySource::KeyFile(path) = &src else {
+            unreachable!()
+        };
+        let master = read_key_file(path).unwrap();
+        // The layout older versions wrote: header in tree `vault`, secrets in
+        // `secrets.g<generation>`, with superseded records still in sled's log.
+        let data_key = SymKey::random();
+        let header = Header {
+            format: FORMAT,
+            generation: 2,
+            protection: Protection::KeyFile,
+            wrapped_data_key: hex::encode(master.seal(data_key.bytes(), &data_key_aad(2))),
+            created_at: Utc::now(),
+            rotated_at: Some(Utc::now()),
+            master_key_changed_at: None,
+        };
+        let name = SecretName::new("device", "x", "password");
+        let replaced = data_key.seal(b"old password", &name.aad());
+        let live = data_key.seal(b"new password", &name.aad());
+        let removed = data_key.seal(b"gone", &SecretName::new("device", "y", "password").aad());
+        let stale = data_key.seal(b"stale generation", &name.aad());
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            db.open_tree("vault")
+                .unwrap()
+                .insert("header", serde_json::to_vec(&header).unwrap())
+                .unwrap();
+            let g2 = db.open_tree("secrets.g2").unwrap();
+            g2.insert(name.as_str(), replaced.clone()).unwrap();
+            g2.insert("device/y/password", removed.clone()).unwrap();
+            db.flush().unwrap();
+            g2.insert(name.as_str(), live.clone()).unwrap();
+            g2.remove("device/y/password").unwrap();
+            db.open_tree("secrets.g1")
+                .unwrap()
+                .insert(name.as_str(), stale.clone())
+                .unwrap();
+            db.open_tree("devices")
+                .unwrap()
+                .insert("k", b"device record".to_vec())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        assert!(
+            !files_holding(dir.path(), &replaced).is_empty(),
+            "the old layout keeps it"
+        );
+
+        let store = Store::open(dir.path()).unwrap();
+        for n in store.db.tree_names() {
+            assert!(
+                &n[..] != b"vault" && !n.starts_with(b"secrets.g"),
+                "{n:?} left"
+            );
+        }
+        assert_eq!(
+            &store.tree("devices").unwrap().get("k").unwrap().unwrap()[..],
+            b"device record"
+        );
+        let v = Vault::open(&store, &src).unwrap();
+        assert_eq!(v.header().generation, 2);
+        assert_eq!(v.names().unwrap(), [name.as_str()]);
+        assert_eq!(v.get(&name).unwrap().unwrap().expose(), b"new password");
+        for gone in [&replaced, &removed, &stale] {
+            let hits = files_holding(dir.path(), gone);
+            assert!(hits.is_empty(), "superseded ciphertext in {hits:?}");
+        }
+        assert_eq!(
+            files_holding(dir.path(), &live),
+            [dir.path().join("vault.json")]
+        );
+        drop((v, store));
+        // Opening again changes nothing.
+        let store = Store::open(dir.path()).unwrap();
+        let v = Vault::open(&store, &src).unwrap();
+        assert_eq!(v.get(&name).unwrap().unwrap().expose(), b"new password");
     }
 
     #[test]

@@ -209,12 +209,7 @@ fn either_of_two_secrets_verifies_during_a_rotation_and_a_retired_one_does_not()
     let (dir, store) = store();
     let key_file = dir.path().join("vault.key");
     crate::vault::generate_key_file(&key_file).unwrap();
-    let vault = Vault::init(
-        &store.db,
-        &KeySource::KeyFile(key_file),
-        Argon2Params::DEFAULT,
-    )
-    .unwrap();
+    let vault = Vault::init(&store, &KeySource::KeyFile(key_file), Argon2Params::DEFAULT).unwrap();
     assert!(matches!(
         HookKeys::load(&vault, "gh"),
         Err(HookError::NoSecret(_))
