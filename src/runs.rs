@@ -224,37 +224,45 @@ pub struct LogLine {
     pub message: String,
 }
 
-/// A run's log, capped: when the text exceeds the cap the *oldest* lines go (the last
+/// A run's log, capped: when the log exceeds the cap the *oldest* lines go (the last
 /// lines usually say how a run ended), counted in `dropped_lines` and `dropped_bytes`.
+/// Each line counts its message and [`RunLogs::LINE_OVERHEAD`], so empty lines fill the
+/// cap too.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunLogs {
     #[schema(value_type = Vec<LogLine>)]
     pub lines: VecDeque<LogLine>,
-    /// Message bytes currently kept.
+    /// Bytes currently kept: each line's message plus [`RunLogs::LINE_OVERHEAD`].
     pub bytes: usize,
     pub dropped_lines: u64,
+    /// Message bytes dropped.
     pub dropped_bytes: u64,
 }
 
 impl RunLogs {
-    /// Appends a line, keeping at most `cap` bytes of messages. A single line longer
-    /// than the cap keeps its last `cap` bytes.
+    /// What a line costs beyond its message: its time, level and the record around them,
+    /// as stored and as held in memory.
+    pub const LINE_OVERHEAD: usize = 32;
+
+    /// Appends a line, keeping at most `cap` bytes (messages and each line's overhead).
+    /// The newest line is always kept: one longer than the cap keeps its last bytes.
     pub fn push(&mut self, mut line: LogLine, cap: usize) {
-        if line.message.len() > cap {
-            let mut cut = line.message.len() - cap;
+        let room = cap.saturating_sub(Self::LINE_OVERHEAD);
+        if line.message.len() > room {
+            let mut cut = line.message.len() - room;
             while !line.message.is_char_boundary(cut) {
                 cut += 1;
             }
             self.dropped_bytes += cut as u64;
             line.message.drain(..cut);
         }
-        self.bytes += line.message.len();
+        self.bytes += line.message.len() + Self::LINE_OVERHEAD;
         self.lines.push_back(line);
-        while self.bytes > cap {
+        while self.bytes > cap && self.lines.len() > 1 {
             let Some(old) = self.lines.pop_front() else {
                 break;
             };
-            self.bytes -= old.message.len();
+            self.bytes -= old.message.len() + Self::LINE_OVERHEAD;
             self.dropped_bytes += old.message.len() as u64;
             self.dropped_lines += 1;
         }
@@ -1008,26 +1016,49 @@ mod tests {
 
     #[test]
     fn logs_keep_the_newest_lines_within_the_cap_and_count_what_was_dropped() {
+        let per_line = 7 + RunLogs::LINE_OVERHEAD;
         let mut logs = RunLogs::default();
         for i in 0..10 {
-            logs.push(line(&format!("line {i:02}")), 30);
+            logs.push(line(&format!("line {i:02}")), 4 * per_line + 2);
         }
         let kept: Vec<_> = logs.lines.iter().map(|l| l.message.as_str()).collect();
         assert_eq!(kept, ["line 06", "line 07", "line 08", "line 09"]);
-        assert_eq!(logs.bytes, 28);
+        assert_eq!(logs.bytes, 4 * per_line);
         assert_eq!(logs.dropped_lines, 6);
         assert_eq!(logs.dropped_bytes, 42);
         let mut long = RunLogs::default();
-        long.push(line("ééééé-tail"), 6);
+        long.push(line("ééééé-tail"), 6 + RunLogs::LINE_OVERHEAD);
         assert_eq!(long.lines[0].message, "-tail");
         assert_eq!(long.dropped_bytes, 10);
+    }
+
+    #[test]
+    fn empty_log_lines_fill_the_cap_with_their_overhead() {
+        // The reported attack: thousands of empty records under a 64 KiB cap.
+        let cap = 64 * 1024;
+        let mut logs = RunLogs::default();
+        for _ in 0..9_990 {
+            logs.push(line(""), cap);
+        }
+        assert_eq!(logs.lines.len(), cap / RunLogs::LINE_OVERHEAD);
+        assert!(logs.bytes <= cap);
+        assert_eq!(
+            logs.dropped_lines,
+            9_990 - (cap / RunLogs::LINE_OVERHEAD) as u64
+        );
+        // The newest line is kept even when the cap is smaller than its overhead.
+        let mut tiny = RunLogs::default();
+        tiny.push(line("a"), 1);
+        tiny.push(line("last"), 1);
+        assert_eq!(tiny.lines.len(), 1);
+        assert_eq!(tiny.lines[0].message, "");
     }
 
     #[test]
     fn the_store_caps_logs_and_host_calls_of_each_run() {
         let dir = tempfile::tempdir().unwrap();
         let config = RunStoreConfig {
-            log_cap_bytes: 10,
+            log_cap_bytes: 10 + RunLogs::LINE_OVERHEAD,
             max_host_calls: 2,
             ..RunStoreConfig::default()
         };

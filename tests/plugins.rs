@@ -672,6 +672,11 @@ fn fails_a_run_whose_denial_records_do_not_fit_its_host_memory() {
         )
         .sum();
     assert!(kept <= 32 * 1024 * 1024, "{kept} bytes of records kept");
+    // Host-call (and audit) records keep a bounded part of what the guest passed.
+    assert!(
+        r.host_calls.iter().all(|c| c.device.len() < 1100),
+        "a host-call record kept a whole 1 MiB device name"
+    );
 }
 
 #[test]

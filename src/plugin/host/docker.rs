@@ -130,7 +130,7 @@ impl RunState {
     }
 
     fn deny(&mut self, call: &Call, reason: String) -> HostError {
-        tracing::info!(plugin = %self.run.plugin.name, device = %call.device, op = call.op, request = %call.request, %reason, "plugin host call denied");
+        tracing::info!(plugin = %self.run.plugin.name, device = %bounded(&call.device), op = call.op, request = %bounded(&call.request), reason = %bounded(&reason), "plugin host call denied");
         self.record(call, "deny", "denied", &reason);
         self.run.keep_denial(Denial {
             op: call.op.to_string(),
@@ -142,22 +142,27 @@ impl RunState {
     }
 
     fn record(&mut self, call: &Call, decision: &str, result: &str, reason: &str) {
+        // The device, request and reason hold what the guest passed (a device name, a
+        // container reference): bounded, so a hostile argument cannot bloat the run record
+        // or the audit log.
+        let (device, request) = (bounded(&call.device), bounded(&call.request));
+        let (result, reason) = (bounded(result), bounded(reason));
         self.run.keep_host_call(HostCall {
             op: call.op.to_string(),
-            device: call.device.clone(),
-            request: call.request.clone(),
+            device: device.clone(),
+            request: request.clone(),
             decision: decision.to_string(),
-            result: result.to_string(),
+            result,
             ms: crate::millis(call.started.elapsed()),
         });
         let rec = AuditRecord {
             time: chrono::Utc::now(),
             plugin: self.run.plugin.name.clone(),
-            device: call.device.clone(),
+            device,
             op: call.op.to_string(),
-            request: call.request.clone(),
+            request,
             decision: decision.to_string(),
-            reason: reason.to_string(),
+            reason,
         };
         if let Err(e) = self.run.services.audit.record(&rec) {
             tracing::error!(error = %e, "cannot write the audit record");
@@ -1302,5 +1307,35 @@ fn with_message(e: HostError, message: String) -> HostError {
         HostError::Wit(WitError::Unreachable(_)) => HostError::unreachable(message),
         HostError::Wit(WitError::Invalid(_)) => HostError::invalid(message),
         other => other,
+    }
+}
+
+/// The longest text a host-call or audit record keeps of one field.
+const MAX_RECORDED_FIELD: usize = 1024;
+
+/// `text`, cut to [`MAX_RECORDED_FIELD`] bytes with a note of how much was left out.
+fn bounded(text: &str) -> String {
+    if text.len() <= MAX_RECORDED_FIELD {
+        return text.to_string();
+    }
+    let mut end = MAX_RECORDED_FIELD;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes more)", &text[..end], text.len() - end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_fields_are_bounded_on_a_char_boundary() {
+        assert_eq!(bounded("web-1"), "web-1");
+        let long = "é".repeat(MAX_RECORDED_FIELD);
+        let cut = bounded(&long);
+        assert!(cut.len() < MAX_RECORDED_FIELD + 32, "{}", cut.len());
+        assert!(cut.starts_with("éé"));
+        assert!(cut.ends_with(&format!("({} bytes more)", long.len() - MAX_RECORDED_FIELD)));
     }
 }
