@@ -625,16 +625,16 @@ proptest! {
     fn a_manifest_parses_or_fails_cleanly_and_a_valid_one_stays_within_the_engine_maxima(
         text in prop_oneof![6 => manifest(), 1 => "\\PC{0,120}"],
     ) {
-        if let Ok(manifest) = Manifest::parse(&text, "plugin.toml") {
-            if manifest.validate("plugin.toml", &["local".to_owned()]).is_ok() {
-                let limits = Limits::resolve(&manifest.limits, &Limits::DEFAULT);
-                prop_assert!(limits.memory_mib <= Limits::MAX.memory_mib);
-                prop_assert!(limits.timeout_secs <= Limits::MAX.timeout_secs);
-                prop_assert!(limits.max_log_bytes <= Limits::MAX.max_log_bytes);
-                prop_assert!(limits.max_output_bytes <= Limits::MAX.max_output_bytes);
-                prop_assert!(limits.max_state_bytes <= Limits::MAX.max_state_bytes);
-                prop_assert!(limits.max_host_calls <= Limits::MAX.max_host_calls);
-            }
+        if let Ok(manifest) = Manifest::parse(&text, "plugin.toml")
+            && manifest.validate("plugin.toml", &["local".to_owned()]).is_ok()
+        {
+            let limits = Limits::resolve(&manifest.limits, &Limits::DEFAULT);
+            prop_assert!(limits.memory_mib <= Limits::MAX.memory_mib);
+            prop_assert!(limits.timeout_secs <= Limits::MAX.timeout_secs);
+            prop_assert!(limits.max_log_bytes <= Limits::MAX.max_log_bytes);
+            prop_assert!(limits.max_output_bytes <= Limits::MAX.max_output_bytes);
+            prop_assert!(limits.max_state_bytes <= Limits::MAX.max_state_bytes);
+            prop_assert!(limits.max_host_calls <= Limits::MAX.max_host_calls);
         }
     }
 }
