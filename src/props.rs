@@ -30,7 +30,9 @@ use proptest::test_runner::Config;
 
 use crate::plugin::manifest::{Limits, Manifest};
 use crate::policy::endpoints::{self, Endpoint};
-use crate::policy::tests::never_more_permissive::linuxserver_allows;
+use crate::policy::tests::never_more_permissive::{
+    JUNK, METHODS, PARAMS, PREFIXES, linuxserver_allows,
+};
 use crate::policy::{CompiledPolicy, Effect, Effects, Framing, Policy, Var, VarSet};
 
 /// The case count: `PROPTEST_CASES` when set, else `default`.
@@ -52,82 +54,6 @@ fn config(default: u32) -> Config {
 const READONLY: &str = include_str!("../examples/policies/readonly.env");
 const DOCKMAN: &str = include_str!("../examples/policies/dockman.env");
 const WATCHTOWER: &str = include_str!("../examples/policies/watchtower.env");
-
-/// Path parameters an attacker would try.
-const PARAMS: &[&str] = &[
-    "abc",
-    "web-1",
-    "a.b_c",
-    "json",
-    "library/busybox:latest",
-    "registry:5000/a/b",
-    "sha256:abc",
-    "a b",
-    "a%20b",
-    "-x",
-    ".x",
-    ".",
-    "..",
-    "",
-    "%2e%2e",
-    "%2E",
-    "a%2Fb",
-    "%61bc",
-    "x%zz",
-    "é",
-    "%C3%A9",
-    "a%3Fb",
-    "a?b",
-    "a#b",
-    "a/../b",
-    "start",
-    "logs",
-    "attach",
-    "ws",
-    "%",
-    "a%25b",
-    "%00",
-    "a;b",
-];
-
-/// Pieces inserted anywhere in a target.
-const JUNK: &[&str] = &[
-    "/x",
-    "/..",
-    "/.",
-    "/",
-    "//",
-    "x",
-    "%2F",
-    "%2f",
-    "%5C",
-    "\\",
-    "/../../../images/create",
-    "/../containers/json",
-    "?a=b",
-    "?",
-    "#",
-    "/start",
-    "/logs",
-    "/attach",
-    "/attach/ws",
-    "%00",
-    " ",
-    "\t",
-    "\r\n",
-    ";",
-    "%2e%2e/",
-];
-
-const PREFIXES: &[&str] = &[
-    "/v1.41",
-    "/V1.41",
-    "/v1",
-    "/v1.41/v1.41",
-    "/v.",
-    "/v1.",
-    "/x",
-];
 
 /// Queries, among them the parameters that turn a read into a write or a guarded read.
 const QUERIES: &[&str] = &[
@@ -161,11 +87,6 @@ const QUERIES: &[&str] = &[
     "?h=24&w=80",
     "?stdin=1#frag",
     "?stdin=1;logs=1",
-];
-
-const METHODS: &[&str] = &[
-    "GET", "GET", "GET", "HEAD", "POST", "POST", "PUT", "DELETE", "get", "post", "Head", "PATCH",
-    "OPTIONS", "CONNECT", "TRACE", "", "GET ",
 ];
 
 fn endpoint_target() -> impl Strategy<Value = (Option<&'static str>, String)> {

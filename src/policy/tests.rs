@@ -1375,12 +1375,14 @@ pub(crate) mod never_more_permissive {
             .any(|&(var, prefix)| vars.contains(var) && any(&|c| c.starts_with(prefix.as_bytes())))
     }
 
-    const METHODS: &[&str] = &[
+    /// Methods, as sent and misspelt (shared with `crate::props`).
+    pub(crate) const METHODS: &[&str] = &[
         "GET", "GET", "GET", "HEAD", "POST", "POST", "PUT", "DELETE", "get", "post", "Head",
-        "PATCH", "OPTIONS",
+        "PATCH", "OPTIONS", "CONNECT", "TRACE", "", "GET ",
     ];
 
-    const PARAMS: &[&str] = &[
+    /// Path parameters an attacker would try (shared with `crate::props`).
+    pub(crate) const PARAMS: &[&str] = &[
         "abc",
         "web-1",
         "a.b_c",
@@ -1410,9 +1412,15 @@ pub(crate) mod never_more_permissive {
         "logs",
         "%",
         "a%25b",
+        "%2E",
+        "attach",
+        "ws",
+        "%00",
+        "a;b",
     ];
 
-    const JUNK: &[&str] = &[
+    /// Pieces inserted anywhere in a target (shared with `crate::props`).
+    pub(crate) const JUNK: &[&str] = &[
         "/x",
         "/..",
         "/.",
@@ -1434,9 +1442,19 @@ pub(crate) mod never_more_permissive {
         "#f",
         "/%2e%2e",
         "s",
+        "%5C",
+        "\\",
+        "?",
+        "#",
+        "/attach",
+        "/attach/ws",
+        "\r\n",
+        ";",
+        "%2e%2e/",
     ];
 
-    const PREFIXES: &[&str] = &[
+    /// API version prefixes, good and bad (shared with `crate::props`).
+    pub(crate) const PREFIXES: &[&str] = &[
         "/v1.41",
         "/V1.41",
         "/v1",
