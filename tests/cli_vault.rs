@@ -4,7 +4,7 @@
 //! data directory, and a process killed at any step loses nothing.
 
 use std::io::BufRead;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
 
@@ -329,8 +329,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-fn scan_dir(dir: &Path, needles: &[&[u8]]) -> Vec<String> {
-    let mut hits = Vec::new();
+/// Every file under `dir`, with its bytes.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
@@ -339,15 +340,23 @@ fn scan_dir(dir: &Path, needles: &[&[u8]]) -> Vec<String> {
                 stack.push(p);
             } else {
                 let bytes = std::fs::read(&p).unwrap();
-                for n in needles {
-                    if contains(&bytes, n) {
-                        hits.push(format!(
-                            "{} contains {:?}",
-                            p.display(),
-                            String::from_utf8_lossy(n)
-                        ));
-                    }
-                }
+                files.push((p, bytes));
+            }
+        }
+    }
+    files
+}
+
+fn scan_dir(dir: &Path, needles: &[&[u8]]) -> Vec<String> {
+    let mut hits = Vec::new();
+    for (p, bytes) in files_under(dir) {
+        for n in needles {
+            if contains(&bytes, n) {
+                hits.push(format!(
+                    "{} contains {:?}",
+                    p.display(),
+                    String::from_utf8_lossy(n)
+                ));
             }
         }
     }
@@ -442,19 +451,10 @@ pub fn files_holding(dir: &Path, needles: &[Vec<u8>]) -> Vec<String> {
         .flat_map(|(i, n)| [(i, n.clone()), (i, hex::encode(n).into_bytes())])
         .collect();
     let mut hits = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-                continue;
-            }
-            let bytes = std::fs::read(&p).unwrap();
-            for (i, form) in &forms {
-                if contains(&bytes, form) {
-                    hits.push(format!("{} holds needle #{i}", p.display()));
-                }
+    for (p, bytes) in files_under(dir) {
+        for (i, form) in &forms {
+            if contains(&bytes, form) {
+                hits.push(format!("{} holds needle #{i}", p.display()));
             }
         }
     }
