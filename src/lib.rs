@@ -19,7 +19,8 @@ pub mod docker;
 pub mod engine;
 pub mod metrics;
 pub mod plugin;
-pub mod policy;
+/// The policy engine, a crate of its own (`crates/capstan-policy`).
+pub use capstan_policy as policy;
 pub mod proxy;
 pub mod runs;
 pub mod scheduler;

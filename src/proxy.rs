@@ -53,9 +53,9 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 
-use crate::docker::{BoxError, DockerClient};
+use crate::docker::{BoxError, DockerClient, daemon};
 use crate::policy::body::{self, BodyError};
-use crate::policy::{CompiledPolicy, Decision, Framing, Var, daemon};
+use crate::policy::{CompiledPolicy, Decision, Framing, Var};
 use crate::secret::Secret;
 use crate::server::{Listener, RequestBody, Server, ServerConfig};
 

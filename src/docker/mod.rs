@@ -19,9 +19,11 @@
 //! alive and reuses them, and hands out both a `bollard::Docker` and a raw
 //! request/response interface (for proxying, including upgrades for attach and exec).
 //! [`Pool`] keeps one client per device for the engine. [`check`] runs a timed
-//! connection check and says precisely what failed.
+//! connection check and says precisely what failed. [`daemon`] asks a daemon which
+//! container a reference means, for the policy's container scope.
 
 pub mod check;
+pub mod daemon;
 mod error;
 mod local;
 pub mod pool;

@@ -1076,7 +1076,8 @@ async fn check_recreate(
     policy: &crate::policy::CompiledPolicy,
     body: &Value,
 ) -> Result<(), Recreate> {
-    use crate::policy::{body as request_body, daemon, endpoints};
+    use crate::docker::daemon;
+    use crate::policy::{body as request_body, endpoints};
     let (create, _) = endpoints::find(endpoints::Method::Post, "/containers/create")
         .expect("the create endpoint is in the table");
     let bytes = serde_json::to_vec(body).expect("JSON values serialise");

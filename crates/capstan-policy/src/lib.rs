@@ -2,8 +2,17 @@
 //!
 //! Why it exists: every Docker call Capstan makes on someone's behalf — a plugin's host
 //! function or a request arriving in proxy mode — is first expressed as the Docker Engine
-//! API request it will send (method + path), and this module decides on that request.
+//! API request it will send (method + path), and this crate decides on that request.
 //! One decision procedure for both paths, so there is no second list of rules to drift.
+//!
+//! Why it is a crate of its own: the decision is pure — a request and a policy in, a
+//! [`Decision`] out, asking no daemon and needing nothing else of Capstan — and its tests
+//! and properties are the ones to run after every change to it. On its own the crate
+//! builds and tests in seconds (`cargo test -p capstan-policy`), without the engine's
+//! Docker clients, HTTP stack and WebAssembly runtime. Capstan re-exports it as
+//! `capstan::policy`; what has to ask the daemon which container a reference means (the
+//! scope check of named containers, the filtered listings) lives with the Docker
+//! connections, in `capstan::docker::daemon`.
 //!
 //! It speaks the vocabulary of the Docker socket proxies (linuxserver and Tecnativa
 //! docker-socket-proxy: `CONTAINERS=1 POST=0 ALLOW_RESTARTS=1`), so operators can paste the
@@ -46,18 +55,17 @@
 //! [`Policy::compile`] → [`CompiledPolicy::decide`] → [`Decision`].
 //!
 //! ```
-//! use capstan::policy::Policy;
+//! use capstan_policy::Policy;
 //!
 //! let policy = Policy::from_env_block("CONTAINERS=1\nALLOW_RESTARTS=1\n")?.compile();
 //! let decision = policy.decide("POST", "/v1.47/containers/web/restart");
 //! assert!(decision.is_allowed());
 //! assert_eq!(decision.container(), Some("web"));
-//! # Ok::<(), capstan::policy::PolicyError>(())
+//! # Ok::<(), capstan_policy::PolicyError>(())
 //! ```
 
 pub mod body;
 pub mod create;
-pub mod daemon;
 mod decide;
 pub mod endpoints;
 mod parse;
@@ -65,7 +73,11 @@ mod scope;
 mod vars;
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod props;
+#[cfg(any(test, feature = "proptest"))]
+pub mod strategies;
+#[cfg(test)]
+mod tests;
 
 use std::io::{self, BufRead, Write};
 

@@ -39,8 +39,8 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use thiserror::Error;
 
-use crate::policy::create::CreateAsks;
-use crate::policy::endpoints::Endpoint;
+use crate::create::CreateAsks;
+use crate::endpoints::Endpoint;
 
 /// The largest request body read for inspection (create bodies are a few KiB).
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -582,7 +582,7 @@ impl<'de> Visitor<'de> for JsonVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::endpoints::{Method, find};
+    use crate::endpoints::{Method, find};
 
     fn endpoint(method: Method, path: &str) -> &'static Endpoint {
         find(method, path).expect("an endpoint").0

@@ -22,7 +22,7 @@
 use std::fmt;
 use std::ops::Range;
 
-use crate::policy::vars::Var;
+use crate::vars::Var;
 
 /// An HTTP method that some Docker endpoint uses. Methods are case-sensitive tokens:
 /// `get` is not `GET`.

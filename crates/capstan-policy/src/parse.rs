@@ -54,10 +54,10 @@ use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use thiserror::Error;
 
-use crate::policy::Policy;
-use crate::policy::create::{CreateGuard, CreateTable};
-use crate::policy::scope::{ContainerScope, DeviceScope};
-use crate::policy::vars::{ValueError, Var, closest, parse_assignment, parse_value};
+use crate::Policy;
+use crate::create::{CreateGuard, CreateTable};
+use crate::scope::{ContainerScope, DeviceScope};
+use crate::vars::{ValueError, Var, closest, parse_assignment, parse_value};
 
 /// Why a policy could not be read.
 #[derive(Debug, Error)]

@@ -38,10 +38,10 @@ use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
-use crate::policy::create::CreateGuard;
-use crate::policy::endpoints::{self, Effect, Endpoint, Gate, Method, Span, TargetKind};
-use crate::policy::scope::{ContainerScope, DeviceScope};
-use crate::policy::vars::{Var, VarSet};
+use crate::create::CreateGuard;
+use crate::endpoints::{self, Effect, Endpoint, Gate, Method, Span, TargetKind};
+use crate::scope::{ContainerScope, DeviceScope};
+use crate::vars::{Var, VarSet};
 
 /// A policy ready to decide: the variables as a bit set, and the scopes.
 #[derive(Debug, Clone, PartialEq, Eq)]

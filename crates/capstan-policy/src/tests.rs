@@ -1,8 +1,8 @@
 //! The semantics of `shared/POLICY-SEMANTICS.md`, one test per row and consequence, and
 //! the promise behind them: never more permissive than linuxserver's socket proxy.
 
-use crate::policy::endpoints::{self, Endpoint};
-use crate::policy::*;
+use crate::endpoints::{self, Endpoint};
+use crate::*;
 
 fn policy(env: &str) -> CompiledPolicy {
     Policy::from_env_block(env)
@@ -939,7 +939,7 @@ fn compiles_the_effective_values_of_a_policy() {
 }
 
 /// The read-only example policy, as shipped.
-const READONLY_ENV: &str = include_str!("../../examples/policies/readonly.env");
+const READONLY_ENV: &str = include_str!("../../../examples/policies/readonly.env");
 
 /// Queries that change what an attach does, and framings a proxy sees.
 const ATTACK_QUERIES: &[&str] = &[

@@ -30,7 +30,7 @@ use std::fmt;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::policy::scope::Glob;
+use crate::scope::Glob;
 
 /// Why a `[create]` setting is refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -15,8 +15,8 @@ use hyper::{Request, StatusCode, header};
 use serde_json::Value;
 
 use crate::docker::{DockerClient, empty_body};
+use crate::policy::ContainerScope;
 use crate::policy::body::NamedContainer;
-use crate::policy::scope::ContainerScope;
 
 /// The most of a daemon answer read for a scope check or a filtered listing.
 pub const MAX_ANSWER: usize = 16 * 1024 * 1024;
