@@ -20,7 +20,7 @@
 //! well-formed requests. Unlike the proxies it matches the Docker API's real endpoints
 //! instead of path prefixes, refuses paths that could mean something else once forwarded,
 //! and forwards exactly the path it decided on — so it is never more permissive than
-//! linuxserver on any request. `shared/POLICY-SEMANTICS.md` states the semantics.
+//! linuxserver on any request. `docs/POLICY-SEMANTICS.md` states the semantics.
 //!
 //! What a policy grants by default: PING, VERSION and EVENTS (the proxies' defaults), no
 //! device ([`DeviceScope`] is default-deny), within the devices granted every container

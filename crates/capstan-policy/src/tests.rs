@@ -1,4 +1,4 @@
-//! The semantics of `shared/POLICY-SEMANTICS.md`, one test per row and consequence, and
+//! The semantics of `docs/POLICY-SEMANTICS.md`, one test per row and consequence, and
 //! the promise behind them: never more permissive than linuxserver's socket proxy.
 
 use crate::endpoints::{self, Endpoint};
@@ -1235,7 +1235,7 @@ fn names_the_rule_and_variable_that_decided() {
 }
 
 /// Never more permissive than linuxserver: a model of its prefix matcher, as
-/// POLICY-SEMANTICS.md describes it, must allow whatever Capstan allows.
+/// docs/POLICY-SEMANTICS.md describes it, must allow whatever Capstan allows.
 pub(crate) mod never_more_permissive {
     use super::*;
 
@@ -1604,7 +1604,7 @@ pub(crate) mod never_more_permissive {
 
     #[test]
     fn agrees_with_the_model_on_the_documented_weaknesses() {
-        // The model reproduces the weaknesses POLICY-SEMANTICS.md lists …
+        // The model reproduces the weaknesses docs/POLICY-SEMANTICS.md lists …
         let defaults = VarSet::defaults();
         let mut start = VarSet::EMPTY;
         start.insert(Var::AllowStart);
