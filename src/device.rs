@@ -1,7 +1,8 @@
 //! Devices: the Docker hosts Capstan knows, and how to reach each one.
 //!
 //! A [`Device`] record holds everything about a host that is not secret (address, user,
-//! auth method, options, the pinned host key) and is stored as JSON in the `devices` tree.
+//! auth method, options, the pinned host key) and is stored by
+//! [`DeviceRecords`](crate::store::devices::DeviceRecords).
 //! Every secret field (password, private key and its passphrase, the Docker-only SSH
 //! credentials, TLS material) lives only in the vault under `device/<uuid>/<field>`;
 //! which secrets a device has is derived from its auth settings, never stored in clear.
@@ -13,18 +14,15 @@
 
 use std::collections::BTreeMap;
 
-use sled::Transactional;
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::secret::Secret;
-use crate::store::{self, Store, StoreError};
+use crate::store::devices::{DeviceRecords, Put};
+use crate::store::{Store, StoreError};
 use crate::vault::{SecretName, Vault, VaultError};
 
-const DEVICES_TREE: &str = "devices";
-const NAMES_TREE: &str = "device_names";
 const VAULT_KIND: &str = "device";
 
 #[derive(
@@ -735,12 +733,6 @@ pub enum DeviceError {
     Vault(#[from] VaultError),
 }
 
-impl From<sled::Error> for DeviceError {
-    fn from(e: sled::Error) -> Self {
-        DeviceError::Store(StoreError::Sled(e))
-    }
-}
-
 fn invalid(msg: impl Into<String>) -> DeviceError {
     DeviceError::Invalid(Invalid(msg.into()))
 }
@@ -1193,16 +1185,14 @@ pub fn validate_docker_host(h: &str) -> Result<(), DeviceError> {
 
 /// The device registry: records in the store, secrets in the vault.
 pub struct Devices<'a> {
-    devices: sled::Tree,
-    names: sled::Tree,
+    records: DeviceRecords,
     vault: &'a Vault,
 }
 
 impl<'a> Devices<'a> {
     pub fn new(store: &Store, vault: &'a Vault) -> Result<Self, DeviceError> {
         Ok(Devices {
-            devices: store.tree(DEVICES_TREE)?,
-            names: store.tree(NAMES_TREE)?,
+            records: DeviceRecords::open(store)?,
             vault,
         })
     }
@@ -1212,14 +1202,7 @@ impl<'a> Devices<'a> {
     }
 
     pub fn list(&self) -> Result<Vec<Device>, DeviceError> {
-        let mut v: Vec<Device> = self
-            .devices
-            .iter()
-            .map(|r| {
-                let (k, bytes) = r?;
-                Ok(store::decode(&k, &bytes)?)
-            })
-            .collect::<Result<_, DeviceError>>()?;
+        let mut v = self.records.list()?;
         v.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(v)
     }
@@ -1228,16 +1211,12 @@ impl<'a> Devices<'a> {
     pub fn get(&self, name_or_id: &str) -> Result<Device, DeviceError> {
         let id = match Uuid::parse_str(name_or_id) {
             Ok(id) => Some(id),
-            Err(_) => self
-                .names
-                .get(name_or_id.as_bytes())?
-                .and_then(|b| Uuid::from_slice(&b).ok()),
+            Err(_) => self.records.id_of(name_or_id)?,
         };
         let id = id.ok_or_else(|| DeviceError::NotFound(name_or_id.into()))?;
-        match self.devices.get(id.as_bytes())? {
-            Some(bytes) => Ok(store::decode(id.as_bytes(), &bytes)?),
-            None => Err(DeviceError::NotFound(name_or_id.into())),
-        }
+        self.records
+            .get(id)?
+            .ok_or_else(|| DeviceError::NotFound(name_or_id.into()))
     }
 
     /// The secrets this device holds (for connecting; never for display).
@@ -1289,17 +1268,7 @@ impl<'a> Devices<'a> {
     pub fn remove(&self, name_or_id: &str) -> Result<Device, DeviceError> {
         let dev = self.get(name_or_id)?;
         let id = dev.id;
-        let name = dev.name.clone();
-        (&self.devices, &self.names)
-            .transaction(|(devices, names)| {
-                devices.remove(id.as_bytes())?;
-                names.remove(name.as_bytes())?;
-                Ok(())
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(s) => DeviceError::from(s),
-                sled::transaction::TransactionError::Abort(()) => unreachable!(),
-            })?;
+        self.records.remove(id, &dev.name)?;
         self.vault.remove_record(VAULT_KIND, &id.to_string())?;
         Ok(dev)
     }
@@ -1320,30 +1289,10 @@ impl<'a> Devices<'a> {
                 }
             }
         })?;
-        let bytes = store::encode(dev);
         let id = dev.id;
-        let new_name = dev.name.clone();
-        let old_name = old.map(|o| o.name.clone());
-        (&self.devices, &self.names)
-            .transaction(|(devices, names)| {
-                if old_name.as_deref() != Some(new_name.as_str()) {
-                    if names.get(new_name.as_bytes())?.is_some() {
-                        return sled::transaction::abort(());
-                    }
-                    if let Some(o) = &old_name {
-                        names.remove(o.as_bytes())?;
-                    }
-                    names.insert(new_name.as_bytes(), id.as_bytes().to_vec())?;
-                }
-                devices.insert(id.as_bytes(), bytes.clone())?;
-                Ok(())
-            })
-            .map_err(|e| match e {
-                sled::transaction::TransactionError::Storage(s) => DeviceError::from(s),
-                sled::transaction::TransactionError::Abort(()) => {
-                    DeviceError::Duplicate(dev.name.clone())
-                }
-            })?;
+        if self.records.put(old.map(|o| o.name.as_str()), dev)? == Put::NameTaken {
+            return Err(DeviceError::Duplicate(dev.name.clone()));
+        }
         let keep = dev.required_secrets();
         self.vault.change(|c| {
             for f in SecretField::ALL {
