@@ -1,4 +1,4 @@
-//! Run history: one record per plugin run, kept in sled, followed live.
+//! Run history: one record per plugin run, kept in the store, followed live.
 //!
 //! Every run the engine starts — on a cron fire, a webhook delivery or by hand — gets a
 //! [`RunRecord`] before the plugin is instantiated, so a run that never ends (a crash, a
@@ -13,7 +13,8 @@
 //! - `runs_active`: id → plugin, for the queued and running ones, so crash recovery does
 //!   not scan the history.
 //!
-//! Every change to a record is one sled transaction over the trees it touches, and is
+//! Every change to a record is one transaction over the trees it touches
+//! ([`RunHistory`](crate::store::runs::RunHistory) keeps them), and is
 //! broadcast to followers ([`RunStore::subscribe`], for `capstan runs --follow`).
 //! Retention (last N per plugin, maximum age) is applied on every insert, a bounded
 //! amount at a time, and in full by [`RunStore::apply_retention`], which the engine calls
@@ -27,16 +28,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::store::{self, Store, StoreError};
-
-const RUNS_TREE: &str = "runs";
-const BY_PLUGIN_TREE: &str = "runs_by_plugin";
-const ACTIVE_TREE: &str = "runs_active";
+use crate::store::runs::RunHistory;
+use crate::store::{Store, StoreError};
 
 /// Default cap on a run's kept log text.
 pub const DEFAULT_LOG_CAP_BYTES: usize = 64 * 1024;
@@ -63,21 +59,6 @@ pub enum RunError {
     Invalid(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<sled::Error> for RunError {
-    fn from(e: sled::Error) -> Self {
-        RunError::Store(StoreError::Sled(e))
-    }
-}
-
-impl From<TransactionError<RunError>> for RunError {
-    fn from(e: TransactionError<RunError>) -> Self {
-        match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => e.into(),
-        }
-    }
 }
 
 /// A run's id: a UUIDv7, so ids sort by creation time (monotonic within the process).
@@ -107,7 +88,7 @@ impl RunId {
         self.0.as_bytes()
     }
 
-    fn from_slice(b: &[u8]) -> Option<RunId> {
+    pub(crate) fn from_slice(b: &[u8]) -> Option<RunId> {
         Uuid::from_slice(b).ok().map(RunId)
     }
 
@@ -449,47 +430,19 @@ pub struct Retained {
 /// The run history. Cheap to clone.
 #[derive(Clone)]
 pub struct RunStore {
-    runs: sled::Tree,
-    by_plugin: sled::Tree,
-    active: sled::Tree,
+    history: RunHistory,
     config: RunStoreConfig,
     /// Records per plugin, kept in memory so retention on insert needs no count scan.
     counts: Arc<Mutex<HashMap<String, usize>>>,
     updates: broadcast::Sender<Arc<RunRecord>>,
 }
 
-fn plugin_key(plugin: &str, id: &RunId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(plugin.len() + 17);
-    k.extend_from_slice(plugin.as_bytes());
-    k.push(0);
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-fn plugin_prefix(plugin: &str) -> Vec<u8> {
-    let mut k = plugin.as_bytes().to_vec();
-    k.push(0);
-    k
-}
-
 impl RunStore {
     pub fn open(store: &Store, config: RunStoreConfig) -> Result<RunStore, RunError> {
-        let runs = store.tree(RUNS_TREE)?;
-        let by_plugin = store.tree(BY_PLUGIN_TREE)?;
-        let active = store.tree(ACTIVE_TREE)?;
-        let mut counts: HashMap<String, usize> = HashMap::new();
-        for key in by_plugin.iter().keys() {
-            let key = key?;
-            if let Some(nul) = key.iter().position(|b| *b == 0) {
-                *counts
-                    .entry(String::from_utf8_lossy(&key[..nul]).into_owned())
-                    .or_default() += 1;
-            }
-        }
+        let history = RunHistory::open(store)?;
+        let counts = history.count_per_plugin()?;
         Ok(RunStore {
-            runs,
-            by_plugin,
-            active,
+            history,
             config,
             counts: Arc::new(Mutex::new(counts)),
             updates: broadcast::channel(FOLLOW_BUFFER).0,
@@ -533,14 +486,7 @@ impl RunStore {
             host_calls: Vec::new(),
             host_calls_dropped: 0,
         };
-        let bytes = store::encode(&record);
-        let pkey = plugin_key(plugin, &id);
-        (&self.runs, &self.by_plugin, &self.active).transaction(|(runs, by_plugin, active)| {
-            runs.insert(&id.as_bytes()[..], bytes.as_slice())?;
-            by_plugin.insert(pkey.as_slice(), &[][..])?;
-            active.insert(&id.as_bytes()[..], plugin.as_bytes())?;
-            Ok::<_, ConflictableTransactionError<RunError>>(())
-        })?;
+        self.history.insert(&record)?;
         *self
             .counts
             .lock()
@@ -629,30 +575,16 @@ impl RunStore {
         id: RunId,
         change: impl Fn(&mut RunRecord) -> Result<(), RunError>,
     ) -> Result<RunRecord, RunError> {
-        let key = id.as_bytes();
-        let record = (&self.runs, &self.active).transaction(|(runs, active)| {
-            let Some(bytes) = runs.get(key)? else {
-                return Err(ConflictableTransactionError::Abort(RunError::NotFound(id)));
-            };
-            let mut record: RunRecord = store::decode(key, &bytes)
-                .map_err(|e| ConflictableTransactionError::Abort(e.into()))?;
-            change(&mut record).map_err(ConflictableTransactionError::Abort)?;
-            runs.insert(&key[..], store::encode(&record))?;
-            if record.status.is_final() {
-                active.remove(&key[..])?;
-            }
-            Ok(record)
-        })?;
+        let record = self
+            .history
+            .update(id, change)?
+            .ok_or(RunError::NotFound(id))?;
         self.publish(&record);
         Ok(record)
     }
 
     pub fn get(&self, id: RunId) -> Result<Option<RunRecord>, RunError> {
-        let key = id.as_bytes();
-        match self.runs.get(key)? {
-            Some(bytes) => Ok(Some(store::decode(key, &bytes)?)),
-            None => Ok(None),
-        }
+        Ok(self.history.get(id)?)
     }
 
     /// Runs newest first, one page at a time.
@@ -661,43 +593,9 @@ impl RunStore {
             0 => 50,
             n => n.min(MAX_PAGE),
         };
-        let mut ids: Vec<RunId> = Vec::with_capacity(limit + 1);
-        match &query.plugin {
-            Some(plugin) => {
-                let prefix = plugin_prefix(plugin);
-                let end = match &query.before {
-                    Some(b) => plugin_key(plugin, b),
-                    None => {
-                        let mut e = plugin.as_bytes().to_vec();
-                        e.push(1);
-                        e
-                    }
-                };
-                for key in self.by_plugin.range(prefix.clone()..end).keys().rev() {
-                    let key = key?;
-                    if let Some(id) = RunId::from_slice(&key[prefix.len()..]) {
-                        ids.push(id);
-                    }
-                    if ids.len() > limit {
-                        break;
-                    }
-                }
-            }
-            None => {
-                let iter = match &query.before {
-                    Some(b) => self.runs.range(..&b.as_bytes()[..]),
-                    None => self.runs.iter(),
-                };
-                for key in iter.keys().rev() {
-                    if let Some(id) = RunId::from_slice(&key?) {
-                        ids.push(id);
-                    }
-                    if ids.len() > limit {
-                        break;
-                    }
-                }
-            }
-        }
+        let mut ids = self
+            .history
+            .newest_ids(query.plugin.as_deref(), query.before, limit + 1)?;
         let more = ids.len() > limit;
         ids.truncate(limit);
         let mut runs = Vec::with_capacity(ids.len());
@@ -715,13 +613,11 @@ impl RunStore {
 
     /// Ids of the queued and running runs, oldest first.
     pub fn active(&self) -> Result<Vec<RunId>, RunError> {
-        self.active
-            .iter()
-            .keys()
-            .map(|k| {
-                let k = k?;
-                RunId::from_slice(&k)
-                    .ok_or_else(|| RunError::Invalid("malformed id in the active index".into()))
+        self.history
+            .active()?
+            .into_iter()
+            .map(|id| {
+                id.ok_or_else(|| RunError::Invalid("malformed id in the active index".into()))
             })
             .collect()
     }
@@ -736,7 +632,7 @@ impl RunStore {
                 Ok(_) => marked.push(id),
                 // Finished or removed meanwhile: nothing to mark.
                 Err(RunError::InvalidTransition { .. } | RunError::NotFound(_)) => {
-                    self.active.remove(id.as_bytes())?;
+                    self.history.forget_active(id)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -782,17 +678,13 @@ impl RunStore {
             return Ok(0);
         }
         let excess = (count - keep).min(max);
-        let prefix = plugin_prefix(plugin);
         let mut removed = 0;
-        for key in self.by_plugin.scan_prefix(&prefix).keys() {
+        for id in self.history.oldest_ids_of(plugin) {
             if removed == excess {
                 break;
             }
-            let key = key?;
-            let Some(id) = RunId::from_slice(&key[prefix.len()..]) else {
-                continue;
-            };
-            if self.active.contains_key(id.as_bytes())? {
+            let id = id?;
+            if self.history.is_active(id)? {
                 continue;
             }
             if self.remove(id, plugin)? {
@@ -810,19 +702,19 @@ impl RunStore {
         };
         let cutoff = now - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
         let mut removed = 0;
-        for item in self.runs.iter() {
+        for id in self.history.oldest_ids() {
             if removed == max {
                 break;
             }
-            let (key, bytes) = item?;
-            let Some(id) = RunId::from_slice(&key) else {
-                continue;
-            };
+            let id = id?;
             // Ids are in creation order: nothing after this one is old enough.
             if id.created_at() >= cutoff {
                 break;
             }
-            let record: RunRecord = store::decode(&key, &bytes)?;
+            // Removed meanwhile: nothing to expire.
+            let Some(record) = self.history.get(id)? else {
+                continue;
+            };
             if record.status.is_final()
                 && record.finished_at.unwrap_or(record.queued_at) < cutoff
                 && self.remove(id, &record.plugin)?
@@ -835,13 +727,7 @@ impl RunStore {
 
     /// Removes one finished record and its index entry. False if it was gone already.
     fn remove(&self, id: RunId, plugin: &str) -> Result<bool, RunError> {
-        let pkey = plugin_key(plugin, &id);
-        let existed = (&self.runs, &self.by_plugin).transaction(|(runs, by_plugin)| {
-            by_plugin.remove(pkey.as_slice())?;
-            Ok::<_, ConflictableTransactionError<RunError>>(
-                runs.remove(&id.as_bytes()[..])?.is_some(),
-            )
-        })?;
+        let existed = self.history.remove(id, plugin)?;
         if existed {
             let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(n) = counts.get_mut(plugin) {
@@ -865,8 +751,7 @@ impl RunStore {
     }
 
     pub fn flush(&self) -> Result<(), RunError> {
-        self.runs.flush()?;
-        Ok(())
+        Ok(self.history.flush()?)
     }
 }
 

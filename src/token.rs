@@ -9,9 +9,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::secret::Secret;
-use crate::store::{self, Store, StoreError};
-
-const TREE: &str = "api_tokens";
+use crate::store::tokens::TokenRecords;
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TokenInfo {
@@ -22,7 +21,7 @@ pub struct TokenInfo {
 
 #[derive(Clone)]
 pub struct Tokens {
-    tree: sled::Tree,
+    records: TokenRecords,
 }
 
 fn hash(token: &[u8]) -> [u8; 32] {
@@ -32,7 +31,7 @@ fn hash(token: &[u8]) -> [u8; 32] {
 impl Tokens {
     pub fn new(store: &Store) -> Result<Tokens, StoreError> {
         Ok(Tokens {
-            tree: store.tree(TREE)?,
+            records: TokenRecords::open(store)?,
         })
     }
 
@@ -52,9 +51,7 @@ impl Tokens {
             name: name.to_string(),
             created_at: Utc::now(),
         };
-        self.tree
-            .insert(hash(token.expose()), store::encode(&info))?;
-        self.tree.flush()?;
+        self.records.put(&hash(token.expose()), &info)?;
         Ok((token, info))
     }
 
@@ -63,42 +60,22 @@ impl Tokens {
         if !presented.starts_with(b"cap_") {
             return Ok(None);
         }
-        let key = hash(presented);
-        match self.tree.get(key)? {
-            Some(bytes) => Ok(Some(store::decode(&key, &bytes)?)),
-            None => Ok(None),
-        }
+        self.records.get(&hash(presented))
     }
 
     pub fn list(&self) -> Result<Vec<TokenInfo>, StoreError> {
-        let mut v: Vec<TokenInfo> = self
-            .tree
-            .iter()
-            .map(|r| {
-                let (k, b) = r?;
-                store::decode(&k, &b)
-            })
-            .collect::<Result<_, _>>()?;
+        let mut v = self.records.list()?;
         v.sort_by_key(|a| a.created_at);
         Ok(v)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+        self.records.is_empty()
     }
 
     /// Revokes every token whose id or name is `id_or_name`; returns how many.
     pub fn revoke(&self, id_or_name: &str) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for r in self.tree.iter() {
-            let (k, b) = r?;
-            let info: TokenInfo = store::decode(&k, &b)?;
-            if info.id == id_or_name || info.name == id_or_name {
-                self.tree.remove(k)?;
-                n += 1;
-            }
-        }
-        self.tree.flush()?;
-        Ok(n)
+        self.records
+            .remove_where(|info| info.id == id_or_name || info.name == id_or_name)
     }
 }

@@ -15,7 +15,7 @@ use anyhow::Context;
 
 use super::GlobalArgs;
 use crate::config::ProxySettings;
-use crate::device::{DeviceChanges, DeviceError, DeviceKind};
+use crate::device::{DeviceError, DeviceKind, DeviceSpec};
 use crate::engine::Engine;
 use crate::plugin::PluginSource;
 use crate::policy::CompiledPolicy;
@@ -193,13 +193,11 @@ fn ensure_local_device(engine: &Engine) -> anyhow::Result<()> {
     match devices.get("local") {
         Ok(_) => Ok(()),
         Err(DeviceError::NotFound(_)) => {
-            let d = devices.add(
-                DeviceKind::Local,
-                DeviceChanges {
-                    name: Some("local".into()),
-                    ..Default::default()
-                },
-            )?;
+            let d = devices.add(DeviceSpec {
+                kind: Some(DeviceKind::Local),
+                name: Some("local".into()),
+                ..Default::default()
+            })?;
             println!(
                 "registered the local Docker daemon as device `local` ({})",
                 d.address()

@@ -50,10 +50,6 @@ pub use file::Contents;
 use crate::secret::Secret;
 use crate::store::{Store, StoreError};
 
-/// The sled trees where versions before the vault file kept the vault.
-const LEGACY_META_TREE: &[u8] = b"vault";
-const LEGACY_HEADER_KEY: &[u8] = b"header";
-const LEGACY_SECRETS_TREE_PREFIX: &[u8] = b"secrets.g";
 const FORMAT: u32 = 1;
 const SALT_LEN: usize = 16;
 
@@ -79,12 +75,6 @@ pub enum VaultError {
     Corrupt(String),
     #[error("vault storage error: {0}")]
     Storage(#[from] StoreError),
-}
-
-impl From<sled::Error> for VaultError {
-    fn from(e: sled::Error) -> Self {
-        VaultError::Storage(StoreError::Sled(e))
-    }
 }
 
 pub type Result<T, E = VaultError> = std::result::Result<T, E>;
@@ -210,45 +200,35 @@ pub fn rewrite(store: &Store) -> Result<Option<usize>> {
     Ok(Some(contents.sealed.len()))
 }
 
-/// Moves the vault of a data directory written by an older version out of its sled
-/// trees into the vault file (unchanged: no key is needed). Returns the trees the
-/// database must leave behind in a compaction; empty when there is nothing to move.
-/// Called by [`Store::open`] with the data directory locked.
-pub(crate) fn move_out_of_database(dir: &Path, db: &sled::Db) -> Result<Vec<sled::IVec>> {
-    let legacy: Vec<sled::IVec> = db
-        .tree_names()
-        .into_iter()
-        .filter(|n| &n[..] == LEGACY_META_TREE || n.starts_with(LEGACY_SECRETS_TREE_PREFIX))
-        .collect();
-    if !legacy.iter().any(|n| &n[..] == LEGACY_META_TREE) {
-        return Ok(legacy);
-    }
-    let Some(bytes) = db.open_tree(LEGACY_META_TREE)?.get(LEGACY_HEADER_KEY)? else {
-        return Ok(legacy);
+/// Moves the vault of a data directory written by an older version out of the
+/// database (read by the store: [`crate::store::legacy_vault`]) into the vault file
+/// (unchanged: no key is needed). Called by [`Store::open`] with the data directory
+/// locked; the store then compacts the old trees away.
+pub(crate) fn move_out_of_database(
+    dir: &Path,
+    legacy: &crate::store::legacy_vault::LegacyVault,
+) -> Result<()> {
+    let Some(bytes) = &legacy.header else {
+        return Ok(());
     };
-    let header: Header = serde_json::from_slice(&bytes)
+    let header: Header = serde_json::from_slice(bytes)
         .map_err(|e| VaultError::Corrupt(format!("unreadable header in the database: {e}")))?;
     if file::read(dir)?.is_some() {
         // A migration killed after the file was written: the file is the vault.
         tracing::info!(
             "the vault file exists; dropping the older copy of the vault in the database"
         );
-        return Ok(legacy);
+        return Ok(());
     }
-    let tree_name = legacy_secrets_tree_name(header.generation);
-    if !legacy.iter().any(|n| n[..] == *tree_name.as_bytes()) && header.generation != 1 {
+    let sealed = legacy.secrets.get(&header.generation);
+    if sealed.is_none() && header.generation != 1 {
         return Err(VaultError::Corrupt(format!(
-            "the header names key generation {} but tree {tree_name} is missing",
-            header.generation
+            "the header names key generation {} but tree {} is missing",
+            header.generation,
+            legacy_secrets_tree_name(header.generation)
         )));
     }
-    let mut sealed = BTreeMap::new();
-    if legacy.iter().any(|n| n[..] == *tree_name.as_bytes()) {
-        for item in db.open_tree(&tree_name)?.iter() {
-            let (k, v) = item?;
-            sealed.insert(String::from_utf8_lossy(&k).into_owned(), v.to_vec());
-        }
-    }
+    let sealed = sealed.cloned().unwrap_or_default();
     let n = sealed.len();
     file::write(dir, &Contents { header, sealed })?;
     tracing::info!(
@@ -256,14 +236,11 @@ pub(crate) fn move_out_of_database(dir: &Path, db: &sled::Db) -> Result<Vec<sled
         "moved the vault out of the database into {}",
         file::FILE
     );
-    Ok(legacy)
+    Ok(())
 }
 
 fn legacy_secrets_tree_name(generation: u64) -> String {
-    format!(
-        "{}{generation}",
-        String::from_utf8_lossy(LEGACY_SECRETS_TREE_PREFIX)
-    )
+    format!("{}{generation}", crate::store::LEGACY_SECRETS_PREFIX.name)
 }
 
 /// A set of changes to the vault's secrets, written as one replacement of the file.
@@ -878,7 +855,7 @@ mod tests {
         let removed = data_key.seal(b"gone", &SecretName::new("device", "y", "password").aad());
         let stale = data_key.seal(b"stale generation", &name.aad());
         {
-            let db = sled::open(dir.path().join("db")).unwrap();
+            let db = crate::store::open_raw(&dir.path().join("db"));
             db.open_tree("vault")
                 .unwrap()
                 .insert("header", serde_json::to_vec(&header).unwrap())

@@ -1,12 +1,31 @@
-//! The engine's one sled database and the trees in it, and the data directory around it.
+//! The engine's one sled database, every tree in it, the storage operations the engine
+//! performs on them, and the data directory around it.
 //!
 //! Every persistent record but the vault lives here: devices and their name index, API
-//! tokens, runs, plugin records, webhook deliveries. The vault (header and sealed secrets)
-//! is a file of its own, owned by [`crate::vault`], because sled is log-structured: an
-//! overwritten or removed value stays in old log segments until sled's own garbage
-//! collection rewrites them, and sled offers no way to force that. A vault kept in sled
-//! would keep every superseded header (openable with an old passphrase) and every
-//! superseded ciphertext readable in the data directory.
+//! tokens, runs, plugin records, webhook deliveries ([`TREES`] lists each tree with its
+//! key and value encoding). Nothing outside this module touches sled: each record family
+//! has a type here with narrow, typed operations on the engine's own types —
+//! [`devices::DeviceRecords`], [`tokens::TokenRecords`], [`runs::RunHistory`],
+//! [`plugins::PluginRecords`], [`plugins::PluginState`], [`plugins::Audit`],
+//! [`deliveries::Deliveries`] — and every atomic change (a device and its name, a run and
+//! its indexes, a state value and its running size, a delivery claim) is one operation,
+//! done in one sled transaction or compare-and-swap.
+//!
+//! Why concrete sled-backed types and not a trait per record family: there is one
+//! backend today, and a trait now would fix the operations before a second backend has
+//! said what it can do atomically (NATS JetStream KV has per-key compare-and-set by
+//! revision, but no transaction over several keys, so "a run and its indexes" may
+//! become one key plus derived views there). The seam is the operation set: callers
+//! name only these types and their methods, never a tree, key layout or sled type, so a
+//! cluster backend implements the same methods (then a trait, or an enum of backends,
+//! is extracted from them) without touching a caller.
+//!
+//! The vault (header and sealed secrets) is a file of its own, owned by
+//! [`crate::vault`], because sled is log-structured: an overwritten or removed value
+//! stays in old log segments until sled's own garbage collection rewrites them, and sled
+//! offers no way to force that. A vault kept in sled would keep every superseded header
+//! (openable with an old passphrase) and every superseded ciphertext readable in the
+//! data directory.
 //!
 //! Opening goes through [`Store::open`], which
 //! - takes an exclusive lock on `DATA_DIR/lock` for as long as any clone of the store
@@ -29,6 +48,13 @@
 //! Overwriting old files with zeros before removing them is the most a process can do;
 //! a copy-on-write filesystem, snapshots or an SSD's wear levelling may still keep the
 //! freed blocks, which is outside what Capstan controls.
+
+pub mod deliveries;
+pub mod devices;
+pub mod legacy_vault;
+pub mod plugins;
+pub mod runs;
+pub mod tokens;
 
 use std::fs::File;
 use std::io::Write;
@@ -58,6 +84,104 @@ pub enum StoreError {
     #[error("cannot move the vault out of the database in {path}: {reason}")]
     Migration { path: PathBuf, reason: String },
 }
+
+/// One tree of the database: its name, and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tree {
+    pub name: &'static str,
+    /// What a record is: its key and its value, and their encodings.
+    pub holds: &'static str,
+}
+
+/// Devices: device id (the UUID's 16 bytes) → [`crate::device::Device`] as JSON.
+pub const DEVICES: Tree = Tree {
+    name: "devices",
+    holds: "device id (16 UUID bytes) → the device record (Device) as JSON",
+};
+/// The device name index: name (UTF-8) → device id (16 UUID bytes).
+pub const DEVICE_NAMES: Tree = Tree {
+    name: "device_names",
+    holds: "device name (UTF-8) → device id (16 UUID bytes)",
+};
+/// API tokens: SHA-256 of the whole token (32 bytes) → [`crate::token::TokenInfo`] as JSON.
+pub const API_TOKENS: Tree = Tree {
+    name: "api_tokens",
+    holds: "SHA-256 of the token (32 bytes) → TokenInfo as JSON",
+};
+/// Run records: run id (16 bytes, UUIDv7: key order is time order) → `RunRecord` JSON.
+pub const RUNS: Tree = Tree {
+    name: "runs",
+    holds: "run id (16 UUIDv7 bytes, time-ordered) → the run record (RunRecord) as JSON",
+};
+/// Runs per plugin: `plugin \0 run id` → empty.
+pub const RUNS_BY_PLUGIN: Tree = Tree {
+    name: "runs_by_plugin",
+    holds: "plugin name (UTF-8), NUL, run id (16 bytes) → empty",
+};
+/// Queued and running runs: run id → plugin name.
+pub const RUNS_ACTIVE: Tree = Tree {
+    name: "runs_active",
+    holds: "run id (16 bytes) of a queued or running run → plugin name (UTF-8)",
+};
+/// The audit log of host calls.
+pub const AUDIT: Tree = Tree {
+    name: "audit",
+    holds: "time (u64 nanoseconds, big-endian) and a sequence number (u64, big-endian) → AuditRecord as JSON",
+};
+/// Plugins' key-value state.
+pub const PLUGIN_STATE: Tree = Tree {
+    name: "plugin_state",
+    holds: "plugin name (UTF-8), NUL, state key (UTF-8) → the value's bytes, as the plugin gave them",
+};
+/// The bytes each plugin's state takes.
+pub const PLUGIN_STATE_SIZE: Tree = Tree {
+    name: "plugin_state_size",
+    holds: "plugin name (UTF-8) → bytes its state's keys and values take (u64, big-endian)",
+};
+/// Installed plugins.
+pub const PLUGINS: Tree = Tree {
+    name: "plugins",
+    holds: "plugin name (UTF-8) → InstalledPlugin as JSON",
+};
+/// Webhook delivery ids already accepted.
+pub const WEBHOOK_DELIVERIES: Tree = Tree {
+    name: "webhook_deliveries",
+    holds: "hook name (UTF-8), NUL, the sender's delivery id → when it was accepted, when it expires and its run id, as JSON",
+};
+/// Verified webhook signatures already accepted.
+pub const WEBHOOK_SIGNATURES: Tree = Tree {
+    name: "webhook_signatures",
+    holds: "hook name (UTF-8), NUL, hex SHA-256 of the verified signature → as webhook_deliveries",
+};
+/// The vault header of versions before the vault file; moved out at open.
+pub const LEGACY_VAULT: Tree = Tree {
+    name: "vault",
+    holds: "(older versions only; moved into the vault file at open) `header` → the vault header as JSON",
+};
+/// The sealed secrets of versions before the vault file, one tree per key generation
+/// (`secrets.g1`, `secrets.g2`, …); moved out at open.
+pub const LEGACY_SECRETS_PREFIX: Tree = Tree {
+    name: "secrets.g",
+    holds: "(older versions only; moved into the vault file at open; the name is a prefix, then the key generation) secret name `kind/id/field` → ciphertext",
+};
+
+/// Every tree the engine keeps, each named once.
+pub const TREES: &[Tree] = &[
+    DEVICES,
+    DEVICE_NAMES,
+    API_TOKENS,
+    RUNS,
+    RUNS_BY_PLUGIN,
+    RUNS_ACTIVE,
+    AUDIT,
+    PLUGIN_STATE,
+    PLUGIN_STATE_SIZE,
+    PLUGINS,
+    WEBHOOK_DELIVERIES,
+    WEBHOOK_SIGNATURES,
+    LEGACY_VAULT,
+    LEGACY_SECRETS_PREFIX,
+];
 
 /// The lock file that marks a data directory as held by one process.
 const LOCK_FILE: &str = "lock";
@@ -126,18 +250,19 @@ impl Store {
         let lock = lock_data_dir(data_dir)?;
         recover(data_dir)?;
         let mut db = open_db(data_dir)?;
-        let legacy = crate::vault::move_out_of_database(data_dir, &db).map_err(|e| {
-            StoreError::Migration {
-                path: data_dir.to_path_buf(),
-                reason: e.to_string(),
-            }
-        })?;
-        if !legacy.is_empty() {
+        let legacy = legacy_vault::LegacyVault::read(&db)?;
+        if let Some(legacy) = legacy {
+            crate::vault::move_out_of_database(data_dir, &legacy).map_err(|e| {
+                StoreError::Migration {
+                    path: data_dir.to_path_buf(),
+                    reason: e.to_string(),
+                }
+            })?;
             tracing::info!(
                 "the vault moved out of the database into its own file; compacting the database so no copy of it is left"
             );
             drop(db);
-            compact_dir(data_dir, &legacy)?;
+            compact_dir(data_dir, legacy.trees())?;
             db = open_db(data_dir)?;
         }
         Ok(Store {
@@ -147,8 +272,14 @@ impl Store {
         })
     }
 
+    /// A tree by name: for the record types of this module, and for storage tests
+    /// that look at raw records. Engine code uses the record types.
     pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
         Ok(self.db.open_tree(name)?)
+    }
+
+    fn open_tree(&self, t: Tree) -> Result<sled::Tree, StoreError> {
+        self.tree(t.name)
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
@@ -414,6 +545,12 @@ fn restrict_permissions(dir: &Path) {
     }
 }
 
+/// A raw database at `path`, for tests that lay out what older versions wrote.
+#[cfg(test)]
+pub(crate) fn open_raw(path: &Path) -> sled::Db {
+    sled::open(path).expect("a fresh test database opens")
+}
+
 /// JSON (de)serialisation for records kept in trees.
 pub fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
@@ -519,6 +656,31 @@ mod tests {
             b"v"
         );
         assert!(!dir.path().join(DB_COMPACT).exists());
+    }
+
+    #[test]
+    fn every_tree_the_engine_opens_is_listed_once() {
+        let mut names: Vec<&str> = TREES.iter().map(|t| t.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), TREES.len(), "a tree is listed twice");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        devices::DeviceRecords::open(&store).unwrap();
+        tokens::TokenRecords::open(&store).unwrap();
+        runs::RunHistory::open(&store).unwrap();
+        plugins::Audit::open(&store).unwrap();
+        plugins::PluginState::open(&store).unwrap();
+        plugins::PluginRecords::open(&store).unwrap();
+        deliveries::Deliveries::open(&store).unwrap();
+        deliveries::Deliveries::open_signatures(&store).unwrap();
+        for name in store.db.tree_names() {
+            let name = String::from_utf8_lossy(&name).into_owned();
+            assert!(
+                name == "__sled__default" || names.contains(&name.as_str()),
+                "tree {name} is not in TREES"
+            );
+        }
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {

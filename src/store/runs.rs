@@ -1,0 +1,287 @@
+//! Run history ([`super::RUNS`], [`super::RUNS_BY_PLUGIN`], [`super::RUNS_ACTIVE`]): the
+//! run records, the per-plugin index for newest-first listing, and the index of queued
+//! and running runs, so crash recovery does not scan the history.
+//!
+//! Each operation that touches more than one tree is one transaction over them: a new
+//! run enters all three at once, a change to a record leaves the active index when the
+//! run ends, and a removal takes the record and its plugin index entry together.
+
+use std::collections::HashMap;
+
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use super::{RUNS, RUNS_ACTIVE, RUNS_BY_PLUGIN, Store, StoreError, decode, encode};
+use crate::runs::{RunId, RunRecord};
+
+/// The stored run history. Cheap to clone.
+#[derive(Clone)]
+pub struct RunHistory {
+    runs: sled::Tree,
+    by_plugin: sled::Tree,
+    active: sled::Tree,
+}
+
+fn plugin_key(plugin: &str, id: &RunId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(plugin.len() + 17);
+    k.extend_from_slice(plugin.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn plugin_prefix(plugin: &str) -> Vec<u8> {
+    let mut k = plugin.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+impl RunHistory {
+    pub fn open(store: &Store) -> Result<RunHistory, StoreError> {
+        Ok(RunHistory {
+            runs: store.open_tree(RUNS)?,
+            by_plugin: store.open_tree(RUNS_BY_PLUGIN)?,
+            active: store.open_tree(RUNS_ACTIVE)?,
+        })
+    }
+
+    /// How many records each plugin has, counted from the plugin index.
+    pub fn count_per_plugin(&self) -> Result<HashMap<String, usize>, StoreError> {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for key in self.by_plugin.iter().keys() {
+            let key = key?;
+            if let Some(nul) = key.iter().position(|b| *b == 0) {
+                *counts
+                    .entry(String::from_utf8_lossy(&key[..nul]).into_owned())
+                    .or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Stores a new (active) run: the record and both index entries, atomically.
+    pub fn insert(&self, record: &RunRecord) -> Result<(), StoreError> {
+        let id = record.id;
+        let bytes = encode(record);
+        let pkey = plugin_key(&record.plugin, &id);
+        let plugin = record.plugin.as_bytes();
+        (&self.runs, &self.by_plugin, &self.active)
+            .transaction(|(runs, by_plugin, active)| {
+                runs.insert(&id.as_bytes()[..], bytes.as_slice())?;
+                by_plugin.insert(pkey.as_slice(), &[][..])?;
+                active.insert(&id.as_bytes()[..], plugin)?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_error)
+    }
+
+    /// Applies `change` to a stored record in one transaction, and takes the run out of
+    /// the active index when it ends. `None` when there is no such record. `change` may
+    /// run more than once (on conflict); its error aborts the change.
+    pub fn update<E: From<StoreError>>(
+        &self,
+        id: RunId,
+        change: impl Fn(&mut RunRecord) -> Result<(), E>,
+    ) -> Result<Option<RunRecord>, E> {
+        let key = id.as_bytes();
+        let r = (&self.runs, &self.active).transaction(|(runs, active)| {
+            let Some(bytes) = runs.get(key)? else {
+                return Ok(None);
+            };
+            let mut record: RunRecord =
+                decode(key, &bytes).map_err(|e| ConflictableTransactionError::Abort(E::from(e)))?;
+            change(&mut record).map_err(ConflictableTransactionError::Abort)?;
+            runs.insert(&key[..], encode(&record))?;
+            if record.status.is_final() {
+                active.remove(&key[..])?;
+            }
+            Ok(Some(record))
+        });
+        match r {
+            Ok(record) => Ok(record),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(StoreError::from(e).into()),
+        }
+    }
+
+    pub fn get(&self, id: RunId) -> Result<Option<RunRecord>, StoreError> {
+        let key = id.as_bytes();
+        match self.runs.get(key)? {
+            Some(bytes) => Ok(Some(decode(key, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `n` run ids, newest first: of one plugin or of all, older than `before`.
+    pub fn newest_ids(
+        &self,
+        plugin: Option<&str>,
+        before: Option<RunId>,
+        n: usize,
+    ) -> Result<Vec<RunId>, StoreError> {
+        let mut ids: Vec<RunId> = Vec::with_capacity(n);
+        if n == 0 {
+            return Ok(ids);
+        }
+        match plugin {
+            Some(plugin) => {
+                let prefix = plugin_prefix(plugin);
+                let end = match &before {
+                    Some(b) => plugin_key(plugin, b),
+                    None => {
+                        let mut e = plugin.as_bytes().to_vec();
+                        e.push(1);
+                        e
+                    }
+                };
+                for key in self.by_plugin.range(prefix.clone()..end).keys().rev() {
+                    let key = key?;
+                    if let Some(id) = RunId::from_slice(&key[prefix.len()..]) {
+                        ids.push(id);
+                    }
+                    if ids.len() == n {
+                        break;
+                    }
+                }
+            }
+            None => {
+                let iter = match &before {
+                    Some(b) => self.runs.range(..&b.as_bytes()[..]),
+                    None => self.runs.iter(),
+                };
+                for key in iter.keys().rev() {
+                    if let Some(id) = RunId::from_slice(&key?) {
+                        ids.push(id);
+                    }
+                    if ids.len() == n {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The active index, oldest first; `None` for a key that is not a run id.
+    pub fn active(&self) -> Result<Vec<Option<RunId>>, StoreError> {
+        self.active
+            .iter()
+            .keys()
+            .map(|k| Ok(RunId::from_slice(&k?)))
+            .collect()
+    }
+
+    pub fn is_active(&self, id: RunId) -> Result<bool, StoreError> {
+        Ok(self.active.contains_key(id.as_bytes())?)
+    }
+
+    /// Drops a run from the active index (its record is final or gone).
+    pub fn forget_active(&self, id: RunId) -> Result<(), StoreError> {
+        self.active.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    /// A plugin's run ids, oldest first.
+    pub fn oldest_ids_of(
+        &self,
+        plugin: &str,
+    ) -> impl Iterator<Item = Result<RunId, StoreError>> + use<> {
+        let prefix = plugin_prefix(plugin);
+        let skip = prefix.len();
+        self.by_plugin
+            .scan_prefix(&prefix)
+            .keys()
+            .filter_map(move |key| match key {
+                Ok(key) => RunId::from_slice(&key[skip..]).map(Ok),
+                Err(e) => Some(Err(e.into())),
+            })
+    }
+
+    /// Every run id, oldest first.
+    pub fn oldest_ids(&self) -> impl Iterator<Item = Result<RunId, StoreError>> + use<> {
+        self.runs.iter().keys().filter_map(|key| match key {
+            Ok(key) => RunId::from_slice(&key).map(Ok),
+            Err(e) => Some(Err(e.into())),
+        })
+    }
+
+    /// Removes a record and its plugin index entry, atomically. False if the record was
+    /// gone already.
+    pub fn remove(&self, id: RunId, plugin: &str) -> Result<bool, StoreError> {
+        let pkey = plugin_key(plugin, &id);
+        (&self.runs, &self.by_plugin)
+            .transaction(|(runs, by_plugin)| {
+                by_plugin.remove(pkey.as_slice())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(
+                    runs.remove(&id.as_bytes()[..])?.is_some(),
+                )
+            })
+            .map_err(tx_error)
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.runs.flush()?;
+        Ok(())
+    }
+}
+
+fn tx_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runs::{RunStore, RunStoreConfig, RunTrigger};
+
+    #[test]
+    fn runs_keep_the_existing_keys_and_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let runs = RunStore::open(&store, RunStoreConfig::default()).unwrap();
+        let r = runs
+            .create("heal", RunTrigger::Manual { by: "cli".into() })
+            .unwrap();
+        // As earlier versions wrote them: the record as JSON under the id's 16 bytes,
+        // `plugin \0 id` → empty, and id → plugin while active.
+        let raw = store.tree("runs").unwrap().get(r.id.as_bytes()).unwrap();
+        assert_eq!(raw.unwrap().to_vec(), serde_json::to_vec(&r).unwrap());
+        let mut pkey = b"heal\0".to_vec();
+        pkey.extend_from_slice(r.id.as_bytes());
+        let idx = store.tree("runs_by_plugin").unwrap().get(&pkey).unwrap();
+        assert_eq!(idx.unwrap().to_vec(), Vec::<u8>::new());
+        let active = store
+            .tree("runs_active")
+            .unwrap()
+            .get(r.id.as_bytes())
+            .unwrap();
+        assert_eq!(&active.unwrap()[..], b"heal");
+
+        // A record written straight into the trees reads back through the history.
+        let history = RunHistory::open(&store).unwrap();
+        let mut raw_run = r.clone();
+        raw_run.id = RunId::new();
+        store
+            .tree("runs")
+            .unwrap()
+            .insert(raw_run.id.as_bytes(), serde_json::to_vec(&raw_run).unwrap())
+            .unwrap();
+        let mut okey = b"heal\0".to_vec();
+        okey.extend_from_slice(raw_run.id.as_bytes());
+        store
+            .tree("runs_by_plugin")
+            .unwrap()
+            .insert(okey, &[][..])
+            .unwrap();
+        assert_eq!(history.get(raw_run.id).unwrap().unwrap().id, raw_run.id);
+        assert_eq!(
+            history.newest_ids(Some("heal"), None, 10).unwrap(),
+            [raw_run.id, r.id]
+        );
+        assert_eq!(history.count_per_plugin().unwrap()["heal"], 2);
+        assert_eq!(history.active().unwrap(), [Some(r.id)]);
+    }
+}
