@@ -257,6 +257,7 @@ fn redeploy_recreates_the_containers_of_an_image_from_the_local_image_when_the_p
     let r = h.run_event(
         "redeploy",
         TriggerEvent::Webhook {
+            delivery: None,
             hook: "redeploy".into(),
             headers: vec![],
             body: body.to_string().into_bytes(),
