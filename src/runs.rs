@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+use crate::plugin::TriggerEvent;
 use crate::store::runs::RunHistory;
 use crate::store::{Store, StoreError};
 
@@ -188,6 +189,26 @@ pub enum RunTrigger {
     },
 }
 
+impl From<&TriggerEvent> for RunTrigger {
+    /// What the record says started a run, from the event the plugin gets.
+    fn from(event: &TriggerEvent) -> RunTrigger {
+        match event {
+            TriggerEvent::Cron {
+                schedule,
+                scheduled_at,
+            } => RunTrigger::Cron {
+                schedule: schedule.clone(),
+                scheduled_at: *scheduled_at,
+            },
+            TriggerEvent::Webhook { hook, delivery, .. } => RunTrigger::Webhook {
+                hook: hook.clone(),
+                delivery: delivery.clone(),
+            },
+            TriggerEvent::Manual { by, .. } => RunTrigger::Manual { by: by.clone() },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
@@ -259,26 +280,7 @@ impl RunLogs {
     }
 }
 
-/// How the policy decided on a host call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Decision {
-    Allow,
-    Deny,
-}
-
-/// One host function call a plugin made.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct HostCall {
-    /// Interface and function, e.g. `docker.restart-container`.
-    pub op: String,
-    pub device: Option<String>,
-    /// The Docker API request it stands for, e.g. `POST /containers/web/restart`.
-    pub request: Option<String>,
-    pub decision: Decision,
-    /// Why it was denied (or a note on an allow).
-    pub reason: Option<String>,
-}
+pub use crate::plugin::report::{CallDecision, HostCall, RecordedCall};
 
 /// One run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -295,6 +297,8 @@ pub struct RunRecord {
     /// Why the run failed, was denied, timed out or was interrupted.
     pub error: Option<String>,
     pub logs: RunLogs,
+    #[serde(with = "crate::plugin::report::as_recorded")]
+    #[schema(value_type = Vec<RecordedCall>)]
     pub host_calls: Vec<HostCall>,
     pub host_calls_dropped: u64,
 }
@@ -786,13 +790,13 @@ mod tests {
     }
 
     fn call(op: &str) -> HostCall {
-        HostCall {
+        HostCall::from(RecordedCall {
             op: op.into(),
             device: Some("local".into()),
             request: Some("POST /containers/web/restart".into()),
-            decision: Decision::Deny,
+            decision: CallDecision::Deny,
             reason: Some("POST=0".into()),
-        }
+        })
     }
 
     #[test]
@@ -828,7 +832,7 @@ mod tests {
         assert!(done.duration().unwrap() >= chrono::Duration::zero());
         assert_eq!(done.outcome.unwrap()["restarted"][0], "web");
         assert_eq!(done.logs.lines[0].message, "restarting web");
-        assert_eq!(done.host_calls[0].decision, Decision::Deny);
+        assert_eq!(done.host_calls[0].decision, CallDecision::Deny);
         assert!(runs.active().unwrap().is_empty());
         assert_eq!(runs.get(r.id).unwrap().unwrap().status, RunStatus::Ok);
     }

@@ -1,10 +1,11 @@
 //! The run lifecycle: how a cron fire, a webhook delivery or a manual request becomes a
 //! recorded plugin run.
 //!
-//! [`Scheduler`] is the hub `capstan serve` is built around. It owns the plugin runtime,
-//! the run history, the cron scheduler and the installed webhooks, and is the one place
-//! that installs and removes plugins, so a plugin's triggers start and stop with it
-//! while the engine runs.
+//! [`Scheduler`] is the hub `capstan serve` is built around. It owns the plugin runtime
+//! and the run history, and holds the engine's live triggers ([`Triggers`]) and plugin
+//! administration ([`PluginAdmin`]: install, remove, hook secrets) for the routes and
+//! tasks that need them. What it does itself is the run lifecycle below; each trigger
+//! kind submits its runs here ([`crate::trigger`]).
 //!
 //! Every run goes the same way ([`Scheduler::submit`]):
 //! 1. a `queued` record is written before anything else, so a run that never ends still
@@ -30,17 +31,16 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::plugin::admin::PluginAdmin;
 use crate::plugin::report::{self, RunReport};
-use crate::plugin::{
-    InstalledPlugin, LoadedPlugin, PluginError, PluginRuntime, PluginSource, TriggerEvent,
-};
+use crate::plugin::{PluginError, PluginRuntime, TriggerEvent};
 use crate::runs::{
-    self, Decision, LogLevel, LogLine, RunEnd, RunError, RunId, RunLogs, RunRecord, RunStatus,
-    RunStore, RunStoreConfig, RunTrigger,
+    LogLevel, LogLine, RunEnd, RunError, RunId, RunLogs, RunRecord, RunStatus, RunStore,
+    RunStoreConfig, RunTrigger,
 };
-use crate::secret::Secret;
-use crate::trigger::cron::{CronScheduler, CronTrigger, FireInfo, TriggerId};
-use crate::trigger::webhook::{Delivery, HookError, HookKeys, Webhooks};
+use crate::trigger::Triggers;
+use crate::trigger::cron::CronScheduler;
+use crate::trigger::webhook::Webhooks;
 
 /// Engine-wide run settings (the `[runs]` table of the engine config).
 #[derive(Debug, Clone)]
@@ -87,32 +87,6 @@ pub enum SubmitError {
     Store(#[from] RunError),
 }
 
-/// Why a hook's secrets could not be changed.
-#[derive(Debug, thiserror::Error)]
-pub enum HookAdminError {
-    #[error("no installed plugin declares hook {0:?}")]
-    Unknown(String),
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Hook(#[from] HookError),
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-    #[error(transparent)]
-    Plugin(#[from] PluginError),
-}
-
-/// Shortest hook secret accepted.
-pub const MIN_HOOK_SECRET: usize = 16;
-
-/// What [`Scheduler::install`] did.
-#[derive(Debug)]
-pub struct Installed {
-    pub plugin: InstalledPlugin,
-    /// Webhook secrets generated for hooks that had none, shown to the user once.
-    pub generated_secrets: Vec<(String, Secret)>,
-}
-
 /// What [`Scheduler::shutdown`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StopReport {
@@ -139,8 +113,8 @@ pub struct Scheduler {
     engine: Arc<Engine>,
     runtime: Arc<PluginRuntime>,
     runs: RunStore,
-    hooks: Arc<Webhooks>,
-    cron: CronScheduler,
+    triggers: Arc<Triggers>,
+    plugins: PluginAdmin,
     metrics: Arc<Metrics>,
     config: SchedulerConfig,
     global: Arc<Semaphore>,
@@ -149,8 +123,6 @@ pub struct Scheduler {
     /// Wakes `shutdown` when a run ends.
     ended: tokio::sync::Notify,
     stopping: AtomicBool,
-    /// Installs and removes one at a time.
-    admin: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -160,7 +132,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Scheduler {
     /// Opens the run history (marking runs a previous process left unfinished as
     /// `interrupted`) and the webhooks. Plugins are loaded and their triggers activated
-    /// by [`Scheduler::load_installed`].
+    /// by [`PluginAdmin::load_installed`].
     pub fn new(
         engine: Arc<Engine>,
         runtime: Arc<PluginRuntime>,
@@ -175,21 +147,20 @@ impl Scheduler {
                 "runs left unfinished by the previous engine process are recorded as interrupted"
             );
         }
-        let hooks = Arc::new(Webhooks::open(&engine.store)?);
+        let triggers = Arc::new(Triggers::open(&engine.store)?);
         Ok(Arc::new(Scheduler {
             global: Arc::new(Semaphore::new(config.max_concurrent_runs.max(1))),
+            plugins: PluginAdmin::new(engine.clone(), runtime.clone(), triggers.clone()),
             engine,
             runtime,
             runs,
-            hooks,
-            cron: CronScheduler::new(),
+            triggers,
             metrics,
             config,
             gates: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             ended: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
-            admin: Mutex::new(()),
         }))
     }
 
@@ -219,12 +190,21 @@ impl Scheduler {
         &self.runs
     }
 
+    /// Install, remove, hook secrets.
+    pub fn plugins(&self) -> &PluginAdmin {
+        &self.plugins
+    }
+
+    pub fn triggers(&self) -> &Arc<Triggers> {
+        &self.triggers
+    }
+
     pub fn hooks(&self) -> &Arc<Webhooks> {
-        &self.hooks
+        &self.triggers.hooks
     }
 
     pub fn cron(&self) -> &CronScheduler {
-        &self.cron
+        &self.triggers.cron
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -233,191 +213,6 @@ impl Scheduler {
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
-    }
-
-    /// Loads every installed plugin and activates its triggers. Returns the plugins (or
-    /// triggers) that could not be, with why; the others run.
-    pub fn load_installed(&self) -> anyhow::Result<(crate::plugin::LoadSummary, Vec<String>)> {
-        let mut summary = self.runtime.load_installed()?;
-        let mut problems = Vec::new();
-        for rec in self.runtime.installed()? {
-            let Some(plugin) = self.runtime.plugin(&rec.name) else {
-                continue;
-            };
-            if let Err(e) = self.activate(&plugin) {
-                problems.push(format!("plugin {}: {e}", rec.name));
-            }
-        }
-        summary.failed.sort();
-        Ok((summary, problems))
-    }
-
-    /// Installs (or replaces) a plugin from its manifest and component, and activates
-    /// its triggers at once. Hooks without a secret get a generated one.
-    pub fn install(&self, src: &PluginSource) -> Result<Installed, PluginError> {
-        let _admin = lock(&self.admin);
-        let (manifest, source) = (src.manifest.as_str(), src.manifest_file.as_str());
-        // A hook owned by another plugin is refused before anything is stored.
-        let parsed = crate::plugin::Manifest::parse(manifest, source)?;
-        for h in &parsed.triggers.webhook {
-            if let Some(owner) = self.hooks.owner(&h.name)
-                && owner != parsed.name
-            {
-                return Err(PluginError::Source(format!(
-                    "{source}: hook {:?} already belongs to plugin {owner:?}; choose another name or remove that plugin first",
-                    h.name
-                )));
-            }
-        }
-        let plugin = self
-            .runtime
-            .install_bytes(manifest, source, &src.wasm, &src.wasm_file)?;
-        let mut generated_secrets = Vec::new();
-        for h in &parsed.triggers.webhook {
-            match HookKeys::load(&self.engine.vault, &h.name) {
-                Ok(_) => {}
-                Err(HookError::NoSecret(_)) => {
-                    let secret = Secret::random_hex(32);
-                    HookKeys::set(&self.engine.vault, &h.name, &secret)
-                        .map_err(|e| PluginError::Trigger(e.to_string()))?;
-                    generated_secrets.push((h.name.clone(), secret));
-                }
-                Err(e) => return Err(PluginError::Trigger(e.to_string())),
-            }
-        }
-        let loaded = self
-            .runtime
-            .plugin(&plugin.name)
-            .ok_or_else(|| PluginError::NotInstalled(plugin.name.clone()))?;
-        self.activate(&loaded)
-            .map_err(|e| PluginError::Trigger(format!("{e:#}")))?;
-        self.engine.store.flush()?;
-        Ok(Installed {
-            plugin,
-            generated_secrets,
-        })
-    }
-
-    /// Removes a plugin: its triggers stop at once (runs under way finish), then its
-    /// files, compiled code, state and hook secrets go.
-    pub fn remove(&self, name: &str) -> Result<InstalledPlugin, PluginError> {
-        let _admin = lock(&self.admin);
-        let rec = self.runtime.installed_plugin(name)?;
-        self.deactivate(name);
-        for h in &rec.triggers.webhook {
-            if let Err(e) = HookKeys::remove(&self.engine.vault, &h.name) {
-                tracing::warn!(hook = %h.name, error = %e, "could not remove the hook's secrets");
-            }
-        }
-        self.runtime.remove(name)
-    }
-
-    /// The plugin that declares hook `name`.
-    fn hook_plugin(&self, name: &str) -> Result<String, HookAdminError> {
-        self.runtime
-            .installed()?
-            .into_iter()
-            .find(|p| p.triggers.webhook.iter().any(|h| h.name == name))
-            .map(|p| p.name)
-            .ok_or_else(|| HookAdminError::Unknown(name.to_string()))
-    }
-
-    /// Puts a hook's secrets from the vault into effect at once.
-    fn apply_hook_keys(&self, name: &str, plugin: &str) -> Result<(), HookAdminError> {
-        let keys = HookKeys::load(&self.engine.vault, name)?;
-        if !self.hooks.set_keys(name, keys)
-            && let Some(p) = self.runtime.plugin(plugin)
-        {
-            // The hook was closed for want of a secret: open it now.
-            self.activate(&p)
-                .map_err(|e| HookAdminError::Invalid(format!("{e:#}")))?;
-        }
-        self.engine.store.flush()?;
-        Ok(())
-    }
-
-    /// Gives hook `name` a new secret (`None`: a generated one, returned to show once).
-    /// The old secret stays valid until [`Scheduler::retire_hook`], so senders can be
-    /// switched over without losing deliveries. Takes effect at once.
-    pub fn rotate_hook(
-        &self,
-        name: &str,
-        secret: Option<Secret>,
-    ) -> Result<Option<Secret>, HookAdminError> {
-        let _admin = lock(&self.admin);
-        let plugin = self.hook_plugin(name)?;
-        let (secret, generated) = match secret {
-            Some(s) => (s, false),
-            None => (Secret::random_hex(32), true),
-        };
-        if secret.expose().len() < MIN_HOOK_SECRET {
-            return Err(HookAdminError::Invalid(format!(
-                "a hook secret must be at least {MIN_HOOK_SECRET} bytes"
-            )));
-        }
-        match HookKeys::rotate(&self.engine.vault, name, &secret) {
-            Ok(()) => {}
-            Err(HookError::NoSecret(_)) => HookKeys::set(&self.engine.vault, name, &secret)?,
-            Err(e) => return Err(e.into()),
-        }
-        self.apply_hook_keys(name, &plugin)?;
-        tracing::info!(hook = name, "hook secret rotated");
-        Ok(generated.then_some(secret))
-    }
-
-    /// Stops accepting hook `name`'s previous secret. Returns whether it had one.
-    pub fn retire_hook(&self, name: &str) -> Result<bool, HookAdminError> {
-        let _admin = lock(&self.admin);
-        let plugin = self.hook_plugin(name)?;
-        let had = HookKeys::retire_previous(&self.engine.vault, name)?;
-        self.apply_hook_keys(name, &plugin)?;
-        Ok(had)
-    }
-
-    /// Puts a loaded plugin's triggers in place of whatever it had. Hooks it still
-    /// declares are replaced in place, so their delivery ids are remembered across an
-    /// update.
-    fn activate(&self, plugin: &LoadedPlugin) -> anyhow::Result<()> {
-        self.cron.remove_plugin(&plugin.name);
-        for (i, c) in plugin.triggers.cron.iter().enumerate() {
-            // `run_on_start` fires on install and when the engine starts.
-            let trigger = CronTrigger::from_config(c)?;
-            self.cron
-                .add(TriggerId::new(&plugin.name, i as u32), trigger);
-        }
-        for old in self.hooks.list() {
-            if old.plugin == plugin.name
-                && !plugin.triggers.webhook.iter().any(|h| h.name == old.name)
-            {
-                self.hooks.remove(&old.name)?;
-            }
-        }
-        let mut missing = Vec::new();
-        for h in &plugin.triggers.webhook {
-            let spec = h.validate()?;
-            match HookKeys::load(&self.engine.vault, &h.name) {
-                Ok(keys) => self.hooks.install(&plugin.name, spec, keys)?,
-                Err(HookError::NoSecret(_)) => {
-                    self.hooks.remove(&h.name)?;
-                    missing.push(h.name.clone());
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if !missing.is_empty() {
-            anyhow::bail!(
-                "hook(s) {} have no secret in the vault and stay closed: set one with `capstan hook rotate NAME`",
-                missing.join(", ")
-            );
-        }
-        Ok(())
-    }
-
-    fn deactivate(&self, name: &str) {
-        self.cron.remove_plugin(name);
-        if let Err(e) = self.hooks.remove_plugin(name) {
-            tracing::warn!(plugin = name, error = %e, "could not remove the plugin's hooks");
-        }
     }
 
     fn gate(&self, plugin: &str) -> Arc<PluginGate> {
@@ -432,11 +227,11 @@ impl Scheduler {
             .clone()
     }
 
-    /// Records a `queued` run and starts it in the background. Returns its id at once.
+    /// Records a `queued` run (its trigger as the event says) and starts it in the
+    /// background. Returns its id at once.
     pub fn submit(
         self: &Arc<Self>,
         plugin: &str,
-        trigger: RunTrigger,
         event: TriggerEvent,
     ) -> Result<RunId, SubmitError> {
         if self.stopping.load(Ordering::SeqCst) {
@@ -454,7 +249,7 @@ impl Scheduler {
                 queued,
             });
         }
-        let record = match self.runs.create(plugin, trigger) {
+        let record = match self.runs.create(plugin, RunTrigger::from(&event)) {
             Ok(r) => r,
             Err(e) => {
                 gate.queued.fetch_sub(1, Ordering::SeqCst);
@@ -520,7 +315,7 @@ impl Scheduler {
         let end = match self.runtime.run(&plugin, event).await {
             Ok(report) => {
                 for c in &report.host_calls {
-                    self.metrics.host_call(&c.op, &c.decision);
+                    self.metrics.host_call(&c.op, c.decision.as_str());
                 }
                 end_of(report, self.runs.config().log_cap_bytes)
             }
@@ -543,6 +338,13 @@ impl Scheduler {
         self.runs.get(id)?.ok_or(RunError::NotFound(id))
     }
 
+    /// Resolves when run `id` has ended (at once when it already has).
+    pub async fn until_ended(&self, id: RunId) {
+        if let Some(mut done) = self.done_of(id) {
+            let _ = done.wait_for(|d| *d).await;
+        }
+    }
+
     /// Turns true when run `id` ends; `None` when it already has.
     fn done_of(&self, id: RunId) -> Option<watch::Receiver<bool>> {
         lock(&self.in_flight).get(&id).map(|f| f.done.clone())
@@ -551,61 +353,6 @@ impl Scheduler {
     /// Runs queued or running now.
     pub fn in_flight(&self) -> usize {
         lock(&self.in_flight).len()
-    }
-
-    /// Fires cron triggers until `shutdown` resolves. Each fire is a run; the trigger's
-    /// overlap policy sees the run as going on until it ends.
-    pub async fn run_cron(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        let me = self.clone();
-        let report = self
-            .cron
-            .run(
-                move |id: TriggerId, fire: FireInfo| {
-                    let me = me.clone();
-                    async move { me.cron_fire(id, fire).await }
-                },
-                shutdown,
-                // The fires only wait for their runs; `shutdown` looks after the runs.
-                Duration::ZERO,
-            )
-            .await;
-        tracing::debug!(?report, "cron scheduler stopped");
-    }
-
-    async fn cron_fire(self: Arc<Self>, id: TriggerId, fire: FireInfo) {
-        let trigger = RunTrigger::Cron {
-            schedule: fire.schedule.to_string(),
-            scheduled_at: fire.scheduled_at,
-        };
-        let event = TriggerEvent::Cron {
-            schedule: fire.schedule.to_string(),
-            scheduled_at: fire.scheduled_at,
-        };
-        match self.submit(id.plugin(), trigger, event) {
-            Ok(run) => {
-                if let Some(mut done) = self.done_of(run) {
-                    let _ = done.wait_for(|d| *d).await;
-                }
-            }
-            Err(SubmitError::ShuttingDown) => {}
-            Err(e) => {
-                tracing::warn!(plugin = id.plugin(), trigger = id.index(), error = %e, "cron fire not run")
-            }
-        }
-    }
-
-    /// Starts the run for a verified webhook delivery (the launcher of the hook route).
-    pub fn launch_delivery(self: &Arc<Self>, d: Delivery) -> Result<RunId, SubmitError> {
-        let trigger = RunTrigger::Webhook {
-            hook: d.hook.clone(),
-            delivery: d.delivery_id.clone(),
-        };
-        let event = TriggerEvent::Webhook {
-            hook: d.hook,
-            headers: d.headers,
-            body: d.body.to_vec(),
-        };
-        self.submit(&d.plugin, trigger, event)
     }
 
     /// Stops accepting runs, records the ones not yet started as interrupted, gives
@@ -668,153 +415,6 @@ impl Scheduler {
     }
 }
 
-/// `?wait=true` on a hook: answer with the run's end (bounded by `runs.max_wait`).
-#[derive(Debug, Default, serde::Deserialize)]
-struct HookQuery {
-    #[serde(default)]
-    wait: bool,
-}
-
-/// The `POST /hooks/{name}` route, outside the token-protected `/api` tree: each hook
-/// authenticates its deliveries itself ([`crate::trigger::webhook`]). Answers 202 with
-/// the run id; with `?wait=true`, 200 with the finished run (or 202 with the run so far
-/// when it outlasts `runs.max_wait`): its summary ([`crate::runs::RunSummary`]), or the
-/// full record when the hook has `wait_response = "full"` or the request carries a
-/// valid API token in `X-Capstan-Token` ([`full_record`]).
-pub fn hook_router(scheduler: Arc<Scheduler>) -> axum::Router {
-    use axum::routing::post;
-    axum::Router::new()
-        .route(crate::api::HOOK_PATH, post(hook))
-        .with_state(scheduler)
-}
-
-async fn hook(
-    axum::extract::State(s): axum::extract::State<Arc<Scheduler>>,
-    axum::extract::Path(name): axum::extract::Path<String>,
-    query: Result<axum::extract::Query<HookQuery>, axum::extract::rejection::QueryRejection>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Body,
-) -> axum::response::Response {
-    use axum::http::StatusCode;
-    use axum::response::IntoResponse;
-
-    // Refused as every other refusal on this route is: JSON, and counted.
-    let refused = |e: crate::trigger::webhook::WebhookError| {
-        let resp = e.into_response();
-        s.metrics
-            .webhook_delivery("", delivery_result(resp.status()));
-        resp
-    };
-    let wait = match query {
-        Ok(q) => q.0.wait,
-        Err(e) => {
-            return refused(crate::trigger::webhook::WebhookError::Unprocessable(
-                format!("the query: {}", e.body_text()),
-            ));
-        }
-    };
-    let full = match wait.then(|| full_record(&s, &name, &headers)) {
-        None => false,
-        Some(Ok(full)) => full,
-        Some(Err(e)) => return refused(e),
-    };
-    let started: Arc<Mutex<Option<RunId>>> = Arc::default();
-    let (cell, launcher) = (started.clone(), s.clone());
-    let resp = crate::trigger::webhook::deliver(&s.hooks, &name, &headers, body, move |d| {
-        let r = launcher.launch_delivery(d);
-        if let Ok(id) = &r {
-            *lock(&cell) = Some(*id);
-        }
-        async move { r.map_err(|e| e.to_string()) }
-    })
-    .await;
-    // Unknown hooks share one label, so strangers cannot create series at will.
-    let label = if resp.status() == StatusCode::NOT_FOUND {
-        ""
-    } else {
-        name.as_str()
-    };
-    s.metrics
-        .webhook_delivery(label, delivery_result(resp.status()));
-    let id = *lock(&started);
-    match id {
-        Some(id) if wait && resp.status() == StatusCode::ACCEPTED => {
-            match s.wait(id, s.config.max_wait).await {
-                Ok(record) => {
-                    let status = if record.status.is_final() {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::ACCEPTED
-                    };
-                    let body = if full {
-                        serde_json::json!({
-                            "status": record.status,
-                            "run_id": id.to_string(),
-                            "detail": "full",
-                            "run": record,
-                        })
-                    } else {
-                        serde_json::json!({
-                            "status": record.status,
-                            "run_id": id.to_string(),
-                            "detail": "summary",
-                            "run": crate::runs::RunSummary::from(&record),
-                        })
-                    };
-                    (status, axum::Json(body)).into_response()
-                }
-                Err(e) => {
-                    tracing::error!(run = %id, error = %e, "cannot read the run record");
-                    resp
-                }
-            }
-        }
-        _ => resp,
-    }
-}
-
-/// Whether a `?wait=true` answer carries the full run record (logs, host calls): when
-/// the hook opts in (`wait_response = "full"`), or the request also carries a valid API
-/// token in `X-Capstan-Token`. Otherwise a summary: one captured delivery must not
-/// hand its holder what the plugin logged and touched. A token that does not verify is
-/// refused (401) before anything runs, rather than silently answered with less.
-fn full_record(
-    s: &Scheduler,
-    hook: &str,
-    headers: &axum::http::HeaderMap,
-) -> Result<bool, crate::trigger::webhook::WebhookError> {
-    use crate::trigger::webhook::{API_TOKEN_HEADER, WaitResponse, WebhookError};
-    match s.hooks.wait_response(hook) {
-        // Unknown: the delivery answers 404.
-        None => return Ok(false),
-        Some(WaitResponse::Full) => return Ok(true),
-        Some(WaitResponse::Summary) => {}
-    }
-    let Some(token) = headers.get(API_TOKEN_HEADER) else {
-        return Ok(false);
-    };
-    match s.engine.tokens.verify(token.as_bytes().trim_ascii()) {
-        Ok(Some(_)) => Ok(true),
-        Ok(None) => Err(WebhookError::BadApiToken),
-        Err(e) => Err(WebhookError::Internal(e.to_string())),
-    }
-}
-
-/// The `result` label of a delivery, from its answer.
-fn delivery_result(status: axum::http::StatusCode) -> &'static str {
-    match status.as_u16() {
-        202 => "accepted",
-        200 => "duplicate",
-        401 => "unauthorized",
-        404 => "unknown-hook",
-        413 => "too-large",
-        422 => "invalid",
-        429 => "rate-limited",
-        503 => "unavailable",
-        _ => "error",
-    }
-}
-
 /// Gives a run its final record however its task ends.
 struct RunGuard {
     scheduler: Arc<Scheduler>,
@@ -867,14 +467,14 @@ impl Drop for RunGuard {
 pub fn end_of(report: RunReport, log_cap: usize) -> RunEnd {
     let denied = !report.denials.is_empty();
     let status = match report.status {
-        report::RunStatus::Succeeded => RunStatus::Ok,
-        report::RunStatus::TimedOut => RunStatus::TimedOut,
+        report::Exit::Succeeded => RunStatus::Ok,
+        report::Exit::TimedOut => RunStatus::TimedOut,
         // A run that failed after the policy refused one of its calls failed *because*
         // it was denied.
-        report::RunStatus::Failed if denied => RunStatus::Denied,
-        report::RunStatus::Failed
-        | report::RunStatus::MemoryExceeded
-        | report::RunStatus::Trapped => RunStatus::Failed,
+        report::Exit::Failed if denied => RunStatus::Denied,
+        report::Exit::Failed | report::Exit::MemoryExceeded | report::Exit::Trapped => {
+            RunStatus::Failed
+        }
     };
     let outcome = report.outcome.as_ref().map(|o| {
         let details = if o.details.trim().is_empty() {
@@ -886,7 +486,7 @@ pub fn end_of(report: RunReport, log_cap: usize) -> RunEnd {
         serde_json::json!({ "summary": o.summary, "details": details })
     });
     let error = match (report.status, &report.error) {
-        (report::RunStatus::Succeeded, _) => None,
+        (report::Exit::Succeeded, _) => None,
         (s, Some(e)) => Some(format!("{s}: {e}")),
         (s, None) => Some(s.to_string()),
     };
@@ -925,26 +525,8 @@ pub fn end_of(report: RunReport, log_cap: usize) -> RunEnd {
             );
         }
     }
-    let host_calls = report
-        .host_calls
-        .iter()
-        .map(|c| runs::HostCall {
-            op: c.op.clone(),
-            device: (!c.device.is_empty()).then(|| c.device.clone()),
-            request: (!c.request.is_empty()).then(|| c.request.clone()),
-            decision: if c.decision == "deny" {
-                Decision::Deny
-            } else {
-                Decision::Allow
-            },
-            reason: report
-                .denials
-                .iter()
-                .find(|d| c.decision == "deny" && d.op == c.op && d.request == c.request)
-                .map(|d| d.reason.clone())
-                .or_else(|| (!c.result.is_empty() && c.result != "ok").then(|| c.result.clone())),
-        })
-        .collect();
+    // Each call carries its own decision and reason, recorded by the host function.
+    let host_calls = report.host_calls;
     RunEnd {
         status,
         outcome,
@@ -967,9 +549,9 @@ fn level_of(level: &str) -> LogLevel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::report::{Denial, HostCall, LogRecord, Outcome};
+    use crate::plugin::report::{CallDecision, Denial, HostCall, LogRecord, Outcome};
 
-    fn report(status: report::RunStatus) -> RunReport {
+    fn report(status: report::Exit) -> RunReport {
         RunReport {
             run_id: uuid::Uuid::new_v4(),
             plugin: "p".into(),
@@ -994,7 +576,7 @@ mod tests {
 
     #[test]
     fn a_successful_report_becomes_ok_with_its_outcome_logs_and_calls() {
-        let mut r = report(report::RunStatus::Succeeded);
+        let mut r = report(report::Exit::Succeeded);
         r.outcome = Some(Outcome {
             summary: "2 restarted".into(),
             details: r#"{"restarted":["a","b"]}"#.into(),
@@ -1010,9 +592,10 @@ mod tests {
             op: "docker.list-containers".into(),
             device: "local".into(),
             request: "GET /containers/json".into(),
-            decision: "allow".into(),
+            decision: CallDecision::Allow,
             result: "ok".into(),
             ms: 1.0,
+            reason: "allowed by the plugin's policy".into(),
         });
         let end = end_of(r, 1024);
         assert_eq!(end.status, RunStatus::Ok);
@@ -1024,21 +607,22 @@ mod tests {
         assert_eq!(lines, ["slow device=local", "[stdout] hello"]);
         assert_eq!(end.logs.lines[0].level, LogLevel::Warn);
         assert_eq!(end.host_calls.len(), 1);
-        assert_eq!(end.host_calls[0].decision, Decision::Allow);
-        assert_eq!(end.host_calls[0].reason, None);
+        assert_eq!(end.host_calls[0].decision, CallDecision::Allow);
+        assert_eq!(end.host_calls[0].recorded_reason(), None);
     }
 
     #[test]
     fn a_failure_after_a_denial_is_denied_with_the_reason_on_the_call() {
-        let mut r = report(report::RunStatus::Failed);
+        let mut r = report(report::Exit::Failed);
         r.error = Some("denied: POST is off".into());
         r.host_calls.push(HostCall {
             op: "docker.restart-container".into(),
             device: "local".into(),
             request: "POST /containers/web/restart".into(),
-            decision: "deny".into(),
+            decision: CallDecision::Deny,
             result: "denied".into(),
             ms: 0.1,
+            reason: "ALLOW_RESTARTS is 0".into(),
         });
         r.denials.push(Denial {
             op: "docker.restart-container".into(),
@@ -1049,9 +633,9 @@ mod tests {
         let end = end_of(r, 1024);
         assert_eq!(end.status, RunStatus::Denied);
         assert!(end.error.unwrap().contains("POST is off"));
-        assert_eq!(end.host_calls[0].decision, Decision::Deny);
+        assert_eq!(end.host_calls[0].decision, CallDecision::Deny);
         assert_eq!(
-            end.host_calls[0].reason.as_deref(),
+            end.host_calls[0].recorded_reason(),
             Some("ALLOW_RESTARTS is 0")
         );
     }
@@ -1059,13 +643,10 @@ mod tests {
     #[test]
     fn timeouts_traps_and_memory_map_to_their_statuses() {
         assert_eq!(
-            end_of(report(report::RunStatus::TimedOut), 10).status,
+            end_of(report(report::Exit::TimedOut), 10).status,
             RunStatus::TimedOut
         );
-        for s in [
-            report::RunStatus::Trapped,
-            report::RunStatus::MemoryExceeded,
-        ] {
+        for s in [report::Exit::Trapped, report::Exit::MemoryExceeded] {
             let end = end_of(report(s), 10);
             assert_eq!(end.status, RunStatus::Failed);
             assert!(end.error.unwrap().starts_with(s.as_str()));

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use capstan::plugin::{RunStatus, TriggerEvent};
+use capstan::plugin::{Exit, TriggerEvent};
 use serde_json::{Value, json};
 
 use crate::util::Infra;
@@ -257,6 +257,7 @@ fn redeploy_recreates_the_containers_of_an_image_from_the_local_image_when_the_p
     let r = h.run_event(
         "redeploy",
         TriggerEvent::Webhook {
+            delivery: None,
             hook: "redeploy".into(),
             headers: vec![],
             body: body.to_string().into_bytes(),
@@ -305,7 +306,7 @@ fn redeploy_rolls_back_when_the_new_container_fails_to_start() {
     // The "new version" exits at once with an error.
     build(r#"["/bin/sh", "-c", "exit 7"]"#);
     let r = h.run("redeploy", &tag);
-    assert_eq!(r.status, RunStatus::Failed, "{}", r.render());
+    assert_eq!(r.status, Exit::Failed, "{}", r.render());
     let error = r.error.clone().unwrap();
     assert!(error.contains("rolled back"), "{error}");
     std::thread::sleep(Duration::from_millis(300));

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use capstan::plugin::{PluginRuntime, RunStatus, RuntimeConfig, TriggerEvent};
+use capstan::plugin::{Exit, PluginRuntime, RuntimeConfig, TriggerEvent};
 
 use crate::util::Infra;
 use crate::util::plugin::{Container, Harness, manifest};
@@ -16,7 +16,7 @@ fn runs_a_plugin_on_a_fresh_instance_per_run_and_reports_its_outcome() {
     h.install("trivial", &manifest("trivial", ""));
     for _ in 0..3 {
         let r = h.run("trivial", "");
-        assert_eq!(r.status, RunStatus::Succeeded, "{}", r.render());
+        assert_eq!(r.status, Exit::Succeeded, "{}", r.render());
         assert_eq!(r.outcome.as_ref().unwrap().summary, "ok");
         assert_eq!(r.trigger, "manual");
     }
@@ -74,7 +74,7 @@ fn stops_an_endless_loop_at_its_deadline_while_a_well_behaved_plugin_completes()
         tokio::join!(spin, quick)
     });
     let spin = spin.unwrap();
-    assert_eq!(spin.status, RunStatus::TimedOut, "{}", spin.render());
+    assert_eq!(spin.status, Exit::TimedOut, "{}", spin.render());
     assert!(
         spin.error.as_deref().unwrap().contains("timeout_secs"),
         "{:?}",
@@ -100,7 +100,7 @@ fn stops_a_memory_hog_at_its_memory_limit() {
     let h = Harness::new();
     h.install("hostile", &manifest("hog", "[limits]\nmemory_mib = 16\n"));
     let r = h.run("hog", "hog");
-    assert_eq!(r.status, RunStatus::MemoryExceeded, "{}", r.render());
+    assert_eq!(r.status, Exit::MemoryExceeded, "{}", r.render());
     assert!(
         r.error.as_deref().unwrap().contains("16 MiB"),
         "{:?}",
@@ -114,14 +114,14 @@ fn stops_deep_recursion_with_a_stack_overflow_trap() {
     let h = Harness::new();
     h.install("hostile", &manifest("recurse", ""));
     let r = h.run("recurse", "recurse");
-    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert_eq!(r.status, Exit::Trapped, "{}", r.render());
     assert!(
         r.error.as_deref().unwrap().contains("stack overflow"),
         "{:?}",
         r.error
     );
     let r = h.run("recurse", "recurse-shadow");
-    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert_eq!(r.status, Exit::Trapped, "{}", r.render());
     assert!(
         r.error.as_deref().unwrap().contains("recursion"),
         "{:?}",
@@ -135,7 +135,7 @@ fn reports_a_panic_as_a_trap_with_the_panic_message_on_stderr() {
     let h = Harness::new();
     h.install("hostile", &manifest("panicky", ""));
     let r = h.run("panicky", "trap");
-    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert_eq!(r.status, Exit::Trapped, "{}", r.render());
     assert!(
         r.stderr.contains("panics on purpose"),
         "stderr: {}",
@@ -198,7 +198,7 @@ fn stops_a_plugin_that_exceeds_its_host_call_budget() {
         &manifest("chatty", "[limits]\nmax_host_calls = 100\n"),
     );
     let r = h.run("chatty", "calls");
-    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert_eq!(r.status, Exit::Trapped, "{}", r.render());
     assert!(
         r.error.as_deref().unwrap().contains("max_host_calls"),
         "{:?}",
@@ -213,7 +213,7 @@ fn denies_a_device_outside_the_scope_with_a_value_and_audits_it() {
     let r = h.run("roamer", "device:elsewhere");
     assert_eq!(
         r.status,
-        RunStatus::Failed,
+        Exit::Failed,
         "a denial is a value, not a trap: {}",
         r.render()
     );
@@ -231,16 +231,16 @@ fn denies_a_device_outside_the_scope_with_a_value_and_audits_it() {
     assert_eq!(
         (
             last.plugin.as_str(),
-            last.device.as_str(),
-            last.decision.as_str()
+            last.call.device.as_str(),
+            last.call.decision.as_str()
         ),
         ("roamer", "elsewhere", "deny")
     );
-    assert_eq!(last.op, "list-containers");
+    assert_eq!(last.call.op, "list-containers");
     // The same plugin on its own device is allowed.
     let r = h.run("roamer", "device:local");
     assert!(r.succeeded(), "{}", r.render());
-    assert_eq!(h.runtime.audit().tail(1).unwrap()[0].decision, "allow");
+    assert_eq!(h.runtime.audit().tail(1).unwrap()[0].call.decision, "allow");
 }
 
 #[test]
@@ -250,7 +250,7 @@ fn denies_what_the_policy_does_not_allow_before_sending_anything() {
     h.install("hostile", &manifest("readonly", ANY_DEVICE));
     let started = c.inspect("{{.State.StartedAt}}");
     let r = h.run("readonly", &format!("container:local/{}", c.name));
-    assert_eq!(r.status, RunStatus::Failed, "{}", r.render());
+    assert_eq!(r.status, Exit::Failed, "{}", r.render());
     let error = r.error.as_deref().unwrap();
     assert!(
         error.contains("ALLOW_RESTARTS=1"),
@@ -282,7 +282,7 @@ fn denies_a_container_outside_the_container_scope_and_acts_on_one_inside() {
         ),
     );
     let r = h.run("scoped", &format!("container:local/{}", outside.name));
-    assert_eq!(r.status, RunStatus::Failed, "{}", r.render());
+    assert_eq!(r.status, Exit::Failed, "{}", r.render());
     assert!(
         r.error
             .as_deref()
@@ -577,7 +577,7 @@ fn refuses_a_log_record_with_more_fields_than_max_log_fields_on_the_first_call()
         &manifest("fields", "[limits]\nmax_log_fields = 8\n"),
     );
     let r = h.run("fields", "fields:20:9");
-    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert_eq!(r.status, Exit::Trapped, "{}", r.render());
     assert!(
         r.error
             .as_deref()
@@ -637,7 +637,7 @@ fn fails_a_run_whose_outcome_does_not_fit_its_host_memory() {
         &manifest("outcome", "[limits]\nmemory_mib = 128\n"),
     );
     let r = h.run("outcome", "outcome:40");
-    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert_eq!(r.status, Exit::Trapped, "{}", r.render());
     assert!(r.outcome.is_none());
     let error = r.error.as_deref().unwrap();
     assert!(
@@ -653,7 +653,7 @@ fn fails_a_run_whose_denial_records_do_not_fit_its_host_memory() {
     h.install("hostile", &manifest("denials", ANY_DEVICE));
     // Each denial names a device of 1 MiB: its records would keep megabytes per call.
     let r = h.run("denials", "denials:200:1048576");
-    assert_eq!(r.status, RunStatus::Trapped, "{}", r.render());
+    assert_eq!(r.status, Exit::Trapped, "{}", r.render());
     let error = r.error.as_deref().unwrap();
     assert!(error.contains("limits.max_host_bytes"), "{error}");
     assert!(

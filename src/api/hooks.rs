@@ -1,15 +1,140 @@
-//! `GET /api/hooks`: the installed webhooks, for operators wiring up senders. Names, the
-//! plugin each runs and how deliveries authenticate — never a secret.
+//! Webhooks at the web edge: `POST /hooks/{name}` (deliveries, outside the
+//! token-protected `/api` tree) and `GET /api/hooks` with the secret rotation routes
+//! (operators wiring up senders: names, the plugin each runs and how deliveries
+//! authenticate — never a secret).
+//!
+//! A delivery is verified by [`crate::trigger::webhook`], which answers with a typed
+//! [`Answer`]; this route starts the run through the scheduler, builds the one response
+//! from that answer and labels the delivery metric with it.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{AppError, AppState};
-use crate::scheduler::HookAdminError;
+use crate::plugin::admin::HookAdminError;
+use crate::runs::RunSummary;
 use crate::secret::Secret;
-use crate::trigger::webhook::{AuthKind, WaitResponse};
+use crate::trigger::webhook::{
+    self, API_TOKEN_HEADER, Answer, AuthKind, WaitResponse, WebhookError,
+};
+
+/// `?wait=true` on a hook: answer with the run's end (bounded by `runs.max_wait`).
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct HookQuery {
+    #[serde(default)]
+    wait: bool,
+}
+
+/// `POST /hooks/{name}`: each hook authenticates its deliveries itself
+/// ([`crate::trigger::webhook`]). Answers 202 with the run id; with `?wait=true`, 200
+/// with the finished run (or 202 with the run so far when it outlasts
+/// `runs.max_wait`): its summary ([`RunSummary`]), or the full record when the hook has
+/// `wait_response = "full"` or the request carries a valid API token in
+/// `X-Capstan-Token` ([`full_record`]).
+pub(super) async fn deliver(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<HookQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let s = &state.scheduler;
+    // Refused as every other refusal on this route is: JSON, and counted.
+    let refused = |e: WebhookError| {
+        let answer = Answer::Rejected(e);
+        s.metrics().webhook_delivery("", answer.result());
+        answer.into_response()
+    };
+    let wait = match query {
+        Ok(q) => q.0.wait,
+        Err(e) => {
+            return refused(WebhookError::Unprocessable(format!(
+                "the query: {}",
+                e.body_text()
+            )));
+        }
+    };
+    let full = match wait.then(|| full_record(&state, &name, &headers)) {
+        None => false,
+        Some(Ok(full)) => full,
+        Some(Err(e)) => return refused(e),
+    };
+    let answer = webhook::deliver(s.hooks(), &name, &headers, body, |d| {
+        let plugin = d.plugin.clone();
+        let started = s.submit(&plugin, d.into_event()).map_err(|e| e.to_string());
+        async move { started }
+    })
+    .await;
+    // Unknown hooks share one label, so strangers cannot create series at will.
+    let label = if answer.names_a_hook() {
+        name.as_str()
+    } else {
+        ""
+    };
+    s.metrics().webhook_delivery(label, answer.result());
+    let Answer::Accepted { run_id: id } = answer else {
+        return answer.into_response();
+    };
+    if !wait {
+        return answer.into_response();
+    }
+    match s.wait(id, s.config().max_wait).await {
+        Ok(record) => {
+            let status = if record.status.is_final() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            let body = if full {
+                serde_json::json!({
+                    "status": record.status,
+                    "run_id": id.to_string(),
+                    "detail": "full",
+                    "run": record,
+                })
+            } else {
+                serde_json::json!({
+                    "status": record.status,
+                    "run_id": id.to_string(),
+                    "detail": "summary",
+                    "run": RunSummary::from(&record),
+                })
+            };
+            (status, Json(body)).into_response()
+        }
+        Err(e) => {
+            tracing::error!(run = %id, error = %e, "cannot read the run record");
+            answer.into_response()
+        }
+    }
+}
+
+/// Whether a `?wait=true` answer carries the full run record (logs, host calls): when
+/// the hook opts in (`wait_response = "full"`), or the request also carries a valid API
+/// token in `X-Capstan-Token`. Otherwise a summary: one captured delivery must not
+/// hand its holder what the plugin logged and touched. A token that does not verify is
+/// refused (401) before anything runs, rather than silently answered with less.
+fn full_record(state: &AppState, hook: &str, headers: &HeaderMap) -> Result<bool, WebhookError> {
+    match state.scheduler.hooks().wait_response(hook) {
+        // Unknown: the delivery answers 404.
+        None => return Ok(false),
+        Some(WaitResponse::Full) => return Ok(true),
+        Some(WaitResponse::Summary) => {}
+    }
+    let Some(token) = headers.get(API_TOKEN_HEADER) else {
+        return Ok(false);
+    };
+    match state.tokens.verify(token.as_bytes().trim_ascii()) {
+        Ok(Some(_)) => Ok(true),
+        Ok(None) => Err(WebhookError::BadApiToken),
+        Err(e) => Err(WebhookError::Internal(e.to_string())),
+    }
+}
 
 /// One installed hook.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -141,7 +266,9 @@ pub async fn rotate(
     let scheduler = state.scheduler.clone();
     let hook = name.clone();
     let generated = tokio::task::spawn_blocking(move || {
-        scheduler.rotate_hook(&hook, req.secret.map(Secret::from_str_owned))
+        scheduler
+            .plugins()
+            .rotate_hook(&hook, req.secret.map(Secret::from_str_owned))
     })
     .await
     .map_err(|e| AppError::Internal(format!("the rotation task failed: {e}")))??;
@@ -169,11 +296,130 @@ pub async fn retire(
 ) -> Result<Json<Retired>, AppError> {
     let scheduler = state.scheduler.clone();
     let hook = name.clone();
-    let retired = tokio::task::spawn_blocking(move || scheduler.retire_hook(&hook))
+    let retired = tokio::task::spawn_blocking(move || scheduler.plugins().retire_hook(&hook))
         .await
         .map_err(|e| AppError::Internal(format!("the retire task failed: {e}")))??;
     Ok(Json(Retired {
         hook: name,
         retired,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{HeaderValue, Request};
+    use hmac::{KeyInit, Mac};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::plugin::PluginSource;
+    use crate::runs::{RunQuery, RunTrigger};
+    use crate::scheduler::Scheduler;
+    use crate::trigger::webhook::HookKeys;
+
+    const SECRET: &str = "It's a Secret to Everybody";
+
+    fn signed(body: &str, delivery: &str) -> Vec<(&'static str, String)> {
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(body.as_bytes());
+        vec![
+            (
+                "x-hub-signature-256",
+                format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
+            ),
+            ("x-github-delivery", delivery.to_string()),
+            ("content-type", "application/json".to_string()),
+        ]
+    }
+
+    /// An engine on a scratch directory with the trivial test plugin installed behind
+    /// hook `gh` (GitHub-style, 2 KiB bodies).
+    fn engine_with_hook() -> (tempfile::TempDir, Arc<Scheduler>) {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::config::Settings::resolve(
+            &crate::config::ConfigFile::default(),
+            Some(dir.path().join("data")),
+            None,
+            None,
+        )
+        .unwrap();
+        let (engine, _) = crate::engine::Engine::open_or_init(
+            settings,
+            &crate::engine::PassphraseInput::default(),
+        )
+        .unwrap();
+        HookKeys::set(&engine.vault, "gh", &Secret::from_str_owned(SECRET.into())).unwrap();
+        let scheduler = Scheduler::with_defaults(Arc::new(engine)).unwrap();
+        let wasm = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("plugins/target/wasm32-wasip2/release/trivial.wasm");
+        let src = PluginSource {
+            manifest: "name = \"deploy\"\nversion = \"1\"\n[[triggers.webhook]]\nname = \"gh\"\nauth = \"hmac-sha256\"\ndelivery_header = \"X-GitHub-Delivery\"\nmax_body = \"2KiB\"\n".into(),
+            manifest_file: "plugin.toml".into(),
+            wasm: std::fs::read(&wasm)
+                .unwrap_or_else(|e| panic!("{}: {e} (build the plugins first)", wasm.display())),
+            wasm_file: wasm.display().to_string(),
+        };
+        let installed = scheduler.plugins().install(&src).unwrap();
+        assert!(installed.generated_secrets.is_empty());
+        (dir, scheduler)
+    }
+
+    async fn post(
+        app: &axum::Router,
+        path: &str,
+        headers: &[(&'static str, String)],
+        body: String,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = Request::post(path).body(Body::from(body)).unwrap();
+        for (k, v) in headers {
+            req.headers_mut()
+                .insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_route_serves_deliveries_with_the_hooks_body_limit() {
+        let (_dir, scheduler) = engine_with_hook();
+        let app = crate::api::hook_router(AppState::new(scheduler.clone()));
+
+        let body = r#"{"ref":"refs/heads/main"}"#.to_string();
+        let (status, json) = post(&app, "/hooks/gh", &signed(&body, "h-1"), body.clone()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        let (status, json) = post(&app, "/hooks/gh", &signed(&body, "h-1"), body.clone()).await;
+        assert_eq!(
+            (status, json["status"].as_str()),
+            (StatusCode::OK, Some("duplicate"))
+        );
+        let big = "x".repeat(3000);
+        let (status, _) = post(&app, "/hooks/gh", &signed(&big, "h-2"), big.clone()).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        let (status, _) = post(&app, "/hooks/nope", &signed(&body, "h-3"), body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let launched: Vec<_> = scheduler
+            .runs()
+            .list(&RunQuery {
+                plugin: Some("deploy".into()),
+                before: None,
+                limit: 0,
+            })
+            .unwrap()
+            .runs
+            .into_iter()
+            .map(|r| match r.trigger {
+                RunTrigger::Webhook { delivery, .. } => delivery.unwrap_or_default(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(launched, ["h-1"]);
+        scheduler.shutdown().await;
+    }
 }

@@ -8,9 +8,10 @@
 //! the fallback, not a per-handler check, so a new route cannot forget it; a test walks
 //! the list and expects 401 without a token. Only `/healthz` is open.
 //!
-//! Webhook deliveries (`POST /hooks/{name}`) are not part of this router: they
-//! authenticate each delivery with the hook's own secret (see
-//! [`crate::trigger::webhook`]) and are merged in beside it by `serve`.
+//! Webhook deliveries (`POST /hooks/{name}`, [`HOOK_PATH`]) are not part of this
+//! router: they authenticate each delivery with the hook's own secret (see
+//! [`crate::trigger::webhook`]), are served by [`hook_router`] and merged in beside it
+//! by `serve`.
 
 mod devices;
 mod docker;
@@ -201,8 +202,16 @@ pub const ROUTES: &[Route] = &[
 pub const HEALTH_PATH: &str = "/healthz";
 
 /// Webhook deliveries: outside `/api`, each hook authenticating its own (served by
-/// [`crate::scheduler::hook_router`]).
+/// [`hook_router`]).
 pub const HOOK_PATH: &str = "/hooks/{name}";
+
+/// The `POST /hooks/{name}` route alone, outside the token check: merge it beside
+/// [`router`].
+pub fn hook_router(state: AppState) -> Router {
+    Router::new()
+        .route(HOOK_PATH, post(hooks::deliver))
+        .with_state(state)
+}
 
 pub fn router(state: AppState) -> Router {
     let mut protected = Router::new();

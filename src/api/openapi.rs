@@ -221,7 +221,7 @@ pub async fn serve() -> Result<impl IntoResponse, AppError> {
         (status = 503, description = "The engine is shutting down, or the plugin has too many runs waiting", body = ErrorBody),
     )
 )]
-#[allow(dead_code)] // Documents the route `crate::scheduler::hook_router` serves.
+#[allow(dead_code)] // Documents the route `super::hook_router` serves.
 fn hook_delivery() {}
 
 #[cfg(test)]

@@ -19,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::{AppError, AppState};
-use crate::plugin::{InstalledPlugin, PluginError, PluginSource, TriggerEvent};
-use crate::runs::{RunId, RunRecord, RunTrigger};
+use crate::plugin::{InstalledPlugin, PluginError, PluginSource};
+use crate::runs::{RunId, RunRecord};
 use crate::scheduler::SubmitError;
 use crate::token::TokenInfo;
 
@@ -195,7 +195,7 @@ pub async fn install(
     };
     let scheduler = state.scheduler.clone();
     // Compiling a component takes a while: off the async workers.
-    let installed = tokio::task::spawn_blocking(move || scheduler.install(&src))
+    let installed = tokio::task::spawn_blocking(move || scheduler.plugins().install(&src))
         .await
         .map_err(|e| AppError::Internal(format!("the install task failed: {e}")))??;
     let name = installed.plugin.name.clone();
@@ -237,7 +237,7 @@ pub async fn remove(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, AppError> {
-    let removed = state.scheduler.remove(&name)?;
+    let removed = state.scheduler.plugins().remove(&name)?;
     tracing::info!(plugin = %removed.name, "plugin removed over the API");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -312,12 +312,8 @@ pub async fn run(
         Some(t) => Duration::from_secs(t),
         None => state.scheduler.config().max_wait,
     };
-    let trigger = RunTrigger::Manual {
-        by: format!("api:{}", token.name),
-    };
-    let id = state
-        .scheduler
-        .submit(&name, trigger, TriggerEvent::manual(body.input))?;
+    let event = crate::trigger::manual::event(format!("api:{}", token.name), body.input);
+    let id = state.scheduler.submit(&name, event)?;
     if !q.wait {
         return Ok((StatusCode::ACCEPTED, Json(RunStarted { run_id: id })).into_response());
     }

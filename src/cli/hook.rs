@@ -72,11 +72,16 @@ pub fn run(g: &GlobalArgs, cmd: HookCmd) -> anyhow::Result<()> {
             secret_stdin,
         } => {
             let secret = read_secret(secret_file, secret_stdin)?;
-            let generated = local_scheduler(engine)?.rotate_hook(&name, secret)?;
+            let generated = local_scheduler(engine)?
+                .plugins()
+                .rotate_hook(&name, secret)?;
             print_rotated(&name, generated.as_ref().and_then(|s| s.expose_str().ok()));
         }
         HookCmd::Retire { name } => {
-            print_retired(&name, local_scheduler(engine)?.retire_hook(&name)?);
+            print_retired(
+                &name,
+                local_scheduler(engine)?.plugins().retire_hook(&name)?,
+            );
         }
     }
     Ok(())

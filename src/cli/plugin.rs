@@ -8,10 +8,11 @@ use clap::Subcommand;
 
 use super::client::{ApiClient, Target};
 use super::{GlobalArgs, print_table};
+use crate::plugin::admin::Installed;
 use crate::plugin::scaffold;
 use crate::plugin::{InstalledPlugin, PluginSource, TriggerEvent};
 use crate::runs::{RunEnd, RunStatus, RunTrigger};
-use crate::scheduler::{Installed, Scheduler};
+use crate::scheduler::Scheduler;
 use crate::trigger::cron::CronTrigger;
 
 #[derive(Debug, Subcommand)]
@@ -109,7 +110,7 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
     match cmd {
         PluginCmd::Install { path, manifest } => {
             let src = PluginSource::read(&path, manifest.as_deref())?;
-            let installed = scheduler.install(&src)?;
+            let installed = scheduler.plugins().install(&src)?;
             print_installed(&installed.plugin);
             print_generated_secrets(&installed);
         }
@@ -156,7 +157,7 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
             json,
         } => {
             let event = event_of(input, input_file, webhook)?;
-            let (summary, _) = scheduler.load_installed()?;
+            let (summary, _) = scheduler.plugins().load_installed()?;
             if let Some((_, why)) = summary.failed.iter().find(|(n, _)| *n == name) {
                 bail!("plugin {name} cannot be loaded: {why}");
             }
@@ -187,7 +188,7 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
             }
         }
         PluginCmd::Remove { name } => {
-            let p = scheduler.remove(&name)?;
+            let p = scheduler.plugins().remove(&name)?;
             println!("removed plugin {} {}", p.name, p.version);
         }
         PluginCmd::Audit { tail } => {
@@ -199,11 +200,11 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
                     vec![
                         r.time.to_rfc3339(),
                         r.plugin,
-                        r.device,
-                        r.op,
-                        r.decision,
-                        r.request,
-                        r.reason,
+                        r.call.device,
+                        r.call.op,
+                        r.call.decision.to_string(),
+                        r.call.request,
+                        r.call.reason,
                     ]
                 })
                 .collect();
@@ -237,6 +238,7 @@ fn event_of(
     Ok(match webhook {
         Some(hook) => TriggerEvent::Webhook {
             hook,
+            delivery: None,
             headers: vec![("content-type".into(), "application/json".into())],
             body: input.into_bytes(),
         },
@@ -406,7 +408,7 @@ async fn remote(api: &ApiClient, cmd: PluginCmd) -> anyhow::Result<()> {
                 );
             }
             let input = match event_of(input, input_file, None)? {
-                TriggerEvent::Manual { input } => input,
+                TriggerEvent::Manual { input, .. } => input,
                 _ => unreachable!("no webhook"),
             };
             let v = api

@@ -241,7 +241,7 @@ pub fn render(r: &RunRecord) -> String {
     }
     if !r.host_calls.is_empty() {
         let _ = writeln!(out, "host calls:");
-        for c in &r.host_calls {
+        for c in r.host_calls.iter().map(crate::runs::RecordedCall::from) {
             let _ = writeln!(
                 out,
                 "  {:<5} {} {} {}{}",

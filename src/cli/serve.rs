@@ -160,6 +160,7 @@ fn start_plugins(
         for p in entries {
             let src = PluginSource::read(&p, None)?;
             let installed = scheduler
+                .plugins()
                 .install(&src)
                 .with_context(|| format!("installing the default plugin {}", p.display()))?;
             println!(
@@ -169,7 +170,7 @@ fn start_plugins(
             super::plugin::print_generated_secrets(&installed);
         }
     }
-    let (summary, problems) = scheduler.load_installed()?;
+    let (summary, problems) = scheduler.plugins().load_installed()?;
     println!(
         "plugins: {} loaded ({} from the compile cache, {} compiled), {} instance allocator; {} cron trigger(s), {} hook(s)",
         summary.loaded,
@@ -274,12 +275,15 @@ async fn serve(
         listener.local_addr()?
     );
 
-    let cron = tokio::spawn(scheduler.clone().run_cron(stopped()));
+    let cron = tokio::spawn(crate::trigger::cron::fire_runs(
+        scheduler.clone(),
+        stopped(),
+    ));
     let housekeeping = tokio::spawn(housekeeping(scheduler.clone(), stopped()));
     // Webhook bodies are read before they are authenticated: they share one budget.
     let budget = crate::server::PreauthBudget::new(engine.settings.server.preauth_body_budget);
-    let app = crate::api::router(crate::api::AppState::new(scheduler.clone()))
-        .merge(budget.wrap(crate::scheduler::hook_router(scheduler.clone())));
+    let state = crate::api::AppState::new(scheduler.clone());
+    let app = crate::api::router(state.clone()).merge(budget.wrap(crate::api::hook_router(state)));
     let make = move |_peer: &str| hyper_util::service::TowerToHyperService::new(app.clone());
     let server = limits.serve(
         crate::server::Listener::Tcp(listener),

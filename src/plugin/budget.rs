@@ -56,7 +56,7 @@ pub fn host_call_cost(c: &HostCall) -> usize {
         + c.op.len()
         + c.device.len()
         + c.request.len()
-        + c.decision.len()
+        + c.decision.as_str().len()
         + c.result.len()
 }
 

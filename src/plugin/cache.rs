@@ -16,7 +16,6 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use wasmtime::Engine;
 use wasmtime::component::Component;
 
 /// Where a component came from.
@@ -36,7 +35,7 @@ pub struct CompileCache {
 }
 
 impl CompileCache {
-    pub fn new(engine: &Engine, dir: PathBuf) -> CompileCache {
+    pub fn new(engine: &wasmtime::Engine, dir: PathBuf) -> CompileCache {
         let mut h = std::hash::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
         CompileCache {
@@ -57,7 +56,7 @@ impl CompileCache {
     /// compiled now.
     pub fn load(
         &self,
-        engine: &Engine,
+        engine: &wasmtime::Engine,
         wasm: &[u8],
         sha256: &str,
     ) -> wasmtime::Result<(Component, Loaded)> {

@@ -43,7 +43,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::Policy;
-use crate::trigger::cron::{CronTrigger, CronTriggerConfig};
+use crate::trigger::cron::CronTriggerConfig;
 use crate::trigger::webhook::HookConfig;
 
 /// The manifest's file name beside the `.wasm`.
@@ -256,32 +256,9 @@ impl Manifest {
         if self.description.contains('\n') {
             return Err(invalid("description", "must be one line".into()));
         }
-        for (i, c) in self.triggers.cron.iter().enumerate() {
-            CronTrigger::from_config(c).map_err(|e| {
-                use crate::trigger::cron::CronError;
-                let (field, help) = match &e {
-                    CronError::Timezone { .. } => ("timezone", ""),
-                    CronError::Jitter(_) => ("jitter", ""),
-                    _ => ("schedule", crate::trigger::cron::SCHEDULE_HELP),
-                };
-                let message = if help.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{e}\n{}", help.trim_end())
-                };
-                invalid(&format!("triggers.cron[{i}].{field}"), message)
-            })?;
-        }
-        let mut hooks = std::collections::HashSet::new();
-        for (i, h) in self.triggers.webhook.iter().enumerate() {
-            h.validate()
-                .map_err(|e| invalid(&format!("triggers.webhook[{i}]"), e.to_string()))?;
-            if !hooks.insert(&h.name) {
-                return Err(invalid(
-                    &format!("triggers.webhook[{i}].name"),
-                    format!("hook `{}` is declared twice", h.name),
-                ));
-            }
+        for kind in crate::trigger::KINDS {
+            kind.validate(&self.triggers)
+                .map_err(|e| invalid(&e.field, e.message))?;
         }
         for pattern in self.policy.devices().patterns() {
             if !pattern.contains(['*', '?']) && !known_devices.iter().any(|d| d == pattern) {

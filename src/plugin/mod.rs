@@ -25,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
 pub mod bindings;
 pub mod budget;
 pub mod cache;
@@ -39,7 +40,7 @@ pub mod scaffold;
 pub use budget::LimitError;
 pub use manifest::{Limits, Manifest, ManifestError};
 pub use records::{AuditRecord, InstalledPlugin};
-pub use report::{Denial, HostCall, LogRecord, Outcome, RunReport, RunStatus};
+pub use report::{CallDecision, Denial, Exit, HostCall, LogRecord, Outcome, RunReport};
 pub use runtime::{
     AllocatorChoice, AllocatorKind, LoadSummary, LoadedPlugin, PluginError, PluginRuntime,
     PluginSource, RuntimeConfig, TriggerEvent,

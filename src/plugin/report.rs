@@ -6,10 +6,12 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// How a run ended.
+/// How the plugin's `run` call ended, as the runtime saw it. Not a run's status: the
+/// run record's [`crate::runs::Exit`] is derived from it (and from the run's
+/// denials) in one place, [`crate::scheduler::end_of`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum RunStatus {
+pub enum Exit {
     /// `run` returned an outcome.
     Succeeded,
     /// `run` returned an error value.
@@ -23,19 +25,19 @@ pub enum RunStatus {
     Trapped,
 }
 
-impl RunStatus {
+impl Exit {
     pub fn as_str(self) -> &'static str {
         match self {
-            RunStatus::Succeeded => "succeeded",
-            RunStatus::Failed => "failed",
-            RunStatus::TimedOut => "timed-out",
-            RunStatus::MemoryExceeded => "memory-exceeded",
-            RunStatus::Trapped => "trapped",
+            Exit::Succeeded => "succeeded",
+            Exit::Failed => "failed",
+            Exit::TimedOut => "timed-out",
+            Exit::MemoryExceeded => "memory-exceeded",
+            Exit::Trapped => "trapped",
         }
     }
 }
 
-impl fmt::Display for RunStatus {
+impl fmt::Display for Exit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -60,19 +62,144 @@ pub struct LogRecord {
     pub fields: Vec<(String, String)>,
 }
 
-/// One Docker host call: what was asked, the requests it maps to, the decision.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// How the policy decided on a host call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = Decision)]
+pub enum CallDecision {
+    Allow,
+    Deny,
+}
+
+impl CallDecision {
+    /// `allow` or `deny`, as every record and the metrics label spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallDecision::Allow => "allow",
+            CallDecision::Deny => "deny",
+        }
+    }
+}
+
+/// `decision == "deny"`, as the records spell it.
+impl PartialEq<&str> for CallDecision {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Display for CallDecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One Docker host call: what was asked, the requests it maps to, the decision and why.
+///
+/// Recorded once, by the host function; the run report, the run record
+/// ([`crate::runs::RunRecord::host_calls`]) and the audit log ([`AuditRecord`]) hold
+/// this same value, each serialized as it always was: the report with the fields below
+/// but `reason` (its `denials` say why calls were refused), the record as
+/// [`RecordedCall`], the audit log as [`AuditRecord`] says.
+///
+/// [`AuditRecord`]: super::records::AuditRecord
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostCall {
     /// The WIT function, e.g. `restart-container`.
     pub op: String,
+    /// The device named in the call (empty for calls on no device).
     pub device: String,
     /// The Docker API request(s), e.g. `POST /containers/web/restart`.
     pub request: String,
-    /// `allow` or `deny`.
-    pub decision: String,
+    pub decision: CallDecision,
     /// `ok`, or the error kind returned to the plugin (`denied`, `not-found`, …).
     pub result: String,
     pub ms: f64,
+    /// Why: the policy's sentence, the scope that refused, or how an allowed call
+    /// failed.
+    #[serde(skip)]
+    pub reason: String,
+}
+
+impl HostCall {
+    /// The reason the run record gives: why it was denied, or how an allowed call
+    /// failed (its result kind); none for a call that went through.
+    pub fn recorded_reason(&self) -> Option<&str> {
+        let failed =
+            (!self.result.is_empty() && self.result != "ok").then_some(self.result.as_str());
+        match self.decision {
+            CallDecision::Deny => Some(self.reason.as_str())
+                .filter(|r| !r.is_empty())
+                .or(failed),
+            CallDecision::Allow => failed,
+        }
+    }
+}
+
+/// A host call as the run record holds it and the API returns it: the device and the
+/// request when there is one, and [`HostCall::recorded_reason`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = HostCall)]
+pub struct RecordedCall {
+    /// Interface and function, e.g. `docker.restart-container`.
+    pub op: String,
+    pub device: Option<String>,
+    /// The Docker API request it stands for, e.g. `POST /containers/web/restart`.
+    pub request: Option<String>,
+    pub decision: CallDecision,
+    /// Why it was denied (or a note on an allow).
+    pub reason: Option<String>,
+}
+
+impl From<&HostCall> for RecordedCall {
+    fn from(c: &HostCall) -> RecordedCall {
+        RecordedCall {
+            op: c.op.clone(),
+            device: (!c.device.is_empty()).then(|| c.device.clone()),
+            request: (!c.request.is_empty()).then(|| c.request.clone()),
+            decision: c.decision,
+            reason: c.recorded_reason().map(str::to_string),
+        }
+    }
+}
+
+impl From<RecordedCall> for HostCall {
+    /// Back from a stored record: a denial's reason is its reason, an allowed call's is
+    /// its result (the time it took is not recorded).
+    fn from(r: RecordedCall) -> HostCall {
+        let (result, reason) = match (r.decision, r.reason) {
+            (CallDecision::Deny, reason) => ("denied".to_string(), reason.unwrap_or_default()),
+            (CallDecision::Allow, Some(result)) => (result, String::new()),
+            (CallDecision::Allow, None) => ("ok".to_string(), String::new()),
+        };
+        HostCall {
+            op: r.op,
+            device: r.device.unwrap_or_default(),
+            request: r.request.unwrap_or_default(),
+            decision: r.decision,
+            result,
+            ms: 0.0,
+            reason,
+        }
+    }
+}
+
+/// `#[serde(with)]` for the run record's host calls: each as [`RecordedCall`].
+pub mod as_recorded {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::{HostCall, RecordedCall};
+
+    pub fn serialize<S: Serializer>(calls: &[HostCall], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(calls.iter().map(RecordedCall::from))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<HostCall>, D::Error> {
+        Ok(Vec::<RecordedCall>::deserialize(d)?
+            .into_iter()
+            .map(HostCall::from)
+            .collect())
+    }
 }
 
 /// A refused host call.
@@ -93,7 +220,7 @@ pub struct RunReport {
     /// `cron`, `webhook` or `manual`.
     pub trigger: String,
     pub started_at: DateTime<Utc>,
-    pub status: RunStatus,
+    pub status: Exit,
     /// Set when the plugin returned one.
     pub outcome: Option<Outcome>,
     /// The plugin's error value, or why it was stopped.
@@ -117,7 +244,7 @@ pub struct RunReport {
 impl RunReport {
     /// Whether the run succeeded.
     pub fn succeeded(&self) -> bool {
-        self.status == RunStatus::Succeeded
+        self.status == Exit::Succeeded
     }
 
     /// A human-readable rendering (what `capstan plugin run` prints).
@@ -187,5 +314,44 @@ impl RunReport {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_record_host_calls_in_the_stored_format_load_and_save_byte_for_byte() {
+        #[derive(Serialize, Deserialize)]
+        struct Record {
+            #[serde(with = "as_recorded")]
+            host_calls: Vec<HostCall>,
+        }
+        let old = r#"{"host_calls":[{"op":"docker.restart-container","device":"local","request":"POST /containers/web/restart","decision":"deny","reason":"ALLOW_RESTARTS is 0"},{"op":"docker.list-containers","device":null,"request":null,"decision":"allow","reason":null},{"op":"docker.inspect-container","device":"local","request":"GET /containers/x/json","decision":"allow","reason":"not-found"}]}"#;
+        let r: Record = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            r.host_calls[0].recorded_reason(),
+            Some("ALLOW_RESTARTS is 0")
+        );
+        assert_eq!(r.host_calls[2].result, "not-found");
+        assert_eq!(serde_json::to_string(&r).unwrap(), old);
+    }
+
+    #[test]
+    fn a_reported_host_call_serializes_as_before_without_its_reason() {
+        let call = HostCall {
+            op: "docker.list-containers".into(),
+            device: "local".into(),
+            request: "GET /containers/json".into(),
+            decision: CallDecision::Allow,
+            result: "ok".into(),
+            ms: 1.5,
+            reason: "allowed by the plugin's policy".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&call).unwrap(),
+            r#"{"op":"docker.list-containers","device":"local","request":"GET /containers/json","decision":"allow","result":"ok","ms":1.5}"#
+        );
     }
 }

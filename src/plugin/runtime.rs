@@ -29,8 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
-    UpdateDeadline,
+    Config, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 
 use super::bindings::{self, Plugin, PluginPre};
@@ -39,7 +38,7 @@ use super::cache::{CompileCache, Loaded, sha256_hex};
 use super::host::{RunCtx, RunState, Services, render_wit_error};
 use super::manifest::{Limits, MANIFEST_FILE, Manifest, Triggers};
 use super::records::{Audit, InstalledPlugin, PluginRecords, PluginState};
-use super::report::{Outcome, RunReport, RunStatus};
+use super::report::{Exit, Outcome, RunReport};
 use super::sandbox::{
     CappedPipe, Limiter, MAX_CORE_INSTANCES, MAX_MEMORIES, MAX_TABLES, wasi_context,
 };
@@ -125,7 +124,9 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// Why a plugin runs (the WIT `event`, owned by the caller).
+/// Why a plugin runs: the WIT `event` the plugin gets, and what the run record says
+/// started it ([`crate::runs::RunTrigger`] is derived from it). Each trigger kind
+/// builds its own ([`crate::trigger`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "trigger", rename_all = "lowercase")]
 pub enum TriggerEvent {
@@ -135,17 +136,30 @@ pub enum TriggerEvent {
     },
     Webhook {
         hook: String,
+        /// The sender's delivery id, when the hook names one (for the record; the
+        /// plugin sees it among the headers).
+        #[serde(default)]
+        delivery: Option<String>,
         headers: Vec<(String, String)>,
         body: Vec<u8>,
     },
     Manual {
+        /// Who asked: an API token's name, or `cli` (for the record).
+        #[serde(default = "cli")]
+        by: String,
         input: String,
     },
 }
 
+fn cli() -> String {
+    "cli".to_string()
+}
+
 impl TriggerEvent {
+    /// A run asked for from the command line with `input`.
     pub fn manual(input: impl Into<String>) -> TriggerEvent {
         TriggerEvent::Manual {
+            by: cli(),
             input: input.into(),
         }
     }
@@ -173,12 +187,13 @@ impl TriggerEvent {
                 hook,
                 headers,
                 body,
+                ..
             } => bindings::Event::Webhook(bindings::WebhookEvent {
                 hook: hook.clone(),
                 headers: headers.clone(),
                 body: body.clone(),
             }),
-            TriggerEvent::Manual { input } => bindings::Event::Manual(bindings::ManualEvent {
+            TriggerEvent::Manual { input, .. } => bindings::Event::Manual(bindings::ManualEvent {
                 input: input.clone(),
             }),
         }
@@ -243,7 +258,7 @@ pub struct LoadSummary {
 
 /// The plugin runtime. Cheap to share behind an `Arc`; `run` may be called concurrently.
 pub struct PluginRuntime {
-    engine: Engine,
+    engine: wasmtime::Engine,
     linker: Linker<RunState>,
     allocator: AllocatorKind,
     cache: CompileCache,
@@ -300,7 +315,7 @@ impl PluginRuntime {
     }
 
     /// The wasmtime engine (for benchmarks and tools that compare against it).
-    pub fn wasm_engine(&self) -> &Engine {
+    pub fn wasm_engine(&self) -> &wasmtime::Engine {
         &self.engine
     }
 
@@ -582,7 +597,7 @@ impl PluginRuntime {
         };
         let (status, outcome, error) = match result {
             Err(_elapsed) => (
-                RunStatus::TimedOut,
+                Exit::TimedOut,
                 None,
                 Some(format!(
                     "stopped at its deadline of {} s (limits.timeout_secs) while waiting in a host call",
@@ -590,19 +605,19 @@ impl PluginRuntime {
                 )),
             ),
             Ok(Ok(Ok(o))) => (
-                RunStatus::Succeeded,
+                Exit::Succeeded,
                 Some(Outcome {
                     summary: o.summary,
                     details: o.details,
                 }),
                 None,
             ),
-            Ok(Ok(Err(e))) => (RunStatus::Failed, None, Some(render_wit_error(&e))),
+            Ok(Ok(Err(e))) => (Exit::Failed, None, Some(render_wit_error(&e))),
             Ok(Err(trap)) => {
                 let data = store.data();
                 if let Some(asked) = data.limiter.exceeded {
                     (
-                        RunStatus::MemoryExceeded,
+                        Exit::MemoryExceeded,
                         None,
                         Some(format!(
                             "stopped: its memories and tables would have grown to {} MiB, its limit is {} MiB (limits.memory_mib)",
@@ -612,7 +627,7 @@ impl PluginRuntime {
                     )
                 } else if trap.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
                     (
-                        RunStatus::TimedOut,
+                        Exit::TimedOut,
                         None,
                         Some(format!(
                             "stopped at its deadline of {} s (limits.timeout_secs)",
@@ -620,9 +635,9 @@ impl PluginRuntime {
                         )),
                     )
                 } else if let Some(limit) = data.run.limit_hit() {
-                    (RunStatus::Trapped, None, Some(format!("stopped: {limit}")))
+                    (Exit::Trapped, None, Some(format!("stopped: {limit}")))
                 } else {
-                    (RunStatus::Trapped, None, Some(describe_trap(&trap)))
+                    (Exit::Trapped, None, Some(describe_trap(&trap)))
                 }
             }
         };
@@ -634,7 +649,7 @@ impl PluginRuntime {
         drop(store);
         let (stdout, stdout_dropped) = stdout.take();
         let (stderr, stderr_dropped) = stderr.take();
-        if status != RunStatus::Succeeded {
+        if status != Exit::Succeeded {
             tracing::info!(plugin = %plugin.name, %status, error = error.as_deref().unwrap_or(""), "plugin run did not succeed");
         }
         RunReport {
@@ -762,7 +777,7 @@ fn locate(source: &Path, manifest: Option<&Path>) -> Result<(PathBuf, PathBuf), 
     )))
 }
 
-fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorKind), PluginError> {
+fn build_engine(config: &RuntimeConfig) -> Result<(wasmtime::Engine, AllocatorKind), PluginError> {
     let base = || {
         let mut c = Config::new();
         c.wasm_component_model(true);
@@ -787,7 +802,7 @@ fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorKind), Plugi
             .max_memory_size(Limits::MAX.memory_mib as usize * 1024 * 1024);
         let mut c = base();
         c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        match Engine::new(&c) {
+        match wasmtime::Engine::new(&c) {
             Ok(engine) => {
                 tracing::info!(slots, "plugin runtime: pooling instance allocator");
                 return Ok((engine, AllocatorKind::Pooling));
@@ -798,7 +813,7 @@ fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorKind), Plugi
             Err(e) => return Err(PluginError::Engine(format!("pooling allocator: {e}"))),
         }
     }
-    let engine = Engine::new(&base()).map_err(|e| PluginError::Engine(e.to_string()))?;
+    let engine = wasmtime::Engine::new(&base()).map_err(|e| PluginError::Engine(e.to_string()))?;
     tracing::info!("plugin runtime: on-demand instance allocator");
     Ok((engine, AllocatorKind::OnDemand))
 }
@@ -810,7 +825,7 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(engine: Engine, tick: Duration) -> EpochTicker {
+    fn start(engine: wasmtime::Engine, tick: Duration) -> EpochTicker {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()

@@ -21,7 +21,7 @@ use crate::plugin::bindings::wit_docker::{
     RecreateOptions, RecreateResult, ResourceUsage, VolumeSummary,
 };
 use crate::plugin::records::AuditRecord;
-use crate::plugin::report::{Denial, HostCall};
+use crate::plugin::report::{CallDecision, Denial, HostCall};
 use crate::policy::{ContainerScope, own_names};
 
 /// One Docker host call under way.
@@ -131,7 +131,7 @@ impl RunState {
 
     fn deny(&mut self, call: &Call, reason: String) -> HostError {
         tracing::info!(plugin = %self.run.plugin.name, device = %bounded(&call.device), op = call.op, request = %bounded(&call.request), reason = %bounded(&reason), "plugin host call denied");
-        self.record(call, "deny", "denied", &reason);
+        self.record(call, CallDecision::Deny, "denied", &reason);
         self.run.keep_denial(Denial {
             op: call.op.to_string(),
             device: call.device.clone(),
@@ -141,29 +141,26 @@ impl RunState {
         HostError::denied(reason)
     }
 
-    fn record(&mut self, call: &Call, decision: &str, result: &str, reason: &str) {
+    /// The call, recorded once: in the run's report and in the audit log.
+    fn record(&mut self, call: &Call, decision: CallDecision, result: &str, reason: &str) {
         // The device, request and reason hold what the guest passed (a device name, a
         // container reference): bounded, so a hostile argument cannot bloat the run record
         // or the audit log.
-        let (device, request) = (bounded(&call.device), bounded(&call.request));
-        let (result, reason) = (bounded(result), bounded(reason));
-        self.run.keep_host_call(HostCall {
+        let recorded = HostCall {
             op: call.op.to_string(),
-            device: device.clone(),
-            request: request.clone(),
-            decision: decision.to_string(),
-            result,
+            device: bounded(&call.device),
+            request: bounded(&call.request),
+            decision,
+            result: bounded(result),
             ms: crate::millis(call.started.elapsed()),
-        });
+            reason: bounded(reason),
+        };
         let rec = AuditRecord {
             time: chrono::Utc::now(),
             plugin: self.run.plugin.name.clone(),
-            device,
-            op: call.op.to_string(),
-            request,
-            decision: decision.to_string(),
-            reason,
+            call: recorded.clone(),
         };
+        self.run.keep_host_call(recorded);
         if let Err(e) = self.run.services.audit.record(&rec) {
             tracing::error!(error = %e, "cannot write the audit record");
         }
@@ -174,7 +171,7 @@ impl RunState {
             HostError::Wit(w) => super::render_wit_error(w),
             HostError::Trap(t) => format!("host failure: {t}"),
         };
-        self.record(&call, "allow", e.kind(), &reason);
+        self.record(&call, CallDecision::Allow, e.kind(), &reason);
         e
     }
 
@@ -182,7 +179,12 @@ impl RunState {
     fn finish<T>(&mut self, call: Call, r: Result<T, HostError>) -> Result<T, HostError> {
         match r {
             Ok(v) => {
-                self.record(&call, "allow", "ok", "allowed by the plugin's policy");
+                self.record(
+                    &call,
+                    CallDecision::Allow,
+                    "ok",
+                    "allowed by the plugin's policy",
+                );
                 Ok(v)
             }
             Err(e) => Err(self.finish_err(call, e)),

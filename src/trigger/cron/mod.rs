@@ -31,6 +31,7 @@
 
 pub mod expr;
 pub mod gate;
+pub mod kind;
 pub mod scheduler;
 
 use std::time::Duration;
@@ -41,6 +42,7 @@ use serde::{Deserialize, Serialize};
 
 pub use expr::Schedule;
 pub use gate::{FireDecision, GateStats, OverlapGate, OverlapPolicy};
+pub use kind::{Cron, fire_runs};
 pub use scheduler::{CronScheduler, FireInfo, ShutdownReport, TriggerId, TriggerStatus};
 
 use super::units;

@@ -51,6 +51,7 @@
 //! until the old one is retired ([`HookKeys`]).
 
 mod deliveries;
+mod kind;
 pub mod ratelimit;
 
 use std::collections::HashMap;
@@ -69,6 +70,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use deliveries::{ClaimResult, Deliveries};
+pub use kind::Webhook;
 pub use ratelimit::TokenBucket;
 
 use super::units;
@@ -1271,21 +1273,122 @@ pub async fn read_body(body: axum::body::Body, limit: u64) -> Result<Bytes, Webh
     }
 }
 
-/// The whole delivery path for an axum route: verify, launch the run, answer.
+/// What became of one delivery, typed: the hook route builds its one response from it
+/// ([`Answer::into_response`]) and labels the delivery metric with it ([`Answer::result`]).
+#[derive(Debug)]
+pub enum Answer {
+    /// Verified and new: its run was started (202 `{"status":"accepted","run_id"}`).
+    Accepted { run_id: RunId },
+    /// Accepted before, by delivery id or by signature: not run again (200
+    /// `{"status":"duplicate","delivery","matched","run_id"}` with the first run's id).
+    Replayed {
+        delivery: Option<String>,
+        matched: Matched,
+        run_id: Option<RunId>,
+    },
+    /// Refused, and why (the error's status and JSON body).
+    Rejected(WebhookError),
+    /// Verified and new, but its run could not be started (503); the delivery id and
+    /// signature were released so the sender's retry can run.
+    Unavailable,
+}
+
+impl Answer {
+    /// The status this answer is given with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Answer::Accepted { .. } => StatusCode::ACCEPTED,
+            Answer::Replayed { .. } => StatusCode::OK,
+            Answer::Rejected(e) => e.status(),
+            Answer::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The `result` label of the delivery metric: `accepted`, `duplicate`,
+    /// `unauthorized`, `unknown-hook`, `too-large`, `invalid`, `rate-limited`,
+    /// `unavailable`, or `error`.
+    pub fn result(&self) -> &'static str {
+        use WebhookError::*;
+        match self {
+            Answer::Accepted { .. } => "accepted",
+            Answer::Replayed { .. } => "duplicate",
+            Answer::Unavailable => "unavailable",
+            Answer::Rejected(e) => match e {
+                UnknownHook(_) => "unknown-hook",
+                TooLarge { .. } => "too-large",
+                MissingSignature(_)
+                | BadSignature(_)
+                | MissingToken
+                | BadToken
+                | BadApiToken
+                | MissingTimestamp(_)
+                | BadTimestamp(_)
+                | StaleTimestamp { .. }
+                | FutureTimestamp { .. } => "unauthorized",
+                Unprocessable(_) => "invalid",
+                RateLimited { .. } => "rate-limited",
+                Internal(_) => "error",
+            },
+        }
+    }
+
+    /// Whether the delivery named a hook that is installed (the metric keeps the name
+    /// only then, so strangers cannot create series at will).
+    pub fn names_a_hook(&self) -> bool {
+        !matches!(self, Answer::Rejected(WebhookError::UnknownHook(_)))
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match self {
+            Answer::Accepted { run_id } => (
+                status,
+                Json(serde_json::json!({
+                    "status": "accepted",
+                    "run_id": run_id.to_string(),
+                })),
+            )
+                .into_response(),
+            Answer::Replayed {
+                delivery,
+                matched,
+                run_id,
+            } => (
+                status,
+                Json(serde_json::json!({
+                    "status": "duplicate",
+                    "delivery": delivery,
+                    "matched": matched,
+                    "run_id": run_id.map(|r| r.to_string()),
+                })),
+            )
+                .into_response(),
+            Answer::Rejected(e) => e.into_response(),
+            Answer::Unavailable => (
+                status,
+                Json(serde_json::json!({
+                    "error": { "kind": "unavailable", "message": "the run could not be started; retry later" }
+                })),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// Verifies a delivery whose body was read, and starts its run when it is new.
 ///
 /// `launch` starts the plugin run for a verified, new delivery and returns its run id
-/// (the run goes on after the answer). Answers: 202 `{"status":"accepted","run_id"}`;
-/// 200 `{"status":"duplicate","matched","run_id"}` for a repeated delivery (by id or
-/// by signature); a
-/// [`WebhookError`]'s status otherwise; 503 if `launch` fails (the delivery id and
-/// signature are released so the sender's retry can run).
+/// (the run goes on after the answer); when it fails, the delivery id and signature are
+/// released so the sender's retry can run ([`Answer::Unavailable`]).
 pub async fn receive<F, Fut>(
     hooks: &Webhooks,
     name: &str,
     headers: &HeaderMap,
     body: Bytes,
     launch: F,
-) -> Response
+) -> Answer
 where
     F: FnOnce(Delivery) -> Fut,
     Fut: Future<Output = Result<RunId, String>>,
@@ -1295,7 +1398,7 @@ where
             if e.status() != StatusCode::NOT_FOUND {
                 tracing::info!(hook = name, status = e.status().as_u16(), reason = %e, "webhook delivery refused");
             }
-            e.into_response()
+            Answer::Rejected(e)
         }
         Ok(Admission::Duplicate {
             delivery,
@@ -1309,41 +1412,23 @@ where
                 matched = matched.as_str(),
                 "repeated webhook delivery not run again"
             );
-            (
-                StatusCode::OK,
-                Json(serde_json::json!({
-                    "status": "duplicate",
-                    "delivery": delivery,
-                    "matched": matched,
-                    "run_id": run_id.map(|r| r.to_string()),
-                })),
-            )
-                .into_response()
+            Answer::Replayed {
+                delivery,
+                matched,
+                run_id,
+            }
         }
         Ok(Admission::Run(claim)) => match launch(claim.delivery().clone()).await {
             Ok(run_id) => {
                 if let Err(e) = claim.accept(run_id) {
                     tracing::warn!(hook = name, error = %e, "could not record the delivery id; a retry may run again");
                 }
-                (
-                    StatusCode::ACCEPTED,
-                    Json(serde_json::json!({
-                        "status": "accepted",
-                        "run_id": run_id.to_string(),
-                    })),
-                )
-                    .into_response()
+                Answer::Accepted { run_id }
             }
             Err(detail) => {
                 tracing::error!(hook = name, %detail, "webhook run could not be started");
                 drop(claim);
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(serde_json::json!({
-                        "error": { "kind": "unavailable", "message": "the run could not be started; retry later" }
-                    })),
-                )
-                    .into_response()
+                Answer::Unavailable
             }
         },
     }
@@ -1357,38 +1442,18 @@ pub async fn deliver<F, Fut>(
     headers: &HeaderMap,
     body: axum::body::Body,
     launch: F,
-) -> Response
+) -> Answer
 where
     F: FnOnce(Delivery) -> Fut,
     Fut: Future<Output = Result<RunId, String>>,
 {
     let Some(limit) = hooks.max_body(name) else {
-        return WebhookError::UnknownHook(name.to_string()).into_response();
+        return Answer::Rejected(WebhookError::UnknownHook(name.to_string()));
     };
     match read_body(body, limit).await {
         Ok(body) => receive(hooks, name, headers, body, launch).await,
-        Err(e) => e.into_response(),
+        Err(e) => Answer::Rejected(e),
     }
-}
-
-/// The `POST /hooks/{name}` route: [`deliver`]. Merge it into the engine's router *outside* the token-protected `/api`
-/// tree: hooks authenticate each delivery themselves.
-pub fn router<F, Fut>(hooks: Arc<Webhooks>, launch: F) -> axum::Router
-where
-    F: Fn(Delivery) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<RunId, String>> + Send + 'static,
-{
-    use axum::extract::Path;
-    axum::Router::new().route(
-        "/hooks/{name}",
-        axum::routing::post(
-            move |Path(name): Path<String>, headers: HeaderMap, body: axum::body::Body| {
-                let hooks = hooks.clone();
-                let launch = launch.clone();
-                async move { deliver(&hooks, &name, &headers, body, launch).await }
-            },
-        ),
-    )
 }
 
 #[cfg(test)]

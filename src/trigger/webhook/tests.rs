@@ -86,7 +86,8 @@ fn verify(
     hooks.verify(name, h, Bytes::from(body.to_string()))
 }
 
-async fn json_of(resp: Response) -> (StatusCode, HeaderMap, serde_json::Value) {
+async fn json_of(answer: impl IntoResponse) -> (StatusCode, HeaderMap, serde_json::Value) {
+    let resp = answer.into_response();
     let status = resp.status();
     let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -784,6 +785,69 @@ fn every_refusal_maps_to_its_documented_status() {
 }
 
 #[test]
+fn each_answer_labels_the_delivery_metric_as_its_status_says() {
+    use WebhookError::*;
+    let cases = [
+        (
+            Answer::Accepted {
+                run_id: RunId::new(),
+            },
+            202,
+            "accepted",
+        ),
+        (
+            Answer::Replayed {
+                delivery: None,
+                matched: Matched::Signature,
+                run_id: None,
+            },
+            200,
+            "duplicate",
+        ),
+        (Answer::Unavailable, 503, "unavailable"),
+        (
+            Answer::Rejected(UnknownHook("x".into())),
+            404,
+            "unknown-hook",
+        ),
+        (
+            Answer::Rejected(TooLarge { size: 2, limit: 1 }),
+            413,
+            "too-large",
+        ),
+        (
+            Answer::Rejected(BadSignature("h".into())),
+            401,
+            "unauthorized",
+        ),
+        (Answer::Rejected(BadApiToken), 401, "unauthorized"),
+        (
+            Answer::Rejected(StaleTimestamp {
+                age: "1m".into(),
+                window: "5m".into(),
+            }),
+            401,
+            "unauthorized",
+        ),
+        (Answer::Rejected(Unprocessable("x".into())), 422, "invalid"),
+        (
+            Answer::Rejected(RateLimited {
+                retry_after_secs: 3,
+            }),
+            429,
+            "rate-limited",
+        ),
+        (Answer::Rejected(Internal("x".into())), 500, "error"),
+    ];
+    for (answer, code, label) in cases {
+        assert_eq!(answer.result(), label, "{answer:?}");
+        assert_eq!(answer.status().as_u16(), code, "{answer:?}");
+        assert_eq!(answer.names_a_hook(), code != 404, "{answer:?}");
+        assert_eq!(answer.into_response().status().as_u16(), code);
+    }
+}
+
+#[test]
 fn hook_configs_are_strict_and_explain_what_to_fix() {
     let cases = [
         (
@@ -903,65 +967,4 @@ fn a_hook_name_belongs_to_one_plugin_and_removing_it_forgets_its_deliveries() {
         verify(&hooks, "gh", &signed(SECRET, "{}", "x"), "{}"),
         Err(WebhookError::UnknownHook(_))
     ));
-}
-
-/// Sends one request to a real listener and returns the status and JSON body.
-async fn post(
-    addr: std::net::SocketAddr,
-    path: &str,
-    h: &HeaderMap,
-    body: impl Into<Bytes>,
-) -> (StatusCode, serde_json::Value) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut req = hyper::Request::post(path)
-        .header("host", "capstan")
-        .body(http_body_util::Full::new(body.into()))
-        .unwrap();
-    req.headers_mut().extend(h.clone());
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or_default())
-}
-
-#[tokio::test]
-async fn the_route_serves_deliveries_over_http_with_the_hooks_body_limit() {
-    let (_dir, store) = store();
-    let hooks = Arc::new(hooks_with(
-        &store,
-        "name = \"gh\"\nauth = \"hmac-sha256\"\ndelivery_header = \"X-GitHub-Delivery\"\nmax_body = \"2KiB\"\n",
-        keys(SECRET, None),
-    ));
-    let launched = Arc::new(Mutex::new(Vec::new()));
-    let l = launched.clone();
-    let app = router(hooks, move |d: Delivery| {
-        let l = l.clone();
-        async move {
-            l.lock().unwrap().push(d.delivery_id.unwrap_or_default());
-            Ok(RunId::new())
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
-    let body = r#"{"ref":"refs/heads/main"}"#;
-    let (status, json) = post(addr, "/hooks/gh", &signed(SECRET, body, "h-1"), body).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
-    let (status, json) = post(addr, "/hooks/gh", &signed(SECRET, body, "h-1"), body).await;
-    assert_eq!(
-        (status, json["status"].as_str()),
-        (StatusCode::OK, Some("duplicate"))
-    );
-    let big = "x".repeat(3000);
-    let (status, _) = post(addr, "/hooks/gh", &signed(SECRET, &big, "h-2"), big.clone()).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    let (status, _) = post(addr, "/hooks/nope", &signed(SECRET, body, "h-3"), body).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    assert_eq!(*launched.lock().unwrap(), ["h-1"]);
 }
