@@ -37,6 +37,7 @@ use crate::policy::{CompiledPolicy, Effect, Effects, Framing, Policy, Var, VarSe
 
 /// The case count: `PROPTEST_CASES` when set, else `default`.
 fn config(default: u32) -> Config {
+    #[allow(clippy::disallowed_methods)] // proptest's own knob, for test runs only
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
