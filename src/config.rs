@@ -389,7 +389,9 @@ fn resolve_docker(
             Some(h) if h.trim().is_empty() => {
                 return Err(ConfigError::Invalid {
                     field: "docker.host",
-                    message: "must name an address like unix:///var/run/docker.sock (or be left out)".into(),
+                    message:
+                        "must name an address like unix:///var/run/docker.sock (or be left out)"
+                            .into(),
                 });
             }
             other => other.clone(),
@@ -827,8 +829,14 @@ mod tests {
         use crate::docker::SshTunnel;
         use std::time::Duration;
         let defaults = resolve_docker(&DockerSection::default(), |_| None).unwrap();
-        assert_eq!(defaults.connect_timeout, crate::docker::DEFAULT_CONNECT_TIMEOUT);
-        assert_eq!(defaults.request_timeout, crate::docker::DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(
+            defaults.connect_timeout,
+            crate::docker::DEFAULT_CONNECT_TIMEOUT
+        );
+        assert_eq!(
+            defaults.request_timeout,
+            crate::docker::DEFAULT_REQUEST_TIMEOUT
+        );
         assert_eq!(defaults.idle_timeout, crate::docker::DEFAULT_IDLE_TIMEOUT);
         assert_eq!(defaults.docker_host_env, None);
         assert_eq!(defaults.agent_socket, None);
@@ -852,13 +860,20 @@ mod tests {
         .unwrap();
         assert_eq!(c.docker_host_env.as_deref(), Some("tcp://127.0.0.1:2375"));
         assert_eq!(c.agent_socket, Some(PathBuf::from("/tmp/agent")));
-        assert_eq!(c.ssh_tunnel, SshTunnel::Auto, "an unknown env value means auto");
+        assert_eq!(
+            c.ssh_tunnel,
+            SshTunnel::Auto,
+            "an unknown env value means auto"
+        );
         assert_eq!(c.idle_timeout, Duration::from_secs(300));
         let empty = resolve_docker(&DockerSection::default(), |k| {
             (k == "DOCKER_HOST").then(String::new)
         })
         .unwrap();
-        assert_eq!(empty.docker_host_env, None, "an empty DOCKER_HOST is no address");
+        assert_eq!(
+            empty.docker_host_env, None,
+            "an empty DOCKER_HOST is no address"
+        );
         for (toml, field) in [
             ("ssh_tunnel = \"tunnel\"", "docker.ssh_tunnel:"),
             ("connect_timeout = \"0s\"", "docker.connect_timeout:"),

@@ -1316,15 +1316,13 @@ impl Api {
         )
         .unwrap();
         let engine = app.engine().clone();
+        // These tests start from no devices: the embedded default `local` goes.
+        engine.devices().unwrap().remove("local").unwrap();
         let (token, _) = engine.tokens.create("tests").unwrap();
         let token = token.expose_str().unwrap().to_string();
         let listening = app.listen(&mut |_| {}).await.unwrap();
         let addr = listening.api_addr();
-        tokio::spawn(async move {
-            listening
-                .serve(std::future::pending(), &mut |_| {})
-                .await
-        });
+        tokio::spawn(async move { listening.serve(std::future::pending(), &mut |_| {}).await });
         Api {
             addr,
             token,

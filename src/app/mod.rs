@@ -115,8 +115,12 @@ impl App {
 
         let cli_token = cli_token::mint(&engine.tokens)?;
         let engine = Arc::new(engine);
-        let scheduler =
-            start_plugins(&engine, created.vault, options.default_plugins.as_deref(), notify)?;
+        let scheduler = start_plugins(
+            &engine,
+            created.vault,
+            options.default_plugins.as_deref(),
+            notify,
+        )?;
         Ok(App {
             scheduler,
             proxies,

@@ -20,7 +20,11 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// The engine's connection settings, with `--timeout` for connecting and each call.
-pub(crate) fn options(base: &ConnectOptions, trust_host_key: bool, timeout: Duration) -> CheckOptions {
+pub(crate) fn options(
+    base: &ConnectOptions,
+    trust_host_key: bool,
+    timeout: Duration,
+) -> CheckOptions {
     CheckOptions {
         trust_host_key,
         connect: ConnectOptions {

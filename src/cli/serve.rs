@@ -51,7 +51,10 @@ pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         // Handlers first: a signal right after the banner must still shut down gracefully.
         let shutdown = shutdown_signal();
-        app.listen(&mut print).await?.serve(shutdown, &mut print).await
+        app.listen(&mut print)
+            .await?
+            .serve(shutdown, &mut print)
+            .await
     })
 }
 
