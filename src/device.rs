@@ -6,9 +6,10 @@
 //! credentials, TLS material) lives only in the vault under `device/<uuid>/<field>`;
 //! which secrets a device has is derived from its auth settings, never stored in clear.
 //!
-//! Adding and editing go through one path: a [`DeviceChanges`] applied to a blank or an
+//! Adding and editing go through one path: a [`DeviceSpec`] applied to a blank or an
 //! existing device, then [`validate`], so `add` and `edit` cannot disagree on what a valid
-//! device is.
+//! device is. The same spec is the CLI's flags, the API's device body and the pre-check's
+//! unsaved device, and [`inferred_auth`] is the one place an auth method is inferred.
 
 use std::collections::BTreeMap;
 
@@ -362,37 +363,356 @@ fn host_port(host: &str, port: u16) -> String {
     }
 }
 
-/// A change to a device's settings and secrets: everything `device add` and `device edit`
-/// can say. `None` leaves a field as it is.
-#[derive(Debug, Default, Clone)]
-pub struct DeviceChanges {
+/// A device as a request describes it: every setting and secret `capstan device add` and
+/// `device edit` take, the body of `POST`/`PATCH /api/devices` and of
+/// `POST /api/docker/pre-check`. One type for all of them, so a new setting is one field
+/// here (and one in [`Device`]).
+///
+/// Applied to a blank device (add) or an existing one (edit): an absent field (`None`) is
+/// left as it is, `null` (`Some(None)`) clears it (a secret too), and a value replaces
+/// it. On add, `name` and `kind` are required. Secrets are write-only: they serialize
+/// (for the CLI's request to a running engine) but no response ever carries one.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = DeviceBody)]
+pub struct DeviceSpec {
+    /// Unique name (letters, digits, `.`, `_`, `-`); on update, renames the device.
+    #[schema(example = "web1")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// How to reach the daemon; cannot change on update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<DeviceKind>,
+    /// Host name or address (ssh, tls).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, nullable)]
     pub host: Option<Option<String>>,
+    /// Port; defaults: 22 for ssh, 2376 for tls.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<u16>, nullable, minimum = 1)]
     pub port: Option<Option<u16>>,
+    /// SSH login user.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, nullable)]
     pub user: Option<Option<String>>,
+    /// SSH auth method; inferred from `private_key` / `password` when absent.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<SshAuth>, nullable)]
     pub auth: Option<Option<SshAuth>>,
-    pub docker_login: Option<Option<(String, SshAuth)>>,
+    /// SSH password (write-only).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        serialize_with = "expose_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, format = Password, write_only, nullable)]
+    pub password: Option<Option<Secret>>,
+    /// SSH private key, OpenSSH or PEM text (write-only).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        serialize_with = "expose_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, format = Password, write_only, nullable)]
+    pub private_key: Option<Option<Secret>>,
+    /// The private key's passphrase (write-only).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        serialize_with = "expose_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, format = Password, write_only, nullable)]
+    pub key_passphrase: Option<Option<Secret>>,
+    /// Separate SSH credentials for the Docker connection only; `null` drops them.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<DockerLoginSpec>, nullable)]
+    pub docker_login: Option<Option<DockerLoginSpec>>,
+    /// Resolve the host to IPv4 or IPv6 addresses only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_family: Option<IpFamily>,
+    /// Request agent forwarding on the SSH session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_forwarding: Option<bool>,
+    /// Answer keyboard-interactive password prompts with the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyboard_interactive: Option<bool>,
+    /// Docker socket on the remote host, e.g. `/run/user/1000/docker.sock`.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, nullable)]
     pub socket_path: Option<Option<String>>,
+    /// Run the remote docker client through `sudo -n`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sudo: Option<bool>,
+    /// How Docker connections cross the SSH session; `null` returns to the engine's
+    /// default (`CAPSTAN_SSH_TUNNEL`, else `auto`).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<SshTunnel>, nullable)]
     pub ssh_tunnel: Option<Option<SshTunnel>>,
+    /// The SSH host key to pin, an OpenSSH public key line (`ssh-ed25519 AAAA…`).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, nullable)]
     pub host_key: Option<Option<String>>,
+    /// Local daemon address: `unix:///path` or `tcp://host:port`.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, nullable)]
     pub docker_host: Option<Option<String>>,
+    /// Name to verify in the daemon's TLS certificate (default: the host).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, nullable)]
     pub tls_server_name: Option<Option<String>>,
-    /// New secret values.
-    pub secrets: DeviceSecrets,
-    /// Secret fields to delete (e.g. dropping a key passphrase).
-    pub clear_secrets: Vec<SecretField>,
+    /// CA certificate, PEM (write-only).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        serialize_with = "expose_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, format = Password, write_only, nullable)]
+    pub tls_ca: Option<Option<Secret>>,
+    /// Client certificate, PEM (write-only).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        serialize_with = "expose_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, format = Password, write_only, nullable)]
+    pub tls_cert: Option<Option<Secret>>,
+    /// Client private key, PEM (write-only).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        serialize_with = "expose_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, format = Password, write_only, nullable)]
+    pub tls_key: Option<Option<Secret>>,
 }
 
-impl DeviceChanges {
+/// Docker-only SSH credentials in a [`DeviceSpec`]. On edit, `user` and `auth` default
+/// to the device's current Docker login.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = DockerLoginBody)]
+pub struct DockerLoginSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Inferred from `private_key` / `password` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<SshAuth>,
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        serialize_with = "expose_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, format = Password, write_only, nullable)]
+    pub password: Option<Option<Secret>>,
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        serialize_with = "expose_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, format = Password, write_only, nullable)]
+    pub private_key: Option<Option<Secret>>,
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        serialize_with = "expose_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, format = Password, write_only, nullable)]
+    pub key_passphrase: Option<Option<Secret>>,
+}
+
+/// `Some(value)` for a value, `Some(None)` for `null`; absent fields stay `None`
+/// (with `#[serde(default)]`): "leave", "clear" and "set" in one field.
+fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Writes a secret of a spec as its text (`null` to clear it): only a spec serializes a
+/// secret, for the CLI's request to the engine on this host.
+fn expose_secret<S: serde::Serializer>(
+    v: &Option<Option<Secret>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(Some(secret)) => s.serialize_str(secret.expose_str().map_err(|_| {
+            serde::ser::Error::custom("a secret is not text (UTF-8) and cannot be sent")
+        })?),
+        _ => s.serialize_none(),
+    }
+}
+
+/// The auth method a login uses: the one given, else the one its secrets imply (a
+/// private key means key auth, a password password auth). The only place Capstan infers
+/// it.
+pub fn inferred_auth(given: Option<SshAuth>, has_key: bool, has_password: bool) -> Option<SshAuth> {
+    given.or(if has_key {
+        Some(SshAuth::Key)
+    } else if has_password {
+        Some(SshAuth::Password)
+    } else {
+        None
+    })
+}
+
+impl DeviceSpec {
     /// The change that pins `key` (an OpenSSH public key line) as the host key.
-    pub fn pin_host_key(key: &str) -> DeviceChanges {
-        DeviceChanges {
+    pub fn pin_host_key(key: &str) -> DeviceSpec {
+        DeviceSpec {
             host_key: Some(Some(key.to_string())),
             ..Default::default()
+        }
+    }
+
+    /// What the spec says about a secret field: `Some(Some(v))` sets it, `Some(None)`
+    /// clears it, `None` leaves it.
+    pub fn secret_change(&self, f: SecretField) -> Option<Option<&Secret>> {
+        let login = self.docker_login.as_ref().and_then(|l| l.as_ref());
+        let slot = match f {
+            SecretField::Password => &self.password,
+            SecretField::PrivateKey => &self.private_key,
+            SecretField::KeyPassphrase => &self.key_passphrase,
+            SecretField::DockerPassword => {
+                return login.and_then(|l| l.password.as_ref()).map(Option::as_ref);
+            }
+            SecretField::DockerPrivateKey => {
+                return login
+                    .and_then(|l| l.private_key.as_ref())
+                    .map(Option::as_ref);
+            }
+            SecretField::DockerKeyPassphrase => {
+                return login
+                    .and_then(|l| l.key_passphrase.as_ref())
+                    .map(Option::as_ref);
+            }
+            SecretField::TlsCa => &self.tls_ca,
+            SecretField::TlsCert => &self.tls_cert,
+            SecretField::TlsKey => &self.tls_key,
+        };
+        slot.as_ref().map(Option::as_ref)
+    }
+
+    /// The secret value the spec gives for `f`, if any.
+    pub fn secret(&self, f: SecretField) -> Option<&Secret> {
+        self.secret_change(f).flatten()
+    }
+
+    /// Sets (`Some`) or clears (`None`) a secret field; a Docker-login secret creates the
+    /// spec's Docker login if it has none.
+    pub fn set_secret(&mut self, f: SecretField, value: Option<Secret>) {
+        let slot = match f {
+            SecretField::Password => &mut self.password,
+            SecretField::PrivateKey => &mut self.private_key,
+            SecretField::KeyPassphrase => &mut self.key_passphrase,
+            SecretField::DockerPassword => &mut self.docker_login_mut().password,
+            SecretField::DockerPrivateKey => &mut self.docker_login_mut().private_key,
+            SecretField::DockerKeyPassphrase => &mut self.docker_login_mut().key_passphrase,
+            SecretField::TlsCa => &mut self.tls_ca,
+            SecretField::TlsCert => &mut self.tls_cert,
+            SecretField::TlsKey => &mut self.tls_key,
+        };
+        *slot = Some(value);
+    }
+
+    /// The spec's Docker login, created empty (user and auth from the device) if absent.
+    pub fn docker_login_mut(&mut self) -> &mut DockerLoginSpec {
+        if !matches!(self.docker_login, Some(Some(_))) {
+            self.docker_login = Some(Some(DockerLoginSpec::default()));
+        }
+        match &mut self.docker_login {
+            Some(Some(l)) => l,
+            _ => unreachable!("set just above"),
+        }
+    }
+
+    /// The secret values the spec gives (for a check of an unsaved device).
+    pub fn given_secrets(&self) -> DeviceSecrets {
+        let mut s = DeviceSecrets::default();
+        for f in SecretField::ALL {
+            if let Some(v) = self.secret(f) {
+                s.set(f, v.clone());
+            }
+        }
+        s
+    }
+
+    /// The auth method of the device's own login this spec sets, given or inferred
+    /// (`None`: the spec leaves it).
+    pub fn auth_change(&self) -> Option<Option<SshAuth>> {
+        match self.auth {
+            Some(a) => Some(a),
+            None => inferred_auth(
+                None,
+                self.secret(SecretField::PrivateKey).is_some(),
+                self.secret(SecretField::Password).is_some(),
+            )
+            .map(Some),
+        }
+    }
+
+    /// The kind of the device this spec adds (`existing` `None`) or edits.
+    fn kind_for(&self, existing: Option<&Device>) -> Result<DeviceKind, DeviceError> {
+        match (self.kind, existing) {
+            (Some(k), Some(d)) if k != d.kind => Err(DeviceError::Spec(format!(
+                "device {} is a {} device; a device's kind cannot change (delete it and create it again)",
+                d.name, d.kind
+            ))),
+            (_, Some(d)) => Ok(d.kind),
+            (Some(k), None) => Ok(k),
+            (None, None) => Err(DeviceError::Spec(
+                "a new device needs a kind: ssh, tls or local".into(),
+            )),
         }
     }
 }
@@ -405,6 +725,10 @@ pub enum DeviceError {
     NotFound(String),
     #[error("a device named {0:?} already exists")]
     Duplicate(String),
+    /// A spec that does not say enough to apply (no kind or name for a new device, a
+    /// kind change, a Docker login without user or auth): the request's own mistake.
+    #[error("{0}")]
+    Spec(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -532,38 +856,69 @@ pub fn validate_name(name: &str) -> Result<(), DeviceError> {
     Ok(())
 }
 
-/// Applies `changes` to `dev` (secrets aside) and records which key passphrases exist.
-fn apply(dev: &mut Device, ch: &DeviceChanges, has_secret: &dyn Fn(SecretField) -> bool) {
-    if let Some(v) = &ch.name {
+/// Applies `spec` to `dev` (secrets aside) and records which key passphrases exist.
+/// `has_secret` says which secrets the device holds now.
+fn apply(
+    dev: &mut Device,
+    spec: &DeviceSpec,
+    has_secret: &dyn Fn(SecretField) -> bool,
+) -> Result<(), DeviceError> {
+    if let Some(v) = &spec.name {
         dev.name = v.clone();
     }
     macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = &ch.$f { dev.$f = v.clone(); } )* };
+        ($($f:ident),*) => { $( if let Some(v) = &spec.$f { dev.$f = v.clone(); } )* };
     }
     set!(
         host,
         port,
         user,
-        auth,
         ip_family,
         agent_forwarding,
         keyboard_interactive,
         socket_path,
         sudo,
         ssh_tunnel,
-        host_key,
         docker_host,
         tls_server_name
     );
-    if let Some(d) = &ch.docker_login {
-        dev.docker_login = d.clone().map(|(user, auth)| DockerSshLogin {
-            user,
-            auth,
-            key_has_passphrase: false,
-        });
+    if let Some(a) = spec.auth_change() {
+        dev.auth = a;
     }
-    let will_have = |f: SecretField| {
-        ch.secrets.get(f).is_some() || (!ch.clear_secrets.contains(&f) && has_secret(f))
+    if let Some(k) = &spec.host_key {
+        dev.host_key = k.as_ref().map(|k| k.trim().to_string());
+    }
+    match &spec.docker_login {
+        None => {}
+        Some(None) => dev.docker_login = None,
+        Some(Some(l)) => {
+            let current = dev.docker_login.as_ref();
+            let user = l
+                .user
+                .clone()
+                .or_else(|| current.map(|c| c.user.clone()))
+                .ok_or_else(|| DeviceError::Spec("docker_login needs a user".into()))?;
+            let auth = inferred_auth(
+                l.auth,
+                spec.secret(SecretField::DockerPrivateKey).is_some(),
+                spec.secret(SecretField::DockerPassword).is_some(),
+            )
+            .or_else(|| current.map(|c| c.auth))
+            .ok_or_else(|| {
+                DeviceError::Spec(
+                    "docker_login needs private_key, password or an auth method".into(),
+                )
+            })?;
+            dev.docker_login = Some(DockerSshLogin {
+                user,
+                auth,
+                key_has_passphrase: false,
+            });
+        }
+    }
+    let will_have = |f: SecretField| match spec.secret_change(f) {
+        Some(v) => v.is_some(),
+        None => has_secret(f),
     };
     dev.key_has_passphrase =
         dev.auth == Some(SshAuth::Key) && will_have(SecretField::KeyPassphrase);
@@ -571,14 +926,20 @@ fn apply(dev: &mut Device, ch: &DeviceChanges, has_secret: &dyn Fn(SecretField) 
         d.key_has_passphrase =
             d.auth == SshAuth::Key && will_have(SecretField::DockerKeyPassphrase);
     }
+    Ok(())
 }
 
-/// The device `changes` describe as a new device of `kind`, validated (store aside): what
-/// `add` would store, for callers that send it elsewhere (the CLI to a running engine).
-pub fn new_device(kind: DeviceKind, changes: &DeviceChanges) -> Result<Device, DeviceError> {
+/// The device `spec` describes as a new device, validated (store aside): what `add`
+/// would store, for callers that send it elsewhere (the CLI to a running engine) or only
+/// check it (the pre-check of an unsaved device).
+pub fn new_device(spec: &DeviceSpec) -> Result<Device, DeviceError> {
+    let kind = spec.kind_for(None)?;
+    if spec.name.is_none() {
+        return Err(DeviceError::Spec("a new device needs a name".into()));
+    }
     let mut dev = Device::blank(kind, "");
-    apply(&mut dev, changes, &|_| false);
-    validate(&dev, &|f| changes.secrets.get(f).cloned())?;
+    apply(&mut dev, spec, &|_| false)?;
+    validate(&dev, &|f| spec.secret(f).cloned())?;
     Ok(dev)
 }
 
@@ -901,29 +1262,27 @@ impl<'a> Devices<'a> {
         Ok(v)
     }
 
-    pub fn add(&self, kind: DeviceKind, changes: DeviceChanges) -> Result<Device, DeviceError> {
-        let dev = new_device(kind, &changes)?;
-        self.write(None, &dev, &changes)?;
+    /// Adds the device `spec` describes (its `kind` and `name` are required).
+    pub fn add(&self, spec: DeviceSpec) -> Result<Device, DeviceError> {
+        let dev = new_device(&spec)?;
+        self.write(None, &dev, &spec)?;
         Ok(dev)
     }
 
-    pub fn edit(&self, name_or_id: &str, changes: DeviceChanges) -> Result<Device, DeviceError> {
+    /// Applies `spec` to a stored device; its kind cannot change.
+    pub fn edit(&self, name_or_id: &str, spec: DeviceSpec) -> Result<Device, DeviceError> {
         let old = self.get(name_or_id)?;
+        spec.kind_for(Some(&old))?;
         let stored = self.secrets(&old)?;
         let mut dev = old.clone();
-        apply(&mut dev, &changes, &|f| stored.get(f).is_some());
+        apply(&mut dev, &spec, &|f| stored.get(f).is_some())?;
         dev.updated_at = Utc::now();
-        let lookup = |f: SecretField| {
-            if let Some(s) = changes.secrets.get(f) {
-                Some(s.clone())
-            } else if changes.clear_secrets.contains(&f) {
-                None
-            } else {
-                stored.get(f).cloned()
-            }
+        let lookup = |f: SecretField| match spec.secret_change(f) {
+            Some(given) => given.cloned(),
+            None => stored.get(f).cloned(),
         };
         validate(&dev, &lookup)?;
-        self.write(Some(&old), &dev, &changes)?;
+        self.write(Some(&old), &dev, &spec)?;
         Ok(dev)
     }
 
@@ -952,11 +1311,13 @@ impl<'a> Devices<'a> {
         &self,
         old: Option<&Device>,
         dev: &Device,
-        changes: &DeviceChanges,
+        spec: &DeviceSpec,
     ) -> Result<(), DeviceError> {
         self.vault.change(|c| {
-            for (f, v) in &changes.secrets.0 {
-                c.put(&Self::secret_name(dev.id, *f), v);
+            for f in SecretField::ALL {
+                if let Some(v) = spec.secret(f) {
+                    c.put(&Self::secret_name(dev.id, f), v);
+                }
             }
         })?;
         let bytes = store::encode(dev);

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use bollard::Docker;
 use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptions, LogsOptionsBuilder};
 use capstan::device::{
-    Device, DeviceChanges, DeviceKind, DeviceSecrets, DockerSshLogin, IpFamily, SecretField,
-    SshAuth,
+    Device, DeviceKind, DeviceSecrets, DeviceSpec, DockerSshLogin, IpFamily, SecretField, SshAuth,
 };
 use capstan::docker::{
     CheckOptions, CheckReport, ConnectError, ConnectOptions, DockerClient, HostKeyPolicy,
@@ -1336,23 +1335,18 @@ impl Api {
     }
 
     fn add_key_device(&self, name: &str) -> Device {
-        let mut changes = DeviceChanges {
+        let changes = DeviceSpec {
+            kind: Some(DeviceKind::Ssh),
             name: Some(name.into()),
             host: Some(Some(infra().var("SSH_HOST4").into())),
             port: Some(Some(ssh_port())),
             user: Some(Some(infra().var("SSH_USER_KEY").into())),
             auth: Some(Some(SshAuth::Key)),
             host_key: Some(Some(host_key_line())),
+            private_key: Some(Some(secret("SSH_KEY_ED25519"))),
             ..Default::default()
         };
-        changes
-            .secrets
-            .set(SecretField::PrivateKey, secret("SSH_KEY_ED25519"));
-        self.engine
-            .devices()
-            .unwrap()
-            .add(DeviceKind::Ssh, changes)
-            .unwrap()
+        self.engine.devices().unwrap().add(changes).unwrap()
     }
 }
 
@@ -1623,7 +1617,7 @@ async fn the_engine_hands_out_one_pooled_client_per_device() {
         .unwrap()
         .edit(
             "engine",
-            DeviceChanges {
+            DeviceSpec {
                 sudo: Some(false),
                 ..Default::default()
             },

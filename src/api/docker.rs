@@ -19,79 +19,21 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::{AppError, AppState};
-use crate::device::{
-    self, Device, DeviceKind, DeviceSecrets, DockerSshLogin, IpFamily, SecretField, SshAuth,
-    SshTunnel,
-};
+use crate::device::{self, Device, DeviceKind, DeviceSecrets, DeviceSpec};
 use crate::docker::{CheckOptions, CheckReport, run_check};
-use crate::secret::Secret;
 
 /// Seconds allowed for connecting and for each call when the request does not say.
 const DEFAULT_TIMEOUT_SECS: u64 = 10;
 const MAX_TIMEOUT_SECS: u64 = 120;
 
-/// The body of `POST /api/docker/pre-check`: a device as `capstan device add` takes it,
-/// with its secrets inline.
+/// The body of `POST /api/docker/pre-check`: a device as `capstan device add` takes it
+/// (a [`DeviceSpec`], secrets inline; `name` defaults to `pre-check`), and how to run
+/// the check.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PreCheckSpec {
-    /// A name for messages (default `pre-check`).
-    #[serde(default)]
-    name: Option<String>,
-    kind: DeviceKind,
-    #[serde(default)]
-    host: Option<String>,
-    #[serde(default)]
-    #[schema(minimum = 1)]
-    port: Option<u16>,
-    #[serde(default)]
-    user: Option<String>,
-    /// Inferred from `private_key` / `password` when absent.
-    #[serde(default)]
-    auth: Option<SshAuth>,
-    #[serde(default)]
-    #[schema(value_type = Option<String>, format = Password, write_only)]
-    password: Option<Secret>,
-    /// OpenSSH or PEM private key text.
-    #[serde(default)]
-    #[schema(value_type = Option<String>, format = Password, write_only)]
-    private_key: Option<Secret>,
-    #[serde(default)]
-    #[schema(value_type = Option<String>, format = Password, write_only)]
-    key_passphrase: Option<Secret>,
-    /// Docker-only SSH credentials.
-    #[serde(default)]
-    docker_login: Option<DockerLoginSpec>,
-    #[serde(default)]
-    ip_family: IpFamily,
-    #[serde(default)]
-    agent_forwarding: bool,
-    #[serde(default)]
-    keyboard_interactive: bool,
-    #[serde(default)]
-    socket_path: Option<String>,
-    #[serde(default)]
-    sudo: bool,
-    /// How the Docker connection crosses the SSH session (default: the engine's).
-    #[serde(default)]
-    ssh_tunnel: Option<SshTunnel>,
-    /// The host key to expect (OpenSSH public key line).
-    #[serde(default)]
-    host_key: Option<String>,
-    #[serde(default)]
-    docker_host: Option<String>,
-    #[serde(default)]
-    tls_server_name: Option<String>,
-    /// PEM texts.
-    #[serde(default)]
-    #[schema(value_type = Option<String>, format = Password, write_only)]
-    tls_ca: Option<Secret>,
-    #[serde(default)]
-    #[schema(value_type = Option<String>, format = Password, write_only)]
-    tls_cert: Option<Secret>,
-    #[serde(default)]
-    #[schema(value_type = Option<String>, format = Password, write_only)]
-    tls_key: Option<Secret>,
+#[schema(as = PreCheckSpec)]
+pub struct PreCheckBody {
+    #[serde(flatten)]
+    device: DeviceSpec,
     /// Accept the SSH server's key when `host_key` is absent; the report shows it, to
     /// pin when the device is saved.
     #[serde(default)]
@@ -102,100 +44,37 @@ pub struct PreCheckSpec {
     timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DockerLoginSpec {
-    user: String,
-    #[serde(default)]
-    auth: Option<SshAuth>,
-    #[serde(default)]
-    #[schema(value_type = Option<String>, format = Password, write_only)]
-    password: Option<Secret>,
-    #[serde(default)]
-    #[schema(value_type = Option<String>, format = Password, write_only)]
-    private_key: Option<Secret>,
-    #[serde(default)]
-    #[schema(value_type = Option<String>, format = Password, write_only)]
-    key_passphrase: Option<Secret>,
-}
-
-fn infer_auth(
-    given: Option<SshAuth>,
-    key: &Option<Secret>,
-    pw: &Option<Secret>,
-) -> Option<SshAuth> {
-    given.or(if key.is_some() {
-        Some(SshAuth::Key)
-    } else if pw.is_some() {
-        Some(SshAuth::Password)
-    } else {
-        None
-    })
-}
-
-impl PreCheckSpec {
-    /// The device and secrets the spec describes, validated as `device add` would.
-    fn into_device(self) -> Result<(Device, DeviceSecrets, CheckSettings), AppError> {
-        let now = chrono::Utc::now();
-        let mut secrets = DeviceSecrets::default();
-        let mut put = |f: SecretField, s: Option<Secret>| {
-            if let Some(s) = s {
-                secrets.set(f, s);
-            }
+impl PreCheckBody {
+    /// Reads the body: the check's own two fields, and the rest as a device spec, which
+    /// refuses unknown fields (serde's flattening would ignore them).
+    fn parse(body: &[u8]) -> Result<PreCheckBody, AppError> {
+        let bad = |e: serde_json::Error| AppError::bad_json("device spec", &e);
+        let mut fields: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(body).map_err(bad)?;
+        let trust_host_key = match fields.remove("trust_host_key") {
+            Some(v) => serde_json::from_value(v).map_err(bad)?,
+            None => false,
         };
-        let auth = infer_auth(self.auth, &self.private_key, &self.password);
-        let key_has_passphrase = self.key_passphrase.is_some();
-        put(SecretField::Password, self.password);
-        put(SecretField::PrivateKey, self.private_key);
-        put(SecretField::KeyPassphrase, self.key_passphrase);
-        let docker_login = match self.docker_login {
-            Some(l) => {
-                let auth = infer_auth(l.auth, &l.private_key, &l.password).ok_or_else(|| {
-                    AppError::Invalid(
-                        "docker_login needs private_key, password or an auth method".into(),
-                    )
-                })?;
-                let has_pass = l.key_passphrase.is_some();
-                put(SecretField::DockerPassword, l.password);
-                put(SecretField::DockerPrivateKey, l.private_key);
-                put(SecretField::DockerKeyPassphrase, l.key_passphrase);
-                Some(DockerSshLogin {
-                    user: l.user,
-                    auth,
-                    key_has_passphrase: has_pass && auth == SshAuth::Key,
-                })
-            }
+        let timeout_secs = match fields.remove("timeout_secs") {
+            Some(v) => serde_json::from_value(v).map_err(bad)?,
             None => None,
         };
-        put(SecretField::TlsCa, self.tls_ca);
-        put(SecretField::TlsCert, self.tls_cert);
-        put(SecretField::TlsKey, self.tls_key);
-        let dev = Device {
-            id: uuid::Uuid::new_v4(),
-            name: self.name.unwrap_or_else(|| "pre-check".into()),
-            kind: self.kind,
-            host: self.host,
-            port: self.port,
-            user: self.user,
-            auth,
-            key_has_passphrase: key_has_passphrase && auth == Some(SshAuth::Key),
-            docker_login,
-            ip_family: self.ip_family,
-            agent_forwarding: self.agent_forwarding,
-            keyboard_interactive: self.keyboard_interactive,
-            socket_path: self.socket_path,
-            sudo: self.sudo,
-            ssh_tunnel: self.ssh_tunnel,
-            host_key: self.host_key.map(|k| k.trim().to_string()),
-            docker_host: self.docker_host,
-            tls_server_name: self.tls_server_name,
-            created_at: now,
-            updated_at: now,
-        };
-        device::validate(&dev, &|f| secrets.get(f).cloned())?;
+        let device = serde_json::from_value(serde_json::Value::Object(fields)).map_err(bad)?;
+        Ok(PreCheckBody {
+            device,
+            trust_host_key,
+            timeout_secs,
+        })
+    }
+
+    /// The device and secrets the body describes, validated as `device add` would.
+    fn into_device(self) -> Result<(Device, DeviceSecrets, CheckSettings), AppError> {
+        let mut spec = self.device;
+        spec.name.get_or_insert_with(|| "pre-check".into());
+        let dev = device::new_device(&spec)?;
         Ok((
             dev,
-            secrets,
+            spec.given_secrets(),
             CheckSettings::new(self.trust_host_key, self.timeout_secs)?,
         ))
     }
@@ -245,7 +124,7 @@ fn respond(report: CheckReport) -> Response {
     post,
     path = "/api/docker/pre-check",
     tag = "docker",
-    request_body = PreCheckSpec,
+    request_body = PreCheckBody,
     responses(
         (status = 200, description = "The daemon answered", body = CheckReport),
         (status = 422, description = "Not a valid device spec", body = super::ErrorBody),
@@ -258,9 +137,7 @@ pub async fn pre_check(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AppError> {
     let body = body?;
-    let spec: PreCheckSpec =
-        serde_json::from_slice(&body).map_err(|e| AppError::bad_json("device spec", &e))?;
-    let (dev, secrets, settings) = spec.into_device()?;
+    let (dev, secrets, settings) = PreCheckBody::parse(&body)?.into_device()?;
     let report = run_check(&dev, &secrets, &check_options(&state, &settings)).await;
     Ok(respond(report))
 }
@@ -359,10 +236,9 @@ async fn check_stored(
     let mut report = run_check(&dev, &secrets, &check_options(state, settings)).await;
     report.device_id = Some(dev.id);
     if let Some(k) = report.host_key.as_ref().filter(|k| k.trusted_now) {
-        state.devices()?.edit(
-            &dev.id.to_string(),
-            device::DeviceChanges::pin_host_key(&k.key),
-        )?;
+        state
+            .devices()?
+            .edit(&dev.id.to_string(), DeviceSpec::pin_host_key(&k.key))?;
         state.docker.forget(dev.id);
         tracing::info!(device = %dev.name, key = %k.fingerprint, "pinned the SSH host key the server presented (trust on first use, over the API)");
     }

@@ -134,6 +134,7 @@ impl From<DeviceError> for AppError {
                 AppError::Invalid(format!("invalid device: {}", why.for_api()))
             }
             DeviceError::Duplicate(_) => AppError::Conflict(e.to_string()),
+            DeviceError::Spec(why) => AppError::Invalid(why),
             other => AppError::Internal(other.to_string()),
         }
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{ProxySettings, Settings};
-use crate::device::{Device, DeviceChanges, DeviceError, DeviceKind};
+use crate::device::{Device, DeviceError, DeviceKind, DeviceSpec};
 use crate::engine::{Engine, PassphraseInput};
 use crate::plugin::{LoadSummary, PluginSource};
 use crate::policy::CompiledPolicy;
@@ -345,13 +345,11 @@ fn ensure_local_device(engine: &Engine, notify: &mut Notify<'_>) -> anyhow::Resu
     match devices.get("local") {
         Ok(_) => Ok(()),
         Err(DeviceError::NotFound(_)) => {
-            let d = devices.add(
-                DeviceKind::Local,
-                DeviceChanges {
-                    name: Some("local".into()),
-                    ..Default::default()
-                },
-            )?;
+            let d = devices.add(DeviceSpec {
+                kind: Some(DeviceKind::Local),
+                name: Some("local".into()),
+                ..Default::default()
+            })?;
             notify(Notice::LocalDeviceAdded(&d));
             Ok(())
         }

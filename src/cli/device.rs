@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use super::client::{ApiClient, Target};
 use super::{GlobalArgs, check, print_table};
-use crate::device::{Device, DeviceChanges, DeviceKind, IpFamily, SecretField, SshAuth, SshTunnel};
+use crate::device::{Device, DeviceKind, DeviceSpec, IpFamily, SecretField, SshAuth, SshTunnel};
 use crate::docker::{CheckReport, run_check};
 use crate::engine::Engine;
 use crate::secret::Secret;
@@ -246,7 +246,7 @@ impl DeviceOpts {
         self,
         kind: DeviceKind,
         existing: Option<&Device>,
-    ) -> anyhow::Result<DeviceChanges> {
+    ) -> anyhow::Result<DeviceSpec> {
         let stdin_flags = [
             self.password_stdin,
             self.key_passphrase_stdin,
@@ -257,7 +257,7 @@ impl DeviceOpts {
                 "only one --…-stdin flag can be used at a time (stdin is one stream); use files for the others"
             );
         }
-        let mut ch = DeviceChanges::default();
+        let mut ch = DeviceSpec::default();
         let stdin_used = stdin_flags.iter().any(|b| *b);
         let from_stdin = |what: &str| -> anyhow::Result<Secret> {
             Secret::from_reader(std::io::stdin().lock())
@@ -266,47 +266,45 @@ impl DeviceOpts {
 
         // SSH login secrets.
         if let Some(p) = &self.password_file {
-            ch.secrets
-                .set(SecretField::Password, read_file_secret(p, "password")?);
+            ch.set_secret(
+                SecretField::Password,
+                Some(read_file_secret(p, "password")?),
+            );
         } else if self.password_stdin {
-            ch.secrets
-                .set(SecretField::Password, from_stdin("the password")?);
+            ch.set_secret(SecretField::Password, Some(from_stdin("the password")?));
         }
         if let Some(p) = &self.ssh_key_file {
-            ch.secrets
-                .set(SecretField::PrivateKey, read_file_secret(p, "SSH key")?);
+            ch.set_secret(
+                SecretField::PrivateKey,
+                Some(read_file_secret(p, "SSH key")?),
+            );
         }
         if let Some(p) = &self.key_passphrase_file {
-            ch.secrets.set(
+            ch.set_secret(
                 SecretField::KeyPassphrase,
-                read_file_secret(p, "key passphrase")?,
+                Some(read_file_secret(p, "key passphrase")?),
             );
         } else if self.key_passphrase_stdin {
-            ch.secrets.set(
+            ch.set_secret(
                 SecretField::KeyPassphrase,
-                from_stdin("the key passphrase")?,
+                Some(from_stdin("the key passphrase")?),
             );
         }
-        let inferred_auth = self
-            .auth
-            .or(if ch.secrets.get(SecretField::PrivateKey).is_some() {
-                Some(SshAuth::Key)
-            } else if ch.secrets.get(SecretField::Password).is_some() {
-                Some(SshAuth::Password)
-            } else {
-                None
-            });
+        let inferred_auth = crate::device::inferred_auth(
+            self.auth,
+            ch.secret(SecretField::PrivateKey).is_some(),
+            ch.secret(SecretField::Password).is_some(),
+        );
         let effective_auth = inferred_auth.or(existing.and_then(|d| d.auth));
         if kind == DeviceKind::Ssh
             && effective_auth == Some(SshAuth::Password)
-            && ch.secrets.get(SecretField::Password).is_none()
+            && ch.secret(SecretField::Password).is_none()
             && existing.is_none()
             && !stdin_used
             && std::io::stdin().is_terminal()
         {
             let pw = rpassword::prompt_password("SSH password: ")?;
-            ch.secrets
-                .set(SecretField::Password, Secret::from_str_owned(pw));
+            ch.set_secret(SecretField::Password, Some(Secret::from_str_owned(pw)));
         }
         if let Some(a) = inferred_auth {
             ch.auth = Some(Some(a));
@@ -314,57 +312,55 @@ impl DeviceOpts {
 
         // Docker-only login.
         if let Some(p) = &self.docker_password_file {
-            ch.secrets.set(
+            ch.set_secret(
                 SecretField::DockerPassword,
-                read_file_secret(p, "Docker password")?,
+                Some(read_file_secret(p, "Docker password")?),
             );
         } else if self.docker_password_stdin {
-            ch.secrets.set(
+            ch.set_secret(
                 SecretField::DockerPassword,
-                from_stdin("the Docker password")?,
+                Some(from_stdin("the Docker password")?),
             );
         }
         if let Some(p) = &self.docker_key_file {
-            ch.secrets.set(
+            ch.set_secret(
                 SecretField::DockerPrivateKey,
-                read_file_secret(p, "Docker SSH key")?,
+                Some(read_file_secret(p, "Docker SSH key")?),
             );
         }
         if let Some(p) = &self.docker_key_passphrase_file {
-            ch.secrets.set(
+            ch.set_secret(
                 SecretField::DockerKeyPassphrase,
-                read_file_secret(p, "Docker key passphrase")?,
+                Some(read_file_secret(p, "Docker key passphrase")?),
             );
         }
-        let docker_secret_given = ch.secrets.get(SecretField::DockerPassword).is_some()
-            || ch.secrets.get(SecretField::DockerPrivateKey).is_some();
+        let docker_secret_given = ch.secret(SecretField::DockerPassword).is_some()
+            || ch.secret(SecretField::DockerPrivateKey).is_some();
         if let Some(user) = self.docker_user.clone() {
-            let auth = self
-                .docker_auth
-                .or(if ch.secrets.get(SecretField::DockerPrivateKey).is_some() {
-                    Some(SshAuth::Key)
-                } else if ch.secrets.get(SecretField::DockerPassword).is_some() {
-                    Some(SshAuth::Password)
-                } else {
-                    existing.and_then(|d| d.docker_login.as_ref()).map(|l| l.auth)
-                })
-                .ok_or_else(|| {
+            let auth = crate::device::inferred_auth(
+                self.docker_auth,
+                ch.secret(SecretField::DockerPrivateKey).is_some(),
+                ch.secret(SecretField::DockerPassword).is_some(),
+            )
+            .or_else(|| existing.and_then(|d| d.docker_login.as_ref()).map(|l| l.auth))
+            .ok_or_else(|| {
                     anyhow::anyhow!("--docker-user needs --docker-key-file, --docker-password-file/--docker-password-stdin or --docker-auth agent|none")
                 })?;
-            ch.docker_login = Some(Some((user, auth)));
+            let login = ch.docker_login_mut();
+            login.user = Some(user);
+            login.auth = Some(auth);
         } else if self.docker_auth.is_some() || docker_secret_given {
             match existing.and_then(|d| d.docker_login.as_ref()) {
                 Some(l) => {
-                    let auth = self.docker_auth.unwrap_or(
-                        if ch.secrets.get(SecretField::DockerPrivateKey).is_some() {
-                            SshAuth::Key
-                        } else if ch.secrets.get(SecretField::DockerPassword).is_some() {
-                            SshAuth::Password
-                        } else {
-                            l.auth
-                        },
-                    );
-                    ch.docker_login = Some(Some((l.user.clone(), auth)));
+                    let auth = crate::device::inferred_auth(
+                        self.docker_auth,
+                        ch.secret(SecretField::DockerPrivateKey).is_some(),
+                        ch.secret(SecretField::DockerPassword).is_some(),
+                    )
+                    .unwrap_or(l.auth);
+                    let login = ch.docker_login_mut();
+                    login.user = Some(l.user.clone());
+                    login.auth = Some(auth);
                 }
                 None => bail!("Docker-only credentials need --docker-user"),
             }
@@ -377,7 +373,7 @@ impl DeviceOpts {
             (&self.tls_key, SecretField::TlsKey, "TLS key"),
         ] {
             if let Some(p) = path {
-                ch.secrets.set(field, read_file_secret(p, what)?);
+                ch.set_secret(field, Some(read_file_secret(p, what)?));
             }
         }
 
@@ -445,7 +441,7 @@ fn run_local(engine: &Engine, cmd: DeviceCmd) -> anyhow::Result<()> {
             trust_host_key,
         } => {
             let ch = add_changes(name, kind, opts, trust_host_key)?;
-            let d = devices.add(kind, ch)?;
+            let d = devices.add(ch)?;
             print_added(&d);
             if trust_host_key {
                 let secrets = devices.secrets(&d)?;
@@ -453,7 +449,7 @@ fn run_local(engine: &Engine, cmd: DeviceCmd) -> anyhow::Result<()> {
                 let report = check::runtime()?.block_on(run_check(&d, &secrets, &opts));
                 match pinned_on_first_use(&report) {
                     Ok(key) => {
-                        devices.edit(&d.id.to_string(), DeviceChanges::pin_host_key(key))?;
+                        devices.edit(&d.id.to_string(), DeviceSpec::pin_host_key(key))?;
                     }
                     Err(why) => {
                         devices.remove(&d.id.to_string())?;
@@ -502,7 +498,7 @@ fn run_local(engine: &Engine, cmd: DeviceCmd) -> anyhow::Result<()> {
                     let id = r.device_id.map(|i| i.to_string());
                     devices.edit(
                         id.as_deref().unwrap_or(&r.device),
-                        DeviceChanges::pin_host_key(&k.key),
+                        DeviceSpec::pin_host_key(&k.key),
                     )?;
                 }
             }
@@ -549,7 +545,7 @@ async fn run_remote(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
         } => {
             let ch = add_changes(name, kind, opts, trust_host_key)?;
             // Checked here first, so mistakes are told in this command's words (flags).
-            crate::device::new_device(kind, &ch)?;
+            crate::device::new_device(&ch)?;
             let view = api
                 .json("POST", "/api/devices", Some(request_body(Some(kind), &ch)?))
                 .await?;
@@ -643,12 +639,13 @@ fn add_changes(
     kind: DeviceKind,
     opts: DeviceOpts,
     trust_host_key: bool,
-) -> anyhow::Result<DeviceChanges> {
+) -> anyhow::Result<DeviceSpec> {
     if trust_host_key && kind != DeviceKind::Ssh {
         bail!("--trust-host-key is for ssh devices");
     }
     let mut ch = opts.into_changes(kind, None)?;
     ch.name = Some(name);
+    ch.kind = Some(kind);
     Ok(ch)
 }
 
@@ -658,7 +655,7 @@ fn edit_changes(
     opts: DeviceOpts,
     rename: Option<String>,
     clear: ClearOpts,
-) -> anyhow::Result<DeviceChanges> {
+) -> anyhow::Result<DeviceSpec> {
     let mut ch = opts.into_changes(old.kind, Some(old))?;
     ch.name = rename;
     if clear.clear_host_key {
@@ -671,7 +668,7 @@ fn edit_changes(
         ch.docker_login = Some(None);
     }
     if clear.clear_key_passphrase {
-        ch.clear_secrets.push(SecretField::KeyPassphrase);
+        ch.set_secret(SecretField::KeyPassphrase, None);
     }
     Ok(ch)
 }
@@ -719,75 +716,10 @@ fn devices_of(v: serde_json::Value) -> anyhow::Result<Vec<Device>> {
 
 /// The API request body for a change set (`kind` for a new device). Secrets go in the
 /// body: the CLI reaches the engine on this host only (its token file is local).
-fn request_body(kind: Option<DeviceKind>, ch: &DeviceChanges) -> anyhow::Result<serde_json::Value> {
-    use serde_json::{Value, json};
-    let mut b = serde_json::Map::new();
-    if let Some(k) = kind {
-        b.insert("kind".into(), json!(k));
-    }
-    if let Some(n) = &ch.name {
-        b.insert("name".into(), json!(n));
-    }
-    macro_rules! put {
-        ($($f:ident),*) => { $( if let Some(v) = &ch.$f { b.insert(stringify!($f).into(), json!(v)); } )* };
-    }
-    put!(
-        host,
-        port,
-        user,
-        auth,
-        ip_family,
-        agent_forwarding,
-        keyboard_interactive,
-        socket_path,
-        sudo,
-        ssh_tunnel,
-        host_key,
-        docker_host,
-        tls_server_name
-    );
-    let mut docker_login = serde_json::Map::new();
-    match &ch.docker_login {
-        Some(Some((user, auth))) => {
-            docker_login.insert("user".into(), json!(user));
-            docker_login.insert("auth".into(), json!(auth));
-        }
-        Some(None) => {
-            b.insert("docker_login".into(), Value::Null);
-        }
-        None => {}
-    }
-    let mut set = |f: SecretField, v: Value| {
-        let (in_login, key) = match f {
-            SecretField::Password => (false, "password"),
-            SecretField::PrivateKey => (false, "private_key"),
-            SecretField::KeyPassphrase => (false, "key_passphrase"),
-            SecretField::DockerPassword => (true, "password"),
-            SecretField::DockerPrivateKey => (true, "private_key"),
-            SecretField::DockerKeyPassphrase => (true, "key_passphrase"),
-            SecretField::TlsCa => (false, "tls_ca"),
-            SecretField::TlsCert => (false, "tls_cert"),
-            SecretField::TlsKey => (false, "tls_key"),
-        };
-        if in_login {
-            docker_login.insert(key.into(), v);
-        } else {
-            b.insert(key.into(), v);
-        }
-    };
-    for (f, secret) in &ch.secrets.0 {
-        let text = secret
-            .expose_str()
-            .with_context(|| format!("the {} is not text", f.as_str()))?;
-        set(*f, Value::String(text.to_string()));
-    }
-    for f in &ch.clear_secrets {
-        set(*f, Value::Null);
-    }
-    if !docker_login.is_empty() {
-        b.insert("docker_login".into(), Value::Object(docker_login));
-    }
-    Ok(Value::Object(b))
+fn request_body(kind: Option<DeviceKind>, ch: &DeviceSpec) -> anyhow::Result<serde_json::Value> {
+    let mut spec = ch.clone();
+    spec.kind = kind;
+    serde_json::to_value(&spec).context("cannot send the device's settings")
 }
 
 fn print_added(d: &Device) {

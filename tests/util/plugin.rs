@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use capstan::config::{ConfigFile, Settings};
-use capstan::device::{DeviceChanges, DeviceKind};
+use capstan::device::{DeviceKind, DeviceSpec};
 use capstan::engine::{Engine, PassphraseInput};
 use capstan::plugin::{PluginRuntime, RunReport, RuntimeConfig, TriggerEvent};
 
@@ -61,14 +61,12 @@ impl Harness {
         engine
             .devices()
             .unwrap()
-            .add(
-                DeviceKind::Local,
-                DeviceChanges {
-                    name: Some("local".into()),
-                    docker_host: Some(Some(format!("unix://{socket}"))),
-                    ..Default::default()
-                },
-            )
+            .add(DeviceSpec {
+                kind: Some(DeviceKind::Local),
+                name: Some("local".into()),
+                docker_host: Some(Some(format!("unix://{socket}"))),
+                ..Default::default()
+            })
             .unwrap();
         let engine = Arc::new(engine);
         let rt = tokio::runtime::Builder::new_multi_thread()
