@@ -12,6 +12,9 @@
 //! had a fire more than 10 ms late; missed fires; CPU use (from /proc, 10 ms ticks, so
 //! only a rough figure). Then the lateness ratios.
 
+// Benchmarks set up environments for the processes they start.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -16,6 +16,9 @@
 //! on the idle daemon, an empty answer, shows the bare round trip: each transport's fixed
 //! cost per call.
 
+// Benchmarks set up environments for the processes they start.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -45,6 +45,9 @@
 //! (recorded runs over the time from the first request to the last run's end), the
 //! server's CPU time (with its children: webhook's `true` processes), and the ratios.
 
+// Benchmarks set up environments for the processes they start.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 use common::wasm_path;
 

@@ -5,6 +5,13 @@
 //! built-in default. The file is parsed with `deny_unknown_fields`, so a misspelt key is an
 //! error that names it, not a silently ignored setting. Secrets never come from the config
 //! file: the vault passphrase comes from `CAPSTAN_VAULT_PASSPHRASE`, a file or a prompt.
+//!
+//! This module is the only reader of the process environment (a clippy fence holds the
+//! rest of `src/` to it): clap reads the flags' `CAPSTAN_*` variables, [`Settings::resolve`]
+//! the table overrides and the Docker connection's `DOCKER_HOST`, `SSH_AUTH_SOCK` and
+//! `CAPSTAN_SSH_TUNNEL`, and the functions at the end the secrets and switches that are
+//! not settings (the vault passphrases, `CAPSTAN_API_TOKEN`, logging, the crash-test
+//! pause). Everything else is handed these values.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +46,45 @@ pub struct ConfigFile {
     /// What clients may hold open on every listener (API, webhooks, proxies).
     #[serde(default)]
     pub server: ServerSection,
+    /// How the engine connects to Docker daemons.
+    #[serde(default)]
+    pub docker: DockerSection,
+}
+
+/// The `[docker]` table: how every device's Docker connection is made. The timeouts may
+/// also come from `CAPSTAN_DOCKER_<KEY>` (upper case); `host`, `agent_socket` and
+/// `ssh_tunnel` from the variables the Docker and SSH tools use (`DOCKER_HOST`,
+/// `SSH_AUTH_SOCK`, `CAPSTAN_SSH_TUNNEL`). The environment wins over the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSection {
+    /// Address of the local daemon for `local` devices without their own `docker_host`:
+    /// `unix:///path` or `tcp://host:port`. Env `DOCKER_HOST`. Default
+    /// `unix:///var/run/docker.sock`.
+    pub host: Option<String>,
+    /// The ssh-agent socket for agent auth and agent forwarding. Env `SSH_AUTH_SOCK`.
+    /// Default: none (agent auth then fails and says so).
+    pub agent_socket: Option<PathBuf>,
+    /// How SSH devices without their own setting reach the remote daemon: `auto`,
+    /// `streamlocal` or `dial-stdio`. Env `CAPSTAN_SSH_TUNNEL` (an unknown value there is
+    /// a warning and means `auto`). Default `auto`.
+    pub ssh_tunnel: Option<String>,
+    /// Time to establish a connection: name resolution, TCP connect, SSH handshake and
+    /// authentication, channel open or TLS handshake. Default 10s.
+    pub connect_timeout: Option<String>,
+    /// Time a Docker API call (a ping, a version query) has to answer; streams then run
+    /// for as long as they deliver. Default 120s.
+    pub request_timeout: Option<String>,
+    /// Idle connections to a daemon (and their SSH channels) older than this are closed.
+    /// Default 90s.
+    pub idle_timeout: Option<String>,
+}
+
+impl DockerSection {
+    /// Checks the file's values; the environment's are checked as they are resolved.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        resolve_docker(self, |_| None).map(|_| ())
+    }
 }
 
 /// The `[server]` table: bounds on what a client can hold open, for every listener of
@@ -169,6 +215,11 @@ pub struct Settings {
     pub runs: crate::scheduler::SchedulerConfig,
     /// Timeouts, connection cap and pre-auth body budget of every listener.
     pub server: crate::server::ServerConfig,
+    /// How Docker connections are made (the `[docker]` table and its variables).
+    pub docker: crate::docker::ConnectOptions,
+    /// `CAPSTAN_API_TOKEN`: the token the CLI sends to a running engine instead of the
+    /// one in its CLI token file.
+    pub api_token: Option<std::sync::Arc<crate::secret::Secret>>,
 }
 
 /// A validated `[[proxy]]` entry.
@@ -277,14 +328,93 @@ impl Settings {
             listen,
             key_file: flag_key_file.or_else(|| file.vault.key_file.clone()),
             proxies,
-            runs: resolve_runs(&file.runs, |k| std::env::var(k).ok())?,
-            server: resolve_server(&file.server, |k| std::env::var(k).ok())?,
+            runs: resolve_runs(&file.runs, env)?,
+            server: resolve_server(&file.server, env)?,
+            docker: resolve_docker(&file.docker, env)?,
+            api_token: env("CAPSTAN_API_TOKEN")
+                .map(|t| std::sync::Arc::new(crate::secret::Secret::from_str_owned(t))),
         })
     }
 
     pub fn default_key_file(&self) -> PathBuf {
         self.data_dir.join(DEFAULT_KEY_FILE_NAME)
     }
+}
+
+/// The `[docker]` table over the defaults, with its variables from `env` winning.
+fn resolve_docker(
+    file: &DockerSection,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<crate::docker::ConnectOptions, ConfigError> {
+    use crate::trigger::units::parse_duration;
+    let mut c = crate::docker::ConnectOptions::default();
+    for (field, var, value, slot) in [
+        (
+            "docker.connect_timeout",
+            "CAPSTAN_DOCKER_CONNECT_TIMEOUT",
+            &file.connect_timeout,
+            &mut c.connect_timeout,
+        ),
+        (
+            "docker.request_timeout",
+            "CAPSTAN_DOCKER_REQUEST_TIMEOUT",
+            &file.request_timeout,
+            &mut c.request_timeout,
+        ),
+        (
+            "docker.idle_timeout",
+            "CAPSTAN_DOCKER_IDLE_TIMEOUT",
+            &file.idle_timeout,
+            &mut c.idle_timeout,
+        ),
+    ] {
+        if let Some(v) = env(var).or_else(|| value.clone()) {
+            let d = parse_duration(&v).map_err(|m| ConfigError::Invalid {
+                field,
+                message: format!("{m} (write e.g. \"10s\", \"2m\")"),
+            })?;
+            if d.is_zero() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: "must be longer than 0s".into(),
+                });
+            }
+            *slot = d;
+        }
+    }
+    // As the docker CLI does: an empty DOCKER_HOST is no address.
+    c.docker_host_env = match env("DOCKER_HOST").filter(|s| !s.is_empty()) {
+        Some(h) => Some(h),
+        None => match &file.host {
+            Some(h) if h.trim().is_empty() => {
+                return Err(ConfigError::Invalid {
+                    field: "docker.host",
+                    message:
+                        "must name an address like unix:///var/run/docker.sock (or be left out)"
+                            .into(),
+                });
+            }
+            other => other.clone(),
+        },
+    };
+    c.agent_socket = env("SSH_AUTH_SOCK")
+        .map(PathBuf::from)
+        .or_else(|| file.agent_socket.clone());
+    c.ssh_tunnel = match env("CAPSTAN_SSH_TUNNEL").filter(|v| !v.trim().is_empty()) {
+        // A bad value in the environment has always been a warning, not a failed start.
+        Some(v) => v.parse().unwrap_or_else(|e| {
+            tracing::warn!("CAPSTAN_SSH_TUNNEL: {e}; using auto");
+            crate::docker::SshTunnel::Auto
+        }),
+        None => match &file.ssh_tunnel {
+            Some(v) => v.parse().map_err(|message| ConfigError::Invalid {
+                field: "docker.ssh_tunnel",
+                message,
+            })?,
+            None => crate::docker::SshTunnel::Auto,
+        },
+    };
+    Ok(c)
 }
 
 /// The `[server]` table over the defaults, with `CAPSTAN_SERVER_*` from `env` winning.
@@ -455,6 +585,56 @@ fn resolve_runs(
         c.history.max_age = Some(d);
     }
     Ok(c)
+}
+
+/// One variable of the process environment, if it is set and text. The one reader of
+/// the environment in `src/`.
+#[allow(clippy::disallowed_methods)] // the owner of the environment
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+/// `CAPSTAN_VAULT_PASSPHRASE`: the passphrase of a passphrase-protected vault.
+pub fn vault_passphrase() -> Option<crate::secret::Secret> {
+    env("CAPSTAN_VAULT_PASSPHRASE").map(crate::secret::Secret::from_str_owned)
+}
+
+/// `CAPSTAN_VAULT_NEW_PASSPHRASE`: the new passphrase for `vault change-passphrase`.
+pub fn new_vault_passphrase() -> Option<crate::secret::Secret> {
+    env("CAPSTAN_VAULT_NEW_PASSPHRASE").map(crate::secret::Secret::from_str_owned)
+}
+
+/// How the binary logs: read before any command (and so before the config file).
+#[derive(Debug, Clone)]
+pub struct Logging {
+    /// `CAPSTAN_LOG`: an `EnvFilter` directive such as `info` or `capstan=debug`.
+    pub filter: Option<String>,
+    /// `NO_COLOR` is set: never colour, even on a terminal.
+    pub no_color: bool,
+}
+
+impl Logging {
+    pub fn from_env() -> Logging {
+        #[allow(clippy::disallowed_methods)] // the owner of the environment
+        let no_color = std::env::var_os("NO_COLOR").is_some();
+        Logging {
+            filter: env("CAPSTAN_LOG"),
+            no_color,
+        }
+    }
+}
+
+/// `CAPSTAN_TEST_PAUSE_AT` ([`crate::store::PAUSE_ENV`]): the step at which the
+/// crash-safety tests stop a process, read once.
+pub fn test_pause_at() -> Option<&'static std::ffi::OsStr> {
+    static PAUSE: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+    PAUSE
+        .get_or_init(|| {
+            #[allow(clippy::disallowed_methods)] // the owner of the environment
+            let v = std::env::var_os(crate::store::PAUSE_ENV);
+            v
+        })
+        .as_deref()
 }
 
 #[cfg(test)]
@@ -641,6 +821,73 @@ mod tests {
             ConfigFile::parse("[server]\nheader_timout = \"1s\"\n")
                 .unwrap_err()
                 .contains("header_timout")
+        );
+    }
+
+    #[test]
+    fn the_docker_table_takes_its_variables_and_names_bad_fields() {
+        use crate::docker::SshTunnel;
+        use std::time::Duration;
+        let defaults = resolve_docker(&DockerSection::default(), |_| None).unwrap();
+        assert_eq!(
+            defaults.connect_timeout,
+            crate::docker::DEFAULT_CONNECT_TIMEOUT
+        );
+        assert_eq!(
+            defaults.request_timeout,
+            crate::docker::DEFAULT_REQUEST_TIMEOUT
+        );
+        assert_eq!(defaults.idle_timeout, crate::docker::DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(defaults.docker_host_env, None);
+        assert_eq!(defaults.agent_socket, None);
+        assert_eq!(defaults.ssh_tunnel, SshTunnel::Auto);
+        let file = ConfigFile::parse(
+            "[docker]\nhost = \"unix:///run/d.sock\"\nssh_tunnel = \"dial-stdio\"\nconnect_timeout = \"3s\"\n",
+        )
+        .unwrap();
+        file.docker.validate().unwrap();
+        let c = resolve_docker(&file.docker, |_| None).unwrap();
+        assert_eq!(c.docker_host_env.as_deref(), Some("unix:///run/d.sock"));
+        assert_eq!(c.ssh_tunnel, SshTunnel::DialStdio);
+        assert_eq!(c.connect_timeout, Duration::from_secs(3));
+        let c = resolve_docker(&file.docker, |k| match k {
+            "DOCKER_HOST" => Some("tcp://127.0.0.1:2375".into()),
+            "SSH_AUTH_SOCK" => Some("/tmp/agent".into()),
+            "CAPSTAN_SSH_TUNNEL" => Some("nonsense".into()),
+            "CAPSTAN_DOCKER_IDLE_TIMEOUT" => Some("5m".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.docker_host_env.as_deref(), Some("tcp://127.0.0.1:2375"));
+        assert_eq!(c.agent_socket, Some(PathBuf::from("/tmp/agent")));
+        assert_eq!(
+            c.ssh_tunnel,
+            SshTunnel::Auto,
+            "an unknown env value means auto"
+        );
+        assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        let empty = resolve_docker(&DockerSection::default(), |k| {
+            (k == "DOCKER_HOST").then(String::new)
+        })
+        .unwrap();
+        assert_eq!(
+            empty.docker_host_env, None,
+            "an empty DOCKER_HOST is no address"
+        );
+        for (toml, field) in [
+            ("ssh_tunnel = \"tunnel\"", "docker.ssh_tunnel:"),
+            ("connect_timeout = \"0s\"", "docker.connect_timeout:"),
+            ("request_timeout = \"soon\"", "docker.request_timeout:"),
+            ("host = \"\"", "docker.host:"),
+        ] {
+            let f = ConfigFile::parse(&format!("[docker]\n{toml}\n")).unwrap();
+            let err = f.docker.validate().unwrap_err().to_string();
+            assert!(err.starts_with(field), "{toml}: {err}");
+        }
+        assert!(
+            ConfigFile::parse("[docker]\nconect_timeout = \"1s\"\n")
+                .unwrap_err()
+                .contains("conect_timeout")
         );
     }
 

@@ -31,13 +31,23 @@ pub struct Engine {
 pub struct PassphraseInput {
     /// `--passphrase-file`.
     pub file: Option<PathBuf>,
+    /// `CAPSTAN_VAULT_PASSPHRASE`, as [`crate::config::vault_passphrase`] read it.
+    pub given: Option<std::sync::Arc<Secret>>,
 }
 
 impl PassphraseInput {
+    /// `--passphrase-file`, with the passphrase the environment gives.
+    pub fn new(file: Option<PathBuf>) -> PassphraseInput {
+        PassphraseInput {
+            file,
+            given: crate::config::vault_passphrase().map(std::sync::Arc::new),
+        }
+    }
+
     /// `CAPSTAN_VAULT_PASSPHRASE`, then `--passphrase-file`, then a prompt on a terminal.
     pub fn read(&self, prompt: &str) -> anyhow::Result<Secret> {
-        if let Ok(p) = std::env::var("CAPSTAN_VAULT_PASSPHRASE") {
-            return Ok(Secret::from_str_owned(p));
+        if let Some(p) = &self.given {
+            return Ok(Secret::new(p.expose().to_vec()));
         }
         if let Some(f) = &self.file {
             return Secret::from_file(f)
@@ -54,7 +64,7 @@ impl PassphraseInput {
     }
 
     pub fn is_given(&self) -> bool {
-        self.file.is_some() || std::env::var_os("CAPSTAN_VAULT_PASSPHRASE").is_some()
+        self.file.is_some() || self.given.is_some()
     }
 }
 
@@ -74,11 +84,11 @@ impl Engine {
         let vault = Vault::open(&store, &source)?;
         let tokens = Tokens::new(&store)?;
         Ok(Engine {
-            settings,
             store,
             vault,
             tokens,
-            docker: crate::docker::Pool::default(),
+            docker: crate::docker::Pool::new(settings.docker.clone()),
+            settings,
         })
     }
 
@@ -117,11 +127,11 @@ impl Engine {
         let tokens = Tokens::new(&store)?;
         Ok((
             Engine {
-                settings,
                 store,
                 vault,
                 tokens,
-                docker: crate::docker::Pool::default(),
+                docker: crate::docker::Pool::new(settings.docker.clone()),
+                settings,
             },
             created,
         ))

@@ -9,9 +9,11 @@
 //! [`plugin`] runs sandboxed WebAssembly plugins under it.
 //! [`trigger`] decides when plugins run (cron schedules, verified webhook deliveries) and
 //! [`runs`] records every run. Every listener (API, webhooks, proxies) is served by
-//! [`server`], which bounds what a client can hold open.
+//! [`server`], which bounds what a client can hold open. [`app`] builds it all into the
+//! process `capstan serve` runs.
 
 pub mod api;
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod device;

@@ -1299,24 +1299,29 @@ struct Api {
 impl Api {
     async fn start() -> Api {
         let dir = tempfile::tempdir().unwrap();
-        let settings = capstan::config::Settings {
-            data_dir: dir.path().join("data"),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            key_file: None,
-            proxies: Vec::new(),
-            runs: Default::default(),
-            server: Default::default(),
-        };
-        let (engine, _) =
-            Engine::open_or_init(settings, &capstan::engine::PassphraseInput::default()).unwrap();
+        let settings = capstan::config::Settings::resolve(
+            &capstan::config::ConfigFile::default(),
+            Some(dir.path().join("data")),
+            Some("127.0.0.1:0".into()),
+            None,
+        )
+        .unwrap();
+        // The app `capstan serve` runs, on a loopback port of its own.
+        let app = capstan::app::App::build(
+            settings,
+            &capstan::engine::PassphraseInput::default(),
+            &capstan::app::AppOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+        let engine = app.engine().clone();
+        // These tests start from no devices: the embedded default `local` goes.
+        engine.devices().unwrap().remove("local").unwrap();
         let (token, _) = engine.tokens.create("tests").unwrap();
         let token = token.expose_str().unwrap().to_string();
-        let engine = Arc::new(engine);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let scheduler = capstan::scheduler::Scheduler::with_defaults(engine.clone()).unwrap();
-        let app = capstan::api::router(capstan::api::AppState::new(scheduler));
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let listening = app.listen(&mut |_| {}).await.unwrap();
+        let addr = listening.api_addr();
+        tokio::spawn(async move { listening.serve(std::future::pending(), &mut |_| {}).await });
         Api {
             addr,
             token,

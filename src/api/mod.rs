@@ -213,19 +213,48 @@ pub fn hook_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The API every listener serves: each route but the health probe needs a bearer token.
 pub fn router(state: AppState) -> Router {
-    let mut protected = Router::new();
-    for r in ROUTES {
-        protected = protected.route(r.path, (r.handler)());
-    }
-    let protected = protected
-        .fallback(|| async { AppError::NotFound("no such API route".into()) })
-        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let protected = routes().layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route(HEALTH_PATH, get(healthz))
         .merge(protected)
         .with_state(state)
+}
+
+/// The name requests of the in-process CLI are made under (e.g. a manual run's
+/// `api:local-cli`), the same as the CLI token's.
+pub const IN_PROCESS_CALLER: &str = crate::app::cli_token::TOKEN_NAME;
+
+/// The API for the CLI of this process, which opened the data directory itself (no
+/// engine holds it): every request is made as [`IN_PROCESS_CALLER`], with no token.
+/// It is never served on a socket: nothing but a value built in this process can call
+/// it, so the network API's authentication stays as it is.
+pub fn in_process_router(state: AppState) -> Router {
+    let caller = crate::token::TokenInfo {
+        id: "in-process".into(),
+        name: IN_PROCESS_CALLER.into(),
+        created_at: chrono::Utc::now(),
+    };
+    let protected = routes().layer(middleware::from_fn(move |mut req: Request, next: Next| {
+        req.extensions_mut().insert(caller.clone());
+        next.run(req)
+    }));
+    Router::new()
+        .route(HEALTH_PATH, get(healthz))
+        .merge(protected)
+        .with_state(state)
+}
+
+/// [`ROUTES`] with the fallbacks, before authentication is layered on.
+fn routes() -> Router<AppState> {
+    let mut protected = Router::new();
+    for r in ROUTES {
+        protected = protected.route(r.path, (r.handler)());
+    }
+    protected
+        .fallback(|| async { AppError::NotFound("no such API route".into()) })
+        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
 }
 
 /// Liveness probe

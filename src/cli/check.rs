@@ -19,13 +19,18 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-pub(crate) fn options(trust_host_key: bool, timeout: Duration) -> CheckOptions {
+/// The engine's connection settings, with `--timeout` for connecting and each call.
+pub(crate) fn options(
+    base: &ConnectOptions,
+    trust_host_key: bool,
+    timeout: Duration,
+) -> CheckOptions {
     CheckOptions {
         trust_host_key,
         connect: ConnectOptions {
             connect_timeout: timeout,
             request_timeout: timeout,
-            ..ConnectOptions::default()
+            ..base.clone()
         },
     }
 }

@@ -1,20 +1,25 @@
-//! Talking to a running engine: the commands that work on the data directory fall back
-//! to the engine's HTTP API when `capstan serve` holds it.
+//! Talking to the engine's API: the commands that work on the data directory speak it,
+//! to the running engine over HTTP when `capstan serve` holds the data directory, or to
+//! the engine opened in this process when none runs: the same router, driven in memory
+//! (`tower::ServiceExt::oneshot`). One client, two transports; each command is written
+//! once against it.
 //!
 //! The engine writes its API address and a token for this host's CLI to
-//! `DATA_DIR/cli.token` (mode 0600, replaced at every start, removed at a clean stop);
-//! `CAPSTAN_API_TOKEN` overrides the token.
+//! `DATA_DIR/cli.token` (see [`crate::app::cli_token`]); `CAPSTAN_API_TOKEN` overrides
+//! the token. In process, requests are made as the CLI itself
+//! ([`crate::api::in_process_router`]), with no token and no socket.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper::body::Incoming;
 
 use crate::config::Settings;
 use crate::engine::{Engine, PassphraseInput};
+use crate::scheduler::Scheduler;
 use crate::secret::Secret;
 use crate::store::StoreError;
 
@@ -31,7 +36,7 @@ impl Target {
     pub fn open(settings: Settings, pass: &PassphraseInput) -> anyhow::Result<Target> {
         match Engine::open(settings.clone(), pass) {
             Ok(e) => Ok(Target::Local(Box::new(e))),
-            Err(e) if matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Locked(_))) => {
+            Err(e) if is_locked(&e) => {
                 Ok(Target::Remote(ApiClient::for_running_engine(&settings)?))
             }
             Err(e) => Err(e),
@@ -39,43 +44,56 @@ impl Target {
     }
 }
 
-/// A minimal HTTP/1.1 client for the engine's API.
+fn is_locked(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Locked(_)))
+}
+
+/// A client for the engine's API.
 pub struct ApiClient {
-    addr: SocketAddr,
-    token: Secret,
+    transport: Transport,
+}
+
+enum Transport {
+    /// The running engine's listener, with the CLI token.
+    Http { addr: SocketAddr, token: Secret },
+    /// The engine opened here: its API router, called in memory.
+    InProcess { router: axum::Router },
 }
 
 impl ApiClient {
+    /// The running engine's API when one holds the data directory, else the engine
+    /// opened here. Must be called within a tokio runtime.
+    pub fn connect(settings: Settings, pass: &PassphraseInput) -> anyhow::Result<ApiClient> {
+        match Engine::open(settings.clone(), pass) {
+            Ok(engine) => ApiClient::in_process(engine),
+            Err(e) if is_locked(&e) => ApiClient::for_running_engine(&settings),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The API of `engine`, opened in this process: its run history and webhooks (the
+    /// plugins are not loaded). Must be called within a tokio runtime.
+    pub fn in_process(engine: Engine) -> anyhow::Result<ApiClient> {
+        let scheduler = Scheduler::with_defaults(Arc::new(engine))?;
+        let router = crate::api::in_process_router(crate::api::AppState::new(scheduler));
+        Ok(ApiClient {
+            transport: Transport::InProcess { router },
+        })
+    }
+
+    /// Whether this is the engine opened here (no engine runs on the data directory).
+    pub fn is_in_process(&self) -> bool {
+        matches!(self.transport, Transport::InProcess { .. })
+    }
+
     /// The engine running on this data directory: its listen address (a wildcard
     /// address is reached over loopback) and the CLI token it wrote.
     pub fn for_running_engine(settings: &Settings) -> anyhow::Result<ApiClient> {
-        let path = settings.data_dir.join(super::serve::CLI_TOKEN_FILE);
-        let file = Secret::from_file(&path).with_context(|| {
-            format!(
-                "the data directory is held by a running engine, but its CLI token file {} cannot be read (run as the engine's user, or wait until it listens)",
-                path.display()
-            )
-        })?;
-        let text = file
-            .expose_str()
-            .context("the CLI token file is not text")?;
-        let mut lines = text.lines();
-        let addr_line = lines.next().unwrap_or_default();
-        let mut addr: SocketAddr = addr_line
-            .trim()
-            .parse()
-            .with_context(|| format!("{} does not start with the API's address", path.display()))?;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(match addr {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        let token = match std::env::var("CAPSTAN_API_TOKEN") {
-            Ok(t) => Secret::from_str_owned(t),
-            Err(_) => Secret::from_str_owned(lines.next().unwrap_or_default().trim().to_string()),
-        };
-        Ok(ApiClient { addr, token })
+        let (addr, token) =
+            crate::app::cli_token::read(&settings.data_dir, settings.api_token.as_deref())?;
+        Ok(ApiClient {
+            transport: Transport::Http { addr, token },
+        })
     }
 
     async fn send(
@@ -83,37 +101,46 @@ impl ApiClient {
         method: &str,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> anyhow::Result<hyper::Response<Incoming>> {
-        let stream = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .with_context(|| format!("cannot reach the engine's API on {}", self.addr))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .context("HTTP handshake with the engine failed")?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let token = self
-            .token
-            .expose_str()
-            .context("the API token is not text")?;
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.addr.to_string())
-            .header("authorization", format!("Bearer {}", token.trim()));
+    ) -> anyhow::Result<hyper::Response<axum::body::Body>> {
+        let mut req = Request::builder().method(method).uri(path);
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .context("building the request")?;
-        sender
-            .send_request(req)
-            .await
-            .with_context(|| format!("{method} {path} on the engine failed"))
+        let body = Bytes::from(body.unwrap_or_default());
+        match &self.transport {
+            Transport::InProcess { router, .. } => {
+                use tower::ServiceExt;
+                let req = req
+                    .body(axum::body::Body::from(body))
+                    .context("building the request")?;
+                let resp = router.clone().oneshot(req).await;
+                Ok(resp.unwrap_or_else(|never| match never {}))
+            }
+            Transport::Http { addr, token } => {
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .with_context(|| format!("cannot reach the engine's API on {addr}"))?;
+                let _ = stream.set_nodelay(true);
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .context("HTTP handshake with the engine failed")?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                let token = token.expose_str().context("the API token is not text")?;
+                let req = req
+                    .header("host", addr.to_string())
+                    .header("authorization", format!("Bearer {}", token.trim()))
+                    .body(Full::new(body))
+                    .context("building the request")?;
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .with_context(|| format!("{method} {path} on the engine failed"))?;
+                Ok(resp.map(axum::body::Body::new))
+            }
+        }
     }
 
     /// Sends a request and returns the JSON answer; an error answer becomes an error

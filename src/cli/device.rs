@@ -445,7 +445,7 @@ fn run_local(engine: &Engine, cmd: DeviceCmd) -> anyhow::Result<()> {
             print_added(&d);
             if trust_host_key {
                 let secrets = devices.secrets(&d)?;
-                let opts = check::options(true, DEFAULT_CHECK_TIMEOUT);
+                let opts = check::options(&engine.settings.docker, true, DEFAULT_CHECK_TIMEOUT);
                 let report = check::runtime()?.block_on(run_check(&d, &secrets, &opts));
                 match pinned_on_first_use(&report) {
                     Ok(key) => {
@@ -476,7 +476,11 @@ fn run_local(engine: &Engine, cmd: DeviceCmd) -> anyhow::Result<()> {
                 let s = devices.secrets(&d)?;
                 work.push((d, s));
             }
-            let opts = check::options(trust_host_key, Duration::from_secs(timeout));
+            let opts = check::options(
+                &engine.settings.docker,
+                trust_host_key,
+                Duration::from_secs(timeout),
+            );
             let reports = check::runtime()?.block_on(check::run_all(
                 work,
                 |(d, s)| {

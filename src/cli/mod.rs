@@ -2,14 +2,15 @@
 //!
 //! Raw flags (with their `CAPSTAN_*` environment variables) are parsed here and merged
 //! with the config file into [`Settings`] before any command runs; commands never read
-//! the environment themselves, except the vault passphrase (see [`PassphraseInput`]).
+//! the environment themselves: what it gives beyond the flags (the vault passphrase,
+//! `CAPSTAN_API_TOKEN`, the Docker variables) comes from [`crate::config`].
 
 mod check;
 mod client;
 mod device;
 mod hook;
 mod plugin;
-mod policy;
+pub(crate) mod policy;
 mod proxy;
 mod runs;
 mod serve;
@@ -116,9 +117,7 @@ impl GlobalArgs {
     }
 
     fn passphrase(&self) -> PassphraseInput {
-        PassphraseInput {
-            file: self.passphrase_file.clone(),
-        }
+        PassphraseInput::new(self.passphrase_file.clone())
     }
 }
 

@@ -1,11 +1,12 @@
 //! `capstan runs`: the run history, newest first, and `--follow` for runs as they
-//! happen. Reads the data directory, or the running engine's API when it holds it.
+//! happen. Asks the engine's API: the running engine's, or the data directory's opened
+//! here (where there is nothing to follow).
 
 use anyhow::{Context, bail};
 
-use super::client::{ApiClient, Target};
+use super::client::ApiClient;
 use super::{GlobalArgs, print_table};
-use crate::runs::{RunId, RunQuery, RunRecord, RunStore, RunStoreConfig, RunTrigger};
+use crate::runs::{RunId, RunRecord, RunTrigger};
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -39,47 +40,38 @@ enum RunsCmd {
 }
 
 pub fn run(g: &GlobalArgs, mut args: RunsArgs) -> anyhow::Result<()> {
-    let target = Target::open(g.settings(None)?, &g.passphrase())?;
+    let settings = g.settings(None)?;
+    let data_dir = settings.data_dir.clone();
     let rt = super::check::runtime()?;
-    match (args.cmd.take(), target) {
-        (Some(RunsCmd::Show { id, json }), target) => {
-            let id: RunId = id.parse().map_err(anyhow::Error::msg)?;
-            let record = match target {
-                Target::Local(engine) => RunStore::open(&engine.store, RunStoreConfig::default())?
-                    .get(id)?
-                    .with_context(|| format!("no run {id}"))?,
-                Target::Remote(api) => {
-                    let v = rt.block_on(api.json("GET", &format!("/api/runs/{id}"), None))?;
-                    serde_json::from_value(v).context("the engine's run record")?
+    let api = {
+        let _guard = rt.enter();
+        ApiClient::connect(settings, &g.passphrase())?
+    };
+    rt.block_on(async {
+        match args.cmd.take() {
+            Some(RunsCmd::Show { id, json }) => {
+                let id: RunId = id.parse().map_err(anyhow::Error::msg)?;
+                let v = api.json("GET", &format!("/api/runs/{id}"), None).await?;
+                let record: RunRecord =
+                    serde_json::from_value(v).context("the engine's run record")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&record)?);
+                } else {
+                    print!("{}", render(&record));
                 }
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&record)?);
-            } else {
-                print!("{}", render(&record));
+                Ok(())
             }
+            None if args.follow && api.is_in_process() => bail!(
+                "--follow shows runs as the engine runs them, and no engine is running on {}; start it with `capstan serve`",
+                data_dir.display()
+            ),
+            None => list(&api, &args).await,
         }
-        (None, Target::Local(engine)) => {
-            if args.follow {
-                bail!(
-                    "--follow shows runs as the engine runs them, and no engine is running on {}; start it with `capstan serve`",
-                    engine.settings.data_dir.display()
-                );
-            }
-            let page =
-                RunStore::open(&engine.store, RunStoreConfig::default())?.list(&RunQuery {
-                    plugin: args.plugin.clone(),
-                    before: None,
-                    limit: args.limit.max(1),
-                })?;
-            print_list(&page.runs, args.json)?;
-        }
-        (None, Target::Remote(api)) => rt.block_on(remote(&api, &args))?,
-    }
-    Ok(())
+    })
 }
 
-async fn remote(api: &ApiClient, args: &RunsArgs) -> anyhow::Result<()> {
+/// The list, then with `--follow` the runs as they happen.
+async fn list(api: &ApiClient, args: &RunsArgs) -> anyhow::Result<()> {
     let mut query = format!("/api/runs?limit={}", args.limit.max(1));
     if let Some(p) = &args.plugin {
         query.push_str(&format!("&plugin={p}"));

@@ -190,8 +190,8 @@ pub fn run(g: &GlobalArgs, cmd: VaultCmd) -> anyhow::Result<()> {
 }
 
 fn read_new_passphrase(file: Option<PathBuf>) -> anyhow::Result<Secret> {
-    if let Ok(p) = std::env::var("CAPSTAN_VAULT_NEW_PASSPHRASE") {
-        return Ok(Secret::from_str_owned(p));
+    if let Some(p) = crate::config::new_vault_passphrase() {
+        return Ok(p);
     }
     if let Some(f) = file {
         return Secret::from_file(&f).with_context(|| format!("cannot read {}", f.display()));

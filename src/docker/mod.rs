@@ -6,7 +6,7 @@
 //! once. Three transports, one file each:
 //!
 //! - [`local`]: a unix socket or `tcp://` address (`device.docker_host`, else
-//!   `DOCKER_HOST`, else `/var/run/docker.sock`);
+//!   `[docker] host` / `DOCKER_HOST`, else `/var/run/docker.sock`);
 //! - [`ssh`]: one russh session per device, one channel per HTTP connection: a
 //!   `direct-streamlocal@openssh.com` channel straight to the remote Docker socket when
 //!   the server allows it, else `docker system dial-stdio` run on the remote host
@@ -93,41 +93,37 @@ pub struct ConnectOptions {
     /// long; the pause doubles with every further failure, up to `backoff_max`.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// The ssh-agent socket for agent auth and agent forwarding (default: `SSH_AUTH_SOCK`).
+    /// The ssh-agent socket for agent auth and agent forwarding (the engine's settings
+    /// take it from `SSH_AUTH_SOCK`; default none).
     pub agent_socket: Option<PathBuf>,
-    /// `DOCKER_HOST` for local devices without their own address (default: the
-    /// environment variable).
+    /// The address for local devices without their own (the engine's settings take it
+    /// from `DOCKER_HOST`; default none: `/var/run/docker.sock`).
     pub docker_host_env: Option<String>,
-    /// How SSH devices reach the remote daemon (default: `CAPSTAN_SSH_TUNNEL`, else
-    /// [`SshTunnel::Auto`]): a streamlocal channel straight to the socket, or
-    /// `docker system dial-stdio`.
+    /// How SSH devices without their own setting reach the remote daemon (the engine's
+    /// settings take it from `CAPSTAN_SSH_TUNNEL`; default [`SshTunnel::Auto`]): a
+    /// streamlocal channel straight to the socket, or `docker system dial-stdio`.
     pub ssh_tunnel: SshTunnel,
 }
+
+/// How long establishing a connection may take, unless `[docker] connect_timeout` says.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a Docker API call may take to answer, unless `[docker] request_timeout` says.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an idle connection is kept, unless `[docker] idle_timeout` says.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl Default for ConnectOptions {
     fn default() -> Self {
         ConnectOptions {
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(120),
-            idle_timeout: Duration::from_secs(90),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
-            agent_socket: std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from),
-            docker_host_env: std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty()),
-            ssh_tunnel: ssh_tunnel_from_env(),
+            agent_socket: None,
+            docker_host_env: None,
+            ssh_tunnel: SshTunnel::Auto,
         }
-    }
-}
-
-/// `CAPSTAN_SSH_TUNNEL` (`auto`, `streamlocal`, `dial-stdio`); unset or unreadable means
-/// `auto` (with a warning for a value it does not know).
-fn ssh_tunnel_from_env() -> SshTunnel {
-    match std::env::var("CAPSTAN_SSH_TUNNEL") {
-        Ok(v) if !v.trim().is_empty() => v.parse().unwrap_or_else(|e| {
-            tracing::warn!("CAPSTAN_SSH_TUNNEL: {e}; using auto");
-            SshTunnel::Auto
-        }),
-        _ => SshTunnel::Auto,
     }
 }
 

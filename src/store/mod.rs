@@ -216,7 +216,7 @@ pub const PAUSE_STEPS: &[&str] = &[
 /// otherwise.
 pub(crate) fn pause_point(step: &'static str) {
     debug_assert!(PAUSE_STEPS.contains(&step), "unlisted pause step {step}");
-    if std::env::var_os(PAUSE_ENV).is_some_and(|v| v == step) {
+    if crate::config::test_pause_at().is_some_and(|v| v == step) {
         eprintln!("capstan: paused at {step}");
         loop {
             std::thread::park();
@@ -326,6 +326,7 @@ const SLED_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10
 /// finishes its background writes after the last handle is dropped) or by a process of
 /// an older version that took no directory lock: wait a little for the first, then
 /// report the directory as in use.
+#[allow(clippy::disallowed_methods)] // the one place that opens the database
 fn open_db(data_dir: &Path) -> Result<sled::Db, StoreError> {
     let path = data_dir.join(DB_DIR);
     let started = std::time::Instant::now();
@@ -391,6 +392,7 @@ fn recover(data_dir: &Path) -> Result<(), StoreError> {
 
 /// Copies every tree but `leave_out` of the (closed) database into a fresh one and puts
 /// it in place of the old, which is scrubbed. The caller holds the data directory's lock.
+#[allow(clippy::disallowed_methods)] // the store writes its compacted copy itself
 fn compact_dir(data_dir: &Path, leave_out: &[sled::IVec]) -> Result<Compacted, StoreError> {
     let partial = data_dir.join(DB_COMPACT);
     if partial.exists() {
@@ -548,6 +550,7 @@ fn restrict_permissions(dir: &Path) {
 /// A raw database at `path`, for tests that lay out what older versions wrote.
 #[cfg(test)]
 pub(crate) fn open_raw(path: &Path) -> sled::Db {
+    #[allow(clippy::disallowed_methods)] // the store's own raw open, for tests
     sled::open(path).expect("a fresh test database opens")
 }
 
@@ -631,6 +634,7 @@ mod tests {
         }
         // A complete copy that was not yet moved into place, and the old one moved aside.
         let copy = |to: &str| {
+            #[allow(clippy::disallowed_methods)] // a database as a crash left it
             let db = sled::open(dir.path().join(to)).unwrap();
             db.open_tree("t")
                 .unwrap()

@@ -13,6 +13,7 @@ use crate::Var;
 
 /// The case count: `PROPTEST_CASES` when set, else `default`.
 pub fn config(default: u32) -> Config {
+    #[allow(clippy::disallowed_methods)] // proptest's own knob, for test runs only
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
