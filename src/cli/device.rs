@@ -58,7 +58,7 @@ pub enum DeviceCmd {
         #[arg(long)]
         trust_host_key: bool,
         /// Seconds allowed for connecting and for each call.
-        #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
+        #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=120))]
         timeout: u64,
         /// Print the reports as JSON.
         #[arg(long)]
