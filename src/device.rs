@@ -801,6 +801,33 @@ impl Invalid {
         self.render(|&(_, _, api)| api)
     }
 
+    /// The setting this is about (the first the message names), as the API body names
+    /// it: `host`, `private_key`, `docker_login.private_key`, …
+    pub fn setting(&self) -> Option<&'static str> {
+        let mut rest = self.0.as_str();
+        while let Some(start) = rest.find("[[") {
+            let Some(len) = rest[start + 2..].find("]]") else {
+                break;
+            };
+            let key = &rest[start + 2..start + 2 + len];
+            if let Some((_, _, api)) = SETTING_NAMES.iter().find(|(k, _, _)| *k == key) {
+                return Some(api.trim_matches('`'));
+            }
+            rest = &rest[start + 4 + len..];
+        }
+        None
+    }
+
+    /// A message as the API told it ([`Invalid::for_api`]), with every setting named
+    /// by its command-line flag instead: the words `Display` would have used.
+    pub fn api_message_in_cli_words(api_message: &str) -> String {
+        SETTING_NAMES
+            .iter()
+            .fold(api_message.to_string(), |msg, (_, cli, api)| {
+                msg.replace(api, cli)
+            })
+    }
+
     fn render(
         &self,
         pick: impl Fn(&(&'static str, &'static str, &'static str)) -> &'static str,
@@ -1451,5 +1478,30 @@ mod tests {
         // Text that only looks like a marker is left alone.
         let odd = Invalid("a [[nothing]] b [[unclosed".into());
         assert_eq!(odd.to_string(), "a [[nothing]] b [[unclosed");
+    }
+
+    #[test]
+    fn the_api_wording_turns_back_into_the_cli_wording_and_names_the_first_setting() {
+        for (msg, setting) in [
+            ("ssh devices need a host: give [[host]]", Some("host")),
+            (
+                "key auth needs [[docker-private-key]] (see [[docker-user]])",
+                Some("docker_login.private_key"),
+            ),
+            (
+                "[[ssh-tunnel]] streamlocal cannot go through sudo: `sudo -n docker system dial-stdio` (or turn [[sudo]] off)",
+                Some("ssh_tunnel"),
+            ),
+            ("[[nothing]] then [[tls-key]]", Some("tls_key")),
+            ("port 0 is not a port", None),
+        ] {
+            let why = Invalid(msg.into());
+            assert_eq!(why.setting(), setting, "{msg}");
+            assert_eq!(
+                Invalid::api_message_in_cli_words(&why.for_api()),
+                why.to_string(),
+                "{msg}"
+            );
+        }
     }
 }

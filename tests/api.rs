@@ -226,6 +226,34 @@ fn devices_round_trip_over_http_and_no_response_holds_a_secret() {
 }
 
 #[test]
+fn an_invalid_device_setting_is_named_in_the_error_body() {
+    let data = DataDir::empty();
+    let api = Api::start(&data);
+    let cases = [
+        (
+            json!({ "name": "nohost", "kind": "ssh", "user": "u", "auth": "agent" }),
+            Some("host"),
+        ),
+        (
+            json!({ "name": "x", "kind": "ssh", "host": "h", "user": "u", "auth": "key" }),
+            Some("private_key"),
+        ),
+        // About no one setting: no `setting`.
+        (json!({ "name": "bad name!", "kind": "local" }), None),
+        (json!({ "name": "k" }), None),
+    ];
+    for (body, setting) in cases {
+        let err = api.json("POST", "/api/devices", &body, 422);
+        assert_eq!(err["error"]["kind"], "invalid", "{err}");
+        assert!(err["error"]["message"].is_string(), "{err}");
+        match setting {
+            Some(s) => assert_eq!(err["error"]["setting"], s, "{body}: {err}"),
+            None => assert!(err["error"].get("setting").is_none(), "{body}: {err}"),
+        }
+    }
+}
+
+#[test]
 fn an_invalid_device_is_refused_with_422_saying_why_and_nothing_is_stored() {
     let data = DataDir::empty();
     let api = Api::start(&data);

@@ -3,7 +3,9 @@
 //!
 //! Every error answers `{"error": {"kind": "...", "message": "..."}}` ([`ErrorBody`]);
 //! `kind` is one of `unauthorized`, `not-found`, `method-not-allowed`, `invalid`,
-//! `conflict`, `too-large`, `unavailable`, `internal`. Handlers take their body as
+//! `conflict`, `too-large`, `unavailable`, `internal`. An invalid input that is one
+//! setting adds `"setting"` (the body field, e.g. `"private_key"`), so a client can
+//! name it in its own words (the CLI names the flag). Handlers take their body as
 //! `Result<Bytes, BytesRejection>` and convert with `?`, so a body over the route's
 //! limit is this JSON too.
 
@@ -24,6 +26,12 @@ pub enum AppError {
     MethodNotAllowed,
     #[error("{0}")]
     Invalid(String),
+    /// Invalid, and about one setting: `setting` is its request body field.
+    #[error("{message}")]
+    InvalidSetting {
+        message: String,
+        setting: &'static str,
+    },
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -49,6 +57,10 @@ pub struct ErrorDetail {
     pub kind: &'static str,
     /// What failed and what to do next. Never contains a secret.
     pub message: String,
+    /// The request body field an `invalid` error is about, when it is about one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "private_key")]
+    pub setting: Option<&'static str>,
 }
 
 impl AppError {
@@ -57,7 +69,9 @@ impl AppError {
             AppError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             AppError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
-            AppError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            AppError::Invalid(_) | AppError::InvalidSetting { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid")
+            }
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             AppError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -98,6 +112,10 @@ impl IntoResponse for AppError {
                 error: ErrorDetail {
                     kind,
                     message: self.to_string(),
+                    setting: match &self {
+                        AppError::InvalidSetting { setting, .. } => Some(*setting),
+                        _ => None,
+                    },
                 },
             }),
         )
@@ -131,7 +149,11 @@ impl From<DeviceError> for AppError {
             // The API's own wording: body fields rather than CLI flags, and no CLI hint.
             DeviceError::NotFound(name) => AppError::NotFound(format!("no device named {name:?}")),
             DeviceError::Invalid(why) => {
-                AppError::Invalid(format!("invalid device: {}", why.for_api()))
+                let message = format!("invalid device: {}", why.for_api());
+                match why.setting() {
+                    Some(setting) => AppError::InvalidSetting { message, setting },
+                    None => AppError::Invalid(message),
+                }
             }
             DeviceError::Duplicate(_) => AppError::Conflict(e.to_string()),
             DeviceError::Spec(why) => AppError::Invalid(why),
@@ -167,5 +189,34 @@ mod tests {
         }
         let e = serde_json::from_str::<Spec>(r#"{"prot": 1}"#).unwrap_err();
         assert!(AppError::bad_json("x", &e).to_string().contains("prot"));
+    }
+
+    async fn body_of(e: AppError) -> serde_json::Value {
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_invalid_device_setting_is_named_in_the_error_body() {
+        let mut d = crate::device::Device::blank(crate::device::DeviceKind::Ssh, "web1");
+        d.user = Some("u".into());
+        let e = crate::device::validate(&d, &|_| None).unwrap_err();
+        let v = body_of(AppError::from(e)).await;
+        assert_eq!(v["error"]["kind"], "invalid");
+        assert_eq!(v["error"]["setting"], "host");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("give `host`"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn other_errors_name_no_setting() {
+        let v = body_of(AppError::Invalid("not a device".into())).await;
+        assert_eq!(v["error"]["kind"], "invalid");
+        assert_eq!(v["error"]["message"], "not a device");
+        assert!(v["error"].get("setting").is_none(), "{v}");
     }
 }

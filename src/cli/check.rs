@@ -1,13 +1,13 @@
-//! Running and printing Docker connection checks for `capstan device check`.
+//! Running and printing Docker connection checks for `capstan device check` (each one
+//! asked of the engine's API).
 
 use std::io::{IsTerminal, Write};
-use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::StreamExt;
 
 use super::print_table as table;
-use crate::docker::{CheckOptions, CheckReport, ConnectOptions};
+use crate::docker::CheckReport;
 
 /// How many devices are checked at once by `--all`.
 const CONCURRENCY: usize = 16;
@@ -19,23 +19,7 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// The engine's connection settings, with `--timeout` for connecting and each call.
-pub(crate) fn options(
-    base: &ConnectOptions,
-    trust_host_key: bool,
-    timeout: Duration,
-) -> CheckOptions {
-    CheckOptions {
-        trust_host_key,
-        connect: ConnectOptions {
-            connect_timeout: timeout,
-            request_timeout: timeout,
-            ..base.clone()
-        },
-    }
-}
-
-/// Checks every device concurrently (`check_one` per item, here or through the engine's
+/// Checks every device concurrently (`check_one` per item, a check through the engine's
 /// API); reports come back in the items' order. With `progress`, a progress bar is drawn
 /// on stderr when it is a terminal.
 pub(crate) async fn run_all<T, F, Fut>(

@@ -3,9 +3,9 @@
 //! Secrets come from a file (`--password-file`, `--ssh-key-file`, …), from stdin (one
 //! `--…-stdin` flag per call) or from a prompt on a terminal, never from argv alone.
 //!
-//! When `capstan serve` holds the data directory, every command goes through its API
-//! instead (the same requests, the same output), so a device added or edited is in
-//! effect at once.
+//! Every command speaks the engine's API: the running engine's when `capstan serve`
+//! holds the data directory (so a device added or edited is in effect at once), else
+//! the data directory's opened in this process. The same requests, the same output.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -15,11 +15,12 @@ use clap::{Args, Subcommand};
 
 use std::time::Duration;
 
-use super::client::{ApiClient, Target};
+use super::client::ApiClient;
 use super::{GlobalArgs, check, print_table};
-use crate::device::{Device, DeviceKind, DeviceSpec, IpFamily, SecretField, SshAuth, SshTunnel};
-use crate::docker::{CheckReport, run_check};
-use crate::engine::Engine;
+use crate::device::{
+    Device, DeviceKind, DeviceSpec, Invalid, IpFamily, SecretField, SshAuth, SshTunnel,
+};
+use crate::docker::CheckReport;
 use crate::secret::Secret;
 
 const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,7 +58,7 @@ pub enum DeviceCmd {
         #[arg(long)]
         trust_host_key: bool,
         /// Seconds allowed for connecting and for each call.
-        #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
+        #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=120))]
         timeout: u64,
         /// Print the reports as JSON.
         #[arg(long)]
@@ -424,15 +425,17 @@ impl DeviceOpts {
 }
 
 pub fn run(g: &GlobalArgs, cmd: DeviceCmd) -> anyhow::Result<()> {
-    match Target::open(g.settings(None)?, &g.passphrase())? {
-        Target::Local(engine) => run_local(&engine, cmd),
-        // A running engine holds the data directory: the same commands through its API.
-        Target::Remote(api) => check::runtime()?.block_on(run_remote(&api, cmd)),
-    }
+    let settings = g.settings(None)?;
+    let rt = check::runtime()?;
+    let api = {
+        let _guard = rt.enter();
+        ApiClient::connect(settings, &g.passphrase())?
+    };
+    rt.block_on(run_cmd(&api, cmd))
 }
 
-fn run_local(engine: &Engine, cmd: DeviceCmd) -> anyhow::Result<()> {
-    let devices = engine.devices()?;
+/// One command, through the engine's API (running, or opened in this process).
+async fn run_cmd(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
     match cmd {
         DeviceCmd::Add {
             name,
@@ -441,122 +444,20 @@ fn run_local(engine: &Engine, cmd: DeviceCmd) -> anyhow::Result<()> {
             trust_host_key,
         } => {
             let ch = add_changes(name, kind, opts, trust_host_key)?;
-            let d = devices.add(ch)?;
-            print_added(&d);
-            if trust_host_key {
-                let secrets = devices.secrets(&d)?;
-                let opts = check::options(&engine.settings.docker, true, DEFAULT_CHECK_TIMEOUT);
-                let report = check::runtime()?.block_on(run_check(&d, &secrets, &opts));
-                match pinned_on_first_use(&report) {
-                    Ok(key) => {
-                        devices.edit(&d.id.to_string(), DeviceSpec::pin_host_key(key))?;
-                    }
-                    Err(why) => {
-                        devices.remove(&d.id.to_string())?;
-                        engine.store.flush()?;
-                        bail!("{why}");
-                    }
-                }
-            }
-        }
-        DeviceCmd::Check {
-            name,
-            all,
-            trust_host_key,
-            timeout,
-            json,
-        } => {
-            let list = if all {
-                devices.list()?
-            } else {
-                vec![devices.get(name.as_deref().unwrap_or_default())?]
-            };
-            let mut work = Vec::with_capacity(list.len());
-            for d in list {
-                let s = devices.secrets(&d)?;
-                work.push((d, s));
-            }
-            let opts = check::options(
-                &engine.settings.docker,
-                trust_host_key,
-                Duration::from_secs(timeout),
-            );
-            let reports = check::runtime()?.block_on(check::run_all(
-                work,
-                |(d, s)| {
-                    let opts = &opts;
-                    async move {
-                        let mut r = run_check(&d, &s, opts).await;
-                        r.device_id = Some(d.id);
-                        Ok(r)
-                    }
-                },
-                all,
-            ))?;
-            for r in &reports {
-                if let Some(k) = r.host_key.as_ref().filter(|k| k.trusted_now) {
-                    let id = r.device_id.map(|i| i.to_string());
-                    devices.edit(
-                        id.as_deref().unwrap_or(&r.device),
-                        DeviceSpec::pin_host_key(&k.key),
-                    )?;
-                }
-            }
-            engine.store.flush()?;
-            finish_checks(&reports, all, json)?;
-        }
-        DeviceCmd::List { json } => print_list(&devices.list()?, json)?,
-        DeviceCmd::Show { name, json } => {
-            let d = devices.get(&name)?;
-            let stored: Vec<String> = devices
-                .stored_secret_fields(&d)?
-                .into_iter()
-                .map(|f| f.as_str().to_string())
-                .collect();
-            print_show(&d, &stored, json)?;
-        }
-        DeviceCmd::Edit {
-            name,
-            rename,
-            opts,
-            clear,
-        } => {
-            let old = devices.get(&name)?;
-            let ch = edit_changes(&old, opts, rename, clear)?;
-            let d = devices.edit(&name, ch)?;
-            println!("updated device {} ({})", d.name, d.address());
-        }
-        DeviceCmd::Rm { name } => {
-            let d = devices.remove(&name)?;
-            println!("removed device {} and its secrets", d.name);
-        }
-    }
-    engine.store.flush()?;
-    Ok(())
-}
-
-async fn run_remote(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
-    match cmd {
-        DeviceCmd::Add {
-            name,
-            kind,
-            opts,
-            trust_host_key,
-        } => {
-            let ch = add_changes(name, kind, opts, trust_host_key)?;
-            // Checked here first, so mistakes are told in this command's words (flags).
-            crate::device::new_device(&ch)?;
-            let view = api
-                .json("POST", "/api/devices", Some(request_body(Some(kind), &ch)?))
-                .await?;
+            let view = request(
+                api,
+                "POST",
+                "/api/devices",
+                Some(request_body(Some(kind), &ch)?),
+            )
+            .await?;
             let (d, _) = device_of(view)?;
             print_added(&d);
             if trust_host_key {
-                let report =
-                    remote_check(api, &d.id.to_string(), true, DEFAULT_CHECK_TIMEOUT).await?;
+                // The engine pins the key the check trusted.
+                let report = check_one(api, &d.id.to_string(), true, DEFAULT_CHECK_TIMEOUT).await?;
                 if let Err(why) = pinned_on_first_use(&report) {
-                    api.json("DELETE", &format!("/api/devices/{}", d.id), None)
-                        .await?;
+                    request(api, "DELETE", &format!("/api/devices/{}", d.id), None).await?;
                     bail!("{why}");
                 }
             }
@@ -569,7 +470,7 @@ async fn run_remote(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
             json,
         } => {
             let ids: Vec<String> = if all {
-                devices_of(api.json("GET", "/api/devices", None).await?)?
+                devices_of(request(api, "GET", "/api/devices", None).await?)?
                     .into_iter()
                     .map(|d| d.id.to_string())
                     .collect()
@@ -579,7 +480,7 @@ async fn run_remote(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
             let timeout = Duration::from_secs(timeout);
             let reports = check::run_all(
                 ids,
-                |id| async move { remote_check(api, &id, trust_host_key, timeout).await },
+                |id| async move { check_one(api, &id, trust_host_key, timeout).await },
                 all,
             )
             .await?;
@@ -587,12 +488,12 @@ async fn run_remote(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
         }
         DeviceCmd::List { json } => {
             print_list(
-                &devices_of(api.json("GET", "/api/devices", None).await?)?,
+                &devices_of(request(api, "GET", "/api/devices", None).await?)?,
                 json,
             )?;
         }
         DeviceCmd::Show { name, json } => {
-            let (d, stored) = device_of(api.json("GET", &device_path(&name)?, None).await?)?;
+            let (d, stored) = device_of(request(api, "GET", &device_path(&name)?, None).await?)?;
             print_show(&d, &stored, json)?;
         }
         DeviceCmd::Edit {
@@ -601,23 +502,51 @@ async fn run_remote(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
             opts,
             clear,
         } => {
-            let (old, _) = device_of(api.json("GET", &device_path(&name)?, None).await?)?;
+            let (old, _) = device_of(request(api, "GET", &device_path(&name)?, None).await?)?;
             let ch = edit_changes(&old, opts, rename, clear)?;
             let path = format!("/api/devices/{}", old.id);
-            let (d, _) = device_of(
-                api.json("PATCH", &path, Some(request_body(None, &ch)?))
-                    .await?,
-            )?;
+            let (d, _) =
+                device_of(request(api, "PATCH", &path, Some(request_body(None, &ch)?)).await?)?;
             println!("updated device {} ({})", d.name, d.address());
         }
         DeviceCmd::Rm { name } => {
-            let (d, _) = device_of(api.json("GET", &device_path(&name)?, None).await?)?;
-            api.json("DELETE", &format!("/api/devices/{}", d.id), None)
-                .await?;
+            let (d, _) = device_of(request(api, "GET", &device_path(&name)?, None).await?)?;
+            request(api, "DELETE", &format!("/api/devices/{}", d.id), None).await?;
             println!("removed device {} and its secrets", d.name);
         }
     }
     Ok(())
+}
+
+/// A request to the device routes; an error answer becomes [`error_of`].
+async fn request(
+    api: &ApiClient,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let (status, v) = api.call(method, path, body).await?;
+    if status.is_success() {
+        return Ok(v);
+    }
+    Err(error_of(status, &v))
+}
+
+/// The error an error answer stands for, in this command's words: an invalid setting
+/// names its flag (the engine names the body field), and a mistake in the request
+/// (invalid, a name in use, no such device) is told as the engine's message alone.
+fn error_of(status: hyper::StatusCode, v: &serde_json::Value) -> anyhow::Error {
+    let error = &v["error"];
+    match (error["kind"].as_str(), error["message"].as_str()) {
+        (Some("invalid"), Some(message)) if error["setting"].is_string() => {
+            anyhow::anyhow!("{}", Invalid::api_message_in_cli_words(message))
+        }
+        (Some("invalid" | "conflict"), Some(message)) => anyhow::anyhow!("{message}"),
+        (Some("not-found"), Some(message)) if message.starts_with("no device named ") => {
+            anyhow::anyhow!("{message} (see `capstan device list`)")
+        }
+        _ => ApiClient::error_of(status, v),
+    }
 }
 
 /// `/api/devices/NAME`. Device names and ids need no escaping; anything else cannot
@@ -674,7 +603,7 @@ fn edit_changes(
 }
 
 /// A check through the engine's API, which pins a trusted key itself.
-async fn remote_check(
+async fn check_one(
     api: &ApiClient,
     id: &str,
     trust_host_key: bool,
@@ -691,7 +620,7 @@ async fn remote_check(
         return serde_json::from_value(v)
             .context("the engine sent a check report this CLI cannot read");
     }
-    Err(ApiClient::error_of(status, &v))
+    Err(error_of(status, &v))
 }
 
 /// The API's view of a device: the record, and the names of its stored secrets.
