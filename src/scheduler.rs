@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 
 use crate::engine::Engine;
 use crate::metrics::Metrics;
@@ -234,6 +234,27 @@ impl Scheduler {
         plugin: &str,
         event: TriggerEvent,
     ) -> Result<RunId, SubmitError> {
+        self.submit_to(plugin, event, None)
+    }
+
+    /// [`Scheduler::submit`], and the runtime's full report of the run (stdout, stderr,
+    /// denials: more than its record keeps) on the receiver once the run has ended. No
+    /// report comes for a run the runtime could not start or that was stopped.
+    pub fn submit_reporting(
+        self: &Arc<Self>,
+        plugin: &str,
+        event: TriggerEvent,
+    ) -> Result<(RunId, oneshot::Receiver<RunReport>), SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        Ok((self.submit_to(plugin, event, Some(tx))?, rx))
+    }
+
+    fn submit_to(
+        self: &Arc<Self>,
+        plugin: &str,
+        event: TriggerEvent,
+        report_to: Option<oneshot::Sender<RunReport>>,
+    ) -> Result<RunId, SubmitError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
@@ -260,10 +281,14 @@ impl Scheduler {
         let (done_tx, done_rx) = watch::channel(false);
         // The map entry is in place before the task can end and remove it.
         let mut in_flight = lock(&self.in_flight);
-        let task = tokio::spawn(
-            self.clone()
-                .execute(id, plugin.to_string(), event, gate, done_tx),
-        );
+        let task = tokio::spawn(self.clone().execute(
+            id,
+            plugin.to_string(),
+            event,
+            gate,
+            done_tx,
+            report_to,
+        ));
         in_flight.insert(
             id,
             InFlight {
@@ -282,6 +307,7 @@ impl Scheduler {
         event: TriggerEvent,
         gate: Arc<PluginGate>,
         done: watch::Sender<bool>,
+        report_to: Option<oneshot::Sender<RunReport>>,
     ) {
         // Whatever happens to this task (an end, an abort at shutdown), the record gets
         // a final status and waiters are woken.
@@ -316,6 +342,10 @@ impl Scheduler {
             Ok(report) => {
                 for c in &report.host_calls {
                     self.metrics.host_call(&c.op, c.decision.as_str());
+                }
+                if let Some(tx) = report_to {
+                    // The receiver may have stopped waiting: then nobody wants it.
+                    let _ = tx.send(report.clone());
                 }
                 end_of(report, self.runs.config().log_cap_bytes)
             }

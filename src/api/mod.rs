@@ -150,6 +150,12 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/api/audit",
+        example: "/api/audit",
+        handler: || get(plugins::audit),
+    },
+    Route {
+        method: "GET",
         path: "/api/runs",
         example: "/api/runs",
         handler: || get(runs::list),

@@ -45,6 +45,7 @@ pub const BEARER: &str = "bearer";
         plugins::install,
         plugins::remove,
         plugins::run,
+        plugins::audit,
         runs::list,
         runs::show,
         runs::events,

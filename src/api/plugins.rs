@@ -1,4 +1,4 @@
-//! Plugin routes: list, show, install, remove, run.
+//! Plugin routes: list, show, install, remove, run, and the audit log of their host calls.
 //!
 //! Install takes the manifest text and the component as base64 in one JSON body (up to
 //! [`MAX_INSTALL_BODY`]); the engine validates the manifest against the known devices and
@@ -249,6 +249,10 @@ pub struct RunBody {
     /// Handed to the plugin as the manual event's input.
     #[serde(default)]
     input: String,
+    /// Run as if this webhook of the plugin had received `input` as its body (a JSON
+    /// delivery without a delivery id).
+    #[serde(default)]
+    webhook: Option<String>,
 }
 
 /// The query of `POST /api/plugins/{name}/run`.
@@ -262,6 +266,18 @@ pub struct RunParams {
     /// `runs.max_wait`, 60 s unless configured).
     #[param(minimum = 1, maximum = 3600)]
     timeout: Option<u64>,
+    /// With `wait`: the record also carries `report`, the runtime's full report of the
+    /// run (stdout, stderr, denials), when the run ended.
+    #[serde(default)]
+    report: bool,
+}
+
+/// A run record with the runtime's report of the run (`?wait=true&report=true`).
+#[derive(Debug, Serialize)]
+struct ReportedRun {
+    #[serde(flatten)]
+    record: RunRecord,
+    report: Option<crate::plugin::report::RunReport>,
 }
 
 /// The answer to a run request that does not wait.
@@ -273,8 +289,10 @@ pub struct RunStarted {
 
 /// Run a plugin now
 ///
-/// Queues a manual run; `?wait=true` waits for it to end (bounded by `timeout`) and
-/// answers with the run record: 200 when it ended, 202 when it is still queued or running.
+/// Queues a manual run (or, with `webhook`, one as if that hook had received the input);
+/// `?wait=true` waits for it to end (bounded by `timeout`) and answers with the run
+/// record: 200 when it ended, 202 when it is still queued or running. `&report=true`
+/// adds the runtime's full report of an ended run to the record.
 #[utoipa::path(
     post,
     path = "/api/plugins/{name}/run",
@@ -312,8 +330,21 @@ pub async fn run(
         Some(t) => Duration::from_secs(t),
         None => state.scheduler.config().max_wait,
     };
-    let event = crate::trigger::manual::event(format!("api:{}", token.name), body.input);
-    let id = state.scheduler.submit(&name, event)?;
+    let event = match body.webhook {
+        Some(hook) => crate::plugin::TriggerEvent::Webhook {
+            hook,
+            delivery: None,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.input.into_bytes(),
+        },
+        None => crate::trigger::manual::event(format!("api:{}", token.name), body.input),
+    };
+    let (id, report) = if q.wait && q.report {
+        let (id, report) = state.scheduler.submit_reporting(&name, event)?;
+        (id, Some(report))
+    } else {
+        (state.scheduler.submit(&name, event)?, None)
+    };
     if !q.wait {
         return Ok((StatusCode::ACCEPTED, Json(RunStarted { run_id: id })).into_response());
     }
@@ -323,5 +354,50 @@ pub async fn run(
     } else {
         StatusCode::ACCEPTED
     };
+    if let Some(mut report) = report {
+        let report = report.try_recv().ok();
+        return Ok((status, Json(ReportedRun { record, report })).into_response());
+    }
     Ok((status, Json(record)).into_response())
+}
+
+/// The query of `GET /api/audit`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditParams {
+    /// How many of the last records (default 20).
+    #[serde(default = "default_tail")]
+    tail: usize,
+}
+
+fn default_tail() -> usize {
+    20
+}
+
+/// The last audit records of plugin host calls
+///
+/// Oldest first, as stored: time, plugin and the host call (device, op, decision,
+/// request, reason).
+#[utoipa::path(
+    get,
+    path = "/api/audit",
+    tag = "plugins",
+    params(AuditParams),
+    responses(
+        (status = 200, description = "The last audit records", body = [Object]),
+        (status = 422, description = "A bad query", body = super::ErrorBody),
+    )
+)]
+pub async fn audit(
+    State(state): State<AppState>,
+    query: Result<Query<AuditParams>, QueryRejection>,
+) -> Result<Json<Vec<crate::plugin::records::AuditRecord>>, AppError> {
+    let Query(q) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
+    let records = state
+        .scheduler
+        .runtime()
+        .audit()
+        .tail(q.tail)
+        .map_err(|e| AppError::Internal(format!("reading the audit log: {e}")))?;
+    Ok(Json(records))
 }

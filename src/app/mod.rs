@@ -300,6 +300,25 @@ pub fn router(scheduler: &Arc<Scheduler>) -> axum::Router {
     crate::api::router(state.clone()).merge(budget.wrap(crate::api::hook_router(state)))
 }
 
+/// The engine the CLI opened in this process (no engine runs on the data directory): the
+/// scheduler `serve` builds, and with `load_plugins` the installed plugins loaded and
+/// their triggers registered as [`App::build`] does, but none of what fires on its own
+/// (cron loop, housekeeping) is started and nothing listens. Problems loading a plugin
+/// are logged; the plugin stays unloaded. Must be called within a tokio runtime.
+pub fn open_in_process(engine: Engine, load_plugins: bool) -> anyhow::Result<Arc<Scheduler>> {
+    let scheduler = Scheduler::with_defaults(Arc::new(engine))?;
+    if load_plugins {
+        let (summary, problems) = scheduler.plugins().load_installed()?;
+        for (name, why) in &summary.failed {
+            tracing::warn!(plugin = %name, "plugin cannot be loaded: {why}");
+        }
+        for p in problems {
+            tracing::warn!("{p}");
+        }
+    }
+    Ok(scheduler)
+}
+
 /// The plugin runtime and the scheduler: on first start the default plugins are
 /// installed, then every installed plugin is loaded (compiled code from the cache) and
 /// its triggers activated.

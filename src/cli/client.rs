@@ -57,27 +57,49 @@ enum Transport {
     /// The running engine's listener, with the CLI token.
     Http { addr: SocketAddr, token: Secret },
     /// The engine opened here: its API router, called in memory.
-    InProcess { router: axum::Router },
+    InProcess {
+        router: axum::Router,
+        scheduler: Arc<Scheduler>,
+    },
 }
 
 impl ApiClient {
     /// The running engine's API when one holds the data directory, else the engine
     /// opened here. Must be called within a tokio runtime.
     pub fn connect(settings: Settings, pass: &PassphraseInput) -> anyhow::Result<ApiClient> {
+        Self::open(settings, pass, false)
+    }
+
+    /// [`ApiClient::connect`] for the commands that need the plugins (running one,
+    /// listing the hooks): opened here, the installed plugins are loaded first. Must be
+    /// called within a tokio runtime.
+    pub fn connect_with_plugins(
+        settings: Settings,
+        pass: &PassphraseInput,
+    ) -> anyhow::Result<ApiClient> {
+        Self::open(settings, pass, true)
+    }
+
+    fn open(
+        settings: Settings,
+        pass: &PassphraseInput,
+        load_plugins: bool,
+    ) -> anyhow::Result<ApiClient> {
         match Engine::open(settings.clone(), pass) {
-            Ok(engine) => ApiClient::in_process(engine),
+            Ok(engine) => ApiClient::in_process(engine, load_plugins),
             Err(e) if is_locked(&e) => ApiClient::for_running_engine(&settings),
             Err(e) => Err(e),
         }
     }
 
-    /// The API of `engine`, opened in this process: its run history and webhooks (the
-    /// plugins are not loaded). Must be called within a tokio runtime.
-    pub fn in_process(engine: Engine) -> anyhow::Result<ApiClient> {
-        let scheduler = Scheduler::with_defaults(Arc::new(engine))?;
-        let router = crate::api::in_process_router(crate::api::AppState::new(scheduler));
+    /// The API of `engine`, opened in this process (see [`crate::app::open_in_process`]):
+    /// with `load_plugins`, the installed plugins are loaded and can run; nothing that
+    /// fires on its own is started. Must be called within a tokio runtime.
+    pub fn in_process(engine: Engine, load_plugins: bool) -> anyhow::Result<ApiClient> {
+        let scheduler = crate::app::open_in_process(engine, load_plugins)?;
+        let router = crate::api::in_process_router(crate::api::AppState::new(scheduler.clone()));
         Ok(ApiClient {
-            transport: Transport::InProcess { router },
+            transport: Transport::InProcess { router, scheduler },
         })
     }
 
@@ -225,5 +247,16 @@ impl ApiClient {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for ApiClient {
+    /// What the commands changed in the engine opened here is on disk when they end.
+    fn drop(&mut self) {
+        if let Transport::InProcess { scheduler, .. } = &self.transport
+            && let Err(e) = scheduler.engine().store.flush()
+        {
+            tracing::error!(error = %e, "cannot flush the store");
+        }
     }
 }

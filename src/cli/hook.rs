@@ -1,17 +1,16 @@
 //! `capstan hook …`: the webhook secrets in the vault. A hook is declared by its
 //! plugin's manifest (`[[triggers.webhook]]`); its secret lives in the vault and never
 //! in a file. Rotation keeps the previous secret valid until it is retired, so senders
-//! can be switched over without dropping deliveries. While the engine runs, the commands
-//! go through its API and a change takes effect at once.
+//! can be switched over without dropping deliveries. The commands speak the engine's API
+//! (the running engine's, or the data directory's opened here with its plugins loaded);
+//! a change to a running engine takes effect at once.
 
 use anyhow::Context;
 use clap::Subcommand;
 
 use super::GlobalArgs;
-use super::client::{ApiClient, Target};
-use crate::engine::Engine;
+use super::client::ApiClient;
 use crate::secret::Secret;
-use crate::trigger::webhook::HookKeys;
 
 /// How deliveries are answered, for `capstan hook --help`.
 pub const DELIVERIES_HELP: &str = "\
@@ -28,7 +27,7 @@ Deliveries (POST /hooks/NAME):
 
 #[derive(Debug, Subcommand)]
 pub enum HookCmd {
-    /// List the hooks of the installed plugins and whether each has its secrets.
+    /// List the hooks of the installed plugins: plugin, auth and the path senders post to.
     List,
     /// Give a hook a new secret; the old one stays valid (as `previous`) until
     /// `capstan hook retire`. Without --secret-file/--secret-stdin a random secret is
@@ -47,86 +46,17 @@ pub enum HookCmd {
 }
 
 pub fn run(g: &GlobalArgs, cmd: HookCmd) -> anyhow::Result<()> {
-    let engine = match Target::open(g.settings(None)?, &g.passphrase())? {
-        Target::Local(engine) => engine,
-        Target::Remote(api) => return super::check::runtime()?.block_on(remote(&api, cmd)),
-    };
-    match cmd {
-        HookCmd::List => {
-            let rows: Vec<Vec<String>> = declared_hooks(&engine)?
-                .iter()
-                .map(|(hook, plugin, auth)| {
-                    let secrets = match HookKeys::load(&engine.vault, hook) {
-                        Ok(k) if k.previous.is_some() => "current + previous".into(),
-                        Ok(_) => "current".into(),
-                        Err(_) => "none (closed)".into(),
-                    };
-                    vec![hook.clone(), plugin.clone(), auth.clone(), secrets]
-                })
-                .collect();
-            super::print_table(&["HOOK", "PLUGIN", "AUTH", "SECRETS"], &rows);
-        }
-        HookCmd::Rotate {
-            name,
-            secret_file,
-            secret_stdin,
-        } => {
-            let secret = read_secret(secret_file, secret_stdin)?;
-            let generated = local_scheduler(engine)?
-                .plugins()
-                .rotate_hook(&name, secret)?;
-            print_rotated(&name, generated.as_ref().and_then(|s| s.expose_str().ok()));
-        }
-        HookCmd::Retire { name } => {
-            print_retired(
-                &name,
-                local_scheduler(engine)?.plugins().retire_hook(&name)?,
-            );
-        }
-    }
-    Ok(())
-}
-
-/// The scheduler on the data directory opened here: the same rotation and retirement
-/// the API does, without an engine running.
-fn local_scheduler(
-    engine: Box<Engine>,
-) -> anyhow::Result<std::sync::Arc<crate::scheduler::Scheduler>> {
     let rt = super::check::runtime()?;
-    let _guard = rt.enter();
-    crate::scheduler::Scheduler::with_defaults(std::sync::Arc::new(*engine))
+    let api = {
+        let _guard = rt.enter();
+        // The hooks are the loaded plugins' hooks.
+        ApiClient::connect_with_plugins(g.settings(None)?, &g.passphrase())?
+    };
+    rt.block_on(command(&api, cmd))
 }
 
-/// `--secret-file` or `--secret-stdin`; `None` asks for a generated secret.
-fn read_secret(file: Option<std::path::PathBuf>, stdin: bool) -> anyhow::Result<Option<Secret>> {
-    Ok(match (file, stdin) {
-        (Some(f), _) => {
-            Some(Secret::from_file(&f).with_context(|| format!("cannot read {}", f.display()))?)
-        }
-        (None, true) => Some(Secret::from_reader(std::io::stdin()).context("cannot read stdin")?),
-        (None, false) => None,
-    })
-}
-
-fn print_rotated(name: &str, generated: Option<&str>) {
-    println!(
-        "hook {name}: new secret in effect; the previous one stays valid until `capstan hook retire {name}`"
-    );
-    if let Some(s) = generated {
-        println!("  generated secret, shown once:\n    {s}");
-    }
-}
-
-fn print_retired(name: &str, retired: bool) {
-    if retired {
-        println!("hook {name}: the previous secret is no longer accepted");
-    } else {
-        println!("hook {name} has no previous secret");
-    }
-}
-
-/// The same commands against the running engine.
-async fn remote(api: &ApiClient, cmd: HookCmd) -> anyhow::Result<()> {
+/// One command against the engine's API (running, or opened here).
+async fn command(api: &ApiClient, cmd: HookCmd) -> anyhow::Result<()> {
     match cmd {
         HookCmd::List => {
             let v = api.json("GET", "/api/hooks", None).await?;
@@ -169,19 +99,30 @@ async fn remote(api: &ApiClient, cmd: HookCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (hook, plugin, auth) for every hook an installed plugin declares.
-fn declared_hooks(engine: &Engine) -> anyhow::Result<Vec<(String, String, String)>> {
-    let records = crate::plugin::records::PluginRecords::open(&engine.store)?;
-    let mut out = Vec::new();
-    for p in records.list()? {
-        for h in &p.triggers.webhook {
-            let auth = serde_json::to_value(h.auth)?
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            out.push((h.name.clone(), p.name.clone(), auth));
+/// `--secret-file` or `--secret-stdin`; `None` asks for a generated secret.
+fn read_secret(file: Option<std::path::PathBuf>, stdin: bool) -> anyhow::Result<Option<Secret>> {
+    Ok(match (file, stdin) {
+        (Some(f), _) => {
+            Some(Secret::from_file(&f).with_context(|| format!("cannot read {}", f.display()))?)
         }
+        (None, true) => Some(Secret::from_reader(std::io::stdin()).context("cannot read stdin")?),
+        (None, false) => None,
+    })
+}
+
+fn print_rotated(name: &str, generated: Option<&str>) {
+    println!(
+        "hook {name}: new secret in effect; the previous one stays valid until `capstan hook retire {name}`"
+    );
+    if let Some(s) = generated {
+        println!("  generated secret, shown once:\n    {s}");
     }
-    out.sort();
-    Ok(out)
+}
+
+fn print_retired(name: &str, retired: bool) {
+    if retired {
+        println!("hook {name}: the previous secret is no longer accepted");
+    } else {
+        println!("hook {name} has no previous secret");
+    }
 }

@@ -1,18 +1,18 @@
 //! `capstan plugin …`: install, inspect, run and remove plugins; scaffold new ones.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
 
-use super::client::{ApiClient, Target};
+use super::client::ApiClient;
 use super::{GlobalArgs, print_table};
 use crate::plugin::admin::Installed;
+use crate::plugin::records::AuditRecord;
+use crate::plugin::report::RunReport;
 use crate::plugin::scaffold;
-use crate::plugin::{InstalledPlugin, PluginSource, TriggerEvent};
-use crate::runs::{RunEnd, RunStatus, RunTrigger};
-use crate::scheduler::Scheduler;
+use crate::plugin::{InstalledPlugin, PluginSource};
+use crate::runs::RunRecord;
 use crate::trigger::cron::CronTrigger;
 
 #[derive(Debug, Subcommand)]
@@ -98,103 +98,90 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let settings = g.settings(None)?;
+    let data_dir = settings.data_dir.clone();
     let rt = super::check::runtime()?;
-    let engine = match Target::open(g.settings(None)?, &g.passphrase())? {
-        Target::Local(engine) => Arc::new(*engine),
-        Target::Remote(api) => return rt.block_on(remote(&api, cmd)),
+    let api = {
+        // The runtime's epoch ticker and pooled connections live inside the tokio runtime.
+        let _guard = rt.enter();
+        if matches!(cmd, PluginCmd::Run { .. }) {
+            ApiClient::connect_with_plugins(settings, &g.passphrase())?
+        } else {
+            ApiClient::connect(settings, &g.passphrase())?
+        }
     };
-    // The runtime's epoch ticker and pooled connections live inside the tokio runtime.
-    let _guard = rt.enter();
-    let scheduler = Scheduler::with_defaults(engine.clone())?;
-    let runtime = scheduler.runtime().clone();
+    rt.block_on(command(&api, &data_dir, cmd))
+}
+
+/// One command against the engine's API (running, or opened here).
+async fn command(api: &ApiClient, data_dir: &Path, cmd: PluginCmd) -> anyhow::Result<()> {
+    use base64::Engine as _;
     match cmd {
         PluginCmd::Install { path, manifest } => {
             let src = PluginSource::read(&path, manifest.as_deref())?;
-            let installed = scheduler.plugins().install(&src)?;
-            print_installed(&installed.plugin);
-            print_generated_secrets(&installed);
+            let body = serde_json::json!({
+                "manifest": src.manifest,
+                "wasm_base64": base64::engine::general_purpose::STANDARD.encode(&src.wasm),
+            });
+            let v = api.json("POST", "/api/plugins", Some(body)).await?;
+            let p: InstalledPlugin = serde_json::from_value(v["plugin"].clone())
+                .context("the engine's answer to the install")?;
+            print_installed(&p);
+            for s in v["generated_secrets"].as_array().into_iter().flatten() {
+                print_generated_secret(
+                    s["hook"].as_str().unwrap_or("?"),
+                    s["secret"].as_str().unwrap_or("?"),
+                );
+            }
+            if !api.is_in_process() {
+                println!("  active now in the running engine");
+            }
         }
-        PluginCmd::List => print_list(&runtime.installed()?),
+        PluginCmd::List => {
+            let v = api.json("GET", "/api/plugins", None).await?;
+            let plugins: Vec<InstalledPlugin> =
+                serde_json::from_value(v).context("the engine's plugin list")?;
+            print_list(&plugins);
+        }
         PluginCmd::Show { name } => {
-            let p = runtime.installed_plugin(&name)?;
+            let p = plugin(api, &name).await?;
             let manifest = std::fs::read_to_string(
-                engine
-                    .settings
-                    .data_dir
+                data_dir
                     .join(crate::plugin::runtime::PLUGINS_DIR)
-                    .join(&name)
+                    .join(&p.name)
                     .join(crate::plugin::manifest::MANIFEST_FILE),
             )
             .unwrap_or_default();
-            println!("name:        {}", p.name);
-            println!("version:     {}", p.version);
-            println!("description: {}", p.description);
-            println!("installed:   {}", p.installed_at.to_rfc3339());
-            println!("wasm:        {} bytes, sha256 {}", p.size, p.sha256);
-            println!(
-                "limits:      memory {} MiB, timeout {} s, logs {} B ({} records of {} fields), output {} B, state {} B, host calls {}, host memory {} B",
-                p.limits.memory_mib,
-                p.limits.timeout_secs,
-                p.limits.max_log_bytes,
-                p.limits.max_log_records,
-                p.limits.max_log_fields,
-                p.limits.max_output_bytes,
-                p.limits.max_state_bytes,
-                p.limits.max_host_calls,
-                p.limits.max_host_bytes
-            );
-            println!("devices:     {}", p.devices.join(", "));
-            println!("manifest:\n{}", indent(&manifest));
+            print_show(&p, &manifest);
         }
-        PluginCmd::Schedule { name, count } => {
-            print_schedule(&runtime.installed_plugin(&name)?, count)?
-        }
+        PluginCmd::Schedule { name, count } => print_schedule(&plugin(api, &name).await?, count)?,
         PluginCmd::Run {
             name,
             input,
             input_file,
             webhook,
             json,
-        } => {
-            let event = event_of(input, input_file, webhook)?;
-            let (summary, _) = scheduler.plugins().load_installed()?;
-            if let Some((_, why)) = summary.failed.iter().find(|(n, _)| *n == name) {
-                bail!("plugin {name} cannot be loaded: {why}");
-            }
-            // Recorded in the run history like any other run.
-            let runs = scheduler.runs();
-            let record = runs.create(&name, RunTrigger::Manual { by: "cli".into() })?;
-            runs.start(record.id)?;
-            let report = match rt.block_on(runtime.run(&name, event)) {
-                Ok(r) => r,
-                Err(e) => {
-                    runs.finish(record.id, RunEnd::error(RunStatus::Failed, e.to_string()))?;
-                    return Err(e.into());
-                }
-            };
-            runs.finish(
-                record.id,
-                crate::scheduler::end_of(report.clone(), runs.config().log_cap_bytes),
-            )?;
-            engine.store.flush()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.render());
-                println!("recorded as run {}", record.id);
-            }
-            if !report.succeeded() {
-                bail!("plugin {name} {}", report.status);
-            }
-        }
+        } => run_now(api, &name, read_input(input, input_file)?, webhook, json).await?,
         PluginCmd::Remove { name } => {
-            let p = scheduler.plugins().remove(&name)?;
-            println!("removed plugin {} {}", p.name, p.version);
+            let p = plugin(api, &name).await?;
+            api.json("DELETE", &format!("/api/plugins/{name}"), None)
+                .await?;
+            if api.is_in_process() {
+                println!("removed plugin {} {}", p.name, p.version);
+            } else {
+                println!(
+                    "removed plugin {} {}; its triggers stopped",
+                    p.name, p.version
+                );
+            }
         }
         PluginCmd::Audit { tail } => {
-            let rows: Vec<Vec<String>> = runtime
-                .audit()
-                .tail(tail)?
+            let v = api
+                .json("GET", &format!("/api/audit?tail={tail}"), None)
+                .await?;
+            let records: Vec<AuditRecord> =
+                serde_json::from_value(v).context("the engine's audit records")?;
+            let rows: Vec<Vec<String>> = records
                 .into_iter()
                 .map(|r| {
                     vec![
@@ -215,17 +202,86 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
                 &rows,
             );
         }
-        PluginCmd::New { .. } => unreachable!("handled above"),
+        PluginCmd::New { .. } => unreachable!("handled before"),
     }
     Ok(())
 }
 
-fn event_of(
-    input: Option<String>,
-    input_file: Option<PathBuf>,
+/// An installed plugin, as the engine describes it.
+async fn plugin(api: &ApiClient, name: &str) -> anyhow::Result<InstalledPlugin> {
+    let v = api
+        .json("GET", &format!("/api/plugins/{name}"), None)
+        .await?;
+    serde_json::from_value(v).context("the engine's plugin record")
+}
+
+/// `capstan plugin run`: a run through the engine's run path (queued, recorded in the run
+/// history like any other run), waited for; prints the runtime's report of it.
+async fn run_now(
+    api: &ApiClient,
+    name: &str,
+    input: String,
     webhook: Option<String>,
-) -> anyhow::Result<TriggerEvent> {
-    let input = match (input, input_file) {
+    json: bool,
+) -> anyhow::Result<()> {
+    let v = api
+        .json("GET", &format!("/api/plugins/{name}"), None)
+        .await?;
+    if v["loaded"] == serde_json::Value::Bool(false) {
+        bail!("plugin {name} cannot be loaded; reinstall it (`capstan plugin install`)");
+    }
+    let mut body = serde_json::json!({ "input": input });
+    if let Some(hook) = webhook {
+        body["webhook"] = serde_json::Value::String(hook);
+    }
+    let (status, mut v) = api
+        .call(
+            "POST",
+            &format!("/api/plugins/{name}/run?wait=true&report=true"),
+            Some(body),
+        )
+        .await?;
+    if !status.is_success() {
+        return Err(ApiClient::error_of(status, &v));
+    }
+    let report = v
+        .as_object_mut()
+        .and_then(|o| o.remove("report"))
+        .filter(|r| !r.is_null());
+    let record: RunRecord = serde_json::from_value(v).context("the engine's run record")?;
+    if !record.status.is_final() {
+        bail!(
+            "plugin {name}: run {} is still {} after the engine's longest wait; see `capstan runs show {}`",
+            record.id,
+            record.status,
+            record.id
+        );
+    }
+    let Some(report) = report else {
+        // The runtime could not run it at all: the record says why.
+        if json {
+            println!("{}", serde_json::to_string_pretty(&record)?);
+        } else {
+            print!("{}", super::runs::render(&record));
+        }
+        bail!("plugin {name} {}", record.status);
+    };
+    let report: RunReport = serde_json::from_value(report).context("the engine's run report")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+        println!("recorded as run {}", record.id);
+    }
+    if !report.succeeded() {
+        bail!("plugin {name} {}", report.status);
+    }
+    Ok(())
+}
+
+/// `--input`, `--input-file` (`-` for stdin), or nothing.
+fn read_input(input: Option<String>, input_file: Option<PathBuf>) -> anyhow::Result<String> {
+    Ok(match (input, input_file) {
         (Some(i), _) => i,
         (None, Some(f)) if f.as_os_str() == "-" => {
             std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
@@ -234,15 +290,6 @@ fn event_of(
             std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?
         }
         (None, None) => String::new(),
-    };
-    Ok(match webhook {
-        Some(hook) => TriggerEvent::Webhook {
-            hook,
-            delivery: None,
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: input.into_bytes(),
-        },
-        None => TriggerEvent::manual(input),
     })
 }
 
@@ -353,98 +400,26 @@ fn print_schedule(p: &InstalledPlugin, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The same commands against the running engine's API.
-async fn remote(api: &ApiClient, cmd: PluginCmd) -> anyhow::Result<()> {
-    use base64::Engine as _;
-    match cmd {
-        PluginCmd::Install { path, manifest } => {
-            let src = PluginSource::read(&path, manifest.as_deref())?;
-            let body = serde_json::json!({
-                "manifest": src.manifest,
-                "wasm_base64": base64::engine::general_purpose::STANDARD.encode(&src.wasm),
-            });
-            let v = api.json("POST", "/api/plugins", Some(body)).await?;
-            let p: InstalledPlugin = serde_json::from_value(v["plugin"].clone())
-                .context("the engine's answer to the install")?;
-            print_installed(&p);
-            for s in v["generated_secrets"].as_array().into_iter().flatten() {
-                print_generated_secret(
-                    s["hook"].as_str().unwrap_or("?"),
-                    s["secret"].as_str().unwrap_or("?"),
-                );
-            }
-            println!("  active now in the running engine");
-        }
-        PluginCmd::List => {
-            let v = api.json("GET", "/api/plugins", None).await?;
-            let plugins: Vec<InstalledPlugin> =
-                serde_json::from_value(v).context("the engine's plugin list")?;
-            print_list(&plugins);
-        }
-        PluginCmd::Show { name } => {
-            let v = api
-                .json("GET", &format!("/api/plugins/{name}"), None)
-                .await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        PluginCmd::Schedule { name, count } => {
-            let v = api
-                .json("GET", &format!("/api/plugins/{name}"), None)
-                .await?;
-            let p: InstalledPlugin =
-                serde_json::from_value(v).context("the engine's plugin record")?;
-            print_schedule(&p, count)?;
-        }
-        PluginCmd::Run {
-            name,
-            input,
-            input_file,
-            webhook,
-            json,
-        } => {
-            if webhook.is_some() {
-                bail!(
-                    "--webhook runs need the data directory; while the engine runs, POST to /hooks/NAME instead"
-                );
-            }
-            let input = match event_of(input, input_file, None)? {
-                TriggerEvent::Manual { input, .. } => input,
-                _ => unreachable!("no webhook"),
-            };
-            let v = api
-                .json(
-                    "POST",
-                    &format!("/api/plugins/{name}/run?wait=true"),
-                    Some(serde_json::json!({ "input": input })),
-                )
-                .await?;
-            let record: crate::runs::RunRecord =
-                serde_json::from_value(if v.get("run").is_some() {
-                    v["run"].clone()
-                } else {
-                    v
-                })
-                .context("the engine's run record")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&record)?);
-            } else {
-                print!("{}", super::runs::render(&record));
-            }
-            if record.status != RunStatus::Ok {
-                bail!("plugin {name} {}", record.status);
-            }
-        }
-        PluginCmd::Remove { name } => {
-            api.json("DELETE", &format!("/api/plugins/{name}"), None)
-                .await?;
-            println!("removed plugin {name}; its triggers stopped");
-        }
-        PluginCmd::Audit { .. } => bail!(
-            "the audit log is read from the data directory, which the running engine holds; see `capstan runs show ID` for a run's host calls"
-        ),
-        PluginCmd::New { .. } => unreachable!("handled before"),
-    }
-    Ok(())
+fn print_show(p: &InstalledPlugin, manifest: &str) {
+    println!("name:        {}", p.name);
+    println!("version:     {}", p.version);
+    println!("description: {}", p.description);
+    println!("installed:   {}", p.installed_at.to_rfc3339());
+    println!("wasm:        {} bytes, sha256 {}", p.size, p.sha256);
+    println!(
+        "limits:      memory {} MiB, timeout {} s, logs {} B ({} records of {} fields), output {} B, state {} B, host calls {}, host memory {} B",
+        p.limits.memory_mib,
+        p.limits.timeout_secs,
+        p.limits.max_log_bytes,
+        p.limits.max_log_records,
+        p.limits.max_log_fields,
+        p.limits.max_output_bytes,
+        p.limits.max_state_bytes,
+        p.limits.max_host_calls,
+        p.limits.max_host_bytes
+    );
+    println!("devices:     {}", p.devices.join(", "));
+    println!("manifest:\n{}", indent(manifest));
 }
 
 fn indent(text: &str) -> String {
