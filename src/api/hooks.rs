@@ -157,6 +157,20 @@ pub struct HookView {
     /// What `?wait=true` answers with: `summary`, or `full` (the run record).
     #[schema(example = "summary")]
     pub wait_response: &'static str,
+    /// With `?secrets=true`: which secrets the hook accepts (`current`, `current +
+    /// previous`, or `none (closed)`), never the secrets themselves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "current")]
+    pub secrets: Option<&'static str>,
+}
+
+/// `GET /api/hooks?secrets=true` adds each hook's secret state.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct HookListQuery {
+    /// Also say which secrets each hook accepts.
+    #[serde(default)]
+    secrets: bool,
 }
 
 fn auth_name(a: AuthKind) -> &'static str {
@@ -171,15 +185,25 @@ fn auth_name(a: AuthKind) -> &'static str {
     get,
     path = "/api/hooks",
     tag = "hooks",
+    params(HookListQuery),
     responses((status = 200, description = "Every installed hook, by name", body = [HookView]))
 )]
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<HookView>>, AppError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<HookListQuery>,
+) -> Result<Json<Vec<HookView>>, AppError> {
+    let secrets_of = |hook: &str| match webhook::HookKeys::load(&state.engine.vault, hook) {
+        Ok(k) if k.previous.is_some() => "current + previous",
+        Ok(_) => "current",
+        Err(_) => "none (closed)",
+    };
     let mut hooks: Vec<HookView> = state
         .scheduler
         .hooks()
         .list()
         .into_iter()
         .map(|h| HookView {
+            secrets: query.secrets.then(|| secrets_of(&h.name)),
             url_path: format!("/hooks/{}", h.name),
             auth: auth_name(h.auth),
             name: h.name,

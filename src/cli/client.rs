@@ -23,27 +23,6 @@ use crate::scheduler::Scheduler;
 use crate::secret::Secret;
 use crate::store::StoreError;
 
-/// Where a command's work happens.
-pub enum Target {
-    /// The data directory, opened here.
-    Local(Box<Engine>),
-    /// The running engine that holds it.
-    Remote(ApiClient),
-}
-
-impl Target {
-    /// Opens the data directory, or, when a running engine holds it, its API.
-    pub fn open(settings: Settings, pass: &PassphraseInput) -> anyhow::Result<Target> {
-        match Engine::open(settings.clone(), pass) {
-            Ok(e) => Ok(Target::Local(Box::new(e))),
-            Err(e) if is_locked(&e) => {
-                Ok(Target::Remote(ApiClient::for_running_engine(&settings)?))
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
 fn is_locked(e: &anyhow::Error) -> bool {
     matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Locked(_)))
 }

@@ -27,7 +27,8 @@ Deliveries (POST /hooks/NAME):
 
 #[derive(Debug, Subcommand)]
 pub enum HookCmd {
-    /// List the hooks of the installed plugins: plugin, auth and the path senders post to.
+    /// List the hooks of the installed plugins: plugin, auth, the path senders post to, and
+    /// which secrets each accepts (current, current + previous, none).
     List,
     /// Give a hook a new secret; the old one stays valid (as `previous`) until
     /// `capstan hook retire`. Without --secret-file/--secret-stdin a random secret is
@@ -59,19 +60,19 @@ pub fn run(g: &GlobalArgs, cmd: HookCmd) -> anyhow::Result<()> {
 async fn command(api: &ApiClient, cmd: HookCmd) -> anyhow::Result<()> {
     match cmd {
         HookCmd::List => {
-            let v = api.json("GET", "/api/hooks", None).await?;
+            let v = api.json("GET", "/api/hooks?secrets=true", None).await?;
             let rows: Vec<Vec<String>> = v
                 .as_array()
                 .into_iter()
                 .flatten()
                 .map(|h| {
-                    ["name", "plugin", "auth", "url_path"]
+                    ["name", "plugin", "auth", "url_path", "secrets"]
                         .iter()
                         .map(|k| h[*k].as_str().unwrap_or_default().to_string())
                         .collect()
                 })
                 .collect();
-            super::print_table(&["HOOK", "PLUGIN", "AUTH", "PATH"], &rows);
+            super::print_table(&["HOOK", "PLUGIN", "AUTH", "PATH", "SECRETS"], &rows);
         }
         HookCmd::Rotate {
             name,
