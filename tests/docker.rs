@@ -1609,6 +1609,12 @@ async fn the_engine_hands_out_one_pooled_client_per_device() {
     assert!(Arc::ptr_eq(&a, &b));
     let docker = api.engine.docker(&d).await.unwrap();
     list(&docker).await.unwrap();
+    // The client hands the connection back to the pool once the answer is read, on its
+    // own task: wait for that (bounded) rather than race it.
+    let kept = Instant::now() + Duration::from_secs(5);
+    while a.idle_connections() < 1 && Instant::now() < kept {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(a.idle_connections() >= 1, "the connection is kept");
 
     let edited = api
