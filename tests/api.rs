@@ -705,6 +705,17 @@ fn plugins_install_run_and_remove_over_http_with_runs_hooks_and_metrics() {
         json!([{ "name": "api-hook", "plugin": "apiprobe", "auth": "bearer", "url_path": "/hooks/api-hook", "rejects_replays": false, "wait_response": "summary" }])
     );
 
+    // The audit log: the last records, never more than a bounded number per answer.
+    assert!(api.json("GET", "/api/audit", &Value::Null, 200).is_array());
+    let too_many = api.json("GET", "/api/audit?tail=10001", &Value::Null, 422);
+    assert!(
+        too_many["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tail is at most 10000"),
+        "{too_many}"
+    );
+
     // Follow the plugin's runs while they happen.
     let events = follow(
         &api.server.addr,

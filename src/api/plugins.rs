@@ -361,11 +361,15 @@ pub async fn run(
     Ok((status, Json(record)).into_response())
 }
 
+/// The most audit records one request may ask for: an answer stays a few MB however
+/// long the log has grown.
+pub const MAX_AUDIT_TAIL: usize = 10_000;
+
 /// The query of `GET /api/audit`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AuditParams {
-    /// How many of the last records (default 20).
+    /// How many of the last records (default 20, at most 10000).
     #[serde(default = "default_tail")]
     tail: usize,
 }
@@ -393,6 +397,11 @@ pub async fn audit(
     query: Result<Query<AuditParams>, QueryRejection>,
 ) -> Result<Json<Vec<crate::plugin::records::AuditRecord>>, AppError> {
     let Query(q) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
+    if q.tail > MAX_AUDIT_TAIL {
+        return Err(AppError::Invalid(format!(
+            "tail is at most {MAX_AUDIT_TAIL}"
+        )));
+    }
     let records = state
         .scheduler
         .runtime()

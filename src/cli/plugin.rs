@@ -64,7 +64,7 @@ pub enum PluginCmd {
     },
     /// Show the last audit records of plugin host calls.
     Audit {
-        /// How many records.
+        /// How many records (at most 10000).
         #[arg(long, default_value_t = 20)]
         tail: usize,
     },
