@@ -705,6 +705,13 @@ fn plugins_install_run_and_remove_over_http_with_runs_hooks_and_metrics() {
         json!([{ "name": "api-hook", "plugin": "apiprobe", "auth": "bearer", "url_path": "/hooks/api-hook", "rejects_replays": false, "wait_response": "summary" }])
     );
 
+    // With ?secrets=true, which secrets a hook accepts: its state, never the secret.
+    let (status, with_state) = api.call("GET", "/api/hooks?secrets=true", &Value::Null);
+    assert_eq!(status, 200);
+    assert!(!with_state.contains(&hook_secret), "{with_state}");
+    let with_state: Value = serde_json::from_str(&with_state).unwrap();
+    assert_eq!(with_state[0]["secrets"], "current", "{with_state}");
+
     // The audit log: the last records, never more than a bounded number per answer.
     assert!(api.json("GET", "/api/audit", &Value::Null, 200).is_array());
     let too_many = api.json("GET", "/api/audit?tail=10001", &Value::Null, 422);

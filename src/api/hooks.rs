@@ -166,7 +166,6 @@ pub struct HookView {
 
 /// `GET /api/hooks?secrets=true` adds each hook's secret state.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
 pub struct HookListQuery {
     /// Also say which secrets each hook accepts.
     #[serde(default)]
