@@ -187,6 +187,21 @@ pub enum RunTrigger {
         /// Who asked: an API token's name, or `cli`.
         by: String,
     },
+    /// A Docker event: `event` is `type:action` (`container:die`), `actor` the object's
+    /// id, `count` the events the debounce window folded into the run.
+    Docker {
+        device: String,
+        event: String,
+        actor: String,
+        count: u32,
+    },
+    /// Another plugin's run ended.
+    Run {
+        run_id: String,
+        plugin: String,
+        status: String,
+        depth: u32,
+    },
 }
 
 impl From<&TriggerEvent> for RunTrigger {
@@ -205,6 +220,31 @@ impl From<&TriggerEvent> for RunTrigger {
                 delivery: delivery.clone(),
             },
             TriggerEvent::Manual { by, .. } => RunTrigger::Manual { by: by.clone() },
+            TriggerEvent::Docker {
+                device,
+                kind,
+                action,
+                actor_id,
+                count,
+                ..
+            } => RunTrigger::Docker {
+                device: device.clone(),
+                event: format!("{kind}:{action}"),
+                actor: actor_id.clone(),
+                count: *count,
+            },
+            TriggerEvent::Run {
+                run_id,
+                plugin,
+                status,
+                depth,
+                ..
+            } => RunTrigger::Run {
+                run_id: run_id.clone(),
+                plugin: plugin.clone(),
+                status: status.clone(),
+                depth: *depth,
+            },
         }
     }
 }

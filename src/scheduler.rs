@@ -123,7 +123,13 @@ pub struct Scheduler {
     /// Wakes `shutdown` when a run ends.
     ended: tokio::sync::Notify,
     stopping: AtomicBool,
+    /// Called with every run's final record (run-outcome triggers, notifications).
+    end_listeners: std::sync::RwLock<Vec<RunEndListener>>,
 }
+
+/// What [`Scheduler::on_run_end`] registers: called once per run, with its final record,
+/// on the task that ended the run. It must not block (hand work to a task of its own).
+pub type RunEndListener = Box<dyn Fn(&Arc<Scheduler>, &RunRecord) + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -161,6 +167,7 @@ impl Scheduler {
             in_flight: Mutex::new(HashMap::new()),
             ended: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
+            end_listeners: std::sync::RwLock::new(Vec::new()),
         }))
     }
 
@@ -225,6 +232,15 @@ impl Scheduler {
                 })
             })
             .clone()
+    }
+
+    /// Registers `listener` to be called with the final record of every run that ends
+    /// from now on (whatever its status, `interrupted` at shutdown included).
+    pub fn on_run_end(&self, listener: RunEndListener) {
+        self.end_listeners
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(listener);
     }
 
     /// Records a `queued` run (its trigger as the event says) and starts it in the
@@ -467,7 +483,12 @@ impl RunGuard {
         let s = &self.scheduler;
         let status = end.status;
         match s.runs.finish(self.id, end) {
-            Ok(_) => {}
+            Ok(record) => {
+                let listeners = s.end_listeners.read().unwrap_or_else(|e| e.into_inner());
+                for listener in listeners.iter() {
+                    listener(s, &record);
+                }
+            }
             Err(e) => tracing::error!(run = %self.id, error = %e, "cannot record the run's end"),
         }
         let took = self.started_at.map(|t| t.elapsed()).unwrap_or_default();

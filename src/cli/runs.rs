@@ -153,6 +153,14 @@ fn trigger(t: &RunTrigger) -> String {
         RunTrigger::Cron { schedule, .. } => format!("cron {schedule}"),
         RunTrigger::Webhook { hook, .. } => format!("webhook {hook}"),
         RunTrigger::Manual { by } => format!("manual ({by})"),
+        RunTrigger::Docker {
+            device,
+            event,
+            count,
+            ..
+        } if *count > 1 => format!("docker {event}@{device} ×{count}"),
+        RunTrigger::Docker { device, event, .. } => format!("docker {event}@{device}"),
+        RunTrigger::Run { plugin, status, .. } => format!("run {plugin} {status}"),
     }
 }
 

@@ -149,6 +149,29 @@ pub enum TriggerEvent {
         by: String,
         input: String,
     },
+    /// A Docker event on a watched device (`[[triggers.docker]]`).
+    Docker {
+        device: String,
+        /// Docker's event type (`container`, `image`, …).
+        #[serde(rename = "type")]
+        kind: String,
+        /// Docker's action (`die`, `health_status: unhealthy`, …).
+        action: String,
+        actor_id: String,
+        attributes: Vec<(String, String)>,
+        time: DateTime<Utc>,
+        /// Events folded into this run by the trigger's debounce window.
+        count: u32,
+    },
+    /// Another plugin's run ended (`[[triggers.run]]`).
+    Run {
+        run_id: String,
+        plugin: String,
+        status: String,
+        outcome: String,
+        /// Run-outcome triggers that led here (1 for the first in a chain).
+        depth: u32,
+    },
 }
 
 fn cli() -> String {
@@ -164,12 +187,14 @@ impl TriggerEvent {
         }
     }
 
-    /// `cron`, `webhook` or `manual`.
+    /// `cron`, `webhook`, `manual`, `docker` or `run`.
     pub fn kind(&self) -> &'static str {
         match self {
             TriggerEvent::Cron { .. } => "cron",
             TriggerEvent::Webhook { .. } => "webhook",
             TriggerEvent::Manual { .. } => "manual",
+            TriggerEvent::Docker { .. } => "docker",
+            TriggerEvent::Run { .. } => "run",
         }
     }
 
@@ -195,6 +220,36 @@ impl TriggerEvent {
             }),
             TriggerEvent::Manual { input, .. } => bindings::Event::Manual(bindings::ManualEvent {
                 input: input.clone(),
+            }),
+            TriggerEvent::Docker {
+                device,
+                kind,
+                action,
+                actor_id,
+                attributes,
+                time,
+                count,
+            } => bindings::Event::Docker(bindings::DockerEvent {
+                device: device.clone(),
+                type_: kind.clone(),
+                action: action.clone(),
+                actor_id: actor_id.clone(),
+                attributes: attributes.clone(),
+                time: time.timestamp_millis(),
+                count: *count,
+            }),
+            TriggerEvent::Run {
+                run_id,
+                plugin,
+                status,
+                outcome,
+                depth,
+            } => bindings::Event::Run(bindings::RunEvent {
+                run_id: run_id.clone(),
+                plugin: plugin.clone(),
+                status: status.clone(),
+                outcome: outcome.clone(),
+                depth: *depth,
             }),
         }
     }
@@ -427,7 +482,7 @@ impl PluginRuntime {
             .map_err(|e| component_error(format!("{e:#}")))?;
         let pre = PluginPre::new(instance_pre).map_err(|e| {
             component_error(format!(
-                "{e:#} (does it export `run` from the capstan:plugin@0.1.0 world? build it with the capstan SDK)"
+                "{e:#} (does it export `run` from the capstan:plugin@0.2.0 world? build it with the capstan SDK)"
             ))
         })?;
         Ok(LoadedPlugin {

@@ -29,13 +29,13 @@
 //! the policy in the plugin's `plugin.toml`; a refusal is `Err(Error::Denied(reason))`,
 //! which a plugin handles like any other error.
 
-/// The generated bindings of the `capstan:plugin@0.1.0` world (`wit/` in the Capstan
+/// The generated bindings of the `capstan:plugin@0.2.0` world (`wit/` in the Capstan
 /// repository).
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
-        world: "capstan:plugin/plugin@0.1.0",
+        world: "capstan:plugin/plugin@0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_capstan_plugin",
         default_bindings_module: "capstan_sdk::bindings",
@@ -43,7 +43,9 @@ pub mod bindings {
 }
 
 pub use bindings::capstan::plugin::types::{DockerError, Error, Timestamp};
-pub use bindings::{CronEvent, Event, Guest as Plugin, ManualEvent, Outcome, WebhookEvent};
+pub use bindings::{
+    CronEvent, DockerEvent, Event, Guest as Plugin, ManualEvent, Outcome, RunEvent, WebhookEvent,
+};
 
 /// Exports a type implementing [`Plugin`] as the component's `run`.
 #[macro_export]
@@ -56,6 +58,7 @@ macro_rules! export_plugin {
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::docker::{self, ContainerFilter, ContainerSummary, LogOptions, RecreateOptions};
+    pub use crate::notify::{self, Notification, Priority, Sent};
     pub use crate::{Error, Event, Outcome, Plugin, config, log, state, time};
 }
 
@@ -242,6 +245,50 @@ pub mod state {
     }
 }
 
+/// Messages for people, through the notifier channels the operator configured
+/// (`capstan notifier add`) and the manifest's `[notify] channels` allows.
+pub mod notify {
+    pub use crate::bindings::capstan::plugin::host::{Notification, Priority, Sent};
+    use crate::Error;
+
+    /// Sends `notification` to `channel`. `Ok(Sent::Queued)` once the engine has it (it
+    /// delivers with retries); `Duplicate` and `RateLimited` say it was not sent.
+    pub fn send(channel: &str, notification: &Notification) -> Result<Sent, Error> {
+        crate::bindings::capstan::plugin::host::notify(channel, notification)
+    }
+
+    impl Notification {
+        /// A notification of normal priority, without tags or dedup key.
+        pub fn new(title: impl Into<String>, message: impl Into<String>) -> Notification {
+            Notification {
+                title: title.into(),
+                message: message.into(),
+                priority: Priority::Normal,
+                tags: Vec::new(),
+                dedup_key: None,
+            }
+        }
+
+        pub fn priority(mut self, priority: Priority) -> Notification {
+            self.priority = priority;
+            self
+        }
+
+        /// Adds a tag.
+        pub fn tag(mut self, tag: impl Into<String>) -> Notification {
+            self.tags.push(tag.into());
+            self
+        }
+
+        /// Notifications with the same key on the same channel within the engine's
+        /// dedup window are sent once.
+        pub fn dedup_key(mut self, key: impl Into<String>) -> Notification {
+            self.dedup_key = Some(key.into());
+            self
+        }
+    }
+}
+
 /// The time.
 pub mod time {
     use crate::Timestamp;
@@ -294,12 +341,13 @@ impl Error {
 }
 
 impl Event {
-    /// The event's text input: the manual input, or the webhook body as UTF-8.
+    /// The event's text input: the manual input, or the webhook body as UTF-8 (empty
+    /// for the other kinds).
     pub fn input(&self) -> String {
         match self {
             Event::Manual(m) => m.input.clone(),
             Event::Webhook(w) => String::from_utf8_lossy(&w.body).into_owned(),
-            Event::Cron(_) => String::new(),
+            Event::Cron(_) | Event::Docker(_) | Event::Run(_) => String::new(),
         }
     }
 }

@@ -5,7 +5,7 @@
 //! for every record kept and every value read back.
 
 use super::{HostError, RunState};
-use crate::plugin::bindings::wit_host::{Host, Level};
+use crate::plugin::bindings::wit_host::{Host, Level, Notification, Sent};
 use crate::plugin::budget::{LimitError, log_record_cost};
 use crate::plugin::records::{MAX_STATE_KEY, StateSet};
 use crate::plugin::report::LogRecord;
@@ -148,5 +148,16 @@ impl Host for RunState {
     async fn now(&mut self) -> wasmtime::Result<i64> {
         self.run.count_call()?;
         Ok(chrono::Utc::now().timestamp_millis())
+    }
+
+    async fn notify(
+        &mut self,
+        channel: String,
+        _notification: Notification,
+    ) -> Result<Sent, HostError> {
+        self.run.count_call().map_err(HostError::Trap)?;
+        Err(HostError::denied(format!(
+            "notifier channel `{channel}` is not allowed: the manifest's `[notify] channels` does not name it"
+        )))
     }
 }
