@@ -45,6 +45,24 @@ use super::sandbox::{
 use crate::policy::CompiledPolicy;
 use crate::store::StoreError;
 
+/// The WIT package plugins are built against (`wit/`).
+pub const CONTRACT: &str = "capstan:plugin@0.2.0";
+
+/// The `capstan:plugin` package version a component imports when it is not
+/// [`CONTRACT`] (a plugin built with an older SDK), as `capstan:plugin@0.1.0`.
+fn other_contract(
+    engine: &wasmtime::Engine,
+    component: &wasmtime::component::Component,
+) -> Option<String> {
+    let ty = component.component_type();
+    ty.imports(engine).find_map(|(name, _)| {
+        let rest = name.strip_prefix("capstan:plugin/")?;
+        let version = rest.split_once('@').map(|(_, v)| v)?;
+        let found = format!("capstan:plugin@{version}");
+        (found != CONTRACT).then_some(found)
+    })
+}
+
 /// Why the runtime could not do what was asked (a run that fails is not one of these: it
 /// is a [`RunReport`] with a status).
 #[derive(Debug, thiserror::Error)]
@@ -476,13 +494,19 @@ impl PluginRuntime {
             .cache
             .load(&self.engine, wasm, &sha256)
             .map_err(|e| component_error(format!("{e:#}")))?;
+        if let Some(older) = other_contract(&self.engine, &component) {
+            return Err(component_error(format!(
+                "it was built against {older}; this engine speaks {CONTRACT}: rebuild it with \
+                 the capstan SDK of this release (the author's guide lists what changed)"
+            )));
+        }
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
             .map_err(|e| component_error(format!("{e:#}")))?;
         let pre = PluginPre::new(instance_pre).map_err(|e| {
             component_error(format!(
-                "{e:#} (does it export `run` from the capstan:plugin@0.2.0 world? build it with the capstan SDK)"
+                "{e:#} (does it export `run` from the {CONTRACT} world? build it with the capstan SDK)"
             ))
         })?;
         Ok(LoadedPlugin {
@@ -968,6 +992,41 @@ mod tests {
         rt.block_on(linker.instantiate_async(&mut store, &component))
             .map(drop)
             .map_err(|e| format!("{e:#}"))
+    }
+
+    /// A component importing an (empty) instance named `name`.
+    fn importing(name: &str) -> Vec<u8> {
+        use wasm_encoder::{
+            Component, ComponentImportSection, ComponentTypeRef, ComponentTypeSection, InstanceType,
+        };
+        let mut c = Component::new();
+        let mut types = ComponentTypeSection::new();
+        types.instance(&InstanceType::new());
+        c.section(&types);
+        let mut imports = ComponentImportSection::new();
+        imports.import(name, ComponentTypeRef::Instance(0));
+        c.section(&imports);
+        c.finish()
+    }
+
+    #[test]
+    fn a_plugin_built_against_an_older_contract_is_named_as_such() {
+        let (engine, _) = build_engine(&RuntimeConfig {
+            max_concurrent_runs: 1,
+            allocator: AllocatorChoice::OnDemand,
+            ..Default::default()
+        })
+        .unwrap();
+        let load = |name: &str| {
+            let c = wasmtime::component::Component::new(&engine, importing(name)).unwrap();
+            other_contract(&engine, &c)
+        };
+        assert_eq!(
+            load("capstan:plugin/host@0.1.0").as_deref(),
+            Some("capstan:plugin@0.1.0")
+        );
+        assert_eq!(load(&CONTRACT.replace("plugin@", "plugin/host@")), None);
+        assert_eq!(load("wasi:cli/environment@0.2.6"), None);
     }
 
     #[test]
