@@ -49,6 +49,9 @@ pub struct ConfigFile {
     /// How the engine connects to Docker daemons.
     #[serde(default)]
     pub docker: DockerSection,
+    /// Notifications: run-end notices for every plugin, and how deliveries are limited.
+    #[serde(default)]
+    pub notify: crate::notify::NotifySection,
 }
 
 /// The `[docker]` table: how every device's Docker connection is made. The timeouts may
@@ -220,6 +223,8 @@ pub struct Settings {
     /// `CAPSTAN_API_TOKEN`: the token the CLI sends to a running engine instead of the
     /// one in its CLI token file.
     pub api_token: Option<std::sync::Arc<crate::secret::Secret>>,
+    /// The `[notify]` table: run-end notifications and delivery limits.
+    pub notify: crate::notify::NotifySettings,
 }
 
 /// A validated `[[proxy]]` entry.
@@ -333,6 +338,10 @@ impl Settings {
             docker: resolve_docker(&file.docker, env)?,
             api_token: env("CAPSTAN_API_TOKEN")
                 .map(|t| std::sync::Arc::new(crate::secret::Secret::from_str_owned(t))),
+            notify: file
+                .notify
+                .resolve()
+                .map_err(|(field, message)| ConfigError::Invalid { field, message })?,
         })
     }
 

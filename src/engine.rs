@@ -24,6 +24,8 @@ pub struct Engine {
     pub tokens: Tokens,
     /// Docker connections, one client per device, opened on first use.
     pub docker: crate::docker::Pool,
+    /// Notifier channels and the delivery queue.
+    pub notifier: crate::notify::Notifier,
 }
 
 /// Where a passphrase may come from when the vault needs one.
@@ -83,10 +85,12 @@ impl Engine {
         let source = key_source_for(&settings, &header.protection, pass)?;
         let vault = Vault::open(&store, &source)?;
         let tokens = Tokens::new(&store)?;
+        let notifier = crate::notify::Notifier::open(&store, settings.notify.clone())?;
         Ok(Engine {
             store,
             vault,
             tokens,
+            notifier,
             docker: crate::docker::Pool::new(settings.docker.clone()),
             settings,
         })
@@ -125,11 +129,13 @@ impl Engine {
             }
         };
         let tokens = Tokens::new(&store)?;
+        let notifier = crate::notify::Notifier::open(&store, settings.notify.clone())?;
         Ok((
             Engine {
                 store,
                 vault,
                 tokens,
+                notifier,
                 docker: crate::docker::Pool::new(settings.docker.clone()),
                 settings,
             },

@@ -20,6 +20,7 @@ pub mod device;
 pub mod docker;
 pub mod engine;
 pub mod metrics;
+pub mod notify;
 pub mod plugin;
 /// The policy engine, a crate of its own (`crates/capstan-policy`).
 pub use capstan_policy as policy;

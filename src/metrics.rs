@@ -16,6 +16,7 @@
 //! | `capstan_ssh_sessions` | gauge | — |
 //! | `capstan_ssh_channels` | gauge | — |
 //! | `capstan_webhook_deliveries_total` | counter | `hook`, `result` |
+//! | `capstan_notifications_total` | counter | `channel`, `result` |
 //!
 //! A labelled family appears in the text once it has a series (the client leaves empty
 //! families out, as Prometheus's own clients do); the SSH gauges are always there.
@@ -69,6 +70,13 @@ struct DeliveryLabels {
     result: String,
 }
 
+/// Notifications (see [`crate::notify`]): one channel's sends and deliveries.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NotificationLabels {
+    channel: String,
+    result: String,
+}
+
 fn run_duration_histogram() -> Histogram {
     Histogram::new(RUN_DURATION_BUCKETS)
 }
@@ -82,6 +90,7 @@ pub struct Metrics {
     ssh_sessions: Gauge,
     ssh_channels: Gauge,
     webhook_deliveries: Family<DeliveryLabels, Counter>,
+    notifications: Family<NotificationLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -138,7 +147,16 @@ impl Metrics {
             "Webhook deliveries, by hook and how they were answered",
             webhook_deliveries.clone(),
         );
+        // Notifications: labelled by channels the operator configured (never a name a
+        // plugin made up), so the series stay bounded.
+        let notifications = Family::<NotificationLabels, Counter>::default();
+        registry.register(
+            "notifications",
+            "Notifications by channel and what became of them: queued, duplicate, rate-limited, queue-full (sends); retried, delivered, failed (deliveries)",
+            notifications.clone(),
+        );
         Metrics {
+            notifications,
             registry,
             runs,
             run_duration,
@@ -183,6 +201,18 @@ impl Metrics {
         self.webhook_deliveries
             .get_or_create(&DeliveryLabels {
                 hook: hook.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// One notification to an existing channel: how its send ended (`queued`, `duplicate`,
+    /// `rate-limited`, `queue-full`), a failed attempt to be retried (`retried`), or its
+    /// delivery's final outcome (`delivered`, `failed`).
+    pub fn notification(&self, channel: &str, result: &str) {
+        self.notifications
+            .get_or_create(&NotificationLabels {
+                channel: channel.to_string(),
                 result: result.to_string(),
             })
             .inc();

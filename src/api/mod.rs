@@ -18,6 +18,7 @@ mod docker;
 pub mod error;
 mod hooks;
 mod metrics;
+mod notifiers;
 pub mod openapi;
 mod plugins;
 mod runs;
@@ -189,6 +190,30 @@ pub const ROUTES: &[Route] = &[
         path: "/api/hooks/{name}/retire",
         example: "/api/hooks/registry/retire",
         handler: || post(hooks::retire),
+    },
+    Route {
+        method: "GET",
+        path: "/api/notifiers",
+        example: "/api/notifiers",
+        handler: || get(notifiers::list),
+    },
+    Route {
+        method: "POST",
+        path: "/api/notifiers",
+        example: "/api/notifiers",
+        handler: || post(notifiers::add),
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/notifiers/{name}",
+        example: "/api/notifiers/ops",
+        handler: || delete(notifiers::remove),
+    },
+    Route {
+        method: "POST",
+        path: "/api/notifiers/{name}/test",
+        example: "/api/notifiers/ops/test",
+        handler: || post(notifiers::test),
     },
     Route {
         method: "GET",

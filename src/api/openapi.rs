@@ -17,7 +17,7 @@ use utoipa::openapi::{RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{AppError, ErrorBody, error::ErrorDetail};
-use super::{devices, docker, hooks, metrics, plugins, runs};
+use super::{devices, docker, hooks, metrics, notifiers, plugins, runs};
 
 /// The security scheme's name in the document.
 pub const BEARER: &str = "bearer";
@@ -52,6 +52,10 @@ pub const BEARER: &str = "bearer";
         hooks::list,
         hooks::rotate,
         hooks::retire,
+        notifiers::list,
+        notifiers::add,
+        notifiers::remove,
+        notifiers::test,
         serve,
         metrics::serve,
         hook_delivery,
@@ -65,6 +69,7 @@ pub const BEARER: &str = "bearer";
         (name = "plugins", description = "Installed plugins; install, remove, run now"),
         (name = "runs", description = "Run history, and runs as they happen"),
         (name = "hooks", description = "Installed webhooks (deliveries go to POST /hooks/{name}, outside this API)"),
+        (name = "notifiers", description = "Notifier channels (their URLs are write-only secrets); test messages"),
         (name = "engine", description = "Health, metrics and this document"),
     )
 )]

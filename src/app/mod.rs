@@ -307,6 +307,7 @@ pub fn router(scheduler: &Arc<Scheduler>) -> axum::Router {
 /// are logged; the plugin stays unloaded. Must be called within a tokio runtime.
 pub fn open_in_process(engine: Engine, load_plugins: bool) -> anyhow::Result<Arc<Scheduler>> {
     let scheduler = Scheduler::with_defaults(Arc::new(engine))?;
+    crate::notify::attach(&scheduler);
     if load_plugins {
         let (summary, problems) = scheduler.plugins().load_installed()?;
         for (name, why) in &summary.failed {
@@ -329,6 +330,8 @@ fn start_plugins(
     notify: &mut Notify<'_>,
 ) -> anyhow::Result<Arc<Scheduler>> {
     let scheduler = Scheduler::with_defaults(engine.clone())?;
+    // `[notify] on`: run-end notifications, and deliveries counted in /metrics.
+    crate::notify::attach(&scheduler);
     if first_start && let Some(dir) = defaults {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| {

@@ -9,6 +9,7 @@ mod check;
 mod client;
 mod device;
 mod hook;
+mod notifier;
 mod plugin;
 pub(crate) mod policy;
 mod proxy;
@@ -100,6 +101,10 @@ pub enum Command {
     /// Webhook secrets: list hooks, rotate and retire their secrets.
     #[command(subcommand, after_help = hook::DELIVERIES_HELP)]
     Hook(hook::HookCmd),
+    /// Notifier channels (ntfy, Slack, Discord, Gotify, Teams, webhook, email): add, list,
+    /// remove, test.
+    #[command(subcommand)]
+    Notifier(notifier::NotifierCmd),
 }
 
 impl GlobalArgs {
@@ -133,6 +138,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugin(cmd) => plugin::run(g, cmd),
         Command::Runs(args) => runs::run(g, args),
         Command::Hook(cmd) => hook::run(g, cmd),
+        Command::Notifier(cmd) => notifier::run(g, cmd),
     }
 }
 

@@ -34,6 +34,10 @@
 //! memory_mib = 32
 //! timeout_secs = 60
 //!
+//! [notify]                      # notifier channels (`capstan notifier add`)
+//! channels = ["ops"]            # host.notify may send to these
+//! on = ["failed", "timed-out"]  # and a run that ends so notifies them, no code needed
+//!
 //! [config]                      # free-form values the plugin reads with config-get
 //! max_attempts = 5
 //! ```
@@ -72,6 +76,10 @@ pub struct Manifest {
     /// Resource limits; unset keys take the engine's defaults.
     #[serde(default)]
     pub limits: LimitsSpec,
+    /// Notifications: the notifier channels `host.notify` may use (`channels`), and the
+    /// run statuses that notify them without plugin code (`on`).
+    #[serde(default)]
+    pub notify: crate::notify::NotifySpec,
     /// Values the plugin reads with `config-get`.
     #[serde(default)]
     pub config: toml::Table,
@@ -275,6 +283,9 @@ impl Manifest {
                 ));
             }
         }
+        self.notify
+            .validate("notify")
+            .map_err(|(field, m)| invalid(&field, m))?;
         let l = &self.limits;
         let bounded = [
             ("limits.memory_mib", l.memory_mib, 1, Limits::MAX.memory_mib),

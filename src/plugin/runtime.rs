@@ -313,6 +313,8 @@ pub struct LoadedPlugin {
     pub config: BTreeMap<String, String>,
     pub limits: Limits,
     pub triggers: Triggers,
+    /// The manifest's `[notify]` table: channels `host.notify` may use, run-end notices.
+    pub notify: crate::notify::NotifySpec,
     pub sha256: String,
     /// Whether the component came from the compile cache.
     pub loaded: Loaded,
@@ -517,6 +519,7 @@ impl PluginRuntime {
             config: manifest.config_values(),
             limits: Limits::resolve(&manifest.limits, &self.defaults),
             triggers: manifest.triggers.clone(),
+            notify: manifest.notify.clone(),
             sha256,
             loaded,
             pre,

@@ -52,6 +52,7 @@
 pub mod deliveries;
 pub mod devices;
 pub mod legacy_vault;
+pub mod notifiers;
 pub mod plugins;
 pub mod runs;
 pub mod tokens;
@@ -153,6 +154,11 @@ pub const WEBHOOK_SIGNATURES: Tree = Tree {
     name: "webhook_signatures",
     holds: "hook name (UTF-8), NUL, hex SHA-256 of the verified signature → as webhook_deliveries",
 };
+/// Notifier channels (their URLs are sealed in the vault).
+pub const NOTIFIERS: Tree = Tree {
+    name: "notifiers",
+    holds: "channel name (UTF-8) → NotifierInfo as JSON (service and host; the URL is in the vault)",
+};
 /// The vault header of versions before the vault file; moved out at open.
 pub const LEGACY_VAULT: Tree = Tree {
     name: "vault",
@@ -179,6 +185,7 @@ pub const TREES: &[Tree] = &[
     PLUGINS,
     WEBHOOK_DELIVERIES,
     WEBHOOK_SIGNATURES,
+    NOTIFIERS,
     LEGACY_VAULT,
     LEGACY_SECRETS_PREFIX,
 ];
@@ -678,6 +685,7 @@ mod tests {
         plugins::PluginRecords::open(&store).unwrap();
         deliveries::Deliveries::open(&store).unwrap();
         deliveries::Deliveries::open_signatures(&store).unwrap();
+        notifiers::NotifierRecords::open(&store).unwrap();
         for name in store.db.tree_names() {
             let name = String::from_utf8_lossy(&name).into_owned();
             assert!(

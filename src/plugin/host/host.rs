@@ -1,14 +1,19 @@
 //! `capstan:plugin/host`: structured log, config values, the plugin's key-value state,
-//! and the time. No scope applies (a plugin only ever reaches its own config and state);
+//! the time, and notifications (`notify`, allowed by the manifest's `[notify] channels`,
+//! see [`crate::notify`]). No scope applies (a plugin only ever reaches its own config and state);
 //! the limits do: the run's host-call budget, `max_log_bytes`, `max_log_records`,
 //! `max_log_fields`, `max_state_bytes`, and the run's host memory (`max_host_bytes`)
 //! for every record kept and every value read back.
 
-use super::{HostError, RunState};
-use crate::plugin::bindings::wit_host::{Host, Level, Notification, Sent};
+use super::{HostError, RunState, render_wit_error};
+use crate::notify::{Message, NotifyError, Priority as NotifyPriority, Sent as NotifySent};
+use crate::plugin::bindings::WitError;
+use crate::plugin::bindings::wit_host::{Host, Level, Notification, Priority, Sent};
 use crate::plugin::budget::{LimitError, log_record_cost};
+use crate::plugin::records::AuditRecord;
 use crate::plugin::records::{MAX_STATE_KEY, StateSet};
 use crate::plugin::report::LogRecord;
+use crate::plugin::report::{CallDecision, Denial, HostCall};
 
 fn level_str(level: Level) -> &'static str {
     match level {
@@ -153,11 +158,122 @@ impl Host for RunState {
     async fn notify(
         &mut self,
         channel: String,
-        _notification: Notification,
+        notification: Notification,
     ) -> Result<Sent, HostError> {
         self.run.count_call().map_err(HostError::Trap)?;
-        Err(HostError::denied(format!(
-            "notifier channel `{channel}` is not allowed: the manifest's `[notify] channels` does not name it"
-        )))
+        let started = std::time::Instant::now();
+        let r = send_notification(&self.run, &channel, notification);
+        // The channel name is the plugin's argument: bounded before it is recorded.
+        let shown: String = channel.chars().take(64).collect();
+        let (decision, result, reason) = match &r {
+            Ok((_, sent)) => (
+                CallDecision::Allow,
+                sent.as_str(),
+                match sent {
+                    NotifySent::Queued => "queued for delivery".to_string(),
+                    NotifySent::Duplicate => format!(
+                        "not sent: the same dedup key went to `{shown}` within notify.dedup_window"
+                    ),
+                    NotifySent::RateLimited => {
+                        format!("not sent: channel `{shown}` is over notify.rate_limit")
+                    }
+                    NotifySent::QueueFull => {
+                        "not sent: the engine's notification queue is full (notify.max_queue)"
+                            .to_string()
+                    }
+                },
+            ),
+            Err(e @ HostError::Wit(WitError::Denied(m))) => {
+                (CallDecision::Deny, e.kind(), m.clone())
+            }
+            Err(e @ HostError::Wit(w)) => (CallDecision::Allow, e.kind(), render_wit_error(w)),
+            Err(e @ HostError::Trap(t)) => {
+                (CallDecision::Allow, e.kind(), format!("host failure: {t}"))
+            }
+        };
+        let call = HostCall {
+            op: "host.notify".into(),
+            device: String::new(),
+            request: format!("notify {shown}"),
+            decision,
+            result: result.to_string(),
+            ms: crate::millis(started.elapsed()),
+            reason,
+        };
+        if decision == CallDecision::Deny {
+            tracing::info!(plugin = %self.run.plugin.name, channel = %shown, "plugin notification denied");
+            self.run.keep_denial(Denial {
+                op: call.op.clone(),
+                device: String::new(),
+                request: call.request.clone(),
+                reason: call.reason.clone(),
+            });
+        }
+        let rec = AuditRecord {
+            time: chrono::Utc::now(),
+            plugin: self.run.plugin.name.clone(),
+            call: call.clone(),
+        };
+        self.run.keep_host_call(call);
+        if let Err(e) = self.run.services.audit.record(&rec) {
+            tracing::error!(error = %e, "cannot write the audit record");
+        }
+        r.map(|(sent, _)| sent)
+    }
+}
+
+/// `host.notify`'s four steps: the manifest's `[notify] channels` decides (denied
+/// otherwise, naming the setting); the notification's bounds; the notifier's dedup, rate
+/// limit and queue; its errors as WIT values.
+fn send_notification(
+    run: &super::RunCtx,
+    channel: &str,
+    n: Notification,
+) -> Result<(Sent, NotifySent), HostError> {
+    if !crate::notify::valid_name(channel) {
+        return Err(HostError::invalid(
+            "not a channel name: letters, digits, `.`, `_` and `-`, at most 64",
+        ));
+    }
+    let plugin = &run.plugin;
+    if !plugin.notify.channels.iter().any(|c| c == channel) {
+        let allowed = if plugin.notify.channels.is_empty() {
+            "it names none".to_string()
+        } else {
+            format!("it names {:?}", plugin.notify.channels)
+        };
+        return Err(HostError::denied(format!(
+            "notifier channel `{channel}` is not allowed: the manifest's `[notify] channels` does not name it ({allowed})"
+        )));
+    }
+    let message = Message {
+        title: n.title,
+        message: n.message,
+        priority: match n.priority {
+            Priority::Low => NotifyPriority::Low,
+            Priority::Normal => NotifyPriority::Normal,
+            Priority::High => NotifyPriority::High,
+            Priority::Urgent => NotifyPriority::Urgent,
+        },
+        tags: n.tags,
+        dedup_key: n.dedup_key,
+        plugin: plugin.name.clone(),
+        run_id: None,
+        channel: channel.to_string(),
+        time: chrono::Utc::now(),
+    };
+    let engine = &run.services.engine;
+    match engine.notifier.send(&engine.vault, channel, message) {
+        Ok(sent) => Ok((
+            match sent {
+                NotifySent::Queued => Sent::Queued,
+                NotifySent::Duplicate => Sent::Duplicate,
+                NotifySent::RateLimited | NotifySent::QueueFull => Sent::RateLimited,
+            },
+            sent,
+        )),
+        Err(e @ NotifyError::NotFound(_)) => Err(HostError::not_found(e.to_string())),
+        Err(NotifyError::Invalid(why)) => Err(HostError::invalid(why)),
+        Err(e) => Err(HostError::trap(e)),
     }
 }
