@@ -741,17 +741,21 @@ fn trigger_kind(record: &RunRecord) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// The delivery worker: takes jobs off the queue and delivers each on a task of its own,
-/// at most [`MAX_IN_FLIGHT`] at once.
+/// The delivery worker: takes jobs off the queue and delivers each on a task of its own.
+/// At most `notify.max_queue` jobs are off the queue at once (attempting, or waiting to
+/// retry), so memory stays bounded at twice the queue; at most [`MAX_IN_FLIGHT`]
+/// attempts run at once, and a job waiting to retry holds no attempt slot, so one
+/// failing service does not hold up the others.
 async fn work(mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
+    let taken = Arc::new(Semaphore::new(shared.settings.max_queue));
     while let Some(job) = rx.recv().await {
-        let Ok(permit) = shared.slots.clone().acquire_owned().await else {
+        let Ok(held) = taken.clone().acquire_owned().await else {
             return;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
             deliver_with_retries(job, &shared).await;
-            drop(permit);
+            drop(held);
         });
     }
 }
@@ -762,7 +766,12 @@ async fn deliver_with_retries(job: Job, shared: &Shared) {
     let name = job.message.channel.as_str();
     let mut backoff = s.retry_backoff;
     for attempt in 1..=s.max_attempts {
-        match send::deliver(&job.channel, &job.message, s.timeout).await {
+        let Ok(slot) = shared.slots.acquire().await else {
+            return;
+        };
+        let result = send::deliver(&job.channel, &job.message, s.timeout).await;
+        drop(slot);
+        match result {
             Ok(()) => {
                 let how = if attempt == 1 {
                     "delivered".to_string()
@@ -945,6 +954,41 @@ mod tests {
             n.send(&vault, "ops", big),
             Err(NotifyError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn the_engine_config_notify_table_takes_every_documented_key() {
+        // As examples/capstan.toml documents it, uncommented.
+        let text = r#"
+[notify]
+on = ["failed", "timed-out"]
+channels = ["ops"]
+dedup_window = "10m"
+rate_limit = { requests = 30, per = "1m", burst = 10 }
+max_queue = 1000
+max_attempts = 5
+retry_backoff = "2s"
+timeout = "10s"
+"#;
+        let file = crate::config::ConfigFile::parse(text).unwrap();
+        let s = file.notify.resolve().unwrap();
+        assert_eq!(s.run_end.on, [RunStatus::Failed, RunStatus::TimedOut]);
+        assert_eq!(s.dedup_window, Duration::from_secs(600));
+        assert_eq!(s.rate_limit.burst, Some(10));
+        let e = crate::config::ConfigFile::parse(
+            "[notify]
+retries = 3
+",
+        )
+        .unwrap_err();
+        assert!(e.contains("retries"), "{e}");
+        let file = crate::config::ConfigFile::parse(
+            "[notify]
+timeout = \"soon\"
+",
+        )
+        .unwrap();
+        assert_eq!(file.notify.resolve().unwrap_err().0, "notify.timeout");
     }
 
     #[test]

@@ -165,6 +165,12 @@ devices = ["*"]
 memory_mib = 16
 timeout_secs = 30
 
+# Tell people: host.notify may send to these notifier channels (`capstan notifier add`),
+# and runs that end so notify them without any code.
+# [notify]
+# channels = ["ops"]
+# on = ["failed", "timed-out"]
+
 [config]
 "#
     )

@@ -1,9 +1,9 @@
 //! `capstan:plugin/host`: structured log, config values, the plugin's key-value state,
-//! the time, and notifications (`notify`, allowed by the manifest's `[notify] channels`,
-//! see [`crate::notify`]). No scope applies (a plugin only ever reaches its own config and state);
-//! the limits do: the run's host-call budget, `max_log_bytes`, `max_log_records`,
-//! `max_log_fields`, `max_state_bytes`, and the run's host memory (`max_host_bytes`)
-//! for every record kept and every value read back.
+//! the time, and notifications. No Docker scope applies (a plugin only ever reaches its
+//! own config and state); `notify` has its own decision point, the manifest's `[notify]
+//! channels` (see [`crate::notify`]). The limits apply: the run's host-call budget,
+//! `max_log_bytes`, `max_log_records`, `max_log_fields`, `max_state_bytes`, and the run's
+//! host memory (`max_host_bytes`) for every record kept and every value read back.
 
 use super::{HostError, RunState, render_wit_error};
 use crate::notify::{Message, NotifyError, Priority as NotifyPriority, Sent as NotifySent};
