@@ -519,18 +519,26 @@ fn slack_short(url: &url::Url) -> Result<Channel, ChannelError> {
             "the short form takes no user, port or ?options",
         ));
     }
-    let host = "hooks.slack.com".to_string();
-    Ok(Channel {
+    Ok(public_endpoint(
         service,
-        display: display("slack", &host, None),
+        "hooks.slack.com",
+        format!("/services/{first}/{}/{}", rest[0], rest[1]),
+    ))
+}
+
+/// A short form's channel: the service's one public HTTPS endpoint, the token in `path`.
+fn public_endpoint(service: Service, host: &str, path: String) -> Channel {
+    Channel {
+        service,
+        display: display(service.as_str(), host, None),
         endpoint: Endpoint::Http(HttpEndpoint {
             tls: true,
-            host,
+            host: host.to_string(),
             port: 443,
-            path: Zeroizing::new(format!("/services/{first}/{}/{}", rest[0], rest[1])),
+            path: Zeroizing::new(path),
             auth: None,
         }),
-    })
+    }
 }
 
 /// `discord://TOKEN@WEBHOOK_ID` → `https://discord.com/api/webhooks/ID/TOKEN`.
@@ -544,18 +552,11 @@ fn discord_short(url: &url::Url) -> Result<Channel, ChannelError> {
             "write discord://TOKEN@WEBHOOK_ID, or the webhook URL https://discord.com/api/webhooks/ID/TOKEN",
         ));
     }
-    let host = "discord.com".to_string();
-    Ok(Channel {
+    Ok(public_endpoint(
         service,
-        display: display("discord", &host, None),
-        endpoint: Endpoint::Http(HttpEndpoint {
-            tls: true,
-            host,
-            port: 443,
-            path: Zeroizing::new(format!("/api/webhooks/{id}/{}", token.as_str())),
-            auth: None,
-        }),
-    })
+        "discord.com",
+        format!("/api/webhooks/{id}/{}", token.as_str()),
+    ))
 }
 
 /// `smtp://[user:password@]host[:port]/?to=…&from=…[&tls=starttls|none]`, `smtps://…`.

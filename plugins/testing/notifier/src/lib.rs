@@ -2,7 +2,7 @@
 //! manual input is `{"send": [{"channel": "ops", "title": "…", "message": "…",
 //! "priority": "high", "tags": ["a"], "dedup_key": "k"}, …], "fail": false}`; the
 //! outcome's details are a JSON list of what became of each (`queued`, `duplicate`,
-//! `rate-limited`, or `error: kind: message`). With `"fail": true` the run then fails.
+//! `rate-limited`, or `error: ` and the error's message, e.g. `error: denied: …`). With `"fail": true` the run then fails.
 
 use capstan_sdk::notify::{self, Notification, Priority, Sent};
 use capstan_sdk::prelude::*;
@@ -16,18 +16,6 @@ fn priority(v: &Value) -> Priority {
         "high" => Priority::High,
         "urgent" => Priority::Urgent,
         _ => Priority::Normal,
-    }
-}
-
-fn kind(e: &Error) -> &'static str {
-    match e {
-        Error::Denied(_) => "denied",
-        Error::NotFound(_) => "not-found",
-        Error::Unreachable(_) => "unreachable",
-        Error::Docker(_) => "docker",
-        Error::Invalid(_) => "invalid",
-        Error::Timeout(_) => "timeout",
-        Error::Failed(_) => "failed",
     }
 }
 
@@ -53,7 +41,7 @@ impl Plugin for Notifier {
                 Ok(Sent::Queued) => json!("queued"),
                 Ok(Sent::Duplicate) => json!("duplicate"),
                 Ok(Sent::RateLimited) => json!("rate-limited"),
-                Err(e) => json!(format!("error: {}: {}", kind(&e), e.message())),
+                Err(e) => json!(format!("error: {}", e.message())),
             });
         }
         if input["fail"].as_bool() == Some(true) {
