@@ -14,11 +14,21 @@ use crate::util::plugin::wasm;
 use crate::util::*;
 
 /// One request a receiver got.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Received {
     path: String,
     headers: HashMap<String, String>,
     body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Received {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("path", &self.path)
+            .field("headers", &self.headers)
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .finish()
+    }
 }
 
 impl Received {
@@ -193,9 +203,14 @@ impl Engine {
 
     /// Installs the `notifier` test plugin under `name` with `rest` added to its manifest.
     fn install(&self, name: &str, rest: &str) {
+        self.install_crate("notifier", name, rest)
+    }
+
+    /// Installs the built plugin `crate_name` under `name`, `rest` added to its manifest.
+    fn install_crate(&self, crate_name: &str, name: &str, rest: &str) {
         use base64::Engine as _;
         let manifest = format!("name = \"{name}\"\nversion = \"1\"\n{rest}\n");
-        let wasm = std::fs::read(wasm("notifier")).unwrap();
+        let wasm = std::fs::read(wasm(crate_name)).unwrap();
         let (status, body) = self.api(
             "POST",
             "/api/plugins",
@@ -667,6 +682,50 @@ fn a_failing_run_notifies_the_channels_of_notify_on_without_plugin_code() {
     assert_eq!(last.json()["run_id"], plain["id"]);
     engine.wait_for_deliveries(3, 30);
     assert_eq!(rx.received().len(), 3, "the ok run notified nobody");
+}
+
+#[test]
+fn a_run_the_shutdown_interrupts_is_notified_before_the_engine_exits() {
+    // The first attempt fails: the retry a second later must happen before the engine
+    // exits, which it does only because shutdown waits for the queue.
+    let rx = Receiver::start(1);
+    let engine = Engine::start(
+        "[runs]\nshutdown_grace = \"1s\"\n[notify]\nretry_backoff = \"1s\"\non = [\"interrupted\"]\nchannels = [\"ops\"]\n",
+    );
+    engine.add_channel("ops", &format!("generic+http://{}/ops", rx.addr));
+    engine.install_crate("hostile", "spinner", "[limits]\ntimeout_secs = 300");
+    let (status, body) = engine.api(
+        "POST",
+        "/api/plugins/spinner/run",
+        &serde_json::json!({ "input": "spin" }),
+    );
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, run) = engine.api("GET", &format!("/api/runs/{id}"), &serde_json::Value::Null);
+        if run.contains("\"status\":\"running\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run did not start: {run}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(engine.server.stop().success());
+    // The engine has exited: the notification went out before it did.
+    let got = rx.received();
+    assert_eq!(got.len(), 2, "refused once, then delivered: {got:?}");
+    let j = got[0].json();
+    assert_eq!(
+        (j["run_id"].as_str(), j["plugin"].as_str()),
+        (Some(id.as_str()), Some("spinner"))
+    );
+    assert!(
+        j["title"].as_str().unwrap().contains("run interrupted"),
+        "{j}"
+    );
 }
 
 /// Debian's aiosmtpd on a free loopback port, printing each mail to its stdout.

@@ -25,6 +25,9 @@ use crate::proxy::{AccessLog, Proxy, ProxyListener, TlsFiles};
 use crate::scheduler::{Scheduler, StopReport};
 use crate::secret::Secret;
 
+/// How long shutdown waits for queued notifications.
+const NOTIFY_DRAIN: Duration = Duration::from_secs(5);
+
 /// What the app tells as it starts and stops, for `serve` to print.
 pub enum Notice<'a> {
     /// The vault was created: with a generated key file, or passphrase-protected.
@@ -263,6 +266,11 @@ impl Listening {
             () = shutdown => {
                 let _ = stop_tx.send(true);
                 let report = scheduler.shutdown().await;
+                // Notifications of the runs just ended (and interrupted) go out first.
+                let undelivered = engine.notifier.drain(NOTIFY_DRAIN).await;
+                if undelivered > 0 {
+                    tracing::warn!(undelivered, "notifications still queued at shutdown are dropped");
+                }
                 // Open requests (a follower's stream) get a moment, then the server goes.
                 if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
                     tracing::debug!("open API connections closed at shutdown");

@@ -24,13 +24,15 @@
 //! outcome is written to the audit log (op `notify.delivery`, `GET /api/audit`) and
 //! counted in `capstan_notifications_total{channel, result}`.
 //!
-//! Queued notifications live in memory: those not yet delivered when the engine stops
-//! are lost (the audit shows what was delivered).
+//! Queued notifications live in memory: at shutdown the engine waits a few seconds for
+//! them (so the runs it interrupted are still told of); those not delivered by then are
+//! lost (the audit shows what was delivered).
 
 pub mod channel;
 pub mod send;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -423,9 +425,20 @@ struct Shared {
     audit: Audit,
     metrics: OnceLock<Arc<Metrics>>,
     slots: Arc<Semaphore>,
+    /// Notifications queued and not yet at their final outcome.
+    pending: std::sync::atomic::AtomicUsize,
+    /// Woken when `pending` drops to zero.
+    idle: tokio::sync::Notify,
 }
 
 impl Shared {
+    /// One queued notification reached its final outcome (or never entered the queue).
+    fn done_one(&self) {
+        if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
     fn count(&self, channel: &str, result: &str) {
         if let Some(m) = self.metrics.get() {
             m.notification(channel, result);
@@ -469,6 +482,8 @@ impl Notifier {
                 audit: Audit::open(store)?,
                 metrics: OnceLock::new(),
                 slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+                pending: std::sync::atomic::AtomicUsize::new(0),
+                idle: tokio::sync::Notify::new(),
             }),
             queue: tx,
             waiting: Mutex::new(Some(rx)),
@@ -601,13 +616,16 @@ impl Notifier {
             message,
             queued: now,
         };
+        self.shared.pending.fetch_add(1, Ordering::SeqCst);
         match self.queue.try_send(job) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.shared.done_one();
                 self.shared.count(name, Sent::QueueFull.as_str());
                 return Ok(Sent::QueueFull);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.shared.done_one();
                 return Err(NotifyError::Storage("the delivery task has stopped".into()));
             }
         }
@@ -659,6 +677,21 @@ impl Notifier {
                 f.message()
             ))
         })
+    }
+
+    /// Waits until every queued notification has reached its final outcome, at most
+    /// `within`; returns how many had not (for the shutdown, so that notifications of the
+    /// runs it interrupted still go out).
+    pub async fn drain(&self, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // Registered before the count is read: a wake-up in between is not missed.
+            let idle = self.shared.idle.notified();
+            let left = self.shared.pending.load(Ordering::SeqCst);
+            if left == 0 || tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.shared.pending.load(Ordering::SeqCst);
+            }
+        }
     }
 
     /// Starts the delivery worker on the current tokio runtime, once.
@@ -755,6 +788,7 @@ async fn work(mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             deliver_with_retries(job, &shared).await;
+            shared.done_one();
             drop(held);
         });
     }
@@ -837,10 +871,15 @@ impl Shared {
 /// run-end listener that sends `[notify] on` notifications (the engine's and each
 /// plugin's).
 pub fn attach(scheduler: &Arc<Scheduler>) {
-    scheduler
-        .engine()
-        .notifier
-        .set_metrics(scheduler.metrics().clone());
+    let notifier = &scheduler.engine().notifier;
+    notifier.set_metrics(scheduler.metrics().clone());
+    if let Ok(known) = notifier.list() {
+        for c in &notifier.settings().run_end.channels {
+            if !known.iter().any(|k| &k.name == c) {
+                tracing::warn!(channel = %c, "the engine config's [notify] channels names a channel that does not exist (yet): add it with `capstan notifier add`");
+            }
+        }
+    }
     scheduler.on_run_end(Box::new(|s, record| {
         let spec = s.runtime().plugin(&record.plugin).map(|p| p.notify.clone());
         let engine = s.engine();
