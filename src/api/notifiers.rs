@@ -142,3 +142,22 @@ pub async fn test(
         serde_json::json!({ "delivered": true, "channel": info }),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_api_document_takes_a_channel_url_and_never_answers_one() {
+        let doc = serde_json::to_value(super::super::openapi::document()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        assert!(
+            schemas["NewNotifier"]["properties"]["url"].is_object(),
+            "{schemas}"
+        );
+        let shown = &schemas["NotifierInfo"]["properties"];
+        assert!(
+            shown["at"].is_object() && shown["service"].is_object(),
+            "{shown}"
+        );
+        assert!(shown.get("url").is_none(), "{shown}");
+    }
+}

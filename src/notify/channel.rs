@@ -842,4 +842,31 @@ mod tests {
         assert!(n.headers.contains(&("tags", "disk,web1".into())));
         assert_eq!(header_text("Überhitzt\r\n"), "=?UTF-8?B?w5xiZXJoaXR6dCAg?=");
     }
+
+    #[test]
+    fn a_title_or_tag_cannot_add_a_header_line() {
+        let mut m = Message {
+            title: "ok\r\nX-Injected: 1".into(),
+            message: String::new(),
+            priority: Priority::Low,
+            tags: vec!["a\nb".into()],
+            dedup_key: None,
+            plugin: "p".into(),
+            run_id: None,
+            channel: "c".into(),
+            time: chrono::Utc::now(),
+        };
+        let p = Channel::parse("ntfy://h/t").unwrap().payload(&m);
+        for (_, v) in &p.headers {
+            assert!(http::HeaderValue::from_str(v).is_ok(), "{v:?}");
+            assert!(!v.contains(['\r', '\n']), "{v:?}");
+        }
+        m.title = "\u{7f}\0".into();
+        let p = Channel::parse("ntfy://h/t").unwrap().payload(&m);
+        assert!(
+            p.headers
+                .iter()
+                .all(|(_, v)| http::HeaderValue::from_str(v).is_ok())
+        );
+    }
 }
