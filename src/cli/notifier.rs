@@ -25,7 +25,8 @@ Channel URLs (HTTPS unless SERVICE+http:// says otherwise):
   slack://T000/B000/XXXX              or https://hooks.slack.com/services/…
   discord://TOKEN@WEBHOOK_ID          or https://discord.com/api/webhooks/ID/TOKEN
   gotify://HOST[:PORT][/PATH]/APP_TOKEN
-  teams+https://….webhook.office.com/…   (the Teams webhook URL)
+  teams+https://HOST/…                (a Teams Workflows or connector webhook's URL; the
+                                      bare https:// URL of either is recognised too)
   generic+https://HOST[:PORT]/PATH    (POSTs the whole notification as JSON)
   smtp://[USER:PASSWORD@]HOST[:PORT]/?to=A@X,B@Y&from=CAPSTAN@X[&tls=none]
                                       (STARTTLS on 587; smtps:// for TLS on 465)

@@ -9,7 +9,7 @@
 //! | `slack://T000/B000/XXXX` or the webhook URL `https://hooks.slack.com/services/…` | Slack incoming webhook | `{"text"}` |
 //! | `discord://TOKEN@WEBHOOK_ID` or `https://discord.com/api/webhooks/ID/TOKEN` | Discord webhook | `{"content"}` |
 //! | `gotify://host[:port][/path]/APP_TOKEN` | Gotify | `POST /message`, `{"title","message","priority"}`, `X-Gotify-Key` |
-//! | `teams+https://….webhook.office.com/…` (the workflow or connector URL) | Microsoft Teams | a MessageCard |
+//! | `teams+https://HOST/…` or a Workflows / connector webhook's `https://` URL | Microsoft Teams | an Adaptive Card (Workflows: `*.logic.azure.com`, `*.powerplatform.com`), else a MessageCard |
 //! | `generic+https://host[:port]/path[?query]` | any JSON webhook | the whole notification as JSON |
 //! | `smtp://[user:password@]host[:port]/?to=a@x,b@y&from=capstan@x[&tls=starttls\|none]`, `smtps://…` | email | a plain-text mail |
 //!
@@ -260,6 +260,23 @@ impl Channel {
                 "message": m.message,
                 "priority": gotify_priority(m.priority),
             })),
+            Service::Teams if self.is_teams_workflow() => json(serde_json::json!({
+                "type": "message",
+                "attachments": [{
+                    "contentType": "application/vnd.microsoft.card.adaptive",
+                    "content": {
+                        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                        "type": "AdaptiveCard",
+                        "version": "1.4",
+                        "body": [
+                            {"type": "TextBlock", "text": m.title, "weight": "Bolder",
+                             "size": "Medium", "wrap": true,
+                             "color": teams_adaptive_colour(m.priority)},
+                            {"type": "TextBlock", "text": m.message, "wrap": true},
+                        ],
+                    },
+                }],
+            })),
             Service::Teams => json(serde_json::json!({
                 "@type": "MessageCard",
                 "@context": "https://schema.org/extensions",
@@ -272,6 +289,29 @@ impl Channel {
                 json(serde_json::to_value(m).expect("a message serializes"))
             }
         }
+    }
+}
+
+impl Channel {
+    /// A Teams *Workflows* webhook (Power Automate: `*.logic.azure.com`,
+    /// `*.powerplatform.com`), which takes an Adaptive Card; the older connector URLs
+    /// (`*.webhook.office.com`, and any other host) take a MessageCard.
+    fn is_teams_workflow(&self) -> bool {
+        match &self.endpoint {
+            Endpoint::Http(ep) => {
+                let host = ep.host.to_ascii_lowercase();
+                host.ends_with(".logic.azure.com") || host.ends_with(".powerplatform.com")
+            }
+            Endpoint::Smtp(_) => false,
+        }
+    }
+}
+
+fn teams_adaptive_colour(p: Priority) -> &'static str {
+    match p {
+        Priority::Low | Priority::Normal => "Default",
+        Priority::High => "Warning",
+        Priority::Urgent => "Attention",
     }
 }
 
@@ -344,7 +384,10 @@ fn recognise_webhook(url: &url::Url) -> Option<Service> {
         && url.path().starts_with("/api/webhooks/")
     {
         Some(Service::Discord)
-    } else if host.ends_with(".webhook.office.com") || host.ends_with(".logic.azure.com") {
+    } else if host.ends_with(".webhook.office.com")
+        || host.ends_with(".logic.azure.com")
+        || host.ends_with(".powerplatform.com")
+    {
         Some(Service::Teams)
     } else {
         None
@@ -826,6 +869,16 @@ mod tests {
             (g["title"].as_str(), g["priority"].as_u64()),
             (Some("Disk full"), Some(8))
         );
+        let w = body(
+            "https://prod-01.westeurope.logic.azure.com/workflows/abc/triggers/manual/paths/invoke?sig=s",
+        );
+        let card = &w["attachments"][0]["content"];
+        assert_eq!(
+            (w["type"].as_str(), card["type"].as_str()),
+            (Some("message"), Some("AdaptiveCard"))
+        );
+        assert_eq!(card["body"][0]["text"], "Disk full");
+        assert_eq!(card["body"][1]["text"], "web1: / at 99%");
         let t = body("teams+https://x.webhook.office.com/w");
         assert_eq!(
             (t["@type"].as_str(), t["title"].as_str()),
