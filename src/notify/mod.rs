@@ -839,6 +839,8 @@ impl Shared {
     /// A delivery's final outcome: counted, logged and written to the audit log.
     fn outcome(&self, m: &Message, at: &str, result: &str, reason: String, since: Instant) {
         self.count(&m.channel, result);
+        // The reason may quote a service's answer (an SMTP reply): bounded.
+        let reason: String = reason.chars().take(MAX_QUOTED_ERROR).collect();
         if result == "delivered" {
             tracing::info!(channel = %m.channel, plugin = %m.plugin, %reason, "notification delivered");
         } else {
