@@ -57,6 +57,9 @@ pub struct SchedulerConfig {
     pub max_wait: Duration,
     /// Run history retention and caps.
     pub history: RunStoreConfig,
+    /// Run-outcome triggers in a row: a run that would be deeper in such a chain is
+    /// refused and recorded ([`crate::trigger::run`]).
+    pub max_chain_depth: u32,
 }
 
 impl Default for SchedulerConfig {
@@ -68,6 +71,7 @@ impl Default for SchedulerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_wait: Duration::from_secs(60),
             history: RunStoreConfig::default(),
+            max_chain_depth: 3,
         }
     }
 }

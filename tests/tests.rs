@@ -17,5 +17,6 @@ mod limits;
 mod plugin_examples;
 mod plugins;
 mod proxy;
+mod run_triggers;
 mod serve;
 mod triggers;

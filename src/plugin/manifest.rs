@@ -23,6 +23,11 @@
 //! name = "heal-now"
 //! auth = "hmac-sha256"          # or "bearer"; the secret lives in the vault
 //!
+//! [[triggers.run]]              # another plugin's run ended: run this one
+//! plugins = ["redeploy"]        # names or globs (a glob never matches this plugin)
+//! status = ["failed"]           # default: failed, denied, timed-out
+//! outcome = "gave up"           # optional: text the outcome must contain
+//!
 //! [policy]                      # the policy engine's TOML (socket-proxy variables)
 //! CONTAINERS = 1
 //! ALLOW_RESTARTS = 1
@@ -89,6 +94,11 @@ pub struct Triggers {
     /// plugin with a `webhook` event; see [`crate::trigger::webhook`].
     #[serde(default)]
     pub webhook: Vec<HookConfig>,
+    /// Run-outcome triggers (`[[triggers.run]]`): another plugin's run that ends as
+    /// `status` lists (and, with `outcome`, says so) runs the plugin with a `run` event;
+    /// see [`crate::trigger::run`].
+    #[serde(default)]
+    pub run: Vec<crate::trigger::run::RunOutcomeTrigger>,
 }
 
 /// The `[limits]` table: each key optional.
