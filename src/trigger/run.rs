@@ -13,9 +13,10 @@
 //! - `plugins` are plugin names or globs (`*` any run of characters, `?` one). A plugin
 //!   never sees its own runs through a glob: only naming itself literally makes a plugin
 //!   follow its own runs (a retry loop, say), and the chain limit below bounds that.
-//! - `status` lists how a run may have ended: `ok`, `failed`, `denied`, `timed-out`,
-//!   `interrupted` (the statuses of [`RunStatus`] that are final). Without it a trigger
-//!   fires on `failed`, `denied` and `timed-out`.
+//! - `status` lists how a run may have ended: `ok`, `failed`, `denied` or `timed-out`.
+//!   Without it a trigger fires on `failed`, `denied` and `timed-out`. `interrupted` is
+//!   refused: runs end that way when the engine stops (or stopped), when no new run can
+//!   start, so such a trigger could never fire.
 //! - `outcome`, when given, must occur in the ended run's outcome text, ignoring case:
 //!   its outcome's summary, or its error when it has no outcome (the `outcome` the
 //!   plugin gets in the event).
@@ -27,6 +28,9 @@
 //!   record whose error says why, a warning in the log, and a `denied` run in the
 //!   `capstan_runs_total` metric. A refused run starts nothing itself.
 //! - Runs that end at shutdown start nothing (the engine takes no new runs then).
+//! - Breadth is bounded as well: one ended run may start every plugin watching it, and
+//!   each of those the plugins watching them, up to the depth limit; each plugin's queue
+//!   (`runs.max_queued_per_plugin`) refuses runs past it (logged).
 //!
 //! The listener that applies these rules is registered on the scheduler by
 //! [`listen`] when the app is built (`capstan serve`); a CLI that opens the data
@@ -50,13 +54,12 @@ use crate::scheduler::{Scheduler, SubmitError};
 pub const DEFAULT_STATUSES: [RunStatus; 3] =
     [RunStatus::Failed, RunStatus::Denied, RunStatus::TimedOut];
 
-/// How a run may end: the statuses `status` may name.
-const FINAL_STATUSES: [RunStatus; 5] = [
+/// The ends a trigger may watch for: the statuses `status` may name.
+const WATCHABLE: [RunStatus; 4] = [
     RunStatus::Ok,
     RunStatus::Failed,
     RunStatus::Denied,
     RunStatus::TimedOut,
-    RunStatus::Interrupted,
 ];
 
 /// The longest `outcome` match accepted, bytes.
@@ -73,8 +76,8 @@ pub struct RunOutcomeTrigger {
     /// The plugins whose runs are watched: names or `*`/`?` globs. A glob never matches
     /// the watching plugin itself; name it literally to follow its own runs.
     pub plugins: Vec<String>,
-    /// The ends that count: `ok`, `failed`, `denied`, `timed-out`, `interrupted`.
-    /// Default `["failed", "denied", "timed-out"]`.
+    /// The ends that count: `ok`, `failed`, `denied`, `timed-out`. Default
+    /// `["failed", "denied", "timed-out"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Vec<String>>,
     /// Text the ended run's outcome summary (or error, when it has no outcome) must
@@ -173,16 +176,16 @@ impl Watch {
     }
 }
 
-/// A status as `status` names it: one of the final statuses.
+/// A status as `status` names it: one of [`WATCHABLE`].
 fn parse_status(s: &str) -> Result<RunStatus, String> {
-    if let Some(st) = FINAL_STATUSES.iter().find(|st| st.as_str() == s) {
+    if let Some(st) = WATCHABLE.iter().find(|st| st.as_str() == s) {
         return Ok(*st);
     }
-    let known: Vec<&str> = FINAL_STATUSES.iter().map(|s| s.as_str()).collect();
-    let why = if matches!(s, "queued" | "running") {
-        format!("`{s}` is not how a run ends")
-    } else {
-        format!("`{s}` is not a run status")
+    let known: Vec<&str> = WATCHABLE.iter().map(|s| s.as_str()).collect();
+    let why = match s {
+        "queued" | "running" => format!("`{s}` is not how a run ends"),
+        "interrupted" => "`interrupted` runs end when the engine stops, when no run can start, so this trigger could never fire".to_string(),
+        _ => format!("`{s}` is not a run status"),
     };
     Err(format!("{why}; use one of {}", known.join(", ")))
 }
@@ -428,10 +431,11 @@ mod tests {
 
     #[test]
     fn fires_only_on_the_statuses_it_names() {
-        let w = watch(&["a"], Some(&["ok", "interrupted"]), None);
+        let w = watch(&["a"], Some(&["ok", "denied"]), None);
         assert!(w.matches("b", "a", RunStatus::Ok, ""));
-        assert!(w.matches("b", "a", RunStatus::Interrupted, ""));
+        assert!(w.matches("b", "a", RunStatus::Denied, ""));
         assert!(!w.matches("b", "a", RunStatus::Failed, ""));
+        assert!(!w.matches("b", "a", RunStatus::Interrupted, ""));
     }
 
     #[test]
@@ -468,6 +472,9 @@ mod tests {
         let (f, m) = try_watch(&["a"], Some(&["running"]), None).unwrap_err();
         assert_eq!(f, "status");
         assert!(m.contains("not how a run ends"), "{m}");
+        let (f, m) = try_watch(&["a"], Some(&["interrupted"]), None).unwrap_err();
+        assert_eq!(f, "status");
+        assert!(m.contains("could never fire"), "{m}");
         assert_eq!(try_watch(&["a"], Some(&[]), None).unwrap_err().0, "status");
         assert_eq!(try_watch(&[], None, None).unwrap_err().0, "plugins");
         assert_eq!(
