@@ -523,10 +523,15 @@ pub mod http {
                     let code = crate::wasi_http::wasi::http::types::http_error_code(&e);
                     return Err(match code {
                         Some(code) => error_of(code),
-                        None => Error::Unreachable(format!(
-                            "reading the response body failed: {}",
-                            e.to_debug_string()
-                        )),
+                        // The host words its own limits (size, time) in the text.
+                        None => {
+                            let text = e.to_debug_string();
+                            if text.contains("timeout") {
+                                Error::Timeout(format!("reading the response body: {text}"))
+                            } else {
+                                Error::Failed(format!("reading the response body failed: {text}"))
+                            }
+                        }
                     });
                 }
             }

@@ -753,9 +753,12 @@ impl Body for CappedBody {
                     let n = data.len() as u64;
                     if n > this.left {
                         this.left = 0;
-                        return Poll::Ready(Some(Err(HttpError::HttpResponseBodySize(Some(
-                            this.max,
-                        )))));
+                        // wasi-http hands a body's error to the guest as text (no
+                        // error code): say which limit, in words.
+                        return Poll::Ready(Some(Err(HttpError::InternalError(Some(format!(
+                            "the response body is larger than {} bytes (limits.max_http_response_bytes)",
+                            this.max
+                        ))))));
                     }
                     this.left -= n;
                 }
@@ -769,7 +772,10 @@ impl Body for CappedBody {
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => {
                         this.timer = None;
-                        Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout)))
+                        Poll::Ready(Some(Err(HttpError::InternalError(Some(format!(
+                            "timeout: no more of the response body came within {} ms (limits.http_timeout_ms, the request's timeout, or the run's deadline)",
+                            this.between.as_millis()
+                        ))))))
                     }
                     Poll::Pending => Poll::Pending,
                 }
