@@ -109,7 +109,8 @@ fn serve(mut conn: TcpStream, seen: &Mutex<Vec<String>>, redirect_to: u16) {
         "/big" => answer("200 OK", "", &vec![b'x'; 64 * 1024]),
         "/big-chunked" => {
             let mut out =
-                b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    .to_vec();
             for _ in 0..16 {
                 out.extend_from_slice(b"1000\r\n");
                 out.extend_from_slice(&[b'y'; 4096]);
@@ -136,8 +137,7 @@ fn fetcher(h: &Harness, name: &str, rest: &str) {
 fn fetch(h: &Harness, name: &str, requests: Value) -> (RunReport, Vec<Value>) {
     let r = h.run(name, &requests.to_string());
     assert_eq!(r.status, Exit::Succeeded, "{}", r.render());
-    let details: Vec<Value> =
-        serde_json::from_str(&r.outcome.as_ref().unwrap().details).unwrap();
+    let details: Vec<Value> = serde_json::from_str(&r.outcome.as_ref().unwrap().details).unwrap();
     (r, details)
 }
 
@@ -173,8 +173,14 @@ fn an_allowed_request_is_sent_and_recorded_as_allowed() {
     assert_eq!(out[0]["body"], "hello");
     let seen = server.requests();
     assert_eq!(seen.len(), 1);
-    assert!(seen[0].starts_with("GET /hello?x=1 HTTP/1.1\r\n"), "{seen:?}");
-    assert!(seen[0].to_ascii_lowercase().contains("x-test: yes"), "{seen:?}");
+    assert!(
+        seen[0].starts_with("GET /hello?x=1 HTTP/1.1\r\n"),
+        "{seen:?}"
+    );
+    assert!(
+        seen[0].to_ascii_lowercase().contains("x-test: yes"),
+        "{seen:?}"
+    );
     assert!(
         seen[0].contains(&format!("host: 127.0.0.1:{}", server.port))
             || seen[0].contains(&format!("Host: 127.0.0.1:{}", server.port)),
@@ -243,7 +249,9 @@ fn a_wildcard_never_reaches_loopback_link_local_or_metadata_addresses() {
         "{e}"
     );
     assert!(
-        e.contains(&format!("add `http://localhost:{port}` to `[policy] outbound`")),
+        e.contains(&format!(
+            "add `http://localhost:{port}` to `[policy] outbound`"
+        )),
         "{e}"
     );
     assert!(error_of(&out[1]).contains("loopback"), "{out:?}");
@@ -290,7 +298,10 @@ fn a_redirect_to_another_origin_is_handed_to_the_plugin_not_followed() {
     );
     assert_eq!(out[0]["status"], 302, "{out:?}");
     assert_eq!(http_calls(&r).len(), 1, "{}", r.render());
-    assert!(target.requests().is_empty(), "the redirect was not followed");
+    assert!(
+        target.requests().is_empty(),
+        "the redirect was not followed"
+    );
 }
 
 #[test]
@@ -457,15 +468,21 @@ fn a_secret_is_substituted_for_its_bound_origin_only_and_never_recorded() {
         );
     }
     assert!(error_of(&out[3]).contains("no secret `nope`"), "{out:?}");
-    assert!(other.requests().is_empty(), "nothing went to the other origin");
+    assert!(
+        other.requests().is_empty(),
+        "nothing went to the other origin"
+    );
     // The value is nowhere in what the engine keeps or shows.
     let report = serde_json::to_string(&r).unwrap() + &r.render();
     assert!(!report.contains(VALUE), "{report}");
-    assert!(report.contains("{{secret.tok}}"), "the placeholder is recorded");
+    assert!(
+        report.contains("{{secret.tok}}"),
+        "the placeholder is recorded"
+    );
     let audit = serde_json::to_string(&h.runtime.audit().tail(50).unwrap()).unwrap();
     assert!(!audit.contains(VALUE), "{audit}");
-    let listed = capstan::plugin::secrets::list(&h.engine.vault, &h.runtime, "fetch-secret")
-        .unwrap();
+    let listed =
+        capstan::plugin::secrets::list(&h.engine.vault, &h.runtime, "fetch-secret").unwrap();
     assert_eq!(listed.len(), 1);
     assert!(listed[0].set);
     assert!(!serde_json::to_string(&listed).unwrap().contains(VALUE));
@@ -476,4 +493,149 @@ fn a_plugin_that_does_not_use_http_still_loads_and_runs() {
     let h = Harness::new();
     h.install("trivial", &manifest("plain", ""));
     assert!(h.run("plain", "").succeeded());
+}
+
+#[test]
+fn a_secret_set_through_the_cli_and_api_is_used_and_absent_from_records_api_metrics_and_log() {
+    use crate::util::{DataDir, Server, assert_success, http, stdout};
+    const FIRST: &str = "cli-Secret-9c1d7e";
+    const SECOND: &str = "api-Secret-41b0aa";
+    let receiver = Receiver::start(0);
+    let d = DataDir::with_vault();
+    let src = d.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::copy(
+        crate::util::plugin::wasm("fetcher"),
+        src.join("plugin.wasm"),
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("plugin.toml"),
+        manifest(
+            "fetch-e2e",
+            &format!(
+                "[policy]\noutbound = [\"{0}\"]\n[secrets.tok]\norigins = [\"{0}\"]\n",
+                receiver.origin()
+            ),
+        ),
+    )
+    .unwrap();
+    assert_success(
+        &d.capstan(&["plugin", "install", src.to_str().unwrap()]),
+        "plugin install",
+    );
+    // Without an engine running: the value from stdin, never from the command line.
+    let out = d.capstan_stdin(
+        &["plugin", "secret", "set", "fetch-e2e", "tok"],
+        format!("{FIRST}\n").as_bytes(),
+    );
+    assert_success(&out, "plugin secret set");
+    let out = d.capstan_stdin(&["plugin", "secret", "set", "fetch-e2e", "nope"], b"x");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("declares no secret `nope`"),
+        "{out:?}"
+    );
+
+    let server = Server::start_with(&d, |c| {
+        c.env("CAPSTAN_LOG", "capstan=debug");
+    });
+    let auth = format!("Bearer {}", server.admin_token());
+    let call = |method: &str, path: &str, body: &str| {
+        http(
+            &server.addr,
+            method,
+            path,
+            &[
+                ("Authorization", auth.as_str()),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+    };
+    let input = json!([{"url": format!("{}/hello?k={{{{secret.tok}}}}", receiver.origin())}]);
+    let run = |seen: &mut Vec<String>| {
+        let (status, body) = call(
+            "POST",
+            "/api/plugins/fetch-e2e/run?wait=true&report=true",
+            &json!({"input": input.to_string()}).to_string(),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["status"], "ok", "{body}");
+        seen.push(body);
+        let (_, record) = call(
+            "GET",
+            &format!("/api/runs/{}", v["id"].as_str().unwrap()),
+            "",
+        );
+        seen.push(record);
+    };
+    let mut seen = Vec::new();
+    run(&mut seen);
+    assert!(
+        receiver.requests()[0].starts_with(&format!("GET /hello?k={FIRST} ")),
+        "{:?}",
+        receiver.requests()
+    );
+    // Replaced over the API; the answer is empty.
+    let (status, body) = call(
+        "PUT",
+        "/api/plugins/fetch-e2e/secrets/tok",
+        &json!({"value": SECOND}).to_string(),
+    );
+    assert_eq!(status, 204, "{body}");
+    seen.push(body);
+    run(&mut seen);
+    assert!(
+        receiver.requests()[1].starts_with(&format!("GET /hello?k={SECOND} ")),
+        "{:?}",
+        receiver.requests()
+    );
+    let (status, body) = call("GET", "/api/plugins/fetch-e2e/secrets", "");
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed[0]["name"], "tok");
+    assert_eq!(listed[0]["set"], true);
+    seen.push(body);
+    for path in [
+        "/metrics",
+        "/api/audit?tail=100",
+        "/api/runs",
+        "/api/plugins/fetch-e2e",
+    ] {
+        let (status, body) = call("GET", path, "");
+        assert_eq!(status, 200, "{path}: {body}");
+        seen.push(body);
+    }
+    let metrics = &seen[seen.len() - 4];
+    assert!(
+        metrics.contains(
+            r#"capstan_outbound_requests_total{plugin="fetch-e2e",decision="allow",result="2xx"} 2"#
+        ),
+        "{metrics}"
+    );
+    // The CLI against the running engine lists names, never values; rm removes one.
+    let out = d.capstan(&["plugin", "secret", "list", "fetch-e2e"]);
+    assert_success(&out, "plugin secret list");
+    assert!(stdout(&out).contains("tok"), "{}", stdout(&out));
+    seen.push(stdout(&out));
+    let (status, body) = call(
+        "PUT",
+        "/api/plugins/fetch-e2e/secrets/tok",
+        "{\"value\": \"a\nb\"}",
+    );
+    assert_eq!(status, 422, "a line break is refused: {body}");
+    seen.push(body);
+    assert_success(
+        &d.capstan(&["plugin", "secret", "rm", "fetch-e2e", "tok"]),
+        "plugin secret rm",
+    );
+    let (_, body) = call("GET", "/api/plugins/fetch-e2e/secrets", "");
+    assert!(body.contains("\"set\":false"), "{body}");
+    seen.push(server.stop_and_collect_stderr());
+    for text in &seen {
+        for value in [FIRST, SECOND] {
+            assert!(!text.contains(value), "the secret leaked: {text}");
+        }
+    }
 }
