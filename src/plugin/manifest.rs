@@ -27,6 +27,7 @@
 //! CONTAINERS = 1
 //! ALLOW_RESTARTS = 1
 //! devices = ["*"]
+//! outbound = ["https://ntfy.sh"] # origins it may reach over HTTP (default: none)
 //! [policy.containers]
 //! labels = ["capstan.autoheal=true"]
 //!
@@ -36,6 +37,9 @@
 //!
 //! [config]                      # free-form values the plugin reads with config-get
 //! max_attempts = 5
+//!
+//! [secrets.ntfy]                # `{{secret.ntfy}}` in a URL or header, for these only
+//! origins = ["https://ntfy.sh"] # (the value: `capstan plugin secret set autoheal ntfy`)
 //! ```
 
 use std::collections::BTreeMap;
@@ -66,7 +70,8 @@ pub struct Manifest {
     #[serde(default)]
     pub triggers: Triggers,
     /// What it may touch: socket-proxy variables plus `devices` and `[containers]`
-    /// scopes. Without one, a plugin may touch no device.
+    /// scopes, and the `outbound` origins it may reach over HTTP. Without one, a plugin
+    /// may touch no device and reach no origin.
     #[serde(default)]
     pub policy: Policy,
     /// Resource limits; unset keys take the engine's defaults.

@@ -21,7 +21,8 @@
 //!    `Error::Denied`), everything else the matching `wasi:http` error code.
 //!
 //! Every request is recorded once, as a host call `http.request` (in the run's report
-//! and record, the audit log, and so `/metrics`) with its decision. The recorded request
+//! and record — after the run's other host calls, the first 1,000 — the audit log, and
+//! so `/metrics`) with its decision. The recorded request
 //! line is the URL as the plugin wrote it — with `{{secret.NAME}}` in place of a secret —
 //! and any secret value that appears in it anyway is replaced by `***`.
 
@@ -569,12 +570,14 @@ impl Shared {
         self.record(call, secrets, CallDecision::Deny, "denied", &reason);
         {
             let mut r = self.records.lock().unwrap_or_else(|e| e.into_inner());
-            r.denials.push(Denial {
-                op: OP.to_string(),
-                device: String::new(),
-                request: scrub(&call.line, secrets),
-                reason: reason.clone(),
-            });
+            if r.denials.len() < super::MAX_REPORTED_CALLS {
+                r.denials.push(Denial {
+                    op: OP.to_string(),
+                    device: String::new(),
+                    request: scrub(&call.line, secrets),
+                    reason: reason.clone(),
+                });
+            }
         }
         HttpError::InternalError(Some(format!("{DENIED_PREFIX}{reason}")))
     }
@@ -624,11 +627,11 @@ impl Shared {
         if let Err(e) = self.services.audit.record(&rec) {
             tracing::error!(error = %e, "cannot write the audit record");
         }
-        self.records
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .calls
-            .push(recorded);
+        // The report keeps the first MAX_REPORTED_CALLS (all are counted and audited).
+        let mut r = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        if r.calls.len() < super::MAX_REPORTED_CALLS {
+            r.calls.push(recorded);
+        }
     }
 }
 
