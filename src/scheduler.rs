@@ -362,6 +362,10 @@ impl Scheduler {
             Ok(report) => {
                 for c in &report.host_calls {
                     self.metrics.host_call(&c.op, c.decision.as_str());
+                    if c.op == crate::plugin::host::http::OP {
+                        self.metrics
+                            .outbound_request(&plugin, c.decision.as_str(), &c.result);
+                    }
                 }
                 if let Some(tx) = report_to {
                     // The receiver may have stopped waiting: then nobody wants it.

@@ -14,6 +14,7 @@ mod cli_policy;
 mod cli_vault;
 mod docker;
 mod limits;
+mod outbound;
 mod plugin_examples;
 mod plugins;
 mod proxy;

@@ -313,6 +313,10 @@ pub struct LoadedPlugin {
     pub config: BTreeMap<String, String>,
     pub limits: Limits,
     pub triggers: Triggers,
+    /// The origins it may reach over HTTP (`[policy] outbound`).
+    pub outbound: crate::policy::OutboundList,
+    /// Its secrets and the origins each is bound to (`[secrets.NAME] origins`).
+    pub secrets: BTreeMap<String, crate::policy::OutboundList>,
     pub sha256: String,
     /// Whether the component came from the compile cache.
     pub loaded: Loaded,
@@ -363,6 +367,9 @@ impl PluginRuntime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| PluginError::Engine(e.to_string()))?;
         Plugin::add_to_linker::<RunState, HasSelf<RunState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        // Outbound HTTP, through our send path (super::host::http).
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| PluginError::Engine(e.to_string()))?;
         let data_dir = engine.settings.data_dir.clone();
         let services = Arc::new(Services {
@@ -517,6 +524,8 @@ impl PluginRuntime {
             config: manifest.config_values(),
             limits: Limits::resolve(&manifest.limits, &self.defaults),
             triggers: manifest.triggers.clone(),
+            outbound: manifest.policy.outbound().clone(),
+            secrets: manifest.secret_bindings(),
             sha256,
             loaded,
             pre,
@@ -601,6 +610,9 @@ impl PluginRuntime {
         let rec = self.installed_plugin(name)?;
         self.records.remove(name)?;
         self.services.state.clear(name)?;
+        if let Err(e) = super::secrets::remove_all(&self.services.engine.vault, name) {
+            tracing::warn!(plugin = %name, error = %e, "cannot remove the plugin's secrets");
+        }
         self.cache.forget(&rec.sha256);
         let _ = std::fs::remove_dir_all(self.plugin_dir(name));
         self.plugins
@@ -642,6 +654,12 @@ impl PluginRuntime {
                 self.services.clone(),
                 deadline,
                 budget.clone(),
+            ),
+            http_ctx: wasmtime_wasi_http::WasiHttpCtx::new(),
+            outbound: super::host::http::Outbound::new(
+                plugin.clone(),
+                self.services.clone(),
+                deadline,
             ),
         };
         let mut store = Store::new(&self.engine, state);
@@ -721,6 +739,10 @@ impl PluginRuntime {
             }
         };
         let duration_ms = crate::millis(started.elapsed());
+        {
+            let data = store.data_mut();
+            data.run.absorb_outbound(&data.outbound);
+        }
         let run = std::mem::replace(
             &mut store.data_mut().run,
             RunCtx::new(plugin.clone(), self.services.clone(), deadline, budget),
