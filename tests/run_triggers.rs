@@ -29,11 +29,12 @@ fn last_manual_run(data: &DataDir, plugin: &str) -> Value {
 fn a_failed_run_starts_its_watcher_with_the_ended_run_and_an_ok_run_does_not() {
     let data = DataDir::with_vault();
     install_plugin(&data, "relay", "name = \"flaky\"\nversion = \"1\"\n");
-    install_plugin(
+    let out = install_plugin(
         &data,
         "relay",
         "name = \"watcher\"\nversion = \"1\"\n[[triggers.run]]\nplugins = [\"flaky\"]\nstatus = [\"failed\"]\n",
     );
+    assert!(out.contains("run after flaky failed"), "{out}");
     // Fires only when the outcome says so, whatever the case.
     install_plugin(
         &data,
@@ -41,6 +42,11 @@ fn a_failed_run_starts_its_watcher_with_the_ended_run_and_an_ok_run_does_not() {
         "name = \"gaveup\"\nversion = \"1\"\n[[triggers.run]]\nplugins = [\"fla*\"]\noutcome = \"GAVE UP\"\n",
     );
     let server = Server::start(&data);
+    let list = stdout(&data.capstan(&["plugin", "list"]));
+    assert!(
+        list.contains("run after fla* failed|denied|timed-out \"GAVE UP\""),
+        "{list}"
+    );
 
     assert_success(&run_by_hand(&data, "flaky", "fine"), "an ok run");
     assert!(

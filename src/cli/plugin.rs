@@ -424,6 +424,9 @@ fn print_installed(p: &InstalledPlugin) {
     for h in &p.triggers.webhook {
         println!("  webhook POST /hooks/{}", h.name);
     }
+    for r in &p.triggers.run {
+        println!("  {}", r.describe());
+    }
 }
 
 /// Prints hook secrets generated at install: shown once, never stored in the clear.
@@ -455,6 +458,7 @@ fn print_list(plugins: &[InstalledPlugin]) {
                     .iter()
                     .map(|h| format!("webhook {}", h.name)),
             );
+            triggers.extend(p.triggers.run.iter().map(|r| r.describe()));
             vec![
                 p.name.clone(),
                 p.version.clone(),

@@ -86,6 +86,21 @@ pub struct RunOutcomeTrigger {
     pub outcome: Option<String>,
 }
 
+impl RunOutcomeTrigger {
+    /// One line for listings: `run after autoheal,redeploy-* failed|timed-out "gave up"`.
+    pub fn describe(&self) -> String {
+        let statuses = match &self.status {
+            Some(list) => list.join("|"),
+            None => DEFAULT_STATUSES.map(|s| s.as_str()).join("|"),
+        };
+        let mut line = format!("run after {} {statuses}", self.plugins.join(","));
+        if let Some(o) = &self.outcome {
+            line.push_str(&format!(" {o:?}"));
+        }
+        line
+    }
+}
+
 /// A [`RunOutcomeTrigger`] checked and ready to match.
 #[derive(Debug, Clone)]
 struct Watch {
@@ -606,6 +621,25 @@ mod tests {
             old.run.is_empty(),
             "records stored before run triggers still load"
         );
+    }
+
+    #[test]
+    fn a_trigger_describes_itself_in_one_line_with_its_defaults() {
+        let t = RunOutcomeTrigger {
+            plugins: vec!["autoheal".into(), "redeploy-*".into()],
+            status: None,
+            outcome: None,
+        };
+        assert_eq!(
+            t.describe(),
+            "run after autoheal,redeploy-* failed|denied|timed-out"
+        );
+        let t = RunOutcomeTrigger {
+            plugins: vec!["http-probe".into()],
+            status: Some(vec!["ok".into()]),
+            outcome: Some("gave up".into()),
+        };
+        assert_eq!(t.describe(), "run after http-probe ok \"gave up\"");
     }
 
     #[test]
