@@ -45,7 +45,8 @@ pub struct PluginView {
     pub installed_at: chrono::DateTime<chrono::Utc>,
     /// Its device scope as written in the manifest (names or globs).
     pub devices: Vec<String>,
-    /// The manifest's `[triggers]`: cron schedules and webhooks.
+    /// The manifest's `[triggers]`: cron schedules, webhooks and run-outcome triggers
+    /// (`run`).
     #[schema(value_type = Object)]
     pub triggers: serde_json::Value,
     /// Its limits, resolved against the engine's defaults.
