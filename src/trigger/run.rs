@@ -174,8 +174,8 @@ impl Watch {
         })
     }
 
-    /// Whether a run of `plugin` that ended with `status` and `outcome` fires this
-    /// trigger of plugin `watcher`.
+    /// Whether a run of `plugin` that ended with `status` and `outcome` (lower-cased)
+    /// fires this trigger of plugin `watcher`.
     fn matches(&self, watcher: &str, plugin: &str, status: RunStatus, outcome: &str) -> bool {
         let plugin_matches = if plugin == watcher {
             self.plugins.iter().any(|g| g.as_str() == watcher)
@@ -187,7 +187,7 @@ impl Watch {
             && self
                 .outcome
                 .as_ref()
-                .is_none_or(|o| outcome.to_lowercase().contains(o.as_str()))
+                .is_none_or(|o| outcome.contains(o.as_str()))
     }
 }
 
@@ -240,6 +240,7 @@ impl RunWatchers {
     /// The plugins (each once, by name) that a run of `plugin` ending with `status` and
     /// `outcome` starts.
     pub fn matching(&self, plugin: &str, status: RunStatus, outcome: &str) -> Vec<String> {
+        let outcome = outcome.to_lowercase();
         self.by_plugin
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -247,7 +248,7 @@ impl RunWatchers {
             .filter(|(watcher, watches)| {
                 watches
                     .iter()
-                    .any(|w| w.matches(watcher, plugin, status, outcome))
+                    .any(|w| w.matches(watcher, plugin, status, &outcome))
             })
             .map(|(watcher, _)| watcher.clone())
             .collect()
@@ -330,11 +331,16 @@ pub fn outcome_text(record: &RunRecord) -> String {
 
 /// The event of the runs `ended` starts.
 pub fn event(ended: &RunRecord) -> TriggerEvent {
+    event_with(ended, outcome_text(ended))
+}
+
+/// [`event`] with the ended run's [`outcome_text`] already taken.
+fn event_with(ended: &RunRecord, outcome: String) -> TriggerEvent {
     TriggerEvent::Run {
         run_id: ended.id.to_string(),
         plugin: ended.plugin.clone(),
         status: ended.status.as_str().to_string(),
-        outcome: outcome_text(ended),
+        outcome,
         depth: depth_of(ended).saturating_add(1),
     }
 }
@@ -348,15 +354,16 @@ pub fn listen(scheduler: &Arc<Scheduler>) {
 /// Starts (or refuses, past the chain limit) the runs `ended` triggers. Does not block:
 /// a submit records the run and hands it to a task of its own.
 fn on_run_end(scheduler: &Arc<Scheduler>, ended: &RunRecord) {
+    let run_triggers = &scheduler.triggers().run;
+    if run_triggers.is_empty() {
+        return; // the common case: nothing to look at, nothing to copy
+    }
     let outcome = outcome_text(ended);
-    let watchers = scheduler
-        .triggers()
-        .run
-        .matching(&ended.plugin, ended.status, &outcome);
+    let watchers = run_triggers.matching(&ended.plugin, ended.status, &outcome);
     if watchers.is_empty() {
         return;
     }
-    let event = event(ended);
+    let event = event_with(ended, outcome);
     let depth = depth_of(ended).saturating_add(1);
     let max = scheduler.config().max_chain_depth;
     for watcher in watchers {
@@ -467,16 +474,14 @@ mod tests {
 
     #[test]
     fn the_outcome_match_is_a_substring_ignoring_case() {
+        let watchers = RunWatchers::new();
         let w = watch(&["autoheal"], Some(&["ok", "failed"]), Some("Gave Up"));
-        assert!(w.matches(
-            "x",
-            "autoheal",
-            RunStatus::Ok,
-            "web: gave up after 5 restarts"
-        ));
-        assert!(w.matches("x", "autoheal", RunStatus::Failed, "GAVE UP"));
-        assert!(!w.matches("x", "autoheal", RunStatus::Ok, "restarted web"));
-        assert!(!w.matches("x", "autoheal", RunStatus::Ok, ""));
+        watchers.set("x", vec![w]);
+        let fires = |status, outcome| !watchers.matching("autoheal", status, outcome).is_empty();
+        assert!(fires(RunStatus::Ok, "web: gave up after 5 restarts"));
+        assert!(fires(RunStatus::Failed, "GAVE UP"));
+        assert!(!fires(RunStatus::Ok, "restarted web"));
+        assert!(!fires(RunStatus::Ok, ""));
     }
 
     #[test]
