@@ -191,6 +191,8 @@ fn the_chain_limit_is_an_engine_setting() {
     eventually(10, "the second link is refused", || {
         runs(&data, "loop").iter().any(|r| r["status"] == "denied")
     });
+    // The refusal is a `denied` end `loop` watches for, of its own: it starts nothing.
+    std::thread::sleep(Duration::from_millis(500));
     let depths: Vec<(String, u64)> = runs(&data, "loop")
         .iter()
         .map(|r| {

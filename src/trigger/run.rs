@@ -26,7 +26,8 @@
 //!   `d` is the ended run's depth (0 when something else started it). A run deeper than
 //!   the engine's `runs.max_chain_depth` (default 3) is refused and recorded: a `denied`
 //!   record whose error says why, a warning in the log, and a `denied` run in the
-//!   `capstan_runs_total` metric. A refused run starts nothing itself.
+//!   `capstan_runs_total` metric; the run-end listeners hear of it as of any run's end
+//!   (`[notify] on = ["denied"]` tells of it). A refused run starts nothing itself.
 //! - Runs that end at shutdown start nothing (the engine takes no new runs then).
 //! - Breadth is bounded as well: one ended run may start every plugin watching it, and
 //!   each of those the plugins watching them, up to the depth limit; each plugin's queue
@@ -38,7 +39,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use capstan_policy::Glob;
 use serde::{Deserialize, Serialize};
@@ -47,7 +47,7 @@ use super::{SectionError, TriggerKind, Triggers};
 use crate::engine::Engine;
 use crate::plugin::manifest::Triggers as TriggerSections;
 use crate::plugin::{LoadedPlugin, TriggerEvent};
-use crate::runs::{RunEnd, RunRecord, RunStatus, RunTrigger};
+use crate::runs::{RunRecord, RunStatus, RunTrigger};
 use crate::scheduler::{Scheduler, SubmitError};
 
 /// The statuses a trigger fires on when it names none.
@@ -363,9 +363,12 @@ fn on_run_end(scheduler: &Arc<Scheduler>, ended: &RunRecord) {
     if watchers.is_empty() {
         return;
     }
+    let max = scheduler.config().max_chain_depth;
+    if depth_of(ended) > max {
+        return; // a refused run: it starts nothing
+    }
     let event = event_with(ended, outcome);
     let depth = depth_of(ended).saturating_add(1);
-    let max = scheduler.config().max_chain_depth;
     for watcher in watchers {
         if depth > max {
             refuse(scheduler, &watcher, &event, ended, max);
@@ -384,6 +387,8 @@ fn on_run_end(scheduler: &Arc<Scheduler>, ended: &RunRecord) {
 }
 
 /// Records the run `watcher` would have had as `denied`, saying why and what to change.
+/// On a task of its own: the scheduler tells the refusal to the run-end listeners, this
+/// one among them, which must not be called within themselves.
 fn refuse(
     scheduler: &Arc<Scheduler>,
     watcher: &str,
@@ -405,18 +410,12 @@ fn refuse(
         max_chain_depth = max,
         "run-outcome chain too long: run refused and recorded as denied"
     );
-    let runs = scheduler.runs();
-    let recorded = runs
-        .create(watcher, RunTrigger::from(event))
-        .and_then(|r| runs.finish(r.id, RunEnd::error(RunStatus::Denied, reason)));
-    match recorded {
-        Ok(_) => {
-            scheduler
-                .metrics()
-                .run_finished(watcher, RunStatus::Denied.as_str(), Duration::ZERO)
+    let (scheduler, watcher, event) = (scheduler.clone(), watcher.to_string(), event.clone());
+    tokio::spawn(async move {
+        if let Err(e) = scheduler.refuse(&watcher, &event, &reason) {
+            tracing::error!(plugin = %watcher, error = %e, "cannot record the refused run");
         }
-        Err(e) => tracing::error!(plugin = %watcher, error = %e, "cannot record the refused run"),
-    }
+    });
 }
 
 #[cfg(test)]
