@@ -410,8 +410,13 @@ fn refuse(
         max_chain_depth = max,
         "run-outcome chain too long: run refused and recorded as denied"
     );
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        // Only when the runtime itself is going away, at the very end of a shutdown.
+        tracing::error!(plugin = %watcher, "cannot record the refused run: the engine is stopping");
+        return;
+    };
     let (scheduler, watcher, event) = (scheduler.clone(), watcher.to_string(), event.clone());
-    tokio::spawn(async move {
+    rt.spawn(async move {
         if let Err(e) = scheduler.refuse(&watcher, &event, &reason) {
             tracing::error!(plugin = %watcher, error = %e, "cannot record the refused run");
         }
