@@ -725,15 +725,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_run_is_recorded_denied_counted_and_told_to_the_listeners() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = crate::config::Settings::resolve(
-            &crate::config::ConfigFile::default(),
-            Some(dir.path().join("data")),
-            None,
-            None,
-        )
-        .unwrap();
-        let (engine, _) = Engine::open_or_init(settings, &Default::default()).unwrap();
-        let scheduler = Scheduler::with_defaults(Arc::new(engine)).unwrap();
+        let scheduler = Scheduler::with_defaults(Arc::new(Engine::scratch(dir.path()))).unwrap();
         let heard = Arc::new(Mutex::new(Vec::new()));
         let h = heard.clone();
         scheduler.on_run_end(Box::new(move |_, r: &RunRecord| {
