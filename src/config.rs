@@ -131,6 +131,9 @@ pub struct RunsSection {
     pub keep_per_plugin: Option<usize>,
     /// Finished runs older than this are removed (e.g. `"30d"`). Default 30d.
     pub max_age: Option<String>,
+    /// Run-outcome triggers in a row (`[[triggers.run]]`): a run that would be deeper
+    /// in such a chain is refused and recorded as `denied`. Default 3.
+    pub max_chain_depth: Option<usize>,
 }
 
 /// One Docker API proxy: a device's daemon served behind a policy.
@@ -507,6 +510,9 @@ fn resolve_server(
     Ok(c)
 }
 
+/// The longest chain of run-outcome triggers `runs.max_chain_depth` may allow.
+const MAX_CHAIN_DEPTH: u32 = 100;
+
 /// The `[runs]` table over the defaults, with `CAPSTAN_RUNS_*` from `env` winning.
 fn resolve_runs(
     file: &RunsSection,
@@ -592,6 +598,19 @@ fn resolve_runs(
     }
     if let Some(d) = duration("runs.max_age", "CAPSTAN_RUNS_MAX_AGE", &file.max_age)? {
         c.history.max_age = Some(d);
+    }
+    if let Some(n) = count(
+        "runs.max_chain_depth",
+        "CAPSTAN_RUNS_MAX_CHAIN_DEPTH",
+        file.max_chain_depth,
+    )? {
+        c.max_chain_depth = u32::try_from(n)
+            .ok()
+            .filter(|n| *n <= MAX_CHAIN_DEPTH)
+            .ok_or_else(|| ConfigError::Invalid {
+                field: "runs.max_chain_depth",
+                message: format!("{n} is more than {MAX_CHAIN_DEPTH}"),
+            })?;
     }
     Ok(c)
 }
@@ -785,6 +804,36 @@ mod tests {
                 .unwrap_err()
                 .contains("max_concurent")
         );
+    }
+
+    #[test]
+    fn the_chain_depth_of_run_outcome_triggers_defaults_to_3_and_is_bounded() {
+        let none = ConfigFile::parse("").unwrap();
+        assert_eq!(
+            resolve_runs(&none.runs, |_| None).unwrap().max_chain_depth,
+            3
+        );
+        let five = ConfigFile::parse("[runs]\nmax_chain_depth = 5\n").unwrap();
+        assert_eq!(
+            resolve_runs(&five.runs, |_| None).unwrap().max_chain_depth,
+            5
+        );
+        let c = resolve_runs(&five.runs, |k| {
+            (k == "CAPSTAN_RUNS_MAX_CHAIN_DEPTH").then(|| "1".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.max_chain_depth, 1);
+        for bad in [
+            "[runs]\nmax_chain_depth = 0\n",
+            "[runs]\nmax_chain_depth = 101\n",
+        ] {
+            let f = ConfigFile::parse(bad).unwrap();
+            let err = resolve_runs(&f.runs, |_| None).unwrap_err();
+            assert!(
+                err.to_string().starts_with("runs.max_chain_depth:"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

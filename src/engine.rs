@@ -153,6 +153,22 @@ impl Engine {
         self.docker_client(device)?.docker().await
     }
 
+    /// An engine on `dir/data` with the default settings and a generated key file, for
+    /// unit tests.
+    #[cfg(test)]
+    pub(crate) fn scratch(dir: &std::path::Path) -> Engine {
+        let settings = Settings::resolve(
+            &crate::config::ConfigFile::default(),
+            Some(dir.join("data")),
+            None,
+            None,
+        )
+        .expect("default settings");
+        Engine::open_or_init(settings, &PassphraseInput::default())
+            .expect("a scratch engine")
+            .0
+    }
+
     /// The pooled connections to `device`'s daemon, for raw requests (proxying) as well
     /// as bollard.
     pub fn docker_client(

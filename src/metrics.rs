@@ -17,6 +17,7 @@
 //! | `capstan_ssh_channels` | gauge | — |
 //! | `capstan_webhook_deliveries_total` | counter | `hook`, `result` |
 //! | `capstan_notifications_total` | counter | `channel`, `result` |
+//! | `capstan_outbound_requests_total` | counter | `plugin`, `decision`, `result` |
 //!
 //! A labelled family appears in the text once it has a series (the client leaves empty
 //! families out, as Prometheus's own clients do); the SSH gauges are always there.
@@ -64,6 +65,15 @@ struct HostCallLabels {
     decision: String,
 }
 
+/// Outbound HTTP (`wasi:http`) requests: the plugin, the allow-list's decision and how
+/// the request ended (a status class, or why it did not get one).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutboundLabels {
+    plugin: String,
+    decision: String,
+    result: String,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeliveryLabels {
     hook: String,
@@ -91,6 +101,7 @@ pub struct Metrics {
     ssh_channels: Gauge,
     webhook_deliveries: Family<DeliveryLabels, Counter>,
     notifications: Family<NotificationLabels, Counter>,
+    outbound_requests: Family<OutboundLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -155,7 +166,14 @@ impl Metrics {
             "Notifications by channel and what became of them: queued, duplicate, rate-limited, queue-full (sends); retried, delivered, failed (deliveries)",
             notifications.clone(),
         );
+        let outbound_requests = Family::<OutboundLabels, Counter>::default();
+        registry.register(
+            "outbound_requests",
+            "Outbound HTTP requests plugins made, by plugin, the allow-list's decision and result (a status class, denied, timeout, unreachable, too-large)",
+            outbound_requests.clone(),
+        );
         Metrics {
+            outbound_requests,
             notifications,
             registry,
             runs,
@@ -214,6 +232,27 @@ impl Metrics {
             .get_or_create(&NotificationLabels {
                 channel: channel.to_string(),
                 result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// One outbound HTTP request of `plugin`: `decision` (`allow`/`deny`) and its
+    /// `result` as the host call records it (a status code such as `200`, or `denied`,
+    /// `timeout`, `unreachable`, `too-large`); status codes are counted by class (`2xx`),
+    /// anything else outside that vocabulary as `other`, so the series stay bounded.
+    pub fn outbound_request(&self, plugin: &str, decision: &str, result: &str) {
+        let result = match result.as_bytes() {
+            [c @ b'1'..=b'5', b'0'..=b'9', b'0'..=b'9'] => format!("{}xx", *c as char),
+            _ if ["denied", "timeout", "unreachable", "too-large"].contains(&result) => {
+                result.to_string()
+            }
+            _ => "other".to_string(),
+        };
+        self.outbound_requests
+            .get_or_create(&OutboundLabels {
+                plugin: plugin.to_string(),
+                decision: decision.to_string(),
+                result,
             })
             .inc();
     }
@@ -346,6 +385,23 @@ mod tests {
             ),
             Some(1.0)
         );
+    }
+
+    #[test]
+    fn counts_outbound_requests_by_status_class_in_a_bounded_vocabulary() {
+        let m = Metrics::new();
+        m.outbound_request("probe", "allow", "200");
+        m.outbound_request("probe", "allow", "204");
+        m.outbound_request("probe", "deny", "denied");
+        m.outbound_request("probe", "allow", "made-up");
+        let text = m.render(&crate::docker::Pool::default());
+        let two =
+            r#"capstan_outbound_requests_total{plugin="probe",decision="allow",result="2xx"}"#;
+        assert_eq!(sample(&text, two), Some(2.0), "{text}");
+        let denied =
+            r#"capstan_outbound_requests_total{plugin="probe",decision="deny",result="denied"}"#;
+        assert_eq!(sample(&text, denied), Some(1.0), "{text}");
+        assert!(text.contains(r#"result="other""#), "{text}");
     }
 
     #[test]

@@ -195,11 +195,17 @@ pub enum RunTrigger {
         actor: String,
         count: u32,
     },
-    /// Another plugin's run ended.
+    /// Another plugin's run ended (a run-outcome trigger, `[[triggers.run]]`).
     Run {
+        /// The ended run's id.
         run_id: String,
+        /// The plugin that ran.
         plugin: String,
+        /// How it ended.
         status: String,
+        /// Run-outcome triggers in a row that led to this run: 1 when the ended run was
+        /// started by something else. A run past `runs.max_chain_depth` is refused and
+        /// recorded `denied`.
         depth: u32,
     },
 }

@@ -57,6 +57,9 @@ pub struct SchedulerConfig {
     pub max_wait: Duration,
     /// Run history retention and caps.
     pub history: RunStoreConfig,
+    /// Run-outcome triggers in a row: a run that would be deeper in such a chain is
+    /// refused and recorded ([`crate::trigger::run`]).
+    pub max_chain_depth: u32,
 }
 
 impl Default for SchedulerConfig {
@@ -68,6 +71,7 @@ impl Default for SchedulerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_wait: Duration::from_secs(60),
             history: RunStoreConfig::default(),
+            max_chain_depth: 3,
         }
     }
 }
@@ -243,6 +247,34 @@ impl Scheduler {
             .push(listener);
     }
 
+    /// Calls the run-end listeners with `record`.
+    fn tell_end(self: &Arc<Self>, record: &RunRecord) {
+        let listeners = self.end_listeners.read().unwrap_or_else(|e| e.into_inner());
+        for listener in listeners.iter() {
+            listener(self, record);
+        }
+    }
+
+    /// Records a run of `plugin` that is refused before it is queued (a chain of
+    /// run-outcome triggers past `max_chain_depth`): a `denied` record whose error is
+    /// `reason`, counted, and told to the run-end listeners like any other end. Must not
+    /// be called from a run-end listener (they would be called within themselves).
+    pub fn refuse(
+        self: &Arc<Self>,
+        plugin: &str,
+        event: &TriggerEvent,
+        reason: &str,
+    ) -> Result<RunId, SubmitError> {
+        let record = self.runs.create(plugin, RunTrigger::from(event))?;
+        let record = self
+            .runs
+            .finish(record.id, RunEnd::error(RunStatus::Denied, reason))?;
+        self.metrics
+            .run_finished(plugin, RunStatus::Denied.as_str(), Duration::ZERO);
+        self.tell_end(&record);
+        Ok(record.id)
+    }
+
     /// Records a `queued` run (its trigger as the event says) and starts it in the
     /// background. Returns its id at once.
     pub fn submit(
@@ -358,6 +390,10 @@ impl Scheduler {
             Ok(report) => {
                 for c in &report.host_calls {
                     self.metrics.host_call(&c.op, c.decision.as_str());
+                    if c.op == crate::plugin::host::http::OP {
+                        self.metrics
+                            .outbound_request(&plugin, c.decision.as_str(), &c.result);
+                    }
                 }
                 if let Some(tx) = report_to {
                     // The receiver may have stopped waiting: then nobody wants it.
@@ -483,12 +519,7 @@ impl RunGuard {
         let s = &self.scheduler;
         let status = end.status;
         match s.runs.finish(self.id, end) {
-            Ok(record) => {
-                let listeners = s.end_listeners.read().unwrap_or_else(|e| e.into_inner());
-                for listener in listeners.iter() {
-                    listener(s, &record);
-                }
-            }
+            Ok(record) => s.tell_end(&record),
             Err(e) => tracing::error!(run = %self.id, error = %e, "cannot record the run's end"),
         }
         let took = self.started_at.map(|t| t.elapsed()).unwrap_or_default();
@@ -688,6 +719,42 @@ mod tests {
         assert_eq!(
             end.host_calls[0].recorded_reason(),
             Some("ALLOW_RESTARTS is 0")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_run_is_recorded_denied_counted_and_told_to_the_listeners() {
+        let dir = tempfile::tempdir().unwrap();
+        let scheduler = Scheduler::with_defaults(Arc::new(Engine::scratch(dir.path()))).unwrap();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        scheduler.on_run_end(Box::new(move |_, r: &RunRecord| {
+            lock(&h).push((r.id, r.status));
+        }));
+        let event = TriggerEvent::Run {
+            run_id: "r".into(),
+            plugin: "a".into(),
+            status: "failed".into(),
+            outcome: String::new(),
+            depth: 4,
+        };
+        let id = scheduler.refuse("b", &event, "too deep").unwrap();
+        let r = scheduler.runs().get(id).unwrap().unwrap();
+        assert_eq!(
+            (r.status, r.error.as_deref()),
+            (RunStatus::Denied, Some("too deep"))
+        );
+        assert_eq!(r.started_at, None, "never started");
+        assert!(
+            matches!(r.trigger, RunTrigger::Run { depth: 4, .. }),
+            "{:?}",
+            r.trigger
+        );
+        assert_eq!(*lock(&heard), [(id, RunStatus::Denied)]);
+        let metrics = scheduler.metrics().render(&scheduler.engine().docker);
+        assert!(
+            metrics.contains(r#"capstan_runs_total{plugin="b",status="denied"} 1"#),
+            "{metrics}"
         );
     }
 

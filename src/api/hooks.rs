@@ -364,18 +364,7 @@ mod tests {
     /// hook `gh` (GitHub-style, 2 KiB bodies).
     fn engine_with_hook() -> (tempfile::TempDir, Arc<Scheduler>) {
         let dir = tempfile::tempdir().unwrap();
-        let settings = crate::config::Settings::resolve(
-            &crate::config::ConfigFile::default(),
-            Some(dir.path().join("data")),
-            None,
-            None,
-        )
-        .unwrap();
-        let (engine, _) = crate::engine::Engine::open_or_init(
-            settings,
-            &crate::engine::PassphraseInput::default(),
-        )
-        .unwrap();
+        let engine = crate::engine::Engine::scratch(dir.path());
         HookKeys::set(&engine.vault, "gh", &Secret::from_str_owned(SECRET.into())).unwrap();
         let scheduler = Scheduler::with_defaults(Arc::new(engine)).unwrap();
         let wasm = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

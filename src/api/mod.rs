@@ -29,7 +29,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, delete, get, patch, post};
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use axum::{Json, Router};
 
 use crate::engine::Engine;
@@ -60,7 +60,7 @@ impl std::ops::Deref for AppState {
 
 /// One route of the API.
 pub struct Route {
-    /// `GET`, `POST`, `PATCH`, `DELETE`.
+    /// `GET`, `POST`, `PUT`, `PATCH`, `DELETE`.
     pub method: &'static str,
     /// The path as registered, `{name}` for a parameter.
     pub path: &'static str,
@@ -148,6 +148,24 @@ pub const ROUTES: &[Route] = &[
         path: "/api/plugins/{name}/run",
         example: "/api/plugins/inventory/run",
         handler: || post(plugins::run),
+    },
+    Route {
+        method: "GET",
+        path: "/api/plugins/{name}/secrets",
+        example: "/api/plugins/inventory/secrets",
+        handler: || get(plugins::secrets),
+    },
+    Route {
+        method: "PUT",
+        path: "/api/plugins/{name}/secrets/{secret}",
+        example: "/api/plugins/inventory/secrets/slack",
+        handler: || put(plugins::secret_put).layer(DefaultBodyLimit::max(plugins::MAX_SECRET_BODY)),
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/plugins/{name}/secrets/{secret}",
+        example: "/api/plugins/inventory/secrets/slack",
+        handler: || delete(plugins::secret_delete),
     },
     Route {
         method: "GET",

@@ -1,4 +1,5 @@
-//! Plugin routes: list, show, install, remove, run, and the audit log of their host calls.
+//! Plugin routes: list, show, install, remove, run, the audit log of their host calls,
+//! and the secrets plugins use without seeing (names and whether set; values write-only).
 //!
 //! Install takes the manifest text and the component as base64 in one JSON body (up to
 //! [`MAX_INSTALL_BODY`]); the engine validates the manifest against the known devices and
@@ -44,7 +45,8 @@ pub struct PluginView {
     pub installed_at: chrono::DateTime<chrono::Utc>,
     /// Its device scope as written in the manifest (names or globs).
     pub devices: Vec<String>,
-    /// The manifest's `[triggers]`: cron schedules and webhooks.
+    /// The manifest's `[triggers]`: cron schedules, webhooks and run-outcome triggers
+    /// (`run`).
     #[schema(value_type = Object)]
     pub triggers: serde_json::Value,
     /// Its limits, resolved against the engine's defaults.
@@ -409,4 +411,132 @@ pub async fn audit(
         .tail(q.tail)
         .map_err(|e| AppError::Internal(format!("reading the audit log: {e}")))?;
     Ok(Json(records))
+}
+
+impl From<crate::plugin::secrets::SecretError> for AppError {
+    fn from(e: crate::plugin::secrets::SecretError) -> Self {
+        use crate::plugin::secrets::SecretError;
+        match e {
+            SecretError::NotInstalled(_)
+            | SecretError::Undeclared { .. }
+            | SecretError::NotSet { .. } => AppError::NotFound(e.to_string()),
+            SecretError::Invalid(_) => AppError::Invalid(e.to_string()),
+            SecretError::Vault(_) => AppError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// The body of `PUT /api/plugins/{name}/secrets/{secret}`; at most
+/// [`MAX_SECRET_BODY`] bytes.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretBody {
+    /// The value: text without control characters, at most 8 KiB. Never returned.
+    #[schema(value_type = String, write_only)]
+    value: crate::secret::Secret,
+}
+
+/// The largest body of a secret's `PUT`.
+pub const MAX_SECRET_BODY: usize = 16 * 1024;
+
+/// List a plugin's secrets
+///
+/// The secrets the plugin's manifest declares (`[secrets.NAME] origins`), with the
+/// origins each is bound to and whether a value is stored. Never a value.
+#[utoipa::path(
+    get,
+    path = "/api/plugins/{name}/secrets",
+    tag = "plugins",
+    params(("name" = String, Path, description = "Plugin name")),
+    responses(
+        (status = 200, description = "Its declared secrets", body = [crate::plugin::secrets::PluginSecret]),
+        (status = 404, description = "Not installed", body = super::ErrorBody),
+    )
+)]
+pub async fn secrets(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<crate::plugin::secrets::PluginSecret>>, AppError> {
+    let runtime = state.scheduler.runtime();
+    Ok(Json(crate::plugin::secrets::list(
+        &state.vault,
+        runtime,
+        &name,
+    )?))
+}
+
+/// Store a plugin secret
+///
+/// Seals the value in the vault under the plugin's secret `secret`, which its manifest
+/// must declare. The plugin never reads it: it writes `{{secret.NAME}}` in a URL or
+/// header value and the host substitutes it for the bound origins only.
+#[utoipa::path(
+    put,
+    path = "/api/plugins/{name}/secrets/{secret}",
+    tag = "plugins",
+    params(
+        ("name" = String, Path, description = "Plugin name"),
+        ("secret" = String, Path, description = "The secret's name, as declared in `[secrets.NAME]`"),
+    ),
+    request_body(content = SecretBody),
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 404, description = "Not installed, or the manifest declares no such secret", body = super::ErrorBody),
+        (status = 422, description = "Not JSON like {\"value\": \"…\"}, or the value is empty, too long or not text", body = super::ErrorBody),
+    )
+)]
+pub async fn secret_put(
+    State(state): State<AppState>,
+    Path((name, secret)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, AppError> {
+    let body = body.map_err(|_| {
+        AppError::Invalid(format!(
+            "the body must be JSON like {{\"value\": \"…\"}} of at most {MAX_SECRET_BODY} bytes"
+        ))
+    })?;
+    // The body holds a secret: the error never quotes it.
+    let req: SecretBody = serde_json::from_slice(&body).map_err(|_| {
+        AppError::Invalid("the body must be JSON like {\"value\": \"…\"}".to_string())
+    })?;
+    let (vault_state, runtime) = (state.clone(), state.scheduler.clone());
+    tokio::task::spawn_blocking(move || {
+        crate::plugin::secrets::set(
+            &vault_state.vault,
+            runtime.runtime(),
+            &name,
+            &secret,
+            &req.value,
+        )
+    })
+    .await
+    .map_err(|e| AppError::Internal(format!("the secret task failed: {e}")))??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Remove a plugin secret's value
+#[utoipa::path(
+    delete,
+    path = "/api/plugins/{name}/secrets/{secret}",
+    tag = "plugins",
+    params(
+        ("name" = String, Path, description = "Plugin name"),
+        ("secret" = String, Path, description = "The secret's name"),
+    ),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "Not installed, not declared, or no value stored", body = super::ErrorBody),
+    )
+)]
+pub async fn secret_delete(
+    State(state): State<AppState>,
+    Path((name, secret)): Path<(String, String)>,
+) -> Result<StatusCode, AppError> {
+    let (vault_state, runtime) = (state.clone(), state.scheduler.clone());
+    tokio::task::spawn_blocking(move || {
+        crate::plugin::secrets::remove(&vault_state.vault, runtime.runtime(), &name, &secret)
+    })
+    .await
+    .map_err(|e| AppError::Internal(format!("the secret task failed: {e}")))??;
+    Ok(StatusCode::NO_CONTENT)
 }

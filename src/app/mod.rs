@@ -328,9 +328,9 @@ pub fn open_in_process(engine: Engine, load_plugins: bool) -> anyhow::Result<Arc
     Ok(scheduler)
 }
 
-/// The plugin runtime and the scheduler: on first start the default plugins are
-/// installed, then every installed plugin is loaded (compiled code from the cache) and
-/// its triggers activated.
+/// The plugin runtime and the scheduler, listening for run ends for the run-outcome
+/// triggers: on first start the default plugins are installed, then every installed
+/// plugin is loaded (compiled code from the cache) and its triggers activated.
 fn start_plugins(
     engine: &Arc<Engine>,
     first_start: bool,
@@ -340,6 +340,7 @@ fn start_plugins(
     let scheduler = Scheduler::with_defaults(engine.clone())?;
     // `[notify] on`: run-end notifications, and deliveries counted in /metrics.
     crate::notify::attach(&scheduler);
+    crate::trigger::run::listen(&scheduler);
     if first_start && let Some(dir) = defaults {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| {

@@ -68,6 +68,12 @@ pub enum PluginCmd {
         #[arg(long, default_value_t = 20)]
         tail: usize,
     },
+    /// Secrets the plugin uses without seeing them: declared in its manifest
+    /// (`[secrets.NAME] origins = ["https://…"]`), written by the plugin as
+    /// `{{secret.NAME}}` in a URL or header value, filled in by the engine for the bound
+    /// origins only. Values are sealed in the vault and never shown.
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// Create a new plugin crate (Cargo.toml, src/lib.rs, plugin.toml) that builds with
     /// `cargo build --target wasm32-wasip2 --release` and installs as it is.
     New {
@@ -80,6 +86,26 @@ pub enum PluginCmd {
         #[arg(long, env = "CAPSTAN_SDK_PATH", value_name = "PATH")]
         sdk: Option<PathBuf>,
     },
+}
+
+/// `capstan plugin secret …`.
+#[derive(Debug, Subcommand)]
+pub enum SecretCmd {
+    /// Store a value for secret NAME of PLUGIN (replacing one stored before). The value
+    /// comes from --file, from standard input when it is not a terminal, or from a
+    /// prompt; never from the command line.
+    Set {
+        plugin: String,
+        name: String,
+        /// Read the value from this file (one trailing newline is dropped).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// List the secrets PLUGIN declares, the origins each may be sent to, and whether a
+    /// value is stored (never the value).
+    List { plugin: String },
+    /// Remove the value of secret NAME of PLUGIN.
+    Rm { plugin: String, name: String },
 }
 
 pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
@@ -104,7 +130,8 @@ pub fn run(g: &GlobalArgs, cmd: PluginCmd) -> anyhow::Result<()> {
     let api = {
         // The runtime's epoch ticker and pooled connections live inside the tokio runtime.
         let _guard = rt.enter();
-        if matches!(cmd, PluginCmd::Run { .. }) {
+        // Runs and secrets need the plugins loaded (secrets: their declarations).
+        if matches!(cmd, PluginCmd::Run { .. } | PluginCmd::Secret(_)) {
             ApiClient::connect_with_plugins(settings, &g.passphrase())?
         } else {
             ApiClient::connect(settings, &g.passphrase())?
@@ -202,12 +229,98 @@ async fn command(api: &ApiClient, data_dir: &Path, cmd: PluginCmd) -> anyhow::Re
                 &rows,
             );
         }
+        PluginCmd::Secret(cmd) => secret_command(api, cmd).await?,
         PluginCmd::New { .. } => unreachable!("handled before"),
     }
     Ok(())
 }
 
 /// An installed plugin, as the engine describes it.
+async fn secret_command(api: &ApiClient, cmd: SecretCmd) -> anyhow::Result<()> {
+    match cmd {
+        SecretCmd::Set { plugin, name, file } => {
+            let value = read_secret_value(file.as_deref(), &plugin, &name)?;
+            let body = serde_json::json!({
+                "value": value.expose_str().context("the secret must be UTF-8 text")?,
+            });
+            api.json(
+                "PUT",
+                &format!("/api/plugins/{plugin}/secrets/{name}"),
+                Some(body),
+            )
+            .await?;
+            println!("plugin {plugin}: secret {name} stored in the vault");
+        }
+        SecretCmd::List { plugin } => {
+            let v = api
+                .json("GET", &format!("/api/plugins/{plugin}/secrets"), None)
+                .await?;
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| {
+                    let origins: Vec<&str> = s["origins"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|o| o.as_str())
+                        .collect();
+                    vec![
+                        s["name"].as_str().unwrap_or_default().to_string(),
+                        if s["set"].as_bool() == Some(true) {
+                            "yes"
+                        } else {
+                            "no"
+                        }
+                        .to_string(),
+                        origins.join(", "),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                println!("plugin {plugin} declares no secret ([secrets.NAME] in its manifest)");
+            } else {
+                print_table(&["SECRET", "SET", "ORIGINS"], &rows);
+            }
+        }
+        SecretCmd::Rm { plugin, name } => {
+            api.json(
+                "DELETE",
+                &format!("/api/plugins/{plugin}/secrets/{name}"),
+                None,
+            )
+            .await?;
+            println!("plugin {plugin}: secret {name} removed");
+        }
+    }
+    Ok(())
+}
+
+/// A secret's value: from `file`, from stdin when it is not a terminal, else a prompt.
+fn read_secret_value(
+    file: Option<&Path>,
+    plugin: &str,
+    name: &str,
+) -> anyhow::Result<crate::secret::Secret> {
+    use std::io::IsTerminal;
+    let value = match file {
+        Some(f) => crate::secret::Secret::from_file(f)
+            .with_context(|| format!("cannot read {}", f.display()))?,
+        None if !std::io::stdin().is_terminal() => {
+            crate::secret::Secret::from_reader(std::io::stdin()).context("cannot read stdin")?
+        }
+        None => crate::secret::Secret::from_str_owned(
+            rpassword::prompt_password(format!("value of secret {name} for plugin {plugin}: "))
+                .context("cannot read the value from the terminal")?,
+        ),
+    };
+    if value.is_empty() {
+        bail!("the value of secret {name} is empty");
+    }
+    Ok(value)
+}
+
 async fn plugin(api: &ApiClient, name: &str) -> anyhow::Result<InstalledPlugin> {
     let v = api
         .json("GET", &format!("/api/plugins/{name}"), None)
@@ -311,6 +424,9 @@ fn print_installed(p: &InstalledPlugin) {
     for h in &p.triggers.webhook {
         println!("  webhook POST /hooks/{}", h.name);
     }
+    for r in &p.triggers.run {
+        println!("  {}", r.describe());
+    }
 }
 
 /// Prints hook secrets generated at install: shown once, never stored in the clear.
@@ -342,6 +458,7 @@ fn print_list(plugins: &[InstalledPlugin]) {
                     .iter()
                     .map(|h| format!("webhook {}", h.name)),
             );
+            triggers.extend(p.triggers.run.iter().map(|r| r.describe()));
             vec![
                 p.name.clone(),
                 p.version.clone(),

@@ -23,10 +23,16 @@
 //! name = "heal-now"
 //! auth = "hmac-sha256"          # or "bearer"; the secret lives in the vault
 //!
+//! [[triggers.run]]              # another plugin's run ended: run this one
+//! plugins = ["redeploy"]        # names or globs (a glob never matches this plugin)
+//! status = ["failed"]           # default: failed, denied, timed-out
+//! outcome = "gave up"           # optional: text the outcome must contain
+//!
 //! [policy]                      # the policy engine's TOML (socket-proxy variables)
 //! CONTAINERS = 1
 //! ALLOW_RESTARTS = 1
 //! devices = ["*"]
+//! outbound = ["https://ntfy.sh"] # origins it may reach over HTTP (default: none)
 //! [policy.containers]
 //! labels = ["capstan.autoheal=true"]
 //!
@@ -40,6 +46,9 @@
 //!
 //! [config]                      # free-form values the plugin reads with config-get
 //! max_attempts = 5
+//!
+//! [secrets.ntfy]                # `{{secret.ntfy}}` in a URL or header, for these only
+//! origins = ["https://ntfy.sh"] # (the value: `capstan plugin secret set autoheal ntfy`)
 //! ```
 
 use std::collections::BTreeMap;
@@ -70,7 +79,8 @@ pub struct Manifest {
     #[serde(default)]
     pub triggers: Triggers,
     /// What it may touch: socket-proxy variables plus `devices` and `[containers]`
-    /// scopes. Without one, a plugin may touch no device.
+    /// scopes, and the `outbound` origins it may reach over HTTP. Without one, a plugin
+    /// may touch no device and reach no origin.
     #[serde(default)]
     pub policy: Policy,
     /// Resource limits; unset keys take the engine's defaults.
@@ -83,7 +93,25 @@ pub struct Manifest {
     /// Values the plugin reads with `config-get`.
     #[serde(default)]
     pub config: toml::Table,
+    /// Secrets the plugin uses without seeing them (`[secrets.slack] origins = [...]`):
+    /// it writes `{{secret.slack}}` in a URL or header value and the host puts the value
+    /// stored with `capstan plugin secret set` there, only for a request to a bound
+    /// origin.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSpec>,
 }
+
+/// One `[secrets.NAME]` table.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSpec {
+    /// The origins the secret may be sent to, written as `[policy] outbound` entries
+    /// (`https://hooks.slack.com`); a request elsewhere that names the secret is denied.
+    pub origins: Vec<String>,
+}
+
+/// The longest secret name: `[a-z][a-z0-9_-]{0,63}`, as plugin names.
+pub const MAX_SECRET_NAME: usize = 64;
 
 /// The `[triggers]` table.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -97,6 +125,11 @@ pub struct Triggers {
     /// plugin with a `webhook` event; see [`crate::trigger::webhook`].
     #[serde(default)]
     pub webhook: Vec<HookConfig>,
+    /// Run-outcome triggers (`[[triggers.run]]`): another plugin's run that ends as
+    /// `status` lists (and, with `outcome`, says so) runs the plugin with a `run` event;
+    /// see [`crate::trigger::run`].
+    #[serde(default)]
+    pub run: Vec<crate::trigger::run::RunOutcomeTrigger>,
 }
 
 /// The `[limits]` table: each key optional.
@@ -126,6 +159,14 @@ pub struct LimitsSpec {
     /// ends. Unset, it is the engine's default or, when larger, what the other limits
     /// need (`max_log_bytes` + 2 × `max_output_bytes` + `max_state_bytes` + 1 MiB).
     pub max_host_bytes: Option<u32>,
+    /// Outbound HTTP requests per run (`wasi:http`); past it a request is refused.
+    pub max_http_requests: Option<u32>,
+    /// How long one outbound HTTP request may take, milliseconds: connecting, the
+    /// answer's head, and each wait for more of its body (the run's deadline holds too).
+    pub http_timeout_ms: Option<u32>,
+    /// The largest outbound HTTP response body a plugin may read, bytes; a longer one
+    /// fails with `http-response-body-size`.
+    pub max_http_response_bytes: Option<u32>,
 }
 
 /// Limits resolved against the engine's defaults.
@@ -144,6 +185,24 @@ pub struct Limits {
     pub max_host_calls: u32,
     #[serde(default = "default_max_host_bytes")]
     pub max_host_bytes: u32,
+    #[serde(default = "default_max_http_requests")]
+    pub max_http_requests: u32,
+    #[serde(default = "default_http_timeout_ms")]
+    pub http_timeout_ms: u32,
+    #[serde(default = "default_max_http_response_bytes")]
+    pub max_http_response_bytes: u32,
+}
+
+fn default_max_http_requests() -> u32 {
+    Limits::DEFAULT.max_http_requests
+}
+
+fn default_http_timeout_ms() -> u32 {
+    Limits::DEFAULT.http_timeout_ms
+}
+
+fn default_max_http_response_bytes() -> u32 {
+    Limits::DEFAULT.max_http_response_bytes
 }
 
 fn default_max_log_records() -> u32 {
@@ -173,6 +232,9 @@ impl Limits {
         max_state_bytes: 1024 * 1024,
         max_host_calls: 10_000,
         max_host_bytes: 32 * 1024 * 1024,
+        max_http_requests: 100,
+        http_timeout_ms: 10_000,
+        max_http_response_bytes: 1024 * 1024,
     };
 
     /// The most a manifest may ask for (the pooling allocator reserves memory slots of
@@ -187,6 +249,9 @@ impl Limits {
         max_state_bytes: 64 * 1024 * 1024,
         max_host_calls: 1_000_000,
         max_host_bytes: 1024 * 1024 * 1024,
+        max_http_requests: 100_000,
+        http_timeout_ms: 3_600_000,
+        max_http_response_bytes: 256 * 1024 * 1024,
     };
 
     /// `spec` over `defaults`. An unset `max_host_bytes` grows to what the other limits
@@ -202,6 +267,11 @@ impl Limits {
             max_state_bytes: spec.max_state_bytes.unwrap_or(defaults.max_state_bytes),
             max_host_calls: spec.max_host_calls.unwrap_or(defaults.max_host_calls),
             max_host_bytes: defaults.max_host_bytes,
+            max_http_requests: spec.max_http_requests.unwrap_or(defaults.max_http_requests),
+            http_timeout_ms: spec.http_timeout_ms.unwrap_or(defaults.http_timeout_ms),
+            max_http_response_bytes: spec
+                .max_http_response_bytes
+                .unwrap_or(defaults.max_http_response_bytes),
         };
         l.max_host_bytes = spec
             .max_host_bytes
@@ -337,6 +407,24 @@ impl Manifest {
                 HOST_BYTES_HEADROOM,
                 Limits::MAX.max_host_bytes,
             ),
+            (
+                "limits.max_http_requests",
+                l.max_http_requests,
+                0,
+                Limits::MAX.max_http_requests,
+            ),
+            (
+                "limits.http_timeout_ms",
+                l.http_timeout_ms,
+                1,
+                Limits::MAX.http_timeout_ms,
+            ),
+            (
+                "limits.max_http_response_bytes",
+                l.max_http_response_bytes,
+                0,
+                Limits::MAX.max_http_response_bytes,
+            ),
         ];
         for (field, value, min, max) in bounded {
             if let Some(v) = value
@@ -357,7 +445,31 @@ impl Manifest {
                 ),
             ));
         }
+        for (name, spec) in &self.secrets {
+            let field = format!("secrets.{name}");
+            validate_secret_name(name).map_err(|m| invalid(&field, m))?;
+            if spec.origins.is_empty() {
+                return Err(invalid(
+                    &format!("{field}.origins"),
+                    "names no origin: list the origins the secret may be sent to, e.g. [\"https://hooks.slack.com\"]".into(),
+                ));
+            }
+            crate::policy::OutboundList::new(&spec.origins)
+                .map_err(|e| invalid(&format!("{field}.origins"), e.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// Each `[secrets.NAME]` with the origins it is bound to (validated entries; an
+    /// entry that does not parse binds nothing — [`Manifest::validate`] refuses it).
+    pub fn secret_bindings(&self) -> BTreeMap<String, crate::policy::OutboundList> {
+        self.secrets
+            .iter()
+            .map(|(name, spec)| {
+                let list = crate::policy::OutboundList::new(&spec.origins).unwrap_or_default();
+                (name.clone(), list)
+            })
+            .collect()
     }
 
     /// `[config]` values as `config-get` returns them: strings as they are, other
@@ -394,6 +506,24 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "`{name}` is not a plugin name: use lower-case letters, digits, `-` and `_`, starting with a letter, at most 64 characters"
+        ))
+    }
+}
+
+/// Secret names: `[a-z][a-z0-9_-]{0,63}`, as plugin names (they appear in
+/// `{{secret.NAME}}` and in the vault's record names).
+pub fn validate_secret_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_SECRET_NAME
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a secret name: use lower-case letters, digits, `-` and `_`, starting with a letter, at most {MAX_SECRET_NAME} characters"
         ))
     }
 }
@@ -546,6 +676,57 @@ backoff = [60, 300]
         assert!(e.contains("limits.timeout_secs"), "{e}");
         let e = error_of("name = \"a\"\nversion = \"1\"\n[limits]\nmax_log_fields = 5000\n");
         assert!(e.contains("limits.max_log_fields"), "{e}");
+    }
+
+    #[test]
+    fn reads_outbound_origins_secrets_and_http_limits() {
+        let m = Manifest::parse(
+            "name = \"a\"\nversion = \"1\"\n[policy]\noutbound = [\"https://hooks.slack.com\", \"http://127.0.0.1:*\"]\n\
+             [limits]\nmax_http_requests = 3\nhttp_timeout_ms = 500\n\
+             [secrets.slack]\norigins = [\"https://hooks.slack.com\"]\n",
+            "p",
+        )
+        .unwrap();
+        m.validate("p", &devices()).unwrap();
+        assert_eq!(m.policy.outbound().rules().len(), 2);
+        assert_eq!(m.secrets["slack"].origins, ["https://hooks.slack.com"]);
+        let l = Limits::resolve(&m.limits, &Limits::DEFAULT);
+        assert_eq!((l.max_http_requests, l.http_timeout_ms), (3, 500));
+        assert_eq!(
+            l.max_http_response_bytes,
+            Limits::DEFAULT.max_http_response_bytes
+        );
+    }
+
+    #[test]
+    fn refuses_bad_outbound_entries_secrets_and_http_limits_naming_the_field() {
+        let e = error_of("name = \"a\"\nversion = \"1\"\n[policy]\noutbound = [\"ntfy.sh\"]\n");
+        assert!(
+            e.contains("outbound") && e.contains("`ntfy.sh` is not an origin"),
+            "{e}"
+        );
+        let e = error_of(
+            "name = \"a\"\nversion = \"1\"\n[secrets.Slack]\norigins = [\"https://x.io\"]\n",
+        );
+        assert!(
+            e.contains("secrets.Slack") && e.contains("not a secret name"),
+            "{e}"
+        );
+        let e = error_of("name = \"a\"\nversion = \"1\"\n[secrets.slack]\norigins = []\n");
+        assert!(e.contains("secrets.slack.origins"), "{e}");
+        let e = error_of(
+            "name = \"a\"\nversion = \"1\"\n[secrets.slack]\norigins = [\"hooks.slack.com\"]\n",
+        );
+        assert!(
+            e.contains("secrets.slack.origins") && e.contains("scheme://"),
+            "{e}"
+        );
+        let e = error_of(
+            "name = \"a\"\nversion = \"1\"\n[secrets.slack]\norigin = [\"https://x.io\"]\n",
+        );
+        assert!(e.contains("origin"), "{e}");
+        let e = error_of("name = \"a\"\nversion = \"1\"\n[limits]\nhttp_timeout_ms = 0\n");
+        assert!(e.contains("limits.http_timeout_ms"), "{e}");
     }
 
     #[test]

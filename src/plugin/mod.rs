@@ -36,6 +36,7 @@ pub mod report;
 pub mod runtime;
 pub mod sandbox;
 pub mod scaffold;
+pub mod secrets;
 
 pub use budget::LimitError;
 pub use manifest::{Limits, Manifest, ManifestError};

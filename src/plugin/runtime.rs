@@ -315,6 +315,10 @@ pub struct LoadedPlugin {
     pub triggers: Triggers,
     /// The manifest's `[notify]` table: channels `host.notify` may use, run-end notices.
     pub notify: crate::notify::NotifySpec,
+    /// The origins it may reach over HTTP (`[policy] outbound`).
+    pub outbound: crate::policy::OutboundList,
+    /// Its secrets and the origins each is bound to (`[secrets.NAME] origins`).
+    pub secrets: BTreeMap<String, crate::policy::OutboundList>,
     pub sha256: String,
     /// Whether the component came from the compile cache.
     pub loaded: Loaded,
@@ -365,6 +369,9 @@ impl PluginRuntime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| PluginError::Engine(e.to_string()))?;
         Plugin::add_to_linker::<RunState, HasSelf<RunState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        // Outbound HTTP, through our send path (super::host::http).
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| PluginError::Engine(e.to_string()))?;
         let data_dir = engine.settings.data_dir.clone();
         let services = Arc::new(Services {
@@ -520,6 +527,8 @@ impl PluginRuntime {
             limits: Limits::resolve(&manifest.limits, &self.defaults),
             triggers: manifest.triggers.clone(),
             notify: manifest.notify.clone(),
+            outbound: manifest.policy.outbound().clone(),
+            secrets: manifest.secret_bindings(),
             sha256,
             loaded,
             pre,
@@ -604,6 +613,9 @@ impl PluginRuntime {
         let rec = self.installed_plugin(name)?;
         self.records.remove(name)?;
         self.services.state.clear(name)?;
+        if let Err(e) = super::secrets::remove_all(&self.services.engine.vault, name) {
+            tracing::warn!(plugin = %name, error = %e, "cannot remove the plugin's secrets");
+        }
         self.cache.forget(&rec.sha256);
         let _ = std::fs::remove_dir_all(self.plugin_dir(name));
         self.plugins
@@ -645,6 +657,12 @@ impl PluginRuntime {
                 self.services.clone(),
                 deadline,
                 budget.clone(),
+            ),
+            http_ctx: wasmtime_wasi_http::WasiHttpCtx::new(),
+            outbound: super::host::http::Outbound::new(
+                plugin.clone(),
+                self.services.clone(),
+                deadline,
             ),
         };
         let mut store = Store::new(&self.engine, state);
@@ -724,6 +742,10 @@ impl PluginRuntime {
             }
         };
         let duration_ms = crate::millis(started.elapsed());
+        {
+            let data = store.data_mut();
+            data.run.absorb_outbound(&data.outbound);
+        }
         let run = std::mem::replace(
             &mut store.data_mut().run,
             RunCtx::new(plugin.clone(), self.services.clone(), deadline, budget),

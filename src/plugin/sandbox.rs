@@ -33,7 +33,9 @@ use super::budget::{HostBudget, LimitError};
 ///   source — the only WASI capabilities that work.
 ///
 /// Docker and the engine are reached through the `capstan:plugin` imports alone, each
-/// call checked against the plugin's policy (see [`super::host`]).
+/// call checked against the plugin's policy (see [`super::host`]). The one way out is
+/// `wasi:http` (not part of this context): HTTP(S) to the origins of the manifest's
+/// `[policy] outbound`, every request checked by the host (see [`super::host::http`]).
 pub fn wasi_context(stdout: CappedPipe, stderr: CappedPipe) -> WasiCtx {
     let mut b = WasiCtxBuilder::new();
     b.stdout(stdout)

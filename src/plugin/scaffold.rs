@@ -154,6 +154,10 @@ description = "Counts running containers on every device in scope"
 # [[triggers.webhook]]
 # name = "{name}"                 # POST /hooks/{name}
 # auth = "hmac-sha256"            # X-Hub-Signature-256 as GitHub sends it; or "bearer"
+# [[triggers.run]]                # another plugin's run ended (the event says how)
+# plugins = ["autoheal"]          # names or globs; a glob never matches this plugin
+# status = ["failed", "timed-out"] # default: failed, denied, timed-out
+# outcome = "gave up"             # optional: text its outcome or error must contain
 
 # What it may touch: socket-proxy variables, devices and containers. It needs to list
 # containers (CONTAINERS=1) and nothing else.
@@ -195,5 +199,25 @@ mod tests {
             .unwrap();
         assert!(create("my-plugin", tmp.path(), &default_sdk_path()).is_err());
         assert!(create("Bad Name", tmp.path(), &default_sdk_path()).is_err());
+    }
+
+    #[test]
+    fn the_run_outcome_trigger_offered_in_comments_is_valid_once_uncommented() {
+        let text = plugin_toml("watcher");
+        let block: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [[triggers.run]]"))
+            .take_while(|l| l.starts_with("# "))
+            .map(|l| &l[2..])
+            .collect();
+        assert_eq!(block.len(), 4, "{text}");
+        let manifest = format!(
+            "name = \"watcher\"\nversion = \"1\"\n{}\n",
+            block.join("\n")
+        );
+        let m = crate::plugin::Manifest::parse(&manifest, "plugin.toml").unwrap();
+        m.validate("plugin.toml", &[]).unwrap();
+        assert_eq!(m.triggers.run[0].plugins, ["autoheal"]);
+        assert_eq!(m.triggers.run[0].outcome.as_deref(), Some("gave up"));
     }
 }

@@ -1,7 +1,8 @@
 //! Triggers: what starts a plugin run.
 //!
 //! A run starts because a cron schedule fired ([`cron`]), a webhook delivery was
-//! verified ([`webhook`]), or someone asked ([`manual`], through the API or the CLI).
+//! verified ([`webhook`]), someone asked ([`manual`], through the API or the CLI), or
+//! another plugin's run ended the way a run-outcome trigger watches for ([`run`]).
 //! Each kind is one module that implements [`TriggerKind`]: it checks its section of the
 //! manifest's `[triggers]` table at install, registers the plugin's triggers in
 //! [`Triggers`] when the plugin is activated (and takes them away when it is removed), and
@@ -16,6 +17,7 @@
 
 pub mod cron;
 pub mod manual;
+pub mod run;
 pub mod units;
 pub mod webhook;
 
@@ -28,13 +30,20 @@ use crate::secret::Secret;
 
 /// Every trigger kind, in the order their manifest sections are checked and their
 /// triggers registered. A new kind is one module and one line here.
-pub const KINDS: &[&dyn TriggerKind] = &[&cron::Cron, &webhook::Webhook, &manual::Manual];
+pub const KINDS: &[&dyn TriggerKind] = &[
+    &cron::Cron,
+    &webhook::Webhook,
+    &manual::Manual,
+    &run::RunOutcome,
+];
 
 /// The engine's live triggers, filled by plugin activation and read by what fires them
 /// (the scheduler's cron loop, the hook route).
 pub struct Triggers {
     pub cron: cron::CronScheduler,
     pub hooks: Arc<webhook::Webhooks>,
+    /// Run-outcome triggers, read when a run ends.
+    pub run: run::RunWatchers,
 }
 
 impl Triggers {
@@ -42,6 +51,7 @@ impl Triggers {
         Ok(Triggers {
             cron: cron::CronScheduler::new(),
             hooks: Arc::new(webhook::Webhooks::open(store)?),
+            run: run::RunWatchers::new(),
         })
     }
 }
@@ -108,7 +118,7 @@ mod tests {
     #[test]
     fn every_kind_is_registered_once_under_the_name_its_events_carry() {
         let names: Vec<_> = KINDS.iter().map(|k| k.name()).collect();
-        assert_eq!(names, ["cron", "webhook", "manual"]);
+        assert_eq!(names, ["cron", "webhook", "manual", "run"]);
         assert_eq!(crate::plugin::TriggerEvent::manual("").kind(), "manual");
     }
 }

@@ -68,6 +68,7 @@ pub mod body;
 pub mod create;
 mod decide;
 pub mod endpoints;
+pub mod outbound;
 mod parse;
 mod scope;
 mod vars;
@@ -84,6 +85,7 @@ use std::io::{self, BufRead, Write};
 pub use create::{CreateAsks, CreateDenial, CreateError, CreateGuard};
 pub use decide::{CompiledPolicy, Decision, Effects, Framing, Malformed, Rule, Target, WriteCause};
 pub use endpoints::{Effect, Endpoint, Gate, Method, TargetKind};
+pub use outbound::{Origin, OutboundError, OutboundList, OutboundRule, Scheme, special_address};
 pub use parse::{EnvLineError, PolicyError, assignment};
 pub use scope::{ContainerScope, DeviceScope, Glob, LabelSelector, ScopeError, own_names};
 pub use vars::{ValueError, Var, VarKind, VarSet, parse_value};
@@ -101,6 +103,7 @@ pub struct Policy {
     devices: DeviceScope,
     containers: ContainerScope,
     create: CreateGuard,
+    outbound: OutboundList,
 }
 
 impl Default for Policy {
@@ -112,6 +115,7 @@ impl Default for Policy {
             devices: DeviceScope::none(),
             containers: ContainerScope::all(),
             create: CreateGuard::default(),
+            outbound: OutboundList::default(),
         }
     }
 }
@@ -195,6 +199,16 @@ impl Policy {
     /// Replaces the create guard.
     pub fn set_create(&mut self, create: CreateGuard) {
         self.create = create;
+    }
+
+    /// The origins a plugin may reach over HTTP (`outbound`; see [`outbound`]).
+    pub fn outbound(&self) -> &OutboundList {
+        &self.outbound
+    }
+
+    /// Replaces the outbound allow-list.
+    pub fn set_outbound(&mut self, outbound: OutboundList) {
+        self.outbound = outbound;
     }
 
     /// The form that decides: variables as a bit set, scopes ready to match.

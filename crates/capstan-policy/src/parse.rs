@@ -29,6 +29,8 @@
 //! labels = ["autoheal=true", "com.example.tier"]
 //! names = ["web-*"]
 //!
+//! outbound = ["https://ntfy.sh"] # origins the plugin may reach over HTTP (`outbound`)
+//!
 //! [create]                      # what a container create may ask of the host
 //! privileged = false            # the defaults; see `policy::create`
 //! host_namespaces = false
@@ -234,7 +236,7 @@ pub fn toml_str(text: &str) -> Result<Policy, PolicyError> {
 }
 
 /// The keys a policy table accepts besides the variables.
-const SCOPE_KEYS: [&str; 3] = ["devices", "containers", "create"];
+const SCOPE_KEYS: [&str; 4] = ["devices", "containers", "create", "outbound"];
 
 impl<'de> Deserialize<'de> for Policy {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -250,7 +252,7 @@ impl<'de> Visitor<'de> for PolicyVisitor {
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(
             "a policy table of socket-proxy variables (CONTAINERS = 1, …), `devices`, \
-             `[containers]` and `[create]`",
+             `[containers]`, `[create]` and `outbound`",
         )
     }
 
@@ -259,6 +261,7 @@ impl<'de> Visitor<'de> for PolicyVisitor {
         let mut devices_seen = false;
         let mut containers_seen = false;
         let mut create_seen = false;
+        let mut outbound_seen = false;
         while let Some(key) = map.next_key::<PolicyKey>()? {
             match key {
                 PolicyKey::Var(var) => {
@@ -287,6 +290,12 @@ impl<'de> Visitor<'de> for PolicyVisitor {
                     let table: CreateTable = map.next_value()?;
                     policy.create = CreateGuard::try_from(table).map_err(de::Error::custom)?;
                 }
+                PolicyKey::Outbound => {
+                    if std::mem::replace(&mut outbound_seen, true) {
+                        return Err(de::Error::custom("`outbound` is set twice"));
+                    }
+                    policy.outbound = map.next_value()?;
+                }
             }
         }
         Ok(policy)
@@ -299,6 +308,7 @@ enum PolicyKey {
     Devices,
     Containers,
     Create,
+    Outbound,
 }
 
 impl<'de> Deserialize<'de> for PolicyKey {
@@ -313,7 +323,7 @@ impl Visitor<'_> for PolicyKeyVisitor {
     type Value = PolicyKey;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a socket-proxy variable, `devices`, `containers` or `create`")
+        f.write_str("a socket-proxy variable, `devices`, `containers`, `create` or `outbound`")
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<PolicyKey, E> {
@@ -324,6 +334,7 @@ impl Visitor<'_> for PolicyKeyVisitor {
             "devices" => Ok(PolicyKey::Devices),
             "containers" => Ok(PolicyKey::Containers),
             "create" => Ok(PolicyKey::Create),
+            "outbound" => Ok(PolicyKey::Outbound),
             _ => Err(E::custom(unknown_key(key))),
         }
     }

@@ -62,7 +62,9 @@ pub struct Glob {
 }
 
 impl Glob {
-    pub(crate) fn new(pattern: &str, what: &'static str) -> Result<Glob, ScopeError> {
+    /// A glob from `pattern`; `what` names the pattern's kind in errors (`device`,
+    /// `plugin`, …).
+    pub fn new(pattern: &str, what: &'static str) -> Result<Glob, ScopeError> {
         if pattern.is_empty() {
             return Err(ScopeError::EmptyPattern { what });
         }

@@ -2,7 +2,7 @@
 //!
 //! A plugin implements [`Plugin`] (one function, `run`) and exports it with
 //! [`export_plugin!`]; everything else is ordinary Rust calling the functions in
-//! [`docker`], [`log`], [`config`], [`state`] and [`time`]:
+//! [`docker`], [`log`], [`config`], [`state`], [`time`], [`notify`] and [`http`]:
 //!
 //! ```ignore
 //! use capstan_sdk::prelude::*;
@@ -58,6 +58,7 @@ macro_rules! export_plugin {
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::docker::{self, ContainerFilter, ContainerSummary, LogOptions, RecreateOptions};
+    pub use crate::http;
     pub use crate::notify::{self, Notification, Priority, Sent};
     pub use crate::{Error, Event, Outcome, Plugin, config, log, state, time};
 }
@@ -248,8 +249,8 @@ pub mod state {
 /// Messages for people, through the notifier channels the operator configured
 /// (`capstan notifier add`) and the manifest's `[notify] channels` allows.
 pub mod notify {
-    pub use crate::bindings::capstan::plugin::host::{Notification, Priority, Sent};
     use crate::Error;
+    pub use crate::bindings::capstan::plugin::host::{Notification, Priority, Sent};
 
     /// Sends `notification` to `channel`. `Ok(Sent::Queued)` once the engine has it (it
     /// delivers with retries); `Duplicate` and `RateLimited` say it was not sent.
@@ -285,6 +286,352 @@ pub mod notify {
         pub fn dedup_key(mut self, key: impl Into<String>) -> Notification {
             self.dedup_key = Some(key.into());
             self
+        }
+    }
+}
+
+/// The generated bindings of `wasi:http/outgoing-handler` (WASI 0.2.12), the interface
+/// [`http`] wraps. Only what a plugin calls becomes an import of its component.
+#[allow(missing_docs, clippy::all)]
+pub mod wasi_http {
+    wit_bindgen::generate!({
+        path: "wit",
+        world: "capstan:sdk-http/http",
+        generate_all,
+    });
+}
+
+/// Outbound HTTP to the origins the manifest's `[policy] outbound` allows.
+///
+/// ```ignore
+/// let r = http::get("https://status.example.com/health")?;
+/// if r.status != 200 { /* … */ }
+/// http::post_json("https://ntfy.sh/ops", &serde_json::json!({"message": "done"}))?;
+/// // A secret stored with `capstan plugin secret set PLUGIN slack`, bound to
+/// // `https://hooks.slack.com` in `[secrets.slack] origins`: the host writes it in.
+/// http::post("https://hooks.slack.com/services/{{secret.slack}}", "application/json", b"{}")?;
+/// ```
+///
+/// Every request is checked by the host first: the origin against the allow-list, the
+/// address it resolves to (no private or loopback address unless the allow-list names
+/// the host itself), the run's request count and deadline. A refusal is
+/// `Err(Error::Denied(reason))`, the reason naming the setting that would allow it; a
+/// timeout is `Error::Timeout`, a connection that fails `Error::Unreachable`, a
+/// response over `limits.max_http_response_bytes` `Error::Failed`. Redirects are not
+/// followed: a 3xx is a response like any other. The `Host` header always comes from
+/// the URL and cannot be set.
+pub mod http {
+    use crate::Error;
+    use crate::wasi_http::wasi::http::outgoing_handler;
+    use crate::wasi_http::wasi::http::types::{
+        ErrorCode, Fields, HeaderError, IncomingBody, Method, OutgoingBody, OutgoingRequest,
+        RequestOptions, Scheme,
+    };
+    use crate::wasi_http::wasi::io::streams::StreamError;
+
+    /// A request to send.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Request {
+        /// `GET`, `POST`, … (any token).
+        pub method: String,
+        /// `http://` or `https://` URL; `{{secret.NAME}}` may stand in its path, query
+        /// or a header value.
+        pub url: String,
+        /// Header names and values, sent in this order.
+        pub headers: Vec<(String, String)>,
+        pub body: Vec<u8>,
+        /// How long to wait to connect, for the answer, and between parts of its body,
+        /// milliseconds; the host's `limits.http_timeout_ms` holds in any case.
+        pub timeout_ms: Option<u32>,
+    }
+
+    impl Request {
+        /// A request with `method` to `url`, no headers and no body.
+        pub fn new(method: impl Into<String>, url: impl Into<String>) -> Request {
+            Request {
+                method: method.into(),
+                url: url.into(),
+                headers: Vec::new(),
+                body: Vec::new(),
+                timeout_ms: None,
+            }
+        }
+
+        /// A `GET` of `url`.
+        pub fn get(url: impl Into<String>) -> Request {
+            Request::new("GET", url)
+        }
+
+        /// Adds a header.
+        pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Request {
+            self.headers.push((name.into(), value.into()));
+            self
+        }
+
+        /// Sets the body.
+        pub fn body(mut self, body: impl Into<Vec<u8>>) -> Request {
+            self.body = body.into();
+            self
+        }
+
+        /// Sets the timeout, milliseconds.
+        pub fn timeout_ms(mut self, ms: u32) -> Request {
+            self.timeout_ms = Some(ms);
+            self
+        }
+    }
+
+    /// What came back.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Response {
+        pub status: u16,
+        /// Header names (lower case) and values, as received (values as UTF-8, lossy).
+        pub headers: Vec<(String, String)>,
+        pub body: Vec<u8>,
+    }
+
+    impl Response {
+        /// The body as UTF-8 (invalid sequences replaced).
+        pub fn text(&self) -> String {
+            String::from_utf8_lossy(&self.body).into_owned()
+        }
+
+        /// The body parsed as JSON.
+        pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
+            serde_json::from_slice(&self.body).map_err(|e| {
+                Error::Invalid(format!("the response body is not the JSON expected: {e}"))
+            })
+        }
+
+        /// The first value of header `name` (any case).
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+
+        /// Whether the status is 2xx.
+        pub fn is_success(&self) -> bool {
+            (200..300).contains(&self.status)
+        }
+    }
+
+    /// `GET url`.
+    pub fn get(url: &str) -> Result<Response, Error> {
+        send(Request::get(url))
+    }
+
+    /// `POST url` with `body` of `content_type`.
+    pub fn post(
+        url: &str,
+        content_type: &str,
+        body: impl Into<Vec<u8>>,
+    ) -> Result<Response, Error> {
+        send(
+            Request::new("POST", url)
+                .header("content-type", content_type)
+                .body(body),
+        )
+    }
+
+    /// `POST url` with `value` as a JSON body.
+    pub fn post_json<T: serde::Serialize + ?Sized>(
+        url: &str,
+        value: &T,
+    ) -> Result<Response, Error> {
+        let body = serde_json::to_vec(value).map_err(|e| Error::Failed(e.to_string()))?;
+        post(url, "application/json", body)
+    }
+
+    /// Sends `request` and reads the whole response.
+    pub fn send(request: Request) -> Result<Response, Error> {
+        let (scheme, authority, path) = split_url(&request.url)?;
+        let fields = Fields::new();
+        for (name, value) in &request.headers {
+            fields
+                .append(name, value.as_bytes())
+                .map_err(|e| header_error(name, e))?;
+        }
+        let outgoing = OutgoingRequest::new(fields);
+        let method = method_of(&request.method);
+        let invalid =
+            |what: &str| Error::Invalid(format!("{what} of `{}` is not valid", request.url));
+        outgoing
+            .set_method(&method)
+            .map_err(|()| invalid("the method"))?;
+        outgoing
+            .set_scheme(Some(&scheme))
+            .map_err(|()| invalid("the scheme"))?;
+        outgoing
+            .set_authority(Some(authority))
+            .map_err(|()| invalid("the host"))?;
+        outgoing
+            .set_path_with_query(Some(path))
+            .map_err(|()| invalid("the path"))?;
+        let body = outgoing
+            .body()
+            .map_err(|()| Error::Failed("the request body was already taken".into()))?;
+        let options = request.timeout_ms.map(|ms| {
+            let ns = u64::from(ms) * 1_000_000;
+            let o = RequestOptions::new();
+            let _ = o.set_connect_timeout(Some(ns));
+            let _ = o.set_first_byte_timeout(Some(ns));
+            let _ = o.set_between_bytes_timeout(Some(ns));
+            o
+        });
+        let future = outgoing_handler::handle(outgoing, options).map_err(error_of)?;
+        // A refused request closes the body; what went wrong comes from the future.
+        if let Ok(stream) = body.write() {
+            for chunk in request.body.chunks(4096) {
+                if stream.blocking_write_and_flush(chunk).is_err() {
+                    break;
+                }
+            }
+            drop(stream);
+        }
+        let _ = OutgoingBody::finish(body, None);
+        let response = loop {
+            match future.get() {
+                Some(Ok(Ok(response))) => break response,
+                Some(Ok(Err(code))) => return Err(error_of(code)),
+                Some(Err(())) => {
+                    return Err(Error::Failed("the response was already taken".into()));
+                }
+                None => future.subscribe().block(),
+            }
+        };
+        let status = response.status();
+        let headers = response
+            .headers()
+            .entries()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect();
+        let incoming = response
+            .consume()
+            .map_err(|()| Error::Failed("the response body was already taken".into()))?;
+        let stream = incoming
+            .stream()
+            .map_err(|()| Error::Failed("the response body was already taken".into()))?;
+        let mut bytes = Vec::new();
+        loop {
+            match stream.blocking_read(64 * 1024) {
+                Ok(chunk) => bytes.extend_from_slice(&chunk),
+                Err(StreamError::Closed) => break,
+                Err(StreamError::LastOperationFailed(e)) => {
+                    let code = crate::wasi_http::wasi::http::types::http_error_code(&e);
+                    return Err(match code {
+                        Some(code) => error_of(code),
+                        // The host words its own limits (size, time) in the text.
+                        None => {
+                            let text = e.to_debug_string();
+                            if text.contains("timeout") {
+                                Error::Timeout(format!("reading the response body: {text}"))
+                            } else {
+                                Error::Failed(format!("reading the response body failed: {text}"))
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        drop(stream);
+        let _ = IncomingBody::finish(incoming);
+        Ok(Response {
+            status,
+            headers,
+            body: bytes,
+        })
+    }
+
+    /// `scheme`, `host[:port]` and `/path?query` of an `http(s)://` URL.
+    fn split_url(url: &str) -> Result<(Scheme, &str, &str), Error> {
+        let bad = |why: &str| Error::Invalid(format!("`{url}` is not an http(s) URL: {why}"));
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no `scheme://`"))?;
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            _ => return Err(bad("the scheme is not http or https")),
+        };
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        if authority.is_empty() {
+            return Err(bad("no host"));
+        }
+        let path = path.split('#').next().unwrap_or("");
+        let path = if path.is_empty() { "/" } else { path };
+        Ok((scheme, authority, path))
+    }
+
+    fn method_of(method: &str) -> Method {
+        match method.to_ascii_uppercase().as_str() {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "DELETE" => Method::Delete,
+            "CONNECT" => Method::Connect,
+            "OPTIONS" => Method::Options,
+            "TRACE" => Method::Trace,
+            "PATCH" => Method::Patch,
+            _ => Method::Other(method.to_string()),
+        }
+    }
+
+    fn header_error(name: &str, e: HeaderError) -> Error {
+        match e {
+            HeaderError::Forbidden => Error::Denied(format!(
+                "the `{name}` header cannot be set by a plugin (the Host header always comes from the URL; hop-by-hop headers from the connection)"
+            )),
+            HeaderError::InvalidSyntax => {
+                Error::Invalid(format!("the `{name}` header's name or value is not valid"))
+            }
+            HeaderError::Immutable => {
+                Error::Failed(format!("the `{name}` header cannot be changed"))
+            }
+        }
+    }
+
+    /// The host's refusals arrive as `internal-error("denied: …")`, with the reason.
+    const DENIED: &str = "denied: ";
+
+    fn error_of(code: ErrorCode) -> Error {
+        match code {
+            ErrorCode::InternalError(Some(m)) if m.starts_with(DENIED) => {
+                Error::Denied(m[DENIED.len()..].to_string())
+            }
+            ErrorCode::HttpRequestDenied => Error::Denied("the host refused the request".into()),
+            ErrorCode::DnsTimeout
+            | ErrorCode::ConnectionTimeout
+            | ErrorCode::ConnectionReadTimeout
+            | ErrorCode::ConnectionWriteTimeout
+            | ErrorCode::HttpResponseTimeout => Error::Timeout(describe(&code)),
+            ErrorCode::DnsError(_)
+            | ErrorCode::DestinationNotFound
+            | ErrorCode::DestinationUnavailable
+            | ErrorCode::DestinationIpProhibited
+            | ErrorCode::DestinationIpUnroutable
+            | ErrorCode::ConnectionRefused
+            | ErrorCode::ConnectionTerminated
+            | ErrorCode::ConnectionLimitReached
+            | ErrorCode::TlsProtocolError
+            | ErrorCode::TlsCertificateError
+            | ErrorCode::TlsAlertReceived(_) => Error::Unreachable(describe(&code)),
+            ErrorCode::HttpRequestUriInvalid | ErrorCode::HttpRequestMethodInvalid => {
+                Error::Invalid(describe(&code))
+            }
+            other => Error::Failed(describe(&other)),
+        }
+    }
+
+    fn describe(code: &ErrorCode) -> String {
+        match code {
+            ErrorCode::InternalError(Some(m)) => m.clone(),
+            ErrorCode::HttpResponseBodySize(Some(n)) => format!(
+                "the response body is larger than {n} bytes (limits.max_http_response_bytes)"
+            ),
+            other => format!("{other:?}"),
         }
     }
 }

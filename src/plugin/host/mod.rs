@@ -12,6 +12,7 @@
 
 pub mod docker;
 mod docker_api;
+pub mod http;
 // Named after the WIT interface `capstan:plugin/host`, like its siblings.
 #[allow(clippy::module_inception)]
 pub mod host;
@@ -121,6 +122,9 @@ pub struct RunState {
     pub(crate) table: ResourceTable,
     pub(crate) limiter: Limiter,
     pub(crate) run: RunCtx,
+    /// `wasi:http`'s context, and our send path with its checks ([`http`]).
+    pub(crate) http_ctx: wasmtime_wasi_http::WasiHttpCtx,
+    pub(crate) outbound: http::Outbound,
 }
 
 /// Host calls kept in a report (all are counted).
@@ -202,6 +206,19 @@ impl RunCtx {
                 .is_ok()
         {
             self.host_calls.push(call);
+        }
+    }
+
+    /// Takes the records of the run's outbound HTTP requests into its report, after
+    /// its other host calls, charged like [`RunCtx::keep_host_call`].
+    pub fn absorb_outbound(&mut self, outbound: &http::Outbound) {
+        let records = outbound.take_records();
+        self.host_calls_total += records.requests;
+        for call in records.calls {
+            self.keep_host_call(call);
+        }
+        for denial in records.denials {
+            self.keep_denial(denial);
         }
     }
 
