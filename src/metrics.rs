@@ -16,6 +16,10 @@
 //! | `capstan_ssh_sessions` | gauge | — |
 //! | `capstan_ssh_channels` | gauge | — |
 //! | `capstan_webhook_deliveries_total` | counter | `hook`, `result` |
+//! | `capstan_docker_event_stream_up` | gauge | `device` |
+//! | `capstan_docker_event_stream_failures_total` | counter | `device` |
+//! | `capstan_docker_events_total` | counter | `device` |
+//! | `capstan_docker_event_runs_total` | counter | `plugin` |
 //!
 //! A labelled family appears in the text once it has a series (the client leaves empty
 //! families out, as Prometheus's own clients do); the SSH gauges are always there.
@@ -64,6 +68,11 @@ struct HostCallLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabel {
+    device: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeliveryLabels {
     hook: String,
     result: String,
@@ -82,6 +91,53 @@ pub struct Metrics {
     ssh_sessions: Gauge,
     ssh_channels: Gauge,
     webhook_deliveries: Family<DeliveryLabels, Counter>,
+    docker_events: DockerEventMetrics,
+}
+
+/// The Docker event streams' families ([`crate::trigger::docker::watch`]).
+struct DockerEventMetrics {
+    up: Family<DeviceLabel, Gauge>,
+    failures: Family<DeviceLabel, Counter>,
+    events: Family<DeviceLabel, Counter>,
+    runs: Family<PluginLabel, Counter>,
+}
+
+impl DockerEventMetrics {
+    fn register(registry: &mut Registry) -> DockerEventMetrics {
+        let m = DockerEventMetrics {
+            up: Family::default(),
+            failures: Family::default(),
+            events: Family::default(),
+            runs: Family::default(),
+        };
+        registry.register(
+            "docker_event_stream_up",
+            "Docker event streams by device: 1 while open, 0 while being retried",
+            m.up.clone(),
+        );
+        registry.register(
+            "docker_event_stream_failures",
+            "Docker event streams that failed or ended and are retried, by device",
+            m.failures.clone(),
+        );
+        registry.register(
+            "docker_events",
+            "Docker events received on the engine's event streams, by device",
+            m.events.clone(),
+        );
+        registry.register(
+            "docker_event_runs",
+            "Runs submitted for Docker events (after debounce), by plugin",
+            m.runs.clone(),
+        );
+        m
+    }
+
+    fn device(device: &str) -> DeviceLabel {
+        DeviceLabel {
+            device: device.to_string(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -138,7 +194,9 @@ impl Metrics {
             "Webhook deliveries, by hook and how they were answered",
             webhook_deliveries.clone(),
         );
+        let docker_events = DockerEventMetrics::register(&mut registry);
         Metrics {
+            docker_events,
             registry,
             runs,
             run_duration,
@@ -184,6 +242,41 @@ impl Metrics {
             .get_or_create(&DeliveryLabels {
                 hook: hook.to_string(),
                 result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// A device's Docker event stream opened (`true`) or is being retried.
+    pub fn docker_event_stream(&self, device: &str, up: bool) {
+        let d = DockerEventMetrics::device(device);
+        self.docker_events.up.get_or_create(&d).set(i64::from(up));
+    }
+
+    /// A device's Docker event stream failed or ended, and is retried.
+    pub fn docker_event_stream_failed(&self, device: &str) {
+        let d = DockerEventMetrics::device(device);
+        self.docker_events.failures.get_or_create(&d).inc();
+    }
+
+    /// A device's Docker event stream was stopped (no plugin listens to it any more).
+    pub fn docker_event_stream_gone(&self, device: &str) {
+        self.docker_events
+            .up
+            .remove(&DockerEventMetrics::device(device));
+    }
+
+    /// One Docker event received on `device`'s stream.
+    pub fn docker_event(&self, device: &str) {
+        let d = DockerEventMetrics::device(device);
+        self.docker_events.events.get_or_create(&d).inc();
+    }
+
+    /// One run submitted to `plugin` for Docker events.
+    pub fn docker_event_run(&self, plugin: &str) {
+        self.docker_events
+            .runs
+            .get_or_create(&PluginLabel {
+                plugin: plugin.to_string(),
             })
             .inc();
     }

@@ -1,7 +1,8 @@
 //! Triggers: what starts a plugin run.
 //!
 //! A run starts because a cron schedule fired ([`cron`]), a webhook delivery was
-//! verified ([`webhook`]), or someone asked ([`manual`], through the API or the CLI).
+//! verified ([`webhook`]), someone asked ([`manual`], through the API or the CLI), or
+//! something happened on a Docker host ([`docker`]).
 //! Each kind is one module that implements [`TriggerKind`]: it checks its section of the
 //! manifest's `[triggers]` table at install, registers the plugin's triggers in
 //! [`Triggers`] when the plugin is activated (and takes them away when it is removed), and
@@ -15,6 +16,7 @@
 //! [`TriggerEvent`]: crate::plugin::TriggerEvent
 
 pub mod cron;
+pub mod docker;
 pub mod manual;
 pub mod units;
 pub mod webhook;
@@ -28,13 +30,19 @@ use crate::secret::Secret;
 
 /// Every trigger kind, in the order their manifest sections are checked and their
 /// triggers registered. A new kind is one module and one line here.
-pub const KINDS: &[&dyn TriggerKind] = &[&cron::Cron, &webhook::Webhook, &manual::Manual];
+pub const KINDS: &[&dyn TriggerKind] = &[
+    &cron::Cron,
+    &webhook::Webhook,
+    &manual::Manual,
+    &docker::DockerEvents,
+];
 
 /// The engine's live triggers, filled by plugin activation and read by what fires them
 /// (the scheduler's cron loop, the hook route).
 pub struct Triggers {
     pub cron: cron::CronScheduler,
     pub hooks: Arc<webhook::Webhooks>,
+    pub docker: Arc<docker::DockerWatchers>,
 }
 
 impl Triggers {
@@ -42,6 +50,7 @@ impl Triggers {
         Ok(Triggers {
             cron: cron::CronScheduler::new(),
             hooks: Arc::new(webhook::Webhooks::open(store)?),
+            docker: Arc::new(docker::DockerWatchers::new()),
         })
     }
 }
@@ -108,7 +117,7 @@ mod tests {
     #[test]
     fn every_kind_is_registered_once_under_the_name_its_events_carry() {
         let names: Vec<_> = KINDS.iter().map(|k| k.name()).collect();
-        assert_eq!(names, ["cron", "webhook", "manual"]);
+        assert_eq!(names, ["cron", "webhook", "manual", "docker"]);
         assert_eq!(crate::plugin::TriggerEvent::manual("").kind(), "manual");
     }
 }
