@@ -18,7 +18,7 @@ pub(crate) fn install(data: &DataDir, manifest: &str) -> String {
 }
 
 /// [`install`] with another test plugin's component.
-fn install_plugin(data: &DataDir, component: &str, manifest: &str) -> String {
+pub(crate) fn install_plugin(data: &DataDir, component: &str, manifest: &str) -> String {
     let dir = data.path().join(format!("src-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(wasm(component), dir.join("plugin.wasm")).unwrap();
@@ -43,7 +43,7 @@ pub(crate) fn generated_secret(install_output: &str, hook: &str) -> String {
     panic!("no generated secret for hook {hook} in:\n{install_output}")
 }
 
-fn token_of(server: &Server) -> String {
+pub(crate) fn token_of(server: &Server) -> String {
     server
         .banner
         .lines()
@@ -65,7 +65,7 @@ fn json(body: &str) -> Value {
 
 /// The run history as `capstan runs --json` prints it (through the API when the engine
 /// runs, from the data directory when it does not).
-fn runs(data: &DataDir, plugin: &str) -> Vec<Value> {
+pub(crate) fn runs(data: &DataDir, plugin: &str) -> Vec<Value> {
     let out = data.capstan(&["runs", "--json", "--limit", "1000", "--plugin", plugin]);
     assert_success(&out, "capstan runs --json");
     match json(&stdout(&out)) {
@@ -82,7 +82,7 @@ fn time(v: &Value) -> chrono::DateTime<chrono::Utc> {
 }
 
 /// Waits until `f` holds, up to `secs`, polling.
-fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+pub(crate) fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     let until = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < until {
         if f() {
