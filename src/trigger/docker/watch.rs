@@ -29,7 +29,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
 use serde::Deserialize;
@@ -423,8 +423,7 @@ async fn stream_once(
     }
     *failures = 0;
     let mut body = resp.into_body();
-    let mut buf = BytesMut::new();
-    let mut skipping = false;
+    let mut lines = Lines::new(MAX_EVENT_BYTES);
     loop {
         let frame = match body.frame().await {
             None => return Err(StreamError::Ended),
@@ -434,12 +433,11 @@ async fn stream_once(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        buf.extend_from_slice(&data);
-        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            let line = buf.split_to(nl + 1);
-            if std::mem::take(&mut skipping) {
-                continue; // the tail of an over-long line
-            }
+        let (complete, skipped) = lines.push(&data);
+        if skipped {
+            tracing::warn!(%device, "skipped an event longer than {MAX_EVENT_BYTES} bytes");
+        }
+        for line in complete {
             let Ok(event) = serde_json::from_slice::<RawEvent>(&line) else {
                 tracing::debug!(%device, "skipped an event line that is not an event");
                 continue;
@@ -455,19 +453,47 @@ async fn stream_once(
                 }
             }
         }
-        if buf.len() > MAX_EVENT_BYTES {
-            tracing::warn!(%device, bytes = buf.len(), "skipped an event longer than the limit");
-            buf.clear();
-            skipping = true;
+    }
+}
+
+/// The stream cut into lines (one event each), holding at most `max` bytes of a line:
+/// a longer line is dropped whole.
+struct Lines {
+    buf: BytesMut,
+    max: usize,
+    /// Inside a line that was too long: drop up to its end.
+    skipping: bool,
+}
+
+impl Lines {
+    fn new(max: usize) -> Lines {
+        Lines {
+            buf: BytesMut::new(),
+            max,
+            skipping: false,
         }
-        if skipping {
-            if let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-                buf.advance(nl + 1);
-                skipping = false;
-            } else {
-                buf.clear();
+    }
+
+    /// Takes more of the stream; returns the lines it completed, and whether a line
+    /// began to be dropped.
+    fn push(&mut self, data: &[u8]) -> (Vec<BytesMut>, bool) {
+        self.buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+            let line = self.buf.split_to(nl + 1);
+            if !std::mem::take(&mut self.skipping) {
+                out.push(line);
             }
         }
+        let mut skipped = false;
+        if self.buf.len() > self.max {
+            skipped = !self.skipping;
+            self.skipping = true;
+        }
+        if self.skipping {
+            self.buf.clear();
+        }
+        (out, skipped)
     }
 }
 
@@ -633,6 +659,101 @@ mod tests {
             "another event at that time"
         );
         assert!(c.admit(&event(7_000_000_000, "die", "a")));
+    }
+
+    #[test]
+    fn lines_longer_than_the_limit_are_dropped_whole_and_the_next_ones_still_read() {
+        let mut l = Lines::new(8);
+        let (got, skipped) = l.push(b"{\"a\":1}\n{\"b\"");
+        assert_eq!(got, vec![BytesMut::from(&b"{\"a\":1}\n"[..])]);
+        assert!(!skipped);
+        let (got, skipped) = l.push(b":2222222222");
+        assert!(got.is_empty() && skipped, "too long: dropped");
+        assert!(l.buf.is_empty(), "nothing of it is held");
+        let (got, skipped) = l.push(b"22222}\n{}\n");
+        assert_eq!(
+            got,
+            vec![BytesMut::from(&b"{}\n"[..])],
+            "its tail is dropped too"
+        );
+        assert!(!skipped);
+    }
+
+    fn subs(policy: &str, events: &[&str]) -> Arc<PluginSubs> {
+        let policy = crate::policy::Policy::from_toml_str(policy)
+            .unwrap()
+            .compile();
+        let config = super::super::DockerTriggerConfig {
+            events: events.iter().map(|e| e.to_string()).collect(),
+            devices: None,
+            labels: Vec::new(),
+            debounce: None,
+        };
+        Arc::new(PluginSubs {
+            policy,
+            triggers: vec![DockerTrigger::from_config(&config).unwrap()],
+        })
+    }
+
+    #[test]
+    fn an_event_reaches_only_the_plugins_whose_device_and_container_scopes_hold_it() {
+        let all = HashMap::from([
+            (
+                "web-only".to_string(),
+                subs(
+                    "devices = [\"local\"]\n[containers]\nnames = [\"web-*\"]\n",
+                    &["container:die"],
+                ),
+            ),
+            (
+                "labelled".to_string(),
+                subs(
+                    "devices = [\"*\"]\n[containers]\nlabels = [\"heal=true\"]\n",
+                    &["container:*"],
+                ),
+            ),
+            (
+                "elsewhere".to_string(),
+                subs("devices = [\"prod-*\"]\n", &["container:die"]),
+            ),
+            (
+                "deaf".to_string(),
+                subs("EVENTS = 0\ndevices = [\"*\"]\n", &["container:die"]),
+            ),
+        ]);
+        let mut e = event(1, "die", "abc");
+        e.actor.attributes = HashMap::from([("name".to_string(), "web-1".to_string())]);
+        let got: Vec<String> = dispatch("local", &all, &e)
+            .into_iter()
+            .map(|w| w.plugin)
+            .collect();
+        assert_eq!(got, ["web-only"]);
+        e.actor
+            .attributes
+            .insert("heal".to_string(), "true".to_string());
+        let mut got: Vec<String> = dispatch("local", &all, &e)
+            .into_iter()
+            .map(|w| w.plugin)
+            .collect();
+        got.sort();
+        assert_eq!(got, ["labelled", "web-only"]);
+        let w = &dispatch("local", &all, &e)[0];
+        match &w.event {
+            TriggerEvent::Docker {
+                device,
+                action,
+                count,
+                attributes,
+                ..
+            } => {
+                assert_eq!(
+                    (device.as_str(), action.as_str(), *count),
+                    ("local", "die", 1)
+                );
+                assert!(attributes.contains(&("name".to_string(), "web-1".to_string())));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
