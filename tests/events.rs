@@ -107,7 +107,7 @@ fn a_killed_container_is_one_run_and_a_burst_of_deaths_folds_into_one_run_with_i
     let token = token_of(&server);
     let inside = Container::run("capstan-events-in", &[], test_image());
     let outside = Container::run("capstan-events-out", &[], test_image());
-    install_plugin(
+    let out = install_plugin(
         &data,
         "trivial",
         &watching(
@@ -118,6 +118,7 @@ fn a_killed_container_is_one_run_and_a_burst_of_deaths_folds_into_one_run_with_i
             "3s",
         ),
     );
+    assert!(out.contains("  docker container:die"), "{out}");
     wait_stream(&server, &token, "local", true);
 
     // The container outside the plugin's scope dies first: it never becomes a run.

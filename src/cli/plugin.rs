@@ -311,6 +311,9 @@ fn print_installed(p: &InstalledPlugin) {
     for h in &p.triggers.webhook {
         println!("  webhook POST /hooks/{}", h.name);
     }
+    for d in &p.triggers.docker {
+        println!("  docker {}", d.events.join(", "));
+    }
 }
 
 /// Prints hook secrets generated at install: shown once, never stored in the clear.
@@ -341,6 +344,12 @@ fn print_list(plugins: &[InstalledPlugin]) {
                     .webhook
                     .iter()
                     .map(|h| format!("webhook {}", h.name)),
+            );
+            triggers.extend(
+                p.triggers
+                    .docker
+                    .iter()
+                    .map(|d| format!("docker {}", d.events.join(","))),
             );
             vec![
                 p.name.clone(),
