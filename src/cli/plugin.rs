@@ -21,7 +21,8 @@ pub enum PluginCmd {
     /// (after `cargo build --target wasm32-wasip2 --release`). Validates the manifest
     /// and compiles the component first; replaces an installed plugin of the same name.
     /// While the engine runs, it installs through its API and the plugin's triggers
-    /// take effect at once. A webhook without a secret gets one, printed once.
+    /// take effect at once. A webhook without a secret gets one, printed once; a Docker
+    /// trigger is refused unless the policy allows EVENTS.
     Install {
         /// The .wasm file or the directory holding plugin.toml.
         path: PathBuf,

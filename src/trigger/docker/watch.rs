@@ -4,8 +4,8 @@
 //! - **One stream per device**, through the device's pooled connections
 //!   ([`crate::docker::Pool`]: local socket, SSH channel or TLS), started when a plugin
 //!   that needs it is activated (or when [`run`] starts, in `capstan serve`) and stopped
-//!   when the last such plugin goes or the engine shuts down. Devices added later are
-//!   picked up within [`RESCAN`].
+//!   when the last such plugin goes or the engine shuts down. Devices added, edited or
+//!   removed are picked up within [`RESCAN`] (an edited device's stream starts afresh).
 //! - **No replay on start.** A stream starts at the daemon's own clock (`GET /info`'s
 //!   `SystemTime`), so events from before the engine started never become runs, and
 //!   engine and daemon clocks need not agree. Events while the engine is stopped are
@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::DockerTrigger;
+use crate::device::Device;
 use crate::docker::{ConnectError, empty_body};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
@@ -71,6 +72,8 @@ struct Runner {
     scheduler: Weak<Scheduler>,
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
+    /// Where streams run (activation may be called from outside the runtime's tasks).
+    runtime: tokio::runtime::Handle,
 }
 
 /// The engine's Docker triggers and the event streams that serve them.
@@ -83,7 +86,13 @@ pub struct DockerWatchers {
 #[derive(Default)]
 struct State {
     runner: Option<Runner>,
-    streams: HashMap<String, tokio::task::AbortHandle>,
+    streams: HashMap<String, Stream>,
+}
+
+/// A device's stream task, and the device record it was started for.
+struct Stream {
+    device: Device,
+    task: tokio::task::AbortHandle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -120,18 +129,6 @@ impl DockerWatchers {
         self.reconcile();
     }
 
-    /// Plugins with Docker triggers.
-    pub fn plugins(&self) -> usize {
-        self.snapshot().len()
-    }
-
-    /// The devices with an event stream now (open or being retried), sorted.
-    pub fn streams(&self) -> Vec<String> {
-        let mut v: Vec<String> = lock(&self.state).streams.keys().cloned().collect();
-        v.sort();
-        v
-    }
-
     fn snapshot(&self) -> Subs {
         self.subs.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -151,31 +148,38 @@ impl DockerWatchers {
             }
         };
         let subs = self.snapshot();
-        let wanted: HashSet<String> = devices
+        let wanted: HashMap<String, Device> = devices
             .into_iter()
-            .map(|d| d.name)
-            .filter(|d| subs.values().any(|p| p.watches(d)))
+            .filter(|d| subs.values().any(|p| p.watches(&d.name)))
+            .map(|d| (d.name.clone(), d))
             .collect();
-        state.streams.retain(|device, task| {
-            let keep = wanted.contains(device);
+        state.streams.retain(|name, stream| {
+            // An edited device (another address, other credentials) starts afresh.
+            let keep = wanted.get(name) == Some(&stream.device);
             if !keep {
-                task.abort();
-                runner.metrics.docker_event_stream_gone(device);
-                tracing::info!(%device, "Docker event stream stopped: no plugin listens to it");
+                stream.task.abort();
+                runner.metrics.docker_event_stream_gone(name);
+                tracing::info!(device = %name, "Docker event stream stopped: no plugin listens to it, or the device changed");
             }
             keep
         });
-        for device in wanted {
-            if state.streams.contains_key(&device) {
+        for (name, device) in wanted {
+            if state.streams.contains_key(&name) {
                 continue;
             }
-            tracing::info!(%device, "Docker event stream starting");
-            let task = tokio::spawn(watch_device(
-                device.clone(),
+            tracing::info!(device = %name, "Docker event stream starting");
+            let task = runner.runtime.spawn(watch_device(
+                name.clone(),
                 runner.clone(),
                 self.subs.clone(),
             ));
-            state.streams.insert(device, task.abort_handle());
+            state.streams.insert(
+                name,
+                Stream {
+                    device,
+                    task: task.abort_handle(),
+                },
+            );
         }
     }
 
@@ -184,6 +188,7 @@ impl DockerWatchers {
             scheduler: Arc::downgrade(scheduler),
             engine: scheduler.engine().clone(),
             metrics: scheduler.metrics().clone(),
+            runtime: tokio::runtime::Handle::current(),
         });
         self.reconcile();
     }
@@ -191,8 +196,8 @@ impl DockerWatchers {
     fn stop(&self) {
         let mut state = lock(&self.state);
         if let Some(runner) = state.runner.take() {
-            for (device, task) in state.streams.drain() {
-                task.abort();
+            for (device, stream) in state.streams.drain() {
+                stream.task.abort();
                 runner.metrics.docker_event_stream_gone(&device);
             }
         }
