@@ -314,6 +314,66 @@ fn events_on_an_ssh_device_while_the_tunnel_is_cut_arrive_after_the_reconnect() 
     server.stop();
 }
 
+#[test]
+fn plugins_share_one_stream_per_device_and_a_tls_device_delivers_like_the_local_socket() {
+    let infra = Infra::get();
+    let data = DataDir::with_vault();
+    assert_success(
+        &data.capstan(&[
+            "device",
+            "add",
+            "secure",
+            "--kind",
+            "tls",
+            "--host",
+            infra.var("TLS_HOST"),
+            "--port",
+            infra.var("TLS_PORT"),
+            "--tls-ca",
+            infra.var("TLS_CA"),
+            "--tls-cert",
+            infra.var("TLS_CERT"),
+            "--tls-key",
+            infra.var("TLS_KEY"),
+        ]),
+        "device add secure",
+    );
+    let c = Container::run("capstan-events-tls", &[], test_image());
+    let server = Server::start(&data);
+    let token = token_of(&server);
+    // Two plugins on the TLS device (the same daemon behind a TLS endpoint), one of them
+    // also on the local socket: two streams in all, each shared.
+    install_plugin(
+        &data,
+        "trivial",
+        &watching("tls-only", "secure", &[&c.name], "\"container:die\"", "0s"),
+    );
+    install_plugin(
+        &data,
+        "trivial",
+        &watching("both", "*", &[&c.name], "\"container:die\"", "0s"),
+    );
+    wait_stream(&server, &token, "secure", true);
+    wait_stream(&server, &token, "local", true);
+    kill(&c);
+    let tls = wait_runs(&data, "tls-only", 1, 30);
+    assert_eq!(tls[0]["trigger"]["device"], "secure", "{tls:#?}");
+    let both = wait_runs(&data, "both", 2, 30);
+    let mut devices: Vec<&str> = both
+        .iter()
+        .map(|r| r["trigger"]["device"].as_str().unwrap())
+        .collect();
+    devices.sort();
+    assert_eq!(devices, ["local", "secure"], "{both:#?}");
+    let m = metrics(&server, &token);
+    let streams = m
+        .lines()
+        .filter(|l| l.starts_with("capstan_docker_event_stream_up{"))
+        .count();
+    assert_eq!(streams, 2, "one stream per device: {m}");
+    server.stop();
+}
+
 /// An example plugin's manifest with its container scope narrowed to `names` and
 /// `edits` applied (`(from, to)` text replacements that must each apply).
 fn example_for(name: &str, names: &[&str], edits: &[(&str, &str)]) -> String {
