@@ -316,7 +316,7 @@ fn events_on_an_ssh_device_while_the_tunnel_is_cut_arrive_after_the_reconnect() 
 }
 
 #[test]
-fn plugins_share_one_stream_per_device_and_a_tls_device_delivers_like_the_local_socket() {
+fn plugins_share_one_stream_per_device_a_tls_device_delivers_and_an_unreachable_one_is_retried() {
     let infra = Infra::get();
     let data = DataDir::with_vault();
     assert_success(
@@ -339,11 +339,38 @@ fn plugins_share_one_stream_per_device_and_a_tls_device_delivers_like_the_local_
         ]),
         "device add secure",
     );
+    // A device nobody answers on: its stream is retried and shown as down.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    assert_success(
+        &data.capstan(&[
+            "device",
+            "add",
+            "gone",
+            "--kind",
+            "tls",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &closed,
+            "--tls-ca",
+            infra.var("TLS_CA"),
+            "--tls-cert",
+            infra.var("TLS_CERT"),
+            "--tls-key",
+            infra.var("TLS_KEY"),
+        ]),
+        "device add gone",
+    );
     let c = Container::run("capstan-events-tls", &[], test_image());
     let server = Server::start(&data);
     let token = token_of(&server);
     // Two plugins on the TLS device (the same daemon behind a TLS endpoint), one of them
-    // also on the local socket: two streams in all, each shared.
+    // also on the local socket and the unreachable device: three streams in all.
     install_plugin(
         &data,
         "trivial",
@@ -356,6 +383,7 @@ fn plugins_share_one_stream_per_device_and_a_tls_device_delivers_like_the_local_
     );
     wait_stream(&server, &token, "secure", true);
     wait_stream(&server, &token, "local", true);
+    wait_stream(&server, &token, "gone", false);
     kill(&c);
     let tls = wait_runs(&data, "tls-only", 1, 30);
     assert_eq!(tls[0]["trigger"]["device"], "secure", "{tls:#?}");
@@ -371,7 +399,16 @@ fn plugins_share_one_stream_per_device_and_a_tls_device_delivers_like_the_local_
         .lines()
         .filter(|l| l.starts_with("capstan_docker_event_stream_up{"))
         .count();
-    assert_eq!(streams, 2, "one stream per device: {m}");
+    assert_eq!(streams, 3, "one stream per device: {m}");
+    assert!(
+        sample(
+            &m,
+            "capstan_docker_event_stream_failures_total{device=\"gone\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
     server.stop();
 }
 
