@@ -315,29 +315,38 @@ fn events_on_an_ssh_device_while_the_tunnel_is_cut_arrive_after_the_reconnect() 
     server.stop();
 }
 
+/// `capstan device add NAME --kind tls` at `host:port` with the test client certificate.
+fn add_tls_device(data: &DataDir, name: &str, host: &str, port: &str) {
+    let infra = Infra::get();
+    let out = data.capstan(&[
+        "device",
+        "add",
+        name,
+        "--kind",
+        "tls",
+        "--host",
+        host,
+        "--port",
+        port,
+        "--tls-ca",
+        infra.var("TLS_CA"),
+        "--tls-cert",
+        infra.var("TLS_CERT"),
+        "--tls-key",
+        infra.var("TLS_KEY"),
+    ]);
+    assert_success(&out, &format!("device add {name}"));
+}
+
 #[test]
 fn plugins_share_one_stream_per_device_a_tls_device_delivers_and_an_unreachable_one_is_retried() {
     let infra = Infra::get();
     let data = DataDir::with_vault();
-    assert_success(
-        &data.capstan(&[
-            "device",
-            "add",
-            "secure",
-            "--kind",
-            "tls",
-            "--host",
-            infra.var("TLS_HOST"),
-            "--port",
-            infra.var("TLS_PORT"),
-            "--tls-ca",
-            infra.var("TLS_CA"),
-            "--tls-cert",
-            infra.var("TLS_CERT"),
-            "--tls-key",
-            infra.var("TLS_KEY"),
-        ]),
-        "device add secure",
+    add_tls_device(
+        &data,
+        "secure",
+        infra.var("TLS_HOST"),
+        infra.var("TLS_PORT"),
     );
     // A device nobody answers on: its stream is retried and shown as down.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
@@ -346,26 +355,7 @@ fn plugins_share_one_stream_per_device_a_tls_device_delivers_and_an_unreachable_
         .unwrap()
         .port()
         .to_string();
-    assert_success(
-        &data.capstan(&[
-            "device",
-            "add",
-            "gone",
-            "--kind",
-            "tls",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &closed,
-            "--tls-ca",
-            infra.var("TLS_CA"),
-            "--tls-cert",
-            infra.var("TLS_CERT"),
-            "--tls-key",
-            infra.var("TLS_KEY"),
-        ]),
-        "device add gone",
-    );
+    add_tls_device(&data, "gone", "127.0.0.1", &closed);
     let c = Container::run("capstan-events-tls", &[], test_image());
     let server = Server::start(&data);
     let token = token_of(&server);
