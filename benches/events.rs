@@ -250,6 +250,7 @@ fn main() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
+    let _removed = Removed(container.clone());
 
     println!(
         "Docker event → run started: {rounds} kills per device (after 3 warm-up), debounce 0s, {} build",
@@ -343,7 +344,13 @@ fn main() {
         let _ = watchers.await;
         scheduler.shutdown().await;
     });
-    let _ = Command::new("docker")
-        .args(["rm", "-f", &container])
-        .output();
+}
+
+/// Removes the bench's container however the bench ends.
+struct Removed(String);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+    }
 }
