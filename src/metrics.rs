@@ -18,6 +18,10 @@
 //! | `capstan_webhook_deliveries_total` | counter | `hook`, `result` |
 //! | `capstan_notifications_total` | counter | `channel`, `result` |
 //! | `capstan_outbound_requests_total` | counter | `plugin`, `decision`, `result` |
+//! | `capstan_docker_event_stream_up` | gauge | `device` |
+//! | `capstan_docker_event_stream_failures_total` | counter | `device` |
+//! | `capstan_docker_events_total` | counter | `device` |
+//! | `capstan_docker_event_runs_total` | counter | `plugin` |
 //!
 //! A labelled family appears in the text once it has a series (the client leaves empty
 //! families out, as Prometheus's own clients do); the SSH gauges are always there.
@@ -75,6 +79,11 @@ struct OutboundLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabel {
+    device: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeliveryLabels {
     hook: String,
     result: String,
@@ -102,6 +111,53 @@ pub struct Metrics {
     webhook_deliveries: Family<DeliveryLabels, Counter>,
     notifications: Family<NotificationLabels, Counter>,
     outbound_requests: Family<OutboundLabels, Counter>,
+    docker_events: DockerEventMetrics,
+}
+
+/// The Docker event streams' families ([`crate::trigger::docker::watch`]).
+struct DockerEventMetrics {
+    up: Family<DeviceLabel, Gauge>,
+    failures: Family<DeviceLabel, Counter>,
+    events: Family<DeviceLabel, Counter>,
+    runs: Family<PluginLabel, Counter>,
+}
+
+impl DockerEventMetrics {
+    fn register(registry: &mut Registry) -> DockerEventMetrics {
+        let m = DockerEventMetrics {
+            up: Family::default(),
+            failures: Family::default(),
+            events: Family::default(),
+            runs: Family::default(),
+        };
+        registry.register(
+            "docker_event_stream_up",
+            "Docker event streams by device: 1 while open, 0 while being retried",
+            m.up.clone(),
+        );
+        registry.register(
+            "docker_event_stream_failures",
+            "Docker event streams that failed or ended and are retried, by device",
+            m.failures.clone(),
+        );
+        registry.register(
+            "docker_events",
+            "Docker events received on the engine's event streams, by device",
+            m.events.clone(),
+        );
+        registry.register(
+            "docker_event_runs",
+            "Runs submitted for Docker events (after debounce), by plugin",
+            m.runs.clone(),
+        );
+        m
+    }
+
+    fn device(device: &str) -> DeviceLabel {
+        DeviceLabel {
+            device: device.to_string(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -172,7 +228,9 @@ impl Metrics {
             "Outbound HTTP requests plugins made, by plugin, the allow-list's decision and result (a status class, denied, timeout, unreachable, too-large)",
             outbound_requests.clone(),
         );
+        let docker_events = DockerEventMetrics::register(&mut registry);
         Metrics {
+            docker_events,
             outbound_requests,
             notifications,
             registry,
@@ -253,6 +311,41 @@ impl Metrics {
                 plugin: plugin.to_string(),
                 decision: decision.to_string(),
                 result,
+            })
+            .inc();
+    }
+
+    /// A device's Docker event stream opened (`true`) or is being retried.
+    pub fn docker_event_stream(&self, device: &str, up: bool) {
+        let d = DockerEventMetrics::device(device);
+        self.docker_events.up.get_or_create(&d).set(i64::from(up));
+    }
+
+    /// A device's Docker event stream failed or ended, and is retried.
+    pub fn docker_event_stream_failed(&self, device: &str) {
+        let d = DockerEventMetrics::device(device);
+        self.docker_events.failures.get_or_create(&d).inc();
+    }
+
+    /// A device's Docker event stream was stopped (no plugin listens to it any more).
+    pub fn docker_event_stream_gone(&self, device: &str) {
+        self.docker_events
+            .up
+            .remove(&DockerEventMetrics::device(device));
+    }
+
+    /// One Docker event received on `device`'s stream.
+    pub fn docker_event(&self, device: &str) {
+        let d = DockerEventMetrics::device(device);
+        self.docker_events.events.get_or_create(&d).inc();
+    }
+
+    /// One run submitted to `plugin` for Docker events.
+    pub fn docker_event_run(&self, plugin: &str) {
+        self.docker_events
+            .runs
+            .get_or_create(&PluginLabel {
+                plugin: plugin.to_string(),
             })
             .inc();
     }

@@ -929,16 +929,16 @@ async fn events_stream_through_the_ssh_tunnel() {
 
 /// An sshd of our own, from the test infrastructure's config, on another port: it can be
 /// stopped and started without touching the shared one.
-struct PrivateSshd {
+pub(crate) struct PrivateSshd {
     _dir: tempfile::TempDir,
     config: PathBuf,
     log: PathBuf,
-    port: u16,
+    pub(crate) port: u16,
     child: Option<Child>,
 }
 
 impl PrivateSshd {
-    fn start() -> PrivateSshd {
+    pub(crate) fn start() -> PrivateSshd {
         Self::start_with("")
     }
 
@@ -974,7 +974,7 @@ impl PrivateSshd {
         s
     }
 
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         let child = Command::new("/usr/sbin/sshd")
             .arg("-D")
             .arg("-f")
@@ -1009,7 +1009,7 @@ impl PrivateSshd {
     }
 
     /// Stops the listener and the sessions it started (all by pid).
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };

@@ -43,7 +43,7 @@ pub(crate) fn generated_secret(install_output: &str, hook: &str) -> String {
     panic!("no generated secret for hook {hook} in:\n{install_output}")
 }
 
-fn token_of(server: &Server) -> String {
+pub(crate) fn token_of(server: &Server) -> String {
     server
         .banner
         .lines()

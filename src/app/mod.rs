@@ -255,6 +255,10 @@ impl Listening {
             scheduler.clone(),
             stopped(),
         ));
+        let docker_events = tokio::spawn(crate::trigger::docker::watch::run(
+            scheduler.clone(),
+            stopped(),
+        ));
         let housekeeping = tokio::spawn(housekeeping(scheduler.clone(), stopped()));
         let app = router(&scheduler);
         let make = move |_peer: &str| hyper_util::service::TowerToHyperService::new(app.clone());
@@ -280,6 +284,7 @@ impl Listening {
         };
         let _ = stop_tx.send(true);
         let _ = cron.await;
+        let _ = docker_events.await;
         let _ = housekeeping.await;
         for t in proxy_tasks {
             match t.await {

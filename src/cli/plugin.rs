@@ -21,7 +21,8 @@ pub enum PluginCmd {
     /// (after `cargo build --target wasm32-wasip2 --release`). Validates the manifest
     /// and compiles the component first; replaces an installed plugin of the same name.
     /// While the engine runs, it installs through its API and the plugin's triggers
-    /// take effect at once. A webhook without a secret gets one, printed once.
+    /// take effect at once. A webhook without a secret gets one, printed once; a Docker
+    /// trigger is refused unless the policy allows EVENTS.
     Install {
         /// The .wasm file or the directory holding plugin.toml.
         path: PathBuf,
@@ -424,6 +425,9 @@ fn print_installed(p: &InstalledPlugin) {
     for h in &p.triggers.webhook {
         println!("  webhook POST /hooks/{}", h.name);
     }
+    for d in &p.triggers.docker {
+        println!("  docker {}", d.events.join(", "));
+    }
     for r in &p.triggers.run {
         println!("  {}", r.describe());
     }
@@ -457,6 +461,12 @@ fn print_list(plugins: &[InstalledPlugin]) {
                     .webhook
                     .iter()
                     .map(|h| format!("webhook {}", h.name)),
+            );
+            triggers.extend(
+                p.triggers
+                    .docker
+                    .iter()
+                    .map(|d| format!("docker {}", d.events.join(","))),
             );
             triggers.extend(p.triggers.run.iter().map(|r| r.describe()));
             vec![

@@ -23,6 +23,10 @@
 //! name = "heal-now"
 //! auth = "hmac-sha256"          # or "bearer"; the secret lives in the vault
 //!
+//! [[triggers.docker]]           # a Docker event runs the plugin (policy: EVENTS=1)
+//! events = ["container:health_status: unhealthy"]
+//! debounce = "5s"               # events per container within 5 s: one run, with a count
+//!
 //! [[triggers.run]]              # another plugin's run ended: run this one
 //! plugins = ["redeploy"]        # names or globs (a glob never matches this plugin)
 //! status = ["failed"]           # default: failed, denied, timed-out
@@ -57,6 +61,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::Policy;
 use crate::trigger::cron::CronTriggerConfig;
+use crate::trigger::docker::DockerTriggerConfig;
 use crate::trigger::webhook::HookConfig;
 
 /// The manifest's file name beside the `.wasm`.
@@ -125,6 +130,11 @@ pub struct Triggers {
     /// plugin with a `webhook` event; see [`crate::trigger::webhook`].
     #[serde(default)]
     pub webhook: Vec<HookConfig>,
+    /// Docker events (`[[triggers.docker]]`): `events`, `devices`, `labels`,
+    /// `debounce`; an event on a watched device runs the plugin with a `docker` event;
+    /// see [`crate::trigger::docker`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub docker: Vec<DockerTriggerConfig>,
     /// Run-outcome triggers (`[[triggers.run]]`): another plugin's run that ends as
     /// `status` lists (and, with `outcome`, says so) runs the plugin with a `run` event;
     /// see [`crate::trigger::run`].

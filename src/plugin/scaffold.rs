@@ -154,6 +154,9 @@ description = "Counts running containers on every device in scope"
 # [[triggers.webhook]]
 # name = "{name}"                 # POST /hooks/{name}
 # auth = "hmac-sha256"            # X-Hub-Signature-256 as GitHub sends it; or "bearer"
+# [[triggers.docker]]             # a Docker event on a device in scope (needs EVENTS=1)
+# events = ["container:die", "container:health_status: unhealthy"]
+# debounce = "5s"                 # one run per container per 5 s, with a count
 # [[triggers.run]]                # another plugin's run ended (the event says how)
 # plugins = ["autoheal"]          # names or globs; a glob never matches this plugin
 # status = ["failed", "timed-out"] # default: failed, denied, timed-out

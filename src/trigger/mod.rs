@@ -1,8 +1,9 @@
 //! Triggers: what starts a plugin run.
 //!
 //! A run starts because a cron schedule fired ([`cron`]), a webhook delivery was
-//! verified ([`webhook`]), someone asked ([`manual`], through the API or the CLI), or
-//! another plugin's run ended the way a run-outcome trigger watches for ([`run`]).
+//! verified ([`webhook`]), someone asked ([`manual`], through the API or the CLI),
+//! something happened on a Docker host ([`docker`]), or another plugin's run ended the way
+//! a run-outcome trigger watches for ([`run`]).
 //! Each kind is one module that implements [`TriggerKind`]: it checks its section of the
 //! manifest's `[triggers]` table at install, registers the plugin's triggers in
 //! [`Triggers`] when the plugin is activated (and takes them away when it is removed), and
@@ -16,6 +17,7 @@
 //! [`TriggerEvent`]: crate::plugin::TriggerEvent
 
 pub mod cron;
+pub mod docker;
 pub mod manual;
 pub mod run;
 pub mod units;
@@ -34,6 +36,7 @@ pub const KINDS: &[&dyn TriggerKind] = &[
     &cron::Cron,
     &webhook::Webhook,
     &manual::Manual,
+    &docker::DockerEvents,
     &run::RunOutcome,
 ];
 
@@ -42,6 +45,7 @@ pub const KINDS: &[&dyn TriggerKind] = &[
 pub struct Triggers {
     pub cron: cron::CronScheduler,
     pub hooks: Arc<webhook::Webhooks>,
+    pub docker: Arc<docker::DockerWatchers>,
     /// Run-outcome triggers, read when a run ends.
     pub run: run::RunWatchers,
 }
@@ -51,6 +55,7 @@ impl Triggers {
         Ok(Triggers {
             cron: cron::CronScheduler::new(),
             hooks: Arc::new(webhook::Webhooks::open(store)?),
+            docker: Arc::new(docker::DockerWatchers::new()),
             run: run::RunWatchers::new(),
         })
     }
@@ -118,7 +123,7 @@ mod tests {
     #[test]
     fn every_kind_is_registered_once_under_the_name_its_events_carry() {
         let names: Vec<_> = KINDS.iter().map(|k| k.name()).collect();
-        assert_eq!(names, ["cron", "webhook", "manual", "run"]);
+        assert_eq!(names, ["cron", "webhook", "manual", "docker", "run"]);
         assert_eq!(crate::plugin::TriggerEvent::manual("").kind(), "manual");
     }
 }

@@ -2,6 +2,9 @@
 //! maximum number of attempts per container, and reports what it did and what it gave
 //! up on.
 //!
+//! A `docker` event (`container:health_status: unhealthy`) heals that one container on
+//! its device at once; any other run (the cron pass, by hand) looks at every device.
+//!
 //! Config (`[config]` in plugin.toml):
 //! - `label` — the opt-in label selector (default `capstan.autoheal=true`);
 //! - `max_attempts` — restarts per container before giving up (default 5);
@@ -64,13 +67,24 @@ impl Settings {
     }
 }
 
-fn heal_device(device: &str, s: &Settings, now: i64, report: &mut Report) -> Result<(), Error> {
-    let unhealthy = docker::list_containers(
+/// Heals the unhealthy opted-in containers of `device` — only container `only` when
+/// given (a Docker event names it), and then the records of others are left alone.
+fn heal_device(
+    device: &str,
+    only: Option<&str>,
+    s: &Settings,
+    now: i64,
+    report: &mut Report,
+) -> Result<(), Error> {
+    let mut unhealthy = docker::list_containers(
         device,
         &ContainerFilter::running()
             .label(s.label.as_str())
             .health("unhealthy"),
     )?;
+    if let Some(id) = only {
+        unhealthy.retain(|c| c.id == id);
+    }
     let prefix = format!("heal/{device}/");
     for c in &unhealthy {
         let who = format!("{device}/{}", c.name);
@@ -113,6 +127,9 @@ fn heal_device(device: &str, s: &Settings, now: i64, report: &mut Report) -> Res
             }
         }
     }
+    if only.is_some() {
+        return Ok(());
+    }
     // Containers with a record that are no longer unhealthy: forget them once they have
     // stayed well long enough.
     for key in state::keys(&prefix) {
@@ -132,16 +149,23 @@ fn heal_device(device: &str, s: &Settings, now: i64, report: &mut Report) -> Res
 }
 
 impl Plugin for Autoheal {
-    fn run(_event: Event) -> Result<Outcome, Error> {
+    fn run(event: Event) -> Result<Outcome, Error> {
         let s = Settings::read();
         let now = time::now();
         let mut report = Report::default();
-        for device in docker::list_devices() {
-            if let Err(e) = heal_device(&device.name, &s, now, &mut report) {
-                log::error(&format!("device {}: {}", device.name, e.message()));
+        let (devices, only) = match &event {
+            Event::Docker(e) => (vec![e.device.clone()], Some(e.actor_id.as_str())),
+            _ => (
+                docker::list_devices().into_iter().map(|d| d.name).collect(),
+                None,
+            ),
+        };
+        for device in devices {
+            if let Err(e) = heal_device(&device, only, &s, now, &mut report) {
+                log::error(&format!("device {device}: {}", e.message()));
                 report
                     .device_errors
-                    .push(format!("{}: {}", device.name, e.message()));
+                    .push(format!("{device}: {}", e.message()));
             }
         }
         let mut parts = vec![format!("restarted {}", report.restarted.len())];

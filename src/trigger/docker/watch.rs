@@ -1,0 +1,772 @@
+//! The engine's Docker event streams: one `GET /events` per device that any plugin's
+//! `[[triggers.docker]]` listens to, shared by every such plugin.
+//!
+//! - **One stream per device**, through the device's pooled connections
+//!   ([`crate::docker::Pool`]: local socket, SSH channel or TLS), started when a plugin
+//!   that needs it is activated (or when [`run`] starts, in `capstan serve`) and stopped
+//!   when the last such plugin goes or the engine shuts down. Devices added, edited or
+//!   removed are picked up within [`RESCAN`] (an edited device's stream starts afresh).
+//! - **No replay on start.** A stream starts at the daemon's own clock (`GET /info`'s
+//!   `SystemTime`), so events from before the engine started never become runs, and
+//!   engine and daemon clocks need not agree. Events while the engine is stopped are
+//!   not delivered: the cron pass of a plugin is the safety net for those.
+//! - **Reconnect and resume.** A stream that ends or fails is opened again after a
+//!   back-off (the `[docker]` connection back-off, doubling), with `since=` the time of
+//!   the last event seen; the events at exactly that time that were already delivered
+//!   are skipped, so an event is neither lost nor delivered twice across a reconnect
+//!   (as far as the daemon's own buffer of recent events, 256 in dockerd, reaches).
+//!   A dead SSH session is noticed by its keep-alives.
+//! - **Debounce** per plugin, trigger and object ([`super::DockerTrigger::debounce`]):
+//!   folding survives reconnects; what is still folding at shutdown is dropped.
+//! - **Bounded:** an event line longer than [`MAX_EVENT_BYTES`] is skipped, at most
+//!   [`MAX_PENDING`] objects are folding per device (beyond, events run at once).
+//! - **Metrics** (`/metrics`): `capstan_docker_event_stream_up{device}` (1 while the
+//!   stream is open, 0 while it is being retried), `capstan_docker_event_stream_failures_total{device}`,
+//!   `capstan_docker_events_total{device}` (events received) and
+//!   `capstan_docker_event_runs_total{plugin}` (runs submitted).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use chrono::{DateTime, Utc};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::DockerTrigger;
+use crate::device::Device;
+use crate::docker::{ConnectError, empty_body};
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::plugin::TriggerEvent;
+use crate::policy::CompiledPolicy;
+use crate::scheduler::{Scheduler, SubmitError};
+
+/// How often the devices are listed again, for devices added or removed since.
+pub const RESCAN: Duration = Duration::from_secs(30);
+/// The longest event line read; longer ones are skipped.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// Objects folding at once per device; beyond, events run without debounce.
+pub const MAX_PENDING: usize = 10_000;
+
+/// One plugin's Docker triggers and the policy that filters their events.
+struct PluginSubs {
+    policy: CompiledPolicy,
+    triggers: Vec<DockerTrigger>,
+}
+
+impl PluginSubs {
+    fn watches(&self, device: &str) -> bool {
+        self.policy.devices().allows(device) && self.triggers.iter().any(|t| t.watches(device))
+    }
+}
+
+type Subs = Arc<HashMap<String, Arc<PluginSubs>>>;
+
+/// What the streams need to submit runs: set by [`run`], cleared at shutdown.
+#[derive(Clone)]
+struct Runner {
+    scheduler: Weak<Scheduler>,
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    /// Where streams run (activation may be called from outside the runtime's tasks).
+    runtime: tokio::runtime::Handle,
+}
+
+/// The engine's Docker triggers and the event streams that serve them.
+#[derive(Default)]
+pub struct DockerWatchers {
+    subs: Arc<RwLock<Subs>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    runner: Option<Runner>,
+    streams: HashMap<String, Stream>,
+}
+
+/// A device's stream task, and the device record it was started for.
+struct Stream {
+    device: Device,
+    task: tokio::task::AbortHandle,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DockerWatchers {
+    pub fn new() -> DockerWatchers {
+        DockerWatchers::default()
+    }
+
+    /// Puts `plugin`'s Docker triggers in place of whatever it had (none: it listens to
+    /// nothing), and starts or stops streams to match.
+    pub fn set_plugin(&self, plugin: &str, policy: CompiledPolicy, triggers: Vec<DockerTrigger>) {
+        let subs = (!triggers.is_empty()).then(|| Arc::new(PluginSubs { policy, triggers }));
+        self.update(plugin, subs);
+    }
+
+    /// Takes `plugin`'s Docker triggers away.
+    pub fn remove_plugin(&self, plugin: &str) {
+        self.update(plugin, None);
+    }
+
+    fn update(&self, plugin: &str, subs: Option<Arc<PluginSubs>>) {
+        {
+            let mut all = self.subs.write().unwrap_or_else(|e| e.into_inner());
+            let mut next = HashMap::clone(&all);
+            match subs {
+                Some(s) => next.insert(plugin.to_string(), s),
+                None => next.remove(plugin),
+            };
+            *all = Arc::new(next);
+        }
+        self.reconcile();
+    }
+
+    fn snapshot(&self) -> Subs {
+        self.subs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Starts the streams the plugins need and stops the others (nothing before
+    /// [`run`] has started the watchers).
+    fn reconcile(&self) {
+        let mut state = lock(&self.state);
+        let Some(runner) = state.runner.clone() else {
+            return;
+        };
+        let devices = match runner.engine.devices().and_then(|d| d.list()) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the devices for Docker event triggers");
+                return;
+            }
+        };
+        let subs = self.snapshot();
+        let wanted: HashMap<String, Device> = devices
+            .into_iter()
+            .filter(|d| subs.values().any(|p| p.watches(&d.name)))
+            .map(|d| (d.name.clone(), d))
+            .collect();
+        state.streams.retain(|name, stream| {
+            // An edited device (another address, other credentials) starts afresh.
+            let keep = wanted.get(name) == Some(&stream.device);
+            if !keep {
+                stream.task.abort();
+                runner.metrics.docker_event_stream_gone(name);
+                tracing::info!(device = %name, "Docker event stream stopped: no plugin listens to it, or the device changed");
+            }
+            keep
+        });
+        for (name, device) in wanted {
+            if state.streams.contains_key(&name) {
+                continue;
+            }
+            tracing::info!(device = %name, "Docker event stream starting");
+            let task = runner.runtime.spawn(watch_device(
+                name.clone(),
+                runner.clone(),
+                self.subs.clone(),
+            ));
+            state.streams.insert(
+                name,
+                Stream {
+                    device,
+                    task: task.abort_handle(),
+                },
+            );
+        }
+    }
+
+    fn start(&self, scheduler: &Arc<Scheduler>) {
+        lock(&self.state).runner = Some(Runner {
+            scheduler: Arc::downgrade(scheduler),
+            engine: scheduler.engine().clone(),
+            metrics: scheduler.metrics().clone(),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        self.reconcile();
+    }
+
+    fn stop(&self) {
+        let mut state = lock(&self.state);
+        if let Some(runner) = state.runner.take() {
+            for (device, stream) in state.streams.drain() {
+                stream.task.abort();
+                runner.metrics.docker_event_stream_gone(&device);
+            }
+        }
+    }
+}
+
+/// Watches the devices the engine's Docker triggers need until `shutdown` resolves:
+/// streams start at once for the plugins already activated, and as plugins are
+/// activated and removed; the device list is read again every [`RESCAN`].
+pub async fn run(scheduler: Arc<Scheduler>, shutdown: impl std::future::Future<Output = ()>) {
+    let watchers = scheduler.triggers().docker.clone();
+    watchers.start(&scheduler);
+    drop(scheduler);
+    tokio::pin!(shutdown);
+    let mut every = tokio::time::interval(RESCAN);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = every.tick() => watchers.reconcile(),
+        }
+    }
+    watchers.stop();
+}
+
+/// One event as the daemon writes it on `/events`.
+#[derive(Debug, Deserialize)]
+struct RawEvent {
+    #[serde(rename = "Type", default)]
+    kind: String,
+    #[serde(rename = "Action", default)]
+    action: String,
+    #[serde(rename = "Actor", default)]
+    actor: RawActor,
+    #[serde(default)]
+    time: i64,
+    #[serde(rename = "timeNano", default)]
+    time_nano: i64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawActor {
+    #[serde(rename = "ID", default)]
+    id: String,
+    #[serde(rename = "Attributes", default)]
+    attributes: HashMap<String, String>,
+}
+
+impl RawEvent {
+    fn nanos(&self) -> i64 {
+        if self.time_nano != 0 {
+            self.time_nano
+        } else {
+            self.time.saturating_mul(1_000_000_000)
+        }
+    }
+}
+
+/// A matched event on its way to a run: whose, through which trigger, and the event.
+#[derive(Debug, Clone)]
+pub struct WatchedEvent {
+    pub plugin: String,
+    pub trigger: usize,
+    pub debounce: Duration,
+    pub event: TriggerEvent,
+}
+
+/// Where a stream resumes: the time of the last event seen and the events seen at
+/// exactly that time (the daemon sends those again for `since=` that time).
+#[derive(Debug, Default)]
+struct Cursor {
+    nanos: i64,
+    seen: HashSet<(String, String, String)>,
+}
+
+impl Cursor {
+    fn at(nanos: i64) -> Cursor {
+        Cursor {
+            nanos,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Whether `e` is new, recording it.
+    fn admit(&mut self, e: &RawEvent) -> bool {
+        let t = e.nanos();
+        let id = (e.kind.clone(), e.action.clone(), e.actor.id.clone());
+        if t < self.nanos {
+            return false;
+        }
+        if t > self.nanos {
+            self.nanos = t;
+            self.seen.clear();
+        }
+        self.seen.insert(id)
+    }
+
+    /// The `since` query value: seconds and nanoseconds.
+    fn since(&self) -> String {
+        format!(
+            "{}.{:09}",
+            self.nanos.div_euclid(1_000_000_000),
+            self.nanos.rem_euclid(1_000_000_000)
+        )
+    }
+}
+
+/// Why a stream could not be opened or ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("{0}")]
+    Device(String),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("the daemon answered {status} to {what}: {message}")]
+    Daemon {
+        what: &'static str,
+        status: u16,
+        message: String,
+    },
+    #[error("{what} did not answer within {timeout:?}")]
+    Timeout {
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("reading the event stream: {0}")]
+    Read(String),
+    #[error("the daemon ended the event stream")]
+    Ended,
+}
+
+/// The stream of one device, for as long as the task lives: connect, read, dispatch;
+/// on failure wait and resume. Debounced runs are submitted beside it.
+async fn watch_device(device: String, runner: Runner, subs: Arc<RwLock<Subs>>) {
+    let (tx, rx) = mpsc::channel::<WatchedEvent>(1024);
+    let stream = async {
+        let mut cursor: Option<Cursor> = None;
+        let mut failures: u32 = 0;
+        loop {
+            let result =
+                stream_once(&device, &runner, &subs, &mut cursor, &tx, &mut failures).await;
+            runner.metrics.docker_event_stream(&device, false);
+            let e = result.err().unwrap_or(StreamError::Ended);
+            failures = failures.saturating_add(1);
+            runner.metrics.docker_event_stream_failed(&device);
+            let pause = runner.engine.docker.options().backoff(failures);
+            if failures == 1 {
+                tracing::warn!(%device, error = %e, retry_in = ?pause, "Docker event stream lost; retrying");
+            } else {
+                tracing::debug!(%device, error = %e, retry_in = ?pause, "Docker event stream still failing");
+            }
+            tokio::time::sleep(pause).await;
+        }
+    };
+    tokio::join!(stream, debounce(&device, &runner, rx));
+}
+
+/// Opens the stream at the cursor (at the daemon's present time on the first call),
+/// reads it until it ends, and sends each new matching event on.
+async fn stream_once(
+    device: &str,
+    runner: &Runner,
+    subs: &RwLock<Subs>,
+    cursor: &mut Option<Cursor>,
+    tx: &mpsc::Sender<WatchedEvent>,
+    failures: &mut u32,
+) -> Result<(), StreamError> {
+    let engine = &runner.engine;
+    let record = engine
+        .devices()
+        .and_then(|d| d.get(device))
+        .map_err(|e| StreamError::Device(e.to_string()))?;
+    let client = engine.docker_client(&record)?;
+    let opts = engine.docker.options();
+    let timeout = opts.connect_timeout + opts.request_timeout;
+    let send = |what: &'static str, path: String| {
+        let client = client.clone();
+        async move {
+            let req = hyper::Request::get(path)
+                .body(empty_body())
+                .expect("a path is a valid URI");
+            let resp = tokio::time::timeout(timeout, client.send(req))
+                .await
+                .map_err(|_| StreamError::Timeout { what, timeout })??;
+            if !resp.status().is_success() {
+                let status = resp.status().as_u16();
+                let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let message = String::from_utf8_lossy(&body[..body.len().min(512)])
+                    .trim()
+                    .to_string();
+                return Err(StreamError::Daemon {
+                    what,
+                    status,
+                    message,
+                });
+            }
+            Ok(resp)
+        }
+    };
+    if cursor.is_none() {
+        let resp = send("GET /info", "/info".to_string()).await?;
+        let body = tokio::time::timeout(timeout, resp.into_body().collect())
+            .await
+            .map_err(|_| StreamError::Timeout {
+                what: "GET /info",
+                timeout,
+            })?
+            .map_err(|e| StreamError::Read(e.to_string()))?
+            .to_bytes();
+        let info: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| StreamError::Read(e.to_string()))?;
+        let now = info["SystemTime"]
+            .as_str()
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+            .ok_or_else(|| StreamError::Read("GET /info gave no SystemTime".into()))?;
+        *cursor = Some(Cursor::at(now.timestamp_nanos_opt().unwrap_or(0)));
+    }
+    let cursor = cursor.as_mut().expect("set above");
+    let resp = send("GET /events", format!("/events?since={}", cursor.since())).await?;
+    runner.metrics.docker_event_stream(device, true);
+    if *failures > 0 {
+        tracing::info!(%device, since = %cursor.since(), "Docker event stream resumed");
+    }
+    *failures = 0;
+    let mut body = resp.into_body();
+    let mut lines = Lines::new(MAX_EVENT_BYTES);
+    loop {
+        let frame = match body.frame().await {
+            None => return Err(StreamError::Ended),
+            Some(Err(e)) => return Err(StreamError::Read(e.to_string())),
+            Some(Ok(f)) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let (complete, skipped) = lines.push(&data);
+        if skipped {
+            tracing::warn!(%device, "skipped an event longer than {MAX_EVENT_BYTES} bytes");
+        }
+        for line in complete {
+            let Ok(event) = serde_json::from_slice::<RawEvent>(&line) else {
+                tracing::debug!(%device, "skipped an event line that is not an event");
+                continue;
+            };
+            if !cursor.admit(&event) {
+                continue;
+            }
+            runner.metrics.docker_event(device);
+            let snapshot = subs.read().unwrap_or_else(|e| e.into_inner()).clone();
+            for w in dispatch(device, &snapshot, &event) {
+                if tx.send(w).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// The stream cut into lines (one event each), holding at most `max` bytes of a line:
+/// a longer line is dropped whole.
+struct Lines {
+    buf: BytesMut,
+    max: usize,
+    /// Inside a line that was too long: drop up to its end.
+    skipping: bool,
+}
+
+impl Lines {
+    fn new(max: usize) -> Lines {
+        Lines {
+            buf: BytesMut::new(),
+            max,
+            skipping: false,
+        }
+    }
+
+    /// Takes more of the stream; returns the lines it completed, and whether a line
+    /// began to be dropped.
+    fn push(&mut self, data: &[u8]) -> (Vec<BytesMut>, bool) {
+        self.buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+            let line = self.buf.split_to(nl + 1);
+            if !std::mem::take(&mut self.skipping) {
+                out.push(line);
+            }
+        }
+        let mut skipped = false;
+        if self.buf.len() > self.max {
+            skipped = !self.skipping;
+            self.skipping = true;
+        }
+        if self.skipping {
+            self.buf.clear();
+        }
+        (out, skipped)
+    }
+}
+
+/// The plugins (at most one trigger each: the first that matches) that get `e` from
+/// `device`, by their triggers and their policy's scopes.
+fn dispatch(
+    device: &str,
+    subs: &HashMap<String, Arc<PluginSubs>>,
+    e: &RawEvent,
+) -> Vec<WatchedEvent> {
+    let mut out = Vec::new();
+    let attrs = &e.actor.attributes;
+    for (plugin, p) in subs {
+        if !p.policy.devices().allows(device) || !p.policy.decide("GET", "/events").is_allowed() {
+            continue;
+        }
+        if e.kind == "container" {
+            let name = attrs.get("name").map(String::as_str).unwrap_or_default();
+            if !p.policy.containers().matches(name, attrs) {
+                continue;
+            }
+        }
+        let Some((i, t)) = p
+            .triggers
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.watches(device) && t.matches(&e.kind, &e.action, attrs))
+        else {
+            continue;
+        };
+        let mut attributes: Vec<(String, String)> =
+            attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        attributes.sort();
+        let nanos = e.nanos();
+        out.push(WatchedEvent {
+            plugin: plugin.clone(),
+            trigger: i,
+            debounce: t.debounce(),
+            event: TriggerEvent::Docker {
+                device: device.to_string(),
+                kind: e.kind.clone(),
+                action: e.action.clone(),
+                actor_id: e.actor.id.clone(),
+                attributes,
+                time: DateTime::from_timestamp_nanos(nanos),
+                count: 1,
+            },
+        });
+    }
+    out
+}
+
+/// Events for one object folding into one run.
+struct Pending {
+    event: TriggerEvent,
+    due: Instant,
+}
+
+/// Folds events per plugin, trigger and object for their trigger's debounce window,
+/// then submits one run with the last event and the count.
+async fn debounce(device: &str, runner: &Runner, mut rx: mpsc::Receiver<WatchedEvent>) {
+    let mut pending: HashMap<(String, usize, String), Pending> = HashMap::new();
+    loop {
+        let next = pending.values().map(|p| p.due).min();
+        let item = tokio::select! {
+            item = rx.recv() => match item {
+                Some(w) => Some(w),
+                None => return,
+            },
+            _ = async {
+                match next {
+                    Some(due) => tokio::time::sleep_until(due).await,
+                    None => std::future::pending().await,
+                }
+            } => None,
+        };
+        if let Some(w) = item {
+            let actor = match &w.event {
+                TriggerEvent::Docker { actor_id, .. } => actor_id.clone(),
+                _ => String::new(),
+            };
+            let key = (w.plugin.clone(), w.trigger, actor);
+            if let Some(p) = pending.get_mut(&key) {
+                let count = match &p.event {
+                    TriggerEvent::Docker { count, .. } => *count,
+                    _ => 1,
+                };
+                p.event = w.event;
+                if let TriggerEvent::Docker { count: c, .. } = &mut p.event {
+                    *c = count.saturating_add(1);
+                }
+            } else if w.debounce.is_zero() || pending.len() >= MAX_PENDING {
+                submit(device, runner, &w.plugin, w.event);
+            } else {
+                pending.insert(
+                    key,
+                    Pending {
+                        event: w.event,
+                        due: Instant::now() + w.debounce,
+                    },
+                );
+            }
+        }
+        let now = Instant::now();
+        let due: Vec<_> = pending
+            .iter()
+            .filter(|(_, p)| p.due <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            if let Some(p) = pending.remove(&key) {
+                submit(device, runner, &key.0, p.event);
+            }
+        }
+    }
+}
+
+fn submit(device: &str, runner: &Runner, plugin: &str, event: TriggerEvent) {
+    let Some(scheduler) = runner.scheduler.upgrade() else {
+        return;
+    };
+    match scheduler.submit(plugin, event) {
+        Ok(run) => {
+            runner.metrics.docker_event_run(plugin);
+            tracing::debug!(%device, plugin, %run, "Docker event run submitted");
+        }
+        Err(SubmitError::ShuttingDown) | Err(SubmitError::NotInstalled(_)) => {}
+        Err(e) => tracing::warn!(%device, plugin, error = %e, "Docker event not run"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(nanos: i64, action: &str, id: &str) -> RawEvent {
+        RawEvent {
+            kind: "container".into(),
+            action: action.into(),
+            actor: RawActor {
+                id: id.into(),
+                attributes: HashMap::new(),
+            },
+            time: nanos / 1_000_000_000,
+            time_nano: nanos,
+        }
+    }
+
+    #[test]
+    fn the_cursor_skips_what_was_seen_and_what_is_older_but_not_new_events_at_the_same_time() {
+        let mut c = Cursor::at(5_000_000_000);
+        assert!(
+            !c.admit(&event(4_999_999_999, "die", "a")),
+            "before the start"
+        );
+        assert!(c.admit(&event(5_000_000_000, "die", "a")), "at the start");
+        assert!(c.admit(&event(6_000_000_001, "die", "a")));
+        assert_eq!(c.since(), "6.000000001");
+        // The daemon sends the events at `since` again after a reconnect.
+        assert!(!c.admit(&event(6_000_000_001, "die", "a")), "a repeat");
+        assert!(
+            c.admit(&event(6_000_000_001, "kill", "a")),
+            "another event at that time"
+        );
+        assert!(c.admit(&event(7_000_000_000, "die", "a")));
+    }
+
+    #[test]
+    fn lines_longer_than_the_limit_are_dropped_whole_and_the_next_ones_still_read() {
+        let mut l = Lines::new(8);
+        let (got, skipped) = l.push(b"{\"a\":1}\n{\"b\"");
+        assert_eq!(got, vec![BytesMut::from(&b"{\"a\":1}\n"[..])]);
+        assert!(!skipped);
+        let (got, skipped) = l.push(b":2222222222");
+        assert!(got.is_empty() && skipped, "too long: dropped");
+        assert!(l.buf.is_empty(), "nothing of it is held");
+        let (got, skipped) = l.push(b"22222}\n{}\n");
+        assert_eq!(
+            got,
+            vec![BytesMut::from(&b"{}\n"[..])],
+            "its tail is dropped too"
+        );
+        assert!(!skipped);
+    }
+
+    fn subs(policy: &str, events: &[&str]) -> Arc<PluginSubs> {
+        let policy = crate::policy::Policy::from_toml_str(policy)
+            .unwrap()
+            .compile();
+        let config = super::super::DockerTriggerConfig {
+            events: events.iter().map(|e| e.to_string()).collect(),
+            devices: None,
+            labels: Vec::new(),
+            debounce: None,
+        };
+        Arc::new(PluginSubs {
+            policy,
+            triggers: vec![DockerTrigger::from_config(&config).unwrap()],
+        })
+    }
+
+    #[test]
+    fn an_event_reaches_only_the_plugins_whose_device_and_container_scopes_hold_it() {
+        let all = HashMap::from([
+            (
+                "web-only".to_string(),
+                subs(
+                    "devices = [\"local\"]\n[containers]\nnames = [\"web-*\"]\n",
+                    &["container:die"],
+                ),
+            ),
+            (
+                "labelled".to_string(),
+                subs(
+                    "devices = [\"*\"]\n[containers]\nlabels = [\"heal=true\"]\n",
+                    &["container:*"],
+                ),
+            ),
+            (
+                "elsewhere".to_string(),
+                subs("devices = [\"prod-*\"]\n", &["container:die"]),
+            ),
+            (
+                "deaf".to_string(),
+                subs("EVENTS = 0\ndevices = [\"*\"]\n", &["container:die"]),
+            ),
+        ]);
+        let mut e = event(1, "die", "abc");
+        e.actor.attributes = HashMap::from([("name".to_string(), "web-1".to_string())]);
+        let got: Vec<String> = dispatch("local", &all, &e)
+            .into_iter()
+            .map(|w| w.plugin)
+            .collect();
+        assert_eq!(got, ["web-only"]);
+        e.actor
+            .attributes
+            .insert("heal".to_string(), "true".to_string());
+        let mut got: Vec<String> = dispatch("local", &all, &e)
+            .into_iter()
+            .map(|w| w.plugin)
+            .collect();
+        got.sort();
+        assert_eq!(got, ["labelled", "web-only"]);
+        let w = &dispatch("local", &all, &e)[0];
+        match &w.event {
+            TriggerEvent::Docker {
+                device,
+                action,
+                count,
+                attributes,
+                ..
+            } => {
+                assert_eq!(
+                    (device.as_str(), action.as_str(), *count),
+                    ("local", "die", 1)
+                );
+                assert!(attributes.contains(&("name".to_string(), "web-1".to_string())));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_are_read_as_the_daemon_writes_them() {
+        let line = br#"{"status":"die","id":"abc","from":"img","Type":"container","Action":"die","Actor":{"ID":"abc","Attributes":{"exitCode":"137","name":"web","tier":"x"}},"scope":"local","time":1700000000,"timeNano":1700000000123456789}"#;
+        let e: RawEvent = serde_json::from_slice(line).unwrap();
+        assert_eq!((e.kind.as_str(), e.action.as_str()), ("container", "die"));
+        assert_eq!(e.actor.attributes["name"], "web");
+        assert_eq!(e.nanos(), 1_700_000_000_123_456_789);
+    }
+}
