@@ -498,18 +498,26 @@ pub async fn secret_put(
     let req: SecretBody = serde_json::from_slice(&body).map_err(|_| {
         AppError::Invalid("the body must be JSON like {\"value\": \"…\"}".to_string())
     })?;
-    let (vault_state, runtime) = (state.clone(), state.scheduler.clone());
-    tokio::task::spawn_blocking(move || {
-        crate::plugin::secrets::set(
-            &vault_state.vault,
-            runtime.runtime(),
-            &name,
-            &secret,
-            &req.value,
-        )
+    secret_change(state, move |vault, runtime| {
+        crate::plugin::secrets::set(vault, runtime, &name, &secret, &req.value)
     })
     .await
-    .map_err(|e| AppError::Internal(format!("the secret task failed: {e}")))??;
+}
+
+/// Runs a change of a plugin secret off the async threads (the vault rewrites its file);
+/// 204 when it is done.
+async fn secret_change(
+    state: AppState,
+    change: impl FnOnce(
+        &crate::vault::Vault,
+        &crate::plugin::PluginRuntime,
+    ) -> Result<(), crate::plugin::secrets::SecretError>
+    + Send
+    + 'static,
+) -> Result<StatusCode, AppError> {
+    tokio::task::spawn_blocking(move || change(&state.vault, state.scheduler.runtime()))
+        .await
+        .map_err(|e| AppError::Internal(format!("the secret task failed: {e}")))??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -531,11 +539,8 @@ pub async fn secret_delete(
     State(state): State<AppState>,
     Path((name, secret)): Path<(String, String)>,
 ) -> Result<StatusCode, AppError> {
-    let (vault_state, runtime) = (state.clone(), state.scheduler.clone());
-    tokio::task::spawn_blocking(move || {
-        crate::plugin::secrets::remove(&vault_state.vault, runtime.runtime(), &name, &secret)
+    secret_change(state, move |vault, runtime| {
+        crate::plugin::secrets::remove(vault, runtime, &name, &secret)
     })
     .await
-    .map_err(|e| AppError::Internal(format!("the secret task failed: {e}")))??;
-    Ok(StatusCode::NO_CONTENT)
 }

@@ -681,6 +681,20 @@ impl Error {
         }
     }
 
+    /// The WIT case name: `denied`, `not-found`, `unreachable`, `docker`, `invalid`,
+    /// `timeout` or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Denied(_) => "denied",
+            Error::NotFound(_) => "not-found",
+            Error::Unreachable(_) => "unreachable",
+            Error::Docker(_) => "docker",
+            Error::Invalid(_) => "invalid",
+            Error::Timeout(_) => "timeout",
+            Error::Failed(_) => "failed",
+        }
+    }
+
     /// Whether the policy refused the call.
     pub fn is_denied(&self) -> bool {
         matches!(self, Error::Denied(_))

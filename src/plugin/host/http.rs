@@ -42,6 +42,7 @@ use tokio::net::TcpStream;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::RunState;
+use super::docker::bounded;
 use crate::plugin::records::AuditRecord;
 use crate::plugin::report::{CallDecision, Denial, HostCall};
 use crate::plugin::runtime::LoadedPlugin;
@@ -62,9 +63,6 @@ pub fn secret_name(plugin: &str, name: &str) -> SecretName {
 
 /// How a refusal reaches the guest: `internal-error` with this prefix and the reason.
 pub const DENIED_PREFIX: &str = "denied: ";
-
-/// The longest request line a record keeps.
-const MAX_RECORDED_LINE: usize = 1024;
 
 /// The longest time a DNS lookup may take (within the request's timeout).
 const DNS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -170,6 +168,7 @@ struct Checked {
 
 /// One request under way, for its record.
 struct Call {
+    /// `METHOD URL` as the plugin wrote it (scrubbed and bounded when recorded).
     line: String,
     started: Instant,
 }
@@ -181,7 +180,7 @@ impl Shared {
         options: Option<RequestOptions>,
     ) -> SendResult {
         let call = Call {
-            line: bounded(&format!("{} {}", request.method(), request.uri())),
+            line: format!("{} {}", request.method(), request.uri()),
             started: Instant::now(),
         };
         let n = self.sent.fetch_add(1, Ordering::Relaxed).saturating_add(1);
@@ -566,7 +565,7 @@ impl Shared {
 
     fn deny(&self, call: &Call, secrets: &[Secret], reason: String) -> HttpError {
         let reason = scrub(&reason, secrets);
-        tracing::info!(plugin = %self.plugin.name, op = OP, request = %scrub(&call.line, secrets), reason = %reason, "plugin host call denied");
+        tracing::info!(plugin = %self.plugin.name, op = OP, request = %bounded(&scrub(&call.line, secrets)), reason = %reason, "plugin host call denied");
         self.record(call, secrets, CallDecision::Deny, "denied", &reason);
         {
             let mut r = self.records.lock().unwrap_or_else(|e| e.into_inner());
@@ -574,7 +573,7 @@ impl Shared {
                 r.denials.push(Denial {
                     op: OP.to_string(),
                     device: String::new(),
-                    request: scrub(&call.line, secrets),
+                    request: bounded(&scrub(&call.line, secrets)),
                     reason: reason.clone(),
                 });
             }
@@ -613,7 +612,7 @@ impl Shared {
         let recorded = HostCall {
             op: OP.to_string(),
             device: String::new(),
-            request: scrub(&call.line, secrets),
+            request: bounded(&scrub(&call.line, secrets)),
             decision,
             result: result.to_string(),
             ms: crate::millis(call.started.elapsed()),
@@ -680,18 +679,6 @@ fn scrub(text: &str, secrets: &[Secret]) -> String {
         }
     }
     out
-}
-
-/// `text` cut to [`MAX_RECORDED_LINE`] bytes on a char boundary.
-fn bounded(text: &str) -> String {
-    if text.len() <= MAX_RECORDED_LINE {
-        return text.to_string();
-    }
-    let mut end = MAX_RECORDED_LINE;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes more)", &text[..end], text.len() - end)
 }
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
@@ -816,11 +803,5 @@ mod tests {
             scrub("GET http://x/hunter2?a=hunter2", &s),
             "GET http://x/***?a=***"
         );
-    }
-
-    #[test]
-    fn recorded_lines_are_bounded() {
-        let long = "a".repeat(MAX_RECORDED_LINE * 2);
-        assert!(bounded(&long).len() < MAX_RECORDED_LINE + 40);
     }
 }
