@@ -523,15 +523,14 @@ pub mod http {
                     let code = crate::wasi_http::wasi::http::types::http_error_code(&e);
                     return Err(match code {
                         Some(code) => error_of(code),
-                        // The host words its own limits (size, time) in the text.
-                        None => {
-                            let text = e.to_debug_string();
-                            if text.contains("timeout") {
-                                Error::Timeout(format!("reading the response body: {text}"))
-                            } else {
-                                Error::Failed(format!("reading the response body failed: {text}"))
+                        // A body's error arrives as text: the host's own words (the
+                        // limit it met), or the connection's.
+                        None => match from_host(e.to_debug_string()) {
+                            Error::Failed(m) => {
+                                Error::Failed(format!("reading the response body failed: {m}"))
                             }
-                        }
+                            other => other,
+                        },
                     });
                 }
             }
@@ -593,14 +592,26 @@ pub mod http {
         }
     }
 
-    /// The host's refusals arrive as `internal-error("denied: …")`, with the reason.
-    const DENIED: &str = "denied: ";
+    /// The host's refusals arrive as `internal-error("denied: …")` with the reason; a
+    /// timeout or a server out of reach as `internal-error("timeout: …")` or
+    /// `internal-error("unreachable: …")` with why, in the host's words.
+    fn from_host(message: String) -> Error {
+        let cases: [(&str, fn(String) -> Error); 3] = [
+            ("denied: ", Error::Denied),
+            ("timeout: ", Error::Timeout),
+            ("unreachable: ", Error::Unreachable),
+        ];
+        for (prefix, case) in cases {
+            if let Some(rest) = message.strip_prefix(prefix) {
+                return case(rest.to_string());
+            }
+        }
+        Error::Failed(message)
+    }
 
     fn error_of(code: ErrorCode) -> Error {
         match code {
-            ErrorCode::InternalError(Some(m)) if m.starts_with(DENIED) => {
-                Error::Denied(m[DENIED.len()..].to_string())
-            }
+            ErrorCode::InternalError(Some(m)) => from_host(m),
             ErrorCode::HttpRequestDenied => Error::Denied("the host refused the request".into()),
             ErrorCode::DnsTimeout
             | ErrorCode::ConnectionTimeout
@@ -627,7 +638,6 @@ pub mod http {
 
     fn describe(code: &ErrorCode) -> String {
         match code {
-            ErrorCode::InternalError(Some(m)) => m.clone(),
             ErrorCode::HttpResponseBodySize(Some(n)) => format!(
                 "the response body is larger than {n} bytes (limits.max_http_response_bytes)"
             ),

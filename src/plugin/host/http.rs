@@ -62,7 +62,14 @@ pub fn secret_name(plugin: &str, name: &str) -> SecretName {
 }
 
 /// How a refusal reaches the guest: `internal-error` with this prefix and the reason.
+/// A request that timed out or could not reach its server is `internal-error` with
+/// [`TIMEOUT_PREFIX`] or [`UNREACHABLE_PREFIX`] and why; the SDK maps each prefix to its
+/// `error` case (any other text is `failed`).
 pub const DENIED_PREFIX: &str = "denied: ";
+/// See [`DENIED_PREFIX`].
+pub const TIMEOUT_PREFIX: &str = "timeout: ";
+/// See [`DENIED_PREFIX`].
+pub const UNREACHABLE_PREFIX: &str = "unreachable: ";
 
 /// The longest time a DNS lookup may take (within the request's timeout).
 const DNS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -581,22 +588,20 @@ impl Shared {
         HttpError::InternalError(Some(format!("{DENIED_PREFIX}{reason}")))
     }
 
+    /// A request that went out (or tried to) and failed: recorded as allowed with how it
+    /// failed, and handed to the guest as `internal-error("<kind>: <why>")` — our own
+    /// words, naming the origin or the limit and never a secret.
     fn fail(&self, call: &Call, secrets: &[Secret], e: HttpError, why: &str) -> HttpError {
-        let kind = match &e {
+        let (kind, prefix) = match &e {
             HttpError::DnsTimeout
             | HttpError::ConnectionTimeout
-            | HttpError::ConnectionReadTimeout => "timeout",
-            HttpError::HttpResponseBodySize(_) => "too-large",
-            _ => "unreachable",
+            | HttpError::ConnectionReadTimeout => ("timeout", TIMEOUT_PREFIX),
+            HttpError::HttpResponseBodySize(_) => ("too-large", ""),
+            _ => ("unreachable", UNREACHABLE_PREFIX),
         };
-        self.record(call, secrets, CallDecision::Allow, kind, why);
-        match e {
-            // The reason is ours: it names the origin and the limit, never a secret.
-            HttpError::ConnectionRefused
-            | HttpError::TlsProtocolError
-            | HttpError::HttpProtocolError => HttpError::InternalError(Some(scrub(why, secrets))),
-            other => other,
-        }
+        let why = scrub(why, secrets);
+        self.record(call, secrets, CallDecision::Allow, kind, &why);
+        HttpError::InternalError(Some(format!("{prefix}{why}")))
     }
 
     /// The request, recorded once: in the run's report (through
@@ -763,7 +768,7 @@ impl Body for CappedBody {
                     Poll::Ready(()) => {
                         this.timer = None;
                         Poll::Ready(Some(Err(HttpError::InternalError(Some(format!(
-                            "timeout: no more of the response body came within {} ms (limits.http_timeout_ms, the request's timeout, or the run's deadline)",
+                            "{TIMEOUT_PREFIX}no more of the response body came within {} ms (limits.http_timeout_ms, the request's timeout, or the run's deadline)",
                             this.between.as_millis()
                         ))))))
                     }
