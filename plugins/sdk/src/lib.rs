@@ -596,17 +596,15 @@ pub mod http {
     /// timeout or a server out of reach as `internal-error("timeout: …")` or
     /// `internal-error("unreachable: …")` with why, in the host's words.
     fn from_host(message: String) -> Error {
-        let cases: [(&str, fn(String) -> Error); 3] = [
-            ("denied: ", Error::Denied),
-            ("timeout: ", Error::Timeout),
-            ("unreachable: ", Error::Unreachable),
-        ];
-        for (prefix, case) in cases {
-            if let Some(rest) = message.strip_prefix(prefix) {
-                return case(rest.to_string());
-            }
+        if let Some(rest) = message.strip_prefix("denied: ") {
+            Error::Denied(rest.to_string())
+        } else if let Some(rest) = message.strip_prefix("timeout: ") {
+            Error::Timeout(rest.to_string())
+        } else if let Some(rest) = message.strip_prefix("unreachable: ") {
+            Error::Unreachable(rest.to_string())
+        } else {
+            Error::Failed(message)
         }
-        Error::Failed(message)
     }
 
     fn error_of(code: ErrorCode) -> Error {
