@@ -421,18 +421,10 @@ impl Shared {
                 }
             }
         };
-        let mut refused = None;
-        for addr in &addrs {
-            match special_address(addr.ip()) {
-                Some(kind) if !literal => {
-                    refused.get_or_insert((addr.ip(), kind));
-                }
-                _ => return Ok(*addr),
-            }
-        }
-        match refused {
-            Some((ip, kind)) => Err(Refusal::Denied(refusal_of_special(origin, ip, kind))),
-            None => Err(Refusal::Failed(
+        match pick_address(&addrs, literal) {
+            Ok(addr) => Ok(addr),
+            Err(Some((ip, kind))) => Err(Refusal::Denied(refusal_of_special(origin, ip, kind))),
+            Err(None) => Err(Refusal::Failed(
                 HttpError::DestinationNotFound,
                 format!("`{}` has no address", origin.host()),
             )),
@@ -647,6 +639,25 @@ enum Refusal {
     Failed(HttpError, String),
 }
 
+/// The first of a host's addresses a request may go to: any, when the allow-list names
+/// the host literally, else the first that is no [special address](special_address).
+/// Otherwise the first special one found and its kind (or `None`: no address at all).
+fn pick_address(
+    addrs: &[SocketAddr],
+    literal: bool,
+) -> Result<SocketAddr, Option<(IpAddr, &'static str)>> {
+    let mut refused = None;
+    for addr in addrs {
+        match special_address(addr.ip()) {
+            Some(kind) if !literal => {
+                refused.get_or_insert((addr.ip(), kind));
+            }
+            _ => return Ok(*addr),
+        }
+    }
+    Err(refused)
+}
+
 fn refusal_of_special(origin: &Origin, ip: IpAddr, kind: &str) -> String {
     if origin.ip().is_some() {
         format!(
@@ -799,6 +810,20 @@ mod tests {
         );
         assert!(placeholders("/a/{{secret.x").is_empty());
         assert!(placeholders("/plain/{{other}}").is_empty());
+    }
+
+    #[test]
+    fn a_wildcard_host_goes_only_to_a_public_address_and_a_named_one_anywhere() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let mixed = [a("10.0.0.1:80"), a("93.184.216.34:80"), a("[::1]:80")];
+        assert_eq!(pick_address(&mixed, false), Ok(a("93.184.216.34:80")));
+        assert_eq!(pick_address(&mixed, true), Ok(a("10.0.0.1:80")));
+        let private = [a("127.0.0.1:80"), a("169.254.169.254:80")];
+        assert_eq!(
+            pick_address(&private, false),
+            Err(Some(("127.0.0.1".parse().unwrap(), "loopback")))
+        );
+        assert_eq!(pick_address(&[], true), Err(None));
     }
 
     #[test]
