@@ -40,6 +40,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
+use zeroize::Zeroizing;
 
 use super::RunState;
 use super::docker::bounded;
@@ -329,13 +330,14 @@ impl Shared {
             })?;
             values.insert(name.clone(), value);
         }
-        let fill = |text: &str| -> String {
-            let mut out = text.to_string();
+        // The texts with values in them are wiped when dropped, as the values are.
+        let fill = |text: &str| -> Zeroizing<String> {
+            let mut out = Zeroizing::new(text.to_string());
             for (name, value) in &values {
-                out = out.replace(
+                out = Zeroizing::new(out.replace(
                     &format!("{{{{secret.{name}}}}}"),
                     value.expose_str().unwrap_or_default(),
-                );
+                ));
             }
             out
         };
