@@ -193,6 +193,14 @@ fn an_allowed_request_is_sent_and_recorded_as_allowed() {
     assert_eq!(calls[0].request, format!("GET {url}"));
     let audit = h.runtime.audit().tail(1).unwrap();
     assert_eq!(audit[0].call.op, "http.request");
+    assert_eq!(
+        audit[0].call.reason,
+        format!(
+            "allowed by `{}` in [policy] outbound; sent to 127.0.0.1:{}, answered 200",
+            server.origin(),
+            server.port
+        )
+    );
 }
 
 #[test]

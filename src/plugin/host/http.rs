@@ -220,13 +220,15 @@ impl Shared {
         match self.exchange(&origin, addr, request, timeout).await {
             Ok((response, io)) => {
                 let status = response.status().as_u16().to_string();
-                self.record(
-                    &call,
-                    &secrets,
-                    CallDecision::Allow,
-                    &status,
-                    "allowed by [policy] outbound",
+                let entry = self
+                    .plugin
+                    .outbound
+                    .allows(&origin)
+                    .map_or("", |r| r.as_str());
+                let reason = format!(
+                    "allowed by `{entry}` in [policy] outbound; sent to {addr}, answered {status}"
                 );
+                self.record(&call, &secrets, CallDecision::Allow, &status, &reason);
                 Ok((response, io))
             }
             Err((e, why)) => Err(self.fail(&call, &secrets, e, &why)),
