@@ -634,6 +634,9 @@ fn a_secret_set_through_the_cli_and_api_is_used_and_absent_from_records_api_metr
     );
     assert_eq!(status, 422, "a line break is refused: {body}");
     seen.push(body);
+    let huge = json!({"value": "x".repeat(64 * 1024)}).to_string();
+    let (status, body) = call("PUT", "/api/plugins/fetch-e2e/secrets/tok", &huge);
+    assert_eq!(status, 413, "a body over the route's limit: {body}");
     assert_success(
         &d.capstan(&["plugin", "secret", "rm", "fetch-e2e", "tok"]),
         "plugin secret rm",

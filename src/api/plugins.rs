@@ -481,6 +481,7 @@ pub async fn secrets(
     responses(
         (status = 204, description = "Stored"),
         (status = 404, description = "Not installed, or the manifest declares no such secret", body = super::ErrorBody),
+        (status = 413, description = "The body is over 16 KiB", body = super::ErrorBody),
         (status = 422, description = "Not JSON like {\"value\": \"…\"}, or the value is empty, too long or not text", body = super::ErrorBody),
     )
 )]
@@ -489,11 +490,7 @@ pub async fn secret_put(
     Path((name, secret)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, AppError> {
-    let body = body.map_err(|_| {
-        AppError::Invalid(format!(
-            "the body must be JSON like {{\"value\": \"…\"}} of at most {MAX_SECRET_BODY} bytes"
-        ))
-    })?;
+    let body = body?;
     // The body holds a secret: the error never quotes it.
     let req: SecretBody = serde_json::from_slice(&body).map_err(|_| {
         AppError::Invalid("the body must be JSON like {\"value\": \"…\"}".to_string())
