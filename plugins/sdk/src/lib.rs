@@ -249,8 +249,8 @@ pub mod state {
 /// Messages for people, through the notifier channels the operator configured
 /// (`capstan notifier add`) and the manifest's `[notify] channels` allows.
 pub mod notify {
-    use crate::Error;
     pub use crate::bindings::capstan::plugin::host::{Notification, Priority, Sent};
+    use crate::Error;
 
     /// Sends `notification` to `channel`. `Ok(Sent::Queued)` once the engine has it (it
     /// delivers with retries); `Duplicate` and `RateLimited` say it was not sent.
