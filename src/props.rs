@@ -55,6 +55,9 @@ fn manifest() -> impl Strategy<Value = String> {
                     "max_output_bytes",
                     "max_state_bytes",
                     "max_host_calls",
+                    "max_http_requests",
+                    "http_timeout_ms",
+                    "max_http_response_bytes",
                     "fuel",
                 ][..],
             ),
@@ -175,6 +178,9 @@ proptest! {
             prop_assert!(limits.max_output_bytes <= Limits::MAX.max_output_bytes);
             prop_assert!(limits.max_state_bytes <= Limits::MAX.max_state_bytes);
             prop_assert!(limits.max_host_calls <= Limits::MAX.max_host_calls);
+            prop_assert!(limits.max_http_requests <= Limits::MAX.max_http_requests);
+            prop_assert!((1..=Limits::MAX.http_timeout_ms).contains(&limits.http_timeout_ms));
+            prop_assert!(limits.max_http_response_bytes <= Limits::MAX.max_http_response_bytes);
         }
     }
 }

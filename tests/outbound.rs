@@ -193,6 +193,14 @@ fn an_allowed_request_is_sent_and_recorded_as_allowed() {
     assert_eq!(calls[0].request, format!("GET {url}"));
     let audit = h.runtime.audit().tail(1).unwrap();
     assert_eq!(audit[0].call.op, "http.request");
+    assert_eq!(
+        audit[0].call.reason,
+        format!(
+            "allowed by `{}` in [policy] outbound; sent to 127.0.0.1:{}, answered 200",
+            server.origin(),
+            server.port
+        )
+    );
 }
 
 #[test]
@@ -626,6 +634,9 @@ fn a_secret_set_through_the_cli_and_api_is_used_and_absent_from_records_api_metr
     );
     assert_eq!(status, 422, "a line break is refused: {body}");
     seen.push(body);
+    let huge = json!({"value": "x".repeat(64 * 1024)}).to_string();
+    let (status, body) = call("PUT", "/api/plugins/fetch-e2e/secrets/tok", &huge);
+    assert_eq!(status, 413, "a body over the route's limit: {body}");
     assert_success(
         &d.capstan(&["plugin", "secret", "rm", "fetch-e2e", "tok"]),
         "plugin secret rm",
@@ -638,4 +649,94 @@ fn a_secret_set_through_the_cli_and_api_is_used_and_absent_from_records_api_metr
             assert!(!text.contains(value), "the secret leaked: {text}");
         }
     }
+}
+
+#[test]
+fn https_verifies_the_server_certificate_against_the_web_roots() {
+    // The test TLS endpoint's certificate comes from a private CA: not one of the web's.
+    let infra = crate::util::Infra::get();
+    let origin = format!(
+        "https://{}:{}",
+        infra.var("TLS_SERVER_NAME"),
+        infra.var("TLS_PORT")
+    );
+    let h = Harness::new();
+    fetcher(
+        &h,
+        "fetch-tls",
+        &format!("[policy]\noutbound = [\"{origin}\"]\n"),
+    );
+    let (r, out) = fetch(&h, "fetch-tls", json!([{"url": format!("{origin}/_ping")}]));
+    let e = error_of(&out[0]);
+    assert!(
+        e.starts_with("unreachable: ") && e.contains("certificate"),
+        "{e}"
+    );
+    assert_eq!(http_calls(&r)[0].decision, "allow", "{}", r.render());
+    assert_eq!(http_calls(&r)[0].result, "unreachable");
+}
+
+#[test]
+fn a_secret_cannot_stand_in_the_host_or_the_user_part_of_a_url() {
+    let server = Receiver::start(0);
+    let h = Harness::new();
+    fetcher(
+        &h,
+        "fetch-sneaky",
+        &format!(
+            "[policy]\noutbound = [\"http://*:{0}\"]\n[secrets.tok]\norigins = [\"http://*:{0}\"]\n",
+            server.port
+        ),
+    );
+    capstan::plugin::secrets::set(
+        &h.engine.vault,
+        &h.runtime,
+        "fetch-sneaky",
+        "tok",
+        &capstan::secret::Secret::from_str_owned("v4lue-x".into()),
+    )
+    .unwrap();
+    let (_, out) = fetch(
+        &h,
+        "fetch-sneaky",
+        json!([
+            {"url": format!("http://{{{{secret.tok}}}}.example:{}/hello", server.port)},
+            {"url": format!("http://u:{{{{secret.tok}}}}@127.0.0.1:{}/hello", server.port)},
+        ]),
+    );
+    for o in &out {
+        let e = error_of(o);
+        assert!(
+            e.starts_with("denied: ") || e.starts_with("invalid: "),
+            "{e}"
+        );
+        assert!(!e.contains("v4lue-x"), "{e}");
+    }
+    assert!(server.requests().is_empty(), "nothing was sent");
+}
+
+#[test]
+fn a_port_nobody_listens_on_is_unreachable_and_recorded_as_such() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let h = Harness::new();
+    fetcher(
+        &h,
+        "fetch-closed",
+        &format!("[policy]\noutbound = [\"http://127.0.0.1:{port}\"]\n"),
+    );
+    let (r, out) = fetch(
+        &h,
+        "fetch-closed",
+        json!([{"url": format!("http://127.0.0.1:{port}/")}]),
+    );
+    let e = error_of(&out[0]);
+    assert!(
+        e.starts_with("unreachable: ")
+            && e.contains(&format!("cannot connect to http://127.0.0.1:{port}")),
+        "{e}"
+    );
+    assert_eq!(http_calls(&r)[0].result, "unreachable", "{}", r.render());
 }

@@ -482,6 +482,7 @@ pub async fn secrets(
     responses(
         (status = 204, description = "Stored"),
         (status = 404, description = "Not installed, or the manifest declares no such secret", body = super::ErrorBody),
+        (status = 413, description = "The body is over 16 KiB", body = super::ErrorBody),
         (status = 422, description = "Not JSON like {\"value\": \"…\"}, or the value is empty, too long or not text", body = super::ErrorBody),
     )
 )]
@@ -490,27 +491,31 @@ pub async fn secret_put(
     Path((name, secret)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, AppError> {
-    let body = body.map_err(|_| {
-        AppError::Invalid(format!(
-            "the body must be JSON like {{\"value\": \"…\"}} of at most {MAX_SECRET_BODY} bytes"
-        ))
-    })?;
+    let body = body?;
     // The body holds a secret: the error never quotes it.
     let req: SecretBody = serde_json::from_slice(&body).map_err(|_| {
         AppError::Invalid("the body must be JSON like {\"value\": \"…\"}".to_string())
     })?;
-    let (vault_state, runtime) = (state.clone(), state.scheduler.clone());
-    tokio::task::spawn_blocking(move || {
-        crate::plugin::secrets::set(
-            &vault_state.vault,
-            runtime.runtime(),
-            &name,
-            &secret,
-            &req.value,
-        )
+    secret_change(state, move |vault, runtime| {
+        crate::plugin::secrets::set(vault, runtime, &name, &secret, &req.value)
     })
     .await
-    .map_err(|e| AppError::Internal(format!("the secret task failed: {e}")))??;
+}
+
+/// Runs a change of a plugin secret off the async threads (the vault rewrites its file);
+/// 204 when it is done.
+async fn secret_change(
+    state: AppState,
+    change: impl FnOnce(
+        &crate::vault::Vault,
+        &crate::plugin::PluginRuntime,
+    ) -> Result<(), crate::plugin::secrets::SecretError>
+    + Send
+    + 'static,
+) -> Result<StatusCode, AppError> {
+    tokio::task::spawn_blocking(move || change(&state.vault, state.scheduler.runtime()))
+        .await
+        .map_err(|e| AppError::Internal(format!("the secret task failed: {e}")))??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -532,11 +537,8 @@ pub async fn secret_delete(
     State(state): State<AppState>,
     Path((name, secret)): Path<(String, String)>,
 ) -> Result<StatusCode, AppError> {
-    let (vault_state, runtime) = (state.clone(), state.scheduler.clone());
-    tokio::task::spawn_blocking(move || {
-        crate::plugin::secrets::remove(&vault_state.vault, runtime.runtime(), &name, &secret)
+    secret_change(state, move |vault, runtime| {
+        crate::plugin::secrets::remove(vault, runtime, &name, &secret)
     })
     .await
-    .map_err(|e| AppError::Internal(format!("the secret task failed: {e}")))??;
-    Ok(StatusCode::NO_CONTENT)
 }

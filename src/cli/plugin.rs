@@ -545,6 +545,10 @@ fn print_show(p: &InstalledPlugin, manifest: &str) {
         p.limits.max_host_calls,
         p.limits.max_host_bytes
     );
+    println!(
+        "http limits: {} requests per run, {} ms per request, responses up to {} B",
+        p.limits.max_http_requests, p.limits.http_timeout_ms, p.limits.max_http_response_bytes
+    );
     println!("devices:     {}", p.devices.join(", "));
     println!("manifest:\n{}", indent(manifest));
 }

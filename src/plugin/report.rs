@@ -310,7 +310,12 @@ impl RunReport {
         if !self.denials.is_empty() {
             let _ = writeln!(s, "denials:");
             for d in &self.denials {
-                let _ = writeln!(s, "  {} on {}: {}", d.op, d.device, d.reason);
+                if d.device.is_empty() {
+                    // A call on no device (an outbound HTTP request): its request instead.
+                    let _ = writeln!(s, "  {} {}: {}", d.op, d.request, d.reason);
+                } else {
+                    let _ = writeln!(s, "  {} on {}: {}", d.op, d.device, d.reason);
+                }
             }
         }
         s

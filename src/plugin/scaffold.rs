@@ -167,6 +167,13 @@ description = "Counts running containers on every device in scope"
 [policy]
 CONTAINERS = 1
 devices = ["*"]
+# Origins it may reach over HTTP (capstan_sdk::http); none by default:
+# outbound = ["https://ntfy.sh", "https://*.example.com", "http://10.0.0.5:8080"]
+
+# A secret it sends without seeing it, as {{{{secret.ntfy}}}} in a URL or header, to these
+# origins only (the value: `capstan plugin secret set {name} ntfy`):
+# [secrets.ntfy]
+# origins = ["https://ntfy.sh"]
 
 [limits]
 memory_mib = 16

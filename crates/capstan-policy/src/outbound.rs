@@ -599,4 +599,68 @@ mod tests {
             .to_string();
         assert!(e.contains("`nope` is not an origin"), "{e}");
     }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn label() -> impl Strategy<Value = String> {
+            "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?"
+        }
+
+        fn host() -> impl Strategy<Value = String> {
+            prop::collection::vec(label(), 1..4).prop_map(|l| l.join("."))
+        }
+
+        fn scheme() -> impl Strategy<Value = Scheme> {
+            prop_oneof![Just(Scheme::Http), Just(Scheme::Https)]
+        }
+
+        proptest! {
+            #![proptest_config(crate::strategies::config(2_000))]
+
+            #[test]
+            fn any_text_parses_or_fails_cleanly(entry in "\\PC{0,60}") {
+                let _ = OutboundRule::parse(&entry);
+            }
+
+            #[test]
+            fn an_origin_printed_is_the_entry_that_allows_exactly_it(
+                scheme in scheme(), host in host(), port in 1u16.., other in 1u16..,
+            ) {
+                let o = Origin::new(scheme, &host, Some(port)).unwrap();
+                let l = OutboundList::new(&[o.to_string()]).unwrap();
+                prop_assert!(l.allows(&o).is_some());
+                prop_assert!(l.names_literally(&o));
+                let elsewhere = Origin::new(scheme, &host, Some(other)).unwrap();
+                prop_assert_eq!(l.allows(&elsewhere).is_some(), other == port);
+            }
+
+            #[test]
+            fn a_wildcard_domain_allows_only_names_below_it(
+                domain in host(), below in label(), any in host(),
+            ) {
+                let l = OutboundList::new(&[format!("https://*.{domain}")]).unwrap();
+                let inside = Origin::new(Scheme::Https, &format!("{below}.{domain}"), None).unwrap();
+                prop_assert!(l.allows(&inside).is_some());
+                prop_assert!(!l.names_literally(&inside));
+                let o = Origin::new(Scheme::Https, &any, None).unwrap();
+                prop_assert_eq!(
+                    l.allows(&o).is_some(),
+                    any.ends_with(&format!(".{domain}"))
+                );
+            }
+
+            #[test]
+            fn an_ipv4_address_and_its_mapped_ipv6_form_are_special_alike(bits in any::<u32>()) {
+                let v4 = Ipv4Addr::from(bits);
+                let mapped = IpAddr::V6(v4.to_ipv6_mapped());
+                prop_assert_eq!(
+                    special_address(IpAddr::V4(v4)).is_some(),
+                    special_address(mapped).is_some()
+                );
+            }
+        }
+    }
 }

@@ -249,8 +249,8 @@ pub mod state {
 /// Messages for people, through the notifier channels the operator configured
 /// (`capstan notifier add`) and the manifest's `[notify] channels` allows.
 pub mod notify {
-    use crate::Error;
     pub use crate::bindings::capstan::plugin::host::{Notification, Priority, Sent};
+    use crate::Error;
 
     /// Sends `notification` to `channel`. `Ok(Sent::Queued)` once the engine has it (it
     /// delivers with retries); `Duplicate` and `RateLimited` say it was not sent.
@@ -523,15 +523,14 @@ pub mod http {
                     let code = crate::wasi_http::wasi::http::types::http_error_code(&e);
                     return Err(match code {
                         Some(code) => error_of(code),
-                        // The host words its own limits (size, time) in the text.
-                        None => {
-                            let text = e.to_debug_string();
-                            if text.contains("timeout") {
-                                Error::Timeout(format!("reading the response body: {text}"))
-                            } else {
-                                Error::Failed(format!("reading the response body failed: {text}"))
+                        // A body's error arrives as text: the host's own words (the
+                        // limit it met), or the connection's.
+                        None => match from_host(e.to_debug_string()) {
+                            Error::Failed(m) => {
+                                Error::Failed(format!("reading the response body failed: {m}"))
                             }
-                        }
+                            other => other,
+                        },
                     });
                 }
             }
@@ -593,14 +592,24 @@ pub mod http {
         }
     }
 
-    /// The host's refusals arrive as `internal-error("denied: …")`, with the reason.
-    const DENIED: &str = "denied: ";
+    /// The host's refusals arrive as `internal-error("denied: …")` with the reason; a
+    /// timeout or a server out of reach as `internal-error("timeout: …")` or
+    /// `internal-error("unreachable: …")` with why, in the host's words.
+    fn from_host(message: String) -> Error {
+        if let Some(rest) = message.strip_prefix("denied: ") {
+            Error::Denied(rest.to_string())
+        } else if let Some(rest) = message.strip_prefix("timeout: ") {
+            Error::Timeout(rest.to_string())
+        } else if let Some(rest) = message.strip_prefix("unreachable: ") {
+            Error::Unreachable(rest.to_string())
+        } else {
+            Error::Failed(message)
+        }
+    }
 
     fn error_of(code: ErrorCode) -> Error {
         match code {
-            ErrorCode::InternalError(Some(m)) if m.starts_with(DENIED) => {
-                Error::Denied(m[DENIED.len()..].to_string())
-            }
+            ErrorCode::InternalError(Some(m)) => from_host(m),
             ErrorCode::HttpRequestDenied => Error::Denied("the host refused the request".into()),
             ErrorCode::DnsTimeout
             | ErrorCode::ConnectionTimeout
@@ -627,7 +636,6 @@ pub mod http {
 
     fn describe(code: &ErrorCode) -> String {
         match code {
-            ErrorCode::InternalError(Some(m)) => m.clone(),
             ErrorCode::HttpResponseBodySize(Some(n)) => format!(
                 "the response body is larger than {n} bytes (limits.max_http_response_bytes)"
             ),
@@ -678,6 +686,20 @@ impl Error {
             Error::Invalid(m) => format!("invalid: {m}"),
             Error::Timeout(m) => format!("timeout: {m}"),
             Error::Failed(m) => format!("failed: {m}"),
+        }
+    }
+
+    /// The WIT case name: `denied`, `not-found`, `unreachable`, `docker`, `invalid`,
+    /// `timeout` or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Denied(_) => "denied",
+            Error::NotFound(_) => "not-found",
+            Error::Unreachable(_) => "unreachable",
+            Error::Docker(_) => "docker",
+            Error::Invalid(_) => "invalid",
+            Error::Timeout(_) => "timeout",
+            Error::Failed(_) => "failed",
         }
     }
 

@@ -1317,7 +1317,7 @@ fn with_message(e: HostError, message: String) -> HostError {
 const MAX_RECORDED_FIELD: usize = 1024;
 
 /// `text`, cut to [`MAX_RECORDED_FIELD`] bytes with a note of how much was left out.
-fn bounded(text: &str) -> String {
+pub(super) fn bounded(text: &str) -> String {
     if text.len() <= MAX_RECORDED_FIELD {
         return text.to_string();
     }

@@ -40,8 +40,10 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
+use zeroize::Zeroizing;
 
 use super::RunState;
+use super::docker::bounded;
 use crate::plugin::records::AuditRecord;
 use crate::plugin::report::{CallDecision, Denial, HostCall};
 use crate::plugin::runtime::LoadedPlugin;
@@ -61,10 +63,14 @@ pub fn secret_name(plugin: &str, name: &str) -> SecretName {
 }
 
 /// How a refusal reaches the guest: `internal-error` with this prefix and the reason.
+/// A request that timed out or could not reach its server is `internal-error` with
+/// [`TIMEOUT_PREFIX`] or [`UNREACHABLE_PREFIX`] and why; the SDK maps each prefix to its
+/// `error` case (any other text is `failed`).
 pub const DENIED_PREFIX: &str = "denied: ";
-
-/// The longest request line a record keeps.
-const MAX_RECORDED_LINE: usize = 1024;
+/// See [`DENIED_PREFIX`].
+pub const TIMEOUT_PREFIX: &str = "timeout: ";
+/// See [`DENIED_PREFIX`].
+pub const UNREACHABLE_PREFIX: &str = "unreachable: ";
 
 /// The longest time a DNS lookup may take (within the request's timeout).
 const DNS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -170,6 +176,7 @@ struct Checked {
 
 /// One request under way, for its record.
 struct Call {
+    /// `METHOD URL` as the plugin wrote it (scrubbed and bounded when recorded).
     line: String,
     started: Instant,
 }
@@ -181,7 +188,7 @@ impl Shared {
         options: Option<RequestOptions>,
     ) -> SendResult {
         let call = Call {
-            line: bounded(&format!("{} {}", request.method(), request.uri())),
+            line: format!("{} {}", request.method(), request.uri()),
             started: Instant::now(),
         };
         let n = self.sent.fetch_add(1, Ordering::Relaxed).saturating_add(1);
@@ -213,13 +220,15 @@ impl Shared {
         match self.exchange(&origin, addr, request, timeout).await {
             Ok((response, io)) => {
                 let status = response.status().as_u16().to_string();
-                self.record(
-                    &call,
-                    &secrets,
-                    CallDecision::Allow,
-                    &status,
-                    "allowed by [policy] outbound",
+                let entry = self
+                    .plugin
+                    .outbound
+                    .allows(&origin)
+                    .map_or("", |r| r.as_str());
+                let reason = format!(
+                    "allowed by `{entry}` in [policy] outbound; sent to {addr}, answered {status}"
                 );
+                self.record(&call, &secrets, CallDecision::Allow, &status, &reason);
                 Ok((response, io))
             }
             Err((e, why)) => Err(self.fail(&call, &secrets, e, &why)),
@@ -323,13 +332,14 @@ impl Shared {
             })?;
             values.insert(name.clone(), value);
         }
-        let fill = |text: &str| -> String {
-            let mut out = text.to_string();
+        // The texts with values in them are wiped when dropped, as the values are.
+        let fill = |text: &str| -> Zeroizing<String> {
+            let mut out = Zeroizing::new(text.to_string());
             for (name, value) in &values {
-                out = out.replace(
+                out = Zeroizing::new(out.replace(
                     &format!("{{{{secret.{name}}}}}"),
                     value.expose_str().unwrap_or_default(),
-                );
+                ));
             }
             out
         };
@@ -415,18 +425,10 @@ impl Shared {
                 }
             }
         };
-        let mut refused = None;
-        for addr in &addrs {
-            match special_address(addr.ip()) {
-                Some(kind) if !literal => {
-                    refused.get_or_insert((addr.ip(), kind));
-                }
-                _ => return Ok(*addr),
-            }
-        }
-        match refused {
-            Some((ip, kind)) => Err(Refusal::Denied(refusal_of_special(origin, ip, kind))),
-            None => Err(Refusal::Failed(
+        match pick_address(&addrs, literal) {
+            Ok(addr) => Ok(addr),
+            Err(Some((ip, kind))) => Err(Refusal::Denied(refusal_of_special(origin, ip, kind))),
+            Err(None) => Err(Refusal::Failed(
                 HttpError::DestinationNotFound,
                 format!("`{}` has no address", origin.host()),
             )),
@@ -566,7 +568,7 @@ impl Shared {
 
     fn deny(&self, call: &Call, secrets: &[Secret], reason: String) -> HttpError {
         let reason = scrub(&reason, secrets);
-        tracing::info!(plugin = %self.plugin.name, op = OP, request = %scrub(&call.line, secrets), reason = %reason, "plugin host call denied");
+        tracing::info!(plugin = %self.plugin.name, op = OP, request = %bounded(&scrub(&call.line, secrets)), reason = %reason, "plugin host call denied");
         self.record(call, secrets, CallDecision::Deny, "denied", &reason);
         {
             let mut r = self.records.lock().unwrap_or_else(|e| e.into_inner());
@@ -574,7 +576,7 @@ impl Shared {
                 r.denials.push(Denial {
                     op: OP.to_string(),
                     device: String::new(),
-                    request: scrub(&call.line, secrets),
+                    request: bounded(&scrub(&call.line, secrets)),
                     reason: reason.clone(),
                 });
             }
@@ -582,22 +584,20 @@ impl Shared {
         HttpError::InternalError(Some(format!("{DENIED_PREFIX}{reason}")))
     }
 
+    /// A request that went out (or tried to) and failed: recorded as allowed with how it
+    /// failed, and handed to the guest as `internal-error("<kind>: <why>")` — our own
+    /// words, naming the origin or the limit and never a secret.
     fn fail(&self, call: &Call, secrets: &[Secret], e: HttpError, why: &str) -> HttpError {
-        let kind = match &e {
+        let (kind, prefix) = match &e {
             HttpError::DnsTimeout
             | HttpError::ConnectionTimeout
-            | HttpError::ConnectionReadTimeout => "timeout",
-            HttpError::HttpResponseBodySize(_) => "too-large",
-            _ => "unreachable",
+            | HttpError::ConnectionReadTimeout => ("timeout", TIMEOUT_PREFIX),
+            HttpError::HttpResponseBodySize(_) => ("too-large", ""),
+            _ => ("unreachable", UNREACHABLE_PREFIX),
         };
-        self.record(call, secrets, CallDecision::Allow, kind, why);
-        match e {
-            // The reason is ours: it names the origin and the limit, never a secret.
-            HttpError::ConnectionRefused
-            | HttpError::TlsProtocolError
-            | HttpError::HttpProtocolError => HttpError::InternalError(Some(scrub(why, secrets))),
-            other => other,
-        }
+        let why = scrub(why, secrets);
+        self.record(call, secrets, CallDecision::Allow, kind, &why);
+        HttpError::InternalError(Some(format!("{prefix}{why}")))
     }
 
     /// The request, recorded once: in the run's report (through
@@ -613,7 +613,7 @@ impl Shared {
         let recorded = HostCall {
             op: OP.to_string(),
             device: String::new(),
-            request: scrub(&call.line, secrets),
+            request: bounded(&scrub(&call.line, secrets)),
             decision,
             result: result.to_string(),
             ms: crate::millis(call.started.elapsed()),
@@ -641,6 +641,25 @@ enum Refusal {
     Denied(String),
     /// It could not go out: the error for the plugin, and why.
     Failed(HttpError, String),
+}
+
+/// The first of a host's addresses a request may go to: any, when the allow-list names
+/// the host literally, else the first that is no [special address](special_address).
+/// Otherwise the first special one found and its kind (or `None`: no address at all).
+fn pick_address(
+    addrs: &[SocketAddr],
+    literal: bool,
+) -> Result<SocketAddr, Option<(IpAddr, &'static str)>> {
+    let mut refused = None;
+    for addr in addrs {
+        match special_address(addr.ip()) {
+            Some(kind) if !literal => {
+                refused.get_or_insert((addr.ip(), kind));
+            }
+            _ => return Ok(*addr),
+        }
+    }
+    Err(refused)
 }
 
 fn refusal_of_special(origin: &Origin, ip: IpAddr, kind: &str) -> String {
@@ -680,18 +699,6 @@ fn scrub(text: &str, secrets: &[Secret]) -> String {
         }
     }
     out
-}
-
-/// `text` cut to [`MAX_RECORDED_LINE`] bytes on a char boundary.
-fn bounded(text: &str) -> String {
-    if text.len() <= MAX_RECORDED_LINE {
-        return text.to_string();
-    }
-    let mut end = MAX_RECORDED_LINE;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes more)", &text[..end], text.len() - end)
 }
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
@@ -776,7 +783,7 @@ impl Body for CappedBody {
                     Poll::Ready(()) => {
                         this.timer = None;
                         Poll::Ready(Some(Err(HttpError::InternalError(Some(format!(
-                            "timeout: no more of the response body came within {} ms (limits.http_timeout_ms, the request's timeout, or the run's deadline)",
+                            "{TIMEOUT_PREFIX}no more of the response body came within {} ms (limits.http_timeout_ms, the request's timeout, or the run's deadline)",
                             this.between.as_millis()
                         ))))))
                     }
@@ -810,17 +817,25 @@ mod tests {
     }
 
     #[test]
+    fn a_wildcard_host_goes_only_to_a_public_address_and_a_named_one_anywhere() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let mixed = [a("10.0.0.1:80"), a("93.184.216.34:80"), a("[::1]:80")];
+        assert_eq!(pick_address(&mixed, false), Ok(a("93.184.216.34:80")));
+        assert_eq!(pick_address(&mixed, true), Ok(a("10.0.0.1:80")));
+        let private = [a("127.0.0.1:80"), a("169.254.169.254:80")];
+        assert_eq!(
+            pick_address(&private, false),
+            Err(Some(("127.0.0.1".parse().unwrap(), "loopback")))
+        );
+        assert_eq!(pick_address(&[], true), Err(None));
+    }
+
+    #[test]
     fn scrubs_secret_values_from_recorded_text() {
         let s = [Secret::from_str_owned("hunter2".into())];
         assert_eq!(
             scrub("GET http://x/hunter2?a=hunter2", &s),
             "GET http://x/***?a=***"
         );
-    }
-
-    #[test]
-    fn recorded_lines_are_bounded() {
-        let long = "a".repeat(MAX_RECORDED_LINE * 2);
-        assert!(bounded(&long).len() < MAX_RECORDED_LINE + 40);
     }
 }

@@ -11,18 +11,6 @@ use serde_json::{Value, json};
 
 struct Fetcher;
 
-fn kind(e: &Error) -> &'static str {
-    match e {
-        Error::Denied(_) => "denied",
-        Error::NotFound(_) => "not-found",
-        Error::Unreachable(_) => "unreachable",
-        Error::Docker(_) => "docker",
-        Error::Invalid(_) => "invalid",
-        Error::Timeout(_) => "timeout",
-        Error::Failed(_) => "failed",
-    }
-}
-
 fn request(r: &Value) -> Request {
     let mut req = Request::new(
         r["method"].as_str().unwrap_or("GET"),
@@ -53,7 +41,7 @@ impl Plugin for Fetcher {
                 Ok(resp) => {
                     json!({"status": resp.status, "body": resp.text(), "headers": resp.headers})
                 }
-                Err(e) => json!({"error": format!("{}: {}", kind(&e), e.message())}),
+                Err(e) => json!({"error": format!("{}: {}", e.kind(), e.message())}),
             })
             .collect();
         Ok(Outcome::new(format!("{} requests", results.len())).with_details(&results))
