@@ -84,6 +84,11 @@ impl RunId {
         RunId(Uuid::now_v7())
     }
 
+    /// The id as a UUID (what the runtime's report and the plugin's records carry).
+    pub fn uuid(&self) -> Uuid {
+        self.0
+    }
+
     /// The id's key bytes (big-endian time first).
     pub fn as_bytes(&self) -> &[u8; 16] {
         self.0.as_bytes()

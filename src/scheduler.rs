@@ -386,7 +386,7 @@ impl Scheduler {
             f.started = true;
         }
         guard.started_at = Some(Instant::now());
-        let end = match self.runtime.run(&plugin, event).await {
+        let end = match self.runtime.run_as(&plugin, event, id.uuid()).await {
             Ok(report) => {
                 for c in &report.host_calls {
                     self.metrics.host_call(&c.op, c.decision.as_str());

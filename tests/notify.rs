@@ -425,6 +425,16 @@ fn every_service_receives_its_documented_payload_and_no_token_leaks() {
             .all(|r| r["reason"].as_str().unwrap().starts_with("delivered")),
         "{audit:?}"
     );
+    // ... each naming the run that sent it, and the generic payload carries that id too.
+    let run_id = record["id"].as_str().unwrap();
+    assert!(
+        audit.iter().all(|r| r["request"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(" for run {run_id}"))),
+        "{audit:?}"
+    );
+    assert_eq!(j["run_id"], run_id, "{j}");
     let metrics = engine.metrics();
     for (name, _) in &channels {
         let series =

@@ -103,7 +103,7 @@ pub struct Message {
     pub dedup_key: Option<String>,
     /// The plugin it is about (that sent it, or whose run ended).
     pub plugin: String,
-    /// The run it is about, for run-end notifications.
+    /// The run it is about: the run that sent it, or the one whose end it tells.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
     /// The channel it went to.

@@ -629,6 +629,17 @@ impl PluginRuntime {
     /// Runs plugin `name` once for `event`, on a fresh instance, and reports what it did.
     /// Waits for a free slot when `max_concurrent_runs` runs are under way.
     pub async fn run(&self, name: &str, event: TriggerEvent) -> Result<RunReport, PluginError> {
+        self.run_as(name, event, uuid::Uuid::new_v4()).await
+    }
+
+    /// [`PluginRuntime::run`] as run `run_id` (the scheduler's run record): the report and
+    /// what the run's host functions record (notifications) carry that id.
+    pub async fn run_as(
+        &self,
+        name: &str,
+        event: TriggerEvent,
+        run_id: uuid::Uuid,
+    ) -> Result<RunReport, PluginError> {
         let plugin = self
             .plugin(name)
             .ok_or_else(|| PluginError::NotInstalled(name.to_string()))?;
@@ -637,10 +648,15 @@ impl PluginRuntime {
             .acquire()
             .await
             .map_err(|_| PluginError::Engine("the runtime is shutting down".into()))?;
-        Ok(self.run_loaded(plugin, &event).await)
+        Ok(self.run_loaded(plugin, &event, run_id).await)
     }
 
-    async fn run_loaded(&self, plugin: Arc<LoadedPlugin>, event: &TriggerEvent) -> RunReport {
+    async fn run_loaded(
+        &self,
+        plugin: Arc<LoadedPlugin>,
+        event: &TriggerEvent,
+        run_id: uuid::Uuid,
+    ) -> RunReport {
         let started_at = Utc::now();
         let limits = plugin.limits;
         let budget = Duration::from_secs(u64::from(limits.timeout_secs));
@@ -653,6 +669,7 @@ impl PluginRuntime {
             table: ResourceTable::new(),
             limiter: Limiter::new(limits.memory_mib),
             run: RunCtx::new(
+                run_id,
                 plugin.clone(),
                 self.services.clone(),
                 deadline,
@@ -748,7 +765,13 @@ impl PluginRuntime {
         }
         let run = std::mem::replace(
             &mut store.data_mut().run,
-            RunCtx::new(plugin.clone(), self.services.clone(), deadline, budget),
+            RunCtx::new(
+                run_id,
+                plugin.clone(),
+                self.services.clone(),
+                deadline,
+                budget,
+            ),
         );
         drop(store);
         let (stdout, stdout_dropped) = stdout.take();
@@ -757,7 +780,7 @@ impl PluginRuntime {
             tracing::info!(plugin = %plugin.name, %status, error = error.as_deref().unwrap_or(""), "plugin run did not succeed");
         }
         RunReport {
-            run_id: uuid::Uuid::new_v4(),
+            run_id,
             plugin: plugin.name.clone(),
             version: plugin.version.clone(),
             trigger: event.kind().to_string(),

@@ -258,7 +258,7 @@ fn send_notification(
         tags: n.tags,
         dedup_key: n.dedup_key,
         plugin: plugin.name.clone(),
-        run_id: None,
+        run_id: Some(run.run_id.to_string()),
         channel: channel.to_string(),
         time: chrono::Utc::now(),
     };

@@ -132,6 +132,9 @@ pub const MAX_REPORTED_CALLS: usize = 1000;
 
 /// What the host functions of one run know and record.
 pub struct RunCtx {
+    /// The run's id: the scheduler's run record's, or one of its own for a run outside
+    /// the scheduler (benchmarks, runtime tests).
+    pub run_id: uuid::Uuid,
     pub plugin: Arc<LoadedPlugin>,
     pub services: Arc<Services>,
     pub started: Instant,
@@ -149,12 +152,14 @@ pub struct RunCtx {
 
 impl RunCtx {
     pub fn new(
+        run_id: uuid::Uuid,
         plugin: Arc<LoadedPlugin>,
         services: Arc<Services>,
         deadline: Instant,
         budget: Arc<HostBudget>,
     ) -> RunCtx {
         RunCtx {
+            run_id,
             plugin,
             services,
             started: Instant::now(),
