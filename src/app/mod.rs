@@ -44,6 +44,10 @@ pub enum Notice<'a> {
         allocator: String,
         cron_triggers: usize,
         hooks: usize,
+        /// Docker event triggers, over every plugin.
+        docker_triggers: usize,
+        /// Plugins with run-outcome triggers.
+        run_watchers: usize,
     },
     /// Something a loaded plugin's setup got wrong (the engine goes on without it).
     PluginProblem(String),
@@ -374,6 +378,8 @@ fn start_plugins(
         allocator: scheduler.runtime().allocator().to_string(),
         cron_triggers: scheduler.cron().len(),
         hooks: scheduler.hooks().names().len(),
+        docker_triggers: scheduler.triggers().docker.len(),
+        run_watchers: scheduler.triggers().run.len(),
     });
     for p in problems {
         notify(Notice::PluginProblem(p));

@@ -88,9 +88,11 @@ fn print(notice: Notice<'_>) {
             allocator,
             cron_triggers,
             hooks,
+            docker_triggers,
+            run_watchers,
         } => {
             println!(
-                "plugins: {} loaded ({} from the compile cache, {} compiled), {allocator} instance allocator; {cron_triggers} cron trigger(s), {hooks} hook(s)",
+                "plugins: {} loaded ({} from the compile cache, {} compiled), {allocator} instance allocator; {cron_triggers} cron trigger(s), {hooks} hook(s), {docker_triggers} Docker event trigger(s), {run_watchers} plugin(s) watching other runs",
                 summary.loaded, summary.from_cache, summary.compiled,
             );
             for (name, why) in &summary.failed {

@@ -180,51 +180,24 @@ pub struct LimitsSpec {
 }
 
 /// Limits resolved against the engine's defaults.
+///
+/// A key missing from a stored record (one written before the key existed) reads as the
+/// engine's default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Limits {
     pub memory_mib: u32,
     pub timeout_secs: u32,
     pub max_log_bytes: u32,
-    /// Defaulted for records stored before the key existed.
-    #[serde(default = "default_max_log_records")]
     pub max_log_records: u32,
-    #[serde(default = "default_max_log_fields")]
     pub max_log_fields: u32,
     pub max_output_bytes: u32,
     pub max_state_bytes: u32,
     pub max_host_calls: u32,
-    #[serde(default = "default_max_host_bytes")]
     pub max_host_bytes: u32,
-    #[serde(default = "default_max_http_requests")]
     pub max_http_requests: u32,
-    #[serde(default = "default_http_timeout_ms")]
     pub http_timeout_ms: u32,
-    #[serde(default = "default_max_http_response_bytes")]
     pub max_http_response_bytes: u32,
-}
-
-fn default_max_http_requests() -> u32 {
-    Limits::DEFAULT.max_http_requests
-}
-
-fn default_http_timeout_ms() -> u32 {
-    Limits::DEFAULT.http_timeout_ms
-}
-
-fn default_max_http_response_bytes() -> u32 {
-    Limits::DEFAULT.max_http_response_bytes
-}
-
-fn default_max_log_records() -> u32 {
-    Limits::DEFAULT.max_log_records
-}
-
-fn default_max_log_fields() -> u32 {
-    Limits::DEFAULT.max_log_fields
-}
-
-fn default_max_host_bytes() -> u32 {
-    Limits::DEFAULT.max_host_bytes
 }
 
 /// What `max_host_bytes` must leave besides logs, output and a state value read back.

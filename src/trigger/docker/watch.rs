@@ -111,6 +111,16 @@ impl DockerWatchers {
         self.update(plugin, subs);
     }
 
+    /// Docker triggers registered, over every plugin.
+    pub fn len(&self) -> usize {
+        let all = self.subs.read().unwrap_or_else(|e| e.into_inner());
+        all.values().map(|s| s.triggers.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Takes `plugin`'s Docker triggers away.
     pub fn remove_plugin(&self, plugin: &str) {
         self.update(plugin, None);

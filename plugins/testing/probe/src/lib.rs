@@ -13,18 +13,6 @@ fn s(v: &Value, k: &str) -> String {
     v[k].as_str().unwrap_or_default().to_string()
 }
 
-fn kind(e: &Error) -> &'static str {
-    match e {
-        Error::Denied(_) => "denied",
-        Error::NotFound(_) => "not-found",
-        Error::Unreachable(_) => "unreachable",
-        Error::Docker(_) => "docker",
-        Error::Invalid(_) => "invalid",
-        Error::Timeout(_) => "timeout",
-        Error::Failed(_) => "failed",
-    }
-}
-
 fn call(c: &Value) -> Result<Value, Error> {
     let d = s(c, "device");
     let ct = s(c, "container");
@@ -140,7 +128,7 @@ impl Plugin for Probe {
             .iter()
             .map(|c| match call(c) {
                 Ok(v) => json!({"ok": v}),
-                Err(e) => json!({"error": format!("{}: {}", kind(&e), e.message())}),
+                Err(e) => json!({"error": format!("{}: {}", e.kind(), e.message())}),
             })
             .collect();
         Ok(Outcome::new(format!("{} calls", results.len())).with_details(&results))
