@@ -695,6 +695,61 @@ fn a_failing_run_notifies_the_channels_of_notify_on_without_plugin_code() {
 }
 
 #[test]
+fn a_run_refused_at_the_chain_limit_notifies_the_channels_of_notify_on_denied() {
+    let rx = Receiver::start(0);
+    let engine = Engine::start(&format!(
+        "[runs]\nmax_chain_depth = 1\n{QUICK}on = [\"denied\"]\nchannels = [\"ops\"]\n"
+    ));
+    engine.add_channel("ops", &format!("generic+http://{}/ops", rx.addr));
+    engine.install_crate("relay", "first", "");
+    // `chain` fails on every run event and follows `first` and itself: its second link
+    // is past the limit of 1.
+    engine.install_crate(
+        "relay",
+        "chain",
+        "[[triggers.run]]\nplugins = [\"first\", \"chain\"]\nstatus = [\"failed\"]\n[config]\nfail_on_run = true",
+    );
+    let (status, body) = engine.api(
+        "POST",
+        "/api/plugins/first/run?wait=true",
+        &serde_json::json!({ "input": "fail:broken" }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let first: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(first["status"], "failed", "{first}");
+
+    // Failures are not in `on`: the one message is the refusal's.
+    let got = rx.wait_for(1, 30);
+    let j = got[0].json();
+    assert_eq!(got[0].path, "/ops");
+    assert_eq!(j["plugin"], "chain", "{j}");
+    assert!(
+        j["title"].as_str().unwrap().contains("chain: run denied"),
+        "{j}"
+    );
+    assert!(
+        j["message"]
+            .as_str()
+            .unwrap()
+            .contains("runs.max_chain_depth"),
+        "the message says what to change: {j}"
+    );
+    let (_, run) = engine.api(
+        "GET",
+        &format!("/api/runs/{}", j["run_id"].as_str().unwrap()),
+        &serde_json::Value::Null,
+    );
+    let run: serde_json::Value = serde_json::from_str(&run).unwrap();
+    assert_eq!(
+        (run["status"].as_str(), run["trigger"]["depth"].as_u64()),
+        (Some("denied"), Some(2)),
+        "{run}"
+    );
+    engine.wait_for_deliveries(1, 30);
+    assert_eq!(rx.received().len(), 1, "nothing else was notified");
+}
+
+#[test]
 fn a_run_the_shutdown_interrupts_is_notified_before_the_engine_exits() {
     // The first attempt fails: the retry a second later must happen before the engine
     // exits, which it does only because shutdown waits for the queue.
