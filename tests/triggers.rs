@@ -978,3 +978,42 @@ fn a_hook_secret_rotated_while_the_engine_runs_overlaps_until_the_old_one_is_ret
     );
     assert_eq!(status, 202);
 }
+
+#[test]
+fn runs_with_a_limit_past_the_page_size_pages_through_the_history() {
+    use capstan::runs::{RunStore, RunStoreConfig, RunTrigger};
+    let data = DataDir::with_vault();
+    // 1,350 runs over three plugins: more than one page of the API (1,000), and within
+    // each plugin's retention (500).
+    let mut ids = Vec::new();
+    {
+        let store = crate::cli_vault::open_store(&data);
+        let history = RunStore::open(&store, RunStoreConfig::default()).unwrap();
+        for i in 0..1350 {
+            let by = RunTrigger::Manual { by: "test".into() };
+            let r = history.create(["a", "b", "c"][i % 3], by).unwrap();
+            ids.push(r.id.to_string());
+        }
+        store.flush().unwrap();
+    }
+    ids.reverse(); // newest first, as the list is
+    let list = |limit: &str| -> Vec<String> {
+        let out = data.capstan(&["runs", "--json", "--limit", limit]);
+        assert_success(&out, "capstan runs --json");
+        match json(&stdout(&out)) {
+            Value::Array(v) => v
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_string())
+                .collect(),
+            other => panic!("not a list: {other}"),
+        }
+    };
+    assert_eq!(list("1000"), ids[..1000], "one full page");
+    assert_eq!(list("1200"), ids[..1200], "a page and part of the next");
+    assert_eq!(list("5000"), ids, "past the end: every run, once");
+    // One plugin's runs page the same way (450 of them: one page).
+    let out = data.capstan(&["runs", "--json", "--limit", "2000", "--plugin", "b"]);
+    assert_success(&out, "capstan runs --plugin b");
+    let b = json(&stdout(&out));
+    assert_eq!(b.as_array().unwrap().len(), 450, "{b}");
+}

@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 
 use super::client::ApiClient;
 use super::{GlobalArgs, print_table};
-use crate::runs::{RunId, RunRecord, RunTrigger};
+use crate::runs::{MAX_PAGE, RunId, RunRecord, RunTrigger};
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -16,7 +16,8 @@ pub struct RunsArgs {
     /// Only this plugin's runs.
     #[arg(long, value_name = "NAME")]
     plugin: Option<String>,
-    /// How many runs to list.
+    /// How many runs to list, newest first. Past the API's page size (1000) the list is
+    /// read page by page.
     #[arg(long, default_value_t = 20)]
     limit: usize,
     /// After the list, print runs as they are queued, start and end, until interrupted
@@ -72,13 +73,7 @@ pub fn run(g: &GlobalArgs, mut args: RunsArgs) -> anyhow::Result<()> {
 
 /// The list, then with `--follow` the runs as they happen.
 async fn list(api: &ApiClient, args: &RunsArgs) -> anyhow::Result<()> {
-    let mut query = format!("/api/runs?limit={}", args.limit.max(1));
-    if let Some(p) = &args.plugin {
-        query.push_str(&format!("&plugin={p}"));
-    }
-    let page = api.json("GET", &query, None).await?;
-    let runs: Vec<RunRecord> =
-        serde_json::from_value(page["runs"].clone()).context("the engine's run list")?;
+    let runs = newest(api, args.plugin.as_deref(), args.limit.max(1)).await?;
     print_list(&runs, args.json)?;
     if !args.follow {
         return Ok(());
@@ -106,6 +101,36 @@ async fn list(api: &ApiClient, args: &RunsArgs) -> anyhow::Result<()> {
     })
     .await?;
     bail!("the engine closed the stream (did it stop?)")
+}
+
+/// The newest `want` runs (of `plugin`), read a page of at most [`MAX_PAGE`] at a time
+/// and following each page's `next` until there are enough or the history ends.
+async fn newest(
+    api: &ApiClient,
+    plugin: Option<&str>,
+    want: usize,
+) -> anyhow::Result<Vec<RunRecord>> {
+    let mut runs: Vec<RunRecord> = Vec::new();
+    let mut before: Option<String> = None;
+    while runs.len() < want {
+        let mut query = format!("/api/runs?limit={}", (want - runs.len()).min(MAX_PAGE));
+        if let Some(p) = plugin {
+            query.push_str(&format!("&plugin={p}"));
+        }
+        if let Some(b) = &before {
+            query.push_str(&format!("&before={b}"));
+        }
+        let page = api.json("GET", &query, None).await?;
+        let got: Vec<RunRecord> =
+            serde_json::from_value(page["runs"].clone()).context("the engine's run list")?;
+        let end = got.is_empty();
+        runs.extend(got);
+        match page["next"].as_str() {
+            Some(next) if !end => before = Some(next.to_string()),
+            _ => break,
+        }
+    }
+    Ok(runs)
 }
 
 fn print_list(runs: &[RunRecord], json: bool) -> anyhow::Result<()> {
