@@ -28,10 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::EventsOptions;
-use capstan::config::{ConfigFile, Settings};
 use capstan::device::{Device, DeviceKind, DeviceSecrets, DeviceSpec, SecretField, SshAuth};
 use capstan::docker::{ConnectOptions, DockerClient, HostKeyPolicy};
-use capstan::engine::{Engine, PassphraseInput};
 use capstan::plugin::PluginSource;
 use capstan::scheduler::Scheduler;
 use capstan::secret::Secret;
@@ -217,13 +215,6 @@ fn main() {
     let rounds = rounds().max(1);
     let wasm = common::wasm_path("trivial");
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings::resolve(
-        &ConfigFile::default(),
-        Some(dir.path().join("data")),
-        None,
-        None,
-    )
-    .unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -265,12 +256,12 @@ fn main() {
         "device", "direct p50", "p99", "run p50", "p99", "p50 diff", "ratio"
     );
     rt.block_on(async {
-        let (engine, _) = Engine::open_or_init(settings, &PassphraseInput::default()).unwrap();
+        let engine = common::engine_in(&dir.path().join("data"));
         let specs = devices(&i);
         for (spec, _, _) in &specs {
             engine.devices().unwrap().add(spec.clone()).unwrap();
         }
-        let scheduler = Scheduler::with_defaults(Arc::new(engine)).unwrap();
+        let scheduler = Scheduler::with_defaults(engine).unwrap();
         let (tx, mut started) = mpsc::unbounded_channel();
         scheduler.on_run_end(Box::new(move |_, record| {
             if let Some(t) = record.started_at {

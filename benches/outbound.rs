@@ -13,14 +13,11 @@
 //! Bounded: a fixed number of runs and requests.
 
 mod common;
-use common::wasm_path;
+use common::{engine_in, wasm_path};
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use capstan::config::{ConfigFile, Settings};
-use capstan::engine::{Engine, PassphraseInput};
 use capstan::plugin::{PluginRuntime, RuntimeConfig, TriggerEvent};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
@@ -95,18 +92,7 @@ fn main() {
         .build()
         .unwrap();
     let _guard = rt.enter();
-    let settings = Settings::resolve(
-        &ConfigFile::default(),
-        Some(tmp.path().join("data")),
-        None,
-        None,
-    )
-    .unwrap();
-    let engine = Arc::new(
-        Engine::open_or_init(settings, &PassphraseInput::default())
-            .unwrap()
-            .0,
-    );
+    let engine = engine_in(&tmp.path().join("data"));
     let runtime = PluginRuntime::new(engine, RuntimeConfig::default()).unwrap();
     let port = rt.block_on(server());
 

@@ -14,14 +14,10 @@
 //!    cache (each a distinct component), against compiling them all.
 
 mod common;
-use common::wasm_path;
+use common::{engine_in, wasm_path};
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capstan::config::{ConfigFile, Settings};
-use capstan::engine::{Engine, PassphraseInput};
 use capstan::plugin::bindings::{Event, ManualEvent, PluginPre};
 use capstan::plugin::{PluginRuntime, RuntimeConfig, TriggerEvent};
 use wasmtime::Store;
@@ -75,16 +71,6 @@ fn distinct(wasm: &[u8], n: usize) -> Vec<u8> {
     out.push(section.len() as u8);
     out.extend_from_slice(&section);
     out
-}
-
-fn engine_in(dir: &Path) -> Arc<Engine> {
-    let settings =
-        Settings::resolve(&ConfigFile::default(), Some(dir.to_path_buf()), None, None).unwrap();
-    Arc::new(
-        Engine::open_or_init(settings, &PassphraseInput::default())
-            .unwrap()
-            .0,
-    )
 }
 
 fn main() {

@@ -22,21 +22,7 @@ impl Api {
     }
 
     fn call(&self, method: &str, path: &str, body: &Value) -> (u16, String) {
-        let body = if body.is_null() {
-            Vec::new()
-        } else {
-            serde_json::to_vec(body).unwrap()
-        };
-        http(
-            &self.server.addr,
-            method,
-            path,
-            &[
-                ("Authorization", &self.auth),
-                ("Content-Type", "application/json"),
-            ],
-            &body,
-        )
+        http_json(&self.server.addr, &self.auth, method, path, body)
     }
 
     /// Calls and parses the JSON answer, asserting its status.

@@ -175,21 +175,7 @@ impl Engine {
     }
 
     fn api(&self, method: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
-        let body = if body.is_null() {
-            Vec::new()
-        } else {
-            serde_json::to_vec(body).unwrap()
-        };
-        http(
-            &self.server.addr,
-            method,
-            path,
-            &[
-                ("Authorization", self.auth.as_str()),
-                ("Content-Type", "application/json"),
-            ],
-            &body,
-        )
+        http_json(&self.server.addr, &self.auth, method, path, body)
     }
 
     /// `capstan notifier add NAME --url-stdin` against the running engine.

@@ -478,26 +478,19 @@ fn render_config_value(v: &toml::Value) -> String {
 
 /// Plugin names: `[a-z][a-z0-9_-]{0,63}`.
 pub fn validate_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{name}` is not a plugin name: use lower-case letters, digits, `-` and `_`, starting with a letter, at most 64 characters"
-        ))
-    }
+    validate_lower_name(name, "plugin", 64)
 }
 
 /// Secret names: `[a-z][a-z0-9_-]{0,63}`, as plugin names (they appear in
 /// `{{secret.NAME}}` and in the vault's record names).
 pub fn validate_secret_name(name: &str) -> Result<(), String> {
+    validate_lower_name(name, "secret", MAX_SECRET_NAME)
+}
+
+/// `[a-z][a-z0-9_-]*` of at most `max` bytes; the error calls it a `what` name.
+fn validate_lower_name(name: &str, what: &str, max: usize) -> Result<(), String> {
     let ok = !name.is_empty()
-        && name.len() <= MAX_SECRET_NAME
+        && name.len() <= max
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
             .chars()
@@ -506,7 +499,7 @@ pub fn validate_secret_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "`{name}` is not a secret name: use lower-case letters, digits, `-` and `_`, starting with a letter, at most {MAX_SECRET_NAME} characters"
+            "`{name}` is not a {what} name: use lower-case letters, digits, `-` and `_`, starting with a letter, at most {max} characters"
         ))
     }
 }

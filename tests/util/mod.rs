@@ -153,6 +153,32 @@ pub fn assert_failure_says(o: &Output, needle: &str) {
     );
 }
 
+/// [`http`] with a JSON body (none when `body` is null) and `auth` as the
+/// `Authorization` header.
+pub fn http_json(
+    addr: &str,
+    auth: &str,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, String) {
+    let body = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(body).unwrap()
+    };
+    http(
+        addr,
+        method,
+        path,
+        &[
+            ("Authorization", auth),
+            ("Content-Type", "application/json"),
+        ],
+        &body,
+    )
+}
+
 /// A minimal HTTP/1.1 client for tests: one request per connection, whole response read.
 pub fn http(
     addr: &str,
