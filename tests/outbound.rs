@@ -374,6 +374,34 @@ fn the_request_count_cap_refuses_requests_past_it() {
 }
 
 #[test]
+fn requests_past_the_count_cap_are_refused_and_only_the_first_refusal_is_recorded() {
+    let server = Receiver::start(0);
+    let h = Harness::new();
+    fetcher(
+        &h,
+        "fetch-flood",
+        &format!(
+            "[policy]\noutbound = [\"{}\"]\n[limits]\nmax_http_requests = 1\n",
+            server.origin()
+        ),
+    );
+    let url = format!("{}/hello", server.origin());
+    let requests: Vec<Value> = (0..50).map(|_| json!({ "url": url })).collect();
+    let (r, out) = fetch(&h, "fetch-flood", Value::Array(requests));
+    assert_eq!(out[0]["status"], 200);
+    for o in &out[1..] {
+        let e = error_of(o);
+        assert!(
+            e.starts_with("denied: ") && e.contains("limits.max_http_requests"),
+            "{e}"
+        );
+    }
+    assert_eq!(server.requests().len(), 1);
+    // The allowed request and the first refusal; the other 48 write nothing.
+    assert_eq!(http_calls(&r).len(), 2);
+}
+
+#[test]
 fn a_server_that_never_answers_times_out_per_request() {
     let server = Receiver::start(0);
     let h = Harness::new();

@@ -45,7 +45,7 @@ pub use channel::{Channel, ChannelError, Service};
 use crate::metrics::Metrics;
 use crate::plugin::records::{Audit, AuditRecord};
 use crate::plugin::report::{CallDecision, HostCall};
-use crate::runs::{RunRecord, RunStatus};
+use crate::runs::{RunRecord, RunStatus, RunTrigger};
 use crate::scheduler::Scheduler;
 use crate::secret::Secret;
 use crate::store::notifiers::NotifierRecords;
@@ -584,7 +584,11 @@ impl Notifier {
         mut message: Message,
     ) -> Result<Sent, NotifyError> {
         message.check().map_err(NotifyError::Invalid)?;
-        let (_, channel) = self.channel(vault, name)?;
+        // Only that the channel exists, before dedup and the rate: its URL is opened from
+        // the vault for a notification that is going to be sent, not for every repeat.
+        if !valid_name(name) || self.records.get(name)?.is_none() {
+            return Err(NotifyError::NotFound(name.chars().take(64).collect()));
+        }
         message.channel = name.to_string();
         let settings = &self.shared.settings;
         let now = Instant::now();
@@ -610,6 +614,7 @@ impl Notifier {
             self.shared.count(name, Sent::RateLimited.as_str());
             return Ok(Sent::RateLimited);
         }
+        let (_, channel) = self.channel(vault, name)?;
         self.start_worker();
         let job = Job {
             channel,
@@ -767,11 +772,14 @@ fn run_end_message(record: &RunRecord, channel: &str) -> Message {
     }
 }
 
-fn trigger_kind(record: &RunRecord) -> String {
-    serde_json::to_value(&record.trigger)
-        .ok()
-        .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "unknown".into())
+fn trigger_kind(record: &RunRecord) -> &'static str {
+    match record.trigger {
+        RunTrigger::Cron { .. } => "cron",
+        RunTrigger::Webhook { .. } => "webhook",
+        RunTrigger::Manual { .. } => "manual",
+        RunTrigger::Docker { .. } => "docker",
+        RunTrigger::Run { .. } => "run",
+    }
 }
 
 /// The delivery worker: takes jobs off the queue and delivers each on a task of its own.

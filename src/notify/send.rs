@@ -5,17 +5,14 @@
 //! Nothing here names more of the channel than its [`Channel::display`]: the errors go
 //! into logs and the audit, and the URL's path and headers hold the service's token.
 
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 
 use super::Message;
 use super::channel::{Channel, Endpoint, HttpEndpoint, SmtpEndpoint, SmtpTls};
-
-/// The most of a service's answer that is read (and thrown away).
-const MAX_ANSWER: usize = 64 * 1024;
+use crate::plugin::host::http::tls_config;
 
 /// Why an attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,25 +47,6 @@ pub async fn deliver(channel: &Channel, m: &Message, timeout: Duration) -> Resul
             crate::trigger::units::format_duration(timeout)
         ))),
     }
-}
-
-/// The roots the engine trusts for notifier HTTPS: the web's, built in.
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            Arc::new(
-                rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .expect("ring supports the default protocol versions")
-                    .with_root_certificates(roots)
-                    .with_no_client_auth(),
-            )
-        })
-        .clone()
 }
 
 async fn post(ep: &HttpEndpoint, channel: &Channel, m: &Message, at: &str) -> Result<(), Failure> {
@@ -139,8 +117,10 @@ where
         .send_request(req)
         .await
         .map_err(|e| Failure::Retry(format!("{at} did not answer: {e}")))?;
+    // The status is the answer: the body is not waited for (a slow one would make a
+    // delivered notification look timed out, and be sent again).
     let status = resp.status();
-    let _ = Limited::new(resp.into_body(), MAX_ANSWER).collect().await;
+    drop(resp);
     drop(sender);
     conn.abort();
     if status.is_success() {

@@ -198,7 +198,9 @@ impl Host for RunState {
             decision,
             result: result.to_string(),
             ms: crate::millis(started.elapsed()),
-            reason,
+            // The reason may list the manifest's channels or quote an error: bounded as
+            // every recorded field is.
+            reason: super::docker::bounded(&reason),
         };
         if decision == CallDecision::Deny {
             tracing::info!(plugin = %self.run.plugin.name, channel = %shown, "plugin notification denied");

@@ -194,13 +194,17 @@ impl Shared {
         let n = self.sent.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         let max = self.plugin.limits.max_http_requests;
         if n > max {
-            return Err(self.deny(
-                &call,
-                &[],
-                format!(
-                    "the run already made {max} HTTP requests, its limit (raise `limits.max_http_requests`)"
-                ),
-            ));
+            let reason = format!(
+                "the run already made {max} HTTP requests, its limit (raise `limits.max_http_requests`)"
+            );
+            // The first refusal is recorded; a plugin that goes on asking writes nothing
+            // more (no audit record, log line or denial per request).
+            if n == max.saturating_add(1) {
+                return Err(self.deny(&call, &[], reason));
+            }
+            return Err(HttpError::InternalError(Some(format!(
+                "{DENIED_PREFIX}{reason}"
+            ))));
         }
         let checked = match self.check(request) {
             Ok(c) => c,
@@ -567,7 +571,7 @@ impl Shared {
     }
 
     fn deny(&self, call: &Call, secrets: &[Secret], reason: String) -> HttpError {
-        let reason = scrub(&reason, secrets);
+        let reason = bounded(&scrub(&reason, secrets));
         tracing::info!(plugin = %self.plugin.name, op = OP, request = %bounded(&scrub(&call.line, secrets)), reason = %reason, "plugin host call denied");
         self.record(call, secrets, CallDecision::Deny, "denied", &reason);
         {
@@ -713,7 +717,7 @@ fn server_name(origin: &Origin) -> Result<rustls_pki_types::ServerName<'static>,
 }
 
 /// The TLS client configuration of every outbound request: the webpki roots, built once.
-fn tls_config() -> Arc<rustls::ClientConfig> {
+pub(crate) fn tls_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {

@@ -24,7 +24,9 @@
 //! - Events reach a plugin only from devices in both its trigger's `devices` and its
 //!   policy's device scope, and container events only for containers in its policy's
 //!   container scope (by the event's `name` attribute and the labels Docker puts among
-//!   the attributes) that carry the trigger's `labels`.
+//!   the attributes) that carry the trigger's `labels`. Another object's event that names
+//!   a container only by its id (a network connect, a volume mount) reaches a plugin only
+//!   when its policy has no container scope.
 
 pub mod kind;
 pub mod watch;
@@ -324,11 +326,6 @@ impl DockerTrigger {
 
     pub fn debounce(&self) -> Duration {
         self.debounce
-    }
-
-    /// The device names or globs the trigger itself narrows to, if any.
-    pub fn devices(&self) -> Option<&DeviceScope> {
-        self.devices.as_ref()
     }
 
     /// Whether `device` is watched for this trigger (its own list; the policy's scope is

@@ -19,7 +19,8 @@
 //! - **Debounce** per plugin, trigger and object ([`super::DockerTrigger::debounce`]):
 //!   folding survives reconnects; what is still folding at shutdown is dropped.
 //! - **Bounded:** an event line longer than [`MAX_EVENT_BYTES`] is skipped, at most
-//!   [`MAX_PENDING`] objects are folding per device (beyond, events run at once).
+//!   [`MAX_PENDING`] objects are folding per device (beyond, events run at once), the
+//!   daemon's other answers (`/info`, an error) are read to a cap.
 //! - **Metrics** (`/metrics`): `capstan_docker_event_stream_up{device}` (1 while the
 //!   stream is open, 0 while it is being retried), `capstan_docker_event_stream_failures_total{device}`,
 //!   `capstan_docker_events_total{device}` (events received) and
@@ -31,14 +32,14 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use chrono::{DateTime, Utc};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::DockerTrigger;
 use crate::device::Device;
-use crate::docker::{ConnectError, empty_body};
+use crate::docker::{ConnectError, daemon, empty_body};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::plugin::TriggerEvent;
@@ -48,9 +49,14 @@ use crate::scheduler::{Scheduler, SubmitError};
 /// How often the devices are listed again, for devices added or removed since.
 pub const RESCAN: Duration = Duration::from_secs(30);
 /// The longest event line read; longer ones are skipped.
-pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 /// Objects folding at once per device; beyond, events run without debounce.
 pub const MAX_PENDING: usize = 10_000;
+/// Events remembered at the cursor's instant (to skip them when a stream resumes there);
+/// past it, more events of that same nanosecond are not remembered.
+const MAX_SEEN: usize = 4096;
+/// What is read of a daemon's error answer (its first 512 bytes are quoted).
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// One plugin's Docker triggers and the policy that filters their events.
 struct PluginSubs {
@@ -302,6 +308,9 @@ impl Cursor {
             self.nanos = t;
             self.seen.clear();
         }
+        if self.seen.len() >= MAX_SEEN {
+            return !self.seen.contains(&id);
+        }
         self.seen.insert(id)
     }
 
@@ -394,7 +403,8 @@ async fn stream_once(
                 .map_err(|_| StreamError::Timeout { what, timeout })??;
             if !resp.status().is_success() {
                 let status = resp.status().as_u16();
-                let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+                let body = Limited::new(resp.into_body(), MAX_ERROR_BODY).collect();
+                let body = tokio::time::timeout(Duration::from_secs(5), body)
                     .await
                     .ok()
                     .and_then(Result::ok)
@@ -414,7 +424,8 @@ async fn stream_once(
     };
     if cursor.is_none() {
         let resp = send("GET /info", "/info".to_string()).await?;
-        let body = tokio::time::timeout(timeout, resp.into_body().collect())
+        let body = Limited::new(resp.into_body(), daemon::MAX_ANSWER).collect();
+        let body = tokio::time::timeout(timeout, body)
             .await
             .map_err(|_| StreamError::Timeout {
                 what: "GET /info",
@@ -475,6 +486,8 @@ async fn stream_once(
 /// a longer line is dropped whole.
 struct Lines {
     buf: BytesMut,
+    /// How much of `buf` is known to hold no newline.
+    scanned: usize,
     max: usize,
     /// Inside a line that was too long: drop up to its end.
     skipping: bool,
@@ -484,6 +497,7 @@ impl Lines {
     fn new(max: usize) -> Lines {
         Lines {
             buf: BytesMut::new(),
+            scanned: 0,
             max,
             skipping: false,
         }
@@ -494,12 +508,14 @@ impl Lines {
     fn push(&mut self, data: &[u8]) -> (Vec<BytesMut>, bool) {
         self.buf.extend_from_slice(data);
         let mut out = Vec::new();
-        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-            let line = self.buf.split_to(nl + 1);
+        while let Some(nl) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+            let line = self.buf.split_to(self.scanned + nl + 1);
+            self.scanned = 0;
             if !std::mem::take(&mut self.skipping) {
                 out.push(line);
             }
         }
+        self.scanned = self.buf.len();
         let mut skipped = false;
         if self.buf.len() > self.max {
             skipped = !self.skipping;
@@ -507,6 +523,7 @@ impl Lines {
         }
         if self.skipping {
             self.buf.clear();
+            self.scanned = 0;
         }
         (out, skipped)
     }
@@ -521,6 +538,9 @@ fn dispatch(
 ) -> Vec<WatchedEvent> {
     let mut out = Vec::new();
     let attrs = &e.actor.attributes;
+    // Worked out for the first plugin that gets the event, shared by the rest.
+    let mut attributes: Option<Vec<(String, String)>> = None;
+    let time = DateTime::from_timestamp_nanos(e.nanos());
     for (plugin, p) in subs {
         if !p.policy.devices().allows(device) || !p.policy.decide("GET", "/events").is_allowed() {
             continue;
@@ -530,6 +550,11 @@ fn dispatch(
             if !p.policy.containers().matches(name, attrs) {
                 continue;
             }
+        } else if attrs.contains_key("container") && !p.policy.containers().is_all() {
+            // A network connect or a volume mount names a container only by its id: a
+            // plugin with a container scope gets none of them, as the proxy shows a
+            // network's containers only in scope.
+            continue;
         }
         let Some((i, t)) = p
             .triggers
@@ -539,10 +564,14 @@ fn dispatch(
         else {
             continue;
         };
-        let mut attributes: Vec<(String, String)> =
-            attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        attributes.sort();
-        let nanos = e.nanos();
+        let attributes = attributes
+            .get_or_insert_with(|| {
+                let mut a: Vec<(String, String)> =
+                    attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                a.sort();
+                a
+            })
+            .clone();
         out.push(WatchedEvent {
             plugin: plugin.clone(),
             trigger: i,
@@ -553,7 +582,7 @@ fn dispatch(
                 action: e.action.clone(),
                 actor_id: e.actor.id.clone(),
                 attributes,
-                time: DateTime::from_timestamp_nanos(nanos),
+                time,
                 count: 1,
             },
         });
@@ -769,6 +798,34 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn events_naming_a_container_by_id_reach_only_plugins_without_a_container_scope() {
+        let all = HashMap::from([
+            (
+                "web-only".to_string(),
+                subs(
+                    "NETWORKS = 1\ndevices = [\"*\"]\n[containers]\nnames = [\"web-*\"]\n",
+                    &["network:connect"],
+                ),
+            ),
+            (
+                "any".to_string(),
+                subs("NETWORKS = 1\ndevices = [\"*\"]\n", &["network:connect"]),
+            ),
+        ]);
+        let mut e = event(1, "connect", "net1");
+        e.kind = "network".into();
+        e.actor.attributes = HashMap::from([
+            ("container".to_string(), "0123abcd".to_string()),
+            ("name".to_string(), "web-net".to_string()),
+        ]);
+        let got: Vec<String> = dispatch("local", &all, &e)
+            .into_iter()
+            .map(|w| w.plugin)
+            .collect();
+        assert_eq!(got, ["any"]);
     }
 
     #[test]
