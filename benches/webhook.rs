@@ -67,7 +67,16 @@ use http_body_util::{BodyExt, Full};
 use capstan::runs::{RunQuery, RunStatus, RunStore, RunStoreConfig};
 use capstan::store::Store;
 
+/// The engine's allocator (src/main.rs), so the stages measured in this process cost
+/// what they cost in `capstan serve`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PLUGIN: &str = "webhook-bench";
+/// How long the phase of wrongly signed deliveries lasts (HTTP + signature alone).
+const BREAKDOWN_PHASE: Duration = Duration::from_secs(3);
+/// Operations per in-process stage of the breakdown.
+const BREAKDOWN_OPS: usize = 50_000;
 const HOOK: &str = "bench";
 const BODY: &[u8] = br#"{"ref":"refs/heads/main","after":"9b2e1c4f6a0d3e5b7c8a9f1e2d3c4b5a6f7e8d9c","repository":{"full_name":"capstan/bench"},"pusher":{"name":"bench"}}"#;
 
@@ -399,6 +408,11 @@ struct Outcome {
     mismatches: Vec<String>,
     /// What the baseline did not do (runs lost), reported without failing the bench.
     notes: Vec<String>,
+    /// The server's CPU from the first request to the last run's end, per recorded run.
+    cpu_per_run: Option<Duration>,
+    /// Capstan only: the server's CPU per delivery refused for its signature (HTTP and
+    /// the HMAC check, nothing else), from a phase of its own.
+    http_cpu: Option<Duration>,
 }
 
 fn capstan_cmd(data: &Path) -> Command {
@@ -512,6 +526,7 @@ fn bench_capstan(scratch: &Path, connections: usize, duration: Duration) -> Outc
     let (status, body) = post_once(addr, &path, &sign("not the secret", BODY), BODY);
     assert_eq!(status, 401, "a badly signed delivery: {body}");
 
+    let cpu_before = cpu_of(server.pid());
     let load = drive(addr, &path, &sig, connections, duration);
     let load_end = Instant::now();
 
@@ -530,6 +545,27 @@ fn bench_capstan(scratch: &Path, connections: usize, duration: Duration) -> Outc
         }
     }
     let drain = load_end.elapsed();
+    let load_cpu = cpu_of(server.pid()).saturating_sub(cpu_before);
+
+    // HTTP and the signature check alone: the same load, signed with the wrong secret,
+    // so each delivery is read, its HMAC computed and compared, and it is answered 401.
+    let cpu_before = cpu_of(server.pid());
+    let refused = drive(
+        addr,
+        &path,
+        &sign("not the secret", BODY),
+        connections,
+        BREAKDOWN_PHASE,
+    );
+    let http_cpu = cpu_of(server.pid()).saturating_sub(cpu_before);
+    assert_eq!(
+        refused.count(401),
+        refused.answered(),
+        "the wrongly signed load: {}",
+        refused.statuses_text()
+    );
+    let http_cpu = http_cpu / (refused.answered().max(1) as u32);
+
     // The last ones started may still be running: a moment, then a graceful stop, which
     // says how many were still running or waiting (those are recorded `interrupted`).
     std::thread::sleep(Duration::from_millis(500));
@@ -626,6 +662,8 @@ fn bench_capstan(scratch: &Path, connections: usize, duration: Duration) -> Outc
         server_cpu,
         mismatches,
         notes: Vec::new(),
+        cpu_per_run: Some(load_cpu / ((recorded - sentinels).max(1) as u32)),
+        http_cpu: Some(http_cpu),
         load,
     }
 }
@@ -883,6 +921,8 @@ fn bench_webhook(scratch: &Path, mode: Mode, connections: usize, duration: Durat
         server_cpu,
         mismatches,
         notes,
+        cpu_per_run: Some(server_cpu / (recorded.max(1) as u32)),
+        http_cpu: None,
         load,
     }
 }
@@ -897,7 +937,7 @@ fn name(mode: Mode) -> &'static str {
 fn print_table(outcomes: &[&Outcome]) {
     println!();
     println!(
-        "{:<26} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
+        "{:<26} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
         "server",
         "req/s",
         "p50 ms",
@@ -911,12 +951,13 @@ fn print_table(outcomes: &[&Outcome]) {
         "drain s",
         "runs/s",
         "srv CPU",
+        "µs/run",
         "gen CPU"
     );
     for o in outcomes {
         let refused = o.load.answered() - o.accepted;
         println!(
-            "{:<26} {:>7.0} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>8} {:>7} {:>8} {:>7} {:>7.2} {:>7.0} {:>6.2}s {:>6.0}%",
+            "{:<26} {:>7.0} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>8} {:>7} {:>8} {:>7} {:>7.2} {:>7.0} {:>6.2}s {:>7.0} {:>6.0}%",
             o.name,
             o.load.per_sec(),
             o.load.at(500),
@@ -930,6 +971,7 @@ fn print_table(outcomes: &[&Outcome]) {
             o.drain.as_secs_f64(),
             o.sustained,
             o.server_cpu.as_secs_f64(),
+            o.cpu_per_run.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6),
             o.load.cpu.as_secs_f64() * 100.0 / o.load.elapsed.as_secs_f64(),
         );
     }
@@ -942,11 +984,261 @@ fn print_table(outcomes: &[&Outcome]) {
          the answer waits for the command). recorded: capstan's run records, webhook's `finished \
          handling` log lines; failed: not ok / command error. drain: from the end of the load to the \
          last run's end. runs/s: runs that ended ok / (first request .. last run's end). srv CPU: \
-         the server and its children; gen CPU: the load generator, of one core."
+         the server and its children; µs/run: capstan, the server's CPU from the first request \
+         to the last run's end per run; webhook, its whole CPU per command run; gen CPU: the load generator, of one core."
+    );
+}
+
+fn ratio(a: Option<Duration>, b: Option<Duration>) -> f64 {
+    match (a, b) {
+        (Some(a), Some(b)) => a.as_secs_f64() / b.as_secs_f64(),
+        _ => f64::NAN,
+    }
+}
+
+/// CPU time of this process (all its threads: tokio's, sled's, the flush thread).
+fn own_cpu() -> Duration {
+    cpu_of(std::process::id())
+}
+
+fn per_op(cpu: Duration, ops: usize) -> f64 {
+    cpu.as_secs_f64() * 1e6 / ops.max(1) as f64
+}
+
+/// The run path's stages, each measured alone in this process on an engine of its own
+/// (after the servers stopped): CPU per operation, in µs.
+struct Stages {
+    /// `RunStore::create`: the `queued` record and its two index entries.
+    queued_record: f64,
+    /// 16 writers each creating a record and waiting for [`Store::durable`] (group
+    /// commit): the record and its share of the flushes.
+    queued_durable: f64,
+    /// Flushes the durable stage took, for its group size.
+    flushes: u64,
+    /// `PluginRuntime::run_as` of the trivial plugin: instantiate and call.
+    instantiate_call: f64,
+    /// `RunStore::finish`: the final record.
+    final_record: f64,
+    /// `Scheduler::submit_durable` to the run's end, 16 at a time: the whole run path
+    /// without HTTP.
+    submit_to_end: f64,
+}
+
+fn measure_stages(scratch: &Path) -> Stages {
+    use capstan::plugin::TriggerEvent;
+    use capstan::runs::{RunEnd, RunTrigger};
+    use capstan::scheduler::Scheduler;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let engine = common::engine_in(&scratch.join("stages"));
+    // The settings `capstan serve` had under the load (ENGINE_SETTINGS): no retention.
+    let config = capstan::scheduler::SchedulerConfig {
+        max_queued_per_plugin: 1_000_000,
+        history: RunStoreConfig {
+            keep_per_plugin: None,
+            ..RunStoreConfig::default()
+        },
+        ..Default::default()
+    };
+    let runtime = std::sync::Arc::new(
+        capstan::plugin::PluginRuntime::new(
+            engine.clone(),
+            capstan::plugin::RuntimeConfig {
+                max_concurrent_runs: config.max_concurrent_runs as u32,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let scheduler = Scheduler::new(
+        engine.clone(),
+        runtime,
+        std::sync::Arc::new(capstan::metrics::Metrics::new()),
+        config,
+    )
+    .unwrap();
+    let src = scratch.join("stages-src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::copy(wasm_path("trivial"), src.join("plugin.wasm")).unwrap();
+    std::fs::write(
+        src.join("plugin.toml"),
+        "name = \"stages\"\nversion = \"1\"\n",
+    )
+    .unwrap();
+    scheduler
+        .runtime()
+        .install(&src.join("plugin.wasm"), None)
+        .unwrap();
+    let runs = scheduler.runs().clone();
+    let webhook = || RunTrigger::Webhook {
+        hook: HOOK.into(),
+        delivery: None,
+    };
+
+    // The queued record alone.
+    let t = own_cpu();
+    let ids: Vec<_> = (0..BREAKDOWN_OPS)
+        .map(|_| runs.create("stages", webhook()).unwrap().id)
+        .collect();
+    let queued_record = per_op(own_cpu() - t, BREAKDOWN_OPS);
+
+    // The final record alone.
+    let t = own_cpu();
+    for id in &ids {
+        runs.finish(*id, RunEnd::ok(Some(serde_json::json!({"ok": true}))))
+            .unwrap();
+    }
+    let final_record = per_op(own_cpu() - t, BREAKDOWN_OPS);
+
+    // The queued record made durable, 16 writers at a time.
+    let flushes_before = engine.store.flushes();
+    let t = own_cpu();
+    rt.block_on(async {
+        let per = BREAKDOWN_OPS / 16;
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (runs, store) = (runs.clone(), engine.store.clone());
+                tokio::spawn(async move {
+                    for _ in 0..per {
+                        let r = runs.create("stages", webhook()).unwrap();
+                        store.durable().await.unwrap();
+                        runs.finish(r.id, RunEnd::ok(None)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let flushes = engine.store.flushes() - flushes_before;
+    // The finish of each is the final record stage, measured above: not counted here.
+    let queued_durable = per_op(own_cpu() - t, BREAKDOWN_OPS) - final_record;
+
+    // Instantiate and call, one after another.
+    let n = BREAKDOWN_OPS / 2;
+    let t = own_cpu();
+    rt.block_on(async {
+        for _ in 0..n {
+            let event = TriggerEvent::manual("");
+            scheduler
+                .runtime()
+                .run_as("stages", event, uuid::Uuid::now_v7())
+                .await
+                .unwrap();
+        }
+    });
+    let instantiate_call = per_op(own_cpu() - t, n);
+
+    // The whole path without HTTP: 16 submitters, each waiting for its run's end.
+    let t = own_cpu();
+    rt.block_on(async {
+        let per = n / 16;
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let scheduler = scheduler.clone();
+                tokio::spawn(async move {
+                    for _ in 0..per {
+                        let event = TriggerEvent::Webhook {
+                            hook: HOOK.into(),
+                            delivery: None,
+                            headers: Vec::new(),
+                            body: BODY.to_vec(),
+                        };
+                        let id = scheduler.submit_durable("stages", event).await.unwrap();
+                        scheduler.until_ended(id).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let submit_to_end = per_op(own_cpu() - t, n / 16 * 16);
+    Stages {
+        queued_record,
+        queued_durable,
+        flushes,
+        instantiate_call,
+        final_record,
+        submit_to_end,
+    }
+}
+
+fn print_breakdown(capstan: &Outcome, stages: &Stages) {
+    let http = capstan.http_cpu.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
+    let total = capstan
+        .cpu_per_run
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
+    println!();
+    println!("where a webhook run's CPU goes (µs of CPU per run; each stage measured alone):");
+    let rows = [
+        (
+            "HTTP + signature (a delivery refused 401, in the server)",
+            http,
+        ),
+        (
+            "admission + queued record (RunStore::create)",
+            stages.queued_record,
+        ),
+        (
+            "  + group commit (16 writers, Store::durable)",
+            stages.queued_durable - stages.queued_record,
+        ),
+        (
+            "instantiate + call (the trivial plugin)",
+            stages.instantiate_call,
+        ),
+        ("final record (RunStore::finish)", stages.final_record),
+    ];
+    let mut sum = 0.0;
+    for (what, us) in rows {
+        sum += us;
+        println!("  {what:<58} {us:>8.1}");
+    }
+    println!("  {:<58} {sum:>8.1}", "sum of the stages");
+    println!(
+        "  {:<58} {:>8.1}",
+        "in-process run path (submit_durable .. run end, 16 at once)", stages.submit_to_end
+    );
+    println!(
+        "  {:<58} {total:>8.1}",
+        "capstan serve under the load (server CPU / recorded run)"
+    );
+    println!(
+        "  group commit: {} flushes for {BREAKDOWN_OPS} durable records ({:.1} records per flush)",
+        stages.flushes,
+        BREAKDOWN_OPS as f64 / stages.flushes.max(1) as f64
+    );
+    println!(
+        "  the rest ({:.1} µs): task hand-offs between the HTTP task, the run task and the \
+         flush thread, sled's background writes, metrics",
+        total - sum
     );
 }
 
 fn main() -> ExitCode {
+    if std::env::var("CAPSTAN_BENCH_ONLY").as_deref() == Ok("stages") {
+        // The in-process stages alone (for working on one of them).
+        let scratch = tempfile::tempdir().unwrap();
+        let s = measure_stages(scratch.path());
+        println!(
+            "queued record {:.1} µs, + durable {:.1} µs ({} flushes), instantiate + call {:.1} µs, final record {:.1} µs, submit..end {:.1} µs",
+            s.queued_record,
+            s.queued_durable,
+            s.flushes,
+            s.instantiate_call,
+            s.final_record,
+            s.submit_to_end
+        );
+        return ExitCode::SUCCESS;
+    }
     let seconds = env_or("CAPSTAN_BENCH_SECONDS", 10);
     let connections = env_or("CAPSTAN_BENCH_CONNECTIONS", 16) as usize;
     let duration = Duration::from_secs(seconds);
@@ -967,14 +1259,17 @@ fn main() -> ExitCode {
     let all = [&capstan, &background, &after];
 
     print_table(&all);
+    let stages = measure_stages(scratch.path());
+    print_breakdown(&capstan, &stages);
     for base in [&background, &after] {
         println!(
-            "capstan / {}: {:.2}x requests/s, {:.2}x runs/s; p50 latency {:.2}x, p99 {:.2}x",
+            "capstan / {}: {:.2}x requests/s, {:.2}x runs/s; p50 latency {:.2}x, p99 {:.2}x; CPU per run {:.2}x",
             base.name,
             capstan.load.per_sec() / base.load.per_sec(),
             capstan.sustained / base.sustained,
             capstan.load.at(500) / base.load.at(500),
             capstan.load.at(990) / base.load.at(990),
+            ratio(capstan.cpu_per_run, base.cpu_per_run),
         );
     }
     for n in all.iter().flat_map(|o| &o.notes) {

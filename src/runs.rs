@@ -13,9 +13,13 @@
 //! - `runs_active`: id → plugin, for the queued and running ones, so crash recovery does
 //!   not scan the history.
 //!
-//! Every change to a record is one transaction over the trees it touches
-//! ([`RunHistory`](crate::store::runs::RunHistory) keeps them), and is
-//! broadcast to followers ([`RunStore::subscribe`], for `capstan runs --follow`).
+//! A record is written twice: `queued` when the run is created (made durable by
+//! [`Store::durable`] where someone was promised the run, e.g. a webhook's 202) and final
+//! when it ends. In between, the run lives in memory ([`RunStore`]'s live set): its
+//! `running` state and anything appended. Each write is a few plain writes in a
+//! crash-safe order ([`RunHistory`](crate::store::runs::RunHistory) keeps the trees),
+//! and every change is broadcast to followers ([`RunStore::subscribe`], for
+//! `capstan runs --follow`).
 //! Retention (last N per plugin, maximum age) is applied on every insert, a bounded
 //! amount at a time, and in full by [`RunStore::apply_retention`], which the engine calls
 //! periodically; queued and running records are never removed.
@@ -23,6 +27,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -483,13 +488,66 @@ pub struct Retained {
 }
 
 /// The run history. Cheap to clone.
+///
+/// Active runs are held in memory as well ([`RunStore::live`]): a run's `running`
+/// state and the lines appended while it runs change only that copy, and its record is
+/// written twice, `queued` when it is created and final when it ends. A crash loses
+/// only what a `queued` record on disk cannot say (that the run had started, and its
+/// logs so far); the next start marks it `interrupted` all the same.
 #[derive(Clone)]
 pub struct RunStore {
     history: RunHistory,
     config: RunStoreConfig,
     /// Records per plugin, kept in memory so retention on insert needs no count scan.
     counts: Arc<Mutex<HashMap<String, usize>>>,
+    /// The queued and running runs this process created, as they are now.
+    live: Arc<Mutex<Live>>,
+    /// Unix milliseconds before which no record can be old enough to expire (learnt
+    /// by the last expiry pass), so inserts do not scan for expired runs each time.
+    expire_not_before: Arc<AtomicI64>,
     updates: broadcast::Sender<Arc<RunRecord>>,
+}
+
+/// The active runs of this process, and how many each plugin has.
+#[derive(Default)]
+struct Live {
+    runs: HashMap<RunId, Arc<RunRecord>>,
+    per_plugin: HashMap<String, usize>,
+}
+
+impl Live {
+    fn get(&self, id: &RunId) -> Option<&Arc<RunRecord>> {
+        self.runs.get(id)
+    }
+
+    fn insert(&mut self, record: Arc<RunRecord>) {
+        match self.per_plugin.get_mut(&record.plugin) {
+            Some(n) => *n += 1,
+            None => {
+                self.per_plugin.insert(record.plugin.clone(), 1);
+            }
+        }
+        self.runs.insert(record.id, record);
+    }
+
+    fn remove(&mut self, id: &RunId) {
+        if let Some(r) = self.runs.remove(id)
+            && let Some(n) = self.per_plugin.get_mut(&r.plugin)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_plugin.remove(&r.plugin);
+            }
+        }
+    }
+
+    fn of_plugin(&self, plugin: &str) -> usize {
+        self.per_plugin.get(plugin).copied().unwrap_or(0)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl RunStore {
@@ -500,6 +558,8 @@ impl RunStore {
             history,
             config,
             counts: Arc::new(Mutex::new(counts)),
+            live: Arc::default(),
+            expire_not_before: Arc::default(),
             updates: broadcast::channel(FOLLOW_BUFFER).0,
         })
     }
@@ -514,12 +574,13 @@ impl RunStore {
         self.updates.subscribe()
     }
 
-    fn publish(&self, record: &RunRecord) {
+    fn publish(&self, record: Arc<RunRecord>) {
         // No follower is not an error.
-        let _ = self.updates.send(Arc::new(record.clone()));
+        let _ = self.updates.send(record);
     }
 
-    /// Records a new run, `queued`.
+    /// Records a new run, `queued`. The record is written but not yet flushed: a caller
+    /// that promises the run to someone waits for [`Store::durable`] first.
     pub fn create(&self, plugin: &str, trigger: RunTrigger) -> Result<RunRecord, RunError> {
         if plugin.is_empty() || plugin.contains('\0') {
             return Err(RunError::Invalid(format!(
@@ -542,13 +603,18 @@ impl RunStore {
             host_calls_dropped: 0,
         };
         self.history.insert(&record)?;
-        *self
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(plugin.to_string())
-            .or_default() += 1;
-        self.publish(&record);
+        let shared = Arc::new(record.clone());
+        lock(&self.live).insert(shared.clone());
+        {
+            let mut counts = lock(&self.counts);
+            match counts.get_mut(plugin) {
+                Some(n) => *n += 1,
+                None => {
+                    counts.insert(plugin.to_string(), 1);
+                }
+            }
+        }
+        self.publish(shared);
         // The run is recorded; a retention hiccup must not make its creation fail.
         if let Err(e) = self.retain_on_insert(plugin) {
             tracing::warn!(plugin, error = %e, "run retention on insert failed; the periodic pass will retry");
@@ -556,10 +622,10 @@ impl RunStore {
         Ok(record)
     }
 
-    /// `queued` → `running`.
+    /// `queued` → `running` (in memory: see [`RunStore`]).
     pub fn start(&self, id: RunId) -> Result<RunRecord, RunError> {
         let now = Utc::now();
-        self.update(id, |r| {
+        self.change_live(id, |r| {
             if r.status != RunStatus::Queued {
                 return Err(RunError::InvalidTransition {
                     id,
@@ -573,7 +639,8 @@ impl RunStore {
         })
     }
 
-    /// Adds log lines and host calls to an active run (for followers while it runs).
+    /// Adds log lines and host calls to an active run (for followers while it runs;
+    /// in memory until the run ends).
     pub fn append(
         &self,
         id: RunId,
@@ -581,7 +648,7 @@ impl RunStore {
         host_calls: Vec<HostCall>,
     ) -> Result<RunRecord, RunError> {
         let (cap, max_calls) = (self.config.log_cap_bytes, self.config.max_host_calls);
-        self.update(id, |r| {
+        self.change_live(id, |r| {
             if r.status.is_final() {
                 return Err(RunError::InvalidTransition {
                     id,
@@ -595,7 +662,37 @@ impl RunStore {
         })
     }
 
-    /// Ends an active run (`queued` or `running`) with a final status.
+    /// Changes the in-memory copy of an active run of this process and publishes it;
+    /// a run that is not one of them (left by an earlier process) is changed on disk.
+    fn change_live(
+        &self,
+        id: RunId,
+        change: impl Fn(&mut RunRecord) -> Result<(), RunError>,
+    ) -> Result<RunRecord, RunError> {
+        let changed = {
+            let mut live = lock(&self.live);
+            match live.runs.get_mut(&id) {
+                Some(current) => {
+                    let mut next = RunRecord::clone(current);
+                    change(&mut next)?;
+                    let next = Arc::new(next);
+                    *current = next.clone();
+                    Some(next)
+                }
+                None => None,
+            }
+        };
+        match changed {
+            Some(record) => {
+                self.publish(record.clone());
+                Ok(RunRecord::clone(&record))
+            }
+            None => self.update(id, change),
+        }
+    }
+
+    /// Ends an active run (`queued` or `running`) with a final status: one write of
+    /// the final record, which leaves the active index with it.
     pub fn finish(&self, id: RunId, end: RunEnd) -> Result<RunRecord, RunError> {
         if !end.status.is_final() {
             return Err(RunError::Invalid(format!(
@@ -605,25 +702,25 @@ impl RunStore {
         }
         let now = Utc::now();
         let (cap, max_calls) = (self.config.log_cap_bytes, self.config.max_host_calls);
-        self.update(id, |r| {
-            if r.status.is_final() {
-                return Err(RunError::InvalidTransition {
-                    id,
-                    from: r.status,
-                    to: end.status,
-                });
-            }
-            r.status = end.status;
-            r.finished_at = Some(now);
-            r.outcome = end.outcome.clone();
-            r.error = end.error.clone();
-            r.logs.extend(end.logs.clone(), cap);
-            add_host_calls(r, end.host_calls.clone(), max_calls);
-            Ok(())
-        })
+        // Under the live set's lock, so that two ends of one run cannot both be written,
+        // and taken out of it only once the final record is written, so that a reader
+        // finds one or the other.
+        let mut live = lock(&self.live);
+        let Some(current) = live.get(&id) else {
+            drop(live);
+            return self.update(id, |r| apply_end(r, id, end.clone(), now, cap, max_calls));
+        };
+        let mut record = RunRecord::clone(current);
+        apply_end(&mut record, id, end, now, cap, max_calls)?;
+        self.history.write_final(&record)?;
+        live.remove(&id);
+        drop(live);
+        let record = Arc::new(record);
+        self.publish(record.clone());
+        Ok(Arc::unwrap_or_clone(record))
     }
 
-    /// Applies `change` to a record in one transaction, keeping the active index in
+    /// Applies `change` to a stored record in one transaction, keeping the active index in
     /// step, and publishes the result. `change` may run more than once (on conflict).
     fn update(
         &self,
@@ -634,11 +731,15 @@ impl RunStore {
             .history
             .update(id, change)?
             .ok_or(RunError::NotFound(id))?;
-        self.publish(&record);
-        Ok(record)
+        let record = Arc::new(record);
+        self.publish(record.clone());
+        Ok(Arc::unwrap_or_clone(record))
     }
 
     pub fn get(&self, id: RunId) -> Result<Option<RunRecord>, RunError> {
+        if let Some(r) = lock(&self.live).get(&id) {
+            return Ok(Some(RunRecord::clone(r)));
+        }
         Ok(self.history.get(id)?)
     }
 
@@ -728,16 +829,26 @@ impl RunStore {
         let Some(keep) = self.config.keep_per_plugin else {
             return Ok(0);
         };
+        // Active runs are not removed: only what is beyond them counts (this process's
+        // active runs are known; an earlier process's are few, and found by the scan).
         let count = self.count(plugin);
-        if count <= keep {
+        let active = lock(&self.live).of_plugin(plugin);
+        if count.saturating_sub(active) <= keep {
             return Ok(0);
         }
-        let excess = (count - keep).min(max);
+        let excess = (count - active - keep).min(max);
+        // An insert's pass looks at a bounded number of entries; the periodic one at all.
+        let mut budget = if max == usize::MAX {
+            usize::MAX
+        } else {
+            max.saturating_mul(4)
+        };
         let mut removed = 0;
         for id in self.history.oldest_ids_of(plugin) {
-            if removed == excess {
+            if removed == excess || budget == 0 {
                 break;
             }
+            budget -= 1;
             let id = id?;
             if self.history.is_active(id)? {
                 continue;
@@ -755,8 +866,19 @@ impl RunStore {
         let Some(max_age) = self.config.max_age else {
             return Ok(0);
         };
-        let cutoff = now - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+        let max_age = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+        // Nothing can have become old enough since a pass that found the oldest record
+        // young: an insert's pass skips the scan until then (the periodic one does not).
+        if max != usize::MAX
+            && now.timestamp_millis() < self.expire_not_before.load(Ordering::Relaxed)
+        {
+            return Ok(0);
+        }
+        let cutoff = now - max_age;
         let mut removed = 0;
+        let mut kept_old = false;
+        // When the next record can be old enough, if this pass gets to know it.
+        let mut next = None;
         for id in self.history.oldest_ids() {
             if removed == max {
                 break;
@@ -764,6 +886,7 @@ impl RunStore {
             let id = id?;
             // Ids are in creation order: nothing after this one is old enough.
             if id.created_at() >= cutoff {
+                next = Some(id.created_at() + max_age);
                 break;
             }
             // Removed meanwhile: nothing to expire.
@@ -775,7 +898,17 @@ impl RunStore {
                 && self.remove(id, &record.plugin)?
             {
                 removed += 1;
+            } else {
+                kept_old = true;
             }
+        }
+        if removed < max && next.is_none() {
+            // The whole history was looked at: a record created from now on is next.
+            next = Some(now + max_age);
+        }
+        if let Some(next) = next.filter(|_| !kept_old) {
+            self.expire_not_before
+                .store(next.timestamp_millis(), Ordering::Relaxed);
         }
         Ok(removed)
     }
@@ -784,7 +917,7 @@ impl RunStore {
     fn remove(&self, id: RunId, plugin: &str) -> Result<bool, RunError> {
         let existed = self.history.remove(id, plugin)?;
         if existed {
-            let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            let mut counts = lock(&self.counts);
             if let Some(n) = counts.get_mut(plugin) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -808,6 +941,31 @@ impl RunStore {
     pub fn flush(&self) -> Result<(), RunError> {
         Ok(self.history.flush()?)
     }
+}
+
+/// A run's end applied to its record; refused when the record is final already.
+fn apply_end(
+    r: &mut RunRecord,
+    id: RunId,
+    end: RunEnd,
+    now: DateTime<Utc>,
+    cap: usize,
+    max_calls: usize,
+) -> Result<(), RunError> {
+    if r.status.is_final() {
+        return Err(RunError::InvalidTransition {
+            id,
+            from: r.status,
+            to: end.status,
+        });
+    }
+    r.status = end.status;
+    r.finished_at = Some(now);
+    r.outcome = end.outcome;
+    r.error = end.error;
+    r.logs.extend(end.logs, cap);
+    add_host_calls(r, end.host_calls, max_calls);
+    Ok(())
 }
 
 fn add_host_calls(r: &mut RunRecord, calls: Vec<HostCall>, max: usize) {

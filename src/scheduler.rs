@@ -106,6 +106,12 @@ struct PluginGate {
     queued: AtomicUsize,
 }
 
+/// A run recorded `queued` and holding a place in its plugin's queue, not yet started.
+struct Admitted {
+    record: RunRecord,
+    gate: Arc<PluginGate>,
+}
+
 /// A run in flight: how to stop it and how to learn that it ended.
 struct InFlight {
     abort: tokio::task::AbortHandle,
@@ -297,12 +303,49 @@ impl Scheduler {
         Ok((self.submit_to(plugin, event, Some(tx))?, rx))
     }
 
+    /// [`Scheduler::submit`], returning only once the `queued` record is on disk
+    /// (flushed together with whatever else was written meanwhile: group commit), so a
+    /// crash after the answer loses no accepted run. What a webhook's 202 waits for.
+    /// When the record cannot be made durable the run is not started: its record ends
+    /// `failed` and the error is returned.
+    pub async fn submit_durable(
+        self: &Arc<Self>,
+        plugin: &str,
+        event: TriggerEvent,
+    ) -> Result<RunId, SubmitError> {
+        let admitted = self.admit(plugin, &event)?;
+        if let Err(e) = self.engine.store.durable().await {
+            let id = admitted.record.id;
+            admitted.gate.queued.fetch_sub(1, Ordering::SeqCst);
+            let reason = format!("the run's record could not be made durable: {e}");
+            match self
+                .runs
+                .finish(id, RunEnd::error(RunStatus::Failed, &reason))
+            {
+                Ok(record) => self.tell_end(&record),
+                Err(e) => tracing::error!(run = %id, error = %e, "cannot record the run's end"),
+            }
+            return Err(SubmitError::Store(RunError::Store(e)));
+        }
+        Ok(self.launch(admitted, event, None))
+    }
+
     fn submit_to(
         self: &Arc<Self>,
         plugin: &str,
         event: TriggerEvent,
         report_to: Option<oneshot::Sender<RunReport>>,
     ) -> Result<RunId, SubmitError> {
+        let admitted = self.admit(plugin, &event)?;
+        Ok(self.launch(admitted, event, report_to))
+    }
+
+    /// Takes a place in the plugin's queue and records the run `queued`.
+    fn admit(
+        self: &Arc<Self>,
+        plugin: &str,
+        event: &TriggerEvent,
+    ) -> Result<Admitted, SubmitError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
@@ -318,25 +361,32 @@ impl Scheduler {
                 queued,
             });
         }
-        let record = match self.runs.create(plugin, RunTrigger::from(&event)) {
-            Ok(r) => r,
+        match self.runs.create(plugin, RunTrigger::from(event)) {
+            Ok(record) => Ok(Admitted { record, gate }),
             Err(e) => {
                 gate.queued.fetch_sub(1, Ordering::SeqCst);
-                return Err(e.into());
+                Err(e.into())
             }
-        };
+        }
+    }
+
+    /// Starts an admitted run in the background.
+    fn launch(
+        self: &Arc<Self>,
+        admitted: Admitted,
+        event: TriggerEvent,
+        report_to: Option<oneshot::Sender<RunReport>>,
+    ) -> RunId {
+        let Admitted { record, gate } = admitted;
         let id = record.id;
         let (done_tx, done_rx) = watch::channel(false);
         // The map entry is in place before the task can end and remove it.
         let mut in_flight = lock(&self.in_flight);
-        let task = tokio::spawn(self.clone().execute(
-            id,
-            plugin.to_string(),
-            event,
-            gate,
-            done_tx,
-            report_to,
-        ));
+        let task =
+            tokio::spawn(
+                self.clone()
+                    .execute(id, record.plugin, event, gate, done_tx, report_to),
+            );
         in_flight.insert(
             id,
             InFlight {
@@ -345,7 +395,7 @@ impl Scheduler {
                 started: false,
             },
         );
-        Ok(id)
+        id
     }
 
     async fn execute(

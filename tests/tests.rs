@@ -13,6 +13,7 @@ mod cli_plugin;
 mod cli_policy;
 mod cli_vault;
 mod docker;
+mod durability;
 mod events;
 mod http_probe;
 mod limits;

@@ -64,10 +64,12 @@ pub(super) async fn deliver(
         Some(Ok(full)) => full,
         Some(Err(e)) => return refused(e),
     };
-    let answer = webhook::deliver(s.hooks(), &name, &headers, body, |d| {
+    // 202 means durable: the run's `queued` record is on disk before the answer.
+    let answer = webhook::deliver(s.hooks(), &name, &headers, body, |d| async move {
         let plugin = d.plugin.clone();
-        let started = s.submit(&plugin, d.into_event()).map_err(|e| e.to_string());
-        async move { started }
+        s.submit_durable(&plugin, d.into_event())
+            .await
+            .map_err(|e| e.to_string())
     })
     .await;
     // Unknown hooks share one label, so strangers cannot create series at will.

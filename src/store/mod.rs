@@ -49,6 +49,7 @@
 //! a copy-on-write filesystem, snapshots or an SSD's wear levelling may still keep the
 //! freed blocks, which is outside what Capstan controls.
 
+pub mod commit;
 pub mod deliveries;
 pub mod devices;
 pub mod legacy_vault;
@@ -82,6 +83,8 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot make records durable: {0}")]
+    Flush(String),
     #[error("cannot move the vault out of the database in {path}: {reason}")]
     Migration { path: PathBuf, reason: String },
 }
@@ -236,6 +239,8 @@ pub(crate) fn pause_point(step: &'static str) {
 pub struct Store {
     pub db: sled::Db,
     pub data_dir: PathBuf,
+    /// Flushes for [`Store::durable`], shared by every clone.
+    commit: Arc<commit::GroupCommit>,
     /// Held (locked) while any clone lives.
     _lock: Arc<File>,
 }
@@ -273,6 +278,7 @@ impl Store {
             db = open_db(data_dir)?;
         }
         Ok(Store {
+            commit: Arc::new(commit::GroupCommit::new(db.clone())),
             db,
             data_dir: data_dir.to_path_buf(),
             _lock: Arc::new(lock),
@@ -294,6 +300,17 @@ impl Store {
         Ok(())
     }
 
+    /// Returns once every write made before the call is on disk, sharing one flush with
+    /// everyone else waiting (group commit, [`commit`]).
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        self.commit.durable().await
+    }
+
+    /// Flushes [`Store::durable`] has started so far (each makes a group durable).
+    pub fn flushes(&self) -> u64 {
+        self.commit.flushes()
+    }
+
     /// The data directory's lock, for what writes to the directory beside the database
     /// (the vault file) and may outlive this handle.
     pub(crate) fn holder(&self) -> Arc<File> {
@@ -309,13 +326,17 @@ impl Store {
         let Store {
             db,
             data_dir,
+            commit,
             _lock,
         } = self;
+        // The flush thread holds the database open too: stopped first.
+        drop(commit);
         drop(db);
         let done = compact_dir(&data_dir, &[])?;
         let db = open_db(&data_dir)?;
         Ok((
             Store {
+                commit: Arc::new(commit::GroupCommit::new(db.clone())),
                 db,
                 data_dir,
                 _lock,

@@ -2,9 +2,11 @@
 //! run records, the per-plugin index for newest-first listing, and the index of queued
 //! and running runs, so crash recovery does not scan the history.
 //!
-//! Each operation that touches more than one tree is one transaction over them: a new
-//! run enters all three at once, a change to a record leaves the active index when the
-//! run ends, and a removal takes the record and its plugin index entry together.
+//! The hot operations — a new run, a run's final record, a removal — are plain writes
+//! in an order that leaves nothing a crash could make inconsistent (each says which),
+//! not transactions: a sled transaction holds a lock that every other operation of the
+//! database waits for. Only [`RunHistory::update`], which reads a record to change it
+//! (runs left by an earlier process), is a transaction.
 
 use std::collections::HashMap;
 
@@ -59,20 +61,32 @@ impl RunHistory {
         Ok(counts)
     }
 
-    /// Stores a new (active) run: the record and both index entries, atomically.
+    /// Stores a new (active) run: its active and plugin index entries, then the record.
+    ///
+    /// Three plain writes, not a transaction (a sled transaction serialises every
+    /// other operation of the database while it runs). They are made in this order
+    /// because sled recovers a prefix of its log after a crash: a crash between them
+    /// leaves an active entry without a record, which crash recovery drops
+    /// ([`RunHistory::forget_active`]), or an index entry without a record, which
+    /// listings skip and retention removes; never a record that is not indexed.
     pub fn insert(&self, record: &RunRecord) -> Result<(), StoreError> {
         let id = record.id;
-        let bytes = encode(record);
-        let pkey = plugin_key(&record.plugin, &id);
-        let plugin = record.plugin.as_bytes();
-        (&self.runs, &self.by_plugin, &self.active)
-            .transaction(|(runs, by_plugin, active)| {
-                runs.insert(&id.as_bytes()[..], bytes.as_slice())?;
-                by_plugin.insert(pkey.as_slice(), &[][..])?;
-                active.insert(&id.as_bytes()[..], plugin)?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(tx_error)
+        let key = &id.as_bytes()[..];
+        self.active.insert(key, record.plugin.as_bytes())?;
+        self.by_plugin
+            .insert(plugin_key(&record.plugin, &id), &[][..])?;
+        self.runs.insert(key, encode(record))?;
+        Ok(())
+    }
+
+    /// Writes an ended run's final record, then takes it out of the active index (a
+    /// crash between leaves an active entry on a final record, which crash recovery
+    /// drops).
+    pub fn write_final(&self, record: &RunRecord) -> Result<(), StoreError> {
+        let key = &record.id.as_bytes()[..];
+        self.runs.insert(key, encode(record))?;
+        self.active.remove(key)?;
+        Ok(())
     }
 
     /// Applies `change` to a stored record in one transaction, and takes the run out of
@@ -205,30 +219,18 @@ impl RunHistory {
         })
     }
 
-    /// Removes a record and its plugin index entry, atomically. False if the record was
-    /// gone already.
+    /// Removes a record, then its plugin index entry (a crash between leaves an index
+    /// entry without a record, which listings skip and the next removal takes). False
+    /// if the record was gone already.
     pub fn remove(&self, id: RunId, plugin: &str) -> Result<bool, StoreError> {
-        let pkey = plugin_key(plugin, &id);
-        (&self.runs, &self.by_plugin)
-            .transaction(|(runs, by_plugin)| {
-                by_plugin.remove(pkey.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(
-                    runs.remove(&id.as_bytes()[..])?.is_some(),
-                )
-            })
-            .map_err(tx_error)
+        let existed = self.runs.remove(&id.as_bytes()[..])?.is_some();
+        self.by_plugin.remove(plugin_key(plugin, &id))?;
+        Ok(existed)
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
         self.runs.flush()?;
         Ok(())
-    }
-}
-
-fn tx_error(e: TransactionError<StoreError>) -> StoreError {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => StoreError::Sled(e),
     }
 }
 
