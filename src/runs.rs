@@ -829,14 +829,18 @@ impl RunStore {
         let Some(keep) = self.config.keep_per_plugin else {
             return Ok(0);
         };
-        // Active runs are not removed: only what is beyond them counts (this process's
-        // active runs are known; an earlier process's are few, and found by the scan).
         let count = self.count(plugin);
-        let active = lock(&self.live).of_plugin(plugin);
-        if count.saturating_sub(active) <= keep {
+        if count <= keep {
             return Ok(0);
         }
-        let excess = (count - active - keep).min(max);
+        // Active runs count towards `keep` but are not removed: at most the finished
+        // ones go (this process's active runs are known; an earlier process's are few,
+        // and skipped by the scan).
+        let finished = count.saturating_sub(lock(&self.live).of_plugin(plugin));
+        let excess = (count - keep).min(finished).min(max);
+        if excess == 0 {
+            return Ok(0);
+        }
         // An insert's pass looks at a bounded number of entries; the periodic one at all.
         let mut budget = if max == usize::MAX {
             usize::MAX
