@@ -76,6 +76,9 @@ impl GroupCommit {
     /// started after it), or with the error of the flush that should have done it.
     pub async fn durable(&self) -> Result<(), StoreError> {
         let mut flushed = self.shared.flushed.subscribe();
+        // Tasks ready on this worker with records to write (other connections' requests
+        // read in the same wake-up) get to write them first and join the same flush.
+        tokio::task::yield_now().await;
         let target = self.request()?;
         let outcome = flushed
             .wait_for(|(n, _)| *n >= target)
