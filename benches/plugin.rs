@@ -21,12 +21,47 @@ use std::time::{Duration, Instant};
 use capstan::plugin::bindings::{Event, ManualEvent, PluginPre};
 use capstan::plugin::{PluginRuntime, RuntimeConfig, TriggerEvent};
 use wasmtime::Store;
+use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 struct Bare {
     wasi: WasiCtx,
     table: ResourceTable,
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    no_requests: NoRequests,
+}
+
+impl wasmtime_wasi_http::WasiHttpView for Bare {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.no_requests,
+        }
+    }
+}
+
+/// The floor sends no request (the trivial plugin makes none).
+struct NoRequests;
+
+type Sent = Result<
+    (
+        http::Response<wasmtime_wasi_http::WasiBody>,
+        Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ),
+    wasmtime_wasi_http::Error,
+>;
+
+impl wasmtime_wasi_http::WasiHttpHooks for NoRequests {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<dyn std::future::Future<Output = Sent> + Send> {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
 }
 
 impl WasiView for Bare {
@@ -101,7 +136,31 @@ fn main() {
     let component = Component::from_file(&wasm_engine, &trivial).unwrap();
     let mut linker = Linker::<Bare>::new(&wasm_engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
-    linker.define_unknown_imports_as_traps(&component).unwrap();
+    // The SDK links wasi:http (for plugins' outbound requests), so the floor links it too;
+    // the trivial plugin makes no request.
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).unwrap();
+    // Capstan's own imports (the host and Docker functions) as traps: the trivial plugin
+    // calls none. (Not `define_unknown_imports_as_traps`, which would also stub WASI
+    // interfaces the component names by a newer patch version than the linker's, with
+    // resource types of their own that do not match.)
+    let imports = component.component_type();
+    for (name, item) in imports.imports(&wasm_engine) {
+        let (true, ComponentItem::ComponentInstance(instance)) =
+            (name.starts_with("capstan:"), item.ty)
+        else {
+            continue;
+        };
+        let mut defined = linker.instance(name).unwrap();
+        for (func, item) in instance.exports(&wasm_engine) {
+            if let ComponentItem::ComponentFunc(_) = item.ty {
+                defined
+                    .func_new(func, |_, _, _, _| {
+                        Err(wasmtime::Error::msg("not linked in the floor"))
+                    })
+                    .unwrap();
+            }
+        }
+    }
     let bare_pre = PluginPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
     let event = Event::Manual(ManualEvent {
         input: String::new(),
@@ -114,6 +173,8 @@ fn main() {
             Bare {
                 wasi: WasiCtx::builder().build(),
                 table: ResourceTable::new(),
+                http: wasmtime_wasi_http::WasiHttpCtx::new(),
+                no_requests: NoRequests,
             },
         );
         store.set_epoch_deadline(u64::MAX / 2);
