@@ -253,11 +253,7 @@ fn raw_read(tree: &sled::Tree, before: Option<RunId>, n: usize) -> usize {
         Some(b) => tree.range(..&b.as_bytes()[..]),
         None => tree.iter(),
     };
-    iter.values()
-        .rev()
-        .take(n)
-        .map(|v| v.unwrap().len())
-        .sum()
+    iter.values().rev().take(n).map(|v| v.unwrap().len()).sum()
 }
 
 /// Cursors from the older half of `ids` (newest first) that leave at least `page` runs
@@ -331,9 +327,7 @@ fn main() {
         fill_time.as_secs_f64(),
         filled as f64 / fill_time.as_secs_f64(),
         if filled < total {
-            format!(
-                "; stopped at CAPSTAN_BENCH_FILL_SECONDS={fill_seconds}, {total} not reached"
-            )
+            format!("; stopped at CAPSTAN_BENCH_FILL_SECONDS={fill_seconds}, {total} not reached")
         } else {
             String::new()
         }
@@ -342,7 +336,11 @@ fn main() {
     drop(store);
 
     let (small_store, small_runs) = open(&small_dir, fill_config());
-    fill(&small_runs, SMALL_RUNS, Instant::now() + Duration::from_secs(60));
+    fill(
+        &small_runs,
+        SMALL_RUNS,
+        Instant::now() + Duration::from_secs(60),
+    );
     small_runs.flush().unwrap();
 
     // What `capstan serve` pays at start: the database, then the history's counts.
@@ -376,7 +374,11 @@ fn main() {
     );
     assert_eq!(all_ids.len(), filled, "the listing misses runs");
     let one_ids = page_through(&runs, Some(ONE));
-    assert_eq!(one_ids.len(), runs.count(ONE), "the plugin listing misses runs");
+    assert_eq!(
+        one_ids.len(),
+        runs.count(ONE),
+        "the plugin listing misses runs"
+    );
 
     let small_tree = small_store.tree("runs").unwrap();
     println!();
@@ -407,11 +409,11 @@ fn main() {
                 None => SMALL_RUNS,
             };
             let small = (page <= small_has).then(|| {
-                    Timings::of(repeats, |_| {
-                        let p = small_runs.list(&query(None)).unwrap();
-                        assert_eq!(p.runs.len(), page);
-                    })
-                });
+                Timings::of(repeats, |_| {
+                    let p = small_runs.list(&query(None)).unwrap();
+                    assert_eq!(p.runs.len(), page);
+                })
+            });
             rows.push(Row {
                 name: format!("first page of {page}, {who}"),
                 ours,
