@@ -257,7 +257,7 @@ fn main() {
             "missed",
             "cpu"
         );
-        ours.print("scheduler (one heap)");
+        ours.print("scheduler (one timer)");
         base.print("baseline (task per trigger)");
         let line = format!(
             "{triggers} triggers: scheduler p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; ratio scheduler/baseline: p50 {:.2}x, p99 {:.2}x, last-fire-per-second {:.2}x",
