@@ -126,6 +126,7 @@ async fn check_with(d: &Device, s: &DeviceSecrets, trust_host_key: bool) -> Chec
         &CheckOptions {
             trust_host_key,
             connect: opts(),
+            ..CheckOptions::default()
         },
     )
     .await
@@ -655,6 +656,7 @@ async fn a_local_device_without_address_follows_docker_host() {
         &CheckOptions {
             trust_host_key: false,
             connect: o.clone(),
+            ..CheckOptions::default()
         },
     )
     .await;
@@ -667,6 +669,7 @@ async fn a_local_device_without_address_follows_docker_host() {
         &CheckOptions {
             trust_host_key: false,
             connect: o.clone(),
+            ..CheckOptions::default()
         },
     )
     .await;
@@ -680,6 +683,7 @@ async fn a_local_device_without_address_follows_docker_host() {
         &CheckOptions {
             trust_host_key: false,
             connect: o,
+            ..CheckOptions::default()
         },
     )
     .await;

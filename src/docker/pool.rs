@@ -483,17 +483,43 @@ pub struct PoolStats {
 
 /// One [`DockerClient`] per device, created on first use and kept while the device's
 /// record is unchanged (an edited device gets a new client; its old connections close
-/// when their last user lets go).
+/// when their last user lets go). Connection checks run here too, at most
+/// [`ConnectOptions::check_concurrency`] at once.
 pub struct Pool {
     opts: ConnectOptions,
     clients: Mutex<HashMap<Uuid, Arc<DockerClient>>>,
+    checks: Semaphore,
 }
 
 impl Pool {
     pub fn new(opts: ConnectOptions) -> Pool {
         Pool {
+            checks: Semaphore::new(opts.check_concurrency.max(1)),
             opts,
             clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks `device` once one of the engine's check slots is free (a check's timings
+    /// start then): over a fresh connection, or with [`CheckOptions::pooled`] over this
+    /// pool's connection to it (`secrets` is called only when a new client is built).
+    ///
+    /// [`CheckOptions::pooled`]: super::CheckOptions::pooled
+    pub async fn check(
+        &self,
+        device: &Device,
+        secrets: &DeviceSecrets,
+        opts: &super::CheckOptions,
+    ) -> super::CheckReport {
+        // The semaphore is never closed.
+        let _slot = self.checks.acquire().await.ok();
+        // Boxed: a check's future is large, and unoptimised builds would otherwise move
+        // it across the stack frames of the handler that awaits it.
+        if opts.pooled {
+            let client = self.client(device, || Ok(secrets.clone()));
+            Box::pin(super::check::run_pooled_check(device, client, opts)).await
+        } else {
+            Box::pin(super::run_check(device, secrets, opts)).await
         }
     }
 
