@@ -174,7 +174,17 @@ pub async fn run_check(
     };
     let start = Instant::now();
     let client = DockerClient::new(device, secrets, &opts.connect, policy);
-    check_client(device, Some(secrets), client, policy, opts, start).await
+    // Boxed: the check's future is large, and unoptimised builds would otherwise move it
+    // across the stack frames of whatever awaits it.
+    Box::pin(check_client(
+        device,
+        Some(secrets),
+        client,
+        policy,
+        opts,
+        start,
+    ))
+    .await
 }
 
 /// Checks `device` over `client`, the engine's pooled connection to it: no fresh login,
@@ -186,8 +196,15 @@ pub(crate) async fn run_pooled_check(
     opts: &CheckOptions,
 ) -> CheckReport {
     let start = Instant::now();
-    let mut report =
-        check_client(device, None, client, HostKeyPolicy::PinnedOnly, opts, start).await;
+    let mut report = Box::pin(check_client(
+        device,
+        None,
+        client,
+        HostKeyPolicy::PinnedOnly,
+        opts,
+        start,
+    ))
+    .await;
     report.pooled = true;
     report
 }
