@@ -1608,6 +1608,8 @@ async fn kept_connections_close_after_idle_timeout_and_the_session_stays_for_the
         idle_timeout: Duration::from_secs(1),
         ..opts()
     });
+    // The pool's own signature: its error is the connection error, however large.
+    #[allow(clippy::result_large_err)]
     let c = pool.client(&d, || Ok(s.clone())).unwrap();
     // Polls (bounded) until the pool's SSH sessions and channels are as wanted.
     let until = |sessions: usize, channels: usize| {
