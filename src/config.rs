@@ -55,9 +55,10 @@ pub struct ConfigFile {
 }
 
 /// The `[docker]` table: how every device's Docker connection is made. The timeouts and
-/// `check_concurrency` may also come from `CAPSTAN_DOCKER_<KEY>` (upper case); `host`, `agent_socket` and
-/// `ssh_tunnel` from the variables the Docker and SSH tools use (`DOCKER_HOST`,
-/// `SSH_AUTH_SOCK`, `CAPSTAN_SSH_TUNNEL`). The environment wins over the file.
+/// `check_concurrency` may also come from `CAPSTAN_DOCKER_<KEY>` (upper case); `host`,
+/// `agent_socket` and `ssh_tunnel` from the variables the Docker and SSH tools use
+/// (`DOCKER_HOST`, `SSH_AUTH_SOCK`, `CAPSTAN_SSH_TUNNEL`). The environment wins over the
+/// file.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DockerSection {

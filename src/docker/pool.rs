@@ -7,7 +7,9 @@
 //! [`SSH_CHANNELS_PER_SESSION`](super::SSH_CHANNELS_PER_SESSION)), or waits for one to
 //! come back. A connection comes back once its response body has been read to the end;
 //! an upgraded connection (attach, exec) leaves the pool with its caller and frees its
-//! slot when dropped.
+//! slot when dropped. Idle connections close after `idle_timeout`, by a reaper task that
+//! runs only while some are kept: an SSH device whose session is idle costs its session
+//! and nothing more (about 110 KB in `capstan serve`, `cargo bench --bench fleet`).
 //!
 //! The same connections serve `bollard` (through a custom transport) and raw requests
 //! ([`DockerClient::send`]), which the proxy mode uses to forward any request, upgrades
@@ -522,7 +524,7 @@ impl Pool {
 
     /// Checks `device` once one of the engine's check slots is free (a check's timings
     /// start then): over a fresh connection, or with [`CheckOptions::pooled`] over this
-    /// pool's connection to it (`secrets` is called only when a new client is built).
+    /// pool's connection to it (`secrets` then serve only when a new client is built).
     ///
     /// [`CheckOptions::pooled`]: super::CheckOptions::pooled
     pub async fn check(
