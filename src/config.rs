@@ -54,10 +54,11 @@ pub struct ConfigFile {
     pub notify: crate::notify::NotifySection,
 }
 
-/// The `[docker]` table: how every device's Docker connection is made. The timeouts may
-/// also come from `CAPSTAN_DOCKER_<KEY>` (upper case); `host`, `agent_socket` and
-/// `ssh_tunnel` from the variables the Docker and SSH tools use (`DOCKER_HOST`,
-/// `SSH_AUTH_SOCK`, `CAPSTAN_SSH_TUNNEL`). The environment wins over the file.
+/// The `[docker]` table: how every device's Docker connection is made. The timeouts and
+/// `check_concurrency` may also come from `CAPSTAN_DOCKER_<KEY>` (upper case); `host`,
+/// `agent_socket` and `ssh_tunnel` from the variables the Docker and SSH tools use
+/// (`DOCKER_HOST`, `SSH_AUTH_SOCK`, `CAPSTAN_SSH_TUNNEL`). The environment wins over the
+/// file.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DockerSection {
@@ -81,6 +82,10 @@ pub struct DockerSection {
     /// Idle connections to a daemon (and their SSH channels) older than this are closed.
     /// Default 90s.
     pub idle_timeout: Option<String>,
+    /// Connection checks (`capstan device check`, `/api/docker/check`) the engine runs at
+    /// once, 1-1024; more wait for a slot, so no client can start more SSH handshakes at
+    /// once than this. Env `CAPSTAN_DOCKER_CHECK_CONCURRENCY`. Default 16.
+    pub check_concurrency: Option<usize>,
 }
 
 impl DockerSection {
@@ -409,6 +414,32 @@ fn resolve_docker(
             other => other.clone(),
         },
     };
+    let concurrency = match env("CAPSTAN_DOCKER_CHECK_CONCURRENCY") {
+        Some(v) => Some(
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| ConfigError::Invalid {
+                    field: "docker.check_concurrency",
+                    message: format!(
+                        "CAPSTAN_DOCKER_CHECK_CONCURRENCY={v:?} is not a number of checks (1-{})",
+                        crate::docker::MAX_CHECK_CONCURRENCY
+                    ),
+                })?,
+        ),
+        None => file.check_concurrency,
+    };
+    if let Some(n) = concurrency {
+        if !(1..=crate::docker::MAX_CHECK_CONCURRENCY).contains(&n) {
+            return Err(ConfigError::Invalid {
+                field: "docker.check_concurrency",
+                message: format!(
+                    "{n} is out of range: checks at once must be 1-{}",
+                    crate::docker::MAX_CHECK_CONCURRENCY
+                ),
+            });
+        }
+        c.check_concurrency = n;
+    }
     c.agent_socket = env("SSH_AUTH_SOCK")
         .map(PathBuf::from)
         .or_else(|| file.agent_socket.clone());
@@ -899,6 +930,10 @@ mod tests {
         assert_eq!(defaults.docker_host_env, None);
         assert_eq!(defaults.agent_socket, None);
         assert_eq!(defaults.ssh_tunnel, SshTunnel::Auto);
+        assert_eq!(
+            defaults.check_concurrency,
+            crate::docker::DEFAULT_CHECK_CONCURRENCY
+        );
         let file = ConfigFile::parse(
             "[docker]\nhost = \"unix:///run/d.sock\"\nssh_tunnel = \"dial-stdio\"\nconnect_timeout = \"3s\"\n",
         )
@@ -913,6 +948,7 @@ mod tests {
             "SSH_AUTH_SOCK" => Some("/tmp/agent".into()),
             "CAPSTAN_SSH_TUNNEL" => Some("nonsense".into()),
             "CAPSTAN_DOCKER_IDLE_TIMEOUT" => Some("5m".into()),
+            "CAPSTAN_DOCKER_CHECK_CONCURRENCY" => Some("64".into()),
             _ => None,
         })
         .unwrap();
@@ -924,6 +960,7 @@ mod tests {
             "an unknown env value means auto"
         );
         assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.check_concurrency, 64);
         let empty = resolve_docker(&DockerSection::default(), |k| {
             (k == "DOCKER_HOST").then(String::new)
         })
@@ -937,6 +974,8 @@ mod tests {
             ("connect_timeout = \"0s\"", "docker.connect_timeout:"),
             ("request_timeout = \"soon\"", "docker.request_timeout:"),
             ("host = \"\"", "docker.host:"),
+            ("check_concurrency = 0", "docker.check_concurrency:"),
+            ("check_concurrency = 5000", "docker.check_concurrency:"),
         ] {
             let f = ConfigFile::parse(&format!("[docker]\n{toml}\n")).unwrap();
             let err = f.docker.validate().unwrap_err().to_string();

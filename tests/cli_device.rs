@@ -624,3 +624,269 @@ fn through_a_running_engine_an_edited_or_removed_password_leaves_no_copy_in_the_
         v.names().unwrap()
     );
 }
+
+/// A TCP server that accepts SSH connections and never answers (no banner), so a check
+/// of a device pointing at it is stuck in its handshake until its timeout; it counts the
+/// connections open at once. A check that times out closes its socket before reporting,
+/// so a connection still open when the next one arrives is a check still running.
+struct SilentSshd {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, usize)>>,
+}
+
+impl SilentSshd {
+    fn start() -> SilentSshd {
+        use std::io::Read;
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut open: Vec<std::net::TcpStream> = Vec::new();
+            let (mut accepted, mut most) = (0, 0);
+            for s in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                let s = s.unwrap();
+                s.set_nonblocking(true).unwrap();
+                accepted += 1;
+                // Still open: nothing to read yet, or the client's SSH id line; closed: EOF.
+                open.retain_mut(|c| {
+                    let mut buf = [0u8; 256];
+                    loop {
+                        match c.read(&mut buf) {
+                            Ok(0) => return false,
+                            Ok(_) => continue,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                            Err(_) => return false,
+                        }
+                    }
+                });
+                open.push(s);
+                most = most.max(open.len());
+            }
+            (accepted, most)
+        });
+        SilentSshd {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted, and the most open at once.
+    fn finish(mut self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Adds `count` SSH devices `{prefix}1..` with the test key and pinned host key, at
+/// `port` on the test host.
+fn add_ssh_devices(data: &DataDir, prefix: &str, count: usize, port: &str) {
+    let infra = Infra::get();
+    for i in 1..=count {
+        let name = format!("{prefix}{i}");
+        let out = add(
+            data,
+            &[
+                &name,
+                "--kind",
+                "ssh",
+                "--host",
+                infra.var("SSH_HOST4"),
+                "--port",
+                port,
+                "--user",
+                infra.var("SSH_USER_KEY"),
+                "--ssh-key-file",
+                infra.var("SSH_KEY_ED25519"),
+                "--host-key-file",
+                infra.var("SSH_HOST_KEY_PUB"),
+            ],
+        );
+        assert_success(&out, &name);
+    }
+}
+
+/// The reports of `device check --all --json`, by device name.
+fn reports_by_device(
+    out: &std::process::Output,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(&stdout(out))
+        .unwrap_or_else(|e| panic!("check --all --json: {e}\n{}\n{}", stdout(out), stderr(out)));
+    v.as_array()
+        .expect("an array of reports")
+        .iter()
+        .map(|r| (r["device"].as_str().unwrap().to_string(), r.clone()))
+        .collect()
+}
+
+#[test]
+fn check_all_checks_at_most_concurrency_devices_at_once_and_reports_every_one() {
+    let data = DataDir::with_vault();
+    let silent = SilentSshd::start();
+    add_ssh_devices(&data, "web", 3, Infra::get().var("SSH_PORT"));
+    add_ssh_devices(&data, "mute", 6, &silent.port.to_string());
+
+    let out = data.capstan(&[
+        "device",
+        "check",
+        "--all",
+        "--concurrency",
+        "2",
+        "--timeout",
+        "1",
+        "--json",
+    ]);
+    let (accepted, most) = silent.finish();
+    assert_failure_says(&out, "6 of 9 devices failed the check");
+    let reports = reports_by_device(&out);
+    assert_eq!(reports.len(), 9, "{reports:?}");
+    for i in 1..=3 {
+        let r = &reports[&format!("web{i}")];
+        assert_eq!(r["connected"], true, "{r}");
+    }
+    for i in 1..=6 {
+        let r = &reports[&format!("mute{i}")];
+        assert_eq!(r["error"]["kind"], "timeout", "{r}");
+        assert_eq!(r["failed_step"], "ssh-handshake", "{r}");
+    }
+    assert_eq!(accepted, 6, "every silent device was tried once");
+    assert!(
+        most <= 2,
+        "{most} checks of silent devices ran at once with --concurrency 2"
+    );
+
+    // Without --json the table is as it always was: one row per device.
+    let out = data.capstan(&["device", "check", "--all", "--concurrency", "3"]);
+    let text = stdout(&out);
+    assert_eq!(text.matches(" ok ").count(), 3, "{text}");
+    assert_eq!(text.matches("FAILED (unreachable)").count(), 6, "{text}");
+}
+
+#[test]
+fn the_engine_runs_at_most_check_concurrency_checks_whatever_the_client_asks() {
+    let data = DataDir::with_vault();
+    let silent = SilentSshd::start();
+    let server = Server::start_with(&data, |c| {
+        c.env("CAPSTAN_DOCKER_CHECK_CONCURRENCY", "2");
+    });
+    add_ssh_devices(&data, "mute", 6, &silent.port.to_string());
+    let out = data.capstan(&[
+        "device",
+        "check",
+        "--all",
+        "--concurrency",
+        "16",
+        "--timeout",
+        "1",
+        "--json",
+    ]);
+    let (accepted, most) = silent.finish();
+    let reports = reports_by_device(&out);
+    assert_eq!(reports.len(), 7, "{reports:?}");
+    for i in 1..=6 {
+        let r = &reports[&format!("mute{i}")];
+        assert_eq!(r["error"]["kind"], "timeout", "{r}");
+    }
+    assert_eq!(accepted, 6);
+    assert!(
+        most <= 2,
+        "{most} checks ran at once in an engine with check_concurrency 2"
+    );
+    drop(server);
+}
+
+#[test]
+fn a_pooled_check_keeps_the_engines_session_open_for_the_next_operation() {
+    let data = DataDir::with_vault();
+    let server = Server::start(&data);
+    add_ssh_devices(&data, "web", 3, Infra::get().var("SSH_PORT"));
+    let out = data.capstan(&["device", "check", "--all", "--pooled", "--json"]);
+    assert_success(&out, "check --all --pooled");
+    let reports = reports_by_device(&out);
+    for i in 1..=3 {
+        let r = &reports[&format!("web{i}")];
+        assert_eq!(r["connected"], true, "{r}");
+        assert_eq!(r["pooled"], true, "{r}");
+    }
+    let metrics = |name: &str| -> f64 {
+        let (status, body) = http(
+            &server.addr,
+            "GET",
+            "/metrics",
+            &[("Authorization", &format!("Bearer {}", server.admin_token()))],
+            b"",
+        );
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(metrics("capstan_ssh_sessions"), 3.0);
+    let steps_of = |r: &serde_json::Value| -> Vec<String> {
+        r["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["step"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        steps_of(&reports["web2"]).contains(&"ssh-handshake".to_string()),
+        "{}",
+        reports["web2"]
+    );
+    // A second pooled check reuses the session and its kept connection: no login.
+    let out = data.capstan(&["device", "check", "web2", "--pooled", "--json"]);
+    assert_success(&out, "check web2 --pooled");
+    let r: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(steps_of(&r), ["ping", "version", "info"], "{r}");
+    assert_eq!(metrics("capstan_ssh_sessions"), 3.0);
+    // A fresh check is the default, and prints as it always did.
+    let out = data.capstan(&["device", "check", "web2", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(r.get("pooled"), None, "{r}");
+}
+
+#[test]
+fn a_bad_check_concurrency_is_refused_with_a_clear_error() {
+    let data = DataDir::with_vault();
+    for (args, says) in [
+        (&["--all", "--concurrency", "0"][..], "0 is not in 1..=1024"),
+        (
+            &["--all", "--concurrency", "5000"][..],
+            "5000 is not in 1..=1024",
+        ),
+        (
+            &["--all", "--concurrency", "many"][..],
+            "invalid value 'many' for '--concurrency <N>'",
+        ),
+        (&["web1", "--concurrency", "4"][..], "--all"),
+        (
+            &["--all", "--pooled", "--trust-host-key"][..],
+            "cannot be used with",
+        ),
+    ] {
+        let mut full = vec!["device", "check"];
+        full.extend_from_slice(args);
+        assert_failure_says(&data.capstan(&full), says);
+    }
+    for bad in ["0", "2000", "lots"] {
+        let out = data
+            .cmd()
+            .args(["device", "check", "--all"])
+            .env("CAPSTAN_DOCKER_CHECK_CONCURRENCY", bad)
+            .output()
+            .unwrap();
+        assert_failure_says(&out, "docker.check_concurrency");
+    }
+}

@@ -126,6 +126,7 @@ async fn check_with(d: &Device, s: &DeviceSecrets, trust_host_key: bool) -> Chec
         &CheckOptions {
             trust_host_key,
             connect: opts(),
+            ..CheckOptions::default()
         },
     )
     .await
@@ -655,6 +656,7 @@ async fn a_local_device_without_address_follows_docker_host() {
         &CheckOptions {
             trust_host_key: false,
             connect: o.clone(),
+            ..CheckOptions::default()
         },
     )
     .await;
@@ -667,6 +669,7 @@ async fn a_local_device_without_address_follows_docker_host() {
         &CheckOptions {
             trust_host_key: false,
             connect: o.clone(),
+            ..CheckOptions::default()
         },
     )
     .await;
@@ -680,6 +683,7 @@ async fn a_local_device_without_address_follows_docker_host() {
         &CheckOptions {
             trust_host_key: false,
             connect: o,
+            ..CheckOptions::default()
         },
     )
     .await;
@@ -1595,6 +1599,45 @@ async fn pre_check_of_a_listener_that_never_answers_is_504() {
     assert_eq!(body["failed_step"], "ssh-handshake");
     assert!(start.elapsed() < Duration::from_secs(10));
     silent.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_connections_close_after_idle_timeout_and_the_session_stays_for_the_next() {
+    let (d, s) = key_device("reaped");
+    let pool = capstan::docker::Pool::new(ConnectOptions {
+        idle_timeout: Duration::from_secs(1),
+        ..opts()
+    });
+    // The pool's own signature: its error is the connection error, however large.
+    #[allow(clippy::result_large_err)]
+    let c = pool.client(&d, || Ok(s.clone())).unwrap();
+    // Polls (bounded) until the pool's SSH sessions and channels are as wanted.
+    let until = |sessions: usize, channels: usize| {
+        let pool = &pool;
+        async move {
+            let limit = Instant::now() + Duration::from_secs(15);
+            loop {
+                let st = pool.stats();
+                if (st.ssh_sessions, st.ssh_channels) == (sessions, channels) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < limit,
+                    "wanted {sessions} session(s) and {channels} channel(s), have {st:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    for round in 0..2 {
+        c.ping()
+            .await
+            .unwrap_or_else(|e| panic!("ping {round}: {e}"));
+        until(1, 1).await;
+        // Past idle_timeout the kept connection (its channel) closes; the session stays.
+        until(1, 0).await;
+    }
+    assert_eq!(c.connections_opened(), 2, "one connection per round");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -4,9 +4,13 @@
 //!   strings in the JSON body). Nothing is stored; secrets are never echoed.
 //! - `GET /api/docker/check/{id}`: checks a stored device (by id or name).
 //!
-//! Both answer with the check report: 200 only when the daemon answered, 502 when the
+//! - `POST /api/docker/check/{id}`: the same, with options (a timeout, trust on first
+//!   use, or `pooled`: over the engine's own connection to the device).
+//!
+//! All answer with the check report: 200 only when the daemon answered, 502 when the
 //! device or the daemon failed, 504 on a timeout (the body says which kind of failure,
-//! what to do, and which steps succeeded).
+//! what to do, and which steps succeeded). The engine runs at most
+//! `[docker] check_concurrency` checks at once; the others wait for a slot.
 
 use std::time::Duration;
 
@@ -20,7 +24,7 @@ use serde::Deserialize;
 
 use super::{AppError, AppState};
 use crate::device::{self, Device, DeviceKind, DeviceSecrets, DeviceSpec};
-use crate::docker::{CheckOptions, CheckReport, run_check};
+use crate::docker::{CheckOptions, CheckReport};
 
 /// Seconds allowed for connecting and for each call when the request does not say.
 const DEFAULT_TIMEOUT_SECS: u64 = 10;
@@ -83,6 +87,7 @@ impl PreCheckBody {
 struct CheckSettings {
     trust_host_key: bool,
     timeout: Duration,
+    pooled: bool,
 }
 
 impl CheckSettings {
@@ -97,6 +102,7 @@ impl CheckSettings {
         Ok(CheckSettings {
             trust_host_key,
             timeout: Duration::from_secs(timeout),
+            pooled: false,
         })
     }
 }
@@ -108,6 +114,7 @@ fn check_options(state: &AppState, s: &CheckSettings) -> CheckOptions {
     CheckOptions {
         trust_host_key: s.trust_host_key,
         connect,
+        pooled: s.pooled,
     }
 }
 
@@ -138,7 +145,10 @@ pub async fn pre_check(
 ) -> Result<Response, AppError> {
     let body = body?;
     let (dev, secrets, settings) = PreCheckBody::parse(&body)?.into_device()?;
-    let report = run_check(&dev, &secrets, &check_options(&state, &settings)).await;
+    let report = state
+        .docker
+        .check(&dev, &secrets, &check_options(&state, &settings))
+        .await;
     Ok(respond(report))
 }
 
@@ -178,13 +188,19 @@ pub struct CheckRequest {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 120)]
     timeout_secs: Option<u64>,
+    /// Check the engine's own connection to the device (the one plugins and proxies
+    /// use) instead of a fresh one: its live SSH session is reused, or opened and kept.
+    /// Not with `trust_host_key`.
+    #[serde(default)]
+    pooled: bool,
 }
 
 /// Check a stored device, with options
 ///
 /// As `GET`, with a timeout of your choosing and, for an SSH device with no pinned
 /// host key, trust on first use: the presented key is pinned when the SSH login succeeds
-/// (`host_key.trusted_now` in the report).
+/// (`host_key.trusted_now` in the report). With `pooled`, over the engine's own
+/// connection to the device (`pooled: true` in the report).
 #[utoipa::path(
     post,
     path = "/api/docker/check/{id}",
@@ -212,7 +228,13 @@ pub async fn check_with(
         serde_json::from_slice(&body).map_err(|e| AppError::bad_json("check options", &e))?
     };
     let req = req.unwrap_or_default();
-    let settings = CheckSettings::new(req.trust_host_key, req.timeout_secs)?;
+    if req.pooled && req.trust_host_key {
+        return Err(AppError::Invalid(
+            "trust_host_key needs a fresh check: a pooled check uses the engine's connection, which accepts only the pinned key".into(),
+        ));
+    }
+    let mut settings = CheckSettings::new(req.trust_host_key, req.timeout_secs)?;
+    settings.pooled = req.pooled;
     check_stored(&state, &id, &settings).await
 }
 
@@ -233,7 +255,10 @@ async fn check_stored(
             dev.name, dev.kind
         )));
     }
-    let mut report = run_check(&dev, &secrets, &check_options(state, settings)).await;
+    let mut report = state
+        .docker
+        .check(&dev, &secrets, &check_options(state, settings))
+        .await;
     report.device_id = Some(dev.id);
     if let Some(k) = report.host_key.as_ref().filter(|k| k.trusted_now) {
         state

@@ -9,8 +9,9 @@ use futures_util::StreamExt;
 use super::print_table as table;
 use crate::docker::CheckReport;
 
-/// How many devices are checked at once by `--all`.
-const CONCURRENCY: usize = 16;
+/// How many devices `--all` checks at once unless `--concurrency` says (the engine's own
+/// default bound, `[docker] check_concurrency`).
+pub(crate) const DEFAULT_CONCURRENCY: u16 = crate::docker::DEFAULT_CHECK_CONCURRENCY as u16;
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -19,12 +20,13 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Checks every device concurrently (`check_one` per item, a check through the engine's
-/// API); reports come back in the items' order. With `progress`, a progress bar is drawn
-/// on stderr when it is a terminal.
+/// Checks every device, `concurrency` at once (`check_one` per item, a check through the
+/// engine's API); reports come back in the items' order. With `progress`, a progress bar
+/// is drawn on stderr when it is a terminal.
 pub(crate) async fn run_all<T, F, Fut>(
     work: Vec<T>,
     check_one: F,
+    concurrency: usize,
     progress: bool,
 ) -> anyhow::Result<Vec<CheckReport>>
 where
@@ -38,7 +40,7 @@ where
     let check_one = &check_one;
     let mut results = futures_util::stream::iter(work.into_iter().enumerate())
         .map(|(i, item)| async move { (i, check_one(item).await) })
-        .buffer_unordered(CONCURRENCY);
+        .buffer_unordered(concurrency.max(1));
     if bar {
         draw_bar(0, total, 0);
     }

@@ -53,6 +53,16 @@ pub enum DeviceCmd {
         /// Check every device, concurrently.
         #[arg(long)]
         all: bool,
+        /// With --all: how many devices are checked at once, 1-1024 [default: 16]. The
+        /// engine also runs at most `[docker] check_concurrency` checks at once (default
+        /// 16); past that, checks wait for a slot.
+        #[arg(long, value_name = "N",
+              value_parser = clap::value_parser!(u16).range(1..=crate::docker::MAX_CHECK_CONCURRENCY as i64))]
+        concurrency: Option<u16>,
+        /// Check the engine's own connection to the device (the SSH session plugins and
+        /// proxies use, opened if there is none and kept) instead of a fresh one.
+        #[arg(long, conflicts_with = "trust_host_key")]
+        pooled: bool,
         /// When no SSH host key is pinned yet, pin the one the server presents (trust on
         /// first use; compare the printed fingerprint with the host's).
         #[arg(long)]
@@ -104,7 +114,9 @@ const CHECK_EXAMPLES: &str = "\
 Examples:
   capstan device check web1
   capstan device check web1 --trust-host-key     # pin the host key on first contact
-  capstan device check --all --json";
+  capstan device check --all --json
+  capstan device check --all --concurrency 64   # with [docker] check_concurrency = 64
+  capstan device check --all --pooled           # the engine's own kept connections";
 
 /// What `device edit` can drop.
 #[derive(Debug, Args, Default)]
@@ -455,7 +467,12 @@ async fn run_cmd(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
             print_added(&d);
             if trust_host_key {
                 // The engine pins the key the check trusted.
-                let report = check_one(api, &d.id.to_string(), true, DEFAULT_CHECK_TIMEOUT).await?;
+                let how = CheckHow {
+                    trust_host_key: true,
+                    pooled: false,
+                    timeout: DEFAULT_CHECK_TIMEOUT,
+                };
+                let report = check_one(api, &d.id.to_string(), how).await?;
                 if let Err(why) = pinned_on_first_use(&report) {
                     request(api, "DELETE", &format!("/api/devices/{}", d.id), None).await?;
                     bail!("{why}");
@@ -465,10 +482,15 @@ async fn run_cmd(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
         DeviceCmd::Check {
             name,
             all,
+            concurrency,
+            pooled,
             trust_host_key,
             timeout,
             json,
         } => {
+            if concurrency.is_some() && !all {
+                bail!("--concurrency goes with --all (checking one device is one check)");
+            }
             let ids: Vec<String> = if all {
                 devices_of(request(api, "GET", "/api/devices", None).await?)?
                     .into_iter()
@@ -477,10 +499,15 @@ async fn run_cmd(api: &ApiClient, cmd: DeviceCmd) -> anyhow::Result<()> {
             } else {
                 vec![name.unwrap_or_default()]
             };
-            let timeout = Duration::from_secs(timeout);
+            let how = CheckHow {
+                trust_host_key,
+                pooled,
+                timeout: Duration::from_secs(timeout),
+            };
             let reports = check::run_all(
                 ids,
-                |id| async move { check_one(api, &id, trust_host_key, timeout).await },
+                |id| async move { check_one(api, &id, how).await },
+                usize::from(concurrency.unwrap_or(check::DEFAULT_CONCURRENCY)),
                 all,
             )
             .await?;
@@ -602,17 +629,23 @@ fn edit_changes(
     Ok(ch)
 }
 
-/// A check through the engine's API, which pins a trusted key itself.
-async fn check_one(
-    api: &ApiClient,
-    id: &str,
+/// How to check a device.
+#[derive(Debug, Clone, Copy)]
+struct CheckHow {
     trust_host_key: bool,
+    pooled: bool,
     timeout: Duration,
-) -> anyhow::Result<CheckReport> {
-    let body = serde_json::json!({
-        "trust_host_key": trust_host_key,
-        "timeout_secs": timeout.as_secs(),
+}
+
+/// A check through the engine's API, which pins a trusted key itself.
+async fn check_one(api: &ApiClient, id: &str, how: CheckHow) -> anyhow::Result<CheckReport> {
+    let mut body = serde_json::json!({
+        "trust_host_key": how.trust_host_key,
+        "timeout_secs": how.timeout.as_secs(),
     });
+    if how.pooled {
+        body["pooled"] = true.into();
+    }
     let path = format!("/api/docker/check/{}", device_segment(id)?);
     let (status, v) = api.call("POST", &path, Some(body)).await?;
     // 502 and 504 carry a report too: the check ran and failed.

@@ -1,10 +1,16 @@
 //! Connection checks: connect, ping, read the version and system info, timing each step.
 //!
-//! A check always opens a fresh connection (it does not borrow the engine's pooled one),
-//! so it proves that the stored credentials, host key and daemon work now. The report
-//! says which steps succeeded and how long each took, and on failure the kind
+//! A check opens a fresh connection (it does not borrow the engine's pooled one), so it
+//! proves that the stored credentials, host key and daemon work now. A *pooled* check
+//! ([`CheckOptions::pooled`]) instead asks the engine's own connection to the device, the
+//! one plugins and proxies use: it reuses the live SSH session (opening one when there is
+//! none, which then stays open) and so says whether the engine's connection works. The
+//! report says which steps succeeded and how long each took, and on failure the kind
 //! ([`ConnectError::kind`]), the step that failed and a message saying what to do. The
 //! HTTP status follows from it: 200 connected, 504 timed out, 502 anything else.
+//!
+//! The engine runs at most `[docker] check_concurrency` checks at once
+//! ([`Pool::check`](super::Pool::check)); more wait for a slot.
 
 use std::borrow::Cow;
 use std::time::Instant;
@@ -26,6 +32,9 @@ pub struct CheckOptions {
     /// `host_key.trusted_now` then tells the caller to record it.
     pub trust_host_key: bool,
     pub connect: ConnectOptions,
+    /// Check the engine's pooled connection to the device instead of a fresh one (see
+    /// the module doc); never with `trust_host_key`.
+    pub pooled: bool,
 }
 
 /// The outcome of a check.
@@ -58,6 +67,9 @@ pub struct CheckReport {
     /// The SSH server's host key (ssh devices).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_key: Option<HostKeyReport>,
+    /// The check went over the engine's pooled connection, not a fresh one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pooled: bool,
 }
 
 /// Why a check failed.
@@ -155,13 +167,60 @@ pub async fn run_check(
     secrets: &DeviceSecrets,
     opts: &CheckOptions,
 ) -> CheckReport {
-    let start = Instant::now();
-    let steps = Steps::default();
     let policy = if opts.trust_host_key {
         HostKeyPolicy::TrustOnFirstUse
     } else {
         HostKeyPolicy::PinnedOnly
     };
+    let start = Instant::now();
+    let client = DockerClient::new(device, secrets, &opts.connect, policy);
+    // Boxed: the check's future is large, and unoptimised builds would otherwise move it
+    // across the stack frames of whatever awaits it.
+    Box::pin(check_client(
+        device,
+        Some(secrets),
+        client,
+        policy,
+        opts,
+        start,
+    ))
+    .await
+}
+
+/// Checks `device` over `client`, the engine's pooled connection to it: no fresh login,
+/// so neither trust on first use nor the main login of a device with Docker-only
+/// credentials.
+pub(crate) async fn run_pooled_check(
+    device: &Device,
+    client: Result<std::sync::Arc<DockerClient>, ConnectError>,
+    opts: &CheckOptions,
+) -> CheckReport {
+    let start = Instant::now();
+    let mut report = Box::pin(check_client(
+        device,
+        None,
+        client,
+        HostKeyPolicy::PinnedOnly,
+        opts,
+        start,
+    ))
+    .await;
+    report.pooled = true;
+    report
+}
+
+/// The check itself. `secrets` is given for a fresh check (the main login of a device
+/// with Docker-only credentials is verified with them); a pooled check goes over the
+/// connection it is given.
+async fn check_client(
+    device: &Device,
+    secrets: Option<&DeviceSecrets>,
+    client: Result<std::sync::Arc<DockerClient>, ConnectError>,
+    policy: HostKeyPolicy,
+    opts: &CheckOptions,
+    start: Instant,
+) -> CheckReport {
+    let steps = Steps::default();
     let mut report = CheckReport {
         device: device.name.clone(),
         device_id: None,
@@ -175,8 +234,9 @@ pub async fn run_check(
         failed_step: None,
         error: None,
         host_key: None,
+        pooled: false,
     };
-    let client = match DockerClient::new(device, secrets, &opts.connect, policy) {
+    let client = match client {
         Ok(c) => Some(c),
         Err(e) => {
             report.failed_step = Some("configure".into());
@@ -221,7 +281,7 @@ pub async fn run_check(
 
 async fn probe(
     device: &Device,
-    secrets: &DeviceSecrets,
+    secrets: Option<&DeviceSecrets>,
     client: &DockerClient,
     policy: HostKeyPolicy,
     opts: &CheckOptions,
@@ -230,6 +290,14 @@ async fn probe(
     let name = device.name.as_str();
     let limit = opts.connect.connect_timeout;
 
+    let Some(secrets) = secrets else {
+        // Pooled: over a kept connection; else a new one is opened (on the live session,
+        // or on a new one), its steps recorded, and kept.
+        if client.idle_connections() == 0 {
+            client.connect_traced(steps).await?;
+        }
+        return facts(name, limit, client, steps).await;
+    };
     // With Docker-only credentials, the device's own login is verified too.
     if device.kind == DeviceKind::Ssh && device.docker_login.is_some() {
         let main =
@@ -240,6 +308,16 @@ async fn probe(
     }
 
     client.connect_traced(steps).await?;
+    facts(name, limit, client, steps).await
+}
+
+/// Ping, version and info, each within `limit`; the facts and the ping's round trip.
+async fn facts(
+    name: &str,
+    limit: std::time::Duration,
+    client: &DockerClient,
+    steps: &Steps,
+) -> Result<(DockerFacts, f64), ConnectError> {
     let t = Instant::now();
     let ping = within(name, limit, steps, steps.run("ping", client.ping())).await?;
     let latency = crate::millis(t.elapsed());

@@ -103,6 +103,9 @@ pub struct ConnectOptions {
     /// settings take it from `CAPSTAN_SSH_TUNNEL`; default [`SshTunnel::Auto`]): a
     /// streamlocal channel straight to the socket, or `docker system dial-stdio`.
     pub ssh_tunnel: SshTunnel,
+    /// Connection checks run at once by the engine ([`Pool::check`]); more wait for a
+    /// slot (the engine's settings take it from `[docker] check_concurrency`).
+    pub check_concurrency: usize,
 }
 
 /// How long establishing a connection may take, unless `[docker] connect_timeout` says.
@@ -111,6 +114,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long an idle connection is kept, unless `[docker] idle_timeout` says.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Connection checks the engine runs at once, unless `[docker] check_concurrency` says.
+pub const DEFAULT_CHECK_CONCURRENCY: usize = 16;
+/// The most checks at once the engine (and `capstan device check --concurrency`) allows.
+pub const MAX_CHECK_CONCURRENCY: usize = 1024;
 
 impl Default for ConnectOptions {
     fn default() -> Self {
@@ -123,6 +130,7 @@ impl Default for ConnectOptions {
             agent_socket: None,
             docker_host_env: None,
             ssh_tunnel: SshTunnel::Auto,
+            check_concurrency: DEFAULT_CHECK_CONCURRENCY,
         }
     }
 }

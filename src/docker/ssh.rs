@@ -167,6 +167,20 @@ impl Session {
     }
 }
 
+/// The client configuration of every session: it holds nothing per device, so one is
+/// shared.
+fn client_config() -> Arc<client::Config> {
+    static CONFIG: std::sync::LazyLock<Arc<client::Config>> = std::sync::LazyLock::new(|| {
+        Arc::new(client::Config {
+            nodelay: true,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_max: 3,
+            ..Default::default()
+        })
+    });
+    CONFIG.clone()
+}
+
 impl SshTransport {
     pub(crate) fn new(
         device: &Device,
@@ -242,12 +256,6 @@ impl SshTransport {
             None => format!("{docker} system dial-stdio"),
         };
         let tunnel = effective_tunnel(device, opts.ssh_tunnel);
-        let config = client::Config {
-            nodelay: true,
-            keepalive_interval: Some(Duration::from_secs(30)),
-            keepalive_max: 3,
-            ..Default::default()
-        };
         Ok(SshTransport {
             device: device.name.clone(),
             port: device.port_or_default(),
@@ -267,7 +275,7 @@ impl SshTransport {
             streamlocal_opened: AtomicUsize::new(0),
             dial_stdio_opened: AtomicUsize::new(0),
             opts: opts.clone(),
-            config: Arc::new(config),
+            config: client_config(),
             state: tokio::sync::Mutex::new(SessionState::default()),
             presented: Arc::new(Mutex::new(None)),
             authenticated: AtomicBool::new(false),
