@@ -3,7 +3,7 @@
 //! Run with `cargo bench --bench history` (release; a few minutes, most of it filling
 //! the store). A scratch data directory gets `CAPSTAN_BENCH_RUNS` (default 100000)
 //! finished runs of four plugins, recorded as the engine records them
-//! ([`RunStore::create`], `start`, `finish`: three commits per run) from two threads,
+//! ([`RunStore::create`], `start`, `finish`: two record writes per run) from two threads,
 //! each run with two log lines, three host calls and a JSON outcome. Filling stops at
 //! `CAPSTAN_BENCH_FILL_SECONDS` (default 300) whatever the count; the count reached and
 //! the time it took are printed. Retention is raised out of the way while filling (no
