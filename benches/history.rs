@@ -325,7 +325,7 @@ fn main() {
     runs.flush().unwrap();
     let fill_time = t.elapsed();
     println!(
-        "filled {filled} runs in {:.1}s ({:.0} runs/s, 3 commits each){}",
+        "filled {filled} runs in {:.1}s ({:.0} runs/s, a record written twice each){}",
         fill_time.as_secs_f64(),
         filled as f64 / fill_time.as_secs_f64(),
         if filled < total {
