@@ -469,13 +469,27 @@ fn install_plugin(scratch: &Path, data: &Path) -> String {
     panic!("no generated secret for hook {HOOK} in the install output:\n{out}")
 }
 
-fn bench_capstan(scratch: &Path, connections: usize, duration: Duration) -> Outcome {
-    let data = scratch.join("data");
+/// `workers`: the async runtime's worker threads (tokio's `TOKIO_WORKER_THREADS`), or
+/// its default, one per core.
+fn bench_capstan(
+    scratch: &Path,
+    connections: usize,
+    duration: Duration,
+    workers: Option<&str>,
+    name: &'static str,
+) -> Outcome {
+    let data = scratch.join(format!("data-{}", workers.unwrap_or("default")));
     capstan_ok(&data, &["vault", "init"]);
     let secret = install_plugin(scratch, &data);
 
     let mut cmd = capstan_cmd(&data);
     let mut settings = Vec::new();
+    if let Some(w) = workers {
+        cmd.env("TOKIO_WORKER_THREADS", w);
+        settings.push(format!(
+            "  TOKIO_WORKER_THREADS={w} (the async runtime's workers; default one per core)"
+        ));
+    }
     for (var, value, why) in ENGINE_SETTINGS {
         let (value, why) = match std::env::var(var) {
             Ok(v) => (v, "from the environment"),
@@ -653,7 +667,7 @@ fn bench_capstan(scratch: &Path, connections: usize, duration: Duration) -> Outc
         _ => f64::NAN,
     };
     Outcome {
-        name: "capstan (trivial plugin)",
+        name,
         accepted,
         recorded: recorded - sentinels,
         failed: recorded - ok,
@@ -1253,24 +1267,43 @@ fn main() -> ExitCode {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
-    let capstan = bench_capstan(scratch.path(), connections, duration);
+    // The engine as configured by default (one async worker per core), and with one
+    // worker: on a small machine whose load is many tiny runs, the wake-ups between
+    // workers cost more than the second worker gives.
+    let capstan = bench_capstan(
+        scratch.path(),
+        connections,
+        duration,
+        None,
+        "capstan (trivial plugin)",
+    );
+    let one_worker = bench_capstan(
+        scratch.path(),
+        connections,
+        duration,
+        Some("1"),
+        "capstan, 1 worker thread",
+    );
     let background = bench_webhook(scratch.path(), Mode::Background, connections, duration);
     let after = bench_webhook(scratch.path(), Mode::AfterCommand, connections, duration);
-    let all = [&capstan, &background, &after];
+    let all = [&capstan, &one_worker, &background, &after];
 
     print_table(&all);
     let stages = measure_stages(scratch.path());
     print_breakdown(&capstan, &stages);
-    for base in [&background, &after] {
-        println!(
-            "capstan / {}: {:.2}x requests/s, {:.2}x runs/s; p50 latency {:.2}x, p99 {:.2}x; CPU per run {:.2}x",
-            base.name,
-            capstan.load.per_sec() / base.load.per_sec(),
-            capstan.sustained / base.sustained,
-            capstan.load.at(500) / base.load.at(500),
-            capstan.load.at(990) / base.load.at(990),
-            ratio(capstan.cpu_per_run, base.cpu_per_run),
-        );
+    for c in [&capstan, &one_worker] {
+        for base in [&background, &after] {
+            println!(
+                "{} / {}: {:.2}x requests/s, {:.2}x runs/s; p50 latency {:.2}x, p99 {:.2}x; CPU per run {:.2}x",
+                c.name,
+                base.name,
+                c.load.per_sec() / base.load.per_sec(),
+                c.sustained / base.sustained,
+                c.load.at(500) / base.load.at(500),
+                c.load.at(990) / base.load.at(990),
+                ratio(c.cpu_per_run, base.cpu_per_run),
+            );
+        }
     }
     for n in all.iter().flat_map(|o| &o.notes) {
         println!("{n}");
