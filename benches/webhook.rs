@@ -67,11 +67,6 @@ use http_body_util::{BodyExt, Full};
 use capstan::runs::{RunQuery, RunStatus, RunStore, RunStoreConfig};
 use capstan::store::Store;
 
-/// The engine's allocator (src/main.rs), so the stages measured in this process cost
-/// what they cost in `capstan serve`.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const PLUGIN: &str = "webhook-bench";
 /// How long the phase of wrongly signed deliveries lasts (HTTP + signature alone).
 const BREAKDOWN_PHASE: Duration = Duration::from_secs(3);

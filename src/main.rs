@@ -5,11 +5,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// mimalloc instead of the system allocator: the run path allocates per request and per
-/// run on several threads, where glibc's malloc spent a tenth of the CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = capstan::cli::Cli::parse();
     let logging = capstan::config::Logging::from_env();
