@@ -168,9 +168,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_waiters_share_flushes_and_each_sees_its_write_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let commit = Arc::new(GroupCommit::new(db.clone()));
-        let tree = db.open_tree("t").unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let commit = Arc::new(GroupCommit::new(store.db.clone()));
+        let tree = store.tree("t").unwrap();
         let mut tasks = Vec::new();
         for i in 0u32..200 {
             let (commit, tree) = (commit.clone(), tree.clone());
@@ -192,16 +192,16 @@ mod tests {
         // Dropping the commit stops its thread, so the database can be reopened.
         drop(commit);
         drop(tree);
-        drop(db);
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        assert_eq!(db.open_tree("t").unwrap().len(), 200);
+        drop(store);
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        assert_eq!(store.tree("t").unwrap().len(), 200);
     }
 
     #[tokio::test]
     async fn no_thread_until_asked() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let commit = GroupCommit::new(db);
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let commit = GroupCommit::new(store.db.clone());
         assert!(lock(&commit.shared.state).thread.is_none());
         commit.durable().await.unwrap();
         assert!(lock(&commit.shared.state).thread.is_some());
