@@ -280,11 +280,11 @@ pub const IN_PROCESS_CALLER: &str = crate::app::cli_token::TOKEN_NAME;
 /// It is never served on a socket: nothing but a value built in this process can call
 /// it, so the network API's authentication stays as it is.
 pub fn in_process_router(state: AppState) -> Router {
-    let caller = crate::token::TokenInfo {
-        id: "in-process".into(),
-        name: IN_PROCESS_CALLER.into(),
-        created_at: chrono::Utc::now(),
-    };
+    let caller = crate::token::TokenInfo::internal(
+        "in-process",
+        IN_PROCESS_CALLER,
+        crate::token::Role::Admin,
+    );
     let protected = routes().layer(middleware::from_fn(move |mut req: Request, next: Next| {
         req.extensions_mut().insert(caller.clone());
         next.run(req)

@@ -69,11 +69,7 @@ mod tests {
     fn a_token_written_in_the_existing_encoding_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let info = TokenInfo {
-            id: "0a1b2c3d".into(),
-            name: "ci".into(),
-            created_at: chrono::Utc::now(),
-        };
+        let info = TokenInfo::internal("0a1b2c3d", "ci", crate::token::Role::Viewer);
         let hash = [7u8; 32];
         store
             .tree("api_tokens")
@@ -93,5 +89,29 @@ mod tests {
         assert_eq!(raw.unwrap().to_vec(), serde_json::to_vec(&other).unwrap());
         assert_eq!(records.remove_where(|i| i.name == "ci").unwrap(), 1);
         assert_eq!(records.list().unwrap(), [other]);
+    }
+
+    #[test]
+    fn a_token_record_from_before_roles_reads_back_as_admin_of_every_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let hash = [3u8; 32];
+        store
+            .tree("api_tokens")
+            .unwrap()
+            .insert(
+                hash,
+                &br#"{"id":"0a1b2c3d","name":"old","created_at":"2026-01-02T03:04:05Z"}"#[..],
+            )
+            .unwrap();
+        let info = TokenRecords::open(&store)
+            .unwrap()
+            .get(&hash)
+            .unwrap()
+            .unwrap();
+        assert_eq!(info.role, crate::token::Role::Admin);
+        assert!(info.devices.is_empty());
+        assert!(info.sees_device("anything"));
+        assert!(info.allows(crate::token::Role::Admin));
     }
 }
