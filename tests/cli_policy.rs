@@ -95,3 +95,51 @@ fn show_prints_the_scopes_and_the_create_guard() {
     let out = data.capstan(&["policy", "show", "--env-file", env.to_str().unwrap()]);
     assert_failure_says(&out, "not a create-guard setting");
 }
+
+#[test]
+fn linuxservers_whole_default_block_pastes_unchanged_and_libpod_stays_denied() {
+    let data = DataDir::empty();
+    let env = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/policies/linuxserver-defaults.env");
+    let env = env.to_str().unwrap();
+    let input = b"GET /_ping\nGET /version\nGET /events\nGET /containers/json\nGET /libpod/_ping\nGET /v1.41/libpod/version\nPOST /libpod/containers/web/pause\n";
+    let out = data.capstan_stdin(&["policy", "decide", "--env-file", env, "--reasons"], input);
+    assert_success(&out, "policy decide on linuxserver's defaults");
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    let verdicts: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(
+        verdicts,
+        ["allow", "allow", "allow", "deny", "deny", "deny", "deny"],
+        "{lines:#?}"
+    );
+    for line in &lines[4..] {
+        assert!(line.contains("Podman's libpod API"), "{line}");
+    }
+    let note = stderr(&out);
+    assert!(
+        note.contains("LIBPOD_PING=1") && note.contains("accepted without effect"),
+        "{note}"
+    );
+    assert!(note.contains("LOG_LEVEL=info"), "{note}");
+
+    let out = data.capstan(&["policy", "show", "--env-file", env]);
+    assert_success(&out, "policy show on linuxserver's defaults");
+    let text = stdout(&out);
+    assert!(
+        text.contains("variables on: PING, VERSION, EVENTS"),
+        "{text}"
+    );
+    assert!(text.contains("LIBPOD_VERSION=1"), "{text}");
+
+    // A bad value of an accepted variable is still an error, naming it.
+    let bad = data.path().join("bad.env");
+    std::fs::write(&bad, "CONTAINERS=1\nLIBPOD_ALLOW_PAUSE=yes\n").unwrap();
+    let out = data.capstan_stdin(
+        &["policy", "decide", "--env-file", bad.to_str().unwrap()],
+        b"GET /_ping\n",
+    );
+    assert_failure_says(&out, "LIBPOD_ALLOW_PAUSE has value `yes`");
+}

@@ -92,7 +92,42 @@ pub fn describe(policy: &Policy) -> String {
     for line in policy.create().describe() {
         let _ = writeln!(out, "  {line}");
     }
+    if let Some(note) = inert_note(policy) {
+        let _ = writeln!(out, "{note}");
+    }
     out
+}
+
+/// The variables of linuxserver's block the policy accepted without effect, and why;
+/// `None` when it set none.
+pub fn inert_note(policy: &Policy) -> Option<String> {
+    use crate::policy::InertKind;
+    let listed = |kind: InertKind| -> Vec<String> {
+        policy
+            .inert()
+            .iter()
+            .filter(|(v, _)| v.kind() == kind)
+            .map(|(v, value)| format!("{}={value}", v.name()))
+            .collect()
+    };
+    let libpod = listed(InertKind::Libpod);
+    let process = listed(InertKind::ProcessSetting);
+    let mut parts = Vec::new();
+    if !libpod.is_empty() {
+        parts.push(format!(
+            "{} accepted without effect: Capstan serves the Docker Engine API only and denies \
+             every /libpod/… (Podman) request",
+            libpod.join(", ")
+        ));
+    }
+    if !process.is_empty() {
+        parts.push(format!(
+            "{} accepted without effect: they configure linuxserver's proxy process, not \
+             what it allows",
+            process.join(", ")
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 /// Loads a policy file: TOML when the name ends in `.toml`, else an environment block.
@@ -108,13 +143,20 @@ fn read_policy(path: &Path, toml: bool) -> anyhow::Result<Policy> {
     } else {
         Policy::from_env_block(&text)
     };
-    parsed.with_context(|| format!("invalid policy in {}", path.display()))
+    let policy = parsed.with_context(|| format!("invalid policy in {}", path.display()))?;
+    if let Some(note) = inert_note(&policy) {
+        tracing::info!(file = %path.display(), "{note}");
+    }
+    Ok(policy)
 }
 
 pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
     match cmd {
         PolicyCmd::Decide { source, reasons } => {
             let policy = chosen(source)?;
+            if let Some(note) = inert_note(&policy) {
+                eprintln!("note: {note}");
+            }
             let compiled = policy.compile();
             let stdin = std::io::stdin();
             let stdout = std::io::stdout();

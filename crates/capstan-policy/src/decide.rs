@@ -615,6 +615,20 @@ impl<'a> Decision<'a> {
 
     fn unknown_reason(&self, request: &str) -> String {
         let api = self.api_path();
+        // Podman's versions have three parts (`/v4.0.0/libpod/…`), Docker's two.
+        let unversioned = match api.strip_prefix("/v").and_then(|rest| rest.split_once('/')) {
+            Some((version, rest)) if version.bytes().all(|b| b.is_ascii_digit() || b == b'.') => {
+                &api[api.len() - rest.len() - 1..]
+            }
+            _ => api,
+        };
+        if unversioned == "/libpod" || unversioned.starts_with("/libpod/") {
+            return format!(
+                "{request} is denied: it is Podman's libpod API, which Capstan does not \
+                 serve, so no variable allows it (the LIBPOD_* variables are accepted for \
+                 linuxserver compatibility and have no effect)"
+            );
+        }
         let methods: Vec<&str> = endpoints::with_path(api)
             .map(|endpoint| endpoint.method.as_str())
             .collect();

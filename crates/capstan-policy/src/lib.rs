@@ -48,7 +48,11 @@
 //!   scope when every label selector and (if any) some name glob match;
 //! - parsing ([`Policy::from_env_block`], [`Policy::from_toml_str`]): in an environment
 //!   block the last assignment wins, as in a shell; in TOML a key set twice is an error;
-//!   proxy-process settings such as `LOG_LEVEL` are refused with an explanation.
+//!   the variables of linuxserver's proxy that decide nothing here (`LIBPOD_*`, which
+//!   govern Podman's `/libpod/…` API that Capstan refuses outright, and its process
+//!   settings `LOG_LEVEL`, `TZ`, `DISABLE_IPV6`, `SOCKET_PATH`) are accepted in an
+//!   environment block, checked, and kept as [`Policy::inert`] so tools can say so;
+//!   other proxies' process settings (`PUID`, …) are refused with an explanation.
 //!
 //! The flow: [`Policy`] (parsed with [`Policy::from_env_block`] or
 //! [`Policy::from_toml_str`], or deserialised as a `[policy]` table inside a manifest) →
@@ -88,7 +92,7 @@ pub use endpoints::{Effect, Endpoint, Gate, Method, TargetKind};
 pub use outbound::{Origin, OutboundError, OutboundList, OutboundRule, Scheme, special_address};
 pub use parse::{EnvLineError, PolicyError, assignment};
 pub use scope::{ContainerScope, DeviceScope, Glob, LabelSelector, ScopeError, own_names};
-pub use vars::{ValueError, Var, VarKind, VarSet, parse_value};
+pub use vars::{INERT, Inert, InertKind, ValueError, Var, VarKind, VarSet, parse_value};
 
 /// A policy as written: the variables it sets, and its scopes.
 ///
@@ -104,6 +108,8 @@ pub struct Policy {
     containers: ContainerScope,
     create: CreateGuard,
     outbound: OutboundList,
+    /// Inert variables set in an environment block, with their values (last wins).
+    inert: Vec<(Inert, String)>,
 }
 
 impl Default for Policy {
@@ -116,6 +122,7 @@ impl Default for Policy {
             containers: ContainerScope::all(),
             create: CreateGuard::default(),
             outbound: OutboundList::default(),
+            inert: Vec::new(),
         }
     }
 }
@@ -154,6 +161,22 @@ impl Policy {
     pub fn set(&mut self, var: Var, on: bool) {
         self.explicit.insert(var);
         self.values.set(var, on);
+    }
+
+    /// The inert variables (`LIBPOD_*`, `LOG_LEVEL`, …) the environment block set, with
+    /// their values: accepted so linuxserver's block pastes unchanged, deciding nothing
+    /// (see [`Inert`]).
+    pub fn inert(&self) -> &[(Inert, String)] {
+        &self.inert
+    }
+
+    /// Records an inert variable's value (replacing an earlier one).
+    pub fn set_inert(&mut self, var: Inert, value: &str) {
+        let value = value.trim().to_owned();
+        match self.inert.iter_mut().find(|(v, _)| *v == var) {
+            Some(slot) => slot.1 = value,
+            None => self.inert.push((var, value)),
+        }
     }
 
     /// Returns `var` to its default.

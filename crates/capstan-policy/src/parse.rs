@@ -59,7 +59,7 @@ use thiserror::Error;
 use crate::Policy;
 use crate::create::{CreateGuard, CreateTable};
 use crate::scope::{ContainerScope, DeviceScope};
-use crate::vars::{ValueError, Var, closest, parse_assignment, parse_value};
+use crate::vars::{Inert, ValueError, Var, closest, parse_assignment, parse_value};
 
 /// Why a policy could not be read.
 #[derive(Debug, Error)]
@@ -108,6 +108,8 @@ enum EnvEntry {
     Var(Var, bool),
     /// A create-guard setting (`CREATE_…`), with its unquoted value.
     Create(String, String),
+    /// An inert variable of linuxserver's proxy, with its checked value.
+    Inert(Inert, String),
 }
 
 /// Parses a socket-proxy environment block (see the module docs for the forms accepted).
@@ -130,6 +132,7 @@ pub fn env_block(text: &str) -> Result<Policy, PolicyError> {
         };
         match env_line(line).map_err(at)? {
             EnvEntry::Var(var, on) => policy.set(var, on),
+            EnvEntry::Inert(var, value) => policy.set_inert(var, &value),
             EnvEntry::Create(name, value) => match policy.create.set_env(&name, &value) {
                 None => return Err(at(EnvLineError::UnknownCreate(name))),
                 Some(Err(why)) => return Err(at(EnvLineError::Create(why))),
@@ -176,7 +179,7 @@ fn env_line(line: &str) -> Result<EnvEntry, EnvLineError> {
         value
     } else if strip_comment(rest).is_empty() {
         // `NAME` alone: check the name first so a typo is reported as such.
-        if !name.starts_with(CREATE_PREFIX) {
+        if !name.starts_with(CREATE_PREFIX) && Inert::get(name).is_none() {
             Var::from_name(name).ok_or_else(|| ValueError::unknown(name))?;
         }
         return Err(EnvLineError::MissingValue(name.to_owned()));
@@ -193,6 +196,10 @@ fn env_line(line: &str) -> Result<EnvEntry, EnvLineError> {
     } else {
         strip_comment(value)
     };
+    if let Some(var) = Inert::get(name) {
+        var.check(value)?;
+        return Ok(EnvEntry::Inert(var, value.to_owned()));
+    }
     if value.trim().is_empty() {
         if name.starts_with(CREATE_PREFIX) || Var::from_name(name).is_some() {
             return Err(EnvLineError::MissingValue(name.to_owned()));
@@ -341,6 +348,9 @@ impl Visitor<'_> for PolicyKeyVisitor {
 }
 
 fn unknown_key(key: &str) -> String {
+    if Inert::get(key).is_some() {
+        return ValueError::unknown(key).to_string();
+    }
     let names = Var::ALL.iter().map(|v| v.name()).chain(SCOPE_KEYS);
     match closest(key, names) {
         Some(name) => format!("unknown policy key `{key}` (did you mean `{name}`?)"),
@@ -622,10 +632,53 @@ mod tests {
         );
         let (_, error) = env_err("ALLOW_RESTART=1");
         assert!(error.to_string().contains("`ALLOW_RESTARTS`"), "{error}");
-        let (_, error) = env_err("- LOG_LEVEL=info");
+        let (_, error) = env_err("- PUID=1000");
         assert_eq!(
             error,
-            EnvLineError::Value(ValueError::ProxySetting("LOG_LEVEL".into()))
+            EnvLineError::Value(ValueError::ProxySetting("PUID".into()))
+        );
+        let (_, error) = env_err("LIBPOD_PNG=1");
+        assert!(error.to_string().contains("`LIBPOD_PING`"), "{error}");
+    }
+
+    #[test]
+    fn accepts_linuxservers_libpod_and_process_variables_and_keeps_them_inert() {
+        let block = "environment:\n  - CONTAINERS=1\n  - LOG_LEVEL=info #optional\n  \
+                     - TZ=Etc/UTC\n  - LIBPOD_ALLOW_PAUSE=1\n  - LIBPOD_PING=1\n  \
+                     - LIBPOD_CONTAINERS=1\n  - LIBPOD_PING=0\n  - DISABLE_IPV6=1\n";
+        let policy = Policy::from_env_block(block).unwrap();
+        let inert: Vec<(&str, &str)> = policy
+            .inert()
+            .iter()
+            .map(|(v, value)| (v.name(), value.as_str()))
+            .collect();
+        assert_eq!(
+            inert,
+            [
+                ("LOG_LEVEL", "info"),
+                ("TZ", "Etc/UTC"),
+                ("LIBPOD_ALLOW_PAUSE", "1"),
+                ("LIBPOD_PING", "0"),
+                ("LIBPOD_CONTAINERS", "1"),
+                ("DISABLE_IPV6", "1"),
+            ]
+        );
+        let (line, error) = env_err("CONTAINERS=1\nLIBPOD_PAUSE=1\n");
+        assert_eq!(line, 2);
+        assert!(
+            error.to_string().contains("not a policy variable"),
+            "{error}"
+        );
+        let (line, error) = env_err("LOG_LEVEL=loud");
+        assert_eq!(line, 1);
+        assert!(
+            error.to_string().contains("LOG_LEVEL has value `loud`"),
+            "{error}"
+        );
+        let toml = Policy::from_toml_str("CONTAINERS = 1\nLIBPOD_PING = 1\n").unwrap_err();
+        assert!(
+            toml.to_string().contains("decides nothing in Capstan"),
+            "{toml}"
         );
     }
 

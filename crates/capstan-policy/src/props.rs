@@ -249,6 +249,10 @@ fn env_line() -> impl Strategy<Value = String> {
         .chain(
             [
                 "LOG_LEVEL",
+                "LIBPOD_PING",
+                "LIBPOD_ALLOW_POD_RESTARTS",
+                "LIBPOD_PNG",
+                "PUID",
                 "post",
                 "Containers",
                 "ALLOW_RESTART",
@@ -298,14 +302,16 @@ fn env_line() -> impl Strategy<Value = String> {
 
 /// Prints a policy's explicit variables as an environment block.
 fn as_env_block(policy: &Policy) -> String {
-    Var::ALL
+    let vars = Var::ALL.iter().filter_map(|&var| {
+        policy
+            .explicit(var)
+            .map(|on| format!("{}={}\n", var.name(), u8::from(on)))
+    });
+    let inert = policy
+        .inert()
         .iter()
-        .filter_map(|&var| {
-            policy
-                .explicit(var)
-                .map(|on| format!("{}={}\n", var.name(), u8::from(on)))
-        })
-        .collect()
+        .map(|(var, value)| format!("{}={value}\n", var.name()));
+    vars.chain(inert).collect()
 }
 
 proptest! {

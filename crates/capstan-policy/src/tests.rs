@@ -1659,3 +1659,56 @@ pub(crate) mod never_more_permissive {
         }
     }
 }
+
+/// linuxserver's proxy allows these with its LIBPOD_* variables (and ALLOW_* toggles that
+/// also match `/libpod/…`); Capstan serves no Podman API, so each is denied whatever the
+/// block says.
+const LIBPOD_REQUESTS: &[(&str, &str)] = &[
+    ("GET", "/libpod/_ping"),
+    ("GET", "/v4.0.0/libpod/version"),
+    ("GET", "/libpod/containers/json"),
+    ("POST", "/libpod/containers/web/pause"),
+    ("POST", "/v1.41/libpod/containers/web/restart"),
+    ("POST", "/libpod/pods/p1/start"),
+    ("POST", "/libpod/pods/p1/kill"),
+    ("GET", "/libpod/images/json"),
+    ("POST", "/libpod/play/kube"),
+    ("GET", "/libpod/generate/web/systemd"),
+    ("GET", "/libpod"),
+];
+
+#[test]
+fn libpod_variables_are_accepted_and_never_allow_anything() {
+    let everything_on: String = INERT
+        .iter()
+        .filter(|v| v.kind() == InertKind::Libpod)
+        .map(|v| format!("{}=1\n", v.name()))
+        .collect();
+    let toggles = "POST=1\nCONTAINERS=1\nALLOW_START=1\nALLOW_STOP=1\nALLOW_RESTARTS=1\n\
+                   ALLOW_PAUSE=1\nALLOW_UNPAUSE=1\n";
+    for base in ["", toggles] {
+        let with = policy(&format!("{base}{everything_on}"));
+        let without = policy(base);
+        for &(method, path) in LIBPOD_REQUESTS {
+            let decision = with.decide(method, path);
+            assert_eq!(decision.rule(), Rule::Unknown, "{method} {path}");
+            assert!(
+                decision
+                    .reason()
+                    .contains("Podman's libpod API, which Capstan does not serve"),
+                "{}",
+                decision.reason()
+            );
+        }
+        // And on the Docker API they change nothing.
+        for endpoint in endpoints::all() {
+            let path = example_path(endpoint);
+            let method = endpoint.method.as_str();
+            assert_eq!(
+                with.decide(method, &path).rule(),
+                without.decide(method, &path).rule(),
+                "{method} {path}"
+            );
+        }
+    }
+}

@@ -231,17 +231,136 @@ impl fmt::Debug for VarSet {
     }
 }
 
-/// Variables the proxies read that configure the proxy process, not what it allows.
-/// They are refused with an explanation rather than silently dropped.
-const PROXY_SETTINGS: &[&str] = &[
-    "LOG_LEVEL",
-    "DISABLE_IPV6",
-    "SOCKET_PATH",
-    "BIND_CONFIG",
-    "TZ",
-    "PUID",
-    "PGID",
+/// Names other proxies read that configure their own process and that linuxserver's
+/// documentation does not list: refused with an explanation rather than silently dropped.
+const PROXY_SETTINGS: &[&str] = &["BIND_CONFIG", "PUID", "PGID"];
+
+/// A variable of linuxserver/docker-socket-proxy that decides nothing in Capstan but is
+/// accepted, so that proxy's whole environment block pastes unchanged (see
+/// [`Inert::get`]). A policy keeps what it was set to ([`crate::Policy::inert`]) so tools
+/// can say that it had no effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Inert {
+    name: &'static str,
+    default: &'static str,
+    kind: InertKind,
+}
+
+/// Why an [`Inert`] variable decides nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InertKind {
+    /// `LIBPOD_*`: governs Podman's `/libpod/…` API, which Capstan does not serve: every
+    /// `/libpod/…` request is denied whatever these say, so they can only make Capstan
+    /// stricter than linuxserver's proxy, never more permissive.
+    Libpod,
+    /// Configures the proxy's own process (log level, time zone, IPv6 listening, socket
+    /// path); Capstan's equivalents are its own settings.
+    ProcessSetting,
+}
+
+macro_rules! inert {
+    ($($name:literal = $default:literal, $kind:ident;)+) => {
+        /// Every inert variable, with its linuxserver default.
+        pub const INERT: &[Inert] = &[$(Inert { name: $name, default: $default, kind: InertKind::$kind },)+];
+    };
+}
+
+inert! {
+    "LIBPOD_ALLOW_PAUSE" = "0", Libpod;
+    "LIBPOD_ALLOW_POD_PAUSE" = "0", Libpod;
+    "LIBPOD_ALLOW_POD_RESTARTS" = "0", Libpod;
+    "LIBPOD_ALLOW_POD_START" = "0", Libpod;
+    "LIBPOD_ALLOW_POD_STOP" = "0", Libpod;
+    "LIBPOD_ALLOW_POD_UNPAUSE" = "0", Libpod;
+    "LIBPOD_ALLOW_RESTARTS" = "0", Libpod;
+    "LIBPOD_ALLOW_START" = "0", Libpod;
+    "LIBPOD_ALLOW_STOP" = "0", Libpod;
+    "LIBPOD_ALLOW_UNPAUSE" = "0", Libpod;
+    "LIBPOD_CONTAINERS" = "0", Libpod;
+    "LIBPOD_EVENTS" = "0", Libpod;
+    "LIBPOD_EXEC" = "0", Libpod;
+    "LIBPOD_GENERATE" = "0", Libpod;
+    "LIBPOD_IMAGES" = "0", Libpod;
+    "LIBPOD_INFO" = "0", Libpod;
+    "LIBPOD_MANIFESTS" = "0", Libpod;
+    "LIBPOD_NETWORKS" = "0", Libpod;
+    "LIBPOD_PING" = "1", Libpod;
+    "LIBPOD_PLAY" = "0", Libpod;
+    "LIBPOD_PODS" = "0", Libpod;
+    "LIBPOD_SECRETS" = "0", Libpod;
+    "LIBPOD_SYSTEM" = "0", Libpod;
+    "LIBPOD_VERSION" = "1", Libpod;
+    "LIBPOD_VOLUMES" = "0", Libpod;
+    "LOG_LEVEL" = "info", ProcessSetting;
+    "DISABLE_IPV6" = "0", ProcessSetting;
+    "TZ" = "Etc/UTC", ProcessSetting;
+    "SOCKET_PATH" = "/var/run/docker.sock", ProcessSetting;
+}
+
+/// linuxserver's log levels (haproxy's syslog levels).
+const LOG_LEVELS: &[&str] = &[
+    "debug", "info", "notice", "warning", "err", "crit", "alert", "emerg",
 ];
+
+impl Inert {
+    /// Looks an inert variable up by its exact (case-sensitive) name.
+    pub fn get(name: &str) -> Option<Inert> {
+        INERT.iter().copied().find(|v| v.name == name)
+    }
+
+    pub const fn name(self) -> &'static str {
+        self.name
+    }
+
+    /// linuxserver's default value.
+    pub const fn default_value(self) -> &'static str {
+        self.default
+    }
+
+    pub const fn kind(self) -> InertKind {
+        self.kind
+    }
+
+    /// Checks a value as linuxserver's proxy would read it, more strictly: `LIBPOD_*` and
+    /// `DISABLE_IPV6` take an integer (as the policy variables do), `LOG_LEVEL` one of
+    /// haproxy's levels, `SOCKET_PATH` an absolute path, `TZ` anything non-empty.
+    pub fn check(self, value: &str) -> Result<(), ValueError> {
+        let value = value.trim();
+        let bad = |expected: &'static str| {
+            Err(ValueError::InvalidInert {
+                name: self.name,
+                value: value.to_owned(),
+                expected,
+            })
+        };
+        match self.name {
+            "LOG_LEVEL" if !LOG_LEVELS.contains(&value) => {
+                bad("one of debug, info, notice, warning, err, crit, alert, emerg")
+            }
+            "SOCKET_PATH" if !value.starts_with('/') => bad("an absolute path"),
+            "TZ" if value.is_empty() => bad("a time zone such as Etc/UTC"),
+            "LOG_LEVEL" | "SOCKET_PATH" | "TZ" => Ok(()),
+            _ if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) => {
+                bad("an integer: 1 for on, 0 for off")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Why the variable has no effect, in one sentence.
+    pub const fn why(self) -> &'static str {
+        match self.kind {
+            InertKind::Libpod => {
+                "Capstan serves the Docker Engine API only and denies every /libpod/… \
+                 (Podman) request whatever the LIBPOD_* variables say"
+            }
+            InertKind::ProcessSetting => {
+                "it configures linuxserver's proxy process, not what it allows; Capstan's \
+                 own settings (capstan.toml, RUST_LOG) do that"
+            }
+        }
+    }
+}
 
 /// Why one `NAME=VALUE` entry of a policy is not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -260,6 +379,22 @@ pub enum ValueError {
          such setting here, remove the line"
     )]
     ProxySetting(String),
+    /// An inert variable where it is not accepted (a TOML policy, a single assignment).
+    #[error(
+        "`{}` decides nothing in Capstan: {}; it is accepted only in a pasted environment \
+         block, leave it out here", .0.name(), .0.why()
+    )]
+    Inert(Inert),
+    /// The value of an accepted, inert variable is not one linuxserver's proxy reads.
+    #[error("{name} has value `{value}`; expected {expected}")]
+    InvalidInert {
+        /// The variable's name.
+        name: &'static str,
+        /// The value as written.
+        value: String,
+        /// What it may be.
+        expected: &'static str,
+    },
     /// The value is not a non-negative integer.
     #[error(
         "{var} has value `{value}`, which is not an integer: write {var}=1 to turn it on or \
@@ -286,9 +421,18 @@ impl ValueError {
         if PROXY_SETTINGS.contains(&name) {
             return ValueError::ProxySetting(name.to_owned());
         }
+        if let Some(var) = Inert::get(name) {
+            return ValueError::Inert(var);
+        }
         ValueError::UnknownVariable {
             name: name.to_owned(),
-            suggestion: closest(name, Var::ALL.iter().map(|v| v.name())),
+            suggestion: closest(
+                name,
+                Var::ALL
+                    .iter()
+                    .map(|v| v.name())
+                    .chain(INERT.iter().map(|v| v.name)),
+            ),
         }
     }
 }
@@ -470,9 +614,78 @@ mod tests {
 
     #[test]
     fn explains_that_proxy_process_settings_are_not_policy() {
-        let message = ValueError::unknown("LOG_LEVEL").to_string();
-        assert!(message.contains("LOG_LEVEL"), "{message}");
+        let message = ValueError::unknown("PUID").to_string();
+        assert!(message.contains("PUID"), "{message}");
         assert!(message.contains("socket proxy process"), "{message}");
+    }
+
+    #[test]
+    fn explains_where_an_inert_variable_is_not_accepted() {
+        let message = ValueError::unknown("LIBPOD_PING").to_string();
+        assert!(message.contains("decides nothing in Capstan"), "{message}");
+        assert!(message.contains("/libpod/"), "{message}");
+        let message = ValueError::unknown("LOG_LEVEL").to_string();
+        assert!(
+            message.contains("configures linuxserver's proxy process"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn knows_every_variable_of_linuxservers_default_environment() {
+        // The `ENV` of linuxserver/docker-socket-proxy's Dockerfile, as of its libpod
+        // support, with each default.
+        let linuxserver = "ALLOW_ARCHIVE=0 ALLOW_CHANGES=0 ALLOW_EXPORT=0 ALLOW_LOGS=0 \
+            ALLOW_PAUSE=0 ALLOW_RESTARTS=0 ALLOW_STOP=0 ALLOW_START=0 ALLOW_TOP=0 \
+            ALLOW_UNPAUSE=0 AUTH=0 BUILD=0 COMMIT=0 CONFIGS=0 CONTAINERS=0 DISTRIBUTION=0 \
+            EVENTS=1 EXEC=0 IMAGES=0 INFO=0 LOG_LEVEL=info NETWORKS=0 NODES=0 PING=1 \
+            PLUGINS=0 POST=0 SECRETS=0 SERVICES=0 SESSION=0 SOCKET_PATH=/var/run/docker.sock \
+            SWARM=0 SYSTEM=0 TASKS=0 VERSION=1 VOLUMES=0 LIBPOD_ALLOW_PAUSE=0 \
+            LIBPOD_ALLOW_POD_PAUSE=0 LIBPOD_ALLOW_POD_RESTARTS=0 LIBPOD_ALLOW_POD_START=0 \
+            LIBPOD_ALLOW_POD_STOP=0 LIBPOD_ALLOW_POD_UNPAUSE=0 LIBPOD_ALLOW_RESTARTS=0 \
+            LIBPOD_ALLOW_START=0 LIBPOD_ALLOW_STOP=0 LIBPOD_ALLOW_UNPAUSE=0 \
+            LIBPOD_CONTAINERS=0 LIBPOD_EVENTS=0 LIBPOD_EXEC=0 LIBPOD_GENERATE=0 \
+            LIBPOD_IMAGES=0 LIBPOD_INFO=0 LIBPOD_MANIFESTS=0 LIBPOD_NETWORKS=0 LIBPOD_PING=1 \
+            LIBPOD_PLAY=0 LIBPOD_PODS=0 LIBPOD_SECRETS=0 LIBPOD_SYSTEM=0 LIBPOD_VERSION=1 \
+            LIBPOD_VOLUMES=0 DISABLE_IPV6=0 TZ=Etc/UTC GRPC=0";
+        for pair in linuxserver.split_whitespace() {
+            let (name, default) = pair.split_once('=').unwrap();
+            match (Var::from_name(name), Inert::get(name)) {
+                (Some(var), None) => {
+                    assert_eq!(var.default_on(), default == "1", "{name}");
+                }
+                (None, Some(inert)) => {
+                    assert_eq!(inert.default_value(), default, "{name}");
+                    assert_eq!(inert.check(default), Ok(()), "{name}");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let named = linuxserver.split_whitespace().count();
+        assert_eq!(
+            named,
+            Var::ALL.len() + INERT.len(),
+            "a variable is missing from the list"
+        );
+    }
+
+    #[test]
+    fn checks_inert_values_as_strictly_as_the_variables() {
+        let get = |name| Inert::get(name).unwrap();
+        for bad in ["true", "", "on", "-1"] {
+            let message = get("LIBPOD_PING").check(bad).unwrap_err().to_string();
+            assert!(
+                message.contains("LIBPOD_PING") && message.contains("integer"),
+                "{message}"
+            );
+        }
+        let message = get("LOG_LEVEL").check("verbose").unwrap_err().to_string();
+        assert!(message.contains("debug, info, notice"), "{message}");
+        assert!(get("SOCKET_PATH").check("docker.sock").is_err());
+        assert!(get("TZ").check(" ").is_err());
+        assert_eq!(get("TZ").check("Europe/Berlin"), Ok(()));
+        assert_eq!(get("LOG_LEVEL").check("warning"), Ok(()));
+        assert_eq!(get("DISABLE_IPV6").check("1"), Ok(()));
     }
 
     #[test]
