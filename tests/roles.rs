@@ -94,6 +94,10 @@ name = "far"
 version = "0.0.1"
 description = "reaches every device"
 
+[[triggers.webhook]]
+name = "far-hook"
+auth = "bearer"
+
 [policy]
 CONTAINERS = 1
 devices = ["*"]
@@ -136,14 +140,18 @@ fn a_device_scoped_token_sees_checks_and_runs_only_what_its_devices_cover() {
         201,
     );
     let wasm = base64(&std::fs::read(crate::util::plugin::wasm("trivial")).unwrap());
+    let mut hook_secret = String::new();
     for manifest in [NEAR, FAR] {
-        call(
+        let installed = call(
             &admin,
             "POST",
             "/api/plugins",
             json!({"manifest": manifest, "wasm_base64": wasm}),
             201,
         );
+        if let Some(s) = installed["generated_secrets"][0]["secret"].as_str() {
+            hook_secret = s.to_string();
+        }
     }
 
     // Devices: each scoped token lists and reads only its own; another answers 404 as a
@@ -312,6 +320,62 @@ fn a_device_scoped_token_sees_checks_and_runs_only_what_its_devices_cover() {
         assert_eq!(status, 200, "{path} as admin");
     }
     call(&local_ops, "DELETE", "/api/devices/local", Value::Null, 403);
+
+    // Hooks: listed only with a covered plugin; a scoped token beside a delivery gets the
+    // full run record only for a plugin it covers.
+    let hooks = call(&admin, "GET", "/api/hooks", Value::Null, 200);
+    assert_eq!(names(&hooks), ["far-hook"]);
+    assert!(names(&call(&local_ops, "GET", "/api/hooks", Value::Null, 200)).is_empty());
+    let bearer = format!("Bearer {hook_secret}");
+    let deliver = |api_token: &str| {
+        let api_token = api_token.trim_start_matches("Bearer ");
+        let (status, text) = http(
+            addr,
+            "POST",
+            "/hooks/far-hook?wait=true",
+            &[
+                ("Authorization", bearer.as_str()),
+                ("X-Capstan-Token", api_token),
+                ("Content-Type", "application/json"),
+            ],
+            b"{}",
+        );
+        (status, serde_json::from_str::<Value>(&text).unwrap())
+    };
+    let (status, answer) = deliver(&local_ops);
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = deliver(&admin);
+    assert_eq!(
+        (status, &answer["detail"]),
+        (200, &json!("full")),
+        "{answer}"
+    );
+}
+
+#[test]
+fn the_api_document_names_the_role_each_operation_needs() {
+    let data = DataDir::empty();
+    let admin = create_token(&data, "admin", "admin", None);
+    let server = Server::start(&data);
+    let (status, text) = http_json(
+        &server.addr,
+        &admin,
+        "GET",
+        "/api/openapi.json",
+        &Value::Null,
+    );
+    assert_eq!(status, 200, "{text}");
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    for route in capstan::api::ROUTES {
+        let forbidden = &doc["paths"][route.path][route.method.to_lowercase()]["responses"]["403"];
+        let description = forbidden["description"].as_str().unwrap_or_default();
+        assert!(
+            description.contains(route.role.as_str()) || description.contains("limited to devices"),
+            "{} {}: {forbidden}",
+            route.method,
+            route.path
+        );
+    }
 }
 
 #[test]
