@@ -43,6 +43,43 @@ fn status_of(addr: &str, method: &str, path: &str, auth: &str) -> u16 {
         .unwrap_or_else(|| panic!("{method} {path}: not an HTTP answer: {line:?}"))
 }
 
+/// Opens a streaming GET and reads its head: once it is read, the handler has subscribed.
+fn open_stream(addr: &str, auth: &str, path: &str) -> std::io::BufReader<std::net::TcpStream> {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    r
+}
+
+/// The next JSON line of a chunked NDJSON stream (chunk sizes skipped).
+fn next_json_line(r: &mut std::io::BufReader<std::net::TcpStream>) -> Value {
+    use std::io::BufRead;
+    loop {
+        let mut line = String::new();
+        assert_ne!(r.read_line(&mut line).unwrap(), 0, "the stream ended");
+        if line.starts_with('{') {
+            return serde_json::from_str(line.trim()).unwrap();
+        }
+    }
+}
+
 #[test]
 fn every_route_refuses_exactly_the_roles_below_the_one_it_declares() {
     let data = DataDir::empty();
@@ -256,7 +293,8 @@ fn a_device_scoped_token_sees_checks_and_runs_only_what_its_devices_cover() {
         "this token (local-viewer) has role viewer; POST /api/plugins/{name}/run needs operator"
     );
 
-    // Runs: only those of covered plugins, in pages and one by one.
+    // Runs: only those of covered plugins, in pages, one by one and as they happen.
+    let mut stream = open_stream(addr, &local_viewer, "/api/runs/events");
     let far_run = call(
         &admin,
         "POST",
@@ -264,10 +302,23 @@ fn a_device_scoped_token_sees_checks_and_runs_only_what_its_devices_cover() {
         json!({}),
         200,
     );
+    let second_near = call(
+        &local_ops,
+        "POST",
+        "/api/plugins/near/run?wait=true",
+        json!({}),
+        200,
+    );
+    let first_seen = next_json_line(&mut stream);
+    assert_eq!(
+        first_seen["plugin"], "near",
+        "far's updates are left out: {first_seen}"
+    );
+    assert_eq!(first_seen["id"], second_near["id"]);
     let far_id = far_run["id"].as_str().unwrap();
     let near_id = near_run["id"].as_str().unwrap();
     let all = call(&admin, "GET", "/api/runs", Value::Null, 200);
-    assert_eq!(all["runs"].as_array().unwrap().len(), 2, "{all}");
+    assert_eq!(all["runs"].as_array().unwrap().len(), 3, "{all}");
     let mine = call(&local_viewer, "GET", "/api/runs", Value::Null, 200);
     let ids: Vec<&str> = mine["runs"]
         .as_array()
@@ -275,7 +326,11 @@ fn a_device_scoped_token_sees_checks_and_runs_only_what_its_devices_cover() {
         .iter()
         .map(|r| r["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, [near_id], "{mine}");
+    assert_eq!(
+        ids,
+        [second_near["id"].as_str().unwrap(), near_id],
+        "{mine}"
+    );
     let far_only = call(
         &local_viewer,
         "GET",
