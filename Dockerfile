@@ -44,9 +44,11 @@ ARG RUST_IMAGE=rust:1-bookworm
 ARG BASE_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build
-WORKDIR /src
-COPY . .
+# Marks this stage's images, so tools can prune what is left of them (scripts/image does).
+LABEL org.capstan.image.stage=build
+COPY . /src
 RUN set -eu; \
+    cd /src; \
     plugins="autoheal redeploy inventory crashloop"; \
     mkdir -p /out/plugins; \
     if [ -f dist/capstan ]; then \
@@ -73,16 +75,14 @@ RUN set -eu; \
     chmod -R a+rX,go-w /out/plugins
 
 FROM ${BASE_IMAGE}
-ARG CAPSTAN_UID=10001
-ARG CAPSTAN_GID=10001
-RUN groupadd --system --gid "${CAPSTAN_GID}" capstan \
- && useradd --system --uid "${CAPSTAN_UID}" --gid capstan --home-dir /var/lib/capstan \
+# Everything but the binary and plugins comes first, so a rebuild with a new binary
+# redoes only the two COPY steps at the end.
+RUN groupadd --system --gid 10001 capstan \
+ && useradd --system --uid 10001 --gid capstan --home-dir /var/lib/capstan \
       --no-create-home --shell /usr/sbin/nologin capstan \
  && mkdir -p /var/lib/capstan /etc/capstan \
  && chown capstan:capstan /var/lib/capstan \
  && chmod 0700 /var/lib/capstan
-COPY --from=build /out/capstan /usr/local/bin/capstan
-COPY --from=build /out/plugins /usr/share/capstan/plugins
 ENV CAPSTAN_DATA_DIR=/var/lib/capstan \
     CAPSTAN_API_LISTEN=0.0.0.0:7878
 VOLUME /var/lib/capstan
@@ -94,3 +94,5 @@ HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
     CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${CAPSTAN_API_LISTEN##*:} && printf 'GET /healthz HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && read -r -t 4 _ code _ <&3 && [ \"$code\" = 200 ]"]
 ENTRYPOINT ["/usr/local/bin/capstan"]
 CMD ["serve"]
+COPY --from=build /out/capstan /usr/local/bin/capstan
+COPY --from=build /out/plugins /usr/share/capstan/plugins
