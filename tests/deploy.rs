@@ -193,6 +193,22 @@ impl Project {
         self.ok(&["up", "-d", "--no-build"], Duration::from_secs(180));
     }
 
+    /// `up`, then waits for Capstan's health check and checks its hardening.
+    fn up_healthy(&self) {
+        self.up();
+        self.wait_healthy("capstan");
+        assert_hardened(&self.container("capstan"));
+    }
+
+    /// Fails unless the client container's `docker ps -a` lists `container`.
+    fn client_lists(&self, container: &str) {
+        let names = self.exec_ok("client", &["docker", "ps", "-a", "--format", "{{.Names}}"]);
+        assert!(
+            names.lines().any(|n| n == container),
+            "{container} not listed:\n{names}"
+        );
+    }
+
     /// `docker-compose exec -T SERVICE ARGS`, its output (success or not).
     fn exec(&self, service: &str, args: &[&str]) -> Output {
         let mut full = vec!["exec", "-T", service];
@@ -287,7 +303,8 @@ fn running(container: &str) -> bool {
     docker_ok(&["inspect", "--format", "{{.State.Running}}", container]) == "true"
 }
 
-/// A random token for the proxies (hex, as `openssl rand -hex 32` makes).
+/// 32 random bytes in hex, as `openssl rand -hex 32` makes them (a proxy token, a vault
+/// key file).
 fn random_token() -> String {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
@@ -348,16 +365,10 @@ fn socket_proxy_compose_serves_the_dockman_block_to_a_docker_cli_container() {
     let mut p = Project::new("socket-proxy");
     p.secret("proxy.token", format!("{}\n", random_token()).as_bytes());
     let target = p.create_target("target");
-    p.up();
-    p.wait_healthy("capstan");
-    assert_hardened(&p.container("capstan"));
+    p.up_healthy();
 
     // Lists, starts and stops containers.
-    let names = p.exec_ok("client", &["docker", "ps", "-a", "--format", "{{.Names}}"]);
-    assert!(
-        names.lines().any(|n| n == target),
-        "{target} not listed:\n{names}"
-    );
+    p.client_lists(&target);
     p.exec_ok("client", &["docker", "start", &target]);
     assert!(running(&target), "{target} was not started");
     p.exec_ok("client", &["docker", "stop", "-t", "5", &target]);
@@ -401,13 +412,7 @@ fn socket_proxy_compose_serves_the_dockman_block_to_a_docker_cli_container() {
 #[test]
 fn engine_compose_serves_the_api_with_the_example_plugins_and_a_vault_key_secret() {
     let mut p = Project::new("engine");
-    let key = {
-        let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut bytes))
-            .unwrap();
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
+    let key = random_token();
     p.secret("vault.key", format!("{key}\n").as_bytes());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -415,9 +420,7 @@ fn engine_compose_serves_the_api_with_the_example_plugins_and_a_vault_key_secret
         .unwrap()
         .port();
     p.set_env("CAPSTAN_API_PORT", &port.to_string());
-    p.up();
-    p.wait_healthy("capstan");
-    assert_hardened(&p.container("capstan"));
+    p.up_healthy();
 
     let logs = p.logs("capstan");
     let token = logs
@@ -611,23 +614,16 @@ fn remote_proxy_compose_serves_a_remote_ssh_host_through_one_pooled_session() {
         ],
         setup,
     );
-    p.up();
-    p.wait_healthy("capstan");
-    assert_hardened(&p.container("capstan"));
+    p.up_healthy();
 
-    let names = p.exec_ok("client", &["docker", "ps", "-a", "--format", "{{.Names}}"]);
-    assert!(
-        names.lines().any(|n| n == target),
-        "{target} not listed:\n{names}"
-    );
+    p.client_lists(&target);
     let sessions = fwd.connections();
     assert!(
         sessions >= 1,
         "the requests did not go over SSH to the remote host"
     );
     for _ in 0..3 {
-        let names = p.exec_ok("client", &["docker", "ps", "-a", "--format", "{{.Names}}"]);
-        assert!(names.lines().any(|n| n == target), "{names}");
+        p.client_lists(&target);
         p.exec_ok(
             "client",
             &["docker", "inspect", "--format", "{{.Id}}", &target],
