@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{Infra, assert_success, http_json, stderr, stdout};
+use crate::util::{DataDir, Infra, assert_success, http_json, stderr, stdout};
 
 /// Built by `scripts/image build`.
 const CAPSTAN_IMAGE: &str = "capstan:test";
@@ -105,6 +105,8 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> Option<std::process::Exit
 struct Project {
     name: String,
     file: PathBuf,
+    /// Override files after the example's own (`-f FILE -f OVERRIDE`).
+    overrides: Vec<PathBuf>,
     env: Vec<(String, String)>,
     secrets: tempfile::TempDir,
     /// Containers the test created on the daemon itself, removed with the project.
@@ -144,6 +146,7 @@ impl Project {
         Project {
             name,
             file,
+            overrides: Vec::new(),
             env,
             secrets,
             extra_containers: Vec::new(),
@@ -152,6 +155,16 @@ impl Project {
 
     fn set_env(&mut self, key: &str, value: &str) {
         self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// Adds a compose override file with `content`.
+    fn override_with(&mut self, content: &str) {
+        let path = self
+            .secrets
+            .path()
+            .join(format!("override-{}.yml", self.overrides.len()));
+        std::fs::write(&path, content).unwrap();
+        self.overrides.push(path);
     }
 
     /// Writes a secret file readable by Capstan's uid only (mode 0400), as the compose
@@ -176,8 +189,11 @@ impl Project {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("--no-ansi")
             .args(["-p", &self.name, "-f"])
-            .arg(&self.file)
-            .args(args);
+            .arg(&self.file);
+        for o in &self.overrides {
+            cmd.arg("-f").arg(o);
+        }
+        cmd.args(args);
         cmd
     }
 
@@ -406,12 +422,78 @@ fn socket_proxy_compose_serves_the_dockman_block_to_a_docker_cli_container() {
     );
 }
 
+/// The test daemon behind a read-only Capstan proxy, on a unix socket with the Docker
+/// socket's group, as the engine example's `/var/run/docker.sock`. The example plugins
+/// act on every container with their labels (`capstan.autoheal=true`, …) and other
+/// tests run such containers at the same time: through this socket the engine sees the
+/// daemon and changes nothing. Stopped when dropped.
+struct ReadOnlyDocker {
+    data: DataDir,
+    child: Child,
+}
+
+impl ReadOnlyDocker {
+    fn start() -> ReadOnlyDocker {
+        let data = DataDir::with_vault();
+        let out = data.capstan(&["device", "add", "local", "--kind", "local"]);
+        assert_success(&out, "device add local");
+        let policy = data.path().join("read-only.env");
+        std::fs::write(
+            &policy,
+            "CONTAINERS=1\nIMAGES=1\nINFO=1\nEVENTS=1\nPOST=0\n",
+        )
+        .unwrap();
+        let listen = format!("unix://{}", data.path().join("docker.sock").display());
+        let child = data
+            .cmd()
+            .args(["proxy", "--device", "local", "--policy"])
+            .arg(&policy)
+            .args(["--listen", &listen])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start capstan proxy");
+        let ro = ReadOnlyDocker { data, child };
+        let socket = ro.socket();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "capstan proxy did not create {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let gid = std::os::unix::fs::MetadataExt::gid(
+            &std::fs::metadata(Infra::get().var("DOCKER_SOCKET")).unwrap(),
+        );
+        std::os::unix::fs::chown(&socket, None, Some(gid)).unwrap();
+        ro
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.data.path().join("docker.sock")
+    }
+}
+
+impl Drop for ReadOnlyDocker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The engine with the example plugins, the vault key from a Compose secret, and the
 /// API on a host port: the admin token printed on first start lists the `local` device
 /// and the plugins and runs one; after a restart the same vault and token still work.
+/// The engine reaches the daemon read-only here (see [`ReadOnlyDocker`]).
 #[test]
 fn engine_compose_serves_the_api_with_the_example_plugins_and_a_vault_key_secret() {
+    let docker = ReadOnlyDocker::start();
     let mut p = Project::new("engine");
+    p.override_with(&format!(
+        "services:\n  capstan:\n    volumes:\n      - {}:/var/run/docker.sock\n",
+        docker.socket().display()
+    ));
     let key = random_token();
     p.secret("vault.key", format!("{key}\n").as_bytes());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -421,6 +503,17 @@ fn engine_compose_serves_the_api_with_the_example_plugins_and_a_vault_key_secret
         .port();
     p.set_env("CAPSTAN_API_PORT", &port.to_string());
     p.up_healthy();
+    let mounted = docker_ok(&[
+        "inspect",
+        "--format",
+        r#"{{range .Mounts}}{{if eq .Destination "/var/run/docker.sock"}}{{.Source}}{{end}}{{end}}"#,
+        &p.container("capstan"),
+    ]);
+    assert_eq!(
+        Path::new(&mounted),
+        docker.socket(),
+        "the read-only socket is mounted"
+    );
 
     let logs = p.logs("capstan");
     let token = logs
