@@ -557,6 +557,10 @@ fn engine_compose_serves_the_api_with_the_example_plugins_and_a_vault_key_secret
     assert_eq!(status, 200, "{run}");
     assert_eq!(run["status"], "ok", "{run}");
 
+    // The CLI inside the container speaks to the running engine (its own CLI token).
+    let listed = p.exec_ok("capstan", &["capstan", "device", "list"]);
+    assert!(listed.contains("local"), "{listed}");
+
     // A restart opens the same vault with the key from the secret; no second admin token.
     p.ok(&["restart", "-t", "10", "capstan"], Duration::from_secs(60));
     p.wait_healthy("capstan");
