@@ -73,7 +73,10 @@ impl PassphraseInput {
 /// What `open_or_init` created, so `serve` can tell the user once.
 #[derive(Debug, Default)]
 pub struct Created {
+    /// The key file the new vault was created with, when not a passphrase.
     pub key_file: Option<PathBuf>,
+    /// Whether that key file was generated now (rather than given, e.g. a mounted secret).
+    pub key_generated: bool,
     pub vault: bool,
 }
 
@@ -120,8 +123,9 @@ impl Engine {
                         .unwrap_or_else(|| settings.default_key_file());
                     if !path.exists() {
                         vault::generate_key_file(&path)?;
-                        created.key_file = Some(path.clone());
+                        created.key_generated = true;
                     }
+                    created.key_file = Some(path.clone());
                     KeySource::KeyFile(path)
                 };
                 created.vault = true;

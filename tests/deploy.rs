@@ -528,6 +528,10 @@ fn engine_compose_serves_the_api_with_the_example_plugins_and_a_vault_key_secret
         !logs.contains("created the vault with key file") && !logs.contains(&key),
         "the vault key was taken from the secret (not generated), and never printed:\n{logs}"
     );
+    assert!(
+        logs.contains("created the vault with the existing key file"),
+        "the first start says which key protects the new vault:\n{logs}"
+    );
     let addr = format!("127.0.0.1:{port}");
     let auth = format!("Bearer {token}");
 

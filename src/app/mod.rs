@@ -30,8 +30,12 @@ const NOTIFY_DRAIN: Duration = Duration::from_secs(5);
 
 /// What the app tells as it starts and stops, for `serve` to print.
 pub enum Notice<'a> {
-    /// The vault was created: with a generated key file, or passphrase-protected.
-    VaultCreated { key_file: Option<&'a Path> },
+    /// The vault was created: with a key file (generated now, or given), or
+    /// passphrase-protected (`key_file` None).
+    VaultCreated {
+        key_file: Option<&'a Path>,
+        generated: bool,
+    },
     /// The local Docker daemon was registered as device `local`.
     LocalDeviceAdded(&'a Device),
     /// The first admin API token, to be shown once.
@@ -108,9 +112,10 @@ impl App {
             None => None,
         };
         let (engine, created) = Engine::open_or_init(settings, pass)?;
-        if created.key_file.is_some() || created.vault {
+        if created.vault {
             notify(Notice::VaultCreated {
                 key_file: created.key_file.as_deref(),
+                generated: created.key_generated,
             });
         }
         ensure_local_device(&engine, notify)?;

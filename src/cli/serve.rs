@@ -91,11 +91,21 @@ pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
 /// Tells the user what the app reports.
 fn print(notice: Notice<'_>) {
     match notice {
-        Notice::VaultCreated { key_file: Some(k) } => println!(
+        Notice::VaultCreated {
+            key_file: Some(k),
+            generated: true,
+        } => println!(
             "created the vault with key file {} (mode 0600); back it up: without it the vault cannot be opened",
             k.display()
         ),
-        Notice::VaultCreated { key_file: None } => {
+        Notice::VaultCreated {
+            key_file: Some(k),
+            generated: false,
+        } => println!(
+            "created the vault with the existing key file {}; keep it: without it the vault cannot be opened",
+            k.display()
+        ),
+        Notice::VaultCreated { key_file: None, .. } => {
             println!("created the vault (passphrase-protected)")
         }
         Notice::LocalDeviceAdded(d) => println!(
