@@ -7,15 +7,7 @@ use std::process::Command;
 use serde_json::{Value, json};
 
 use crate::util::Infra;
-use crate::util::plugin::{Container, Harness, TEST_LABEL, docker, example_dir, manifest};
-
-fn details(r: &capstan::plugin::RunReport) -> Value {
-    let o = r
-        .outcome
-        .as_ref()
-        .unwrap_or_else(|| panic!("no outcome: {}", r.render()));
-    serde_json::from_str(&o.details).unwrap_or(Value::Null)
-}
+use crate::util::plugin::{Container, Harness, TEST_LABEL, details, docker, example_dir, manifest};
 
 /// Runs the probe plugin with `calls` and returns the report and the results.
 fn probe(h: &Harness, calls: Value) -> (capstan::plugin::RunReport, Vec<Value>) {
@@ -58,13 +50,7 @@ fn running(prefix: &str, labels: &[&str]) -> Container {
 }
 
 fn exists(name: &str) -> bool {
-    !docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("name=^/{name}$"),
-    ])
-    .is_empty()
+    !docker(&["ps", "-aq", "--filter", &format!("name=^/{name}$")]).is_empty()
 }
 
 fn image_exists(reference: &str) -> bool {
@@ -106,7 +92,12 @@ impl Drop for Images {
         let socket = Infra::get().var("DOCKER_SOCKET");
         let ids = Command::new("docker")
             .env("DOCKER_HOST", format!("unix://{socket}"))
-            .args(["images", "-aq", "--filter", &format!("label={}", self.label)])
+            .args([
+                "images",
+                "-aq",
+                "--filter",
+                &format!("label={}", self.label),
+            ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
@@ -159,7 +150,9 @@ fn creates_a_container_in_scope_with_its_spec_and_removes_it() {
         id
     );
     assert_eq!(
-        c.inspect("{{.HostConfig.RestartPolicy.Name}}:{{.HostConfig.RestartPolicy.MaximumRetryCount}}"),
+        c.inspect(
+            "{{.HostConfig.RestartPolicy.Name}}:{{.HostConfig.RestartPolicy.MaximumRetryCount}}"
+        ),
         "on-failure:2"
     );
     assert_eq!(c.inspect("{{.HostConfig.Memory}}"), "67108864");
@@ -169,7 +162,10 @@ fn creates_a_container_in_scope_with_its_spec_and_removes_it() {
         "{}",
         c.inspect("{{json .HostConfig.PortBindings}}")
     );
-    assert!(c.inspect("{{json .HostConfig.Mounts}}").contains("/scratch"));
+    assert!(
+        c.inspect("{{json .HostConfig.Mounts}}")
+            .contains("/scratch")
+    );
     let call = report
         .host_calls
         .iter()
@@ -224,11 +220,19 @@ fn create_is_denied_by_the_create_guard_and_by_the_container_scope_and_nothing_i
         (4, "outside the plugin's container scope"),
     ] {
         let e = error_of(&r[i]);
-        assert!(e.starts_with("denied") && e.contains(needle), "call {i}: {e}");
+        assert!(
+            e.starts_with("denied") && e.contains(needle),
+            "call {i}: {e}"
+        );
     }
     assert!(!exists(&name), "nothing was created");
     assert_eq!(
-        docker(&["ps", "-aq", "--filter", "label=capstan.test.ops=someone-else"]),
+        docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            "label=capstan.test.ops=someone-else"
+        ]),
         ""
     );
     let denials: Vec<_> = report
@@ -237,7 +241,10 @@ fn create_is_denied_by_the_create_guard_and_by_the_container_scope_and_nothing_i
         .filter(|c| c.op == "create-container")
         .map(|c| c.decision.as_str())
         .collect();
-    assert_eq!(denials, ["deny"; 5], "every refusal is recorded as a denial");
+    assert_eq!(
+        denials, ["deny"; 5],
+        "every refusal is recorded as a denial"
+    );
     assert_eq!(report.denials.len(), 5);
 }
 
@@ -280,7 +287,8 @@ fn prune_containers_removes_only_stopped_containers_in_scope_that_match_the_filt
         .find(|c| c.op == "prune-containers")
         .unwrap();
     assert!(
-        call.request.contains("GET /containers/json") && call.request.contains("DELETE /containers/"),
+        call.request.contains("GET /containers/json")
+            && call.request.contains("DELETE /containers/"),
         "decided on what it sends, not POST /containers/prune: {}",
         call.request
     );
@@ -310,10 +318,20 @@ fn prunes_and_removes_throwaway_images() {
         ]),
     );
     let removed = &r[0]["ok"];
-    assert_eq!(removed["untagged"], json!([format!("{repo}:b")]), "{}", r[0]);
+    assert_eq!(
+        removed["untagged"],
+        json!([format!("{repo}:b")]),
+        "{}",
+        r[0]
+    );
     assert_eq!(removed["deleted"], json!([b]));
     assert!(!image_exists(&b));
-    assert_eq!(r[1]["ok"]["deleted"], json!([first]), "only the dangling one: {}", r[1]);
+    assert_eq!(
+        r[1]["ok"]["deleted"],
+        json!([first]),
+        "only the dangling one: {}",
+        r[1]
+    );
     assert_eq!(
         r[2]["ok"]["deleted"],
         json!([current]),
@@ -349,7 +367,10 @@ fn a_policy_without_post_denies_every_write_and_sends_nothing() {
     );
     for (i, v) in r.iter().enumerate() {
         let e = error_of(v);
-        assert!(e.starts_with("denied") && e.contains("POST=1"), "call {i}: {e}");
+        assert!(
+            e.starts_with("denied") && e.contains("POST=1"),
+            "call {i}: {e}"
+        );
     }
     assert!(exists(&c.name));
     assert!(!exists(&format!("cap-ops-ro-{id}")));
@@ -367,7 +388,10 @@ fn cleanup_in_a_dry_run_removes_nothing_then_removes_exactly_what_it_listed() {
         .unwrap()
         .replace("capstan.cleanup=true", &label)
         .replace("image_label = \"\"", &format!("image_label = {label:?}"));
-    assert!(text.contains("dry_run = true"), "the example defaults to a dry run");
+    assert!(
+        text.contains("dry_run = true"),
+        "the example defaults to a dry run"
+    );
     h.install("cleanup", &text);
     let old_a = stopped("cap-cleanup-a", &[&label]);
     let old_b = stopped("cap-cleanup-b", &[&label]);
@@ -399,7 +423,11 @@ fn cleanup_in_a_dry_run_removes_nothing_then_removes_exactly_what_it_listed() {
     };
 
     let (_, young) = run(json!({"older_than_secs": 3600}));
-    assert_eq!(young["containers"], json!([]), "nothing is an hour old: {young}");
+    assert_eq!(
+        young["containers"],
+        json!([]),
+        "nothing is an hour old: {young}"
+    );
     assert_eq!(young["images"], json!([]));
 
     let (r, dry) = run(json!({"older_than_secs": 0}));
@@ -409,7 +437,11 @@ fn cleanup_in_a_dry_run_removes_nothing_then_removes_exactly_what_it_listed() {
     assert_eq!(dry["images"], json!([dangling]));
     assert_eq!(dry["dry_run"], true);
     assert!(
-        r.outcome.as_ref().unwrap().summary.starts_with("dry run: would remove 2 container(s) and 1 image(s)"),
+        r.outcome
+            .as_ref()
+            .unwrap()
+            .summary
+            .starts_with("dry run: would remove 2 container(s) and 1 image(s)"),
         "{}",
         r.render()
     );

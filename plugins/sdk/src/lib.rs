@@ -177,7 +177,10 @@ pub mod docker {
         }
 
         /// Sets the command (`Cmd`).
-        pub fn command<S: Into<String>>(mut self, cmd: impl IntoIterator<Item = S>) -> ContainerSpec {
+        pub fn command<S: Into<String>>(
+            mut self,
+            cmd: impl IntoIterator<Item = S>,
+        ) -> ContainerSpec {
             self.command = cmd.into_iter().map(Into::into).collect();
             self
         }
@@ -206,7 +209,11 @@ pub mod docker {
         }
 
         /// Mounts the named volume `name` at `target`.
-        pub fn volume(mut self, name: impl Into<String>, target: impl Into<String>) -> ContainerSpec {
+        pub fn volume(
+            mut self,
+            name: impl Into<String>,
+            target: impl Into<String>,
+        ) -> ContainerSpec {
             self.mounts.push(Mount {
                 kind: "volume".into(),
                 source: name.into(),
@@ -361,8 +368,8 @@ pub mod state {
 /// Messages for people, through the notifier channels the operator configured
 /// (`capstan notifier add`) and the manifest's `[notify] channels` allows.
 pub mod notify {
-    pub use crate::bindings::capstan::plugin::host::{Notification, Priority, Sent};
     use crate::Error;
+    pub use crate::bindings::capstan::plugin::host::{Notification, Priority, Sent};
 
     /// Sends `notification` to `channel`. `Ok(Sent::Queued)` once the engine has it (it
     /// delivers with retries); `Duplicate` and `RateLimited` say it was not sent.

@@ -876,8 +876,8 @@ impl Host for RunState {
         let inspected = call.inspected.take();
         let policy = self.run.plugin.policy.clone();
         match recreate(&api, &policy, &c, inspected, image, &options).await {
-            Err(Recreate::Denied(reason)) => Err(self.deny(&call, reason)),
-            Err(Recreate::Failed(e)) => self.finish(call, Err(e)),
+            Err(Blocked::Denied(reason)) => Err(self.deny(&call, reason)),
+            Err(Blocked::Failed(e)) => self.finish(call, Err(e)),
             Ok(r) => self.finish(call, Ok(r)),
         }
     }
@@ -903,13 +903,18 @@ impl Host for RunState {
         // decides on the endpoint, so a placeholder stands in for it.
         let inspect = Req::get("/containers/NEW_ID/json");
         let (api, call) = self
-            .authorize("create-container", &device, &[create.clone(), inspect], None)
+            .authorize(
+                "create-container",
+                &device,
+                &[create.clone(), inspect],
+                None,
+            )
             .await?;
         let policy = self.run.plugin.policy.clone();
         match check_create(&api, &policy, &query, &body, true).await {
             Ok(()) => {}
-            Err(Recreate::Denied(reason)) => return Err(self.deny(&call, reason)),
-            Err(Recreate::Failed(e)) => return self.finish(call, Err(e)),
+            Err(Blocked::Denied(reason)) => return Err(self.deny(&call, reason)),
+            Err(Blocked::Failed(e)) => return self.finish(call, Err(e)),
         }
         let r = async {
             let v = api.json(&create, Some(&body)).await?;
@@ -1009,9 +1014,11 @@ impl Host for RunState {
                         report.space_reclaimed += c["SizeRw"].as_u64().unwrap_or(0);
                         report.removed.push(summary);
                     }
-                    Err(HostError::Wit(e)) => report
-                        .failed
-                        .push(format!("{}: {}", summary.name, super::render_wit_error(&e))),
+                    Err(HostError::Wit(e)) => report.failed.push(format!(
+                        "{}: {}",
+                        summary.name,
+                        super::render_wit_error(&e)
+                    )),
                     Err(trap) => return Err(trap),
                 }
             }
@@ -1028,10 +1035,8 @@ impl Host for RunState {
         dangling_only: bool,
     ) -> Result<ImageRemoval, HostError> {
         docker_spec::Prune::parse(&filter, 0.0)?;
-        let filters = docker_spec::filters_json(
-            &filter,
-            &[("dangling", vec![dangling_only.to_string()])],
-        );
+        let filters =
+            docker_spec::filters_json(&filter, &[("dangling", vec![dangling_only.to_string()])]);
         let req = Req::post(format!(
             "/images/prune?filters={}",
             encode_query(&filters.to_string())
@@ -1243,16 +1248,16 @@ async fn pull(api: &Api, req: &Req, inspect: &Req, full: &str) -> Result<PullRes
 }
 
 /// Why a create or re-create did not happen.
-enum Recreate {
+enum Blocked {
     /// The policy refuses it (recorded as a denial; nothing was changed).
     Denied(String),
     /// A step failed.
     Failed(HostError),
 }
 
-impl From<HostError> for Recreate {
+impl From<HostError> for Blocked {
     fn from(e: HostError) -> Self {
-        Recreate::Failed(e)
+        Blocked::Failed(e)
     }
 }
 
@@ -1269,14 +1274,14 @@ fn keeps_repository(
     policy: &crate::policy::CompiledPolicy,
     current: &str,
     image: &str,
-) -> Result<(), Recreate> {
+) -> Result<(), Blocked> {
     let guard = policy.create();
     if short_repository(current) == short_repository(image)
         || (guard.has_image_list() && guard.allows_image(image))
     {
         return Ok(());
     }
-    Err(Recreate::Denied(format!(
+    Err(Blocked::Denied(format!(
         "recreate-container may only change the tag or digest of the container's repository ({}), not move it to {image}: list {image} in the policy's [create] images to allow it",
         short_repository(current)
     )))
@@ -1293,19 +1298,19 @@ async fn check_create(
     query: &str,
     body: &Value,
     new_container: bool,
-) -> Result<(), Recreate> {
+) -> Result<(), Blocked> {
     use crate::docker::daemon;
     use crate::policy::{body as request_body, endpoints};
     let (create, _) = endpoints::find(endpoints::Method::Post, "/containers/create")
         .expect("the create endpoint is in the table");
     let bytes = serde_json::to_vec(body).expect("JSON values serialise");
     let named = request_body::inspect(create, query, &bytes)
-        .map_err(|e| Recreate::Denied(format!("the create body cannot be checked: {e}")))?;
+        .map_err(|e| Blocked::Denied(format!("the create body cannot be checked: {e}")))?;
     if let Some(asks) = &named.asks {
         policy
             .create()
             .check(asks)
-            .map_err(|d| Recreate::Denied(d.to_string()))?;
+            .map_err(|d| Blocked::Denied(d.to_string()))?;
     }
     let scope = policy.containers();
     if new_container
@@ -1313,7 +1318,7 @@ async fn check_create(
         && !scope.is_all()
         && !scope.matches(new.name.as_deref().unwrap_or_default(), &new.labels)
     {
-        return Err(Recreate::Denied(format!(
+        return Err(Blocked::Denied(format!(
             "the new container {} would be outside the plugin's container scope ({}): give it a name and labels that match",
             new.name.as_deref().unwrap_or("(no name given)"),
             scope.describe()
@@ -1327,8 +1332,8 @@ async fn check_create(
     .await
     {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(refusal)) => Err(Recreate::Denied(refusal.to_string())),
-        Err(_) => Err(Recreate::Failed(HostError::timeout(
+        Ok(Err(refusal)) => Err(Blocked::Denied(refusal.to_string())),
+        Err(_) => Err(Blocked::Failed(HostError::timeout(
             "checking the containers the re-created container names took too long",
         ))),
     }
@@ -1342,7 +1347,7 @@ async fn recreate(
     inspected: Option<Value>,
     image: Option<String>,
     options: &RecreateOptions,
-) -> Result<RecreateResult, Recreate> {
+) -> Result<RecreateResult, Blocked> {
     let old = match inspected {
         Some(v) => v,
         None => {

@@ -16,6 +16,9 @@ use super::docker_api::{container_ref, image_ref};
 use crate::plugin::bindings::wit_docker::{ContainerSpec, Mount, PortBinding, PruneFilter};
 use crate::policy::LabelSelector;
 
+/// A JSON object, as the create body's parts are built.
+type Object = Map<String, Value>;
+
 /// The body of `POST /containers/create` for `spec`.
 pub fn create_body(spec: &ContainerSpec) -> Result<Value, HostError> {
     let mut body = Map::new();
@@ -55,7 +58,9 @@ pub fn create_body(spec: &ContainerSpec) -> Result<Value, HostError> {
     ] {
         if let Some(v) = value {
             if v.is_empty() || v.contains('\0') {
-                return Err(HostError::invalid(format!("{key} `{v}` is empty or not text")));
+                return Err(HostError::invalid(format!(
+                    "{key} `{v}` is empty or not text"
+                )));
             }
             body.insert(key.into(), json!(v));
         }
@@ -68,7 +73,11 @@ pub fn create_body(spec: &ContainerSpec) -> Result<Value, HostError> {
         host.insert("PortBindings".into(), Value::Object(bindings));
     }
     if !spec.mounts.is_empty() {
-        let mounts = spec.mounts.iter().map(mount).collect::<Result<Vec<_>, _>>()?;
+        let mounts = spec
+            .mounts
+            .iter()
+            .map(mount)
+            .collect::<Result<Vec<_>, _>>()?;
         host.insert("Mounts".into(), json!(mounts));
     }
     if let Some(policy) = &spec.restart_policy {
@@ -92,7 +101,9 @@ pub fn create_body(spec: &ContainerSpec) -> Result<Value, HostError> {
         for cap in caps {
             let name = cap.strip_prefix("CAP_").unwrap_or(cap);
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(HostError::invalid(format!("`{cap}` is not a capability name")));
+                return Err(HostError::invalid(format!(
+                    "`{cap}` is not a capability name"
+                )));
             }
         }
         if !caps.is_empty() {
@@ -117,9 +128,8 @@ pub fn create_body(spec: &ContainerSpec) -> Result<Value, HostError> {
                 )));
             }
             for a in &spec.network_aliases {
-                container_ref(a).map_err(|_| {
-                    HostError::invalid(format!("`{a}` is not a network alias"))
-                })?;
+                container_ref(a)
+                    .map_err(|_| HostError::invalid(format!("`{a}` is not a network alias")))?;
             }
             body.insert(
                 "NetworkingConfig".into(),
@@ -138,7 +148,7 @@ pub fn create_body(spec: &ContainerSpec) -> Result<Value, HostError> {
 }
 
 /// `ExposedPorts` and `HostConfig.PortBindings`.
-fn ports(ports: &[PortBinding]) -> Result<(Map<String, Value>, Map<String, Value>), HostError> {
+fn ports(ports: &[PortBinding]) -> Result<(Object, Object), HostError> {
     let (mut exposed, mut bindings) = (Map::new(), Map::new());
     for p in ports {
         let protocol = if p.protocol.is_empty() {
@@ -157,7 +167,9 @@ fn ports(ports: &[PortBinding]) -> Result<(Map<String, Value>, Map<String, Value
         if let Some(ip) = &p.host_ip
             && ip.parse::<IpAddr>().is_err()
         {
-            return Err(HostError::invalid(format!("host-ip `{ip}` is not an IP address")));
+            return Err(HostError::invalid(format!(
+                "host-ip `{ip}` is not an IP address"
+            )));
         }
         let key = format!("{}/{protocol}", p.container_port);
         exposed.insert(key.clone(), json!({}));
@@ -192,9 +204,8 @@ fn mount(m: &Mount) -> Result<Value, HostError> {
             "bind"
         }
         "volume" => {
-            container_ref(&m.source).map_err(|_| {
-                HostError::invalid(format!("`{}` is not a volume name", m.source))
-            })?;
+            container_ref(&m.source)
+                .map_err(|_| HostError::invalid(format!("`{}` is not a volume name", m.source)))?;
             "volume"
         }
         "tmpfs" => {
@@ -254,20 +265,17 @@ pub struct Prune {
 impl Prune {
     /// Checks `filter`, reading a relative `until` back from `now` (Unix seconds).
     pub fn parse(filter: &PruneFilter, now: f64) -> Result<Prune, HostError> {
-        let cutoff = filter
-            .until
-            .as_deref()
-            .map(|u| until(u, now))
-            .transpose()?;
+        let cutoff = filter.until.as_deref().map(|u| until(u, now)).transpose()?;
         let selectors = |list: &[String], what: &str| {
             list.iter()
                 .map(|l| {
                     if l.contains('\0') {
-                        return Err(HostError::invalid(format!("{what} `{l}` is not a label selector")));
+                        return Err(HostError::invalid(format!(
+                            "{what} `{l}` is not a label selector"
+                        )));
                     }
-                    l.parse::<LabelSelector>().map_err(|e| {
-                        HostError::invalid(format!("{what} `{l}`: {e}"))
-                    })
+                    l.parse::<LabelSelector>()
+                        .map_err(|e| HostError::invalid(format!("{what} `{l}`: {e}")))
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
@@ -424,14 +432,20 @@ mod tests {
         );
         assert_eq!(hc["Mounts"][0]["Type"], "bind");
         assert_eq!(hc["Mounts"][0]["Source"], "/srv/app");
-        assert_eq!(hc["RestartPolicy"], json!({"Name": "on-failure", "MaximumRetryCount": 3}));
+        assert_eq!(
+            hc["RestartPolicy"],
+            json!({"Name": "on-failure", "MaximumRetryCount": 3})
+        );
         assert_eq!(hc["NanoCpus"], 500_000_000);
         assert_eq!(hc["NetworkMode"], "backend");
         assert_eq!(
             b["NetworkingConfig"]["EndpointsConfig"]["backend"]["Aliases"],
             json!(["web"])
         );
-        assert_eq!(create_body(&spec("busybox")).unwrap(), json!({"Image": "busybox"}));
+        assert_eq!(
+            create_body(&spec("busybox")).unwrap(),
+            json!({"Image": "busybox"})
+        );
     }
 
     #[test]
@@ -467,7 +481,9 @@ mod tests {
             assert!(
                 matches!(
                     create_body(&broken),
-                    Err(HostError::Wit(crate::plugin::bindings::WitError::Invalid(_)))
+                    Err(HostError::Wit(crate::plugin::bindings::WitError::Invalid(
+                        _
+                    )))
                 ),
                 "{broken:?}"
             );
@@ -482,11 +498,12 @@ mod tests {
         assert_eq!(until("1.5h", now).unwrap(), now - 5_400.0);
         assert_eq!(until("0s", now).unwrap(), now);
         assert_eq!(until("1700000000", now).unwrap(), 1_700_000_000.0);
-        assert_eq!(until("0", now).unwrap(), 0.0, "a bare 0 is a time, as Docker reads it");
         assert_eq!(
-            until("2026-12-01T00:00:00Z", now).unwrap(),
-            1_796_083_200.0
+            until("0", now).unwrap(),
+            0.0,
+            "a bare 0 is a time, as Docker reads it"
         );
+        assert_eq!(until("2026-12-01T00:00:00Z", now).unwrap(), 1_796_083_200.0);
         for bad in ["", "soon", "24x", "h", "-1h", "1e3"] {
             assert!(until(bad, now).is_err(), "{bad}");
         }
@@ -510,7 +527,10 @@ mod tests {
                 .collect()
         };
         assert!(f.matches(1_000.0, &labels(&[("cleanup", "true")])));
-        assert!(!f.matches(9_000.0, &labels(&[("cleanup", "true")])), "too young");
+        assert!(
+            !f.matches(9_000.0, &labels(&[("cleanup", "true")])),
+            "too young"
+        );
         assert!(!f.matches(1_000.0, &labels(&[("cleanup", "false")])));
         assert!(!f.matches(1_000.0, &labels(&[("cleanup", "true"), ("keep", "")])));
     }

@@ -62,7 +62,9 @@ impl Settings {
             dry_run: flag("dry_run", true)?,
             label: parse("label", "capstan.cleanup=true")?,
             older_than_secs: older_than.parse().map_err(|_| {
-                Error::Invalid(format!("older_than_secs = {older_than:?} is not a number of seconds"))
+                Error::Invalid(format!(
+                    "older_than_secs = {older_than:?} is not a number of seconds"
+                ))
             })?,
             images: flag("images", true)?,
             image_label: parse("image_label", "")?,

@@ -97,7 +97,8 @@ fn call(c: &Value) -> Result<Value, Error> {
         "create" => {
             let sp = &c["spec"];
             let strs = |k: &str| -> Vec<String> {
-                sp[k].as_array()
+                sp[k]
+                    .as_array()
                     .into_iter()
                     .flatten()
                     .filter_map(|x| x.as_str().map(str::to_string))
