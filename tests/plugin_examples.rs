@@ -6,15 +6,7 @@ use capstan::plugin::{Exit, TriggerEvent};
 use serde_json::{Value, json};
 
 use crate::util::Infra;
-use crate::util::plugin::{Container, Harness, docker, manifest};
-
-fn details(r: &capstan::plugin::RunReport) -> Value {
-    let o = r
-        .outcome
-        .as_ref()
-        .unwrap_or_else(|| panic!("no outcome: {}", r.render()));
-    serde_json::from_str(&o.details).unwrap_or(Value::Null)
-}
+use crate::util::plugin::{Container, Harness, details, docker, manifest};
 
 /// Runs the probe plugin with `calls` and returns the results.
 fn probe(h: &Harness, calls: Value) -> Vec<Value> {

@@ -148,6 +148,16 @@ impl Harness {
     }
 }
 
+/// A run's outcome details as JSON (`null` when they are not JSON); panics with the
+/// report when the run has no outcome.
+pub fn details(r: &RunReport) -> serde_json::Value {
+    let o = r
+        .outcome
+        .as_ref()
+        .unwrap_or_else(|| panic!("no outcome: {}", r.render()));
+    serde_json::from_str(&o.details).unwrap_or(serde_json::Value::Null)
+}
+
 /// A minimal manifest: `name`, then whatever `rest` adds (policy, limits …).
 pub fn manifest(name: &str, rest: &str) -> String {
     format!("name = \"{name}\"\nversion = \"0.0.1\"\n{rest}\n")

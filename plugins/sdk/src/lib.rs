@@ -57,7 +57,10 @@ macro_rules! export_plugin {
 
 /// Everything a plugin usually needs.
 pub mod prelude {
-    pub use crate::docker::{self, ContainerFilter, ContainerSummary, LogOptions, RecreateOptions};
+    pub use crate::docker::{
+        self, ContainerFilter, ContainerSpec, ContainerSummary, LogOptions, PruneFilter,
+        RecreateOptions,
+    };
     pub use crate::http;
     pub use crate::notify::{self, Notification, Priority, Sent};
     pub use crate::{Error, Event, Outcome, Plugin, config, log, state, time};
@@ -143,6 +146,122 @@ pub mod docker {
                 pull: false,
                 stop_timeout_secs: None,
             }
+        }
+    }
+
+    impl ContainerSpec {
+        /// A container of `image` with the image's defaults and nothing else: add to it
+        /// with the builders below or by setting fields.
+        pub fn new(image: impl Into<String>) -> ContainerSpec {
+            ContainerSpec {
+                image: image.into(),
+                command: Vec::new(),
+                entrypoint: None,
+                env: Vec::new(),
+                labels: Vec::new(),
+                ports: Vec::new(),
+                mounts: Vec::new(),
+                restart_policy: None,
+                network: None,
+                network_aliases: Vec::new(),
+                user: None,
+                working_dir: None,
+                hostname: None,
+                memory_bytes: None,
+                cpus: None,
+                cap_add: Vec::new(),
+                cap_drop: Vec::new(),
+                read_only_rootfs: false,
+                privileged: false,
+            }
+        }
+
+        /// Sets the command (`Cmd`).
+        pub fn command<S: Into<String>>(
+            mut self,
+            cmd: impl IntoIterator<Item = S>,
+        ) -> ContainerSpec {
+            self.command = cmd.into_iter().map(Into::into).collect();
+            self
+        }
+
+        /// Adds `KEY=VALUE` to the environment.
+        pub fn env(mut self, key: &str, value: &str) -> ContainerSpec {
+            self.env.push(format!("{key}={value}"));
+            self
+        }
+
+        /// Adds a label.
+        pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> ContainerSpec {
+            self.labels.push((key.into(), value.into()));
+            self
+        }
+
+        /// Publishes TCP `container_port` on `host_port` of every host address.
+        pub fn publish(mut self, container_port: u16, host_port: u16) -> ContainerSpec {
+            self.ports.push(PortBinding {
+                container_port,
+                protocol: "tcp".into(),
+                host_port: Some(host_port),
+                host_ip: None,
+            });
+            self
+        }
+
+        /// Mounts the named volume `name` at `target`.
+        pub fn volume(
+            mut self,
+            name: impl Into<String>,
+            target: impl Into<String>,
+        ) -> ContainerSpec {
+            self.mounts.push(Mount {
+                kind: "volume".into(),
+                source: name.into(),
+                target: target.into(),
+                read_only: false,
+            });
+            self
+        }
+
+        /// Sets the restart policy (`unless-stopped`, `on-failure:3`, …).
+        pub fn restart(mut self, policy: impl Into<String>) -> ContainerSpec {
+            self.restart_policy = Some(policy.into());
+            self
+        }
+
+        /// Joins the network `name`.
+        pub fn network(mut self, name: impl Into<String>) -> ContainerSpec {
+            self.network = Some(name.into());
+            self
+        }
+    }
+
+    impl PruneFilter {
+        /// Everything (within the scope, for containers).
+        pub fn any() -> PruneFilter {
+            PruneFilter {
+                until: None,
+                labels: Vec::new(),
+                not_labels: Vec::new(),
+            }
+        }
+
+        /// Only what was created more than `age` ago (`24h`, `90m`) or before a time.
+        pub fn until(mut self, age: impl Into<String>) -> PruneFilter {
+            self.until = Some(age.into());
+            self
+        }
+
+        /// Also requires the label selector (`key` or `key=value`).
+        pub fn label(mut self, selector: impl Into<String>) -> PruneFilter {
+            self.labels.push(selector.into());
+            self
+        }
+
+        /// Keeps what carries this label (with several, what carries all of them).
+        pub fn not_label(mut self, selector: impl Into<String>) -> PruneFilter {
+            self.not_labels.push(selector.into());
+            self
         }
     }
 
@@ -249,8 +368,8 @@ pub mod state {
 /// Messages for people, through the notifier channels the operator configured
 /// (`capstan notifier add`) and the manifest's `[notify] channels` allows.
 pub mod notify {
-    pub use crate::bindings::capstan::plugin::host::{Notification, Priority, Sent};
     use crate::Error;
+    pub use crate::bindings::capstan::plugin::host::{Notification, Priority, Sent};
 
     /// Sends `notification` to `channel`. `Ok(Sent::Queued)` once the engine has it (it
     /// delivers with retries); `Duplicate` and `RateLimited` say it was not sent.

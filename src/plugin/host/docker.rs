@@ -14,11 +14,12 @@ use super::docker_api::{
     Answer, Api, MAX_BODY, MAX_OUTPUT, REQUEST_TIMEOUT, Req, connect_error, container_ref, demux,
     encode_query, image_ref, labels_of, split_reference, str_of,
 };
-use super::{HostError, RunState};
+use super::{HostError, RunState, docker_spec};
 use crate::plugin::bindings::wit_docker::{
-    CheckReport, ContainerDetails, ContainerFilter, ContainerSummary, DaemonInfo, Device,
-    ExecOptions, ExecResult, Host, ImageSummary, LogOptions, Logs, NetworkSummary, PullResult,
-    RecreateOptions, RecreateResult, ResourceUsage, VolumeSummary,
+    CheckReport, ContainerDetails, ContainerFilter, ContainerPruneReport, ContainerSpec,
+    ContainerSummary, Created, DaemonInfo, Device, ExecOptions, ExecResult, Host, ImageRemoval,
+    ImageSummary, LogOptions, Logs, NetworkSummary, PruneFilter, PullResult, RecreateOptions,
+    RecreateResult, ResourceUsage, VolumeSummary,
 };
 use crate::plugin::records::AuditRecord;
 use crate::plugin::report::{CallDecision, Denial, HostCall};
@@ -875,10 +876,200 @@ impl Host for RunState {
         let inspected = call.inspected.take();
         let policy = self.run.plugin.policy.clone();
         match recreate(&api, &policy, &c, inspected, image, &options).await {
-            Err(Recreate::Denied(reason)) => Err(self.deny(&call, reason)),
-            Err(Recreate::Failed(e)) => self.finish(call, Err(e)),
+            Err(Blocked::Denied(reason)) => Err(self.deny(&call, reason)),
+            Err(Blocked::Failed(e)) => self.finish(call, Err(e)),
             Ok(r) => self.finish(call, Ok(r)),
         }
+    }
+
+    async fn create_container(
+        &mut self,
+        device: String,
+        name: Option<String>,
+        spec: ContainerSpec,
+    ) -> Result<Created, HostError> {
+        let name = name.as_deref().map(container_ref).transpose()?;
+        let body = docker_spec::create_body(&spec)?;
+        let query = name
+            .as_deref()
+            .map(|n| format!("name={}", encode_query(n)))
+            .unwrap_or_default();
+        let create = Req::post(if query.is_empty() {
+            "/containers/create".to_string()
+        } else {
+            format!("/containers/create?{query}")
+        });
+        // The new container's ID is known only from the create's answer; the policy
+        // decides on the endpoint, so a placeholder stands in for it.
+        let inspect = Req::get("/containers/NEW_ID/json");
+        let (api, call) = self
+            .authorize(
+                "create-container",
+                &device,
+                &[create.clone(), inspect],
+                None,
+            )
+            .await?;
+        let policy = self.run.plugin.policy.clone();
+        match check_create(&api, &policy, &query, &body, true).await {
+            Ok(()) => {}
+            Err(Blocked::Denied(reason)) => return Err(self.deny(&call, reason)),
+            Err(Blocked::Failed(e)) => return self.finish(call, Err(e)),
+        }
+        let r = async {
+            let v = api.json(&create, Some(&body)).await?;
+            let id = docker_id(&v["Id"])?;
+            // The name Docker gave it; the create has happened, so a failed look-up
+            // only leaves the name as asked.
+            let name = match api
+                .json(&Req::get(format!("/containers/{id}/json")), None)
+                .await
+            {
+                Ok(d) => d["Name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_string(),
+                Err(_) => name.unwrap_or_default(),
+            };
+            Ok(Created {
+                id,
+                name,
+                warnings: strings(&v["Warnings"]),
+            })
+        }
+        .await;
+        self.finish(call, r)
+    }
+
+    async fn remove_container(
+        &mut self,
+        device: String,
+        container: String,
+        force: bool,
+        remove_volumes: bool,
+    ) -> Result<(), HostError> {
+        let c = container_ref(&container)?;
+        let req = Req::delete(format!(
+            "/containers/{c}?force={}&v={}",
+            u8::from(force),
+            u8::from(remove_volumes)
+        ));
+        let (api, call) = self
+            .authorize(
+                "remove-container",
+                &device,
+                std::slice::from_ref(&req),
+                Some(&c),
+            )
+            .await?;
+        let r = api.call(&req, None).await;
+        self.finish(call, r)
+    }
+
+    async fn prune_containers(
+        &mut self,
+        device: String,
+        filter: PruneFilter,
+    ) -> Result<ContainerPruneReport, HostError> {
+        let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        let prune = docker_spec::Prune::parse(&filter, now)?;
+        // Only `label` is the list's own filter; `until` and `label!` are judged here.
+        let mut filters = serde_json::Map::new();
+        filters.insert("status".into(), json!(["created", "exited", "dead"]));
+        if !filter.labels.is_empty() {
+            filters.insert("label".into(), json!(filter.labels));
+        }
+        let list = Req::get(format!(
+            "/containers/json?all=1&size=1&filters={}",
+            encode_query(&Value::Object(filters).to_string())
+        ));
+        let remove = Req::delete("/containers/CONTAINER_ID");
+        let (api, call) = self
+            .authorize("prune-containers", &device, &[list.clone(), remove], None)
+            .await?;
+        let scope = self.run.plugin.policy.containers().clone();
+        let r = async {
+            let v = api.json(&list, None).await?;
+            let mut report = ContainerPruneReport {
+                removed: Vec::new(),
+                space_reclaimed: 0,
+                failed: Vec::new(),
+            };
+            for c in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+                let labels: std::collections::HashMap<String, String> =
+                    labels_of(&c["Labels"]).into_iter().collect();
+                let created = c["Created"].as_f64().unwrap_or(f64::MAX);
+                if !scope.admits_summary(c) || !prune.matches(created, &labels) {
+                    continue;
+                }
+                let summary = summary_of(c);
+                let id = docker_id(&c["Id"])?;
+                // Without force: a container started since the list stays.
+                match api
+                    .call(&Req::delete(format!("/containers/{id}")), None)
+                    .await
+                {
+                    Ok(()) => {
+                        report.space_reclaimed += c["SizeRw"].as_u64().unwrap_or(0);
+                        report.removed.push(summary);
+                    }
+                    Err(HostError::Wit(e)) => report.failed.push(format!(
+                        "{}: {}",
+                        summary.name,
+                        super::render_wit_error(&e)
+                    )),
+                    Err(trap) => return Err(trap),
+                }
+            }
+            Ok(report)
+        }
+        .await;
+        self.finish(call, r)
+    }
+
+    async fn prune_images(
+        &mut self,
+        device: String,
+        filter: PruneFilter,
+        dangling_only: bool,
+    ) -> Result<ImageRemoval, HostError> {
+        docker_spec::Prune::parse(&filter, 0.0)?;
+        let filters =
+            docker_spec::filters_json(&filter, &[("dangling", vec![dangling_only.to_string()])]);
+        let req = Req::post(format!(
+            "/images/prune?filters={}",
+            encode_query(&filters.to_string())
+        ));
+        let (api, call) = self
+            .authorize("prune-images", &device, std::slice::from_ref(&req), None)
+            .await?;
+        let r = api.json(&req, None).await.map(|v| {
+            let mut removal = image_removal(&v["ImagesDeleted"]);
+            removal.space_reclaimed = v["SpaceReclaimed"].as_u64().unwrap_or(0);
+            removal
+        });
+        self.finish(call, r)
+    }
+
+    async fn remove_image(
+        &mut self,
+        device: String,
+        image: String,
+        force: bool,
+        no_prune: bool,
+    ) -> Result<ImageRemoval, HostError> {
+        let reference = image_ref(&image)?;
+        let req = Req::delete(format!(
+            "/images/{reference}?force={}&noprune={}",
+            u8::from(force),
+            u8::from(no_prune)
+        ));
+        let (api, call) = self
+            .authorize("remove-image", &device, std::slice::from_ref(&req), None)
+            .await?;
+        let r = api.json(&req, None).await.map(|v| image_removal(&v));
+        self.finish(call, r)
     }
 
     async fn list_images(
@@ -1015,6 +1206,32 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// An ID from the daemon's answer, checked before it goes into a path.
+fn docker_id(v: &Value) -> Result<String, HostError> {
+    v.as_str()
+        .filter(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()))
+        .map(str::to_string)
+        .ok_or_else(|| HostError::trap("the daemon's answer has no usable container Id"))
+}
+
+/// `[{"Untagged": …}, {"Deleted": …}]`, as image removal and prune answer.
+fn image_removal(v: &Value) -> ImageRemoval {
+    let mut removal = ImageRemoval {
+        deleted: Vec::new(),
+        untagged: Vec::new(),
+        space_reclaimed: 0,
+    };
+    for item in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+        if let Some(d) = item["Deleted"].as_str() {
+            removal.deleted.push(d.to_string());
+        }
+        if let Some(u) = item["Untagged"].as_str() {
+            removal.untagged.push(u.to_string());
+        }
+    }
+    removal
+}
+
 /// Pulls `req` and returns the image now tagged `full`.
 async fn pull(api: &Api, req: &Req, inspect: &Req, full: &str) -> Result<PullResult, HostError> {
     let a = api
@@ -1030,17 +1247,17 @@ async fn pull(api: &Api, req: &Req, inspect: &Req, full: &str) -> Result<PullRes
     })
 }
 
-/// Why a re-create did not happen.
-enum Recreate {
+/// Why a create or re-create did not happen.
+enum Blocked {
     /// The policy refuses it (recorded as a denial; nothing was changed).
     Denied(String),
     /// A step failed.
     Failed(HostError),
 }
 
-impl From<HostError> for Recreate {
+impl From<HostError> for Blocked {
     fn from(e: HostError) -> Self {
-        Recreate::Failed(e)
+        Blocked::Failed(e)
     }
 }
 
@@ -1057,39 +1274,55 @@ fn keeps_repository(
     policy: &crate::policy::CompiledPolicy,
     current: &str,
     image: &str,
-) -> Result<(), Recreate> {
+) -> Result<(), Blocked> {
     let guard = policy.create();
     if short_repository(current) == short_repository(image)
         || (guard.has_image_list() && guard.allows_image(image))
     {
         return Ok(());
     }
-    Err(Recreate::Denied(format!(
+    Err(Blocked::Denied(format!(
         "recreate-container may only change the tag or digest of the container's repository ({}), not move it to {image}: list {image} in the policy's [create] images to allow it",
         short_repository(current)
     )))
 }
 
-/// What the create body of a re-create must pass, as a proxied create would: the create
-/// guard, and every container it names (`VolumesFrom`, `Links`, `container:` modes) in
-/// scope.
-async fn check_recreate(
+/// What a create body must pass, as a proxied create would: the create guard, every
+/// container it names (`VolumesFrom`, `Links`, `container:` modes) in scope, and — for
+/// a new container (`query` holds its `name=`), not a re-created one, which keeps the
+/// name and labels of a container already in scope — the new container's name and
+/// labels in scope.
+async fn check_create(
     api: &Api,
     policy: &crate::policy::CompiledPolicy,
+    query: &str,
     body: &Value,
-) -> Result<(), Recreate> {
+    new_container: bool,
+) -> Result<(), Blocked> {
     use crate::docker::daemon;
     use crate::policy::{body as request_body, endpoints};
     let (create, _) = endpoints::find(endpoints::Method::Post, "/containers/create")
         .expect("the create endpoint is in the table");
     let bytes = serde_json::to_vec(body).expect("JSON values serialise");
-    let named = request_body::inspect(create, "", &bytes)
-        .map_err(|e| Recreate::Denied(format!("the re-create body cannot be checked: {e}")))?;
+    let named = request_body::inspect(create, query, &bytes)
+        .map_err(|e| Blocked::Denied(format!("the create body cannot be checked: {e}")))?;
     if let Some(asks) = &named.asks {
         policy
             .create()
             .check(asks)
-            .map_err(|d| Recreate::Denied(d.to_string()))?;
+            .map_err(|d| Blocked::Denied(d.to_string()))?;
+    }
+    let scope = policy.containers();
+    if new_container
+        && let Some(new) = &named.new_container
+        && !scope.is_all()
+        && !scope.matches(new.name.as_deref().unwrap_or_default(), &new.labels)
+    {
+        return Err(Blocked::Denied(format!(
+            "the new container {} would be outside the plugin's container scope ({}): give it a name and labels that match",
+            new.name.as_deref().unwrap_or("(no name given)"),
+            scope.describe()
+        )));
     }
     let left = api.deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(
@@ -1099,8 +1332,8 @@ async fn check_recreate(
     .await
     {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(refusal)) => Err(Recreate::Denied(refusal.to_string())),
-        Err(_) => Err(Recreate::Failed(HostError::timeout(
+        Ok(Err(refusal)) => Err(Blocked::Denied(refusal.to_string())),
+        Err(_) => Err(Blocked::Failed(HostError::timeout(
             "checking the containers the re-created container names took too long",
         ))),
     }
@@ -1114,7 +1347,7 @@ async fn recreate(
     inspected: Option<Value>,
     image: Option<String>,
     options: &RecreateOptions,
-) -> Result<RecreateResult, Recreate> {
+) -> Result<RecreateResult, Blocked> {
     let old = match inspected {
         Some(v) => v,
         None => {
@@ -1185,7 +1418,7 @@ async fn recreate(
         .ok()
         .map(|v| v["Config"].clone());
     let body = create_body(&old, &image, old_image_config.as_ref());
-    check_recreate(api, policy, &body).await?;
+    check_create(api, policy, "", &body, false).await?;
 
     let stop_q = options
         .stop_timeout_secs

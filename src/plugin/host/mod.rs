@@ -12,6 +12,7 @@
 
 pub mod docker;
 mod docker_api;
+mod docker_spec;
 pub mod http;
 // Named after the WIT interface `capstan:plugin/host`, like its siblings.
 #[allow(clippy::module_inception)]

@@ -1,9 +1,13 @@
 //! A plugin that calls the `docker` functions it is told to, for the engine's tests: the
 //! manual input is a JSON list of calls, `[{"op": "exec", "device": "local",
 //! "container": "web", "cmd": ["echo", "hi"]}, …]`, and the outcome's details are a JSON
-//! list of their results (`{"ok": …}` or `{"error": "kind: message"}`).
+//! list of their results (`{"ok": …}` or `{"error": "kind: message"}`). `create` takes
+//! a `spec` object (`image`, `command`, `env`, `labels`, `ports`, `mounts`, `restart`,
+//! `network`, `memory`, `cap_add`, `privileged`) and an optional `name`.
 
-use capstan_sdk::docker::{self, ExecOptions, LogOptions, RecreateOptions};
+use capstan_sdk::docker::{
+    self, ContainerSpec, ExecOptions, LogOptions, PruneFilter, RecreateOptions,
+};
 use capstan_sdk::prelude::*;
 use serde_json::{Value, json};
 
@@ -89,6 +93,87 @@ fn call(c: &Value) -> Result<Value, Error> {
             o.stop_timeout_secs = Some(1);
             let r = docker::recreate_container(&d, &ct, &o)?;
             json!({"name": r.name, "old_id": r.old_id, "new_id": r.new_id, "image": r.image, "pulled": r.pulled, "pull_error": r.pull_error, "old_image_id": r.old_image_id, "new_image_id": r.new_image_id})
+        }
+        "create" => {
+            let sp = &c["spec"];
+            let strs = |k: &str| -> Vec<String> {
+                sp[k]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            };
+            let mut spec = ContainerSpec::new(s(sp, "image"));
+            spec.command = strs("command");
+            spec.env = strs("env");
+            spec.cap_add = strs("cap_add");
+            spec.labels = sp["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect();
+            spec.ports = sp["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| docker::PortBinding {
+                    container_port: p["container"].as_u64().unwrap_or(0) as u16,
+                    protocol: s(p, "protocol"),
+                    host_port: p["host"].as_u64().map(|h| h as u16),
+                    host_ip: p["ip"].as_str().map(str::to_string),
+                })
+                .collect();
+            spec.mounts = sp["mounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| docker::Mount {
+                    kind: s(m, "kind"),
+                    source: s(m, "source"),
+                    target: s(m, "target"),
+                    read_only: m["read_only"].as_bool().unwrap_or(false),
+                })
+                .collect();
+            spec.restart_policy = sp["restart"].as_str().map(str::to_string);
+            spec.network = sp["network"].as_str().map(str::to_string);
+            spec.memory_bytes = sp["memory"].as_u64();
+            spec.privileged = sp["privileged"].as_bool().unwrap_or(false);
+            let r = docker::create_container(&d, c["name"].as_str(), &spec)?;
+            json!({"id": r.id, "name": r.name, "warnings": r.warnings})
+        }
+        "remove" => json!(docker::remove_container(
+            &d,
+            &ct,
+            c["force"].as_bool().unwrap_or(false),
+            c["volumes"].as_bool().unwrap_or(false)
+        )?),
+        "prune-containers" | "prune-images" => {
+            let mut f = PruneFilter::any();
+            f.until = c["until"].as_str().map(str::to_string);
+            for l in c["labels"].as_array().into_iter().flatten() {
+                f = f.label(l.as_str().unwrap_or_default());
+            }
+            for l in c["not_labels"].as_array().into_iter().flatten() {
+                f = f.not_label(l.as_str().unwrap_or_default());
+            }
+            if s(c, "op") == "prune-containers" {
+                let r = docker::prune_containers(&d, &f)?;
+                json!({"removed": r.removed.iter().map(|c| c.name.clone()).collect::<Vec<_>>(), "space_reclaimed": r.space_reclaimed, "failed": r.failed})
+            } else {
+                let r = docker::prune_images(&d, &f, c["dangling"].as_bool().unwrap_or(true))?;
+                json!({"deleted": r.deleted, "untagged": r.untagged, "space_reclaimed": r.space_reclaimed})
+            }
+        }
+        "remove-image" => {
+            let r = docker::remove_image(
+                &d,
+                &s(c, "image"),
+                c["force"].as_bool().unwrap_or(false),
+                c["no_prune"].as_bool().unwrap_or(false),
+            )?;
+            json!({"deleted": r.deleted, "untagged": r.untagged})
         }
         "list-images" => json!(
             docker::list_images(&d, false)?
