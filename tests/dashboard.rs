@@ -608,7 +608,7 @@ fn run_now_leads_to_the_run_page_with_its_host_calls() {
         "id=\"runs-chart\"",
         "id=\"runs\"",
         "id=\"run-now\"",
-        "may read containers, images, info",
+        "may read info, containers, images",
     ] {
         assert!(
             page.body.contains(needle),
