@@ -11,7 +11,7 @@
 //! secret on any page.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,21 +55,13 @@ fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Resp {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    parse(&String::from_utf8_lossy(&buf))
+    parse(&crate::util::http_raw(
+        &addr.to_string(),
+        method,
+        path,
+        headers,
+        body,
+    ))
 }
 
 fn parse(text: &str) -> Resp {
@@ -94,7 +86,7 @@ fn parse(text: &str) -> Resp {
         .get("transfer-encoding")
         .is_some_and(|t| t.contains("chunked"))
     {
-        dechunk(body)
+        crate::util::dechunk(body)
     } else {
         body.to_string()
     };
@@ -103,20 +95,6 @@ fn parse(text: &str) -> Resp {
         headers,
         body,
     }
-}
-
-fn dechunk(s: &str) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&after[..n.min(after.len())]);
-        rest = after.get(n + 2..).unwrap_or("");
-    }
-    out
 }
 
 /// The value of the first `name="…" value="…"` input in `html`.
@@ -345,8 +323,8 @@ fn every_page_needs_a_session_and_exactly_the_role_it_names() {
             let path = example(p, &run);
             if p.method == "GET" {
                 if p.path == "/events/runs" {
-                    let r = first_event_headers(&d, &session);
-                    assert!(r.contains("text/event-stream"), "{who}: {r}");
+                    let (head, _) = open_stream(&d, &session);
+                    assert!(head.contains("text/event-stream"), "{who}: {head}");
                     continue;
                 }
                 let r = d.get(&path, Some(&session));
@@ -377,10 +355,11 @@ fn every_page_needs_a_session_and_exactly_the_role_it_names() {
     }
 }
 
-/// Opens the runs stream with `session`; its response head.
-fn first_event_headers(d: &Dash, session: &str) -> String {
+/// Opens the runs stream with `session`: its response head (lower case), and the
+/// stream after it.
+fn open_stream(d: &Dash, session: &str) -> (String, BufReader<TcpStream>) {
     let mut s = TcpStream::connect(d.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         s,
         "GET /events/runs HTTP/1.1\r\nHost: x\r\nCookie: capstan_session={session}\r\n\r\n"
@@ -392,7 +371,7 @@ fn first_event_headers(d: &Dash, session: &str) -> String {
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
         if line == "\r\n" || line.is_empty() {
-            return head;
+            return (head, r);
         }
         head.push_str(&line.to_ascii_lowercase());
     }
@@ -717,23 +696,9 @@ fn a_denied_host_call_is_highlighted_with_the_setting_that_would_allow_it() {
 fn the_runs_stream_sends_each_new_run_as_it_happens() {
     let d = Dash::start();
     let (session, _) = d.login_as("viewer");
-    let mut s = TcpStream::connect(d.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET /events/runs HTTP/1.1\r\nHost: x\r\nCookie: capstan_session={session}\r\n\r\n"
-    )
-    .unwrap();
-    let mut r = BufReader::new(s);
+    let (head, mut r) = open_stream(&d, &session);
+    assert!(head.contains("text/event-stream"), "{head}");
     let mut line = String::new();
-    // The head, then the stream.
-    loop {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        if line == "\r\n" {
-            break;
-        }
-    }
     let id = d.submit("inventory");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
