@@ -211,6 +211,9 @@ pub async fn list_containers(web: &WebState, device: &str) -> Result<Vec<Contain
 
 /// `3 running, 1 exited`.
 fn counts_text(m: &BTreeMap<String, usize>) -> String {
+    if m.is_empty() {
+        return "none".into();
+    }
     m.iter()
         .map(|(k, v)| format!("{v} {k}"))
         .collect::<Vec<_>>()
@@ -272,7 +275,7 @@ pub async fn overview(
                                 }
                             }
                         }
-                        td.health { (counts.as_ref().map(|c| counts_text(&c.by_health)).unwrap_or_default()) }
+                        td.health { (counts.as_ref().filter(|c| !c.by_health.is_empty()).map(|c| counts_text(&c.by_health)).unwrap_or_default()) }
                         td.age { (last.as_ref().map(|c| age(c.at)).unwrap_or_default()) }
                     }
                 }
@@ -730,9 +733,10 @@ fn runs_table(
 fn run_row(r: &RunRow) -> Markup {
     html! {
         tr data-run=(r.id) data-status=(r.status) data-plugin=(r.plugin) {
-            td.id { a href=(format!("/runs/{}", r.id)) { (&r.id[..8.min(r.id.len())]) } }
+            // The id's random tail: its head is the time, alike for runs close together.
+            td.id { a href=(format!("/runs/{}", r.id)) title=(r.id) { (&r.id[r.id.len().saturating_sub(12)..]) } }
             td.plugin { a href=(format!("/plugins/{}", r.plugin)) { (r.plugin) } }
-            td.status { span class=(format!("status {}", r.status)) { (r.status) } }
+            td.run-status { span class=(format!("status {}", r.status)) { (r.status) } }
             td.trigger { (r.trigger) }
             td.queued { (r.queued) }
             td.duration { (r.duration) }
@@ -828,7 +832,7 @@ pub async fn runs(
             }
             // New runs are inserted live on the first page only.
             (runs_table(&shown, plugin.as_deref(), status, before.is_none()))
-            @if shown.is_empty() { p.empty { "No runs." } }
+            @if shown.is_empty() { p #no-runs .empty { "No runs." } }
             p.pager {
                 @if before.is_some() { a.newest href=(link(plugin.as_deref(), st, None)) { "Newest" } " " }
                 @if let Some(n) = next { a.older href=(link(plugin.as_deref(), st, Some(n.to_string()))) { "Older" } }
@@ -900,7 +904,7 @@ pub async fn run(
     }
     let row = RunRow::of(&rec);
     page(
-        &format!("Run {}", &row.id[..8]),
+        &format!("Run {}", &row.id[row.id.len().saturating_sub(12)..]),
         &authed,
         html! {
             h1 { "Run " code { (row.id) } }

@@ -31,9 +31,11 @@
     tr.setAttribute("data-run", run.id);
     tr.setAttribute("data-status", run.status);
     tr.setAttribute("data-plugin", run.plugin);
-    tr.appendChild(cell("id", link("/runs/" + encodeURIComponent(run.id), run.id.slice(0, 8))));
+    var idLink = link("/runs/" + encodeURIComponent(run.id), run.id.slice(-12));
+    idLink.title = run.id;
+    tr.appendChild(cell("id", idLink));
     tr.appendChild(cell("plugin", link("/plugins/" + encodeURIComponent(run.plugin), run.plugin)));
-    tr.appendChild(cell("status", statusBadge(run.status)));
+    tr.appendChild(cell("run-status", statusBadge(run.status)));
     tr.appendChild(cell("trigger", run.trigger));
     tr.appendChild(cell("queued", run.queued));
     tr.appendChild(cell("duration", run.duration));
@@ -60,6 +62,8 @@
     var row = buildRow(run);
     row.className = "fresh";
     tbody.insertBefore(row, tbody.firstChild);
+    var none = document.getElementById("no-runs");
+    if (none) none.parentNode.removeChild(none);
   }
 
   function start() {
