@@ -1,8 +1,8 @@
 //! `GET /events/runs`: every change to a run record the session's token may see, as
 //! Server-Sent Events whose `data:` is the run's row ([`RunRow`] as JSON). `app.js`
 //! inserts and updates the runs tables from it. The stream ends when the session does
-//! (logout, expiry, revoked token) or the engine stops; a follower that falls behind
-//! skips to the newest updates.
+//! (logout, expiry, revoked token: looked at on each update and every 10 s) or the
+//! engine stops; a follower that falls behind skips to the newest updates.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -25,7 +25,7 @@ pub async fn runs(State(web): State<WebState>, Extension(authed): Extension<Auth
     let rx = web.app.scheduler.runs().subscribe();
     let filter = match filter_for(&web, &authed.token) {
         Ok(f) => f,
-        Err(page) => return page,
+        Err(e) => return super::pages::internal("the plugins", e),
     };
     let stream = Follow {
         rx,
@@ -43,6 +43,9 @@ pub async fn runs(State(web): State<WebState>, Extension(authed): Extension<Auth
         .into_response()
 }
 
+/// How often a quiet stream checks that its session still holds.
+const SESSION_RECHECK: Duration = Duration::from_secs(10);
+
 /// One session's follow of the run store.
 struct Follow {
     rx: broadcast::Receiver<Arc<RunRecord>>,
@@ -58,16 +61,22 @@ impl Follow {
     /// The next event for the session; `None` when the session or the engine ends.
     async fn next(&mut self) -> Option<Event> {
         loop {
-            let rec = match self.rx.recv().await {
-                Ok(rec) => rec,
-                Err(RecvError::Lagged(n)) => {
+            // A quiet stream still notices a logout, an expiry or a revoked token.
+            let rec = match tokio::time::timeout(SESSION_RECHECK, self.rx.recv()).await {
+                Err(_) => {
+                    let tokens = &self.web.app.tokens;
+                    self.web.sessions.check(&self.authed.session, tokens)?;
+                    continue;
+                }
+                Ok(Ok(rec)) => rec,
+                Ok(Err(RecvError::Lagged(n))) => {
                     tracing::debug!(
                         skipped = n,
                         "a dashboard run stream lagged; updates skipped"
                     );
                     continue;
                 }
-                Err(RecvError::Closed) => return None,
+                Ok(Err(RecvError::Closed)) => return None,
             };
             if !self.web.sessions.is_live(&self.authed.session) {
                 return None;

@@ -52,7 +52,7 @@ fn status_named(s: &str) -> Option<RunStatus> {
     STATUSES.into_iter().find(|st| st.as_str() == s)
 }
 
-fn internal(what: &str, e: impl std::fmt::Display) -> Response {
+pub fn internal(what: &str, e: impl std::fmt::Display) -> Response {
     tracing::warn!(error = %e, "dashboard: {what}");
     render::error_page(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -64,10 +64,9 @@ fn not_found(what: &str) -> Response {
     render::error_page(StatusCode::NOT_FOUND, what)
 }
 
-/// Which plugins (and so runs and hooks) the token may see, or the error page.
-pub fn filter_for(web: &WebState, token: &TokenInfo) -> Result<PluginFilter, Response> {
+/// Which plugins (and so runs and hooks) the token may see.
+pub fn filter_for(web: &WebState, token: &TokenInfo) -> Result<PluginFilter, crate::api::AppError> {
     PluginFilter::for_token(token, web.app.scheduler.runtime())
-        .map_err(|e| internal("the plugins", e))
 }
 
 /// A device's containers by state and health, as last listed.
@@ -212,7 +211,7 @@ pub async fn overview(
     };
     let filter = match filter_for(&web, token) {
         Ok(f) => f,
-        Err(page) => return page,
+        Err(e) => return internal("the plugins", e),
     };
     let runs = web.app.scheduler.runs();
     let history = web.app.docker.history();
@@ -758,7 +757,7 @@ pub async fn runs(
     let token = &authed.token;
     let filter = match filter_for(&web, token) {
         Ok(f) => f,
-        Err(page) => return page,
+        Err(e) => return internal("the plugins", e),
     };
     if let Some(p) = &plugin
         && !filter.allows(p)
@@ -881,7 +880,7 @@ pub async fn run(
     };
     let filter = match filter_for(&web, &authed.token) {
         Ok(f) => f,
-        Err(page) => return page,
+        Err(e) => return internal("the plugins", e),
     };
     if filter.authorize_run(&rec).is_err() {
         return not_found(&format!("No run {run_id} (or your token may not see it)."));
@@ -965,7 +964,7 @@ pub fn would_allow(reason: &str) -> Option<&str> {
 pub async fn hooks(State(web): State<WebState>, Extension(authed): Extension<Authed>) -> Response {
     let filter = match filter_for(&web, &authed.token) {
         Ok(f) => f,
-        Err(page) => return page,
+        Err(e) => return internal("the plugins", e),
     };
     let hooks = crate::api::hooks::views(&web.app, &filter, true);
     page(
