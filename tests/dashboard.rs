@@ -794,3 +794,22 @@ fn no_page_shows_a_secret() {
         );
     }
 }
+
+#[test]
+fn the_runs_stream_ends_with_its_session() {
+    let d = Dash::start();
+    let (session, csrf) = d.login_as("viewer");
+    let (_, mut r) = open_stream(&d, &session);
+    let out = d.post("/logout", Some(&session), &[("csrf", &csrf)]);
+    assert_eq!(out.status, 303);
+    d.submit("inventory");
+    // The server ends the chunked stream: its last chunk, then the connection idles.
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap() == 0 || line == "0\r\n" {
+            break;
+        }
+        assert!(!line.starts_with("data:"), "an event after logout: {line}");
+    }
+}
