@@ -813,3 +813,32 @@ fn the_runs_stream_ends_with_its_session() {
         assert!(!line.starts_with("data:"), "an event after logout: {line}");
     }
 }
+
+#[test]
+fn over_tls_the_cookies_are_secure() {
+    use tower::ServiceExt;
+    let d = Dash::start();
+    let state = capstan::api::AppState::new(d.scheduler.clone())
+        .with_listen(capstan::api::ListenInfo { tls: true });
+    let router = capstan::web::router(
+        state,
+        capstan::web::WebOptions {
+            session_ttl: Duration::from_secs(60),
+        },
+    );
+    let resp = d.rt.block_on(async {
+        router
+            .oneshot(
+                axum::http::Request::get("/login")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+    });
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cookie.starts_with("capstan_login=") && cookie.contains("; Secure"),
+        "{cookie}"
+    );
+}

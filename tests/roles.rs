@@ -43,6 +43,43 @@ fn status_of(addr: &str, method: &str, path: &str, auth: &str) -> u16 {
         .unwrap_or_else(|| panic!("{method} {path}: not an HTTP answer: {line:?}"))
 }
 
+/// Opens a streaming GET and reads its head: once it is read, the handler has subscribed.
+fn open_stream(addr: &str, auth: &str, path: &str) -> std::io::BufReader<std::net::TcpStream> {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    r
+}
+
+/// The next JSON line of a chunked NDJSON stream (chunk sizes skipped).
+fn next_json_line(r: &mut std::io::BufReader<std::net::TcpStream>) -> Value {
+    use std::io::BufRead;
+    loop {
+        let mut line = String::new();
+        assert_ne!(r.read_line(&mut line).unwrap(), 0, "the stream ended");
+        if line.starts_with('{') {
+            return serde_json::from_str(line.trim()).unwrap();
+        }
+    }
+}
+
 #[test]
 fn every_route_refuses_exactly_the_roles_below_the_one_it_declares() {
     let data = DataDir::empty();
@@ -94,6 +131,10 @@ name = "far"
 version = "0.0.1"
 description = "reaches every device"
 
+[[triggers.webhook]]
+name = "far-hook"
+auth = "bearer"
+
 [policy]
 CONTAINERS = 1
 devices = ["*"]
@@ -136,14 +177,18 @@ fn a_device_scoped_token_sees_checks_and_runs_only_what_its_devices_cover() {
         201,
     );
     let wasm = base64(&std::fs::read(crate::util::plugin::wasm("trivial")).unwrap());
+    let mut hook_secret = String::new();
     for manifest in [NEAR, FAR] {
-        call(
+        let installed = call(
             &admin,
             "POST",
             "/api/plugins",
             json!({"manifest": manifest, "wasm_base64": wasm}),
             201,
         );
+        if let Some(s) = installed["generated_secrets"][0]["secret"].as_str() {
+            hook_secret = s.to_string();
+        }
     }
 
     // Devices: each scoped token lists and reads only its own; another answers 404 as a
@@ -248,7 +293,8 @@ fn a_device_scoped_token_sees_checks_and_runs_only_what_its_devices_cover() {
         "this token (local-viewer) has role viewer; POST /api/plugins/{name}/run needs operator"
     );
 
-    // Runs: only those of covered plugins, in pages and one by one.
+    // Runs: only those of covered plugins, in pages, one by one and as they happen.
+    let mut stream = open_stream(addr, &local_viewer, "/api/runs/events");
     let far_run = call(
         &admin,
         "POST",
@@ -256,10 +302,23 @@ fn a_device_scoped_token_sees_checks_and_runs_only_what_its_devices_cover() {
         json!({}),
         200,
     );
+    let second_near = call(
+        &local_ops,
+        "POST",
+        "/api/plugins/near/run?wait=true",
+        json!({}),
+        200,
+    );
+    let first_seen = next_json_line(&mut stream);
+    assert_eq!(
+        first_seen["plugin"], "near",
+        "far's updates are left out: {first_seen}"
+    );
+    assert_eq!(first_seen["id"], second_near["id"]);
     let far_id = far_run["id"].as_str().unwrap();
     let near_id = near_run["id"].as_str().unwrap();
     let all = call(&admin, "GET", "/api/runs", Value::Null, 200);
-    assert_eq!(all["runs"].as_array().unwrap().len(), 2, "{all}");
+    assert_eq!(all["runs"].as_array().unwrap().len(), 3, "{all}");
     let mine = call(&local_viewer, "GET", "/api/runs", Value::Null, 200);
     let ids: Vec<&str> = mine["runs"]
         .as_array()
@@ -267,7 +326,11 @@ fn a_device_scoped_token_sees_checks_and_runs_only_what_its_devices_cover() {
         .iter()
         .map(|r| r["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, [near_id], "{mine}");
+    assert_eq!(
+        ids,
+        [second_near["id"].as_str().unwrap(), near_id],
+        "{mine}"
+    );
     let far_only = call(
         &local_viewer,
         "GET",
@@ -312,6 +375,62 @@ fn a_device_scoped_token_sees_checks_and_runs_only_what_its_devices_cover() {
         assert_eq!(status, 200, "{path} as admin");
     }
     call(&local_ops, "DELETE", "/api/devices/local", Value::Null, 403);
+
+    // Hooks: listed only with a covered plugin; a scoped token beside a delivery gets the
+    // full run record only for a plugin it covers.
+    let hooks = call(&admin, "GET", "/api/hooks", Value::Null, 200);
+    assert_eq!(names(&hooks), ["far-hook"]);
+    assert!(names(&call(&local_ops, "GET", "/api/hooks", Value::Null, 200)).is_empty());
+    let bearer = format!("Bearer {hook_secret}");
+    let deliver = |api_token: &str| {
+        let api_token = api_token.trim_start_matches("Bearer ");
+        let (status, text) = http(
+            addr,
+            "POST",
+            "/hooks/far-hook?wait=true",
+            &[
+                ("Authorization", bearer.as_str()),
+                ("X-Capstan-Token", api_token),
+                ("Content-Type", "application/json"),
+            ],
+            b"{}",
+        );
+        (status, serde_json::from_str::<Value>(&text).unwrap())
+    };
+    let (status, answer) = deliver(&local_ops);
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = deliver(&admin);
+    assert_eq!(
+        (status, &answer["detail"]),
+        (200, &json!("full")),
+        "{answer}"
+    );
+}
+
+#[test]
+fn the_api_document_names_the_role_each_operation_needs() {
+    let data = DataDir::empty();
+    let admin = create_token(&data, "admin", "admin", None);
+    let server = Server::start(&data);
+    let (status, text) = http_json(
+        &server.addr,
+        &admin,
+        "GET",
+        "/api/openapi.json",
+        &Value::Null,
+    );
+    assert_eq!(status, 200, "{text}");
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    for route in capstan::api::ROUTES {
+        let forbidden = &doc["paths"][route.path][route.method.to_lowercase()]["responses"]["403"];
+        let description = forbidden["description"].as_str().unwrap_or_default();
+        assert!(
+            description.contains(route.role.as_str()) || description.contains("limited to devices"),
+            "{} {}: {forbidden}",
+            route.method,
+            route.path
+        );
+    }
 }
 
 #[test]

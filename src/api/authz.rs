@@ -152,7 +152,7 @@ impl PluginFilter {
             more |= page.next.is_some();
             merged.extend(page.runs);
         }
-        merged.sort_by(|a, b| b.id.cmp(&a.id));
+        merged.sort_by_key(|r| std::cmp::Reverse(r.id));
         more |= merged.len() > limit;
         merged.truncate(limit);
         Ok(RunPage {
@@ -189,6 +189,60 @@ mod tests {
         assert!(require_role(&scoped_admin, Role::Operator, "POST /x").is_ok());
         let e = require_role(&scoped_admin, Role::Admin, "DELETE /x").unwrap_err();
         assert!(e.to_string().contains("without a device scope"), "{e}");
+    }
+
+    #[test]
+    fn pages_of_a_scoped_token_merge_its_plugins_runs_newest_first_and_leave_the_rest_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let runs = RunStore::open(&store, Default::default()).unwrap();
+        let by = || crate::runs::RunTrigger::Manual { by: "t".into() };
+        // Interleaved: a, b, hidden, a, b, hidden, ... oldest first.
+        let mut want = Vec::new();
+        for _ in 0..5 {
+            for plugin in ["a", "b", "hidden"] {
+                let r = runs.create(plugin, by()).unwrap();
+                if plugin != "hidden" {
+                    want.push(r.id);
+                }
+            }
+        }
+        want.reverse();
+        let filter = PluginFilter::Only(["a".to_string(), "b".to_string()].into());
+        let mut got = Vec::new();
+        let mut query = RunQuery {
+            limit: 3,
+            ..Default::default()
+        };
+        loop {
+            let page = filter.list_runs(&runs, &query).unwrap();
+            assert!(page.runs.len() <= 3);
+            got.extend(page.runs.iter().map(|r| r.id));
+            match page.next {
+                Some(next) => query.before = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(got, want, "every run of a and b once, newest first");
+        let only_hidden = RunQuery {
+            plugin: Some("hidden".into()),
+            ..Default::default()
+        };
+        assert!(
+            filter
+                .list_runs(&runs, &only_hidden)
+                .unwrap()
+                .runs
+                .is_empty()
+        );
+        assert_eq!(
+            PluginFilter::All
+                .list_runs(&runs, &only_hidden)
+                .unwrap()
+                .runs
+                .len(),
+            5
+        );
     }
 
     #[test]
