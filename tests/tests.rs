@@ -13,6 +13,7 @@ mod cli_plugin;
 mod cli_policy;
 mod cli_vault;
 mod container_ops;
+mod dashboard;
 mod deploy;
 mod docker;
 mod durability;

@@ -212,6 +212,12 @@ pub async fn list(
     Query(query): Query<HookListQuery>,
 ) -> Result<Json<Vec<HookView>>, AppError> {
     let filter = PluginFilter::for_token(&token, state.scheduler.runtime())?;
+    Ok(Json(views(&state, &filter, query.secrets)))
+}
+
+/// Every installed hook the filter allows, by name; with `secrets`, which secrets each
+/// accepts (never the secrets). The API's list and the dashboard's hooks page.
+pub(crate) fn views(state: &AppState, filter: &PluginFilter, secrets: bool) -> Vec<HookView> {
     let secrets_of = |hook: &str| match webhook::HookKeys::load(&state.engine.vault, hook) {
         Ok(k) if k.previous.is_some() => "current + previous",
         Ok(_) => "current",
@@ -224,7 +230,7 @@ pub async fn list(
         .into_iter()
         .filter(|h| filter.allows(&h.plugin))
         .map(|h| HookView {
-            secrets: query.secrets.then(|| secrets_of(&h.name)),
+            secrets: secrets.then(|| secrets_of(&h.name)),
             url_path: format!("/hooks/{}", h.name),
             auth: auth_name(h.auth),
             name: h.name,
@@ -237,7 +243,7 @@ pub async fn list(
         })
         .collect();
     hooks.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Json(hooks))
+    hooks
 }
 
 /// `POST /api/hooks/{name}/rotate`: the new secret, or nothing to have one generated.
