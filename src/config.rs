@@ -52,7 +52,40 @@ pub struct ConfigFile {
     /// Notifications: run-end notices for every plugin, and how deliveries are limited.
     #[serde(default)]
     pub notify: crate::notify::NotifySection,
+    /// The web dashboard served beside the API.
+    #[serde(default)]
+    pub dashboard: DashboardSection,
 }
+
+/// The `[dashboard]` table. Each key may also come from `CAPSTAN_DASHBOARD_<KEY>` (upper
+/// case), which wins over the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardSection {
+    /// How long a dashboard login lasts, seconds (1 to 31 days' worth). Default 43200
+    /// (12 hours). Env `CAPSTAN_DASHBOARD_SESSION_TTL`.
+    pub session_ttl: Option<u64>,
+}
+
+/// The dashboard's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DashboardSettings {
+    /// How long a session lasts after login.
+    pub session_ttl: std::time::Duration,
+}
+
+impl Default for DashboardSettings {
+    fn default() -> Self {
+        DashboardSettings {
+            session_ttl: std::time::Duration::from_secs(DEFAULT_SESSION_TTL_SECS),
+        }
+    }
+}
+
+/// Default dashboard session lifetime: 12 hours.
+pub const DEFAULT_SESSION_TTL_SECS: u64 = 43_200;
+/// Longest dashboard session lifetime: 31 days.
+const MAX_SESSION_TTL_SECS: u64 = 31 * 24 * 3600;
 
 /// The `[docker]` table: how every device's Docker connection is made. The timeouts and
 /// `check_concurrency` may also come from `CAPSTAN_DOCKER_<KEY>` (upper case); `host`,
@@ -233,6 +266,8 @@ pub struct Settings {
     pub api_token: Option<std::sync::Arc<crate::secret::Secret>>,
     /// The `[notify]` table: run-end notifications and delivery limits.
     pub notify: crate::notify::NotifySettings,
+    /// The `[dashboard]` table.
+    pub dashboard: DashboardSettings,
 }
 
 /// A validated `[[proxy]]` entry.
@@ -350,6 +385,7 @@ impl Settings {
                 .notify
                 .resolve()
                 .map_err(|(field, message)| ConfigError::Invalid { field, message })?,
+            dashboard: resolve_dashboard(&file.dashboard, env)?,
         })
     }
 
@@ -544,6 +580,35 @@ fn resolve_server(
 /// The longest chain of run-outcome triggers `runs.max_chain_depth` may allow.
 const MAX_CHAIN_DEPTH: u32 = 100;
 
+/// The `[dashboard]` table over the defaults, with `CAPSTAN_DASHBOARD_*` from `env`
+/// winning.
+fn resolve_dashboard(
+    file: &DashboardSection,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<DashboardSettings, ConfigError> {
+    let var = "CAPSTAN_DASHBOARD_SESSION_TTL";
+    let secs = match env(var) {
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| ConfigError::Invalid {
+            field: "dashboard.session_ttl",
+            message: format!("{var}={v:?} is not a number of seconds"),
+        })?),
+        None => file.session_ttl,
+    };
+    let mut d = DashboardSettings::default();
+    if let Some(secs) = secs {
+        if !(1..=MAX_SESSION_TTL_SECS).contains(&secs) {
+            return Err(ConfigError::Invalid {
+                field: "dashboard.session_ttl",
+                message: format!(
+                    "{secs} is not between 1 and {MAX_SESSION_TTL_SECS} seconds (31 days)"
+                ),
+            });
+        }
+        d.session_ttl = std::time::Duration::from_secs(secs);
+    }
+    Ok(d)
+}
+
 /// The `[runs]` table over the defaults, with `CAPSTAN_RUNS_*` from `env` winning.
 fn resolve_runs(
     file: &RunsSection,
@@ -699,6 +764,26 @@ pub fn test_pause_at() -> Option<&'static std::ffi::OsStr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dashboard_session_lifetime_comes_from_the_environment_then_the_file() {
+        let d = resolve_dashboard(&DashboardSection::default(), |_| None).unwrap();
+        assert_eq!(d.session_ttl, std::time::Duration::from_secs(43_200));
+        let file = ConfigFile::parse("[dashboard]\nsession_ttl = 600\n").unwrap();
+        let d = resolve_dashboard(&file.dashboard, |_| None).unwrap();
+        assert_eq!(d.session_ttl, std::time::Duration::from_secs(600));
+        let d = resolve_dashboard(&file.dashboard, |k| {
+            (k == "CAPSTAN_DASHBOARD_SESSION_TTL").then(|| "2".to_string())
+        })
+        .unwrap();
+        assert_eq!(d.session_ttl, std::time::Duration::from_secs(2));
+        let err = resolve_dashboard(&file.dashboard, |_| Some("soon".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CAPSTAN_DASHBOARD_SESSION_TTL"), "{err}");
+        let file = ConfigFile::parse("[dashboard]\nsession_ttl = 0\n").unwrap();
+        assert!(resolve_dashboard(&file.dashboard, |_| None).is_err());
+    }
 
     #[test]
     fn unknown_keys_in_the_config_file_are_errors_that_name_them() {

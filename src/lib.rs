@@ -9,8 +9,8 @@
 //! [`plugin`] runs sandboxed WebAssembly plugins under it.
 //! [`trigger`] decides when plugins run (cron schedules, verified webhook deliveries) and
 //! [`runs`] records every run. Every listener (API, webhooks, proxies) is served by
-//! [`server`], which bounds what a client can hold open. [`app`] builds it all into the
-//! process `capstan serve` runs.
+//! [`server`], which bounds what a client can hold open; [`web`] is the dashboard served
+//! beside the API. [`app`] builds it all into the process `capstan serve` runs.
 
 pub mod api;
 pub mod app;
@@ -33,6 +33,7 @@ pub mod store;
 pub mod token;
 pub mod trigger;
 pub mod vault;
+pub mod web;
 
 /// A duration in milliseconds to the microsecond, as reports and records give times
 /// (`0.347`, not `0.34724099999999997`).

@@ -243,6 +243,23 @@ async fn check_stored(
     id: &str,
     settings: &CheckSettings,
 ) -> Result<Response, AppError> {
+    Ok(respond(check_stored_report(state, id, settings).await?))
+}
+
+/// Checks the stored device `id` (id or name) over a fresh connection with the default
+/// timeout: what the dashboard's "check now" runs, the same check as
+/// `GET /api/docker/check/{id}`.
+pub(crate) async fn check_device(state: &AppState, id: &str) -> Result<CheckReport, AppError> {
+    check_stored_report(state, id, &CheckSettings::new(false, None)?).await
+}
+
+/// Checks a stored device, pins a key trusted on first use, and records the report in
+/// the device's check history (the dashboard's last check and latency chart).
+async fn check_stored_report(
+    state: &AppState,
+    id: &str,
+    settings: &CheckSettings,
+) -> Result<CheckReport, AppError> {
     let (dev, secrets) = {
         let devices = state.devices()?;
         let dev = devices.get(id)?;
@@ -267,5 +284,6 @@ async fn check_stored(
         state.docker.forget(dev.id);
         tracing::info!(device = %dev.name, key = %k.fingerprint, "pinned the SSH host key the server presented (trust on first use, over the API)");
     }
-    Ok(respond(report))
+    state.docker.history().record(report.clone());
+    Ok(report)
 }

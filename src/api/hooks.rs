@@ -193,6 +193,12 @@ pub async fn list(
     State(state): State<AppState>,
     Query(query): Query<HookListQuery>,
 ) -> Result<Json<Vec<HookView>>, AppError> {
+    Ok(Json(views(&state, query.secrets)))
+}
+
+/// Every installed hook, by name; with `secrets`, which secrets each accepts (never the
+/// secrets). The API's list and the dashboard's hooks page.
+pub(crate) fn views(state: &AppState, secrets: bool) -> Vec<HookView> {
     let secrets_of = |hook: &str| match webhook::HookKeys::load(&state.engine.vault, hook) {
         Ok(k) if k.previous.is_some() => "current + previous",
         Ok(_) => "current",
@@ -204,7 +210,7 @@ pub async fn list(
         .list()
         .into_iter()
         .map(|h| HookView {
-            secrets: query.secrets.then(|| secrets_of(&h.name)),
+            secrets: secrets.then(|| secrets_of(&h.name)),
             url_path: format!("/hooks/{}", h.name),
             auth: auth_name(h.auth),
             name: h.name,
@@ -217,7 +223,7 @@ pub async fn list(
         })
         .collect();
     hooks.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Json(hooks))
+    hooks
 }
 
 /// `POST /api/hooks/{name}/rotate`: the new secret, or nothing to have one generated.

@@ -14,13 +14,13 @@
 //! by `serve`.
 
 mod devices;
-mod docker;
+pub(crate) mod docker;
 pub mod error;
-mod hooks;
+pub(crate) mod hooks;
 mod metrics;
 mod notifiers;
 pub mod openapi;
-mod plugins;
+pub(crate) mod plugins;
 mod runs;
 
 use std::sync::Arc;

@@ -56,7 +56,8 @@ pub struct PluginView {
     pub loaded: bool,
 }
 
-fn view(state: &AppState, p: InstalledPlugin) -> PluginView {
+/// The API's (and the dashboard's) view of an installed plugin.
+pub(crate) fn view(state: &AppState, p: InstalledPlugin) -> PluginView {
     let loaded = state.scheduler.runtime().plugin(&p.name).is_some();
     PluginView {
         triggers: serde_json::to_value(&p.triggers).unwrap_or_default(),

@@ -308,13 +308,17 @@ impl Listening {
     }
 }
 
-/// The API with the webhook deliveries beside it: what the listener serves.
+/// The API with the webhook deliveries and the dashboard beside it: what the listener
+/// serves.
 pub fn router(scheduler: &Arc<Scheduler>) -> axum::Router {
     // Webhook bodies are read before they are authenticated: they share one budget.
     let budget =
         crate::server::PreauthBudget::new(scheduler.engine().settings.server.preauth_body_budget);
     let state = crate::api::AppState::new(scheduler.clone());
-    crate::api::router(state.clone()).merge(budget.wrap(crate::api::hook_router(state)))
+    let web = crate::web::WebOptions::from_settings(&scheduler.engine().settings);
+    crate::api::router(state.clone())
+        .merge(budget.wrap(crate::api::hook_router(state.clone())))
+        .merge(crate::web::router(state, web))
 }
 
 /// The engine the CLI opened in this process (no engine runs on the data directory): the

@@ -25,6 +25,7 @@
 pub mod check;
 pub mod daemon;
 mod error;
+pub mod history;
 mod local;
 pub mod pool;
 mod ssh;

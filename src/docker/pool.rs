@@ -511,6 +511,8 @@ pub struct Pool {
     opts: ConnectOptions,
     clients: Mutex<HashMap<Uuid, Arc<DockerClient>>>,
     checks: Semaphore,
+    /// The last checks of each stored device.
+    history: super::history::CheckHistory,
 }
 
 impl Pool {
@@ -519,7 +521,13 @@ impl Pool {
             checks: Semaphore::new(opts.check_concurrency.max(1)),
             opts,
             clients: Mutex::new(HashMap::new()),
+            history: Default::default(),
         }
+    }
+
+    /// The last checks of each stored device (recorded by the stored-device check).
+    pub fn history(&self) -> &super::history::CheckHistory {
+        &self.history
     }
 
     /// Checks `device` once one of the engine's check slots is free (a check's timings
