@@ -238,9 +238,9 @@ fn an_admin_logs_in_runs_a_plugin_sees_it_arrive_live_opens_it_and_logs_out() {
         b.source()
     );
     b.wait_until(
-        &format!("run {id} to show as succeeded"),
+        &format!("run {id} to show as ok"),
         Duration::from_secs(60),
-        |b| b.attr(&row, "data-status").as_deref() == Some("succeeded"),
+        |b| b.attr(&row, "data-status").as_deref() == Some("ok"),
     );
     assert_eq!(
         b.execute("return window.__marker", vec![]),
@@ -256,7 +256,7 @@ fn an_admin_logs_in_runs_a_plugin_sees_it_arrive_live_opens_it_and_logs_out() {
     b.wait_for("#outcome[data-status]");
     assert_eq!(
         b.attr("#outcome", "data-status").as_deref(),
-        Some("succeeded")
+        Some("ok")
     );
     assert!(b.exists("pre#logs"));
     let calls = b.count("table#host-calls tr.call");
