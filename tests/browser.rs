@@ -427,8 +427,10 @@ fn an_expired_session_sends_the_browser_back_to_the_login_page() {
     b.screenshot("expired");
 }
 
-/// Makes `docs/dashboard.png`, the README's picture: a dashboard with some runs behind it
-/// (inventory's, and probe's with a denial and a failure), photographed in Chromium.
+/// Makes `docs/dashboard.png`, the README's picture: the overview of a dashboard with the
+/// example plugins, some runs behind it (inventory's, and probe's with a denial and a
+/// failure) and `local` checked, photographed in Chromium (the plugin page with its runs
+/// chart lands beside the other screenshots).
 #[test]
 #[ignore = "writes docs/dashboard.png: cargo test --test tests browser::docs_screenshot -- --ignored"]
 fn docs_screenshot() {
@@ -447,13 +449,26 @@ fn docs_screenshot() {
         );
         assert_eq!(status, 200, "{plugin}: {body}");
     }
+    // Checks of `local`, for its latency, Docker version and containers.
+    for _ in 0..3 {
+        let (status, body) = http_json(
+            &d.server().addr,
+            &auth,
+            "GET",
+            "/api/docker/check/local",
+            &Value::Null,
+        );
+        assert_eq!(status, 200, "check local: {body}");
+    }
     let b = d.browser("docs");
     assert_eq!(b.login(&d.admin), "/");
     b.wait_for("table#devices tr[data-device=\"local\"]");
-    b.screenshot("overview");
+    b.fit_page(1280, 1400);
+    let shot = b.screenshot("overview");
     b.goto("/plugins/inventory");
     b.wait_for("svg#runs-chart");
-    let shot = b.screenshot("plugin");
+    b.fit_page(1280, 1400);
+    b.screenshot("plugin");
     let png = std::fs::read(&shot).unwrap();
     assert!(png.len() < 300 * 1024, "{} is {} bytes", shot.display(), png.len());
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png");

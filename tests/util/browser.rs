@@ -311,32 +311,51 @@ impl Browser {
         )
     }
 
-    /// The visible text of the first element matching `css`.
+    /// The visible text of the first element matching `css`. (Read in one script, so a
+    /// row the live stream replaces meanwhile is never half read.)
     pub fn text(&self, css: &str) -> String {
-        let e = self.find(css);
-        self.cmd(&format!("read the text of `{css}`"), e.text())
+        let v = self.execute(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : null",
+            vec![json!(css)],
+        );
+        match v {
+            Value::String(s) => s,
+            _ => panic!("{}: no `{css}` on {}", self.test, self.path()),
+        }
     }
 
     /// The visible text of every element matching `css`.
     pub fn texts(&self, css: &str) -> Vec<String> {
-        let all = self.cmd(
-            &format!("find `{css}`"),
-            self.client().find_all(Locator::Css(css)),
+        let v = self.execute(
+            "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText)",
+            vec![json!(css)],
         );
-        all.iter()
-            .map(|e| self.cmd(&format!("read the text of `{css}`"), e.text()))
-            .collect()
+        serde_json::from_value(v).expect("a list of texts")
     }
 
     /// An attribute of the first element matching `css`.
     pub fn attr(&self, css: &str, name: &str) -> Option<String> {
-        let e = self.find(css);
-        self.cmd(&format!("read `{name}` of `{css}`"), e.attr(name))
+        let v = self.execute(
+            "const e = document.querySelector(arguments[0]); \
+             if (!e) return {missing: true}; return {value: e.getAttribute(arguments[1])}",
+            vec![json!(css), json!(name)],
+        );
+        assert!(v["missing"] != true, "{}: no `{css}` on {}", self.test, self.path());
+        v["value"].as_str().map(str::to_string)
     }
 
+    /// Clicks the first element matching `css`; looks it up again if the page replaced
+    /// it between finding and clicking.
     pub fn click(&self, css: &str) {
-        let e = self.find(css);
-        self.cmd(&format!("click `{css}`"), e.click());
+        for _ in 0..3 {
+            let e = self.find(css);
+            match self.bounded(&format!("click `{css}`"), e.click()) {
+                Ok(()) => return,
+                Err(err) if err.to_string().contains("stale element") => continue,
+                Err(err) => panic!("click `{css}`: {err}"),
+            }
+        }
+        panic!("click `{css}`: the page kept replacing it");
     }
 
     /// Replaces the value of the field matching `css` with `text`, as typed.
@@ -393,6 +412,27 @@ impl Browser {
             .into_iter()
             .map(|c| (c.name().to_string(), c.value().to_string()))
             .collect()
+    }
+
+    /// Sizes the window `width` wide and as tall as the page (at most `max_height`), so
+    /// a screenshot shows all of it.
+    pub fn fit_page(&self, width: u32, max_height: u32) {
+        self.cmd("resize the window", self.client().set_window_size(width, 900));
+        let h = self
+            .execute("return document.documentElement.scrollHeight", vec![])
+            .as_u64()
+            .expect("the page's height") as u32;
+        let h = h.min(max_height);
+        self.cmd("resize the window", self.client().set_window_size(width, h));
+        // The window's outer size includes what headless Chromium keeps for its frame:
+        // grow it until the viewport holds the page.
+        let inner = self.execute("return window.innerHeight", vec![]).as_u64().unwrap_or(0) as u32;
+        if inner < h {
+            self.cmd(
+                "resize the window",
+                self.client().set_window_size(width, h + (h - inner)),
+            );
+        }
     }
 
     /// Saves a PNG of the window as `target/test-artifacts/browser/TEST-NN-STEP.png` and
