@@ -151,12 +151,16 @@ fn run_now(b: &Browser, name: &str, input: &str) -> String {
 /// Waits until run `id`'s page shows a final outcome; returns its status.
 fn wait_for_outcome(b: &Browser, id: &str) -> String {
     let mut status = String::new();
-    b.wait_until(&format!("run {id} to finish"), Duration::from_secs(60), |b| {
-        b.goto(&format!("/runs/{id}"));
-        b.wait_for("#outcome[data-status]");
-        status = b.attr("#outcome", "data-status").unwrap_or_default();
-        !matches!(status.as_str(), "queued" | "running" | "")
-    });
+    b.wait_until(
+        &format!("run {id} to finish"),
+        Duration::from_secs(60),
+        |b| {
+            b.goto(&format!("/runs/{id}"));
+            b.wait_for("#outcome[data-status]");
+            status = b.attr("#outcome", "data-status").unwrap_or_default();
+            !matches!(status.as_str(), "queued" | "running" | "")
+        },
+    );
     status
 }
 
@@ -207,7 +211,10 @@ fn an_admin_logs_in_runs_a_plugin_sees_it_arrive_live_opens_it_and_logs_out() {
         );
     }
     for href in ["/", "/runs", "/hooks", "/notifiers"] {
-        assert!(b.exists(&format!("nav a[href=\"{href}\"]")), "nav links {href}");
+        assert!(
+            b.exists(&format!("nav a[href=\"{href}\"]")),
+            "nav links {href}"
+        );
     }
     b.screenshot("overview");
 
@@ -228,9 +235,11 @@ fn an_admin_logs_in_runs_a_plugin_sees_it_arrive_live_opens_it_and_logs_out() {
     // the run to the end.
     b.switch_to(&runs);
     let row = format!("table#runs tbody tr[data-run=\"{id}\"]");
-    b.wait_until(&format!("run {id} in the runs list"), Duration::from_secs(30), |b| {
-        b.exists(&row)
-    });
+    b.wait_until(
+        &format!("run {id} in the runs list"),
+        Duration::from_secs(30),
+        |b| b.exists(&row),
+    );
     assert_eq!(
         b.attr(&row, "data-plugin").as_deref(),
         Some("inventory"),
@@ -254,13 +263,14 @@ fn an_admin_logs_in_runs_a_plugin_sees_it_arrive_live_opens_it_and_logs_out() {
     b.click(&format!("{row} a[href=\"/runs/{id}\"]"));
     b.wait_for_path(&format!("/runs/{id}"));
     b.wait_for("#outcome[data-status]");
-    assert_eq!(
-        b.attr("#outcome", "data-status").as_deref(),
-        Some("ok")
-    );
+    assert_eq!(b.attr("#outcome", "data-status").as_deref(), Some("ok"));
     assert!(b.exists("pre#logs"));
     let calls = b.count("table#host-calls tr.call");
-    assert!(calls >= 3, "inventory's host calls listed: {calls}\n{}", b.source());
+    assert!(
+        calls >= 3,
+        "inventory's host calls listed: {calls}\n{}",
+        b.source()
+    );
     assert_eq!(
         b.count("table#host-calls tr.call[data-decision=\"allow\"]"),
         calls,
@@ -292,7 +302,12 @@ fn a_denied_host_call_is_highlighted_with_the_setting_that_would_allow_it() {
     wait_for_outcome(&b, &id);
     let allowed = "table#host-calls tr.call[data-decision=\"allow\"]";
     let denied = "table#host-calls tr.call.denied[data-decision=\"deny\"]";
-    assert_eq!(b.count(allowed), 1, "list-containers allowed:\n{}", b.source());
+    assert_eq!(
+        b.count(allowed),
+        1,
+        "list-containers allowed:\n{}",
+        b.source()
+    );
     assert_eq!(b.count(denied), 1, "system-info denied:\n{}", b.source());
     assert!(
         b.text(denied).contains("system-info") || b.text(denied).contains("/info"),
@@ -412,17 +427,25 @@ fn an_expired_session_sends_the_browser_back_to_the_login_page() {
     // Look every 250 ms, as a person reloading would, until the session is gone.
     let mut path = String::new();
     let every = Duration::from_millis(250);
-    b.poll("the session to expire", Duration::from_secs(15), every, |b| {
-        b.goto("/runs");
-        path = b.path();
-        path.starts_with("/login")
-    });
+    b.poll(
+        "the session to expire",
+        Duration::from_secs(15),
+        every,
+        |b| {
+            b.goto("/runs");
+            path = b.path();
+            path.starts_with("/login")
+        },
+    );
     let after = logged_in.elapsed();
     assert!(
         after >= Duration::from_millis(1500),
         "the session lasted its 2 s: expired after {after:?}"
     );
-    assert!(path.contains("next="), "the login page knows where to return: {path}");
+    assert!(
+        path.contains("next="),
+        "the login page knows where to return: {path}"
+    );
     b.wait_for("form#login");
     b.screenshot("expired");
 }
@@ -470,7 +493,12 @@ fn docs_screenshot() {
     b.fit_page(1280, 1400);
     b.screenshot("plugin");
     let png = std::fs::read(&shot).unwrap();
-    assert!(png.len() < 300 * 1024, "{} is {} bytes", shot.display(), png.len());
+    assert!(
+        png.len() < 300 * 1024,
+        "{} is {} bytes",
+        shot.display(),
+        png.len()
+    );
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png");
     std::fs::write(&docs, png).unwrap();
     eprintln!("wrote {}", docs.display());

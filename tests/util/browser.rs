@@ -168,7 +168,9 @@ impl Browser {
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let session = b.bounded(
             "open a WebDriver session",
-            ClientBuilder::new(connector).capabilities(caps).connect(&url),
+            ClientBuilder::new(connector)
+                .capabilities(caps)
+                .connect(&url),
         );
         b.client = Some(session.unwrap_or_else(|e| {
             panic!(
@@ -340,7 +342,12 @@ impl Browser {
              if (!e) return {missing: true}; return {value: e.getAttribute(arguments[1])}",
             vec![json!(css), json!(name)],
         );
-        assert!(v["missing"] != true, "{}: no `{css}` on {}", self.test, self.path());
+        assert!(
+            v["missing"] != true,
+            "{}: no `{css}` on {}",
+            self.test,
+            self.path()
+        );
         v["value"].as_str().map(str::to_string)
     }
 
@@ -400,10 +407,7 @@ impl Browser {
     }
 
     pub fn switch_to(&self, w: &WindowHandle) {
-        self.cmd(
-            "switch windows",
-            self.client().switch_to_window(w.clone()),
-        );
+        self.cmd("switch windows", self.client().switch_to_window(w.clone()));
     }
 
     /// The browser's cookies for the current page, as (name, value) pairs.
@@ -417,7 +421,10 @@ impl Browser {
     /// Sizes the window `width` wide and as tall as the page (at most `max_height`), so
     /// a screenshot shows all of it.
     pub fn fit_page(&self, width: u32, max_height: u32) {
-        self.cmd("resize the window", self.client().set_window_size(width, 900));
+        self.cmd(
+            "resize the window",
+            self.client().set_window_size(width, 900),
+        );
         let h = self
             .execute("return document.documentElement.scrollHeight", vec![])
             .as_u64()
@@ -426,7 +433,10 @@ impl Browser {
         self.cmd("resize the window", self.client().set_window_size(width, h));
         // The window's outer size includes what headless Chromium keeps for its frame:
         // grow it until the viewport holds the page.
-        let inner = self.execute("return window.innerHeight", vec![]).as_u64().unwrap_or(0) as u32;
+        let inner = self
+            .execute("return window.innerHeight", vec![])
+            .as_u64()
+            .unwrap_or(0) as u32;
         if inner < h {
             self.cmd(
                 "resize the window",
@@ -478,9 +488,9 @@ impl Drop for Browser {
             }
         }
         if let Some(client) = self.client.take() {
-            let _ = self
-                .rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(5), client.close()).await });
+            let _ = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), client.close()).await
+            });
         }
         // chromedriver and the Chromium it started share the group chromedriver leads.
         let group = self.driver.id() as i32;
