@@ -223,7 +223,6 @@ fn main() {
     let router = capstan::web::router(
         state,
         capstan::web::WebOptions {
-            tls: false,
             session_ttl: Duration::from_secs(3600),
         },
     );

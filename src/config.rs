@@ -203,6 +203,12 @@ pub struct ProxySection {
 pub struct ApiSection {
     /// Listen address, e.g. `127.0.0.1:7878`.
     pub listen: Option<String>,
+    /// Serve the API (with its webhooks and the dashboard) over TLS with this certificate
+    /// chain (PEM); needs `tls_key`. Flag `serve --tls-cert`, env `CAPSTAN_API_TLS_CERT`.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM). Flag `serve --tls-key`, env
+    /// `CAPSTAN_API_TLS_KEY`.
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,6 +257,9 @@ impl ConfigFile {
 pub struct Settings {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// The API listener's TLS (`[api] tls_cert`/`tls_key`, or `serve --tls-cert/--tls-key`);
+    /// `None`: plain HTTP.
+    pub api_tls: Option<crate::server::tls::TlsFiles>,
     /// Explicit key file, if one was named anywhere.
     pub key_file: Option<PathBuf>,
     /// Proxies to start with the engine, checked at load.
@@ -371,9 +380,11 @@ impl Settings {
                 access_log: p.access_log.clone(),
             });
         }
+        let api_tls = api_tls(file.api.tls_cert.clone(), file.api.tls_key.clone())?;
         Ok(Settings {
             data_dir,
             listen,
+            api_tls,
             key_file: flag_key_file.or_else(|| file.vault.key_file.clone()),
             proxies,
             runs: resolve_runs(&file.runs, env)?,
@@ -391,6 +402,26 @@ impl Settings {
 
     pub fn default_key_file(&self) -> PathBuf {
         self.data_dir.join(DEFAULT_KEY_FILE_NAME)
+    }
+}
+
+/// The API's TLS from a certificate and a key, which go together (from the file, or
+/// from `serve`'s flags, which replace the file's pair).
+pub fn api_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<crate::server::tls::TlsFiles>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(crate::server::tls::TlsFiles {
+            cert,
+            key,
+            client_ca: None,
+        })),
+        (None, None) => Ok(None),
+        _ => Err(ConfigError::Invalid {
+            field: "api.tls_cert",
+            message: "tls_cert and tls_key go together (--tls-cert and --tls-key)".into(),
+        }),
     }
 }
 
@@ -836,6 +867,22 @@ mod tests {
         assert!(err.to_string().contains("used by another proxy"), "{err}");
         let typo = "[[proxy]]\ndevice = \"a\"\npolicy = \"p.env\"\nlisten = \"tcp://127.0.0.1:1\"\ntoken = \"x\"\n";
         assert!(ConfigFile::parse(typo).unwrap_err().contains("token"));
+    }
+
+    #[test]
+    fn the_apis_tls_files_come_as_certificate_and_key() {
+        let resolve =
+            |text: &str| Settings::resolve(&ConfigFile::parse(text).unwrap(), None, None, None);
+        let s = resolve("[api]\ntls_cert = \"api.pem\"\ntls_key = \"api.key\"\n").unwrap();
+        let tls = s.api_tls.expect("TLS from the file");
+        assert_eq!(tls.cert, PathBuf::from("api.pem"));
+        assert_eq!(tls.key, PathBuf::from("api.key"));
+        assert_eq!(resolve("").unwrap().api_tls, None);
+        let err = resolve("[api]\ntls_key = \"api.key\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("tls_cert and tls_key go together"),
+            "{err}"
+        );
     }
 
     /// Settings from one `[[proxy]]` table with `extra` lines.

@@ -730,7 +730,7 @@ fn a_device_scoped_token_sees_only_its_devices_and_the_plugins_they_cover() {
     assert_eq!(d.get("/plugins/inventory", Some(&session)).status, 404);
     assert_eq!(d.get("/runs?plugin=inventory", Some(&session)).status, 404);
     let r = d.post("/plugins/inventory/run", Some(&session), &[("csrf", &csrf)]);
-    assert_eq!(r.status, 403);
+    assert_eq!(r.status, 404, "as for a plugin that is not installed");
     let id = d.submit("inventory");
     assert_eq!(d.get(&format!("/runs/{id}"), Some(&session)).status, 404);
     let runs = d.get("/runs", Some(&session));
@@ -793,4 +793,52 @@ fn no_page_shows_a_secret() {
             "{path}"
         );
     }
+}
+
+#[test]
+fn the_runs_stream_ends_with_its_session() {
+    let d = Dash::start();
+    let (session, csrf) = d.login_as("viewer");
+    let (_, mut r) = open_stream(&d, &session);
+    let out = d.post("/logout", Some(&session), &[("csrf", &csrf)]);
+    assert_eq!(out.status, 303);
+    d.submit("inventory");
+    // The server ends the chunked stream: its last chunk, then the connection idles.
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap() == 0 || line == "0\r\n" {
+            break;
+        }
+        assert!(!line.starts_with("data:"), "an event after logout: {line}");
+    }
+}
+
+#[test]
+fn over_tls_the_cookies_are_secure() {
+    use tower::ServiceExt;
+    let d = Dash::start();
+    let state = capstan::api::AppState::new(d.scheduler.clone())
+        .with_listen(capstan::api::ListenInfo { tls: true });
+    let router = capstan::web::router(
+        state,
+        capstan::web::WebOptions {
+            session_ttl: Duration::from_secs(60),
+        },
+    );
+    let resp = d.rt.block_on(async {
+        router
+            .oneshot(
+                axum::http::Request::get("/login")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+    });
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cookie.starts_with("capstan_login=") && cookie.contains("; Secure"),
+        "{cookie}"
+    );
 }

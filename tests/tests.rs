@@ -24,6 +24,7 @@ mod outbound;
 mod plugin_examples;
 mod plugins;
 mod proxy;
+mod roles;
 mod run_triggers;
 mod serve;
 mod triggers;

@@ -6,13 +6,17 @@
 //! [`DeviceSpec`](crate::device::DeviceSpec), and adding and editing go through
 //! [`Devices`](crate::device::Devices), the same type and path as `capstan device
 //! add|edit`, so the API and the CLI agree on what a valid device is.
+//!
+//! A token limited to devices lists only those and gets 404 for the others
+//! ([`authz::authorize_device`]); changing devices is for unscoped admins.
 
-use super::{AppError, AppState};
+use super::{AppError, AppState, authz};
 use crate::device::{Device, DeviceSpec};
+use crate::token::TokenInfo;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -52,12 +56,16 @@ fn parse_body(body: &Bytes) -> Result<DeviceSpec, AppError> {
     get,
     path = "/api/devices",
     tag = "devices",
-    responses((status = 200, description = "Every device, by name", body = [DeviceView]))
+    responses((status = 200, description = "Every device the token sees, by name", body = [DeviceView]))
 )]
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<DeviceView>>, AppError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
+) -> Result<Json<Vec<DeviceView>>, AppError> {
     let devices = state.devices()?.list()?;
     devices
         .into_iter()
+        .filter(|d| token.sees_device(&d.name))
         .map(|d| view(&state, d))
         .collect::<Result<Vec<_>, _>>()
         .map(Json)
@@ -71,15 +79,29 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<DeviceView>>
     params(("name" = String, Path, description = "Device name or id")),
     responses(
         (status = 200, description = "The device; secrets by name only", body = DeviceView),
-        (status = 404, description = "No such device", body = super::ErrorBody),
+        (status = 404, description = "No such device (or not one the token sees)", body = super::ErrorBody),
     )
 )]
 pub async fn show(
     State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
     Path(name): Path<String>,
 ) -> Result<Json<DeviceView>, AppError> {
-    let d = state.devices()?.get(&name)?;
+    let d = visible(&state, &token, &name)?;
     Ok(Json(view(&state, d)?))
+}
+
+/// The device `asked` (name or id), or 404 (naming `asked`, as for a missing device)
+/// when the token does not see it.
+pub(super) fn visible(
+    state: &AppState,
+    token: &TokenInfo,
+    asked: &str,
+) -> Result<Device, AppError> {
+    let d = state.devices()?.get(asked)?;
+    authz::authorize_device(token, &d.name)
+        .map_err(|_| AppError::NotFound(format!("no device named {asked:?}")))?;
+    Ok(d)
 }
 
 /// Create a device

@@ -11,20 +11,26 @@
 //! device or the daemon failed, 504 on a timeout (the body says which kind of failure,
 //! what to do, and which steps succeeded). The engine runs at most
 //! `[docker] check_concurrency` checks at once; the others wait for a slot.
+//!
+//! Checking a stored device is for operators (of that device: a device-scoped token gets
+//! 404 for the others); pinning a host key on first use changes the device, so
+//! `trust_host_key` needs admin. The pre-check connects anywhere with any credentials and
+//! serves adding a device: admin.
 
 use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{AppError, AppState};
+use super::{AppError, AppState, authz};
 use crate::device::{self, Device, DeviceKind, DeviceSecrets, DeviceSpec};
 use crate::docker::{CheckOptions, CheckReport};
+use crate::token::{Role, TokenInfo};
 
 /// Seconds allowed for connecting and for each call when the request does not say.
 const DEFAULT_TIMEOUT_SECS: u64 = 10;
@@ -171,9 +177,10 @@ pub async fn pre_check(
 )]
 pub async fn check(
     State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
     Path(id): Path<String>,
 ) -> Result<Response, AppError> {
-    check_stored(&state, &id, &CheckSettings::new(false, None)?).await
+    check_stored(&state, &token, &id, &CheckSettings::new(false, None)?).await
 }
 
 /// The body of `POST /api/docker/check/{id}`; every field is optional.
@@ -217,6 +224,7 @@ pub struct CheckRequest {
 )]
 pub async fn check_with(
     State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AppError> {
@@ -235,34 +243,49 @@ pub async fn check_with(
     }
     let mut settings = CheckSettings::new(req.trust_host_key, req.timeout_secs)?;
     settings.pooled = req.pooled;
-    check_stored(&state, &id, &settings).await
+    check_stored(&state, &token, &id, &settings).await
 }
 
 async fn check_stored(
     state: &AppState,
+    token: &TokenInfo,
     id: &str,
     settings: &CheckSettings,
 ) -> Result<Response, AppError> {
-    Ok(respond(check_stored_report(state, id, settings).await?))
+    Ok(respond(
+        check_stored_report(state, token, id, settings).await?,
+    ))
 }
 
 /// Checks the stored device `id` (id or name) over a fresh connection with the default
-/// timeout: what the dashboard's "check now" runs, the same check as
-/// `GET /api/docker/check/{id}`.
-pub(crate) async fn check_device(state: &AppState, id: &str) -> Result<CheckReport, AppError> {
-    check_stored_report(state, id, &CheckSettings::new(false, None)?).await
+/// timeout, as `token` (404 for a device it does not see): what the dashboard's "check
+/// now" runs, the same check as `GET /api/docker/check/{id}`.
+pub(crate) async fn check_device(
+    state: &AppState,
+    token: &TokenInfo,
+    id: &str,
+) -> Result<CheckReport, AppError> {
+    check_stored_report(state, token, id, &CheckSettings::new(false, None)?).await
 }
 
 /// Checks a stored device, pins a key trusted on first use, and records the report in
 /// the device's check history (the dashboard's last check and latency chart).
 async fn check_stored_report(
     state: &AppState,
+    token: &TokenInfo,
     id: &str,
     settings: &CheckSettings,
 ) -> Result<CheckReport, AppError> {
     let (dev, secrets) = {
+        let dev = super::devices::visible(state, token, id)?;
+        if settings.trust_host_key {
+            authz::require_role(
+                token,
+                Role::Admin,
+                "trust_host_key (pinning the device's host key)",
+            )?;
+        }
         let devices = state.devices()?;
-        let dev = devices.get(id)?;
         let secrets = devices.secrets(&dev)?;
         (dev, secrets)
     };

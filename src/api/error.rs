@@ -2,7 +2,7 @@
 //! place. Internal detail is logged, not returned.
 //!
 //! Every error answers `{"error": {"kind": "...", "message": "..."}}` ([`ErrorBody`]);
-//! `kind` is one of `unauthorized`, `not-found`, `method-not-allowed`, `invalid`,
+//! `kind` is one of `unauthorized`, `forbidden`, `not-found`, `method-not-allowed`, `invalid`,
 //! `conflict`, `too-large`, `unavailable`, `internal`. An invalid input that is one
 //! setting adds `"setting"` (the body field, e.g. `"private_key"`), so a client can
 //! name it in its own words (the CLI names the flag). Handlers take their body as
@@ -20,6 +20,10 @@ use crate::device::DeviceError;
 pub enum AppError {
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// The token is valid but its role (or device scope) does not allow the request; the
+    /// message says which role or scope it would take.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("this route does not take that method")]
@@ -51,8 +55,8 @@ pub struct ErrorBody {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
-    /// `unauthorized`, `not-found`, `method-not-allowed`, `invalid`, `conflict`,
-    /// `too-large`, `unavailable` or `internal`.
+    /// `unauthorized`, `forbidden`, `not-found`, `method-not-allowed`, `invalid`,
+    /// `conflict`, `too-large`, `unavailable` or `internal`.
     #[schema(example = "invalid")]
     pub kind: &'static str,
     /// What failed and what to do next. Never contains a secret.
@@ -67,6 +71,7 @@ impl AppError {
     fn status_and_kind(&self) -> (StatusCode, &'static str) {
         match self {
             AppError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            AppError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             AppError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             AppError::Invalid(_) | AppError::InvalidSetting { .. } => {

@@ -9,16 +9,18 @@
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::authz::PluginFilter;
 use super::{AppError, AppState};
 use crate::plugin::admin::HookAdminError;
 use crate::runs::RunSummary;
 use crate::secret::Secret;
+use crate::token::TokenInfo;
 use crate::trigger::webhook::{
     self, API_TOKEN_HEADER, Answer, AuthKind, WaitResponse, WebhookError,
 };
@@ -119,8 +121,10 @@ pub(super) async fn deliver(
 /// Whether a `?wait=true` answer carries the full run record (logs, host calls): when
 /// the hook opts in (`wait_response = "full"`), or the request also carries a valid API
 /// token in `X-Capstan-Token`. Otherwise a summary: one captured delivery must not
-/// hand its holder what the plugin logged and touched. A token that does not verify is
-/// refused (401) before anything runs, rather than silently answered with less.
+/// hand its holder what the plugin logged and touched. A token that does not verify, or
+/// a device-scoped one that does not cover the hook's plugin (it could not read the run
+/// over the API either), is refused (401) before anything runs, rather than silently
+/// answered with less.
 fn full_record(state: &AppState, hook: &str, headers: &HeaderMap) -> Result<bool, WebhookError> {
     match state.scheduler.hooks().wait_response(hook) {
         // Unknown: the delivery answers 404.
@@ -132,7 +136,20 @@ fn full_record(state: &AppState, hook: &str, headers: &HeaderMap) -> Result<bool
         return Ok(false);
     };
     match state.tokens.verify(token.as_bytes().trim_ascii()) {
-        Ok(Some(_)) => Ok(true),
+        Ok(Some(info)) if !info.is_device_scoped() => Ok(true),
+        Ok(Some(info)) => {
+            let covered = state
+                .scheduler
+                .hooks()
+                .owner(hook)
+                .and_then(|p| state.scheduler.runtime().installed_plugin(&p).ok())
+                .is_some_and(|p| super::authz::authorize_plugin(&info, &p).is_ok());
+            if covered {
+                Ok(true)
+            } else {
+                Err(WebhookError::BadApiToken)
+            }
+        }
         Ok(None) => Err(WebhookError::BadApiToken),
         Err(e) => Err(WebhookError::Internal(e.to_string())),
     }
@@ -191,14 +208,16 @@ fn auth_name(a: AuthKind) -> &'static str {
 )]
 pub async fn list(
     State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
     Query(query): Query<HookListQuery>,
 ) -> Result<Json<Vec<HookView>>, AppError> {
-    Ok(Json(views(&state, query.secrets)))
+    let filter = PluginFilter::for_token(&token, state.scheduler.runtime())?;
+    Ok(Json(views(&state, &filter, query.secrets)))
 }
 
-/// Every installed hook, by name; with `secrets`, which secrets each accepts (never the
-/// secrets). The API's list and the dashboard's hooks page.
-pub(crate) fn views(state: &AppState, secrets: bool) -> Vec<HookView> {
+/// Every installed hook the filter allows, by name; with `secrets`, which secrets each
+/// accepts (never the secrets). The API's list and the dashboard's hooks page.
+pub(crate) fn views(state: &AppState, filter: &PluginFilter, secrets: bool) -> Vec<HookView> {
     let secrets_of = |hook: &str| match webhook::HookKeys::load(&state.engine.vault, hook) {
         Ok(k) if k.previous.is_some() => "current + previous",
         Ok(_) => "current",
@@ -209,6 +228,7 @@ pub(crate) fn views(state: &AppState, secrets: bool) -> Vec<HookView> {
         .hooks()
         .list()
         .into_iter()
+        .filter(|h| filter.allows(&h.plugin))
         .map(|h| HookView {
             secrets: secrets.then(|| secrets_of(&h.name)),
             url_path: format!("/hooks/{}", h.name),

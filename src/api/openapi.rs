@@ -4,7 +4,8 @@
 //! handler and the `ToSchema` derives on the request and response types. Two things are
 //! added here for every operation rather than written on each: the bearer-token security
 //! scheme (every operation but `/healthz` requires it) and the error answers every
-//! protected route can give (401, 500), with the one error body ([`ErrorBody`]).
+//! protected route can give (401, 403 naming the role the route needs, 500), with the
+//! one error body ([`ErrorBody`]).
 //! A test checks that the document lists exactly the routes in [`super::ROUTES`].
 
 use std::sync::OnceLock;
@@ -27,7 +28,8 @@ pub const BEARER: &str = "bearer";
     info(
         title = "Capstan API",
         description = "Devices, Docker checks, plugins, runs, hooks and metrics of a Capstan engine. \
-            Every route but /healthz needs `Authorization: Bearer <token>` (`capstan token create`). \
+            Every route but /healthz needs `Authorization: Bearer <token>` (`capstan token create`) \
+            whose role (viewer, operator, admin) is the one the route needs, or above. \
             Errors answer `{\"error\": {\"kind\", \"message\"}}`."
     ),
     paths(
@@ -78,7 +80,7 @@ pub const BEARER: &str = "bearer";
 )]
 pub struct ApiDoc;
 
-/// Adds the bearer scheme, and the 401 and 500 answers to every protected operation.
+/// Adds the bearer scheme, and the 401, 403 and 500 answers to every protected operation.
 struct Auth;
 
 impl Modify for Auth {
@@ -119,11 +121,21 @@ impl Modify for Auth {
             if path == super::HEALTH_PATH || path == super::HOOK_PATH {
                 continue;
             }
-            for op in operations(item) {
+            for (method, op) in operations(item) {
                 op.responses.responses.insert(
                     "401".into(),
                     RefOr::T(error("Missing or invalid bearer token")),
                 );
+                if let Some(role) = super::route_role(method, path) {
+                    op.responses
+                        .responses
+                        .entry("403".into())
+                        .or_insert_with(|| {
+                            RefOr::T(error(&format!(
+                                "The token's role is below {role}, the role this route needs"
+                            )))
+                        });
+                }
                 op.responses
                     .responses
                     .insert("500".into(), RefOr::T(error("Internal error (logged)")));
@@ -132,19 +144,22 @@ impl Modify for Auth {
     }
 }
 
-fn operations(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut Operation> {
+/// The item's operations with their methods, upper-case.
+fn operations(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = (&'static str, &mut Operation)> {
     [
-        item.get.as_mut(),
-        item.put.as_mut(),
-        item.post.as_mut(),
-        item.delete.as_mut(),
-        item.options.as_mut(),
-        item.head.as_mut(),
-        item.patch.as_mut(),
-        item.trace.as_mut(),
+        ("GET", item.get.as_mut()),
+        ("PUT", item.put.as_mut()),
+        ("POST", item.post.as_mut()),
+        ("DELETE", item.delete.as_mut()),
+        ("OPTIONS", item.options.as_mut()),
+        ("HEAD", item.head.as_mut()),
+        ("PATCH", item.patch.as_mut()),
+        ("TRACE", item.trace.as_mut()),
     ]
     .into_iter()
-    .flatten()
+    .filter_map(|(m, op)| op.map(|op| (m, op)))
 }
 
 /// The document, built once.

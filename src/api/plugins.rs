@@ -7,6 +7,10 @@
 //! generated for the plugin's hooks are in the install answer — the only time they are
 //! shown. A run request is queued through the scheduler like any trigger; `?wait=true`
 //! waits (bounded) and answers with the run record.
+//!
+//! A device-scoped token lists, shows and runs only the plugins it covers (every device
+//! the plugin may reach is one it sees); the others answer 404 ([`authz`]). The audit
+//! log spans every plugin and device: it needs a token without a device scope.
 
 use std::time::Duration;
 
@@ -19,6 +23,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::authz;
 use super::{AppError, AppState};
 use crate::plugin::{InstalledPlugin, PluginError, PluginSource};
 use crate::runs::{RunId, RunRecord};
@@ -105,11 +110,27 @@ impl From<PluginError> for AppError {
     get,
     path = "/api/plugins",
     tag = "plugins",
-    responses((status = 200, description = "Every installed plugin, by name", body = [PluginView]))
+    responses((status = 200, description = "Every installed plugin the token covers, by name", body = [PluginView]))
 )]
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<PluginView>>, AppError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
+) -> Result<Json<Vec<PluginView>>, AppError> {
     let plugins = state.scheduler.runtime().installed()?;
-    Ok(Json(plugins.into_iter().map(|p| view(&state, p)).collect()))
+    Ok(Json(
+        plugins
+            .into_iter()
+            .filter(|p| authz::authorize_plugin(&token, p).is_ok())
+            .map(|p| view(&state, p))
+            .collect(),
+    ))
+}
+
+/// The installed plugin `name`, or 404 when the token does not cover it.
+fn covered(state: &AppState, token: &TokenInfo, name: &str) -> Result<InstalledPlugin, AppError> {
+    let p = state.scheduler.runtime().installed_plugin(name)?;
+    authz::authorize_plugin(token, &p)?;
+    Ok(p)
 }
 
 /// Show one plugin
@@ -125,9 +146,10 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<PluginView>>
 )]
 pub async fn show(
     State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
     Path(name): Path<String>,
 ) -> Result<Json<PluginView>, AppError> {
-    let p = state.scheduler.runtime().installed_plugin(&name)?;
+    let p = covered(&state, &token, &name)?;
     Ok(Json(view(&state, p)))
 }
 
@@ -319,6 +341,9 @@ pub async fn run(
 ) -> Result<Response, AppError> {
     let body = body?;
     let Query(q) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
+    if token.is_device_scoped() {
+        covered(&state, &token, &name)?;
+    }
     let body: RunBody = if body.iter().all(u8::is_ascii_whitespace) {
         RunBody::default()
     } else {
@@ -392,13 +417,16 @@ fn default_tail() -> usize {
     params(AuditParams),
     responses(
         (status = 200, description = "The last audit records", body = [Object]),
+        (status = 403, description = "The token is limited to devices; the audit log spans every device", body = super::ErrorBody),
         (status = 422, description = "A bad query", body = super::ErrorBody),
     )
 )]
 pub async fn audit(
     State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
     query: Result<Query<AuditParams>, QueryRejection>,
 ) -> Result<Json<Vec<crate::plugin::records::AuditRecord>>, AppError> {
+    authz::require_unscoped(&token, "the audit log")?;
     let Query(q) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
     if q.tail > MAX_AUDIT_TAIL {
         return Err(AppError::Invalid(format!(
@@ -456,8 +484,10 @@ pub const MAX_SECRET_BODY: usize = 16 * 1024;
 )]
 pub async fn secrets(
     State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
     Path(name): Path<String>,
 ) -> Result<Json<Vec<crate::plugin::secrets::PluginSecret>>, AppError> {
+    covered(&state, &token, &name)?;
     let runtime = state.scheduler.runtime();
     Ok(Json(crate::plugin::secrets::list(
         &state.vault,

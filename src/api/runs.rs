@@ -5,20 +5,26 @@
 //! falls more than the run store's buffer (1024 updates) behind skips what it missed and
 //! goes on with the newest (re-read with `GET /api/runs/{id}` what matters). At shutdown
 //! `serve` gives open streams a moment, then closes them.
+//!
+//! A device-scoped token sees only the runs of plugins it covers
+//! ([`authz::PluginFilter`]): pages and the stream leave the others out, and one of
+//! their runs answers 404.
 
 use std::convert::Infallible;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::authz::PluginFilter;
 use super::{AppError, AppState};
 use crate::runs::{MAX_PAGE, RunError, RunId, RunQuery, RunRecord};
+use crate::token::TokenInfo;
 
 impl From<RunError> for AppError {
     fn from(e: RunError) -> Self {
@@ -71,6 +77,7 @@ fn run_id(s: &str) -> Result<RunId, AppError> {
 )]
 pub async fn list(
     State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<RunPageView>, AppError> {
     let Query(q) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
@@ -83,7 +90,8 @@ pub async fn list(
         before: q.before.as_deref().map(run_id).transpose()?,
         limit,
     };
-    let page = state.scheduler.runs().list(&query)?;
+    let filter = PluginFilter::for_token(&token, state.scheduler.runtime())?;
+    let page = filter.list_runs(state.scheduler.runs(), &query)?;
     Ok(Json(RunPageView {
         runs: page.runs,
         next: page.next,
@@ -104,13 +112,15 @@ pub async fn list(
 )]
 pub async fn show(
     State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
     Path(id): Path<String>,
 ) -> Result<Json<RunRecord>, AppError> {
     let id = run_id(&id)?;
-    match state.scheduler.runs().get(id)? {
-        Some(r) => Ok(Json(r)),
-        None => Err(RunError::NotFound(id).into()),
-    }
+    let Some(r) = state.scheduler.runs().get(id)? else {
+        return Err(RunError::NotFound(id).into());
+    };
+    PluginFilter::for_token(&token, state.scheduler.runtime())?.authorize_run(&r)?;
+    Ok(Json(r))
 }
 
 /// The query of `GET /api/runs/events`.
@@ -136,12 +146,16 @@ pub struct EventsQuery {
 )]
 pub async fn events(
     State(state): State<AppState>,
+    Extension(token): Extension<TokenInfo>,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, AppError> {
     let Query(q) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
     let plugin = q.plugin.filter(|p| !p.is_empty());
+    // A scoped token's plugins as they are when the stream opens.
+    let filter = PluginFilter::for_token(&token, state.scheduler.runtime())?;
     let rx = state.scheduler.runs().subscribe();
-    let stream = futures_util::stream::unfold((rx, plugin), |(mut rx, plugin)| async move {
+    let start = (rx, plugin, filter);
+    let stream = futures_util::stream::unfold(start, |(mut rx, plugin, filter)| async move {
         loop {
             let rec = match rx.recv().await {
                 Ok(rec) => rec,
@@ -151,12 +165,12 @@ pub async fn events(
                 }
                 Err(RecvError::Closed) => return None,
             };
-            if plugin.as_deref().is_some_and(|p| p != rec.plugin) {
+            if plugin.as_deref().is_some_and(|p| p != rec.plugin) || !filter.allows(&rec.plugin) {
                 continue;
             }
             let mut line = serde_json::to_vec(&*rec).ok()?;
             line.push(b'\n');
-            return Some((Ok::<_, Infallible>(Bytes::from(line)), (rx, plugin)));
+            return Some((Ok::<_, Infallible>(Bytes::from(line)), (rx, plugin, filter)));
         }
     });
     Ok((

@@ -57,8 +57,12 @@ pub enum Notice<'a> {
         listen: String,
         tls: Option<&'a TlsFiles>,
     },
-    /// The API (with the webhooks) listens; the CLI token file is written.
-    ApiListening(SocketAddr),
+    /// The API listens on a non-loopback address without TLS: tokens, session cookies
+    /// and webhook secrets cross the network in clear.
+    ApiExposedWithoutTls(SocketAddr),
+    /// The API (with the webhooks) listens, over TLS or not; the CLI token file is
+    /// written.
+    ApiListening { addr: SocketAddr, tls: bool },
     /// A signal stopped the app: what became of the runs under way.
     Stopped(&'a StopReport),
 }
@@ -77,6 +81,8 @@ pub struct AppOptions {
 pub struct App {
     scheduler: Arc<Scheduler>,
     proxies: Vec<(ProxySettings, CompiledPolicy, Option<Secret>)>,
+    /// The API's TLS and the pin of its certificate for the CLI token file.
+    api_tls: Option<(tokio_rustls::TlsAcceptor, cli_token::Pin)>,
     cli_token: Secret,
 }
 
@@ -91,6 +97,16 @@ impl App {
         options: &AppOptions,
         notify: &mut Notify<'_>,
     ) -> anyhow::Result<App> {
+        // The API's certificate is read (and a bad one refused) before anything is done.
+        let api_tls = match &settings.api_tls {
+            Some(files) => Some((
+                files
+                    .acceptor()
+                    .context("the API's TLS (--tls-cert, --tls-key)")?,
+                cli_token::Pin::of_certificate(&files.cert)?,
+            )),
+            None => None,
+        };
         let (engine, created) = Engine::open_or_init(settings, pass)?;
         if created.key_file.is_some() || created.vault {
             notify(Notice::VaultCreated {
@@ -132,6 +148,7 @@ impl App {
         Ok(App {
             scheduler,
             proxies,
+            api_tls,
             cli_token,
         })
     }
@@ -150,6 +167,7 @@ impl App {
         let App {
             scheduler,
             proxies,
+            api_tls,
             cli_token,
         } = self;
         let engine = scheduler.engine().clone();
@@ -191,14 +209,22 @@ impl App {
             )
         })?;
         let local = listener.local_addr()?;
-        cli_token::write(&engine.settings.data_dir, local, &cli_token)?;
+        let pin = api_tls.as_ref().map(|(_, pin)| pin);
+        cli_token::write(&engine.settings.data_dir, local, pin, &cli_token)?;
         drop(cli_token);
-        notify(Notice::ApiListening(local));
+        if api_tls.is_none() && !local.ip().is_loopback() {
+            notify(Notice::ApiExposedWithoutTls(local));
+        }
+        notify(Notice::ApiListening {
+            addr: local,
+            tls: api_tls.is_some(),
+        });
         Ok(Listening {
             scheduler,
             limits,
             proxies: bound,
             api: listener,
+            api_tls: api_tls.map(|(acceptor, _)| acceptor),
             addr: local,
         })
     }
@@ -210,6 +236,7 @@ pub struct Listening {
     limits: crate::server::Server,
     proxies: Vec<(Arc<Proxy>, ProxyListener)>,
     api: tokio::net::TcpListener,
+    api_tls: Option<tokio_rustls::TlsAcceptor>,
     addr: SocketAddr,
 }
 
@@ -236,6 +263,7 @@ impl Listening {
             limits,
             proxies,
             api,
+            api_tls,
             addr: _,
         } = self;
         let engine = scheduler.engine().clone();
@@ -264,9 +292,12 @@ impl Listening {
             stopped(),
         ));
         let housekeeping = tokio::spawn(housekeeping(scheduler.clone(), stopped()));
-        let app = router(&scheduler);
+        let listen = crate::api::ListenInfo {
+            tls: api_tls.is_some(),
+        };
+        let app = router(&scheduler, listen);
         let make = move |_peer: &str| hyper_util::service::TowerToHyperService::new(app.clone());
-        let server = limits.serve(crate::server::Listener::Tcp(api), None, make, stopped());
+        let server = limits.serve(crate::server::Listener::Tcp(api), api_tls, make, stopped());
         let mut server = std::pin::pin!(server);
 
         let report = tokio::select! {
@@ -309,12 +340,12 @@ impl Listening {
 }
 
 /// The API with the webhook deliveries and the dashboard beside it: what the listener
-/// serves.
-pub fn router(scheduler: &Arc<Scheduler>) -> axum::Router {
+/// serves, set up as `listen` says (over TLS or not).
+pub fn router(scheduler: &Arc<Scheduler>, listen: crate::api::ListenInfo) -> axum::Router {
     // Webhook bodies are read before they are authenticated: they share one budget.
     let budget =
         crate::server::PreauthBudget::new(scheduler.engine().settings.server.preauth_body_budget);
-    let state = crate::api::AppState::new(scheduler.clone());
+    let state = crate::api::AppState::new(scheduler.clone()).with_listen(listen);
     let web = crate::web::WebOptions::from_settings(&scheduler.engine().settings);
     crate::api::router(state.clone())
         .merge(budget.wrap(crate::api::hook_router(state.clone())))

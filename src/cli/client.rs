@@ -6,10 +6,11 @@
 //!
 //! The engine writes its API address and a token for this host's CLI to
 //! `DATA_DIR/cli.token` (see [`crate::app::cli_token`]); `CAPSTAN_API_TOKEN` overrides
-//! the token. In process, requests are made as the CLI itself
+//! the token. An engine serving TLS writes its certificate's SHA-256 there too, and the
+//! CLI accepts that certificate and no other (it connects over loopback, where no name
+//! in the certificate would match, and needs no CA for it). In process, requests are made as the CLI itself
 //! ([`crate::api::in_process_router`]), with no token and no socket.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -17,10 +18,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 
+use crate::app::cli_token::{Endpoint, Pin};
 use crate::config::Settings;
 use crate::engine::{Engine, PassphraseInput};
 use crate::scheduler::Scheduler;
-use crate::secret::Secret;
 use crate::store::StoreError;
 
 fn is_locked(e: &anyhow::Error) -> bool {
@@ -33,8 +34,8 @@ pub struct ApiClient {
 }
 
 enum Transport {
-    /// The running engine's listener, with the CLI token.
-    Http { addr: SocketAddr, token: Secret },
+    /// The running engine's listener, with the CLI token (over TLS when it serves TLS).
+    Http(Endpoint),
     /// The engine opened here: its API router, called in memory.
     InProcess {
         router: axum::Router,
@@ -90,10 +91,10 @@ impl ApiClient {
     /// The engine running on this data directory: its listen address (a wildcard
     /// address is reached over loopback) and the CLI token it wrote.
     pub fn for_running_engine(settings: &Settings) -> anyhow::Result<ApiClient> {
-        let (addr, token) =
+        let endpoint =
             crate::app::cli_token::read(&settings.data_dir, settings.api_token.as_deref())?;
         Ok(ApiClient {
-            transport: Transport::Http { addr, token },
+            transport: Transport::Http(endpoint),
         })
     }
 
@@ -117,11 +118,25 @@ impl ApiClient {
                 let resp = router.clone().oneshot(req).await;
                 Ok(resp.unwrap_or_else(|never| match never {}))
             }
-            Transport::Http { addr, token } => {
+            Transport::Http(Endpoint { addr, token, tls }) => {
                 let stream = tokio::net::TcpStream::connect(addr)
                     .await
                     .with_context(|| format!("cannot reach the engine's API on {addr}"))?;
                 let _ = stream.set_nodelay(true);
+                let stream: Box<dyn Io> = match tls {
+                    None => Box::new(stream),
+                    Some(pin) => Box::new(
+                        pinned_connector(*pin)
+                            .connect(
+                                rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+                                stream,
+                            )
+                            .await
+                            .with_context(|| {
+                                format!("TLS handshake with the engine's API on {addr} failed")
+                            })?,
+                    ),
+                };
                 let (mut sender, conn) =
                     hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                         .await
@@ -226,6 +241,85 @@ impl ApiClient {
             }
         }
         Ok(())
+    }
+}
+
+/// A connection to the engine: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A TLS connector that accepts the certificate `pin` names and no other.
+fn pinned_connector(pin: Pin) -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCert { pin, provider }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Accepts the engine's own certificate (by its SHA-256, from the CLI token file);
+/// signatures are checked as usual.
+#[derive(Debug)]
+struct PinnedCert {
+    pin: Pin,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if self.pin.matches(end_entity.as_ref()) {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the engine presented a certificate other than the one its CLI token file names"
+                    .into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -7,6 +7,10 @@
 //! points at the example plugins it builds). Every later start opens what is there and
 //! loads the installed plugins from the compile cache. The app itself is built in the
 //! library ([`crate::app`]); this command prints what it reports.
+//!
+//! With `--tls-cert`/`--tls-key` the API, its webhooks and the dashboard are served over
+//! HTTPS only. Listening on a non-loopback address without them prints a warning: tokens,
+//! session cookies and webhook secrets would cross the network in clear.
 
 use std::path::PathBuf;
 
@@ -23,11 +27,34 @@ connections derived from the open-file limit (shedding those without a request i
 progress), and answers webhook deliveries 503 when 64MiB of unauthenticated bodies are
 being read. Change them in the config file's [server] table or with
 CAPSTAN_SERVER_HEADER_TIMEOUT, _BODY_TIMEOUT, _IDLE_TIMEOUT, _MAX_CONNECTIONS and
-_PREAUTH_BODY_BUDGET. The soft open-file limit is raised to the hard limit at start.")]
+_PREAUTH_BODY_BUDGET. The soft open-file limit is raised to the hard limit at start.
+
+With --tls-cert and --tls-key the API, webhooks and dashboard are served over HTTPS only
+(TLS 1.2 and 1.3); the CLI on this host keeps working (it pins the certificate through the
+CLI token file). Listening on an address other than loopback without TLS prints a warning:
+use the TLS flags, or keep the listener on loopback behind a reverse proxy that terminates
+TLS.")]
 pub struct ServeArgs {
     /// API listen address [default: 127.0.0.1:7878].
     #[arg(long, env = "CAPSTAN_API_LISTEN", value_name = "ADDR")]
     listen: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM, the server's certificate first);
+    /// needs --tls-key. Replaces `[api] tls_cert`.
+    #[arg(
+        long,
+        env = "CAPSTAN_API_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM). Replaces `[api] tls_key`.
+    #[arg(
+        long,
+        env = "CAPSTAN_API_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
     /// On first start, install every plugin found here: each subdirectory holding a
     /// plugin.toml and its .wasm (scripts/run stages the example plugins this way).
     #[arg(long, env = "CAPSTAN_DEFAULT_PLUGINS", value_name = "DIR")]
@@ -35,7 +62,10 @@ pub struct ServeArgs {
 }
 
 pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
-    let settings = g.settings(args.listen)?;
+    let mut settings = g.settings(args.listen)?;
+    if args.tls_cert.is_some() || args.tls_key.is_some() {
+        settings.api_tls = crate::config::api_tls(args.tls_cert, args.tls_key)?;
+    }
     crate::server::raise_open_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -108,9 +138,13 @@ fn print(notice: Notice<'_>) {
             "proxy for device {device} listening on {listen}{}",
             crate::proxy::tls_note(tls)
         ),
-        Notice::ApiListening(addr) => {
-            println!("capstan API listening on http://{addr}");
-            println!("webhooks: POST http://{addr}/hooks/NAME");
+        Notice::ApiExposedWithoutTls(addr) => eprintln!(
+            "warning: the API listens on {addr}, reachable from other hosts, without TLS: API tokens, dashboard sessions and webhook secrets cross the network in clear. Serve HTTPS with --tls-cert and --tls-key, or listen on 127.0.0.1 behind a reverse proxy that terminates TLS"
+        ),
+        Notice::ApiListening { addr, tls } => {
+            let scheme = if tls { "https" } else { "http" };
+            println!("capstan API listening on {scheme}://{addr}");
+            println!("webhooks: POST {scheme}://{addr}/hooks/NAME");
         }
         Notice::Stopped(r) => println!(
             "stopped: {} run(s) finished during shutdown, {} interrupted",

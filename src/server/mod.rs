@@ -32,6 +32,7 @@
 //! server process starts, so the default cap is as high as the system allows.
 
 pub mod budget;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;

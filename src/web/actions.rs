@@ -176,17 +176,10 @@ pub async fn run_now(
             );
         }
     };
-    if !authed
-        .token
-        .covers_devices(installed.devices.iter().map(String::as_str))
-    {
+    if crate::api::authz::authorize_plugin(&authed.token, &installed).is_err() {
         return render::error_page(
-            StatusCode::FORBIDDEN,
-            &format!(
-                "Your token is limited to devices {}; plugin {name} may reach others ({}).",
-                authed.token.devices.join(", "),
-                installed.devices.join(", ")
-            ),
+            StatusCode::NOT_FOUND,
+            &format!("No plugin {name} is installed (or your token may not see it)."),
         );
     }
     let input = form.get("input").unwrap_or_default().to_string();
@@ -212,16 +205,12 @@ pub async fn check_now(
     Extension(authed): Extension<Authed>,
     Path(name): Path<String>,
 ) -> Response {
-    if !authed.token.sees_device(&name) {
+    if let Err(e) = crate::api::docker::check_device(&web.app, &authed.token, &name).await {
+        let status = e.into_response().status();
         return render::error_page(
-            StatusCode::NOT_FOUND,
-            &format!("No device {name} (or your token may not see it)."),
+            status,
+            &format!("Cannot check {name} (or your token may not see it)."),
         );
-    }
-    if let Err(e) = crate::api::docker::check_device(&web.app, &name).await {
-        let resp = e.into_response();
-        let status = resp.status();
-        return render::error_page(status, &format!("Cannot check {name}."));
     }
     // The container counts too, for the overview.
     let _ = super::pages::list_containers(&web, &name).await;

@@ -61,7 +61,7 @@ pub fn runs(runs: &[RunRecord]) -> Markup {
     let plot_w = W - LEFT - RIGHT;
     let plot_h = H - TOP - BOTTOM;
     let slot = plot_w / runs.len().max(1) as f64;
-    let bar = (slot * 0.8).max(1.0);
+    let bar = (slot * 0.8).clamp(1.0, 28.0);
     let first = runs
         .first()
         .map(|r| super::render::time(r.queued_at))

@@ -43,20 +43,18 @@ pub const MAX_FORM_BODY: usize = 16 * 1024;
 /// The `Content-Security-Policy` of every dashboard response.
 pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
-/// How the dashboard is served.
+/// How the dashboard is served (whether over TLS, the state's
+/// [`ListenInfo`](crate::api::ListenInfo) says).
 #[derive(Debug, Clone)]
 pub struct WebOptions {
-    /// Served over TLS: cookies get `Secure`.
-    pub tls: bool,
     /// How long a login lasts (`[dashboard] session_ttl`).
     pub session_ttl: Duration,
 }
 
 impl WebOptions {
-    /// From the engine's settings, over plain HTTP.
+    /// From the engine's settings.
     pub fn from_settings(settings: &crate::config::Settings) -> WebOptions {
         WebOptions {
-            tls: false,
             session_ttl: settings.dashboard.session_ttl,
         }
     }
@@ -67,6 +65,8 @@ impl WebOptions {
 pub struct WebState {
     pub app: AppState,
     pub sessions: Arc<Sessions>,
+    /// Served over TLS (the listener's [`ListenInfo`](crate::api::ListenInfo)): cookies
+    /// get `Secure`.
     pub tls: bool,
     /// The last container listing of each device (counts for the overview).
     pub containers: Arc<pages::ContainerCounts>,
@@ -172,9 +172,9 @@ pub const OPEN_PATHS: &[&str] = &["/login", "/static/app.css", "/static/app.js"]
 /// fallback (the API's answers unknown paths).
 pub fn router(state: AppState, opts: WebOptions) -> Router {
     let web = WebState {
+        tls: state.listen.tls,
         app: state,
         sessions: Arc::new(Sessions::new(opts.session_ttl)),
-        tls: opts.tls,
         containers: Arc::default(),
     };
     let mut protected = Router::new();
@@ -296,14 +296,9 @@ async fn gate(State(web): State<WebState>, req: Request, next: Next) -> Response
 }
 
 async fn authorize(page: &Page, authed: Authed, mut req: Request, next: Next) -> Response {
-    if !authed.token.allows(page.role) {
-        return render::error_page(
-            StatusCode::FORBIDDEN,
-            &format!(
-                "This needs the {} role; your token ({}) is a {}.",
-                page.role, authed.token.name, authed.token.role
-            ),
-        );
+    let action = format!("{} {}", page.method, page.path);
+    if let Err(e) = crate::api::authz::require_role(&authed.token, page.role, &action) {
+        return render::error_page(StatusCode::FORBIDDEN, &format!("Refused: {e}."));
     }
     req.extensions_mut().insert(authed);
     next.run(req).await

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::render::{self, age, ms_f, page, time};
 use super::session::Authed;
 use super::{WebState, charts};
+use crate::api::authz::{self, PluginFilter};
 use crate::plugin::InstalledPlugin;
 use crate::runs::{RunId, RunQuery, RunRecord, RunStatus, RunTrigger};
 use crate::token::{Role, TokenInfo};
@@ -51,7 +52,7 @@ fn status_named(s: &str) -> Option<RunStatus> {
     STATUSES.into_iter().find(|st| st.as_str() == s)
 }
 
-fn internal(what: &str, e: impl std::fmt::Display) -> Response {
+pub fn internal(what: &str, e: impl std::fmt::Display) -> Response {
     tracing::warn!(error = %e, "dashboard: {what}");
     render::error_page(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -63,37 +64,9 @@ fn not_found(what: &str) -> Response {
     render::error_page(StatusCode::NOT_FOUND, what)
 }
 
-/// The device scope of each installed plugin: which plugins (and so runs and hooks) a
-/// device-scoped token may see.
-pub struct PluginScopes(HashMap<String, Vec<String>>);
-
-impl PluginScopes {
-    pub fn of(plugins: &[InstalledPlugin]) -> PluginScopes {
-        PluginScopes(
-            plugins
-                .iter()
-                .map(|p| (p.name.clone(), p.devices.clone()))
-                .collect(),
-        )
-    }
-
-    pub fn load(web: &WebState) -> PluginScopes {
-        PluginScopes::of(&web.app.scheduler.runtime().installed().unwrap_or_default())
-    }
-
-    /// Whether `token` may see plugin `name` (a removed plugin: only unscoped tokens).
-    pub fn sees(&self, token: &TokenInfo, name: &str) -> bool {
-        if !token.is_device_scoped() {
-            return true;
-        }
-        self.0
-            .get(name)
-            .is_some_and(|d| token.covers_devices(d.iter().map(String::as_str)))
-    }
-
-    pub fn knows(&self, name: &str) -> bool {
-        self.0.contains_key(name)
-    }
+/// Which plugins (and so runs and hooks) the token may see.
+pub fn filter_for(web: &WebState, token: &TokenInfo) -> Result<PluginFilter, crate::api::AppError> {
+    PluginFilter::for_token(token, web.app.scheduler.runtime())
 }
 
 /// A device's containers by state and health, as last listed.
@@ -236,7 +209,10 @@ pub async fn overview(
         Ok(p) => p,
         Err(e) => return internal("the plugins", e),
     };
-    let scopes = PluginScopes::of(&plugins);
+    let filter = match filter_for(&web, token) {
+        Ok(f) => f,
+        Err(e) => return internal("the plugins", e),
+    };
     let runs = web.app.scheduler.runs();
     let history = web.app.docker.history();
 
@@ -247,7 +223,7 @@ pub async fn overview(
                 th { "Docker" } th { "Containers" } th { "Health" } th { "Checked" }
             } }
             tbody {
-                @for d in devices.iter().filter(|d| token.sees_device(&d.name)) {
+                @for d in devices.iter().filter(|d| authz::authorize_device(token, &d.name).is_ok()) {
                     @let last = history.last(&d.name);
                     @let counts = web.containers.get(&d.name);
                     tr data-device=(d.name) {
@@ -290,7 +266,7 @@ pub async fn overview(
                 th { "Plugin" } th { "Triggers" } th { "Next fire" } th { "Last run" } th { "Loaded" }
             } }
             tbody {
-                @for p in plugins.iter().filter(|p| scopes.sees(token, &p.name)) {
+                @for p in plugins.iter().filter(|p| filter.allows(&p.name)) {
                     @let next = (0..p.triggers.cron.len())
                         .filter_map(|i| cron.status(&crate::trigger::cron::TriggerId::new(&p.name, i as u32)))
                         .filter_map(|s| s.next_fire)
@@ -318,11 +294,14 @@ pub async fn overview(
     let mut before = None;
     let mut scanned = 0;
     while scanned < PROBLEMS_SCANNED && problems.len() < PROBLEMS_SHOWN {
-        let Ok(pg) = runs.list(&RunQuery {
-            plugin: None,
-            before,
-            limit: 50,
-        }) else {
+        let Ok(pg) = filter.list_runs(
+            runs,
+            &RunQuery {
+                plugin: None,
+                before,
+                limit: 50,
+            },
+        ) else {
             break;
         };
         scanned += pg.runs.len();
@@ -330,7 +309,7 @@ pub async fn overview(
             if matches!(
                 r.status,
                 RunStatus::Failed | RunStatus::Denied | RunStatus::TimedOut
-            ) && scopes.sees(token, &r.plugin)
+            ) && filter.allows(&r.plugin)
                 && problems.len() < PROBLEMS_SHOWN
             {
                 problems.push(r);
@@ -411,7 +390,7 @@ pub async fn device(
     Extension(authed): Extension<Authed>,
     Path(name): Path<String>,
 ) -> Response {
-    if !authed.token.sees_device(&name) {
+    if authz::authorize_device(&authed.token, &name).is_err() {
         return not_found(&format!("No device {name} (or your token may not see it)."));
     }
     let dev = match web.app.devices().and_then(|d| d.get(&name)) {
@@ -509,10 +488,7 @@ pub async fn plugin(
         }
         Err(e) => return internal("the plugin", e),
     };
-    if !authed
-        .token
-        .covers_devices(installed.devices.iter().map(String::as_str))
-    {
+    if authz::authorize_plugin(&authed.token, &installed).is_err() {
         return not_found(&format!(
             "No plugin {name} is installed (or your token may not see it)."
         ));
@@ -778,18 +754,19 @@ pub async fn runs(
         },
     };
     let installed = web.app.scheduler.runtime().installed().unwrap_or_default();
-    let scopes = PluginScopes::of(&installed);
     let token = &authed.token;
+    let filter = match filter_for(&web, token) {
+        Ok(f) => f,
+        Err(e) => return internal("the plugins", e),
+    };
     if let Some(p) = &plugin
-        && !scopes.sees(token, p)
+        && !filter.allows(p)
     {
         return not_found(&format!(
             "No plugin {p} (or your token may not see its runs)."
         ));
     }
-    let (shown, next) = match page_of_runs(&web, plugin.clone(), status, before, |r| {
-        scopes.sees(token, &r.plugin)
-    }) {
+    let (shown, next) = match page_of_runs(&web, &filter, plugin.clone(), status, before) {
         Ok(x) => x,
         Err(e) => return internal("the run history", e),
     };
@@ -819,7 +796,7 @@ pub async fn runs(
             nav.filters aria-label="Filter by plugin" {
                 "Plugin: "
                 a href=(link(None, st, None)) class=(if plugin.is_none() { "on" } else { "" }) { "all" }
-                @for p in installed.iter().filter(|p| scopes.sees(token, &p.name)) {
+                @for p in installed.iter().filter(|p| filter.allows(&p.name)) {
                     a href=(link(Some(&p.name), st, None)) class=(if plugin.as_deref() == Some(p.name.as_str()) { "on" } else { "" }) data-plugin=(p.name) { (p.name) }
                 }
             }
@@ -841,31 +818,34 @@ pub async fn runs(
     )
 }
 
-/// One page of runs, newest first, matching `status` and `visible`: pages of the run
-/// store's listing are read until the page is full or [`MAX_SCANNED`] runs were looked
-/// at; the cursor continues where the look stopped.
+/// One page of runs the filter allows, newest first, matching `status`: pages of the
+/// run history are read until the page is full or [`MAX_SCANNED`] runs were looked at;
+/// the cursor continues where the look stopped.
 pub fn page_of_runs(
     web: &WebState,
+    filter: &PluginFilter,
     plugin: Option<String>,
     status: Option<RunStatus>,
     before: Option<RunId>,
-    visible: impl Fn(&RunRecord) -> bool,
-) -> Result<(Vec<RunRecord>, Option<RunId>), crate::runs::RunError> {
+) -> Result<(Vec<RunRecord>, Option<RunId>), crate::api::AppError> {
     let filtering = status.is_some();
     let mut shown = Vec::new();
     let mut cursor = before;
     let mut scanned = 0;
     loop {
         let limit = if filtering { 200 } else { RUNS_PER_PAGE };
-        let pg = web.app.scheduler.runs().list(&RunQuery {
-            plugin: plugin.clone(),
-            before: cursor,
-            limit,
-        })?;
+        let pg = filter.list_runs(
+            web.app.scheduler.runs(),
+            &RunQuery {
+                plugin: plugin.clone(),
+                before: cursor,
+                limit,
+            },
+        )?;
         for r in pg.runs {
             scanned += 1;
             cursor = Some(r.id);
-            if status.is_none_or(|s| r.status == s) && visible(&r) {
+            if status.is_none_or(|s| r.status == s) {
                 shown.push(r);
                 if shown.len() == RUNS_PER_PAGE {
                     // Whether anything older exists is found on the next page.
@@ -898,8 +878,11 @@ pub async fn run(
         Ok(None) => return not_found(&format!("No run {run_id}.")),
         Err(e) => return internal("the run", e),
     };
-    if authed.token.is_device_scoped() && !PluginScopes::load(&web).sees(&authed.token, &rec.plugin)
-    {
+    let filter = match filter_for(&web, &authed.token) {
+        Ok(f) => f,
+        Err(e) => return internal("the plugins", e),
+    };
+    if filter.authorize_run(&rec).is_err() {
         return not_found(&format!("No run {run_id} (or your token may not see it)."));
     }
     let row = RunRow::of(&rec);
@@ -979,8 +962,11 @@ pub fn would_allow(reason: &str) -> Option<&str> {
 // Hooks and notifiers
 
 pub async fn hooks(State(web): State<WebState>, Extension(authed): Extension<Authed>) -> Response {
-    let scopes = PluginScopes::load(&web);
-    let hooks = crate::api::hooks::views(&web.app, true);
+    let filter = match filter_for(&web, &authed.token) {
+        Ok(f) => f,
+        Err(e) => return internal("the plugins", e),
+    };
+    let hooks = crate::api::hooks::views(&web.app, &filter, true);
     page(
         "Hooks",
         &authed,
@@ -990,7 +976,7 @@ pub async fn hooks(State(web): State<WebState>, Extension(authed): Extension<Aut
             table #hooks {
                 thead { tr { th { "Hook" } th { "Plugin" } th { "Auth" } th { "Delivered to" } th { "Replays" } th { "Secrets" } } }
                 tbody {
-                    @for h in hooks.iter().filter(|h| scopes.sees(&authed.token, &h.plugin)) {
+                    @for h in &hooks {
                         tr data-hook=(h.name) {
                             td { (h.name) }
                             td { a href=(format!("/plugins/{}", h.plugin)) { (h.plugin) } }

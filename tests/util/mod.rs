@@ -289,7 +289,11 @@ impl Server {
                 panic!("capstan serve exited before listening:\n{banner}\n{err}");
             }
             banner.push_str(&line);
-            if let Some(a) = line.trim().strip_prefix("capstan API listening on http://") {
+            let line_now = line.trim();
+            if let Some(a) = line_now
+                .strip_prefix("capstan API listening on http://")
+                .or_else(|| line_now.strip_prefix("capstan API listening on https://"))
+            {
                 break a.to_string();
             }
         };
