@@ -8,6 +8,7 @@
 mod util;
 
 mod api;
+mod browser;
 mod cli_device;
 mod cli_plugin;
 mod cli_policy;

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod plugin;
 
 use std::collections::HashMap;
@@ -46,6 +47,11 @@ impl Infra {
         self.vars
             .get(key)
             .unwrap_or_else(|| panic!("infra.env has no {key}: re-run `scripts/testinfra up`"))
+    }
+
+    /// One fact, if the infrastructure wrote it.
+    pub fn fact(&self, key: &str) -> Option<&str> {
+        self.vars.get(key).map(String::as_str)
     }
 
     pub fn path(&self, key: &str) -> PathBuf {
