@@ -23,9 +23,6 @@ pub const SESSION_COOKIE: &str = "capstan_session";
 pub const LOGIN_COOKIE: &str = "capstan_login";
 /// Sessions held at most; past it the oldest is ended.
 pub const MAX_SESSIONS: usize = 10_000;
-/// Failed logins accepted per minute, engine-wide; past it logins answer 429 until the
-/// minute is over.
-pub const MAX_FAILED_LOGINS_PER_MINUTE: u32 = 120;
 
 /// 32 random bytes as hex: session ids, CSRF tokens, login nonces.
 pub fn random_token() -> String {
@@ -84,7 +81,6 @@ pub struct Authed {
 pub struct Sessions {
     ttl: Duration,
     inner: Mutex<HashMap<String, Session>>,
-    failed: Mutex<(Instant, u32)>,
 }
 
 impl Sessions {
@@ -92,7 +88,6 @@ impl Sessions {
         Sessions {
             ttl,
             inner: Mutex::new(HashMap::new()),
-            failed: Mutex::new((Instant::now(), 0)),
         }
     }
 
@@ -171,22 +166,6 @@ impl Sessions {
 
     pub fn end(&self, id: &str) {
         self.lock().remove(id);
-    }
-
-    /// Counts a failed login; false when the minute's budget is spent.
-    pub fn failed_login(&self) -> bool {
-        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        if f.0.elapsed() >= Duration::from_secs(60) {
-            *f = (Instant::now(), 0);
-        }
-        f.1 += 1;
-        f.1 <= MAX_FAILED_LOGINS_PER_MINUTE
-    }
-
-    /// Whether logins are refused for now (too many failed this minute).
-    pub fn logins_blocked(&self) -> bool {
-        let f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        f.0.elapsed() < Duration::from_secs(60) && f.1 >= MAX_FAILED_LOGINS_PER_MINUTE
     }
 
     #[cfg(test)]
