@@ -158,6 +158,58 @@ fn recreate_keeps_the_configuration_and_reports_a_failed_pull() {
 }
 
 #[test]
+fn recreate_pulls_the_image_its_tag_names_now_from_the_registry() {
+    let h = Harness::new();
+    h.install("probe", &manifest("probe", PROBE_ALL));
+    let infra = Infra::get();
+    let registry = infra.var("REGISTRY");
+    let tag = format!(
+        "{registry}/capstan-test/app-{}:1",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    // `app:1` is the test image, pushed; a container runs from it.
+    docker(&["tag", infra.var("TEST_IMAGE"), &tag]);
+    docker(&["push", "-q", &tag]);
+    let v1 = docker(&["image", "inspect", "-f", "{{.Id}}", &tag]);
+    let mut c = Container::run("cap-pull", &["--label", "capstan.test.probe=yes"], &tag);
+    // A changed image is pushed as the same tag; the local tag goes back to the first
+    // image, so only a pull can bring the new one.
+    docker(&[
+        "commit",
+        "--change",
+        "LABEL capstan.test.version=2",
+        &c.name,
+        &tag,
+    ]);
+    let v2 = docker(&["image", "inspect", "-f", "{{.Id}}", &tag]);
+    assert_ne!(v1, v2);
+    docker(&["push", "-q", &tag]);
+    docker(&["tag", &v1, &tag]);
+
+    let r = probe(
+        &h,
+        json!([{"op": "recreate", "device": "local", "container": c.name, "pull": true}]),
+    );
+    let ok = r[0].get("ok").unwrap_or_else(|| panic!("{}", r[0])).clone();
+    c.name = ok["name"].as_str().unwrap().to_string();
+    assert_eq!(ok["pulled"], true, "{ok}");
+    assert!(ok["pull_error"].is_null(), "{ok}");
+    assert_eq!(
+        c.inspect("{{.Image}}"),
+        v2,
+        "the new container runs the pushed image"
+    );
+    assert_eq!(
+        c.inspect("{{index .Config.Labels \"capstan.test.version\"}}"),
+        "2"
+    );
+    assert_eq!(c.inspect("{{.State.Running}}"), "true");
+    assert_eq!(docker(&["image", "inspect", "-f", "{{.Id}}", &tag]), v2);
+    drop(c);
+    docker(&["image", "rm", &tag]);
+}
+
+#[test]
 fn autoheal_restarts_an_unhealthy_labelled_container_backs_off_and_gives_up() {
     let h = Harness::new();
     let health = Infra::get().var("HEALTH_IMAGE");
