@@ -154,7 +154,9 @@ impl Plugin for Hostile {
                 for _ in 0..number(calls) {
                     host::log(host::Level::Info, "", &fields);
                 }
-                Ok(Outcome::new(format!("logged {calls} records of {n} fields")))
+                Ok(Outcome::new(format!(
+                    "logged {calls} records of {n} fields"
+                )))
             }
             "records" => {
                 for _ in 0..number(arg) {
