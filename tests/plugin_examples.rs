@@ -6,7 +6,7 @@ use capstan::plugin::{Exit, TriggerEvent};
 use serde_json::{Value, json};
 
 use crate::util::Infra;
-use crate::util::plugin::{Container, Harness, details, docker, manifest};
+use crate::util::plugin::{Container, Harness, details, docker, forget_repo, manifest};
 
 /// Runs the probe plugin with `calls` and returns the results.
 fn probe(h: &Harness, calls: Value) -> Vec<Value> {
@@ -207,6 +207,7 @@ fn recreate_pulls_the_image_its_tag_names_now_from_the_registry() {
     assert_eq!(docker(&["image", "inspect", "-f", "{{.Id}}", &tag]), v2);
     drop(c);
     docker(&["image", "rm", &tag]);
+    forget_repo(&v1, tag.trim_end_matches(":1"));
 }
 
 #[test]

@@ -26,6 +26,7 @@ mod outbound;
 mod plugin_examples;
 mod plugins;
 mod proxy;
+mod registry;
 mod roles;
 mod run_triggers;
 mod serve;

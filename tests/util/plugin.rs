@@ -232,3 +232,21 @@ impl Drop for Container {
             .output();
     }
 }
+
+/// Removes every name of repository `repo` (tags and the digests a push or pull left)
+/// from image `id`, without removing the image, which other names keep.
+pub fn forget_repo(id: &str, repo: &str) {
+    let refs = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{range .RepoTags}}{{println .}}{{end}}{{range .RepoDigests}}{{println .}}{{end}}",
+        id,
+    ]);
+    for r in refs.lines().filter(|r| {
+        r.strip_prefix(repo)
+            .is_some_and(|rest| rest.starts_with(':') || rest.starts_with('@'))
+    }) {
+        docker(&["image", "rm", r]);
+    }
+}
