@@ -2,6 +2,14 @@
 
 use crate::util::*;
 
+/// The `allow`/`deny` of each line `policy decide --reasons` printed.
+fn verdicts(lines: &[String]) -> Vec<&str> {
+    lines
+        .iter()
+        .map(|l| l.split('\t').next().unwrap())
+        .collect()
+}
+
 #[test]
 fn decide_prints_one_answer_per_request_with_reasons() {
     let data = DataDir::empty();
@@ -24,10 +32,7 @@ fn decide_prints_one_answer_per_request_with_reasons() {
     );
     assert_success(&out, "policy decide");
     let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
-    let verdicts: Vec<&str> = lines
-        .iter()
-        .map(|l| l.split('\t').next().unwrap())
-        .collect();
+    let verdicts = verdicts(&lines);
     assert_eq!(
         verdicts,
         ["allow", "allow", "deny", "deny", "deny"],
@@ -106,10 +111,7 @@ fn linuxservers_whole_default_block_pastes_unchanged_and_libpod_stays_denied() {
     let out = data.capstan_stdin(&["policy", "decide", "--env-file", env, "--reasons"], input);
     assert_success(&out, "policy decide on linuxserver's defaults");
     let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
-    let verdicts: Vec<&str> = lines
-        .iter()
-        .map(|l| l.split('\t').next().unwrap())
-        .collect();
+    let verdicts = verdicts(&lines);
     assert_eq!(
         verdicts,
         ["allow", "allow", "allow", "deny", "deny", "deny", "deny"],

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::util::free_port;
 use crate::util::{DataDir, Infra, assert_success, http_json, stderr, stdout};
 
 /// Built by `scripts/image build`.
@@ -496,11 +497,7 @@ fn engine_compose_serves_the_api_with_the_example_plugins_and_a_vault_key_secret
     ));
     let key = random_token();
     p.secret("vault.key", format!("{key}\n").as_bytes());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     p.set_env("CAPSTAN_API_PORT", &port.to_string());
     p.up_healthy();
     let mounted = docker_ok(&[

@@ -24,6 +24,7 @@ use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
+use crate::util::free_port;
 use crate::util::{DataDir, Infra, assert_success, stderr, stdout};
 
 // ---------------------------------------------------------------------------------------
@@ -949,11 +950,7 @@ impl PrivateSshd {
     /// With `extra` server-wide settings (placed before the config's own, so they win).
     fn start_with(extra: &str) -> PrivateSshd {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let base = std::fs::read_to_string(infra().path("SSH_CONFIG")).unwrap();
         let config_text: String = base
             .lines()
@@ -1564,11 +1561,7 @@ async fn check_of_an_unknown_device_is_404() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pre_check_of_a_closed_port_is_502_unreachable() {
     let api = Api::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut spec = pre_check_spec();
     spec["port"] = json!(port);
     let (status, body, raw) = api.call("POST", "/api/docker/pre-check", Some(spec)).await;

@@ -788,11 +788,7 @@ struct SmtpServer {
 
 impl SmtpServer {
     fn start() -> SmtpServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         // Debian's own script (/usr/bin/aiosmtpd), whatever other python3 is on PATH.
         let mut child = Command::new("aiosmtpd")
             .args(["-n", "-c", "aiosmtpd.handlers.Debugging", "-l"])

@@ -7,14 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub(crate) struct ProxyProcess {
     pub(crate) child: Child,
     pub(crate) addr: String,

@@ -29,11 +29,7 @@ impl NotifyingRegistry {
             "{REGISTRY_BIN} is missing: `scripts/testinfra up` installs Debian's docker-registry"
         );
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
         std::fs::write(

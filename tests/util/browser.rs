@@ -19,6 +19,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
 use super::Infra;
+use crate::util::free_port;
 
 /// How long one WebDriver command or wait may take (within the test's budget).
 const STEP: Duration = Duration::from_secs(20);
@@ -49,13 +50,6 @@ fn binaries() -> (PathBuf, PathBuf) {
         find("CHROMIUM", "chromium"),
         find("CHROMEDRIVER", "chromium-driver"),
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("find a free loopback port")
-        .port()
 }
 
 /// Whether chromedriver on `addr` answers `/status` with `ready: true`. (It keeps the

@@ -353,3 +353,12 @@ pub fn unsafe_kill(pid: i32, sig: i32) {
         .expect("run kill");
     assert!(st.success(), "kill -{sig} {pid} failed");
 }
+
+/// A loopback TCP port free at the time of the call (the OS's pick), for a server a test
+/// starts itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a loopback port")
+        .port()
+}
