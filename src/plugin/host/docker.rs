@@ -14,12 +14,13 @@ use super::docker_api::{
     Answer, Api, MAX_BODY, MAX_OUTPUT, REQUEST_TIMEOUT, Req, connect_error, container_ref, demux,
     encode_query, image_ref, labels_of, split_reference, str_of,
 };
+use super::docker_update::{self, short_repository};
 use super::{HostError, RunState, docker_spec};
 use crate::plugin::bindings::wit_docker::{
     CheckReport, ContainerDetails, ContainerFilter, ContainerPruneReport, ContainerSpec,
     ContainerSummary, Created, DaemonInfo, Device, ExecOptions, ExecResult, Host, ImageRemoval,
-    ImageSummary, LogOptions, Logs, NetworkSummary, PruneFilter, PullResult, RecreateOptions,
-    RecreateResult, ResourceUsage, VolumeSummary,
+    ImageSummary, ImageUpdate, LogOptions, Logs, NetworkSummary, PruneFilter, PullResult,
+    RecreateOptions, RecreateResult, ResourceUsage, UpdateTarget, VolumeSummary,
 };
 use crate::plugin::records::AuditRecord;
 use crate::plugin::report::{CallDecision, Denial, HostCall};
@@ -1126,6 +1127,42 @@ impl Host for RunState {
         self.finish(call, r)
     }
 
+    async fn check_image_update(
+        &mut self,
+        device: String,
+        target: UpdateTarget,
+    ) -> Result<ImageUpdate, HostError> {
+        // The image is known only after the container's inspect; decide with the one
+        // given, or with a placeholder (the decision does not depend on it).
+        let (mut requests, container, given) = match &target {
+            UpdateTarget::Container(c) => {
+                let c = container_ref(c)?;
+                (
+                    vec![Req::get(format!("/containers/{c}/json"))],
+                    Some(c),
+                    None,
+                )
+            }
+            UpdateTarget::Image(i) => (Vec::new(), None, Some(image_ref(i)?)),
+        };
+        let decide_image = given.clone().unwrap_or_else(|| "IMAGE".to_string());
+        requests.extend([
+            Req::get(format!("/images/{decide_image}/json")),
+            Req::get(format!("/distribution/{decide_image}/json")),
+        ]);
+        let (api, mut call) = self
+            .authorize(
+                "check-image-update",
+                &device,
+                &requests,
+                container.as_deref(),
+            )
+            .await?;
+        let inspected = call.inspected.take();
+        let r = check_update(&api, container.as_deref(), inspected, given).await;
+        self.finish(call, r)
+    }
+
     async fn list_networks(&mut self, device: String) -> Result<Vec<NetworkSummary>, HostError> {
         let req = Req::get("/networks");
         let (api, call) = self
@@ -1247,6 +1284,89 @@ async fn pull(api: &Api, req: &Req, inspect: &Req, full: &str) -> Result<PullRes
     })
 }
 
+/// `check-image-update` after the policy's decision: the reference and local image (of
+/// the container, or the one given), its digests in the tag's repository, and the
+/// registry's digest for the tag as the daemon reads it (nothing pulled).
+async fn check_update(
+    api: &Api,
+    container: Option<&str>,
+    inspected: Option<Value>,
+    given: Option<String>,
+) -> Result<ImageUpdate, HostError> {
+    let (reference, image_id, mut image) = match (container, given) {
+        (_, Some(reference)) => {
+            let v = api
+                .json(&Req::get(format!("/images/{reference}/json")), None)
+                .await
+                .map_err(|e| match e {
+                    HostError::Wit(crate::plugin::bindings::WitError::NotFound(_)) => {
+                        HostError::not_found(format!(
+                            "image {reference} is not present on device {}",
+                            api.device
+                        ))
+                    }
+                    e => e,
+                })?;
+            (reference, str_of(&v["Id"]), Some(v))
+        }
+        (Some(c), None) => {
+            let v = match inspected {
+                Some(v) => v,
+                None => {
+                    api.json(&Req::get(format!("/containers/{c}/json")), None)
+                        .await?
+                }
+            };
+            (str_of(&v["Config"]["Image"]), str_of(&v["Image"]), None)
+        }
+        (None, None) => return Err(HostError::trap("check-image-update without a target")),
+    };
+    let tag = match docker_update::followed_tag(&reference) {
+        Ok(tag) => image_ref(&tag)?,
+        Err(why) => {
+            return Ok(docker_update::verdict(
+                reference,
+                image_id,
+                Vec::new(),
+                Err(why),
+            ));
+        }
+    };
+    if image.is_none() {
+        // The image the container runs, by ID: its tag may have moved on since.
+        let hex = image_id.strip_prefix("sha256:").unwrap_or(&image_id);
+        if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(HostError::trap(
+                "the daemon's answer has no usable image ID",
+            ));
+        }
+        image = Some(
+            api.json(&Req::get(format!("/images/sha256:{hex}/json")), None)
+                .await?,
+        );
+    }
+    let local = docker_update::local_digests(image.as_ref().unwrap_or(&Value::Null), &tag);
+    let answer = api
+        .send(
+            &Req::get(format!("/distribution/{tag}/json")),
+            None,
+            REQUEST_TIMEOUT,
+            MAX_BODY,
+        )
+        .await?;
+    let remote = if answer.status.is_success() {
+        docker_update::remote_digest(&answer.json()?)
+            .ok_or_else(|| format!("the daemon's answer for {tag} names no digest"))
+    } else {
+        Err(docker_update::registry_failure(
+            answer.status.as_u16(),
+            &answer.message(),
+            &tag,
+        ))
+    };
+    Ok(docker_update::verdict(reference, image_id, local, remote))
+}
+
 /// Why a create or re-create did not happen.
 enum Blocked {
     /// The policy refuses it (recorded as a denial; nothing was changed).
@@ -1259,13 +1379,6 @@ impl From<HostError> for Blocked {
     fn from(e: HostError) -> Self {
         Blocked::Failed(e)
     }
-}
-
-/// `docker.io/library/app` → `app`: the repository as Docker's short form writes it.
-fn short_repository(reference: &str) -> String {
-    let (repo, _) = split_reference(reference);
-    let repo = repo.strip_prefix("docker.io/").unwrap_or(&repo);
-    repo.strip_prefix("library/").unwrap_or(repo).to_string()
 }
 
 /// A re-created container keeps its repository (only the tag or digest changes) unless

@@ -13,6 +13,7 @@
 pub mod docker;
 mod docker_api;
 mod docker_spec;
+mod docker_update;
 pub mod http;
 // Named after the WIT interface `capstan:plugin/host`, like its siblings.
 #[allow(clippy::module_inception)]
