@@ -2,7 +2,8 @@
 //!
 //! A plugin implements [`Plugin`] (one function, `run`) and exports it with
 //! [`export_plugin!`]; everything else is ordinary Rust calling the functions in
-//! [`docker`], [`log`], [`config`], [`state`], [`time`], [`notify`] and [`http`]:
+//! [`docker`], [`log`], [`config`], [`state`], [`time`], [`notify`] and [`http`]
+//! ([`stack`] re-creates compose stacks in dependency order):
 //!
 //! ```ignore
 //! use capstan_sdk::prelude::*;
@@ -55,11 +56,13 @@ macro_rules! export_plugin {
     };
 }
 
+pub mod stack;
+
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::docker::{
-        self, ContainerFilter, ContainerSpec, ContainerSummary, LogOptions, PruneFilter,
-        RecreateOptions,
+        self, ContainerFilter, ContainerSpec, ContainerSummary, ImageUpdate, LogOptions,
+        PruneFilter, RecreateOptions, UpdateStatus, UpdateTarget,
     };
     pub use crate::http;
     pub use crate::notify::{self, Notification, Priority, Sent};
@@ -145,6 +148,23 @@ pub mod docker {
                 image: None,
                 pull: false,
                 stop_timeout_secs: None,
+            }
+        }
+    }
+
+    /// Whether the registry has another image for the tag `container` runs, without
+    /// pulling ([`check_image_update`] of [`UpdateTarget::Container`]).
+    pub fn check_container_update(device: &str, container: &str) -> Result<ImageUpdate, Error> {
+        check_image_update(device, &UpdateTarget::Container(container.to_string()))
+    }
+
+    impl UpdateStatus {
+        /// `up-to-date`, `available` or `unknown`.
+        pub fn name(&self) -> &'static str {
+            match self {
+                UpdateStatus::UpToDate => "up-to-date",
+                UpdateStatus::Available => "available",
+                UpdateStatus::Unknown(_) => "unknown",
             }
         }
     }

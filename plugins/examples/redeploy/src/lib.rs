@@ -16,9 +16,12 @@
 //! A failed pull does not stop the redeploy when the image is present on the device (a
 //! build pushed by CI to the host directly, or a registry that is down): the containers
 //! are re-created from the local image and the report says the pull failed. Each
-//! re-create is rolled back by the engine if the new container fails to start.
+//! re-create is rolled back by the engine if the new container fails to start. The
+//! containers of a compose project are re-created in dependency order (its
+//! `com.docker.compose.depends_on` labels: dependencies first, see `capstan_sdk::stack`).
 
 use capstan_sdk::prelude::*;
+use capstan_sdk::stack;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -176,13 +179,14 @@ fn redeploy_device(device: &str, image: &str, stop_timeout: u32) -> Result<Devic
             result.pull_error = Some(e.message());
         }
     }
-    for c in containers {
-        let options = RecreateOptions {
-            image: None,
-            pull: false,
-            stop_timeout_secs: Some(stop_timeout),
-        };
-        match docker::recreate_container(device, &c.id, &options) {
+    let options = RecreateOptions {
+        image: None,
+        pull: false,
+        stop_timeout_secs: Some(stop_timeout),
+    };
+    // A compose stack's dependencies first.
+    for c in stack::recreate_in_order(device, &containers, &options) {
+        match c.result {
             Ok(r) => {
                 let changed = if r.old_image_id == r.new_image_id {
                     "same image"

@@ -185,6 +185,19 @@ fn call(c: &Value) -> Result<Value, Error> {
             let r = docker::pull_image(&d, &s(c, "image"))?;
             json!({"image": r.image, "id": r.id, "status": r.status})
         }
+        "check-update" => {
+            let target = match c["image"].as_str() {
+                Some(image) => docker::UpdateTarget::Image(image.to_string()),
+                None => docker::UpdateTarget::Container(ct.clone()),
+            };
+            let u = docker::check_image_update(&d, &target)?;
+            let reason = match &u.status {
+                docker::UpdateStatus::Unknown(why) => json!(why),
+                _ => json!(null),
+            };
+            json!({"image": u.image, "image_id": u.image_id, "local_digests": u.local_digests,
+                   "remote_digest": u.remote_digest, "status": u.status.name(), "reason": reason})
+        }
         "list-networks" => json!(
             docker::list_networks(&d)?
                 .iter()
