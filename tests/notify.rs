@@ -15,7 +15,7 @@ use crate::util::*;
 
 /// One request a receiver got.
 #[derive(Clone)]
-struct Received {
+pub(crate) struct Received {
     path: String,
     headers: HashMap<String, String>,
     body: Vec<u8>,
@@ -32,7 +32,7 @@ impl std::fmt::Debug for Received {
 }
 
 impl Received {
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("{} sent no JSON ({e}): {:?}", self.path, self.body))
     }
@@ -50,14 +50,14 @@ struct Log {
 
 /// An HTTP server on 127.0.0.1 that records every request and answers 200 (or 500 while
 /// `fail_next` lasts). Its runtime stops when it is dropped.
-struct Receiver {
-    addr: String,
+pub(crate) struct Receiver {
+    pub(crate) addr: String,
     log: Arc<(Mutex<Log>, Condvar)>,
     _rt: tokio::runtime::Runtime,
 }
 
 impl Receiver {
-    fn start(fail_first: usize) -> Receiver {
+    pub(crate) fn start(fail_first: usize) -> Receiver {
         use hyper::service::service_fn;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -147,13 +147,13 @@ impl Receiver {
         l.got.clone()
     }
 
-    fn received(&self) -> Vec<Received> {
+    pub(crate) fn received(&self) -> Vec<Received> {
         self.log.0.lock().unwrap().got.clone()
     }
 }
 
 /// A running engine with a config file, its admin token, and where its data lives.
-struct Engine {
+pub(crate) struct Engine {
     data: DataDir,
     server: Server,
     auth: String,
@@ -162,7 +162,7 @@ struct Engine {
 impl Engine {
     /// `capstan serve` with `config` as its config file and capstan's own logs at debug
     /// (so the secret greps see everything it logs).
-    fn start(config: &str) -> Engine {
+    pub(crate) fn start(config: &str) -> Engine {
         let data = DataDir::empty();
         let file = data.path().join("capstan.toml");
         std::fs::write(&file, config).unwrap();
@@ -179,7 +179,7 @@ impl Engine {
     }
 
     /// `capstan notifier add NAME --url-stdin` against the running engine.
-    fn add_channel(&self, name: &str, url: &str) {
+    pub(crate) fn add_channel(&self, name: &str, url: &str) {
         let out = self.data.capstan_stdin(
             &["notifier", "add", name, "--url-stdin"],
             format!("{url}\n").as_bytes(),
@@ -193,7 +193,7 @@ impl Engine {
     }
 
     /// Installs the built plugin `crate_name` under `name`, `rest` added to its manifest.
-    fn install_crate(&self, crate_name: &str, name: &str, rest: &str) {
+    pub(crate) fn install_crate(&self, crate_name: &str, name: &str, rest: &str) {
         use base64::Engine as _;
         let manifest = format!("name = \"{name}\"\nversion = \"1\"\n{rest}\n");
         let wasm = std::fs::read(wasm(crate_name)).unwrap();
@@ -212,7 +212,7 @@ impl Engine {
     }
 
     /// Runs plugin `name` with `input` and waits for its record.
-    fn run(&self, name: &str, input: serde_json::Value) -> serde_json::Value {
+    pub(crate) fn run(&self, name: &str, input: serde_json::Value) -> serde_json::Value {
         let (status, body) = self.api(
             "POST",
             &format!("/api/plugins/{name}/run?wait=true"),
@@ -233,7 +233,7 @@ impl Engine {
     }
 
     /// Waits (bounded) until the audit holds `n` delivery outcomes.
-    fn wait_for_deliveries(&self, n: usize, secs: u64) -> Vec<serde_json::Value> {
+    pub(crate) fn wait_for_deliveries(&self, n: usize, secs: u64) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let d = self.deliveries();
@@ -269,7 +269,7 @@ fn send(channel: &str, title: &str, key: Option<&str>) -> serde_json::Value {
 }
 
 /// Config with quick retries (the tests wait for them).
-const QUICK: &str = "[notify]\nretry_backoff = \"100ms\"\ntimeout = \"5s\"\n";
+pub(crate) const QUICK: &str = "[notify]\nretry_backoff = \"100ms\"\ntimeout = \"5s\"\n";
 
 #[test]
 fn every_service_receives_its_documented_payload_and_no_token_leaks() {

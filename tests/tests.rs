@@ -31,3 +31,4 @@ mod roles;
 mod run_triggers;
 mod serve;
 mod triggers;
+mod updates;
