@@ -217,7 +217,7 @@ fn a_push_to_the_registry_redeploys_the_containers_of_its_tag_and_a_broken_image
 }
 
 /// A docker command whose failure does not matter (clean-up).
-fn docker_quiet(args: &[&str]) -> Option<std::process::Output> {
+pub(crate) fn docker_quiet(args: &[&str]) -> Option<std::process::Output> {
     Command::new("docker")
         .env(
             "DOCKER_HOST",

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::notify::{Engine as Serve, QUICK, Receiver};
+use crate::registry::docker_quiet;
 use crate::util::Infra;
 use crate::util::plugin::{Container, Harness, details, docker, example_dir, manifest};
 
@@ -87,14 +88,7 @@ impl Drop for Pushed {
         // a name already gone is no failure), then the changed image; the first image
         // is the test image, which its own name keeps.
         let quiet = |args: &[&str]| {
-            std::process::Command::new("docker")
-                .env(
-                    "DOCKER_HOST",
-                    format!("unix://{}", Infra::get().var("DOCKER_SOCKET")),
-                )
-                .args(args)
-                .output()
-                .ok()
+            docker_quiet(args)
                 .filter(|o| o.status.success())
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default()
@@ -337,6 +331,19 @@ fn stack(image: &str, label: &str) -> [Container; 3] {
     ]
 }
 
+/// A label `label_key=<unique>`, a pushed repository, a [`stack`] of it carrying the
+/// label, and the changed image (ID, digest) pushed as its tag afterwards.
+fn pushed_stack(repo: &str, label_key: &str) -> (String, Pushed, [Container; 3], (String, String)) {
+    let label = format!(
+        "{label_key}={}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut app = Pushed::new(repo);
+    let stack = stack(&app.tag, &label);
+    let v2 = app.push_changed(&stack[0].name, |_| {});
+    (label, app, stack, v2)
+}
+
 /// When each container of `stack` was created: web, db, api.
 fn created(stack: &[Container; 3]) -> Vec<chrono::DateTime<chrono::Utc>> {
     stack
@@ -345,7 +352,22 @@ fn created(stack: &[Container; 3]) -> Vec<chrono::DateTime<chrono::Utc>> {
         .collect()
 }
 
-fn assert_recreated_db_api_web(stack: &[Container; 3], before: &[chrono::DateTime<chrono::Utc>]) {
+/// Every container of `stack` runs `image` now and was re-created after `before`, db
+/// first, then api, then web.
+fn assert_recreated_db_api_web(
+    stack: &[Container; 3],
+    before: &[chrono::DateTime<chrono::Utc>],
+    image: &str,
+) {
+    for c in stack {
+        assert_eq!(
+            c.inspect("{{.Image}}"),
+            image,
+            "{} runs the pushed image",
+            c.name
+        );
+        assert_eq!(c.inspect("{{.State.Running}}"), "true", "{} runs", c.name);
+    }
     let after = created(stack);
     for i in 0..3 {
         assert!(after[i] > before[i], "{} was re-created", stack[i].name);
@@ -357,29 +379,31 @@ fn assert_recreated_db_api_web(stack: &[Container; 3], before: &[chrono::DateTim
     );
 }
 
+/// Runs `updates` by hand; its outcome's details and the report (it must succeed).
+fn run_updates(h: &Harness) -> (Value, capstan::plugin::RunReport) {
+    let r = h.run("updates", "");
+    assert!(r.succeeded(), "{}", r.render());
+    (details(&r), r)
+}
+
+/// How many entries the details' list `key` has.
+fn count(d: &Value, key: &str) -> usize {
+    d[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no list {key} in {d}"))
+        .len()
+}
+
 #[test]
 fn updates_reports_waits_for_min_age_then_redeploys_a_stack_in_dependency_order() {
-    let label = format!(
-        "capstan.test.updates={}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let mut app = Pushed::new("upd-plugin");
-    let stack = stack(&app.tag, &label);
+    let (label, app, stack, (v2, d2)) = pushed_stack("upd-plugin", "capstan.test.updates");
     let names: Vec<&str> = stack.iter().map(|c| c.name.as_str()).collect();
-    let (v2, d2) = app.push_changed(&stack[0].name, |_| {});
 
     // Report only: all three have the update; nothing pulled or re-created.
     let h = Harness::new();
     h.install_text_for("updates", &updates_manifest(&label, &[]), &names);
-    let r = h.run("updates", "");
-    assert!(r.succeeded(), "{}", r.render());
-    let d = details(&r);
-    assert_eq!(
-        d["available"].as_array().unwrap().len(),
-        3,
-        "{}",
-        r.render()
-    );
+    let (d, r) = run_updates(&h);
+    assert_eq!(count(&d, "available"), 3, "{}", r.render());
     for a in d["available"].as_array().unwrap() {
         assert_eq!(a["image"], app.tag.as_str());
         assert_eq!(a["remote_digest"], d2.as_str());
@@ -387,7 +411,7 @@ fn updates_reports_waits_for_min_age_then_redeploys_a_stack_in_dependency_order(
     }
     let summary = &r.outcome.as_ref().unwrap().summary;
     assert!(summary.starts_with("3 update(s) available"), "{summary}");
-    assert!(d["redeployed"].as_array().unwrap().is_empty());
+    assert!(count(&d, "redeployed") == 0);
     assert_eq!(app.local_id(), app.v1, "report mode pulls nothing");
     assert!(
         r.host_calls
@@ -404,15 +428,9 @@ fn updates_reports_waits_for_min_age_then_redeploys_a_stack_in_dependency_order(
         h
     };
     let h = redeploy("\"1h\"");
-    let r = h.run("updates", "");
-    assert!(r.succeeded(), "{}", r.render());
-    let d = details(&r);
-    assert!(
-        d["redeployed"].as_array().unwrap().is_empty(),
-        "{}",
-        r.render()
-    );
-    assert_eq!(d["waiting"].as_array().unwrap().len(), 1, "{}", r.render());
+    let (d, r) = run_updates(&h);
+    assert!(count(&d, "redeployed") == 0, "{}", r.render());
+    assert_eq!(count(&d, "waiting"), 1, "{}", r.render());
     for c in &stack {
         assert_eq!(
             c.inspect("{{.Image}}"),
@@ -425,27 +443,11 @@ fn updates_reports_waits_for_min_age_then_redeploys_a_stack_in_dependency_order(
     // With min_age 0: pulled and re-created, dependencies first, configuration kept.
     let before = created(&stack);
     let h = redeploy("\"0\"");
-    let r = h.run("updates", "");
-    assert!(r.succeeded(), "{}", r.render());
-    let d = details(&r);
-    assert_eq!(
-        d["redeployed"].as_array().unwrap().len(),
-        3,
-        "{}",
-        r.render()
-    );
-    assert!(d["failed"].as_array().unwrap().is_empty(), "{}", r.render());
-    for c in &stack {
-        assert_eq!(
-            c.inspect("{{.Image}}"),
-            v2,
-            "{} runs the pushed image",
-            c.name
-        );
-        assert_eq!(c.inspect("{{.State.Running}}"), "true");
-    }
+    let (d, r) = run_updates(&h);
+    assert_eq!(count(&d, "redeployed"), 3, "{}", r.render());
+    assert!(count(&d, "failed") == 0, "{}", r.render());
     assert!(stack[1].inspect("{{.Config.Env}}").contains("GREETING=db"));
-    assert_recreated_db_api_web(&stack, &before);
+    assert_recreated_db_api_web(&stack, &before, &v2);
     // The run's host calls say the same.
     let recreated: Vec<&str> = r
         .host_calls
@@ -456,27 +458,15 @@ fn updates_reports_waits_for_min_age_then_redeploys_a_stack_in_dependency_order(
     assert_eq!(recreated.len(), 3, "{}", r.render());
 
     // Now up to date, and the state of the update is gone.
-    let r = h.run("updates", "");
-    let d = details(&r);
-    assert_eq!(
-        d["up_to_date"].as_array().unwrap().len(),
-        3,
-        "{}",
-        r.render()
-    );
-    assert!(d["available"].as_array().unwrap().is_empty());
+    let (d, r) = run_updates(&h);
+    assert_eq!(count(&d, "up_to_date"), 3, "{}", r.render());
+    assert!(count(&d, "available") == 0);
 }
 
 #[test]
 fn redeploy_recreates_a_compose_stack_in_dependency_order() {
-    let label = format!(
-        "capstan.test.redeploy={}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let mut app = Pushed::new("redeploy-stack");
-    let stack = stack(&app.tag, &label);
+    let (label, app, stack, (v2, _)) = pushed_stack("redeploy-stack", "capstan.test.redeploy");
     let names: Vec<&str> = stack.iter().map(|c| c.name.as_str()).collect();
-    let (v2, _) = app.push_changed(&stack[0].name, |_| {});
     let h = Harness::new();
     let text = std::fs::read_to_string(example_dir("redeploy").join("plugin.toml"))
         .unwrap()
@@ -490,15 +480,7 @@ fn redeploy_recreates_a_compose_stack_in_dependency_order() {
         "{}",
         r.render()
     );
-    for c in &stack {
-        assert_eq!(
-            c.inspect("{{.Image}}"),
-            v2,
-            "{} runs the pushed image",
-            c.name
-        );
-    }
-    assert_recreated_db_api_web(&stack, &before);
+    assert_recreated_db_api_web(&stack, &before, &v2);
 }
 
 #[test]
