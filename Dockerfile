@@ -5,7 +5,7 @@
 #
 # Stages. `build` starts from RUST_IMAGE (default rust:1-bookworm) and compiles the
 # release binary (`cargo build --release --locked --bin capstan`) and the example plugins
-# (autoheal, redeploy, inventory, crashloop) for wasm32-wasip2. The runtime stage starts
+# (autoheal, redeploy, inventory, crashloop, updates) for wasm32-wasip2. The runtime stage starts
 # from BASE_IMAGE (default debian:bookworm-slim) and takes only the binary and the
 # plugins (staged as /usr/share/capstan/plugins/<name>/{plugin.toml,<name>.wasm}, the
 # layout `capstan serve --default-plugins` installs from).
@@ -49,7 +49,7 @@ LABEL org.capstan.image.stage=build
 COPY . /src
 RUN set -eu; \
     cd /src; \
-    plugins="autoheal redeploy inventory crashloop"; \
+    plugins="autoheal redeploy inventory crashloop updates"; \
     mkdir -p /out/plugins; \
     if [ -f dist/capstan ]; then \
         echo "using the prebuilt dist/capstan"; \

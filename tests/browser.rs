@@ -14,7 +14,7 @@ use crate::util::plugin::{example_dir, wasm};
 use crate::util::*;
 
 /// The example plugins `scripts/run` installs on first start.
-const EXAMPLES: [&str; 4] = ["autoheal", "crashloop", "inventory", "redeploy"];
+const EXAMPLES: [&str; 5] = ["autoheal", "crashloop", "inventory", "redeploy", "updates"];
 
 /// A container name no test creates: the examples that act on containers are kept to it,
 /// so the dashboard's cron and event runs never touch other tests' containers.

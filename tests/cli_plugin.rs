@@ -152,7 +152,7 @@ fn scaffolds_a_plugin_crate_that_builds_and_installs_as_it_is() {
 fn serve_installs_the_default_plugins_on_first_start_only() {
     let d = DataDir::empty();
     let defaults = d.path().join("defaults");
-    for name in ["autoheal", "crashloop", "inventory", "redeploy"] {
+    for name in ["autoheal", "crashloop", "inventory", "redeploy", "updates"] {
         let dir = defaults.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(wasm(name), dir.join(format!("{name}.wasm"))).unwrap();
@@ -165,7 +165,7 @@ fn serve_installs_the_default_plugins_on_first_start_only() {
     let server = Server::start_with(&d, |c| {
         c.env("CAPSTAN_DEFAULT_PLUGINS", &defaults);
     });
-    for name in ["autoheal", "crashloop", "inventory", "redeploy"] {
+    for name in ["autoheal", "crashloop", "inventory", "redeploy", "updates"] {
         assert!(
             server.banner.contains(&format!("installed plugin {name}")),
             "{}",
@@ -173,7 +173,7 @@ fn serve_installs_the_default_plugins_on_first_start_only() {
         );
     }
     assert!(
-        server.banner.contains("plugins: 4 loaded"),
+        server.banner.contains("plugins: 5 loaded"),
         "{}",
         server.banner
     );
@@ -189,7 +189,7 @@ fn serve_installs_the_default_plugins_on_first_start_only() {
     assert!(
         server
             .banner
-            .contains("plugins: 4 loaded (4 from the compile cache"),
+            .contains("plugins: 5 loaded (5 from the compile cache"),
         "{}",
         server.banner
     );

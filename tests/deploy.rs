@@ -371,7 +371,7 @@ fn the_image_runs_capstan_as_a_non_root_user_with_its_data_in_a_volume() {
     ]);
     assert_eq!(
         plugins.split_whitespace().collect::<Vec<_>>(),
-        ["autoheal", "crashloop", "inventory", "redeploy"]
+        ["autoheal", "crashloop", "inventory", "redeploy", "updates"]
     );
 }
 
@@ -544,7 +544,7 @@ fn engine_compose_serves_the_api_with_the_example_plugins_and_a_vault_key_secret
     assert!(devices.to_string().contains("\"local\""), "{devices}");
     let (status, plugins) = api("GET", "/api/plugins", Value::Null);
     assert_eq!(status, 200, "{plugins}");
-    for name in ["autoheal", "redeploy", "inventory", "crashloop"] {
+    for name in ["autoheal", "redeploy", "inventory", "crashloop", "updates"] {
         assert!(
             plugins.to_string().contains(&format!("\"{name}\"")),
             "{name} not installed: {plugins}"
