@@ -88,7 +88,8 @@ pub(super) async fn deliver(
     let Answer::Accepted { run_id: id } = answer else {
         return answer.into_response();
     };
-    if !wait {
+    // In cluster mode the run is recorded by the node that takes it: nothing to wait on here.
+    if !wait || s.cluster().is_some() {
         return answer.into_response();
     }
     match s.wait(id, s.config().max_wait).await {
