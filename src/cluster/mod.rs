@@ -105,6 +105,8 @@ pub struct Cluster {
     consumer: jetstream::consumer::PullConsumer,
     stream_name: String,
     subjects: String,
+    /// The consumer's ack deadline (the first node's `ack_wait`).
+    ack_wait: Duration,
     /// This process (a restarted node has a new one).
     instance: String,
     started_at: DateTime<Utc>,
@@ -205,6 +207,16 @@ impl Cluster {
             )
             .await
             .map_err(|e| nats("creating the runs consumer")(e.to_string()))?;
+        // The consumer is the first node's: its deadline is the one JetStream keeps.
+        let config = &consumer.cached_info().config;
+        let ack_wait = config.ack_wait;
+        if ack_wait != settings.ack_wait || config.max_deliver != settings.max_deliver {
+            tracing::warn!(
+                ack_wait = ?ack_wait,
+                max_deliver = config.max_deliver,
+                "cluster: the runs consumer exists with other settings than this node's cluster.ack_wait / max_deliver; its own apply"
+            );
+        }
         let nodes = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
             Err(_) => js
@@ -227,6 +239,7 @@ impl Cluster {
             consumer,
             stream_name,
             subjects,
+            ack_wait,
             instance: uuid::Uuid::new_v4().to_string(),
             started_at: Utc::now(),
             api: OnceLock::new(),

@@ -215,7 +215,7 @@ impl Cluster {
         // Still at it: JetStream waits another ack_wait.
         let keepalive = {
             let msg = msg.clone();
-            let every = (self.settings.ack_wait / 3).max(Duration::from_millis(300));
+            let every = (self.ack_wait / 3).max(Duration::from_millis(300));
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.tick().await;
