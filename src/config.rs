@@ -55,6 +55,10 @@ pub struct ConfigFile {
     /// The web dashboard served beside the API.
     #[serde(default)]
     pub dashboard: DashboardSection,
+    /// Cluster mode: the NATS servers several engines share (none: the engine runs
+    /// alone).
+    #[serde(default)]
+    pub cluster: crate::cluster::ClusterSection,
 }
 
 /// The `[dashboard]` table. Each key may also come from `CAPSTAN_DASHBOARD_<KEY>` (upper
@@ -277,6 +281,8 @@ pub struct Settings {
     pub notify: crate::notify::NotifySettings,
     /// The `[dashboard]` table.
     pub dashboard: DashboardSettings,
+    /// The `[cluster]` table (with `serve --cluster`): `None` when the engine runs alone.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 /// A validated `[[proxy]]` entry.
@@ -397,7 +403,19 @@ impl Settings {
                 .resolve()
                 .map_err(|(field, message)| ConfigError::Invalid { field, message })?,
             dashboard: resolve_dashboard(&file.dashboard, env)?,
+            cluster: crate::cluster::config::resolve(&file.cluster, None, env)?,
         })
+    }
+
+    /// Cluster mode from `serve --cluster URLS` (its variable `CAPSTAN_CLUSTER` read by
+    /// clap), over the `[cluster]` table and its variables.
+    pub fn with_cluster_urls(
+        mut self,
+        file: &ConfigFile,
+        urls: &str,
+    ) -> Result<Settings, ConfigError> {
+        self.cluster = crate::cluster::config::resolve(&file.cluster, Some(urls), env)?;
+        Ok(self)
     }
 
     pub fn default_key_file(&self) -> PathBuf {

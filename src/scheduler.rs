@@ -135,6 +135,9 @@ pub struct Scheduler {
     stopping: AtomicBool,
     /// Called with every run's final record (run-outcome triggers, notifications).
     end_listeners: std::sync::RwLock<Vec<RunEndListener>>,
+    /// Cluster mode: where cron fires and webhook deliveries go instead of
+    /// [`Scheduler::submit`] (see [`crate::cluster`]). Unset: the engine runs alone.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// What [`Scheduler::on_run_end`] registers: called once per run, with its final record,
@@ -178,6 +181,7 @@ impl Scheduler {
             ended: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
             end_listeners: std::sync::RwLock::new(Vec::new()),
+            cluster: std::sync::OnceLock::new(),
         }))
     }
 
@@ -230,6 +234,16 @@ impl Scheduler {
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
+    }
+
+    /// The cluster this engine is a node of, if any: triggers hand their runs to it.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Makes this engine a node of `cluster` (once, before triggers fire).
+    pub fn join_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
     }
 
     fn gate(&self, plugin: &str) -> Arc<PluginGate> {
@@ -326,6 +340,23 @@ impl Scheduler {
                 Err(e) => tracing::error!(run = %id, error = %e, "cannot record the run's end"),
             }
             return Err(SubmitError::Store(RunError::Store(e)));
+        }
+        Ok(self.launch(admitted, event, None))
+    }
+
+    /// [`Scheduler::submit`] with a log line the record carries from the start (a run a
+    /// cluster delivers again says which attempt it is).
+    pub fn submit_noted(
+        self: &Arc<Self>,
+        plugin: &str,
+        event: TriggerEvent,
+        note: LogLine,
+    ) -> Result<RunId, SubmitError> {
+        let admitted = self.admit(plugin, &event)?;
+        let mut logs = RunLogs::default();
+        logs.push(note, self.runs.config().log_cap_bytes);
+        if let Err(e) = self.runs.append(admitted.record.id, logs, Vec::new()) {
+            tracing::warn!(run = %admitted.record.id, error = %e, "cannot add the note to the run's record");
         }
         Ok(self.launch(admitted, event, None))
     }

@@ -13,6 +13,7 @@ mod cli_device;
 mod cli_plugin;
 mod cli_policy;
 mod cli_vault;
+mod cluster;
 mod container_ops;
 mod dashboard;
 mod deploy;

@@ -66,9 +66,13 @@ pub(super) async fn deliver(
         Some(Ok(full)) => full,
         Some(Err(e)) => return refused(e),
     };
-    // 202 means durable: the run's `queued` record is on disk before the answer.
+    // 202 means durable: the run's `queued` record is on disk before the answer (in
+    // cluster mode: JetStream acked the run's publish).
     let answer = webhook::deliver(s.hooks(), &name, &headers, body, |d| async move {
         let plugin = d.plugin.clone();
+        if let Some(cluster) = s.cluster() {
+            return crate::cluster::work::accept_delivery(cluster, d).await;
+        }
         s.submit_durable(&plugin, d.into_event())
             .await
             .map_err(|e| e.to_string())
@@ -84,7 +88,8 @@ pub(super) async fn deliver(
     let Answer::Accepted { run_id: id } = answer else {
         return answer.into_response();
     };
-    if !wait {
+    // In cluster mode the run is recorded by the node that takes it: nothing to wait on here.
+    if !wait || s.cluster().is_some() {
         return answer.into_response();
     }
     match s.wait(id, s.config().max_wait).await {

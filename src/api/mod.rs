@@ -20,6 +20,7 @@
 //! by `serve`.
 
 pub mod authz;
+pub mod cluster;
 mod devices;
 pub(crate) mod docker;
 pub mod error;
@@ -298,6 +299,13 @@ pub const ROUTES: &[Route] = &[
         role: Role::Admin,
         example: "/api/notifiers/ops/test",
         handler: || post(notifiers::test),
+    },
+    Route {
+        method: "GET",
+        path: "/api/cluster",
+        role: Role::Viewer,
+        example: "/api/cluster",
+        handler: || get(cluster::status),
     },
     Route {
         method: "GET",

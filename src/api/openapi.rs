@@ -18,7 +18,7 @@ use utoipa::openapi::{RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{AppError, ErrorBody, error::ErrorDetail};
-use super::{devices, docker, hooks, metrics, notifiers, plugins, runs};
+use super::{cluster, devices, docker, hooks, metrics, notifiers, plugins, runs};
 
 /// The security scheme's name in the document.
 pub const BEARER: &str = "bearer";
@@ -63,6 +63,7 @@ pub const BEARER: &str = "bearer";
         notifiers::test,
         serve,
         metrics::serve,
+        cluster::status,
         hook_delivery,
     ),
     components(schemas(ErrorBody, ErrorDetail, crate::runs::RunSummary)),

@@ -214,6 +214,12 @@ impl App {
             )
         })?;
         let local = listener.local_addr()?;
+        if let Some(cluster) = scheduler.cluster() {
+            cluster
+                .join(local.to_string())
+                .await
+                .context("joining the cluster")?;
+        }
         let pin = api_tls.as_ref().map(|(_, pin)| pin);
         cli_token::write(&engine.settings.data_dir, local, pin, &cli_token)?;
         drop(cli_token);
@@ -297,6 +303,13 @@ impl Listening {
             stopped(),
         ));
         let housekeeping = tokio::spawn(housekeeping(scheduler.clone(), stopped()));
+        // Cluster mode: this node's entry renewed, and runs taken from the cluster.
+        let cluster_tasks = scheduler.cluster().map(|c| {
+            [
+                tokio::spawn(c.clone().heartbeat(stopped())),
+                tokio::spawn(c.clone().work(scheduler.clone(), stopped())),
+            ]
+        });
         let listen = crate::api::ListenInfo {
             tls: api_tls.is_some(),
         };
@@ -326,6 +339,9 @@ impl Listening {
         let _ = cron.await;
         let _ = docker_events.await;
         let _ = housekeeping.await;
+        for t in cluster_tasks.into_iter().flatten() {
+            let _ = t.await;
+        }
         for t in proxy_tasks {
             match t.await {
                 Ok(Err(e)) => tracing::error!(error = %e, "proxy failed"),

@@ -7,6 +7,7 @@
 
 mod check;
 mod client;
+mod cluster;
 mod device;
 mod hook;
 mod notifier;
@@ -105,20 +106,36 @@ pub enum Command {
     /// remove, test.
     #[command(subcommand)]
     Notifier(notifier::NotifierCmd),
+    /// Cluster mode: `capstan cluster status` lists the nodes and the runs backlog.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
 }
 
 impl GlobalArgs {
     fn settings(&self, listen: Option<String>) -> anyhow::Result<Settings> {
+        self.serve_settings(listen, None)
+    }
+
+    /// [`GlobalArgs::settings`] with `serve --cluster URLS` over the `[cluster]` table.
+    fn serve_settings(
+        &self,
+        listen: Option<String>,
+        cluster: Option<&str>,
+    ) -> anyhow::Result<Settings> {
         let file = match &self.config {
             Some(p) => ConfigFile::load(p)?,
             None => ConfigFile::default(),
         };
-        Ok(Settings::resolve(
+        let settings = Settings::resolve(
             &file,
             self.data_dir.clone(),
             listen,
             self.vault_key_file.clone(),
-        )?)
+        )?;
+        Ok(match cluster {
+            Some(urls) => settings.with_cluster_urls(&file, urls)?,
+            None => settings,
+        })
     }
 
     fn passphrase(&self) -> PassphraseInput {
@@ -139,11 +156,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runs(args) => runs::run(g, args),
         Command::Hook(cmd) => hook::run(g, cmd),
         Command::Notifier(cmd) => notifier::run(g, cmd),
+        Command::Cluster(cmd) => cluster::run(g, cmd),
     }
 }
 
 /// Prints rows as aligned columns.
 pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    print!("{}", table_text(header, rows));
+}
+
+/// Rows as aligned columns, one line each after the header.
+pub(crate) fn table_text(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -159,10 +182,11 @@ pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
                 s.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", s.trim_end());
+        format!("{}\n", s.trim_end())
     };
-    line(header.to_vec());
+    let mut out = line(header.to_vec());
     for r in rows {
-        line(r.iter().map(String::as_str).collect());
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
+    out
 }

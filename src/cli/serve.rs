@@ -59,10 +59,15 @@ pub struct ServeArgs {
     /// plugin.toml and its .wasm (scripts/run stages the example plugins this way).
     #[arg(long, env = "CAPSTAN_DEFAULT_PLUGINS", value_name = "DIR")]
     default_plugins: Option<PathBuf>,
+    /// Run as a node of a cluster on these NATS servers (JetStream enabled),
+    /// comma-separated, e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222. Replaces
+    /// `[cluster] urls`; the rest of `[cluster]` (node name, credentials, TLS) applies.
+    #[arg(long, env = "CAPSTAN_CLUSTER", value_name = "URLS")]
+    cluster: Option<String>,
 }
 
 pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
-    let mut settings = g.settings(args.listen)?;
+    let mut settings = g.serve_settings(args.listen, args.cluster.as_deref())?;
     if args.tls_cert.is_some() || args.tls_key.is_some() {
         settings.api_tls = crate::config::api_tls(args.tls_cert, args.tls_key)?;
     }
@@ -74,10 +79,23 @@ pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     let options = AppOptions {
         default_plugins: args.default_plugins,
     };
+    // Cluster mode: NATS answers (with JetStream) before anything is created or started.
+    let cluster = match settings.cluster.clone() {
+        Some(c) => Some(rt.block_on(crate::cluster::Cluster::connect(c))?),
+        None => None,
+    };
     let app = {
         let _guard = rt.enter();
         App::build(settings, &g.passphrase(), &options, &mut print)?
     };
+    if let Some(c) = cluster {
+        println!(
+            "cluster node {} on NATS {}",
+            c.node_name(),
+            c.settings().urls.join(",")
+        );
+        app.scheduler().join_cluster(c);
+    }
     rt.block_on(async {
         // Handlers first: a signal right after the banner must still shut down gracefully.
         let shutdown = shutdown_signal();

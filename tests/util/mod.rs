@@ -59,6 +59,20 @@ impl Infra {
     }
 }
 
+/// The test NATS cluster's client URLs, comma-separated as `serve --cluster` takes them
+/// (`NATS_URLS`: three JetStream nodes on loopback). Panics with what to do when the
+/// infrastructure did not start them: cluster tests fail, never skip, without NATS.
+pub fn nats_urls() -> &'static str {
+    Infra::get()
+        .fact("NATS_URLS")
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| {
+            panic!(
+                "infra.env has no NATS_URLS: the NATS cluster is not up; run `scripts/testinfra up` (it installs nats-server and starts three JetStream nodes)"
+            )
+        })
+}
+
 /// The `capstan` binary built for these tests.
 pub fn capstan_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_capstan"))

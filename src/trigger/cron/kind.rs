@@ -93,6 +93,14 @@ pub async fn fire_runs(scheduler: Arc<Scheduler>, shutdown: impl std::future::Fu
 }
 
 async fn fire_one(scheduler: &Arc<Scheduler>, id: TriggerId, fire: FireInfo) {
+    // Cluster mode: every node publishes the fire under the same id; one node runs it.
+    if let Some(cluster) = scheduler.cluster() {
+        let msg_id = crate::cluster::cron_msg_id(id.plugin(), id.index(), fire.scheduled_at);
+        if let Err(e) = cluster.hand_over(id.plugin(), event(&fire), &msg_id).await {
+            tracing::warn!(plugin = id.plugin(), trigger = id.index(), error = %e, "cron fire not handed to the cluster");
+        }
+        return;
+    }
     match scheduler.submit(id.plugin(), event(&fire)) {
         Ok(run) => scheduler.until_ended(run).await,
         Err(SubmitError::ShuttingDown) => {}

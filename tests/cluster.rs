@@ -1,0 +1,523 @@
+//! Cluster mode against the real three-node NATS JetStream cluster `scripts/testinfra`
+//! starts (`NATS_URLS`): three `capstan serve --cluster …` processes, each with its own
+//! data directory and the same trivial plugin installed, show that every cron fire and
+//! every accepted webhook delivery runs once in the cluster, that a node killed mid-run
+//! leaves its runs to the others, and what `capstan cluster status` tells.
+//!
+//! Each test uses a cluster name of its own (`CAPSTAN_CLUSTER_NAME`), so its runs stream
+//! and node bucket are its own; the tests take turns (three engines each on two cores).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Timelike;
+use serde_json::Value;
+
+use crate::triggers::{eventually, generated_secret, install, runs, sign};
+use crate::util::*;
+
+/// One cluster test at a time.
+static TURN: Mutex<()> = Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A GitHub-style hook. Its deliveries are told apart by their delivery id only (the
+/// kill test sends the same body many times), so the cluster's duplicate check is the
+/// one that counts.
+const MANIFEST: &str = r#"
+name = "clustered"
+version = "1"
+
+[[triggers.webhook]]
+name = "gh"
+auth = "hmac-sha256"
+delivery_header = "X-GitHub-Delivery"
+replay = "allow"
+"#;
+
+/// A cron trigger firing every second.
+const CRON_MANIFEST: &str = r#"
+name = "ticker"
+version = "1"
+
+[[triggers.cron]]
+schedule = "* * * * * *"
+"#;
+
+/// One engine of a test cluster: its data directory (kept across a kill and restart),
+/// the hook secret its install generated, and the running process.
+struct Node {
+    name: String,
+    data: DataDir,
+    secret: Option<String>,
+    server: Option<Server>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Node {
+    /// A data directory with a vault and `manifest` installed (with the trivial plugin).
+    fn new(name: &str, manifest: &str) -> Node {
+        let data = DataDir::with_vault();
+        let out = install(&data, manifest);
+        let secret = manifest
+            .contains("[[triggers.webhook]]")
+            .then(|| generated_secret(&out, "gh"));
+        Node {
+            name: name.to_string(),
+            data,
+            secret,
+            server: None,
+            log: Arc::new(Mutex::new(String::new())),
+        }
+    }
+
+    /// Starts `serve --cluster NATS_URLS` as node `name` of cluster `cluster`.
+    fn start(&mut self, cluster: &str, env: &[(&str, &str)]) {
+        let urls = nats_urls();
+        let mut server = Server::start_with(&self.data, |c| {
+            c.args(["--cluster", urls])
+                .env("CAPSTAN_CLUSTER_NODE_NAME", &self.name)
+                .env("CAPSTAN_CLUSTER_NAME", cluster);
+            for (k, v) in env {
+                c.env(k, v);
+            }
+        });
+        assert!(
+            server
+                .banner
+                .contains(&format!("cluster node {} on NATS", self.name)),
+            "serve --cluster did not say it joined:\n{}",
+            server.banner
+        );
+        // The log is read as it comes (a full pipe would stall the engine).
+        let mut err = server.child.stderr.take().unwrap();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        self.server = Some(server);
+    }
+
+    fn addr(&self) -> &str {
+        &self.server.as_ref().expect("the node runs").addr
+    }
+
+    /// SIGKILL, as a crash.
+    fn kill(&mut self) {
+        let mut s = self.server.take().expect("the node runs");
+        unsafe_kill(s.child.id() as i32, 9);
+        s.child.wait().unwrap();
+        std::mem::forget(s);
+    }
+
+    /// SIGTERM, and the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        self.server.take().expect("the node runs").stop()
+    }
+
+    /// A signed delivery with `delivery` id and `body` to this node: the status.
+    fn deliver(&self, delivery: &str, body: &[u8]) -> u16 {
+        let secret = self.secret.as_deref().expect("the node has hook gh");
+        let sig = format!("sha256={}", sign(secret, body));
+        http(
+            self.addr(),
+            "POST",
+            "/hooks/gh",
+            &[
+                ("X-Hub-Signature-256", &sig),
+                ("X-GitHub-Delivery", delivery),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        )
+        .0
+    }
+}
+
+/// A cluster name no other test (or run) uses.
+fn cluster_name() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Three nodes `n1`..`n3` with `manifest` installed, started in cluster `cluster`.
+fn three(manifest: &str, cluster: &str, env: &[(&str, &str)]) -> Vec<Node> {
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|i| Node::new(&format!("n{i}"), manifest))
+        .collect();
+    for n in &mut nodes {
+        n.start(cluster, env);
+    }
+    nodes
+}
+
+/// The plugin's runs on every node, each with the node's name.
+fn all_runs(nodes: &[Node], plugin: &str) -> Vec<(String, Value)> {
+    nodes
+        .iter()
+        .flat_map(|n| {
+            runs(&n.data, plugin)
+                .into_iter()
+                .map(|r| (n.name.clone(), r))
+        })
+        .collect()
+}
+
+fn is_final(r: &Value) -> bool {
+    !matches!(r["status"].as_str(), Some("queued" | "running"))
+}
+
+fn logs_of(r: &Value) -> String {
+    r["logs"]["lines"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|x| x["message"].as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn each_cron_fire_runs_once_across_three_nodes() {
+    let _turn = turn();
+    let cluster = cluster_name();
+    let mut nodes = three(CRON_MANIFEST, &cluster, &[]);
+    let all_up = chrono::Utc::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let until = chrono::Utc::now();
+    // Let the last fires end before reading.
+    std::thread::sleep(Duration::from_millis(1500));
+    let records = all_runs(&nodes, "ticker");
+    for n in &mut nodes {
+        assert!(n.stop().success(), "node {} stopped cleanly", n.name);
+    }
+
+    let mut by_fire: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for (node, r) in &records {
+        assert_eq!(r["trigger"]["kind"], "cron", "{r}");
+        let at = r["trigger"]["scheduled_at"].as_str().unwrap().to_string();
+        by_fire.entry(at).or_default().push(node);
+    }
+    let twice: Vec<_> = by_fire.iter().filter(|(_, n)| n.len() > 1).collect();
+    assert!(twice.is_empty(), "fires run more than once: {twice:?}");
+    // Every second while all three ran has its one run.
+    let first = all_up + chrono::Duration::seconds(1);
+    let last = until - chrono::Duration::seconds(1);
+    let mut t = first.with_nanosecond(0).unwrap() + chrono::Duration::seconds(1);
+    let mut missing = Vec::new();
+    let mut seen = 0;
+    while t <= last {
+        let key = t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let found = by_fire
+            .keys()
+            .any(|k| k.parse::<chrono::DateTime<chrono::Utc>>().ok() == Some(t));
+        if found {
+            seen += 1;
+        } else {
+            missing.push(key);
+        }
+        t += chrono::Duration::seconds(1);
+    }
+    assert!(
+        missing.is_empty(),
+        "fires with no run: {missing:?} (runs: {by_fire:?})"
+    );
+    assert!(seen >= 7, "only {seen} fires in a 10 s window");
+    assert!(
+        records.iter().all(|(_, r)| r["status"] == "ok"),
+        "every fire's run ended ok: {records:?}"
+    );
+}
+
+#[test]
+fn every_webhook_delivery_answered_202_is_run_once_across_three_nodes() {
+    let _turn = turn();
+    let cluster = cluster_name();
+    let nodes = three(MANIFEST, &cluster, &[]);
+    const N: usize = 600;
+    let mut accepted = BTreeSet::new();
+    let started = Instant::now();
+    for i in 0..N {
+        let node = &nodes[i % 3];
+        let id = format!("d-{i}");
+        let status = node.deliver(&id, format!("{{\"n\":{i}}}").as_bytes());
+        assert_eq!(status, 202, "delivery {id} to {}", node.name);
+        accepted.insert(id);
+    }
+    let took = started.elapsed();
+    // The same delivery again, to another node: the cluster already has it.
+    assert_eq!(nodes[1].deliver("d-0", b"{\"n\":0}"), 202);
+    assert_eq!(nodes[2].deliver("d-3", b"{\"n\":3}"), 202);
+
+    let mut records = Vec::new();
+    eventually(90, "every accepted delivery recorded and ended", || {
+        records = all_runs(&nodes, "clustered");
+        records.len() >= N && records.iter().all(|(_, r)| is_final(r))
+    });
+    let mut by_delivery: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for (node, r) in &records {
+        let d = r["trigger"]["delivery"].as_str().unwrap().to_string();
+        by_delivery
+            .entry(d)
+            .or_default()
+            .push((node.clone(), r["status"].as_str().unwrap().to_string()));
+    }
+    let twice: Vec<_> = by_delivery.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(twice.is_empty(), "deliveries run more than once: {twice:?}");
+    let recorded: BTreeSet<String> = by_delivery.keys().cloned().collect();
+    assert_eq!(
+        recorded, accepted,
+        "the recorded deliveries are the accepted ones"
+    );
+    assert!(
+        by_delivery.values().all(|v| v[0].1 == "ok"),
+        "every run ended ok"
+    );
+    let ran_on: BTreeSet<&str> = records.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        ran_on.len() >= 2,
+        "the runs are spread over the nodes: only {ran_on:?} ran any"
+    );
+    eprintln!(
+        "{N} deliveries answered in {:.2}s; runs per node: {:?}",
+        took.as_secs_f64(),
+        ["n1", "n2", "n3"].map(|n| records.iter().filter(|(x, _)| x == n).count())
+    );
+}
+
+#[test]
+fn a_node_killed_mid_run_leaves_its_runs_to_the_others() {
+    let _turn = turn();
+    let cluster = cluster_name();
+    // Runs that take half a second, two at once per node, and a short ack deadline
+    // (kept alive while a node holds a run). n3 is killed a fraction of a second into
+    // the deliveries: it has taken runs and finished none (a run it finished but had
+    // not acked yet would run again: at-least-once).
+    let env = [
+        ("CAPSTAN_CLUSTER_ACK_WAIT", "3s"),
+        ("CAPSTAN_RUNS_MAX_PER_PLUGIN", "2"),
+    ];
+    let mut nodes = three(MANIFEST, &cluster, &env);
+    const N: usize = 120;
+    const KILL_AT: usize = 24;
+    let mut accepted = BTreeSet::new();
+    let started = Instant::now();
+    let mut killed_after = None;
+    for i in 0..N {
+        if i == KILL_AT {
+            nodes[2].kill();
+            killed_after = Some(started.elapsed());
+        }
+        let node = &nodes[i % 3];
+        if node.server.is_none() {
+            continue;
+        }
+        let id = format!("k-{i}");
+        let status = node.deliver(&id, b"sleep:500");
+        assert_eq!(status, 202, "delivery {id} to {}", node.name);
+        accepted.insert(id);
+    }
+    let killed_after = killed_after.unwrap();
+    assert!(
+        killed_after < Duration::from_millis(400),
+        "n3 was killed {killed_after:?} into the deliveries, after its first runs could end"
+    );
+    // The others carry on: what n3 held is delivered again after ack_wait.
+    let alive = &nodes[..2];
+    eventually(
+        90,
+        "the live nodes ran every delivery n3 did not finish",
+        || {
+            let records = all_runs(alive, "clustered");
+            records.iter().all(|(_, r)| is_final(r))
+                && records.iter().filter(|(_, r)| r["status"] == "ok").count() > N / 2
+        },
+    );
+    // n3 comes back on its data directory: the runs it was killed in are `interrupted`.
+    nodes[2].start(&cluster, &env);
+    let mut records = Vec::new();
+    eventually(90, "every accepted delivery ran ok on some node", || {
+        records = all_runs(&nodes, "clustered");
+        let ok: BTreeSet<String> = records
+            .iter()
+            .filter(|(_, r)| r["status"] == "ok")
+            .map(|(_, r)| r["trigger"]["delivery"].as_str().unwrap().to_string())
+            .collect();
+        records.iter().all(|(_, r)| is_final(r)) && ok == accepted
+    });
+    let mut ok_count: BTreeMap<String, usize> = BTreeMap::new();
+    let mut interrupted = 0;
+    let mut retried = 0;
+    for (node, r) in &records {
+        let d = r["trigger"]["delivery"].as_str().unwrap().to_string();
+        match r["status"].as_str().unwrap() {
+            "ok" => {
+                *ok_count.entry(d).or_default() += 1;
+                let logs = logs_of(r);
+                if logs.contains("cluster: attempt ") {
+                    retried += 1;
+                }
+            }
+            "interrupted" => {
+                assert_eq!(node, "n3", "only the killed node has interrupted runs: {r}");
+                interrupted += 1;
+            }
+            other => panic!("run of {d} on {node} ended {other}: {r}"),
+        }
+    }
+    let twice: Vec<_> = ok_count.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "deliveries run ok more than once: {twice:?}"
+    );
+    // What n3 held is run again by a live node, its record naming the attempt. (n3's own
+    // records of those runs were not yet on disk when it was killed, or are
+    // `interrupted` there.)
+    assert!(
+        retried >= 1,
+        "the kill caught runs n3 had taken, and they were run again elsewhere ({retried} retried, {interrupted} interrupted on n3)"
+    );
+    eprintln!(
+        "{N} deliveries, n3 killed {killed_after:?} in: {retried} run again, {interrupted} recorded interrupted on n3"
+    );
+}
+
+fn status_json(node: &Node) -> Value {
+    let out = node.data.capstan(&["cluster", "status", "--json"]);
+    assert_success(&out, "capstan cluster status --json");
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+#[test]
+fn cluster_status_lists_the_nodes_and_a_killed_one_stops_being_alive() {
+    let _turn = turn();
+    let cluster = cluster_name();
+    let mut nodes = three(MANIFEST, &cluster, &[]);
+    let v = status_json(&nodes[0]);
+    assert_eq!(v["in_cluster"], true, "{v}");
+    assert_eq!(v["node"], "n1");
+    let listed: Vec<(String, bool)> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap().to_string(), n["alive"] == true))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("n1".into(), true),
+            ("n2".into(), true),
+            ("n3".into(), true)
+        ],
+        "{v}"
+    );
+    assert_eq!(v["nodes"][1]["api"], nodes[1].addr(), "{v}");
+    assert_eq!(v["runs"]["replicas"], 3, "{v}");
+    let text = stdout(&nodes[1].data.capstan(&["cluster", "status"]));
+    assert!(
+        text.contains("3 node(s), 3 alive; this is node n2"),
+        "{text}"
+    );
+
+    nodes[2].kill();
+    let killed = Instant::now();
+    let mut text = String::new();
+    eventually(20, "n3 shown not alive", || {
+        let v = status_json(&nodes[0]);
+        text = stdout(&nodes[0].data.capstan(&["cluster", "status"]));
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "n3" && n["alive"] == false)
+    });
+    assert!(
+        killed.elapsed() <= Duration::from_secs(15),
+        "n3 not alive within the node TTL: {:?}",
+        killed.elapsed()
+    );
+    assert!(text.contains("n3") && text.contains("not alive"), "{text}");
+    assert!(text.contains("2 alive"), "{text}");
+    // A node that stops cleanly leaves the list.
+    assert!(nodes[1].stop().success());
+    let v = status_json(&nodes[0]);
+    assert!(
+        !v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "n2"),
+        "{v}"
+    );
+}
+
+#[test]
+fn cluster_status_of_an_engine_alone_says_it_is_not_in_a_cluster() {
+    let data = DataDir::with_vault();
+    let out = data.capstan(&["cluster", "status"]);
+    assert_success(&out, "cluster status without an engine");
+    assert!(
+        stdout(&out).contains("not in a cluster"),
+        "{}",
+        stdout(&out)
+    );
+    let server = Server::start(&data);
+    let out = data.capstan(&["cluster", "status"]);
+    assert_success(&out, "cluster status of a single engine");
+    assert!(
+        stdout(&out).contains("the engine runs alone: not in a cluster"),
+        "{}",
+        stdout(&out)
+    );
+    let (status, body) = http_json(
+        &server.addr,
+        &format!("Bearer {}", server.admin_token()),
+        "GET",
+        "/api/cluster",
+        &Value::Null,
+    );
+    assert_eq!((status, body.as_str()), (200, r#"{"in_cluster":false}"#));
+}
+
+#[test]
+fn serve_with_no_nats_listening_fails_fast_and_starts_nothing() {
+    let data = DataDir::empty();
+    let started = Instant::now();
+    let out = data.capstan(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--cluster",
+        "nats://127.0.0.1:1",
+    ]);
+    assert!(!out.status.success(), "serve exited {:?}", out.status);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_failure_says(&out, "cannot reach NATS at nats://127.0.0.1:1");
+    // Nothing half-started: no vault, no token file.
+    assert!(
+        !data.data().join("vault.key").exists(),
+        "the vault was created before NATS answered"
+    );
+
+    let out = data.capstan(&["serve", "--cluster", "localhost:4222"]);
+    assert!(!out.status.success());
+    assert_failure_says(&out, "cluster.urls");
+    assert_failure_says(&out, "nats://");
+}
