@@ -336,7 +336,7 @@ fn new_segment(dir: &Path, number: &mut u64) -> Result<Segment, StoreError> {
             .open(&path)
         {
             Ok(mut file) => {
-                let zeros = vec![0u8; 1024 * 1024];
+                let zeros = [0u8; 64 * 1024];
                 for _ in 0..SEGMENT_BYTES / zeros.len() as u64 {
                     file.write_all(&zeros)
                         .map_err(|e| io_err("write", &path, e))?;
