@@ -5,7 +5,9 @@
 //! 500 ms by default), so a record that [`sled::Tree::insert`] returned for can still be
 //! lost by a crash. A flush of the whole database makes it durable, but costs much more
 //! than the record (sled seals and writes its buffers through its own IO threads, then
-//! `fsync`s), so the records that must survive a crash — a run a webhook sender was told
+//! `fsync`s; on Linux its "fsync" is `sync_file_range`, which writes the pages out but
+//! does not flush the device's own write cache, so a power cut could still lose them), so
+//! the records that must survive a crash — a run a webhook sender was told
 //! was accepted, the delivery claim that keeps its copies from running twice — are also
 //! appended to a journal ([`GroupCommit::append`]), and [`GroupCommit::durable`] waits
 //! until the journal holds everything appended before the call, written and
@@ -55,7 +57,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::watch;
 
-use super::{StoreError, Tree, io_err, sync_dir};
+use super::{DB_DIR, StoreError, Tree, io_err, sync_dir};
 
 /// The directory of the journal's segments, in the data directory.
 pub const JOURNAL_DIR: &str = "journal";
@@ -89,6 +91,8 @@ struct Shared {
     wake: Condvar,
     flushed: watch::Sender<Flushed>,
     dir: PathBuf,
+    /// The database's own directory.
+    db_dir: PathBuf,
     db: sled::Db,
 }
 
@@ -204,7 +208,7 @@ pub fn replay(data_dir: &Path, db: &sled::Db) -> Result<usize, StoreError> {
         }
     }
     if !found.is_empty() {
-        db.flush()?;
+        flush_db(db, &data_dir.join(DB_DIR))?;
         for path in &found {
             std::fs::remove_file(path).map_err(|e| io_err("remove", path, e))?;
         }
@@ -237,6 +241,7 @@ impl GroupCommit {
                 wake: Condvar::new(),
                 flushed: watch::channel((0, None)).0,
                 dir: data_dir.join(JOURNAL_DIR),
+                db_dir: data_dir.join(DB_DIR),
                 db,
             }),
         }
@@ -414,7 +419,7 @@ fn flush_loop(shared: &Arc<Shared>) {
                 if let Ok(s) = other {
                     segment = Some(s);
                 }
-                let flushed = shared.db.flush().map(drop);
+                let flushed = flush_db(&shared.db, &shared.db_dir);
                 degraded = flushed.is_err();
                 flushed.map_err(|e| Arc::<str>::from(e.to_string()))
             }
@@ -429,6 +434,20 @@ fn flush_loop(shared: &Arc<Shared>) {
         shared.flushed.send_replace(outcome);
     }
 }
+
+/// Flushes sled, then `fsync`s its log (the file `db` in its directory, from which it
+/// recovers): sled's own flush does not flush the device's write cache (module docs),
+/// and what it wrote must be as durable as the journal it replaces.
+fn flush_db(db: &sled::Db, db_dir: &Path) -> Result<(), StoreError> {
+    db.flush()?;
+    let log = db_dir.join(SLED_LOG);
+    File::open(&log)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err("sync", &log, e))
+}
+
+/// sled's log file in its directory.
+const SLED_LOG: &str = "db";
 
 /// Hands a full segment to the checkpoint thread (started if none is running), which
 /// flushes sled and removes every retired segment.
@@ -469,7 +488,7 @@ fn checkpoint(shared: &Shared) {
 
 /// Flushes sled, which then holds every entry of `retired`, and removes them.
 fn remove_covered(shared: &Shared, retired: &[PathBuf]) -> Result<(), StoreError> {
-    shared.db.flush()?;
+    flush_db(&shared.db, &shared.db_dir)?;
     for path in retired {
         std::fs::remove_file(path).map_err(|e| io_err("remove", path, e))?;
     }

@@ -195,7 +195,7 @@ pub const TREES: &[Tree] = &[
 
 /// The lock file that marks a data directory as held by one process.
 const LOCK_FILE: &str = "lock";
-const DB_DIR: &str = "db";
+pub(crate) const DB_DIR: &str = "db";
 /// A compaction's copy while it is being written.
 const DB_COMPACT: &str = "db.compact";
 /// A compaction's complete copy, not yet in place.
