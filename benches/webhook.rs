@@ -1005,7 +1005,7 @@ fn ratio(a: Option<Duration>, b: Option<Duration>) -> f64 {
     }
 }
 
-/// CPU time of this process (all its threads: tokio's, sled's, the flush thread).
+/// CPU time of this process (all its threads: tokio's, sled's, the journal's).
 fn own_cpu() -> Duration {
     cpu_of(std::process::id())
 }
@@ -1020,9 +1020,9 @@ struct Stages {
     /// `RunStore::create`: the `queued` record and its two index entries.
     queued_record: f64,
     /// 16 writers each creating a record and waiting for [`Store::durable`] (group
-    /// commit): the record and its share of the flushes.
+    /// commit): the record and its share of the journal writes (write + fdatasync).
     queued_durable: f64,
-    /// Flushes the durable stage took, for its group size.
+    /// Journal writes the durable stage took, for its group size.
     flushes: u64,
     /// `PluginRuntime::run_as` of the trivial plugin: instantiate and call.
     instantiate_call: f64,
@@ -1197,7 +1197,7 @@ fn print_breakdown(capstan: &Outcome, stages: &Stages) {
             stages.queued_record,
         ),
         (
-            "  + group commit (16 writers, Store::durable)",
+            "  + group commit (16 writers, Store::durable: journal)",
             stages.queued_durable - stages.queued_record,
         ),
         (
@@ -1221,13 +1221,13 @@ fn print_breakdown(capstan: &Outcome, stages: &Stages) {
         "capstan serve under the load (server CPU / recorded run)"
     );
     println!(
-        "  group commit: {} flushes for {BREAKDOWN_OPS} durable records ({:.1} records per flush)",
+        "  group commit: {} journal writes (write + fdatasync) for {BREAKDOWN_OPS} durable records ({:.1} records per write)",
         stages.flushes,
         BREAKDOWN_OPS as f64 / stages.flushes.max(1) as f64
     );
     println!(
         "  the rest ({:.1} µs): task hand-offs between the HTTP task, the run task and the \
-         flush thread, sled's background writes, metrics",
+         journal thread, sled's background flushes (its own, and the journal's checkpoints), metrics",
         total - sum
     );
 }

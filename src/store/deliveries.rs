@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::commit::{Entry, GroupCommit};
 use super::{Store, StoreError, Tree, WEBHOOK_DELIVERIES, WEBHOOK_SIGNATURES};
 use crate::runs::RunId;
 use crate::store;
@@ -58,6 +59,11 @@ pub enum ClaimResult {
 #[derive(Clone)]
 pub struct Deliveries {
     tree: sled::Tree,
+    /// Which tree, for the journal's entries.
+    which: Tree,
+    /// Claims are journaled, so that a claim made before a run was promised (a 202)
+    /// is as durable as the run ([`Store::durable`]).
+    journal: Arc<GroupCommit>,
     cap: usize,
     /// Entries per hook, counted on first use; approximate under races, which only
     /// moves the moment the cap is enforced by a few entries.
@@ -97,6 +103,8 @@ impl Deliveries {
     fn open_tree(store: &Store, tree: Tree, cap: usize) -> Result<Deliveries, StoreError> {
         Ok(Deliveries {
             tree: store.open_tree(tree)?,
+            which: tree,
+            journal: store.journal(),
             cap: cap.max(1),
             counts: Arc::default(),
         })
@@ -127,6 +135,11 @@ impl Deliveries {
                 .compare_and_swap(&k, expected.as_ref(), Some(fresh.as_slice()))?
             {
                 Ok(()) => {
+                    self.journal.append(&[Entry {
+                        tree: self.which,
+                        key: &k,
+                        value: &fresh,
+                    }]);
                     if expected.is_none() {
                         self.added(hook, &k, now)?;
                     }

@@ -195,7 +195,7 @@ pub const TREES: &[Tree] = &[
 
 /// The lock file that marks a data directory as held by one process.
 const LOCK_FILE: &str = "lock";
-const DB_DIR: &str = "db";
+pub(crate) const DB_DIR: &str = "db";
 /// A compaction's copy while it is being written.
 const DB_COMPACT: &str = "db.compact";
 /// A compaction's complete copy, not yet in place.
@@ -277,8 +277,9 @@ impl Store {
             compact_dir(data_dir, legacy.trees())?;
             db = open_db(data_dir)?;
         }
+        commit::replay(data_dir, &db)?;
         Ok(Store {
-            commit: Arc::new(commit::GroupCommit::new(db.clone())),
+            commit: Arc::new(commit::GroupCommit::new(db.clone(), data_dir)),
             db,
             data_dir: data_dir.to_path_buf(),
             _lock: Arc::new(lock),
@@ -300,13 +301,20 @@ impl Store {
         Ok(())
     }
 
-    /// Returns once every write made before the call is on disk, sharing one flush with
-    /// everyone else waiting (group commit, [`commit`]).
+    /// Returns once every write journaled before the call ([`Store::journal`]) is on
+    /// disk, sharing one journal write with everyone else waiting (group commit,
+    /// [`commit`]).
     pub async fn durable(&self) -> Result<(), StoreError> {
         self.commit.durable().await
     }
 
-    /// Flushes [`Store::durable`] has started so far (each makes a group durable).
+    /// The journal, for the record types of this module whose writes
+    /// [`Store::durable`] must cover.
+    pub(crate) fn journal(&self) -> Arc<commit::GroupCommit> {
+        self.commit.clone()
+    }
+
+    /// Journal writes [`Store::durable`] has started so far (each makes a group durable).
     pub fn flushes(&self) -> u64 {
         self.commit.flushes()
     }
@@ -336,7 +344,7 @@ impl Store {
         let db = open_db(&data_dir)?;
         Ok((
             Store {
-                commit: Arc::new(commit::GroupCommit::new(db.clone())),
+                commit: Arc::new(commit::GroupCommit::new(db.clone(), &data_dir)),
                 db,
                 data_dir,
                 _lock,

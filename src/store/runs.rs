@@ -9,10 +9,12 @@
 //! (runs left by an earlier process), is a transaction.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use super::commit::{Entry, GroupCommit};
 use super::{RUNS, RUNS_ACTIVE, RUNS_BY_PLUGIN, Store, StoreError, decode, encode};
 use crate::runs::{RunId, RunRecord};
 
@@ -22,6 +24,7 @@ pub struct RunHistory {
     runs: sled::Tree,
     by_plugin: sled::Tree,
     active: sled::Tree,
+    journal: Arc<GroupCommit>,
 }
 
 fn plugin_key(plugin: &str, id: &RunId) -> Vec<u8> {
@@ -44,6 +47,7 @@ impl RunHistory {
             runs: store.open_tree(RUNS)?,
             by_plugin: store.open_tree(RUNS_BY_PLUGIN)?,
             active: store.open_tree(RUNS_ACTIVE)?,
+            journal: store.journal(),
         })
     }
 
@@ -69,13 +73,35 @@ impl RunHistory {
     /// leaves an active entry without a record, which crash recovery drops
     /// ([`RunHistory::forget_active`]), or an index entry without a record, which
     /// listings skip and retention removes; never a record that is not indexed.
+    ///
+    /// The three writes are then journaled (in the same order), so that
+    /// [`Store::durable`] covers them.
     pub fn insert(&self, record: &RunRecord) -> Result<(), StoreError> {
         let id = record.id;
         let key = &id.as_bytes()[..];
-        self.active.insert(key, record.plugin.as_bytes())?;
-        self.by_plugin
-            .insert(plugin_key(&record.plugin, &id), &[][..])?;
-        self.runs.insert(key, encode(record))?;
+        let plugin = record.plugin.as_bytes();
+        let indexed = plugin_key(&record.plugin, &id);
+        let value = sled::IVec::from(encode(record));
+        self.active.insert(key, plugin)?;
+        self.by_plugin.insert(indexed.as_slice(), &[][..])?;
+        self.runs.insert(key, value.clone())?;
+        self.journal.append(&[
+            Entry {
+                tree: RUNS_ACTIVE,
+                key,
+                value: plugin,
+            },
+            Entry {
+                tree: RUNS_BY_PLUGIN,
+                key: &indexed,
+                value: &[],
+            },
+            Entry {
+                tree: RUNS,
+                key,
+                value: &value,
+            },
+        ]);
         Ok(())
     }
 
