@@ -21,14 +21,14 @@ use crate::util::*;
 /// One cluster test at a time.
 static TURN: Mutex<()> = Mutex::new(());
 
-fn turn() -> std::sync::MutexGuard<'static, ()> {
+pub(crate) fn turn() -> std::sync::MutexGuard<'static, ()> {
     TURN.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A GitHub-style hook. Its deliveries are told apart by their delivery id only (the
 /// kill test sends the same body many times), so the cluster's duplicate check is the
 /// one that counts.
-const MANIFEST: &str = r#"
+pub(crate) const MANIFEST: &str = r#"
 name = "clustered"
 version = "1"
 
@@ -147,7 +147,7 @@ impl Node {
 }
 
 /// A cluster name no other test (or run) uses.
-fn cluster_name() -> String {
+pub(crate) fn cluster_name() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
@@ -174,7 +174,7 @@ fn all_runs(nodes: &[Node], plugin: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn is_final(r: &Value) -> bool {
+pub(crate) fn is_final(r: &Value) -> bool {
     !matches!(r["status"].as_str(), Some("queued" | "running"))
 }
 
