@@ -170,16 +170,17 @@ impl Cluster {
                 "nats://0.0.0.0:6222",
                 "--routes",
                 &routes,
+                "--http_port",
+                "8222",
             ]);
         }
-        // Engines create replicated streams at start: the JetStream meta group first (the
-        // leader logs "Self is new JetStream cluster metadata leader", the others "JetStream
-        // cluster new metadata leader: NAME").
+        // Engines create replicated streams at start: first the JetStream meta group with
+        // its three peers and a leader, as each server's monitoring endpoint tells.
         let started = Instant::now();
         eventually(
             60,
-            "the three NATS servers elected a JetStream meta leader",
-            || (1..=3).all(|i| c.logs(&c.nats(i)).contains("metadata leader")),
+            "the three NATS servers formed a JetStream meta group",
+            || (1..=3).all(|i| c.nats_meta_formed(i)),
         );
         eprintln!("NATS cluster up in {:.1}s", started.elapsed().as_secs_f64());
 
@@ -225,6 +226,24 @@ impl Cluster {
         format!("{}-nats{i}", self.net)
     }
 
+    /// Whether NATS server `i` sees a JetStream meta group of three with a leader
+    /// (`/jsz` on its monitoring port).
+    fn nats_meta_formed(&self, i: usize) -> bool {
+        let ip = self.ip(&self.nats(i));
+        let Ok(addr) = format!("{ip}:8222").parse() else {
+            return false;
+        };
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
+            return false;
+        }
+        let (status, body) = http(&format!("{ip}:8222"), "GET", "/jsz", &[], b"");
+        let jsz: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let meta = &jsz["meta_cluster"];
+        status == 200
+            && meta["cluster_size"] == 3
+            && meta["leader"].as_str().is_some_and(|l| !l.is_empty())
+    }
+
     /// Engine `i` (0-based; its cluster node name is `n{i+1}`).
     fn node(&self, i: usize) -> String {
         format!("{}-n{}", self.net, i + 1)
@@ -257,12 +276,17 @@ impl Cluster {
         self.refresh_addr(i);
     }
 
-    fn refresh_addr(&mut self, i: usize) {
+    /// A container's address on the network ("" when it is not on it).
+    fn ip(&self, container: &str) -> String {
         let format = format!(
             "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
             self.net
         );
-        let ip = docker_ok(&["inspect", "--format", &format, &self.node(i)]);
+        docker_ok(&["inspect", "--format", &format, container])
+    }
+
+    fn refresh_addr(&mut self, i: usize) {
+        let ip = self.ip(&self.node(i));
         assert!(!ip.is_empty(), "engine {} has no address", self.node(i));
         self.addrs[i] = Some(format!("{ip}:{API_PORT}"));
     }
@@ -477,18 +501,31 @@ fn a_nats_container_killed_mid_deliveries_loses_no_accepted_delivery_and_runs_no
         .map(str::to_string)
         .expect("n1's status names its NATS server");
     assert!(server.starts_with(&c.net), "n1 is on {server}");
+    // At least N deliveries, and on until n1 has moved to another server.
     const N: usize = 240;
     const KILL_AT: usize = 60;
     let mut accepted = BTreeSet::new();
     let mut refused = 0;
     let started = Instant::now();
-    for i in 0..N {
+    let mut moved = false;
+    let mut i = 0;
+    while i < N || !moved {
         if i == KILL_AT {
             docker_ok(&["kill", &server]);
+        }
+        if i > KILL_AT && i % 30 == 0 && !moved {
+            moved = c.status(0)["nats_server"]
+                .as_str()
+                .is_some_and(|s| !s.starts_with(&format!("{server} ")));
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "n1 still on the killed {server} after {i} deliveries"
+            );
         }
         let id = format!("nk-{i}");
         refused += c.deliver(i % 3, &id, format!("{{\"n\":{i}}}").as_bytes());
         accepted.insert(id);
+        i += 1;
     }
     let took = started.elapsed();
     let records = c.settled(&accepted, true);
@@ -501,7 +538,7 @@ fn a_nats_container_killed_mid_deliveries_loses_no_accepted_delivery_and_runs_no
         "n2 is on a live server: {after}"
     );
     eprintln!(
-        "{N} deliveries in {:.1}s with {server} killed after {KILL_AT}: {refused} attempt(s) refused and retried; runs per node {:?}",
+        "{i} deliveries in {:.1}s with {server} killed after {KILL_AT}: {refused} attempt(s) refused and retried; runs per node {:?}",
         took.as_secs_f64(),
         per_node(&records)
     );
