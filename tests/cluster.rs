@@ -130,20 +130,26 @@ impl Node {
     /// A signed delivery with `delivery` id and `body` to this node: the status.
     fn deliver(&self, delivery: &str, body: &[u8]) -> u16 {
         let secret = self.secret.as_deref().expect("the node has hook gh");
-        let sig = format!("sha256={}", sign(secret, body));
-        http(
-            self.addr(),
-            "POST",
-            "/hooks/gh",
-            &[
-                ("X-Hub-Signature-256", &sig),
-                ("X-GitHub-Delivery", delivery),
-                ("Content-Type", "application/json"),
-            ],
-            body,
-        )
-        .0
+        deliver_to(self.addr(), secret, delivery, body)
     }
+}
+
+/// A delivery to hook `gh` of [`MANIFEST`] at `addr`, signed with `secret`, with
+/// `delivery` id and `body`: the status.
+pub(crate) fn deliver_to(addr: &str, secret: &str, delivery: &str, body: &[u8]) -> u16 {
+    let sig = format!("sha256={}", sign(secret, body));
+    http(
+        addr,
+        "POST",
+        "/hooks/gh",
+        &[
+            ("X-Hub-Signature-256", &sig),
+            ("X-GitHub-Delivery", delivery),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    )
+    .0
 }
 
 /// A cluster name no other test (or run) uses.
