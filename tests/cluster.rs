@@ -21,14 +21,14 @@ use crate::util::*;
 /// One cluster test at a time.
 static TURN: Mutex<()> = Mutex::new(());
 
-fn turn() -> std::sync::MutexGuard<'static, ()> {
+pub(crate) fn turn() -> std::sync::MutexGuard<'static, ()> {
     TURN.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A GitHub-style hook. Its deliveries are told apart by their delivery id only (the
 /// kill test sends the same body many times), so the cluster's duplicate check is the
 /// one that counts.
-const MANIFEST: &str = r#"
+pub(crate) const MANIFEST: &str = r#"
 name = "clustered"
 version = "1"
 
@@ -130,24 +130,30 @@ impl Node {
     /// A signed delivery with `delivery` id and `body` to this node: the status.
     fn deliver(&self, delivery: &str, body: &[u8]) -> u16 {
         let secret = self.secret.as_deref().expect("the node has hook gh");
-        let sig = format!("sha256={}", sign(secret, body));
-        http(
-            self.addr(),
-            "POST",
-            "/hooks/gh",
-            &[
-                ("X-Hub-Signature-256", &sig),
-                ("X-GitHub-Delivery", delivery),
-                ("Content-Type", "application/json"),
-            ],
-            body,
-        )
-        .0
+        deliver_to(self.addr(), secret, delivery, body)
     }
 }
 
+/// A delivery to hook `gh` of [`MANIFEST`] at `addr`, signed with `secret`, with
+/// `delivery` id and `body`: the status.
+pub(crate) fn deliver_to(addr: &str, secret: &str, delivery: &str, body: &[u8]) -> u16 {
+    let sig = format!("sha256={}", sign(secret, body));
+    http(
+        addr,
+        "POST",
+        "/hooks/gh",
+        &[
+            ("X-Hub-Signature-256", &sig),
+            ("X-GitHub-Delivery", delivery),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    )
+    .0
+}
+
 /// A cluster name no other test (or run) uses.
-fn cluster_name() -> String {
+pub(crate) fn cluster_name() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
@@ -174,7 +180,7 @@ fn all_runs(nodes: &[Node], plugin: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn is_final(r: &Value) -> bool {
+pub(crate) fn is_final(r: &Value) -> bool {
     !matches!(r["status"].as_str(), Some("queued" | "running"))
 }
 

@@ -28,7 +28,7 @@ fn repo() -> &'static Path {
 }
 
 /// The test daemon's socket, as `DOCKER_HOST`.
-fn docker_host() -> String {
+pub(crate) fn docker_host() -> String {
     format!("unix://{}", Infra::get().var("DOCKER_SOCKET"))
 }
 
@@ -59,7 +59,7 @@ fn require_images() {
 }
 
 /// Runs `cmd` for at most `limit`; kills it past that and fails.
-fn run_for(mut cmd: Command, limit: Duration) -> Output {
+pub(crate) fn run_for(mut cmd: Command, limit: Duration) -> Output {
     let what = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())

@@ -1251,7 +1251,15 @@ async fn a_stopped_sshd_gives_a_clear_error_and_the_next_operation_reconnects() 
     let docker = client(&d, &s).docker().await.unwrap();
     list(&docker).await.unwrap();
     assert_eq!(sshd.accepted_sessions(), 1);
-    let mut events = docker.events(None::<bollard::query_parameters::EventsOptions>);
+    // Only events of a label nothing carries: other tests' containers on the shared
+    // daemon must not break the quiet.
+    let quiet =
+        std::collections::HashMap::from([("label", vec!["org.capstan.test.no-such-label"])]);
+    let mut events = docker.events(Some(
+        bollard::query_parameters::EventsOptionsBuilder::new()
+            .filters(&quiet)
+            .build(),
+    ));
     let pending = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
     assert!(pending.is_err(), "the event stream is open and quiet");
 

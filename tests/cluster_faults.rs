@@ -1,0 +1,680 @@
+//! Cluster mode under faults, with every part in a container on a private Docker network
+//! of its own: three NATS servers (a JetStream cluster routed by container name, from an
+//! image built here from the `nats-server` binary `scripts/testinfra` installs) and three
+//! engines from `capstan:test` (`serve --cluster` naming the three servers), each with the
+//! trivial plugin installed. The tests kill a NATS server, partition an engine from the
+//! network and kill an engine mid-deliveries, and read each node's history through its
+//! API (the CLI inside the container) to show that every delivery answered 202 runs once.
+//!
+//! Every container and the network are removed when a test ends, however it ends; the
+//! tests take turns with tests/cluster.rs (three engines and three servers on two cores).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::Digest;
+
+use crate::cluster::{MANIFEST, cluster_name, deliver_to, is_final, turn};
+use crate::deploy::{docker_host, run_for};
+use crate::triggers::{eventually, generated_secret};
+use crate::util::plugin::wasm;
+use crate::util::{Infra, assert_success, http, stdout};
+
+/// Built by `scripts/image build` (scripts/test runs it before the tests).
+const CAPSTAN_IMAGE: &str = "capstan:test";
+/// Built by [`nats_image`] from infra.env's `NATS_SERVER`.
+const NATS_IMAGE: &str = "capstan-test/nats:latest";
+/// On the NATS image and on every container and network these tests create, so what a
+/// killed test run left behind can be found (`docker ps -a --filter label=…`).
+const LABEL: &str = "org.capstan.test.cluster-faults";
+/// The sha256 of the `nats-server` binary the NATS image holds.
+const HASH_LABEL: &str = "org.capstan.test.nats.hash";
+/// The API port inside an engine container (the image's `CAPSTAN_API_LISTEN`).
+const API_PORT: u16 = 7878;
+/// How long one docker command may take before the test fails.
+const DOCKER_LIMIT: Duration = Duration::from_secs(60);
+/// How long a sender keeps retrying one delivery (same delivery id) until it gets a 202.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// `docker ARGS` on the test daemon, bounded by [`DOCKER_LIMIT`].
+fn docker(args: &[&str]) -> Output {
+    let mut cmd = Command::new("docker");
+    cmd.env("DOCKER_HOST", docker_host()).args(args);
+    run_for(cmd, DOCKER_LIMIT)
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert_success(&out, &format!("docker {}", args.join(" ")));
+    stdout(&out).trim().to_string()
+}
+
+/// The NATS image: `FROM scratch` with the static `nats-server` binary the test
+/// infrastructure installed. Built once, and again only when the binary changes (its
+/// hash is in [`HASH_LABEL`]); nothing is pulled.
+fn nats_image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let binary = Infra::get().fact("NATS_SERVER").unwrap_or_else(|| {
+            panic!(
+                "infra.env has no NATS_SERVER: run `scripts/testinfra up` (it installs nats-server)"
+            )
+        });
+        let bytes = std::fs::read(binary)
+            .unwrap_or_else(|e| panic!("cannot read the nats-server binary {binary}: {e}"));
+        let hash = hex::encode(sha2::Sha256::digest(&bytes));
+        let format = format!("{{{{index .Config.Labels \"{HASH_LABEL}\"}}}}");
+        let have = docker(&["image", "inspect", "--format", &format, NATS_IMAGE]);
+        if have.status.success() && stdout(&have).trim() == hash {
+            return;
+        }
+        let ctx = tempfile::tempdir().unwrap();
+        std::fs::write(ctx.path().join("nats-server"), &bytes).unwrap();
+        std::fs::set_permissions(
+            ctx.path().join("nats-server"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            "FROM scratch\nCOPY nats-server /nats-server\nENTRYPOINT [\"/nats-server\"]\n",
+        )
+        .unwrap();
+        docker_ok(&[
+            "build",
+            "--quiet",
+            "--label",
+            &format!("{LABEL}=1"),
+            "--label",
+            &format!("{HASH_LABEL}={hash}"),
+            "--tag",
+            NATS_IMAGE,
+            ctx.path().to_str().unwrap(),
+        ]);
+    });
+    NATS_IMAGE
+}
+
+fn require_capstan_image() {
+    let out = docker(&["image", "inspect", "--format", "{{.Id}}", CAPSTAN_IMAGE]);
+    assert!(
+        out.status.success(),
+        "image {CAPSTAN_IMAGE} is missing: run `scripts/image build` (scripts/test does)"
+    );
+}
+
+/// Three NATS containers and three engine containers on a network of their own, all
+/// named after it (`NET-nats1`, `NET-n1`, ...); removed on drop.
+struct Cluster {
+    net: String,
+    /// Every container created, removed on drop.
+    containers: Vec<String>,
+    /// Each engine's hook secret (its own vault generated it at install).
+    secrets: Vec<String>,
+    /// Each engine's `IP:PORT` on the network; `None` while it is killed or cut off.
+    addrs: Vec<Option<String>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.containers.is_empty() {
+            let mut args = vec!["rm", "--force", "--volumes"];
+            args.extend(self.containers.iter().map(String::as_str));
+            let _ = docker(&args);
+        }
+        let _ = docker(&["network", "rm", &self.net]);
+    }
+}
+
+impl Cluster {
+    /// Starts the cluster, each engine with `env` and with `manifest` installed.
+    fn start(manifest: &str, env: &[(&str, &str)]) -> Cluster {
+        require_capstan_image();
+        let nats = nats_image();
+        let mut c = Cluster {
+            net: format!("capstan-{}", cluster_name()),
+            containers: Vec::new(),
+            secrets: Vec::new(),
+            addrs: vec![None; 3],
+        };
+        docker_ok(&[
+            "network",
+            "create",
+            "--label",
+            &format!("{LABEL}=1"),
+            &c.net,
+        ]);
+        let net = c.net.clone();
+        let routes = (1..=3)
+            .map(|i| format!("nats://{}:6222", c.nats(i)))
+            .collect::<Vec<_>>()
+            .join(",");
+        for i in 1..=3 {
+            let name = c.nats(i);
+            c.run(
+                &name,
+                &[],
+                nats,
+                &[
+                    "--jetstream",
+                    "--store_dir",
+                    "/js",
+                    "--server_name",
+                    &name,
+                    "--cluster_name",
+                    &net,
+                    "--cluster",
+                    "nats://0.0.0.0:6222",
+                    "--routes",
+                    &routes,
+                    "--http_port",
+                    "8222",
+                ],
+            );
+        }
+        // Engines create replicated streams at start: first the JetStream meta group with
+        // its three peers and a leader, as each server's monitoring endpoint tells.
+        let started = Instant::now();
+        eventually(
+            60,
+            "the three NATS servers formed a JetStream meta group",
+            || (1..=3).all(|i| c.nats_meta_formed(i)),
+        );
+        eprintln!("NATS cluster up in {:.1}s", started.elapsed().as_secs_f64());
+
+        let urls = (1..=3)
+            .map(|i| format!("nats://{}:4222", c.nats(i)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cluster = format!("CAPSTAN_CLUSTER_NAME={}", cluster_name());
+        for i in 0..3 {
+            let mut vars = vec![
+                format!("CAPSTAN_CLUSTER_NODE_NAME=n{}", i + 1),
+                cluster.clone(),
+            ];
+            vars.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+            let name = c.node(i);
+            c.run(&name, &vars, CAPSTAN_IMAGE, &["serve", "--cluster", &urls]);
+        }
+        for i in 0..3 {
+            c.wait_serving(i, 1);
+            c.secrets.push(c.install(i, manifest));
+        }
+        eprintln!("cluster up in {:.1}s", started.elapsed().as_secs_f64());
+        c
+    }
+
+    /// `docker run --detach` of `image` with `args` as container `name` on the network,
+    /// labelled, with `env` (`KEY=VALUE`); removed on drop.
+    fn run(&mut self, name: &str, env: &[String], image: &str, args: &[&str]) {
+        self.containers.push(name.to_string());
+        let label = format!("{LABEL}=1");
+        let mut all = vec![
+            "run",
+            "--detach",
+            "--name",
+            name,
+            "--label",
+            &label,
+            "--network",
+            &self.net,
+        ];
+        for e in env {
+            all.extend(["--env", e.as_str()]);
+        }
+        all.push(image);
+        all.extend(args);
+        docker_ok(&all);
+    }
+
+    fn nats(&self, i: usize) -> String {
+        format!("{}-nats{i}", self.net)
+    }
+
+    /// Whether NATS server `i` sees a JetStream meta group of three with a leader
+    /// (`/jsz` on its monitoring port).
+    fn nats_meta_formed(&self, i: usize) -> bool {
+        let ip = self.ip(&self.nats(i));
+        let Ok(addr) = format!("{ip}:8222").parse() else {
+            return false;
+        };
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
+            return false;
+        }
+        let (status, body) = http(&format!("{ip}:8222"), "GET", "/jsz", &[], b"");
+        let jsz: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let meta = &jsz["meta_cluster"];
+        status == 200
+            && meta["cluster_size"] == 3
+            && meta["leader"].as_str().is_some_and(|l| !l.is_empty())
+    }
+
+    /// Engine `i` (0-based; its cluster node name is `n{i+1}`).
+    fn node(&self, i: usize) -> String {
+        format!("{}-n{}", self.net, i + 1)
+    }
+
+    fn logs(&self, container: &str) -> String {
+        let out = docker(&["logs", container]);
+        format!("{}{}", stdout(&out), crate::util::stderr(&out))
+    }
+
+    /// Waits until engine `i` has said `times` times that it joined, then notes its
+    /// address on the network.
+    fn wait_serving(&mut self, i: usize, times: usize) {
+        let name = self.node(i);
+        let joined = format!("cluster node n{} on NATS", i + 1);
+        let mut logs = String::new();
+        let until = Instant::now() + Duration::from_secs(60);
+        while logs.matches(&joined).count() < times {
+            let state = docker_ok(&["inspect", "--format", "{{.State.Running}}", &name]);
+            if state != "true" {
+                panic!("engine {name} exited:\n{}", self.logs(&name));
+            }
+            assert!(
+                Instant::now() < until,
+                "engine {name} did not join the cluster within 60 s:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            logs = self.logs(&name);
+        }
+        self.refresh_addr(i);
+    }
+
+    /// A container's address on the network ("" when it is not on it).
+    fn ip(&self, container: &str) -> String {
+        let format = format!(
+            "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+            self.net
+        );
+        docker_ok(&["inspect", "--format", &format, container])
+    }
+
+    fn refresh_addr(&mut self, i: usize) {
+        let ip = self.ip(&self.node(i));
+        assert!(!ip.is_empty(), "engine {} has no address", self.node(i));
+        self.addrs[i] = Some(format!("{ip}:{API_PORT}"));
+    }
+
+    /// Installs the trivial plugin with `manifest` on engine `i` through its API (the
+    /// CLI inside the container): the hook secret it generated.
+    fn install(&self, i: usize, manifest: &str) -> String {
+        let name = self.node(i);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(wasm("trivial"), dir.path().join("plugin.wasm")).unwrap();
+        std::fs::write(dir.path().join("plugin.toml"), manifest).unwrap();
+        for f in ["plugin.wasm", "plugin.toml"] {
+            std::fs::set_permissions(
+                dir.path().join(f),
+                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+            )
+            .unwrap();
+        }
+        docker_ok(&["exec", &name, "mkdir", "-p", "/tmp/plugin"]);
+        for f in ["plugin.wasm", "plugin.toml"] {
+            let src = dir.path().join(f);
+            docker_ok(&[
+                "cp",
+                src.to_str().unwrap(),
+                &format!("{name}:/tmp/plugin/{f}"),
+            ]);
+        }
+        let out = docker_ok(&[
+            "exec",
+            &name,
+            "capstan",
+            "plugin",
+            "install",
+            "/tmp/plugin/plugin.wasm",
+        ]);
+        generated_secret(&out, "gh")
+    }
+
+    /// A signed delivery to engine `i`: the status. A refused connection reads as 0.
+    fn deliver_once(&self, i: usize, delivery: &str, body: &[u8]) -> u16 {
+        let addr = self.addrs[i]
+            .as_deref()
+            .unwrap_or_else(|| panic!("engine n{} is down or cut off", i + 1));
+        if std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5))
+            .is_err()
+        {
+            return 0;
+        }
+        deliver_to(addr, &self.secrets[i], delivery, body)
+    }
+
+    /// Delivers as a sender that retries: the same delivery id to engine `i` until it
+    /// answers 202, for up to [`RETRY_FOR`]. The number of attempts refused.
+    fn deliver(&self, i: usize, delivery: &str, body: &[u8]) -> usize {
+        let until = Instant::now() + RETRY_FOR;
+        let mut refused = Vec::new();
+        loop {
+            let status = self.deliver_once(i, delivery, body);
+            if status == 202 {
+                return refused.len();
+            }
+            refused.push(status);
+            assert!(
+                Instant::now() < until,
+                "delivery {delivery} to n{} not accepted within {RETRY_FOR:?}: {refused:?}",
+                i + 1
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The plugin's runs recorded on engine `i`, read through its API.
+    fn runs(&self, i: usize, plugin: &str) -> Vec<Value> {
+        let out = docker_ok(&[
+            "exec",
+            &self.node(i),
+            "capstan",
+            "runs",
+            "--json",
+            "--limit",
+            "1000",
+            "--plugin",
+            plugin,
+        ]);
+        match serde_json::from_str(&out) {
+            Ok(Value::Array(v)) => v,
+            _ => panic!("`capstan runs --json` on n{} printed no list: {out}", i + 1),
+        }
+    }
+
+    /// Every engine's runs of `plugin`, each with the node's name.
+    fn all_runs(&self, plugin: &str) -> Vec<(String, Value)> {
+        (0..3)
+            .flat_map(|i| {
+                self.runs(i, plugin)
+                    .into_iter()
+                    .map(move |r| (format!("n{}", i + 1), r))
+            })
+            .collect()
+    }
+
+    /// `capstan cluster status --json` on engine `i`, or `Null` when it fails: while NATS
+    /// elects new leaders after a server died, reading the node bucket may time out
+    /// (the API answers 503), so callers poll.
+    fn status(&self, i: usize) -> Value {
+        let out = docker(&[
+            "exec",
+            &self.node(i),
+            "capstan",
+            "cluster",
+            "status",
+            "--json",
+        ]);
+        if !out.status.success() {
+            return Value::Null;
+        }
+        serde_json::from_str(&stdout(&out))
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)))
+    }
+
+    /// The NATS server engine `i` is connected to (`None` while its status fails).
+    fn nats_server_of(&self, i: usize) -> Option<String> {
+        self.status(i)["nats_server"]
+            .as_str()
+            .and_then(|s| s.split_whitespace().next())
+            .map(str::to_string)
+    }
+
+    /// The names of the nodes engine `i` sees alive.
+    fn alive_seen_by(&self, i: usize) -> BTreeSet<String> {
+        self.status(i)["nodes"]
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter(|n| n["alive"] == true)
+                    .filter_map(|n| n["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until every accepted delivery has a final record somewhere and no record
+    /// is still queued or running: the records.
+    fn settled(&self, accepted: &BTreeSet<String>, ok_only: bool) -> Vec<(String, Value)> {
+        let mut records = Vec::new();
+        eventually(90, "every accepted delivery recorded and ended", || {
+            records = self.all_runs("clustered");
+            let done: BTreeSet<String> = records
+                .iter()
+                .filter(|(_, r)| !ok_only || r["status"] == "ok")
+                .filter_map(|(_, r)| r["trigger"]["delivery"].as_str().map(str::to_string))
+                .collect();
+            records.iter().all(|(_, r)| is_final(r)) && accepted.is_subset(&done)
+        });
+        records
+    }
+}
+
+/// The ok records of each delivery (or cron fire): the keys recorded ok more than once,
+/// and the set of keys recorded ok.
+fn ok_once(
+    records: &[(String, Value)],
+    key: &str,
+) -> (Vec<(String, Vec<String>)>, BTreeSet<String>) {
+    let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (node, r) in records {
+        if r["status"] != "ok" {
+            continue;
+        }
+        if let Some(k) = r["trigger"][key].as_str() {
+            by.entry(k.to_string()).or_default().push(node.clone());
+        }
+    }
+    let twice = by
+        .iter()
+        .filter(|(_, n)| n.len() > 1)
+        .map(|(k, n)| (k.clone(), n.clone()))
+        .collect();
+    (twice, by.into_keys().collect())
+}
+
+/// Checks that each accepted delivery ran ok exactly once, and no other ran.
+fn assert_each_ran_once(records: &[(String, Value)], accepted: &BTreeSet<String>) {
+    let (twice, ran) = ok_once(records, "delivery");
+    assert!(
+        twice.is_empty(),
+        "deliveries run ok more than once: {twice:?}"
+    );
+    assert_eq!(
+        &ran, accepted,
+        "the deliveries run ok are the accepted ones"
+    );
+    for (node, r) in records {
+        assert!(
+            matches!(r["status"].as_str(), Some("ok" | "interrupted")),
+            "a run on {node} ended neither ok nor interrupted: {r}"
+        );
+    }
+}
+
+fn per_node(records: &[(String, Value)]) -> [usize; 3] {
+    ["n1", "n2", "n3"].map(|n| records.iter().filter(|(x, _)| x == n).count())
+}
+
+#[test]
+fn a_nats_container_killed_mid_deliveries_loses_no_accepted_delivery_and_runs_none_twice() {
+    let _turn = turn();
+    let c = Cluster::start(MANIFEST, &[]);
+    // Kill the server n1 is connected to, so at least one engine has to reconnect.
+    let server = c
+        .nats_server_of(0)
+        .expect("n1's status names its NATS server");
+    assert!(server.starts_with(&c.net), "n1 is on {server}");
+    // At least N deliveries, and on until n1 has moved to another server.
+    const N: usize = 240;
+    const KILL_AT: usize = 60;
+    let mut accepted = BTreeSet::new();
+    let mut refused = 0;
+    let started = Instant::now();
+    let mut moved = false;
+    let mut i = 0;
+    while i < N || !moved {
+        if i == KILL_AT {
+            docker_ok(&["kill", &server]);
+        }
+        if i > KILL_AT && i % 30 == 0 && !moved {
+            moved = c.nats_server_of(0).is_some_and(|s| s != server);
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "n1 still on the killed {server} after {i} deliveries"
+            );
+        }
+        let id = format!("nk-{i}");
+        refused += c.deliver(i % 3, &id, format!("{{\"n\":{i}}}").as_bytes());
+        accepted.insert(id);
+        i += 1;
+    }
+    let took = started.elapsed();
+    let records = c.settled(&accepted, true);
+    assert_each_ran_once(&records, &accepted);
+    eventually(30, "n2 reports a live NATS server", || {
+        c.nats_server_of(1).is_some_and(|s| s != server)
+    });
+    eprintln!(
+        "{i} deliveries in {:.1}s with {server} killed after {KILL_AT}: {refused} attempt(s) refused and retried; runs per node {:?}",
+        took.as_secs_f64(),
+        per_node(&records)
+    );
+}
+
+#[test]
+fn a_capstan_container_cut_off_by_a_partition_leaves_the_others_running_and_rejoins() {
+    let _turn = turn();
+    let manifest = format!("{MANIFEST}\n[[triggers.cron]]\nschedule = \"* * * * * *\"\n");
+    let mut c = Cluster::start(&manifest, &[]);
+    let mut accepted = BTreeSet::new();
+    let mut deliver = |c: &Cluster, nodes: &[usize], prefix: &str, n: usize| {
+        for i in 0..n {
+            let id = format!("{prefix}-{i}");
+            c.deliver(
+                nodes[i % nodes.len()],
+                &id,
+                format!("{{\"n\":{i}}}").as_bytes(),
+            );
+            accepted.insert(id);
+        }
+    };
+    deliver(&c, &[0, 1, 2], "before", 60);
+
+    let n3 = c.node(2);
+    docker_ok(&["network", "disconnect", &c.net, &n3]);
+    c.addrs[2] = None;
+    let cut = chrono::Utc::now();
+    let cut_at = Instant::now();
+    deliver(&c, &[0, 1], "cut", 120);
+    eventually(30, "n1 and n2 see n3 not alive", || {
+        let names: BTreeSet<String> = ["n1", "n2"].map(String::from).into();
+        c.alive_seen_by(0) == names && c.alive_seen_by(1) == names
+    });
+    deliver(&c, &[0, 1], "cut-late", 30);
+    let healed = chrono::Utc::now();
+    eprintln!("n3 cut off for {:.1}s", cut_at.elapsed().as_secs_f64());
+
+    docker_ok(&["network", "connect", &c.net, &n3]);
+    c.refresh_addr(2);
+    let all: BTreeSet<String> = ["n1", "n2", "n3"].map(String::from).into();
+    eventually(30, "every node sees the three alive again", || {
+        (0..3).all(|i| c.alive_seen_by(i) == all)
+    });
+    deliver(&c, &[0, 1, 2], "after", 30);
+
+    let records = c.settled(&accepted, true);
+    let hooks: Vec<_> = records
+        .iter()
+        .filter(|(_, r)| r["trigger"]["kind"] == "webhook")
+        .cloned()
+        .collect();
+    assert_each_ran_once(&hooks, &accepted);
+    let crons: Vec<_> = records
+        .iter()
+        .filter(|(_, r)| r["trigger"]["kind"] == "cron")
+        .cloned()
+        .collect();
+    let (twice, fires) = ok_once(&crons, "scheduled_at");
+    assert!(
+        twice.is_empty(),
+        "cron fires run ok more than once: {twice:?}"
+    );
+    // Cron went on while n3 was away: the other two ran the fires of that time.
+    let during: Vec<&(String, Value)> = crons
+        .iter()
+        .filter(|(_, r)| {
+            r["trigger"]["scheduled_at"]
+                .as_str()
+                .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                .is_some_and(|t| t > cut + chrono::Duration::seconds(1) && t < healed)
+        })
+        .collect();
+    let span = (healed - cut).num_seconds();
+    assert!(
+        during.len() as i64 >= span / 2,
+        "only {} cron runs in the {span} s n3 was cut off",
+        during.len()
+    );
+    assert!(
+        during.iter().all(|(n, _)| n != "n3"),
+        "n3 ran a fire while cut off: {during:?}"
+    );
+    eprintln!(
+        "{} deliveries, {} cron fires run; runs per node {:?}",
+        accepted.len(),
+        fires.len(),
+        per_node(&records)
+    );
+}
+
+#[test]
+fn a_capstan_container_killed_mid_deliveries_and_started_again_runs_each_accepted_once() {
+    let _turn = turn();
+    // Runs of a fifth of a second, two at once per node, and a short ack deadline (kept
+    // alive while a node holds a run), as in tests/cluster.rs.
+    let env = [
+        ("CAPSTAN_CLUSTER_ACK_WAIT", "3s"),
+        ("CAPSTAN_RUNS_MAX_PER_PLUGIN", "2"),
+    ];
+    let mut c = Cluster::start(MANIFEST, &env);
+    let n3 = c.node(2);
+    let mut accepted = BTreeSet::new();
+    let started = Instant::now();
+    for i in 0..150 {
+        match i {
+            30 => {
+                docker_ok(&["kill", &n3]);
+                c.addrs[2] = None;
+            }
+            90 => {
+                docker_ok(&["start", &n3]);
+                c.wait_serving(2, 2);
+            }
+            _ => {}
+        }
+        let to = if c.addrs[2].is_some() { i % 3 } else { i % 2 };
+        let id = format!("ck-{i}");
+        c.deliver(to, &id, b"sleep:200");
+        accepted.insert(id);
+    }
+    let took = started.elapsed();
+    let records = c.settled(&accepted, true);
+    assert_each_ran_once(&records, &accepted);
+    for (node, r) in &records {
+        if r["status"] == "interrupted" {
+            assert_eq!(node, "n3", "only the killed node has interrupted runs: {r}");
+        }
+    }
+    let alive = c.alive_seen_by(0);
+    assert_eq!(alive.len(), 3, "n3 is back in the cluster: {alive:?}");
+    eprintln!(
+        "150 deliveries in {:.1}s, n3 killed after 30 and started after 90; runs per node {:?}",
+        took.as_secs_f64(),
+        per_node(&records)
+    );
+}
