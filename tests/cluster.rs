@@ -304,6 +304,64 @@ fn every_webhook_delivery_answered_202_is_run_once_across_three_nodes() {
     );
 }
 
+/// The attack on a cluster node's webhook: no signature, a wrong one, another node's
+/// secret, a signed body over the hook's limit. Each is refused before anything reaches
+/// NATS: the runs stream stays empty, nothing runs, and the refused delivery ids stay
+/// free (the stream's duplicate window would swallow a later genuine delivery under an
+/// id a refused one had published).
+#[test]
+fn a_cluster_node_refuses_unsigned_wrongly_signed_and_oversized_deliveries_and_publishes_none() {
+    let _turn = turn();
+    let cluster = cluster_name();
+    let mut nodes = three(MANIFEST, &cluster, &[]);
+    let body = br#"{"n":1}"#;
+    let other = nodes[1].secret.clone().unwrap();
+    let big = vec![b'x'; (1 << 20) + 1];
+    let big_sig = format!("sha256={}", sign(nodes[0].secret.as_deref().unwrap(), &big));
+    let other_sig = format!("sha256={}", sign(&other, body));
+    let cases: [(&str, Option<&str>, &[u8], u16); 4] = [
+        ("a-1", None, body, 401),
+        ("a-2", Some("sha256=00"), body, 401),
+        ("a-3", Some(&other_sig), body, 401),
+        ("a-4", Some(&big_sig), &big, 413),
+    ];
+    for (id, sig, body, want) in cases {
+        let mut headers = vec![
+            ("X-GitHub-Delivery", id),
+            ("Content-Type", "application/json"),
+        ];
+        if let Some(sig) = sig {
+            headers.push(("X-Hub-Signature-256", sig));
+        }
+        let (status, resp) = http(nodes[0].addr(), "POST", "/hooks/gh", &headers, body);
+        assert_eq!(status, want, "delivery {id}: {resp}");
+    }
+    let v = status_json(&nodes[0]);
+    assert_eq!(v["runs"]["messages"], 0, "nothing was published: {v}");
+    // The same ids, genuinely signed now, each run once: none was taken by a refusal.
+    for id in ["a-1", "a-2", "a-3", "a-4"] {
+        assert_eq!(nodes[0].deliver(id, body), 202, "delivery {id}");
+    }
+    let mut records = Vec::new();
+    eventually(60, "the four genuine deliveries recorded and ended", || {
+        records = all_runs(&nodes, "clustered");
+        records.len() >= 4 && records.iter().all(|(_, r)| is_final(r))
+    });
+    let ran: BTreeSet<&str> = records
+        .iter()
+        .map(|(_, r)| r["trigger"]["delivery"].as_str().unwrap())
+        .collect();
+    assert_eq!(records.len(), 4, "{records:?}");
+    assert_eq!(ran, BTreeSet::from(["a-1", "a-2", "a-3", "a-4"]));
+    assert!(
+        records.iter().all(|(_, r)| r["status"] == "ok"),
+        "{records:?}"
+    );
+    for n in &mut nodes {
+        assert!(n.stop().success(), "node {} stopped cleanly", n.name);
+    }
+}
+
 #[test]
 fn a_node_killed_mid_run_leaves_its_runs_to_the_others() {
     let _turn = turn();
