@@ -284,6 +284,58 @@ fn check_image_update_is_denied_without_distribution() {
     assert!(report.denials[0].request.starts_with("GET /distribution/"));
 }
 
+/// Out of bounds: a container outside the label scope, a device outside the device
+/// scope, a reference that climbs out of `/images/` and one that is not a reference. Each
+/// is refused with its reason, and none is answered with a digest.
+#[test]
+fn check_image_update_refuses_what_is_outside_the_scope_and_malformed_references() {
+    let h = Harness::new();
+    h.install("probe", &manifest("probe", PROBE));
+    let app = Pushed::new("upd-scope");
+    let outside = Container::run("cap-upd-outside", &[], &app.tag);
+    let (r, report) = probe(
+        &h,
+        "probe",
+        json!([
+            {"op": "check-update", "device": "local", "container": outside.name},
+            {"op": "check-update", "device": "elsewhere", "image": app.tag},
+            {"op": "check-update", "device": "local", "image": "x/../../containers/json"},
+            {"op": "check-update", "device": "local", "image": "busybox?all=1"},
+        ]),
+    );
+    let errors: Vec<&str> = (0..4)
+        .map(|i| {
+            r[i]["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("call {i} was answered: {}", r[i]))
+        })
+        .collect();
+    assert!(
+        errors[0].contains("outside the plugin's container scope"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("outside the plugin's device scope"),
+        "{}",
+        errors[1]
+    );
+    assert!(errors[2].starts_with("denied"), "{}", errors[2]);
+    assert!(
+        errors[3].contains("is not an image reference"),
+        "{}",
+        errors[3]
+    );
+    assert!(
+        report
+            .host_calls
+            .iter()
+            .all(|c| c.op != "check-image-update" || c.result != "ok"),
+        "{}",
+        report.render()
+    );
+}
+
 /// The `updates` example's manifest, watching the containers that carry `label` (in
 /// scope and in its config), with `config` lines replaced (`key = value`).
 fn updates_manifest(label: &str, config: &[(&str, &str)]) -> String {
