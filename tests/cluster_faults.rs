@@ -55,7 +55,7 @@ fn docker_ok(args: &[&str]) -> String {
 /// The NATS image: `FROM scratch` with the static `nats-server` binary the test
 /// infrastructure installed. Built once, and again only when the binary changes (its
 /// hash is in [`HASH_LABEL`]); nothing is pulled.
-fn nats_image() -> &'static str {
+pub(crate) fn nats_image() -> &'static str {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let binary = Infra::get().fact("NATS_SERVER").unwrap_or_else(|| {

@@ -795,3 +795,70 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify warns:\n{said}"
     );
 }
+
+/// The cluster compose file: three NATS servers (from the image the cluster tests build
+/// from the installed `nats-server`, as `NATS_IMAGE`) and three engines on one vault key
+/// come up; each engine is healthy and hardened, and each sees all three nodes alive.
+#[test]
+fn cluster_compose_starts_three_engines_that_form_one_cluster() {
+    let _turn = crate::cluster::turn();
+    let mut p = Project::new("cluster");
+    p.set_env("NATS_IMAGE", crate::cluster_faults::nats_image());
+    p.secret("vault.key", format!("{}\n", random_token()).as_bytes());
+    let services = ["capstan1", "capstan2", "capstan3"];
+    for i in 1..=3 {
+        p.set_env(&format!("CAPSTAN_API_PORT_{i}"), &free_port().to_string());
+    }
+    p.up();
+    for s in services {
+        // An engine may start before the NATS servers have formed their cluster, exit
+        // and be restarted (the file's restart policy): wait through that, bounded.
+        let id = p.container(s);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let state = docker_ok(&[
+                "inspect",
+                "--format",
+                "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}",
+                &id,
+            ]);
+            if state == "running healthy" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{s} is not healthy within 120 s ({state}); its log:\n{}",
+                p.logs(s)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        assert_hardened(&id);
+    }
+    for s in services {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = p.exec(s, &["capstan", "cluster", "status", "--json"]);
+            let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or(Value::Null);
+            let mut alive: Vec<&str> = v["nodes"]
+                .as_array()
+                .map(|n| {
+                    n.iter()
+                        .filter(|n| n["alive"] == true)
+                        .filter_map(|n| n["name"].as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            alive.sort_unstable();
+            if v["in_cluster"] == true && v["node"] == s && alive == services {
+                assert_eq!(v["runs"]["replicas"], 3, "{v}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{s} does not see the three nodes alive: {v} {}",
+                stderr(&out)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
