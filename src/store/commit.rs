@@ -79,6 +79,8 @@ struct State {
     wanted: u64,
     /// Writes started so far.
     flushes: u64,
+    /// Time spent in journal writes so far (write + `fdatasync`), for the benchmarks.
+    busy: std::time::Duration,
     /// Segments full or failed, whose entries sled holds once flushed.
     retired: Vec<PathBuf>,
     stop: bool,
@@ -233,6 +235,7 @@ impl GroupCommit {
                     appended: 0,
                     wanted: 0,
                     flushes: 0,
+                    busy: std::time::Duration::ZERO,
                     retired: Vec::new(),
                     stop: false,
                     thread: None,
@@ -284,6 +287,11 @@ impl GroupCommit {
     /// Journal writes started so far.
     pub fn flushes(&self) -> u64 {
         lock(&self.shared.state).flushes
+    }
+
+    /// Time spent in journal writes so far (each a write and its `fdatasync`).
+    pub fn busy(&self) -> std::time::Duration {
+        lock(&self.shared.state).busy
     }
 
     /// Asks for a write covering everything appended so far; returns the position to
@@ -397,11 +405,13 @@ fn flush_loop(shared: &Arc<Shared>) {
             taken = state.appended;
             taken
         };
+        let began = std::time::Instant::now();
         let written = match segment.take() {
             Some(s) => Ok(s),
             None => new_segment(&shared.dir, &mut number),
         }
         .and_then(|mut s| write_out(&mut s, &spare).map(|()| s));
+        lock(&shared.state).busy += began.elapsed();
         let outcome = match written {
             Ok(s) if !degraded => {
                 if s.bytes >= SEGMENT_BYTES {

@@ -319,6 +319,11 @@ impl Store {
         self.commit.flushes()
     }
 
+    /// Time the journal writes of [`Store::flushes`] took (write and `fdatasync`).
+    pub fn journal_busy(&self) -> std::time::Duration {
+        self.commit.busy()
+    }
+
     /// The data directory's lock, for what writes to the directory beside the database
     /// (the vault file) and may outlive this handle.
     pub(crate) fn holder(&self) -> Arc<File> {
