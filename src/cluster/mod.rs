@@ -18,7 +18,9 @@
 //! every node is set up with the same plugins. Manual runs stay on the node asked.
 
 pub mod config;
+pub mod leases;
 pub mod membership;
+pub mod route;
 pub mod work;
 
 use std::sync::{Arc, OnceLock};
@@ -112,6 +114,8 @@ pub struct Cluster {
     started_at: DateTime<Utc>,
     /// The API address, once it listens.
     api: OnceLock<String>,
+    /// Device leases: which node owns which device ([`leases`]).
+    leases: leases::Leases,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -231,6 +235,16 @@ impl Cluster {
                 .await
                 .map_err(|e| nats("creating the node bucket")(e.to_string()))?,
         };
+        let leases = leases::Leases::open(
+            &js,
+            &match &settings.name {
+                None => "capstan_leases".to_string(),
+                Some(n) => format!("capstan_leases_{n}"),
+            },
+            replicas,
+            settings.lease,
+        )
+        .await?;
         Ok(Arc::new(Cluster {
             settings,
             client,
@@ -243,6 +257,7 @@ impl Cluster {
             instance: uuid::Uuid::new_v4().to_string(),
             started_at: Utc::now(),
             api: OnceLock::new(),
+            leases,
         }))
     }
 
@@ -252,6 +267,11 @@ impl Cluster {
 
     pub fn settings(&self) -> &ClusterSettings {
         &self.settings
+    }
+
+    /// This process's id in the cluster (a restarted node has a new one).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// The NATS server this node is connected to now (its name and client address).
