@@ -10,8 +10,8 @@
 //!   node that stopped renewing. Then another node creates it: the device is taken
 //!   over within the lease time plus one renewal period.
 //! - **Spread.** A node claims a free device when it ranks first for it among the alive
-//!   nodes by rendezvous hashing ([`rank`]), or when the device has stayed free for a
-//!   renewal period (its first-ranked node is not claiming it). A holder gives a device
+//!   nodes by rendezvous hashing ([`rank`]), or when the device has stayed free for two
+//!   renewal periods (its first-ranked node is not claiming it). A holder gives a device
 //!   back when another node that ranks first for it has been alive for a lease time, so
 //!   devices spread again after nodes join; the gap is one renewal period.
 //! - **Fencing.** A node acts on a device (opens its connections, serves host calls
@@ -475,7 +475,7 @@ impl Cluster {
             .or_insert_with(Instant::now)
             .elapsed();
         let first = rank(alive, device).first().copied() == Some(me);
-        if !first && free_for <= self.leases.renewal() {
+        if !first && free_for <= self.leases.renewal() * 2 {
             return false;
         }
         let since = Utc::now();

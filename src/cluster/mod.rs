@@ -14,8 +14,14 @@
 //!   `capstan_nodes` (name, version, start time, API address), renewed every few
 //!   seconds; `capstan cluster status` lists them with the stream's backlog.
 //!
+//! - **Device ownership** ([`leases`], [`route`]): one node at a time holds each
+//!   device's lease in `capstan_leases`; only it connects to the device and watches its
+//!   events, and the other nodes send their Docker host calls for it to that node over
+//!   NATS request/reply. A dead node's devices are taken over after the lease expires.
+//!
 //! Plugins, devices, tokens, hook secrets and the run history stay on each node (sled):
-//! every node is set up with the same plugins. Manual runs stay on the node asked.
+//! every node is set up with the same plugins and devices. Manual runs stay on the node
+//! asked.
 
 pub mod config;
 pub mod leases;

@@ -314,7 +314,6 @@ pub async fn perform_routed(
     r: &crate::cluster::route::DockerRequest,
 ) -> crate::cluster::route::Outcome {
     use crate::cluster::route::{ErrorKind, Outcome};
-    use crate::plugin::bindings::WitError;
     let error = |kind, message: String| Outcome::Error { kind, message };
     let method: &'static str = match r.method.as_str() {
         "GET" => "GET",
@@ -346,7 +345,7 @@ pub async fn perform_routed(
         method,
         path: r.path.clone(),
     };
-    return match api.send(&req, r.body.as_ref(), cap, max_body).await {
+    match api.send(&req, r.body.as_ref(), cap, max_body).await {
         Ok(a) => Outcome::Answer {
             status: a.status.as_u16(),
             content_type: a
@@ -358,23 +357,23 @@ pub async fn perform_routed(
             truncated: a.truncated,
         },
         Err(e) => outcome_of(e),
-    };
-
-    fn outcome_of(e: HostError) -> Outcome {
-        let (kind, message) = match e {
-            HostError::Wit(WitError::NotFound(m)) => (ErrorKind::NotFound, m),
-            HostError::Wit(WitError::Docker(d)) => (ErrorKind::Docker(d.status), d.message),
-            HostError::Wit(WitError::Timeout(m)) => (ErrorKind::Timeout, m),
-            HostError::Wit(WitError::Invalid(m)) => (ErrorKind::Invalid, m),
-            HostError::Wit(WitError::Unreachable(m)) => (ErrorKind::Unreachable, m),
-            HostError::Wit(other) => (
-                ErrorKind::Unreachable,
-                super::render_wit_error(&other),
-            ),
-            HostError::Trap(t) => (ErrorKind::Invalid, t.to_string()),
-        };
-        Outcome::Error { kind, message }
     }
+}
+
+/// A failed routed request as it goes back to the calling node.
+fn outcome_of(e: HostError) -> crate::cluster::route::Outcome {
+    use crate::cluster::route::{ErrorKind, Outcome};
+    use crate::plugin::bindings::WitError;
+    let (kind, message) = match e {
+        HostError::Wit(WitError::NotFound(m)) => (ErrorKind::NotFound, m),
+        HostError::Wit(WitError::Docker(d)) => (ErrorKind::Docker(d.status), d.message),
+        HostError::Wit(WitError::Timeout(m)) => (ErrorKind::Timeout, m),
+        HostError::Wit(WitError::Invalid(m)) => (ErrorKind::Invalid, m),
+        HostError::Wit(WitError::Unreachable(m)) => (ErrorKind::Unreachable, m),
+        HostError::Wit(other) => (ErrorKind::Unreachable, super::render_wit_error(&other)),
+        HostError::Trap(t) => (ErrorKind::Invalid, t.to_string()),
+    };
+    Outcome::Error { kind, message }
 }
 
 /// Splits Docker's multiplexed stream (8-byte frame headers: stream, 0, 0, 0, size) into
