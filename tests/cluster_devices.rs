@@ -129,10 +129,20 @@ fn each_device_has_one_owner_runs_elsewhere_reach_it_through_the_owner_and_a_kil
 
     // Every device gets an owner, and (once the three have been alive a lease time)
     // they spread over the nodes; every node sees the same owners.
-    let want: BTreeSet<String> = devices.iter().map(|d| d.to_string()).collect();
+    // Each data directory also has the default `local` device (the machine's daemon).
+    let want: BTreeSet<String> = devices
+        .iter()
+        .chain(&["local"])
+        .map(|d| d.to_string())
+        .collect();
     let mut seen = BTreeMap::new();
+    let mut last = BTreeMap::new();
     eventually(45, "every device owned, spread over the nodes", || {
         seen = owners(&nodes[0]);
+        if seen != last {
+            eprintln!("owners: {seen:?}");
+            last = seen.clone();
+        }
         let spread: BTreeSet<&String> = seen.values().collect();
         seen.keys().cloned().collect::<BTreeSet<_>>() == want && spread.len() >= 2
     });
@@ -188,14 +198,18 @@ fn each_device_has_one_owner_runs_elsewhere_reach_it_through_the_owner_and_a_kil
     let new_owner = node_index(&nodes, &taken_by);
     let third = *live.iter().find(|i| **i != new_owner).unwrap();
     let mut results = Vec::new();
-    eventually(20, "a run through the third node reaches the device", || {
-        results = probe(&nodes[third], reach(device));
-        all_ok(&results)
-    });
+    eventually(
+        20,
+        "a run through the third node reaches the device",
+        || {
+            results = probe(&nodes[third], reach(device));
+            all_ok(&results)
+        },
+    );
     // Every device of the killed node has a live owner.
     eventually(30, "every device owned by a live node", || {
         let o = owners(&nodes[live[0]]);
-        o.len() == devices.len() && o.values().all(|n| *n != nodes[owner].name)
+        o.len() == want.len() && o.values().all(|n| *n != nodes[owner].name)
     });
     eprintln!(
         "{device} taken over by {taken_by} {:.1}s after {} was killed (lease {LEASE_SECS}s)",
@@ -203,7 +217,11 @@ fn each_device_has_one_owner_runs_elsewhere_reach_it_through_the_owner_and_a_kil
         nodes[owner].name
     );
     for i in live {
-        assert!(nodes[i].stop().success(), "{} stopped cleanly", nodes[i].name);
+        assert!(
+            nodes[i].stop().success(),
+            "{} stopped cleanly",
+            nodes[i].name
+        );
     }
 }
 
@@ -263,7 +281,9 @@ fn an_owner_refuses_raw_nats_requests_for_devices_it_does_not_own_and_oversized_
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let urls: Vec<String> = nats_urls().split(',').map(str::to_string).collect();
-        let client = async_nats::connect(urls.as_slice()).await.expect("connect to NATS");
+        let client = async_nats::connect(urls.as_slice())
+            .await
+            .expect("connect to NATS");
         let instance = owner_instance(&client, &cluster, "ssh-a").await;
         let subject = format!("capstan.{cluster}.docker.{instance}");
         let req = |device: &str, method: &str, path: &str| {

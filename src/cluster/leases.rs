@@ -516,7 +516,11 @@ mod tests {
         assert_eq!(r.len(), 3);
         assert_eq!(r, rank(&nodes, "web-1"), "the same on every call");
         let shuffled: Vec<String> = ["n3", "n1", "n2"].map(String::from).into();
-        assert_eq!(r, rank(&shuffled, "web-1"), "the order of the list does not matter");
+        assert_eq!(
+            r,
+            rank(&shuffled, "web-1"),
+            "the order of the list does not matter"
+        );
         // Removing a node that does not rank first leaves the first in place.
         let without: Vec<String> = nodes.iter().filter(|n| *n != r[2]).cloned().collect();
         assert_eq!(rank(&without, "web-1")[0], r[0]);
@@ -535,7 +539,10 @@ mod tests {
         let t = Instant::now();
         assert!(fresh(t, t, lease));
         assert!(fresh(t, t + Duration::from_secs(11), lease));
-        assert!(!fresh(t, t + Duration::from_secs(12), lease), "margin of 3s");
+        assert!(
+            !fresh(t, t + Duration::from_secs(12), lease),
+            "margin of 3s"
+        );
         assert!(!fresh(t, t + Duration::from_secs(15), lease));
         // One missed renewal (every 5s) still holds; two do not.
         assert!(fresh(t, t + renewal(lease) * 2, lease));

@@ -270,8 +270,8 @@ impl Cluster {
         instance: &str,
         req: &DockerRequest,
     ) -> Result<Outcome, RouteError> {
-        let payload =
-            serde_json::to_vec(req).map_err(|e| nats("encoding a device request")(e.to_string()))?;
+        let payload = serde_json::to_vec(req)
+            .map_err(|e| nats("encoding a device request")(e.to_string()))?;
         let inbox = self.client.new_inbox();
         let mut sub = self
             .client

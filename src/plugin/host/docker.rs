@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::docker_api::{
-    Answer, Api, MAX_BODY, Target, MAX_OUTPUT, REQUEST_TIMEOUT, Req, connect_error, container_ref, demux,
-    encode_query, image_ref, labels_of, split_reference, str_of,
+    Answer, Api, MAX_BODY, MAX_OUTPUT, REQUEST_TIMEOUT, Req, Target, connect_error, container_ref,
+    demux, encode_query, image_ref, labels_of, split_reference, str_of,
 };
 use super::docker_update::{self, short_repository};
 use super::{HostError, RunState, docker_spec};
@@ -216,14 +216,14 @@ async fn open_device(
         return Ok(Api {
             target: owner_of(cluster, &dev.name).await?,
             device: dev.name,
-            deadline: deadline,
+            deadline,
         });
     }
     let client = engine.docker_client(&dev).map_err(|e| connect_error(&e))?;
     Ok(Api {
         target: Target::Local(client),
         device: dev.name,
-        deadline: deadline,
+        deadline,
     })
 }
 
@@ -1487,8 +1487,7 @@ async fn check_create(
             None => check_named_through(api, policy.containers(), &named.containers).await,
         }
     };
-    match tokio::time::timeout(left.min(REQUEST_TIMEOUT), check).await
-    {
+    match tokio::time::timeout(left.min(REQUEST_TIMEOUT), check).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(refusal)) => Err(Blocked::Denied(refusal.to_string())),
         Err(_) => Err(Blocked::Failed(HostError::timeout(
@@ -1522,13 +1521,14 @@ async fn check_named_through(
                 field: c.field.clone(),
             });
         }
-        let details = answer
-            .check()
-            .and_then(|a| a.json())
-            .map_err(|e| ScopeRefusal::Unchecked {
-                reference: c.reference.clone(),
-                why: describe(&e),
-            })?;
+        let details =
+            answer
+                .check()
+                .and_then(|a| a.json())
+                .map_err(|e| ScopeRefusal::Unchecked {
+                    reference: c.reference.clone(),
+                    why: describe(&e),
+                })?;
         judge(scope, &details, &c.field)?;
     }
     Ok(())

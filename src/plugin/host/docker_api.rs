@@ -188,10 +188,7 @@ impl Api {
             .map_err(|e| HostError::trap(format!("cannot build the request {req}: {e}")))?;
         let device = self.device.clone();
         let work = async {
-            let resp = client
-                .send(request)
-                .await
-                .map_err(|e| connect_error(&e))?;
+            let resp = client.send(request).await.map_err(|e| connect_error(&e))?;
             let (parts, mut incoming) = resp.into_parts();
             let mut buf = BytesMut::new();
             let mut truncated = false;
@@ -340,7 +337,9 @@ pub async fn perform_routed(
         device: dev.name,
         deadline: Instant::now() + cap,
     };
-    let max_body = usize::try_from(r.max_body).unwrap_or(MAX_BODY).min(MAX_BODY);
+    let max_body = usize::try_from(r.max_body)
+        .unwrap_or(MAX_BODY)
+        .min(MAX_BODY);
     let req = Req {
         method,
         path: r.path.clone(),

@@ -484,7 +484,10 @@ async fn stream_once(
             if !cursor.admit(&event) {
                 continue;
             }
-            if let Some(c) = runner.scheduler.upgrade().and_then(|s| s.cluster().cloned())
+            if let Some(c) = runner
+                .scheduler
+                .upgrade()
+                .and_then(|s| s.cluster().cloned())
                 && !c.holds(device)
             {
                 return Err(StreamError::Device(format!(
