@@ -243,6 +243,7 @@ impl Scheduler {
 
     /// Makes this engine a node of `cluster` (once, before triggers fire).
     pub fn join_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        self.runtime.join_cluster(cluster.clone());
         let _ = self.cluster.set(cluster);
     }
 

@@ -50,15 +50,26 @@ schedule = "* * * * * *"
 
 /// One engine of a test cluster: its data directory (kept across a kill and restart),
 /// the hook secret its install generated, and the running process.
-struct Node {
-    name: String,
-    data: DataDir,
+pub(crate) struct Node {
+    pub(crate) name: String,
+    pub(crate) data: DataDir,
     secret: Option<String>,
     server: Option<Server>,
-    log: Arc<Mutex<String>>,
+    pub(crate) log: Arc<Mutex<String>>,
 }
 
 impl Node {
+    /// A data directory with a vault and nothing else.
+    pub(crate) fn bare(name: &str) -> Node {
+        Node {
+            name: name.to_string(),
+            data: DataDir::with_vault(),
+            secret: None,
+            server: None,
+            log: Arc::new(Mutex::new(String::new())),
+        }
+    }
+
     /// A data directory with a vault and `manifest` installed (with the trivial plugin).
     fn new(name: &str, manifest: &str) -> Node {
         let data = DataDir::with_vault();
@@ -76,7 +87,7 @@ impl Node {
     }
 
     /// Starts `serve --cluster NATS_URLS` as node `name` of cluster `cluster`.
-    fn start(&mut self, cluster: &str, env: &[(&str, &str)]) {
+    pub(crate) fn start(&mut self, cluster: &str, env: &[(&str, &str)]) {
         let urls = nats_urls();
         let mut server = Server::start_with(&self.data, |c| {
             c.args(["--cluster", urls])
@@ -110,12 +121,12 @@ impl Node {
         self.server = Some(server);
     }
 
-    fn addr(&self) -> &str {
+    pub(crate) fn addr(&self) -> &str {
         &self.server.as_ref().expect("the node runs").addr
     }
 
     /// SIGKILL, as a crash.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let mut s = self.server.take().expect("the node runs");
         unsafe_kill(s.child.id() as i32, 9);
         s.child.wait().unwrap();
@@ -123,7 +134,7 @@ impl Node {
     }
 
     /// SIGTERM, and the exit status.
-    fn stop(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn stop(&mut self) -> std::process::ExitStatus {
         self.server.take().expect("the node runs").stop()
     }
 
@@ -459,7 +470,7 @@ fn a_node_killed_mid_run_leaves_its_runs_to_the_others() {
     );
 }
 
-fn status_json(node: &Node) -> Value {
+pub(crate) fn status_json(node: &Node) -> Value {
     let out = node.data.capstan(&["cluster", "status", "--json"]);
     assert_success(&out, "capstan cluster status --json");
     serde_json::from_str(&stdout(&out)).unwrap()

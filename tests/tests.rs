@@ -14,6 +14,7 @@ mod cli_plugin;
 mod cli_policy;
 mod cli_vault;
 mod cluster;
+mod cluster_devices;
 mod cluster_faults;
 mod container_ops;
 mod dashboard;

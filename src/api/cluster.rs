@@ -1,5 +1,5 @@
 //! `GET /api/cluster`: whether this engine is a node of a cluster, and if so the nodes
-//! (alive or not, last seen) and the runs stream's backlog (see [`crate::cluster`]).
+//! (alive or not, last seen), the runs stream's backlog and the device leases (see [`crate::cluster`]).
 //! Read-only (`viewer`); the nodes span every device, so a device-scoped token is
 //! refused as for `/metrics`.
 
@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AppError, AppState, authz};
 use crate::cluster::NodeView;
+use crate::cluster::leases::LeaseView;
 use crate::cluster::work::RunsView;
 use crate::token::TokenInfo;
 
@@ -30,6 +31,12 @@ pub struct ClusterView {
     /// The runs stream and the shared consumer's backlog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runs: Option<RunsView>,
+    /// The device leases: which node owns each device, by device name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leases: Option<Vec<LeaseView>>,
+    /// The lease time, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_secs: Option<u64>,
 }
 
 /// Cluster status
@@ -58,16 +65,21 @@ pub async fn status(
             nats_server: None,
             nodes: None,
             runs: None,
+            leases: None,
+            lease_secs: None,
         }));
     };
     let unavailable = |e: crate::cluster::ClusterError| AppError::Unavailable(e.to_string());
     let nodes = cluster.nodes().await.map_err(unavailable)?;
     let runs = cluster.runs_view().await.map_err(unavailable)?;
+    let leases = cluster.lease_views().await.map_err(unavailable)?;
     Ok(Json(ClusterView {
         in_cluster: true,
         node: Some(cluster.node_name().to_string()),
         nats_server: Some(cluster.connected_server()),
         nodes: Some(nodes),
         runs: Some(runs),
+        leases: Some(leases),
+        lease_secs: Some(cluster.lease_time().as_secs()),
     }))
 }

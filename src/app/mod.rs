@@ -308,6 +308,8 @@ impl Listening {
             [
                 tokio::spawn(c.clone().heartbeat(stopped())),
                 tokio::spawn(c.clone().work(scheduler.clone(), stopped())),
+                tokio::spawn(c.clone().keep_leases(scheduler.clone(), stopped())),
+                tokio::spawn(c.clone().serve_docker(scheduler.clone(), stopped())),
             ]
         });
         let listen = crate::api::ListenInfo {

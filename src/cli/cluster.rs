@@ -11,7 +11,8 @@ use crate::api::cluster::ClusterView;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ClusterCmd {
-    /// The nodes (alive when seen within 10 s, last seen) and the runs stream's backlog.
+    /// The nodes (alive when seen within 10 s, last seen), the runs stream's backlog and
+    /// which node owns each device.
     Status {
         /// Print the API's JSON.
         #[arg(long)]
@@ -83,5 +84,30 @@ fn render(view: &ClusterView, in_process: bool) -> String {
         runs.ack_wait_secs,
         runs.max_deliver
     ));
+    if let Some(leases) = &view.leases {
+        let lease = view.lease_secs.unwrap_or_default();
+        if leases.is_empty() {
+            out.push_str(&format!(
+                "device leases ({lease}s): none (no node owns a device yet)\n"
+            ));
+        } else {
+            out.push_str(&format!("device leases ({lease}s):\n"));
+            let rows: Vec<Vec<String>> = leases
+                .iter()
+                .map(|l| {
+                    vec![
+                        l.device.clone(),
+                        format!("{}{}", l.owner, if l.this_node { " *" } else { "" }),
+                        format!("{:.1}s", l.age_secs),
+                        format!("{:.1}s", l.expires_in_secs),
+                    ]
+                })
+                .collect();
+            out.push_str(&super::table_text(
+                &["DEVICE", "OWNER", "HELD FOR", "EXPIRES IN"],
+                &rows,
+            ));
+        }
+    }
     out
 }

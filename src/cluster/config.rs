@@ -14,6 +14,11 @@ use crate::config::ConfigError;
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Deliveries of one run before JetStream gives up on it.
 pub const DEFAULT_MAX_DELIVER: i64 = 5;
+/// How long a node's lease on a device lasts without renewal (see [`super::leases`]).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+/// The shortest and longest lease accepted.
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
+pub const MAX_LEASE: Duration = Duration::from_secs(600);
 
 /// The `[cluster]` table. Each key may also come from `CAPSTAN_CLUSTER_<KEY>` (upper case),
 /// which wins over the file; `urls` from `serve --cluster` (env `CAPSTAN_CLUSTER`), which
@@ -49,6 +54,10 @@ pub struct ClusterSection {
     /// Deliveries of one run (the first and the retries) before it is given up. Default
     /// 5. Env `CAPSTAN_CLUSTER_MAX_DELIVER`.
     pub max_deliver: Option<i64>,
+    /// How long a node's lease on a device lasts without renewal (e.g. `"15s"`, 3s to
+    /// 10m): a dead node's devices are taken over after it. Default 15s. Env
+    /// `CAPSTAN_CLUSTER_LEASE`.
+    pub lease: Option<String>,
 }
 
 /// The cluster settings, checked.
@@ -65,6 +74,8 @@ pub struct ClusterSettings {
     pub tls_client: Option<(PathBuf, PathBuf)>,
     pub ack_wait: Duration,
     pub max_deliver: i64,
+    /// How long a device lease lasts without renewal.
+    pub lease: Duration,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -230,6 +241,17 @@ pub fn resolve(
             format!("{max_deliver} is not between 1 and 100"),
         ));
     }
+    let lease = match env("CAPSTAN_CLUSTER_LEASE").or_else(|| file.lease.clone()) {
+        Some(v) => {
+            let d = crate::trigger::units::parse_duration(&v)
+                .map_err(|m| invalid("cluster.lease", format!("{m} (write e.g. \"15s\")")))?;
+            if !(MIN_LEASE..=MAX_LEASE).contains(&d) {
+                return Err(invalid("cluster.lease", "must be between 3s and 10m"));
+            }
+            d
+        }
+        None => DEFAULT_LEASE,
+    };
     Ok(Some(ClusterSettings {
         urls,
         node_name,
@@ -239,6 +261,7 @@ pub fn resolve(
         tls_client,
         ack_wait,
         max_deliver,
+        lease,
     }))
 }
 
@@ -278,6 +301,7 @@ mod tests {
         assert_eq!(c.node_name, "n-1");
         assert_eq!(c.ack_wait, DEFAULT_ACK_WAIT);
         assert_eq!(c.max_deliver, DEFAULT_MAX_DELIVER);
+        assert_eq!(c.lease, DEFAULT_LEASE);
         assert_eq!(c.name, None);
         assert_eq!(c.tls_client, None);
     }
@@ -351,6 +375,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("between 1 and 100"), "{e}");
+        for bad in ["2s", "11m", "soon"] {
+            let e = resolve(
+                &ClusterSection::default(),
+                urls,
+                with("CAPSTAN_CLUSTER_LEASE", bad),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("cluster.lease"), "{bad}: {e}");
+        }
+        let c = resolve(
+            &ClusterSection::default(),
+            urls,
+            with("CAPSTAN_CLUSTER_LEASE", "6s"),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.lease, Duration::from_secs(6));
     }
 
     #[test]

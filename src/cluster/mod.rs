@@ -14,11 +14,19 @@
 //!   `capstan_nodes` (name, version, start time, API address), renewed every few
 //!   seconds; `capstan cluster status` lists them with the stream's backlog.
 //!
+//! - **Device ownership** ([`leases`], [`route`]): one node at a time holds each
+//!   device's lease in `capstan_leases`; only it connects to the device and watches its
+//!   events, and the other nodes send their Docker host calls for it to that node over
+//!   NATS request/reply. A dead node's devices are taken over after the lease expires.
+//!
 //! Plugins, devices, tokens, hook secrets and the run history stay on each node (sled):
-//! every node is set up with the same plugins. Manual runs stay on the node asked.
+//! every node is set up with the same plugins and devices. Manual runs stay on the node
+//! asked.
 
 pub mod config;
+pub mod leases;
 pub mod membership;
+pub mod route;
 pub mod work;
 
 use std::sync::{Arc, OnceLock};
@@ -112,6 +120,8 @@ pub struct Cluster {
     started_at: DateTime<Utc>,
     /// The API address, once it listens.
     api: OnceLock<String>,
+    /// Device leases: which node owns which device ([`leases`]).
+    leases: leases::Leases,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -231,6 +241,16 @@ impl Cluster {
                 .await
                 .map_err(|e| nats("creating the node bucket")(e.to_string()))?,
         };
+        let leases = leases::Leases::open(
+            &js,
+            &match &settings.name {
+                None => "capstan_leases".to_string(),
+                Some(n) => format!("capstan_leases_{n}"),
+            },
+            replicas,
+            settings.lease,
+        )
+        .await?;
         Ok(Arc::new(Cluster {
             settings,
             client,
@@ -243,6 +263,7 @@ impl Cluster {
             instance: uuid::Uuid::new_v4().to_string(),
             started_at: Utc::now(),
             api: OnceLock::new(),
+            leases,
         }))
     }
 
@@ -252,6 +273,11 @@ impl Cluster {
 
     pub fn settings(&self) -> &ClusterSettings {
         &self.settings
+    }
+
+    /// This process's id in the cluster (a restarted node has a new one).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// The NATS server this node is connected to now (its name and client address).

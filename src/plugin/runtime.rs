@@ -389,6 +389,7 @@ impl PluginRuntime {
             audit: Audit::open(&engine.store)?,
             state: PluginState::open(&engine.store)?,
             engine: engine.clone(),
+            cluster: std::sync::OnceLock::new(),
         });
         let records = PluginRecords::open(&engine.store)?;
         let ticker = EpochTicker::start(wasm_engine.clone(), config.epoch_tick);
@@ -415,6 +416,11 @@ impl PluginRuntime {
     /// The instance allocator in use.
     pub fn allocator(&self) -> AllocatorKind {
         self.allocator
+    }
+
+    /// Makes the host functions reach devices through their owner nodes (cluster mode).
+    pub fn join_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.services.cluster.set(cluster);
     }
 
     /// The audit log.

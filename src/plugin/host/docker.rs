@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::docker_api::{
-    Answer, Api, MAX_BODY, MAX_OUTPUT, REQUEST_TIMEOUT, Req, connect_error, container_ref, demux,
-    encode_query, image_ref, labels_of, split_reference, str_of,
+    Answer, Api, MAX_BODY, MAX_OUTPUT, REQUEST_TIMEOUT, Req, Target, connect_error, container_ref,
+    demux, encode_query, image_ref, labels_of, split_reference, str_of,
 };
 use super::docker_update::{self, short_repository};
 use super::{HostError, RunState, docker_spec};
@@ -81,7 +81,8 @@ impl RunState {
                 return Err(self.deny(&call, reason));
             }
         }
-        let api = match self.open_device(device) {
+        let opened = open_device(self.run.services.clone(), device, self.run.deadline).await;
+        let api = match opened {
             Ok(api) => api,
             Err(e) => return Err(self.finish_err(call, e)),
         };
@@ -108,27 +109,6 @@ impl RunState {
             }
         }
         Ok((api, call))
-    }
-
-    /// The device's record and pooled connection.
-    fn open_device(&self, device: &str) -> Result<Api, HostError> {
-        let engine = &self.run.services.engine;
-        let devices = engine
-            .devices()
-            .map_err(|e| HostError::trap(format!("cannot read devices: {e}")))?;
-        let dev = match devices.get(device) {
-            Ok(d) => d,
-            Err(crate::device::DeviceError::NotFound(_)) => {
-                return Err(HostError::not_found(format!("no device named `{device}`")));
-            }
-            Err(e) => return Err(HostError::trap(format!("cannot read device {device}: {e}"))),
-        };
-        let client = engine.docker_client(&dev).map_err(|e| connect_error(&e))?;
-        Ok(Api {
-            client,
-            device: dev.name,
-            deadline: self.run.deadline,
-        })
     }
 
     fn deny(&mut self, call: &Call, reason: String) -> HostError {
@@ -209,6 +189,67 @@ impl RunState {
             .await?;
         let r = api.call(&req, None).await;
         self.finish(call, r)
+    }
+}
+
+/// The device's record and pooled connection; in cluster mode, for a device another
+/// node owns, the way to that node.
+async fn open_device(
+    services: std::sync::Arc<super::Services>,
+    device: &str,
+    deadline: Instant,
+) -> Result<Api, HostError> {
+    let engine = &services.engine;
+    let devices = engine
+        .devices()
+        .map_err(|e| HostError::trap(format!("cannot read devices: {e}")))?;
+    let dev = match devices.get(device) {
+        Ok(d) => d,
+        Err(crate::device::DeviceError::NotFound(_)) => {
+            return Err(HostError::not_found(format!("no device named `{device}`")));
+        }
+        Err(e) => return Err(HostError::trap(format!("cannot read device {device}: {e}"))),
+    };
+    if let Some(cluster) = services.cluster.get()
+        && !cluster.holds(&dev.name)
+    {
+        return Ok(Api {
+            target: owner_of(cluster, &dev.name).await?,
+            device: dev.name,
+            deadline,
+        });
+    }
+    let client = engine.docker_client(&dev).map_err(|e| connect_error(&e))?;
+    Ok(Api {
+        target: Target::Local(client),
+        device: dev.name,
+        deadline,
+    })
+}
+
+/// The node that owns `device` (this node does not act on it now).
+async fn owner_of(
+    cluster: &std::sync::Arc<crate::cluster::Cluster>,
+    device: &str,
+) -> Result<Target, HostError> {
+    let lease = cluster.lease_of(device).await.map_err(|e| {
+        HostError::unreachable(format!(
+            "device {device}: this node does not own it and cannot reach the cluster to find its owner ({e})"
+        ))
+    })?;
+    match lease {
+        None => Err(HostError::unreachable(format!(
+            "device {device} has no owner node in the cluster yet (a node takes it within {} s of its lease being free); try again",
+            cluster.lease_time().as_secs()
+        ))),
+        Some(l) if l.instance == cluster.instance() => Err(HostError::unreachable(format!(
+            "device {device}: this node does not own it now (its lease renewals are not getting through to NATS), so it does not act on it"
+        ))),
+        Some(l) => Ok(Target::Owner {
+            cluster: cluster.clone(),
+            owner: l.owner,
+            instance: l.instance,
+        }),
     }
 }
 
@@ -1438,18 +1479,59 @@ async fn check_create(
         )));
     }
     let left = api.deadline.saturating_duration_since(Instant::now());
-    match tokio::time::timeout(
-        left.min(REQUEST_TIMEOUT),
-        daemon::check_named(&api.client, policy.containers(), &named.containers),
-    )
-    .await
-    {
+    let check = async {
+        match api.local() {
+            Some(client) => {
+                daemon::check_named(client, policy.containers(), &named.containers).await
+            }
+            None => check_named_through(api, policy.containers(), &named.containers).await,
+        }
+    };
+    match tokio::time::timeout(left.min(REQUEST_TIMEOUT), check).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(refusal)) => Err(Blocked::Denied(refusal.to_string())),
         Err(_) => Err(Blocked::Failed(HostError::timeout(
             "checking the containers the re-created container names took too long",
         ))),
     }
+}
+
+/// [`crate::docker::daemon::check_named`] for a device reached through its owner node.
+async fn check_named_through(
+    api: &Api,
+    scope: &ContainerScope,
+    named: &[crate::policy::body::NamedContainer],
+) -> Result<(), crate::docker::daemon::ScopeRefusal> {
+    use crate::docker::daemon::{ScopeRefusal, encode_segment, judge};
+    if scope.is_all() {
+        return Ok(());
+    }
+    for c in named {
+        let req = Req::get(format!("/containers/{}/json", encode_segment(&c.reference)));
+        let answer = api
+            .send(&req, None, REQUEST_TIMEOUT, MAX_BODY)
+            .await
+            .map_err(|e| ScopeRefusal::Unchecked {
+                reference: c.reference.clone(),
+                why: describe(&e),
+            })?;
+        if answer.status == hyper::StatusCode::NOT_FOUND {
+            return Err(ScopeRefusal::NotFound {
+                reference: c.reference.clone(),
+                field: c.field.clone(),
+            });
+        }
+        let details =
+            answer
+                .check()
+                .and_then(|a| a.json())
+                .map_err(|e| ScopeRefusal::Unchecked {
+                    reference: c.reference.clone(),
+                    why: describe(&e),
+                })?;
+        judge(scope, &details, &c.field)?;
+    }
+    Ok(())
 }
 
 /// The re-create procedure; see the WIT documentation of `recreate-container`.

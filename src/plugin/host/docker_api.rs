@@ -1,6 +1,11 @@
 //! Raw Docker Engine API requests for the `docker` host functions, sent over the
 //! device's pooled connection exactly as they were decided (method and path), with the
 //! run's deadline as a limit and every failure mapped to a WIT error.
+//!
+//! In cluster mode a device another node owns is reached through that node
+//! ([`Target::Owner`], [`crate::cluster::route`]): the same request, decided here, is
+//! performed there ([`perform_routed`]) and its answer or error comes back as the same
+//! [`Answer`] or WIT error.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,9 +61,22 @@ pub const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Largest log or exec output returned to a plugin, per stream.
 pub const MAX_OUTPUT: usize = 1024 * 1024;
 
+/// Where a device's requests go.
+pub enum Target {
+    /// This node's pooled connection (a single engine, or the device's owner node).
+    Local(Arc<DockerClient>),
+    /// The owner node, over NATS (cluster mode).
+    Owner {
+        cluster: Arc<crate::cluster::Cluster>,
+        /// The owner's node name and process.
+        owner: String,
+        instance: String,
+    },
+}
+
 /// One device's daemon, as the host functions of one call see it.
 pub struct Api {
-    pub client: Arc<DockerClient>,
+    pub target: Target,
     pub device: String,
     pub deadline: Instant,
 }
@@ -119,6 +137,14 @@ pub fn connect_error(e: &ConnectError) -> HostError {
 }
 
 impl Api {
+    /// The local connection, when the device's requests are sent from here.
+    pub fn local(&self) -> Option<&Arc<DockerClient>> {
+        match &self.target {
+            Target::Local(c) => Some(c),
+            Target::Owner { .. } => None,
+        }
+    }
+
     /// Time left for one request: the smaller of `cap` and the run's deadline.
     fn budget(&self, cap: Duration) -> Result<Duration, HostError> {
         let left = self.deadline.saturating_duration_since(Instant::now());
@@ -137,6 +163,18 @@ impl Api {
         max_body: usize,
     ) -> Result<Answer, HostError> {
         let budget = self.budget(cap)?;
+        let client = match &self.target {
+            Target::Local(c) => c,
+            Target::Owner {
+                cluster,
+                owner,
+                instance,
+            } => {
+                return self
+                    .send_to_owner(cluster, owner, instance, req, body, budget, max_body)
+                    .await;
+            }
+        };
         let mut builder = Request::builder().method(req.method).uri(&req.path);
         let body = match body {
             Some(v) => {
@@ -150,11 +188,7 @@ impl Api {
             .map_err(|e| HostError::trap(format!("cannot build the request {req}: {e}")))?;
         let device = self.device.clone();
         let work = async {
-            let resp = self
-                .client
-                .send(request)
-                .await
-                .map_err(|e| connect_error(&e))?;
+            let resp = client.send(request).await.map_err(|e| connect_error(&e))?;
             let (parts, mut incoming) = resp.into_parts();
             let mut buf = BytesMut::new();
             let mut truncated = false;
@@ -191,6 +225,67 @@ impl Api {
         }
     }
 
+    /// [`Api::send`] through the owner node.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_to_owner(
+        &self,
+        cluster: &crate::cluster::Cluster,
+        owner: &str,
+        instance: &str,
+        req: &Req,
+        body: Option<&Value>,
+        budget: Duration,
+        max_body: usize,
+    ) -> Result<Answer, HostError> {
+        use crate::cluster::route::{DockerRequest, ErrorKind, Outcome};
+        let request = DockerRequest {
+            device: self.device.clone(),
+            method: req.method.to_string(),
+            path: req.path.clone(),
+            body: body.cloned(),
+            timeout_ms: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+            max_body: max_body as u64,
+        };
+        let device = &self.device;
+        match cluster.route_docker(owner, instance, &request).await {
+            Ok(Outcome::Answer {
+                status,
+                content_type,
+                body,
+                truncated,
+            }) => {
+                let mut headers = HeaderMap::new();
+                if let Some(ct) = content_type.and_then(|c| c.parse().ok()) {
+                    headers.insert(CONTENT_TYPE, ct);
+                }
+                Ok(Answer {
+                    status: StatusCode::from_u16(status).map_err(|_| {
+                        HostError::unreachable(format!(
+                            "device {device}: owner node {owner} sent status {status}"
+                        ))
+                    })?,
+                    headers,
+                    body,
+                    truncated,
+                })
+            }
+            Ok(Outcome::Error { kind, message }) => Err(match kind {
+                ErrorKind::NotOwner => HostError::unreachable(format!(
+                    "device {device}: node {owner} does not own it any more ({message}); try again once its lease has moved"
+                )),
+                ErrorKind::NotFound => HostError::not_found(message),
+                ErrorKind::Docker(status) => HostError::docker(status, message),
+                ErrorKind::Timeout => HostError::timeout(message),
+                ErrorKind::Unreachable => HostError::unreachable(message),
+                ErrorKind::Invalid => HostError::invalid(message),
+                ErrorKind::Refused => HostError::invalid(format!(
+                    "device {device}: owner node {owner} refused the request: {message}"
+                )),
+            }),
+            Err(e) => Err(HostError::unreachable(format!("device {device}: {e}"))),
+        }
+    }
+
     /// Sends a request and returns its JSON answer, mapping errors (see [`Answer::check`]).
     pub async fn json(&self, req: &Req, body: Option<&Value>) -> Result<Value, HostError> {
         self.send(req, body, REQUEST_TIMEOUT, MAX_BODY)
@@ -206,6 +301,78 @@ impl Api {
             .check()?;
         Ok(())
     }
+}
+
+/// A request routed here by another node (which decided it): performed over this
+/// node's connection to the device, bounded by [`REQUEST_TIMEOUT`] and [`MAX_BODY`] as
+/// well as the caller's own limits, the result as it goes back.
+pub async fn perform_routed(
+    engine: &crate::engine::Engine,
+    r: &crate::cluster::route::DockerRequest,
+) -> crate::cluster::route::Outcome {
+    use crate::cluster::route::{ErrorKind, Outcome};
+    let error = |kind, message: String| Outcome::Error { kind, message };
+    let method: &'static str = match r.method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        _ => return error(ErrorKind::Refused, "method not allowed".into()),
+    };
+    if !r.path.starts_with('/') || r.path.len() > 8192 {
+        return error(ErrorKind::Refused, "not an origin-form path".into());
+    }
+    let dev = match engine.devices().and_then(|d| d.get(&r.device)) {
+        Ok(d) => d,
+        Err(e) => return error(ErrorKind::NotFound, e.to_string()),
+    };
+    let client = match engine.docker_client(&dev) {
+        Ok(c) => c,
+        Err(e) => return outcome_of(connect_error(&e)),
+    };
+    let cap = Duration::from_millis(r.timeout_ms).min(REQUEST_TIMEOUT);
+    let api = Api {
+        target: Target::Local(client),
+        device: dev.name,
+        deadline: Instant::now() + cap,
+    };
+    let max_body = usize::try_from(r.max_body)
+        .unwrap_or(MAX_BODY)
+        .min(MAX_BODY);
+    let req = Req {
+        method,
+        path: r.path.clone(),
+    };
+    match api.send(&req, r.body.as_ref(), cap, max_body).await {
+        Ok(a) => Outcome::Answer {
+            status: a.status.as_u16(),
+            content_type: a
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            body: a.body,
+            truncated: a.truncated,
+        },
+        Err(e) => outcome_of(e),
+    }
+}
+
+/// A failed routed request as it goes back to the calling node.
+fn outcome_of(e: HostError) -> crate::cluster::route::Outcome {
+    use crate::cluster::route::{ErrorKind, Outcome};
+    use crate::plugin::bindings::WitError;
+    let (kind, message) = match e {
+        HostError::Wit(WitError::NotFound(m)) => (ErrorKind::NotFound, m),
+        HostError::Wit(WitError::Docker(d)) => (ErrorKind::Docker(d.status), d.message),
+        HostError::Wit(WitError::Timeout(m)) => (ErrorKind::Timeout, m),
+        HostError::Wit(WitError::Invalid(m)) => (ErrorKind::Invalid, m),
+        HostError::Wit(WitError::Unreachable(m)) => (ErrorKind::Unreachable, m),
+        HostError::Wit(other) => (ErrorKind::Unreachable, super::render_wit_error(&other)),
+        HostError::Trap(t) => (ErrorKind::Invalid, t.to_string()),
+    };
+    Outcome::Error { kind, message }
 }
 
 /// Splits Docker's multiplexed stream (8-byte frame headers: stream, 0, 0, 0, size) into

@@ -11,7 +11,7 @@
 //! 4. **map the error**: into a WIT `error` the plugin handles; only host bugs trap.
 
 pub mod docker;
-mod docker_api;
+pub(crate) mod docker_api;
 mod docker_spec;
 mod docker_update;
 pub mod http;
@@ -116,6 +116,8 @@ pub struct Services {
     pub engine: Arc<crate::engine::Engine>,
     pub audit: Audit,
     pub state: PluginState,
+    /// Cluster mode: devices another node owns are reached through it.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// The data of one run's store.

@@ -21,6 +21,13 @@
 //! - **Bounded:** an event line longer than [`MAX_EVENT_BYTES`] is skipped, at most
 //!   [`MAX_PENDING`] objects are folding per device (beyond, events run at once), the
 //!   daemon's other answers (`/info`, an error) are read to a cap.
+//! - **Cluster mode: only the device's owner watches.** A node streams the events of
+//!   the devices whose lease it holds ([`crate::cluster::Cluster::holds`]), and stops a
+//!   stream when it loses the lease (the lease keeper reconciles at once; the stream
+//!   itself stops at its next event). Each matching event is handed to the cluster as a
+//!   run, with a message id made of plugin, trigger, device, object, action and the
+//!   event's time ([`event_msg_id`]), so the same event seen by an old and a new owner
+//!   during a takeover is run once (within the runs stream's duplicate window).
 //! - **Metrics** (`/metrics`): `capstan_docker_event_stream_up{device}` (1 while the
 //!   stream is open, 0 while it is being retried), `capstan_docker_event_stream_failures_total{device}`,
 //!   `capstan_docker_events_total{device}` (events received) and
@@ -150,8 +157,9 @@ impl DockerWatchers {
     }
 
     /// Starts the streams the plugins need and stops the others (nothing before
-    /// [`run`] has started the watchers).
-    fn reconcile(&self) {
+    /// [`run`] has started the watchers); in cluster mode, only for devices this node
+    /// owns.
+    pub fn reconcile(&self) {
         let mut state = lock(&self.state);
         let Some(runner) = state.runner.clone() else {
             return;
@@ -164,9 +172,14 @@ impl DockerWatchers {
             }
         };
         let subs = self.snapshot();
+        let cluster = runner
+            .scheduler
+            .upgrade()
+            .and_then(|s| s.cluster().cloned());
         let wanted: HashMap<String, Device> = devices
             .into_iter()
             .filter(|d| subs.values().any(|p| p.watches(&d.name)))
+            .filter(|d| cluster.as_ref().is_none_or(|c| c.holds(&d.name)))
             .map(|d| (d.name.clone(), d))
             .collect();
         state.streams.retain(|name, stream| {
@@ -471,6 +484,16 @@ async fn stream_once(
             if !cursor.admit(&event) {
                 continue;
             }
+            if let Some(c) = runner
+                .scheduler
+                .upgrade()
+                .and_then(|s| s.cluster().cloned())
+                && !c.holds(device)
+            {
+                return Err(StreamError::Device(format!(
+                    "this node no longer owns device {device}"
+                )));
+            }
             runner.metrics.docker_event(device);
             let snapshot = subs.read().unwrap_or_else(|e| e.into_inner()).clone();
             for w in dispatch(device, &snapshot, &event) {
@@ -630,7 +653,7 @@ async fn debounce(device: &str, runner: &Runner, mut rx: mpsc::Receiver<WatchedE
                     *c = count.saturating_add(1);
                 }
             } else if w.debounce.is_zero() || pending.len() >= MAX_PENDING {
-                submit(device, runner, &w.plugin, w.event);
+                submit(device, runner, &w.plugin, w.trigger, w.event);
             } else {
                 pending.insert(
                     key,
@@ -649,16 +672,54 @@ async fn debounce(device: &str, runner: &Runner, mut rx: mpsc::Receiver<WatchedE
             .collect();
         for key in due {
             if let Some(p) = pending.remove(&key) {
-                submit(device, runner, &key.0, p.event);
+                submit(device, runner, &key.0, key.1, p.event);
             }
         }
     }
 }
 
-fn submit(device: &str, runner: &Runner, plugin: &str, event: TriggerEvent) {
+/// The `Nats-Msg-Id` of a Docker event's run in cluster mode: the same for the same
+/// event whichever node saw it.
+pub fn event_msg_id(plugin: &str, trigger: usize, event: &TriggerEvent) -> Option<String> {
+    match event {
+        TriggerEvent::Docker {
+            device,
+            kind,
+            action,
+            actor_id,
+            time,
+            ..
+        } => Some(format!(
+            "docker:{plugin}:{trigger}:{device}:{kind}:{action}:{actor_id}:{}",
+            time.timestamp_nanos_opt().unwrap_or_default()
+        )),
+        _ => None,
+    }
+}
+
+fn submit(device: &str, runner: &Runner, plugin: &str, trigger: usize, event: TriggerEvent) {
     let Some(scheduler) = runner.scheduler.upgrade() else {
         return;
     };
+    if let Some(cluster) = scheduler.cluster().cloned() {
+        let Some(msg_id) = event_msg_id(plugin, trigger, &event) else {
+            return;
+        };
+        let (device, plugin, metrics) = (
+            device.to_string(),
+            plugin.to_string(),
+            runner.metrics.clone(),
+        );
+        runner.runtime.spawn(async move {
+            match cluster.hand_over(&plugin, event, &msg_id).await {
+                Ok(_) => metrics.docker_event_run(&plugin),
+                Err(e) => {
+                    tracing::warn!(%device, plugin, error = %e, "Docker event not handed to the cluster")
+                }
+            }
+        });
+        return;
+    }
     match scheduler.submit(plugin, event) {
         Ok(run) => {
             runner.metrics.docker_event_run(plugin);
