@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AppError, AppState, authz};
 use crate::cluster::NodeView;
+use crate::cluster::history::HistoryView;
 use crate::cluster::work::RunsView;
 use crate::token::TokenInfo;
 
@@ -30,6 +31,9 @@ pub struct ClusterView {
     /// The runs stream and the shared consumer's backlog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runs: Option<RunsView>,
+    /// The run history stream and how far the answering node has applied it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryView>,
 }
 
 /// Cluster status
@@ -58,16 +62,19 @@ pub async fn status(
             nats_server: None,
             nodes: None,
             runs: None,
+            history: None,
         }));
     };
     let unavailable = |e: crate::cluster::ClusterError| AppError::Unavailable(e.to_string());
     let nodes = cluster.nodes().await.map_err(unavailable)?;
     let runs = cluster.runs_view().await.map_err(unavailable)?;
+    let history = cluster.history_view().await.map_err(unavailable)?;
     Ok(Json(ClusterView {
         in_cluster: true,
         node: Some(cluster.node_name().to_string()),
         nats_server: Some(cluster.connected_server()),
         nodes: Some(nodes),
         runs: Some(runs),
+        history: Some(history),
     }))
 }

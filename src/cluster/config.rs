@@ -65,6 +65,9 @@ pub struct ClusterSettings {
     pub tls_client: Option<(PathBuf, PathBuf)>,
     pub ack_wait: Duration,
     pub max_deliver: i64,
+    /// How long the cluster's run history keeps a run's end: the engine's
+    /// `runs.max_age` (set by `serve`); `None` keeps them until removed.
+    pub history_max_age: Option<Duration>,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -239,6 +242,7 @@ pub fn resolve(
         tls_client,
         ack_wait,
         max_deliver,
+        history_max_age: crate::runs::RunStoreConfig::default().max_age,
     }))
 }
 
