@@ -1528,7 +1528,13 @@ mod tests {
         let mut ended = live.clone();
         ended.status = RunStatus::Ok;
         assert!(!runs.apply_replicated(ended).unwrap());
-        assert_eq!(runs.get(live.id).unwrap().unwrap().status, RunStatus::Queued);
-        assert!(!replaces(None, &live), "a non-final record is not replicated");
+        assert_eq!(
+            runs.get(live.id).unwrap().unwrap().status,
+            RunStatus::Queued
+        );
+        assert!(
+            !replaces(None, &live),
+            "a non-final record is not replicated"
+        );
     }
 }

@@ -222,7 +222,10 @@ fn taken(node: &Node) -> u64 {
         b"",
     );
     assert_eq!(status, 200, "{text}");
-    metric(&text, &format!("capstan_cluster_runs_taken_total{{node=\"{}\"}}", node.name))
+    metric(
+        &text,
+        &format!("capstan_cluster_runs_taken_total{{node=\"{}\"}}", node.name),
+    )
 }
 
 /// A sample's value in a metrics text (0 when absent).
@@ -276,7 +279,10 @@ fn each_cron_fire_runs_once_across_three_nodes() {
     let mut by_fire: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for (id, r) in &records {
         assert_eq!(r["trigger"]["kind"], "cron", "{r}");
-        assert!(r["node"].as_str().is_some(), "the record names its node: {r}");
+        assert!(
+            r["node"].as_str().is_some(),
+            "the record names its node: {r}"
+        );
         let at = r["trigger"]["scheduled_at"].as_str().unwrap().to_string();
         by_fire.entry(at).or_default().push(id);
     }
@@ -359,10 +365,19 @@ fn every_webhook_delivery_answered_202_is_run_once_across_three_nodes() {
         .iter()
         .map(|(d, run)| (run.clone(), d.clone()))
         .collect();
-    assert_eq!(answered.len(), accepted.len(), "each delivery has its own run id");
+    assert_eq!(
+        answered.len(),
+        accepted.len(),
+        "each delivery has its own run id"
+    );
     let recorded: BTreeMap<String, String> = records
         .iter()
-        .map(|(id, r)| (id.clone(), r["trigger"]["delivery"].as_str().unwrap().to_string()))
+        .map(|(id, r)| {
+            (
+                id.clone(),
+                r["trigger"]["delivery"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         recorded, answered,
@@ -382,8 +397,14 @@ fn every_webhook_delivery_answered_202_is_run_once_across_three_nodes() {
         per_node.iter().filter(|n| **n > 0).count() >= 2,
         "the runs are spread over the nodes: {per_node:?}"
     );
-    let ran_on: BTreeSet<&str> = records.values().filter_map(|r| r["node"].as_str()).collect();
-    assert!(ran_on.len() >= 2, "the records name the nodes that ran them: {ran_on:?}");
+    let ran_on: BTreeSet<&str> = records
+        .values()
+        .filter_map(|r| r["node"].as_str())
+        .collect();
+    assert!(
+        ran_on.len() >= 2,
+        "the records name the nodes that ran them: {ran_on:?}"
+    );
     eprintln!(
         "{N} deliveries answered in {:.2}s; runs per node: {per_node:?}",
         took.as_secs_f64(),
@@ -408,7 +429,10 @@ fn deliver_for_id(node: &Node, delivery: &str, body: &[u8]) -> (u16, String) {
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     let run = v["run_id"].as_str().unwrap_or_default().to_string();
     if status == 202 {
-        assert!(run.parse::<uuid::Uuid>().is_ok(), "202 without a run id: {text}");
+        assert!(
+            run.parse::<uuid::Uuid>().is_ok(),
+            "202 without a run id: {text}"
+        );
     }
     (status, run)
 }
@@ -536,9 +560,13 @@ fn a_node_killed_mid_run_leaves_its_runs_to_the_others() {
     // there at its start, give way to their retries' records from the history stream.
     nodes[2].start(&cluster, &env);
     let all: Vec<&Node> = nodes.iter().collect();
-    let records = agreed_runs(&all, "clustered", 90, "every node lists every run ok", |m| {
-        m.values().all(|r| r["status"] == "ok")
-    });
+    let records = agreed_runs(
+        &all,
+        "clustered",
+        90,
+        "every node lists every run ok",
+        |m| m.values().all(|r| r["status"] == "ok"),
+    );
     let mut by_delivery: BTreeMap<String, Vec<&String>> = BTreeMap::new();
     let mut retried = 0;
     for (id, r) in &records {
@@ -554,8 +582,14 @@ fn a_node_killed_mid_run_leaves_its_runs_to_the_others() {
             retried += 1;
         }
     }
-    let twice: Vec<_> = by_delivery.iter().filter(|(_, ids)| ids.len() > 1).collect();
-    assert!(twice.is_empty(), "deliveries recorded more than once: {twice:?}");
+    let twice: Vec<_> = by_delivery
+        .iter()
+        .filter(|(_, ids)| ids.len() > 1)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "deliveries recorded more than once: {twice:?}"
+    );
     assert_eq!(
         by_delivery.keys().cloned().collect::<BTreeSet<_>>(),
         accepted,

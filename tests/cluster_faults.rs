@@ -432,27 +432,31 @@ impl Cluster {
     /// ok): those records, each with the node that ran it (`node`).
     fn settled(&self, accepted: &BTreeSet<String>, ok_only: bool) -> Vec<(String, Value)> {
         let mut records = Vec::new();
-        eventually(90, "every engine lists every accepted delivery, ended", || {
-            let lists: Vec<BTreeMap<String, Value>> = (0..3)
-                .map(|i| {
-                    self.runs_all(i, "clustered")
-                        .into_iter()
-                        .map(|r| (r["id"].as_str().unwrap_or_default().to_string(), r))
-                        .collect()
-                })
-                .collect();
-            let agree = lists.iter().all(|l| *l == lists[0]);
-            records = lists[0]
-                .values()
-                .map(|r| (r["node"].as_str().unwrap_or("?").to_string(), r.clone()))
-                .collect();
-            let done: BTreeSet<String> = records
-                .iter()
-                .filter(|(_, r)| !ok_only || r["status"] == "ok")
-                .filter_map(|(_, r)| r["trigger"]["delivery"].as_str().map(str::to_string))
-                .collect();
-            agree && records.iter().all(|(_, r)| is_final(r)) && accepted.is_subset(&done)
-        });
+        eventually(
+            90,
+            "every engine lists every accepted delivery, ended",
+            || {
+                let lists: Vec<BTreeMap<String, Value>> = (0..3)
+                    .map(|i| {
+                        self.runs_all(i, "clustered")
+                            .into_iter()
+                            .map(|r| (r["id"].as_str().unwrap_or_default().to_string(), r))
+                            .collect()
+                    })
+                    .collect();
+                let agree = lists.iter().all(|l| *l == lists[0]);
+                records = lists[0]
+                    .values()
+                    .map(|r| (r["node"].as_str().unwrap_or("?").to_string(), r.clone()))
+                    .collect();
+                let done: BTreeSet<String> = records
+                    .iter()
+                    .filter(|(_, r)| !ok_only || r["status"] == "ok")
+                    .filter_map(|(_, r)| r["trigger"]["delivery"].as_str().map(str::to_string))
+                    .collect();
+                agree && records.iter().all(|(_, r)| is_final(r)) && accepted.is_subset(&done)
+            },
+        );
         records
     }
 }
@@ -685,7 +689,12 @@ fn a_capstan_container_killed_mid_deliveries_and_started_again_runs_each_accepte
 
 /// One signed delivery to hook `gh` at `addr` that never panics: the status and body,
 /// or why no answer came (refused, reset, timed out).
-fn try_deliver(addr: &str, secret: &str, delivery: &str, body: &[u8]) -> Result<(u16, String), String> {
+fn try_deliver(
+    addr: &str,
+    secret: &str,
+    delivery: &str,
+    body: &[u8],
+) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let sock = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2))
@@ -856,18 +865,30 @@ fn ten_thousand_deliveries_with_an_engine_killed_and_restarted_are_each_recorded
             .map(|(id, r)| {
                 (
                     id.clone(),
-                    r["trigger"]["delivery"].as_str().unwrap_or_default().to_string(),
+                    r["trigger"]["delivery"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
                 )
             })
             .collect();
-        assert_eq!(recorded, want, "n{} lists each delivery once under its run id", i + 1);
+        assert_eq!(
+            recorded,
+            want,
+            "n{} lists each delivery once under its run id",
+            i + 1
+        );
     }
     let runs_again = lists[0]
         .values()
         .filter(|r| {
-            r["logs"]["lines"]
-                .as_array()
-                .is_some_and(|l| l.iter().any(|x| x["message"].as_str().is_some_and(|m| m.contains("cluster: attempt "))))
+            r["logs"]["lines"].as_array().is_some_and(|l| {
+                l.iter().any(|x| {
+                    x["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("cluster: attempt "))
+                })
+            })
         })
         .count();
     let per: BTreeMap<&str, usize> = lists[0].values().fold(BTreeMap::new(), |mut m, r| {

@@ -308,10 +308,7 @@ impl Listening {
             [
                 tokio::spawn(c.clone().heartbeat(stopped())),
                 tokio::spawn(c.clone().work(scheduler.clone(), stopped())),
-                tokio::spawn(
-                    c.clone()
-                        .apply_history(scheduler.runs().clone(), stopped()),
-                ),
+                tokio::spawn(c.clone().apply_history(scheduler.runs().clone(), stopped())),
             ]
         });
         let listen = crate::api::ListenInfo {

@@ -198,7 +198,10 @@ impl Cluster {
         // Right after a leader election creation may fail for a moment: retried.
         let stream_config = jetstream::stream::Config {
             name: stream_name.clone(),
-            description: Some("Capstan runs: one message per cron fire or webhook delivery, taken by one node".into()),
+            description: Some(
+                "Capstan runs: one message per cron fire or webhook delivery, taken by one node"
+                    .into(),
+            ),
             subjects: vec![format!("{subjects}.>")],
             retention: jetstream::stream::RetentionPolicy::WorkQueue,
             storage: jetstream::stream::StorageType::File,
@@ -336,7 +339,8 @@ impl Cluster {
             return;
         };
         if let Ok(r) = self.runs_view().await {
-            m.stream_pending.set(i64::try_from(r.pending).unwrap_or(i64::MAX));
+            m.stream_pending
+                .set(i64::try_from(r.pending).unwrap_or(i64::MAX));
         }
         if let Ok(h) = self.history_view().await {
             m.history_lag.set(i64::try_from(h.lag).unwrap_or(i64::MAX));
