@@ -617,6 +617,46 @@ mod tests {
     }
 
     #[test]
+    fn cluster_series_appear_only_on_a_node_and_carry_its_name() {
+        let m = Metrics::new();
+        let text = m.render(&crate::docker::Pool::default());
+        assert!(!text.contains("capstan_cluster_"), "{text}");
+        let series = m.cluster_series("n2");
+        series.taken.inc();
+        series.taken.inc();
+        series.redelivered.inc();
+        series.stream_pending.set(7);
+        series.nodes_alive.set(3);
+        // The same node's series are shared, not made twice.
+        m.cluster_series("n2").history_applied.inc();
+        let text = m.render(&crate::docker::Pool::default());
+        assert_eq!(
+            sample(&text, "capstan_cluster_runs_taken_total{node=\"n2\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, "capstan_cluster_runs_redelivered_total{node=\"n2\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "capstan_cluster_history_applied_total{node=\"n2\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "capstan_cluster_stream_pending{node=\"n2\"}"),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(&text, "capstan_cluster_nodes_alive{node=\"n2\"}"),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&text, "capstan_cluster_runs_published_total{node=\"n2\"}"),
+            Some(0.0)
+        );
+    }
+
+    #[test]
     fn is_shareable_between_threads() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Metrics>();
