@@ -30,6 +30,10 @@ pub struct ClusterView {
     /// The runs stream and the shared consumer's backlog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runs: Option<RunsView>,
+    /// The shared configuration (`[cluster] shared_state`): records replicated and
+    /// whether this node has applied every change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<crate::cluster::state::StateView>,
 }
 
 /// Cluster status
@@ -58,16 +62,26 @@ pub async fn status(
             nats_server: None,
             nodes: None,
             runs: None,
+            state: None,
         }));
     };
     let unavailable = |e: crate::cluster::ClusterError| AppError::Unavailable(e.to_string());
     let nodes = cluster.nodes().await.map_err(unavailable)?;
     let runs = cluster.runs_view().await.map_err(unavailable)?;
+    let state = match cluster.state() {
+        Some(s) => Some(
+            s.view()
+                .await
+                .map_err(|e| AppError::Unavailable(e.to_string()))?,
+        ),
+        None => None,
+    };
     Ok(Json(ClusterView {
         in_cluster: true,
         node: Some(cluster.node_name().to_string()),
         nats_server: Some(cluster.connected_server()),
         nodes: Some(nodes),
         runs: Some(runs),
+        state,
     }))
 }

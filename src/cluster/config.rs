@@ -49,6 +49,12 @@ pub struct ClusterSection {
     /// Deliveries of one run (the first and the retries) before it is given up. Default
     /// 5. Env `CAPSTAN_CLUSTER_MAX_DELIVER`.
     pub max_deliver: Option<i64>,
+    /// Share the configuration (devices, plugins, tokens, notifiers, hook and device
+    /// secrets as vault ciphertext) through JetStream KV, so a change on one node takes
+    /// effect on every node (see [`crate::cluster::state`]). Every node then needs the
+    /// same vault master key (passphrase or key file). Default false. Env
+    /// `CAPSTAN_CLUSTER_SHARED_STATE` (`true`/`false`).
+    pub shared_state: Option<bool>,
 }
 
 /// The cluster settings, checked.
@@ -65,6 +71,8 @@ pub struct ClusterSettings {
     pub tls_client: Option<(PathBuf, PathBuf)>,
     pub ack_wait: Duration,
     pub max_deliver: i64,
+    /// Whether the configuration is shared through the state bucket.
+    pub shared_state: bool,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -230,7 +238,21 @@ pub fn resolve(
             format!("{max_deliver} is not between 1 and 100"),
         ));
     }
+    let shared_state = match env("CAPSTAN_CLUSTER_SHARED_STATE") {
+        Some(v) => match v.trim() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            other => {
+                return Err(invalid(
+                    "cluster.shared_state",
+                    format!("{other:?} is not true or false"),
+                ));
+            }
+        },
+        None => file.shared_state.unwrap_or(false),
+    };
     Ok(Some(ClusterSettings {
+        shared_state,
         urls,
         node_name,
         name,

@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod membership;
+pub mod state;
 pub mod work;
 
 use std::sync::{Arc, OnceLock};
@@ -112,6 +113,8 @@ pub struct Cluster {
     started_at: DateTime<Utc>,
     /// The API address, once it listens.
     api: OnceLock<String>,
+    /// The shared configuration, with `[cluster] shared_state`.
+    state: Option<Arc<state::SharedState>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -231,7 +234,16 @@ impl Cluster {
                 .await
                 .map_err(|e| nats("creating the node bucket")(e.to_string()))?,
         };
+        let state = match settings.shared_state {
+            true => Some(Arc::new(
+                state::open(&js, settings.name.as_deref(), replicas)
+                    .await
+                    .map_err(|e| nats("opening the shared state")(e.to_string()))?,
+            )),
+            false => None,
+        };
         Ok(Arc::new(Cluster {
+            state,
             settings,
             client,
             js,
@@ -248,6 +260,11 @@ impl Cluster {
 
     pub fn node_name(&self) -> &str {
         &self.settings.node_name
+    }
+
+    /// The shared configuration, when `[cluster] shared_state` is on.
+    pub fn state(&self) -> Option<&Arc<state::SharedState>> {
+        self.state.as_ref()
     }
 
     pub fn settings(&self) -> &ClusterSettings {
