@@ -15,6 +15,7 @@ mod cli_policy;
 mod cli_vault;
 mod cluster;
 mod cluster_faults;
+mod cluster_state;
 mod container_ops;
 mod dashboard;
 mod deploy;

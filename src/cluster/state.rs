@@ -232,9 +232,9 @@ pub fn check_value(key: &Key, value: &[u8]) -> Result<(), String> {
             }
             Ok(())
         }
-        Key::Notifier(_) => json(
-            serde_json::from_slice::<crate::notify::NotifierInfo>(value).map(drop),
-        ),
+        Key::Notifier(_) => {
+            json(serde_json::from_slice::<crate::notify::NotifierInfo>(value).map(drop))
+        }
         // A sealed record is checked when it is stored (it must open under the data key).
         Key::Secret(_) => Ok(()),
         Key::VaultHeader => json(serde_json::from_slice::<crate::vault::Header>(value).map(drop)),
@@ -283,6 +283,72 @@ pub fn snapshot(scheduler: &Scheduler) -> Result<BTreeMap<String, Vec<u8>>, Stat
         );
     }
     Ok(out)
+}
+
+/// An entry's key and value (`None`: deleted), or `None` for an entry that is not one
+/// of Capstan's records or does not parse (logged) and the vault header (read at start).
+fn checked(entry: &kv::Entry) -> Option<(Key, Option<Vec<u8>>)> {
+    let Some(key) = Key::parse(&entry.key) else {
+        tracing::warn!(key = %entry.key, "cluster: an entry of the state bucket that is not Capstan's is ignored");
+        return None;
+    };
+    if key == Key::VaultHeader {
+        return None;
+    }
+    let value = match entry.operation {
+        kv::Operation::Put => Some(entry.value.to_vec()),
+        kv::Operation::Delete | kv::Operation::Purge => None,
+    };
+    if let Some(v) = &value
+        && let Err(why) = check_value(&key, v)
+    {
+        tracing::warn!(key = %entry.key, revision = entry.revision, error = %why, "cluster: a state entry that does not parse is ignored");
+        return None;
+    }
+    Some((key, value))
+}
+
+/// The file where a node keeps the SHA-256 of each record as last in step with the
+/// bucket, so that at the next join it can tell its own changes made while it was away
+/// (published) from records the cluster changed (applied). Digests only: no ciphertext
+/// is kept beside the vault.
+const DIGESTS_FILE: &str = "cluster-state.json";
+
+#[derive(Serialize, Deserialize)]
+struct Digests {
+    bucket: String,
+    digests: BTreeMap<String, String>,
+}
+
+fn digest(v: &[u8]) -> String {
+    crate::plugin::cache::sha256_hex(v)
+}
+
+fn digests_path(scheduler: &Scheduler) -> std::path::PathBuf {
+    scheduler.engine().settings.data_dir.join(DIGESTS_FILE)
+}
+
+/// The digests of the last sync with `bucket`; `None` when this node never synced with
+/// it (a first join).
+fn load_digests(path: &std::path::Path, bucket: &str) -> Option<BTreeMap<String, String>> {
+    let bytes = std::fs::read(path).ok()?;
+    let d: Digests = serde_json::from_slice(&bytes).ok()?;
+    (d.bucket == bucket).then_some(d.digests)
+}
+
+fn save_digests(path: &std::path::Path, bucket: &str, known: &BTreeMap<String, Vec<u8>>) {
+    let d = Digests {
+        bucket: bucket.to_string(),
+        digests: known.iter().map(|(k, v)| (k.clone(), digest(v))).collect(),
+    };
+    let tmp = path.with_extension("json.new");
+    let written = serde_json::to_vec(&d)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&tmp, b))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cluster: cannot record the state in step with the cluster");
+    }
 }
 
 /// What this node knows the bucket holds, and whether it is up to date with it.
@@ -466,30 +532,70 @@ impl SharedState {
             .status()
             .await
             .map_err(|e| nats("reading the state bucket")(e.to_string()))?;
+        // The last value of every key (delete markers included), then every change.
         let mut watch = self
             .kv
-            .watch_all()
+            .watch_with_history(">")
             .await
             .map_err(|e| nats("watching the state bucket")(e.to_string()))?;
+        // The bucket's last value (or delete marker) of every key.
+        let mut bucket: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
         if status.values() > 0 {
             let deadline = tokio::time::Instant::now() + SYNC_TIMEOUT;
             loop {
                 let next = tokio::time::timeout_at(deadline, watch.next())
                     .await
                     .map_err(|_| nats("reading the state bucket")("timed out".into()))?;
-                match next {
-                    Some(Ok(entry)) => {
-                        let last = entry.delta == 0;
-                        self.handle(scheduler, entry).await;
-                        if last {
-                            break;
-                        }
-                    }
+                let entry = match next {
+                    Some(Ok(entry)) => entry,
                     Some(Err(e)) => return Err(nats("reading the state bucket")(e.to_string())),
                     None => return Err(nats("reading the state bucket")("the watch ended".into())),
+                };
+                let last = entry.delta == 0;
+                self.applied.fetch_max(entry.revision, Ordering::Relaxed);
+                if let Some((key, value)) = checked(&entry) {
+                    bucket.insert(key.encode(), value);
+                }
+                if last {
+                    break;
                 }
             }
         }
+        let path = digests_path(scheduler);
+        let synced = load_digests(&path, &self.bucket);
+        let here = snapshot(scheduler)?;
+        let mut known = self.known.lock().await;
+        for (k, v) in &bucket {
+            if let Some(v) = v {
+                known.insert(k.clone(), v.clone());
+            }
+        }
+        let keys: std::collections::BTreeSet<&String> = bucket.keys().chain(here.keys()).collect();
+        for k in keys {
+            let theirs = bucket.get(k).and_then(Option::as_ref);
+            let mine = here.get(k);
+            if theirs == mine {
+                continue;
+            }
+            // Changed here since the last sync (or, on a first join, absent from the
+            // bucket): this node's record wins and is published by the reconcile below.
+            let changed_here = match &synced {
+                Some(d) => d.get(k) != mine.map(|v| digest(v)).as_ref(),
+                None => !bucket.contains_key(k),
+            };
+            if changed_here {
+                continue;
+            }
+            let Some(key) = Key::parse(k) else { continue };
+            if let Err(e) = self.apply(scheduler, &key, theirs.map(Vec::as_slice)).await {
+                tracing::warn!(key = %k, error = %e, "cluster: a record of the cluster cannot be applied on this node; it keeps its own");
+                match mine {
+                    Some(v) => known.insert(k.clone(), v.clone()),
+                    None => known.remove(k),
+                };
+            }
+        }
+        drop(known);
         self.reconcile(scheduler).await?;
         status = self
             .kv
@@ -549,23 +655,9 @@ impl SharedState {
     /// One entry from the bucket: checked, then applied unless it is this node's own.
     async fn handle(&self, scheduler: &Arc<Scheduler>, entry: kv::Entry) {
         self.applied.fetch_max(entry.revision, Ordering::Relaxed);
-        let Some(key) = Key::parse(&entry.key) else {
-            tracing::warn!(key = %entry.key, "cluster: an entry of the state bucket that is not Capstan's is ignored");
+        let Some((key, value)) = checked(&entry) else {
             return;
         };
-        if key == Key::VaultHeader {
-            return;
-        }
-        let value = match entry.operation {
-            kv::Operation::Put => Some(entry.value.to_vec()),
-            kv::Operation::Delete | kv::Operation::Purge => None,
-        };
-        if let Some(v) = &value
-            && let Err(why) = check_value(&key, v)
-        {
-            tracing::warn!(key = %entry.key, revision = entry.revision, error = %why, "cluster: a state entry that does not parse is ignored");
-            return;
-        }
         let mut known = self.known.lock().await;
         let name = key.encode();
         if known.get(&name) == value.as_ref() {
@@ -596,6 +688,7 @@ impl SharedState {
         } else {
             tracing::info!(key = %name, revision = entry.revision, "cluster: applied a configuration change");
         }
+        save_digests(&digests_path(scheduler), &self.bucket, &known);
     }
 
     /// Makes the local record under `key` be `value` (`None`: removed), through the
@@ -610,11 +703,13 @@ impl SharedState {
         match key {
             Key::VaultHeader => Ok(()),
             Key::Device(id) => {
-                let recs = crate::store::devices::DeviceRecords::open(&engine.store).map_err(local)?;
+                let recs =
+                    crate::store::devices::DeviceRecords::open(&engine.store).map_err(local)?;
                 let old = recs.get(*id).map_err(local)?;
                 match value {
                     Some(v) => {
-                        let dev: crate::device::Device = serde_json::from_slice(v).map_err(local)?;
+                        let dev: crate::device::Device =
+                            serde_json::from_slice(v).map_err(local)?;
                         let put = recs
                             .put(old.as_ref().map(|d| d.name.as_str()), &dev)
                             .map_err(local)?;
@@ -641,7 +736,8 @@ impl SharedState {
                 let recs = engine.tokens.records();
                 match value {
                     Some(v) => {
-                        let info: crate::token::TokenInfo = serde_json::from_slice(v).map_err(local)?;
+                        let info: crate::token::TokenInfo =
+                            serde_json::from_slice(v).map_err(local)?;
                         recs.put(hash, &info).map_err(local)
                     }
                     None => recs.remove(hash).map(drop).map_err(local),
@@ -741,6 +837,7 @@ impl SharedState {
             .filter_map(|(k, v)| Key::parse(k).map(|key| (key, k, v)))
             .collect();
         changed.sort_by_key(|(key, k, _)| (key.rank(), (*k).clone()));
+        let mut dirty = !changed.is_empty();
         for (key, k, v) in changed {
             if let Key::Plugin(name) = &key {
                 let entry: PluginEntry = serde_json::from_slice(v).map_err(local)?;
@@ -764,6 +861,7 @@ impl SharedState {
             .filter(|k| !snap.contains_key(*k))
             .cloned()
             .collect();
+        dirty |= !gone.is_empty();
         for k in gone {
             self.kv
                 .delete(&k)
@@ -773,6 +871,9 @@ impl SharedState {
             known.remove(&k);
         }
         self.records.store(known.len(), Ordering::Relaxed);
+        if dirty {
+            save_digests(&digests_path(scheduler), &self.bucket, &known);
+        }
         Ok(())
     }
 
@@ -906,7 +1007,10 @@ mod tests {
         let name = crate::vault::SecretName::new("hook", "gh", "current");
         engine
             .vault
-            .put(&name, &crate::secret::Secret::from_str_owned("s3cret-value-long".into()))
+            .put(
+                &name,
+                &crate::secret::Secret::from_str_owned("s3cret-value-long".into()),
+            )
             .unwrap();
         let snap = snapshot(&scheduler).unwrap();
         let sealed = snap.get("secret.hook/gh/current").unwrap().clone();
@@ -919,6 +1023,11 @@ mod tests {
             Some(&sealed)
         );
         // A record sealed under another name does not go in.
-        assert!(engine.vault.put_sealed("hook/other/current", &sealed).is_err());
+        assert!(
+            engine
+                .vault
+                .put_sealed("hook/other/current", &sealed)
+                .is_err()
+        );
     }
 }
