@@ -215,6 +215,62 @@ fn configuration_changed_on_one_node_takes_effect_on_all_and_never_crosses_nats_
     });
     assert_eq!(status_with(&n3.server.addr, &admin, "/api/plugins"), 200);
 
+    // A device with SSH credentials added on n2 is listed on n3, and a plugin run on n3
+    // reaches the real sshd with them (decrypted on n3).
+    let infra = Infra::get();
+    let password = std::fs::read_to_string(infra.var("SSH_PASSWORD_FILE"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let auth = format!("Bearer {admin}");
+    let (status, body) = http_json(
+        &n2.server.addr,
+        &auth,
+        "POST",
+        "/api/devices",
+        &serde_json::json!({
+            "name": "sshbox",
+            "kind": "ssh",
+            "host": infra.var("SSH_HOST4"),
+            "port": infra.var("SSH_PORT").parse::<u16>().unwrap(),
+            "user": infra.var("SSH_USER_PASSWORD"),
+            "password": password,
+            "host_key": std::fs::read_to_string(infra.var("SSH_HOST_KEY_PUB")).unwrap(),
+        }),
+    );
+    assert_eq!(status, 201, "{body}");
+    eventually(30, "the device listed on n1 and n3", || {
+        [&n1, &n3].iter().all(|n| {
+            http_json(
+                &n.server.addr,
+                &auth,
+                "GET",
+                "/api/devices/sshbox",
+                &serde_json::Value::Null,
+            )
+            .0 == 200
+        })
+    });
+    let manifest = "name = \"sshprobe\"\nversion = \"0.0.1\"\n[policy]\nCONTAINERS = 1\ndevices = [\"sshbox\"]\n";
+    crate::triggers::install_plugin(&n1.data, "probe", manifest);
+    eventually(30, "the probe listed on n3", || {
+        plugin_listed(&n3, "sshprobe")
+    });
+    let calls = serde_json::json!([{ "op": "list-containers", "device": "sshbox" }]).to_string();
+    let (status, body) = http_json(
+        &n3.server.addr,
+        &auth,
+        "POST",
+        "/api/plugins/sshprobe/run?wait=true",
+        &serde_json::json!({ "input": calls }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let record: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        record["status"], "ok",
+        "the run on n3 reached sshd: {record}"
+    );
+
     // Attack: everything the cluster stores, read raw, holds no secret in clear.
     let everything = read_everything(&cluster);
     assert!(
@@ -229,6 +285,7 @@ fn configuration_changed_on_one_node_takes_effect_on_all_and_never_crosses_nats_
             ("hook secret", hook_secret.as_bytes()),
             ("token", token.as_bytes()),
             ("admin token", admin.as_bytes()),
+            ("device password", password.as_bytes()),
         ] {
             assert!(
                 !v.windows(clear.len()).any(|w| w == clear),

@@ -14,8 +14,13 @@
 //!   `capstan_nodes` (name, version, start time, API address), renewed every few
 //!   seconds; `capstan cluster status` lists them with the stream's backlog.
 //!
-//! Plugins, devices, tokens, hook secrets and the run history stay on each node (sled):
-//! every node is set up with the same plugins. Manual runs stay on the node asked.
+//! - **Shared configuration** ([`state`], with `[cluster] shared_state`): devices,
+//!   plugins, tokens, notifiers and sealed vault secrets through the KV bucket
+//!   `capstan_state`, applied on every node by a KV watch.
+//!
+//! Without `shared_state`, plugins, devices, tokens and hook secrets stay on each node
+//! (sled): every node is set up with the same plugins. The run history stays on each
+//! node. Manual runs stay on the node asked.
 
 pub mod config;
 pub mod membership;

@@ -39,11 +39,13 @@
 //!   warning. A value that parses but cannot be applied here (a plugin whose manifest
 //!   names a device this node does not have) is logged and left; the node does not
 //!   publish over it.
-//! - **Join**: the bucket wins. A node's records absent from the bucket are published
-//!   (the first node seeds the cluster); a record the cluster deleted is deleted here; a
-//!   record that differs takes the cluster's value. Changes made with the in-process CLI
-//!   while the node was stopped are therefore overwritten by the cluster's value where the
-//!   cluster has one.
+//! - **Join**: the bucket wins, except for what this node changed while it was stopped
+//!   (the in-process CLI: `token create`, `token revoke`, …). The node keeps the SHA-256
+//!   of every record as of its last sync (`DATA_DIR/cluster-state.json`, digests only);
+//!   a record that differs from that digest was changed here and is published (a removal
+//!   as a delete), any other difference takes the cluster's value (a record the cluster
+//!   deleted is deleted here). On a node's first join, its records the bucket never had
+//!   are published (the first node seeds the cluster) and the bucket wins for the rest.
 //!
 //! The vault: the first node puts its header in the bucket. A node whose vault is empty
 //! (or absent) adopts the cluster's header when its own passphrase or key file opens it;
