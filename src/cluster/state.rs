@@ -273,9 +273,8 @@ pub fn snapshot(scheduler: &Scheduler) -> Result<BTreeMap<String, Vec<u8>>, Stat
     }
     let runtime = scheduler.runtime();
     for rec in runtime.installed().map_err(local)? {
-        let src = runtime.source_of(&rec.name).map_err(local)?;
         let entry = PluginEntry {
-            manifest: src.manifest,
+            manifest: runtime.manifest_text(&rec.name).map_err(local)?,
             sha256: rec.sha256.clone(),
             size: rec.size,
         };

@@ -477,6 +477,15 @@ impl PluginRuntime {
             .insert(p.name.clone(), Arc::new(p));
     }
 
+    /// An installed plugin's manifest text as stored.
+    pub fn manifest_text(&self, name: &str) -> Result<String, PluginError> {
+        let path = self.plugin_dir(name).join(MANIFEST_FILE);
+        std::fs::read_to_string(&path).map_err(|e| PluginError::Io {
+            name: name.to_string(),
+            detail: format!("cannot read {}: {e}", path.display()),
+        })
+    }
+
     /// An installed plugin's manifest text and component as stored (what cluster mode
     /// replicates).
     pub fn source_of(&self, name: &str) -> Result<PluginSource, PluginError> {
