@@ -23,7 +23,7 @@ use crate::store::devices::{DeviceRecords, Put};
 use crate::store::{Store, StoreError};
 use crate::vault::{SecretName, Vault, VaultError};
 
-const VAULT_KIND: &str = "device";
+pub const VAULT_KIND: &str = "device";
 
 #[derive(
     Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum, utoipa::ToSchema,

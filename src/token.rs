@@ -194,6 +194,11 @@ impl Tokens {
         Ok(v)
     }
 
+    /// The stored records (for cluster replication: hashes, never tokens).
+    pub fn records(&self) -> &TokenRecords {
+        &self.records
+    }
+
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }

@@ -41,6 +41,10 @@ pub struct ClusterView {
     /// The run history stream and how far the answering node has applied it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistoryView>,
+    /// The shared configuration (`[cluster] shared_state`): records replicated and
+    /// whether this node has applied every change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<crate::cluster::state::StateView>,
 }
 
 /// Cluster status
@@ -72,6 +76,7 @@ pub async fn status(
             leases: None,
             lease_secs: None,
             history: None,
+            state: None,
         }));
     };
     let unavailable = |e: crate::cluster::ClusterError| AppError::Unavailable(e.to_string());
@@ -79,6 +84,14 @@ pub async fn status(
     let runs = cluster.runs_view().await.map_err(unavailable)?;
     let leases = cluster.lease_views().await.map_err(unavailable)?;
     let history = cluster.history_view().await.map_err(unavailable)?;
+    let state = match cluster.state() {
+        Some(s) => Some(
+            s.view()
+                .await
+                .map_err(|e| AppError::Unavailable(e.to_string()))?,
+        ),
+        None => None,
+    };
     Ok(Json(ClusterView {
         in_cluster: true,
         node: Some(cluster.node_name().to_string()),
@@ -88,5 +101,6 @@ pub async fn status(
         leases: Some(leases),
         lease_secs: Some(cluster.lease_time().as_secs()),
         history: Some(history),
+        state,
     }))
 }

@@ -220,6 +220,16 @@ impl App {
                 .await
                 .context("joining the cluster")?;
         }
+        // Shared state: the cluster's configuration applied before the API answers.
+        let state_watch = match scheduler.cluster().and_then(|c| c.state()) {
+            Some(state) => Some(
+                state
+                    .sync(&scheduler)
+                    .await
+                    .context("bringing this node's configuration in step with the cluster")?,
+            ),
+            None => None,
+        };
         let pin = api_tls.as_ref().map(|(_, pin)| pin);
         cli_token::write(&engine.settings.data_dir, local, pin, &cli_token)?;
         drop(cli_token);
@@ -237,6 +247,7 @@ impl App {
             api: listener,
             api_tls: api_tls.map(|(acceptor, _)| acceptor),
             addr: local,
+            state_watch,
         })
     }
 }
@@ -249,6 +260,8 @@ pub struct Listening {
     api: tokio::net::TcpListener,
     api_tls: Option<tokio_rustls::TlsAcceptor>,
     addr: SocketAddr,
+    /// The shared-state watch, in step at listen, for the task that follows it.
+    state_watch: Option<async_nats::jetstream::kv::Watch>,
 }
 
 impl Listening {
@@ -276,6 +289,7 @@ impl Listening {
             api,
             api_tls,
             addr: _,
+            state_watch,
         } = self;
         let engine = scheduler.engine().clone();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -313,6 +327,14 @@ impl Listening {
                 tokio::spawn(c.clone().apply_history(scheduler.runs().clone(), stopped())),
             ]
         });
+        let state_task = match (scheduler.cluster().and_then(|c| c.state()), state_watch) {
+            (Some(state), Some(watch)) => Some(tokio::spawn(state.clone().run(
+                scheduler.clone(),
+                watch,
+                stopped(),
+            ))),
+            _ => None,
+        };
         let listen = crate::api::ListenInfo {
             tls: api_tls.is_some(),
         };
@@ -343,6 +365,9 @@ impl Listening {
         let _ = docker_events.await;
         let _ = housekeeping.await;
         for t in cluster_tasks.into_iter().flatten() {
+            let _ = t.await;
+        }
+        if let Some(t) = state_task {
             let _ = t.await;
         }
         for t in proxy_tasks {

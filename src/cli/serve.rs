@@ -87,6 +87,10 @@ pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Shared state: this node's vault made the cluster's (or refused) before it opens.
+    if let Some(state) = cluster.as_ref().and_then(|c| c.state()) {
+        rt.block_on(state.prepare_vault(&settings, &g.passphrase()))?;
+    }
     let app = {
         let _guard = rt.enter();
         App::build(settings, &g.passphrase(), &options, &mut print)?

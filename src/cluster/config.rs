@@ -58,6 +58,12 @@ pub struct ClusterSection {
     /// 10m): a dead node's devices are taken over after it. Default 15s. Env
     /// `CAPSTAN_CLUSTER_LEASE`.
     pub lease: Option<String>,
+    /// Share the configuration (devices, plugins, tokens, notifiers, hook and device
+    /// secrets as vault ciphertext) through JetStream KV, so a change on one node takes
+    /// effect on every node (see [`crate::cluster::state`]). Every node then needs the
+    /// same vault master key (passphrase or key file). Default false. Env
+    /// `CAPSTAN_CLUSTER_SHARED_STATE` (`true`/`false`).
+    pub shared_state: Option<bool>,
 }
 
 /// The cluster settings, checked.
@@ -79,6 +85,8 @@ pub struct ClusterSettings {
     /// How long the cluster's run history keeps a run's end: the engine's
     /// `runs.max_age` (set by `serve`); `None` keeps them until removed.
     pub history_max_age: Option<Duration>,
+    /// Whether the configuration is shared through the state bucket.
+    pub shared_state: bool,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -255,7 +263,21 @@ pub fn resolve(
         }
         None => DEFAULT_LEASE,
     };
+    let shared_state = match env("CAPSTAN_CLUSTER_SHARED_STATE") {
+        Some(v) => match v.trim() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            other => {
+                return Err(invalid(
+                    "cluster.shared_state",
+                    format!("{other:?} is not true or false"),
+                ));
+            }
+        },
+        None => file.shared_state.unwrap_or(false),
+    };
     Ok(Some(ClusterSettings {
+        shared_state,
         urls,
         node_name,
         name,

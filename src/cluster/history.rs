@@ -318,6 +318,7 @@ mod tests {
             max_deliver: 5,
             lease: crate::cluster::config::DEFAULT_LEASE,
             history_max_age: None,
+            shared_state: false,
         };
         assert_eq!(
             names(&s),

@@ -24,9 +24,13 @@
 //!   NATS request/reply. A dead node's devices are taken over after the lease expires.
 //! - **History** ([`history`]): each run's end is published to the `CAPSTAN_HISTORY`
 //!   stream and every node copies it into its own history, so every node lists every run.
+//! - **Shared configuration** ([`state`], with `[cluster] shared_state`): devices,
+//!   plugins, tokens, notifiers and sealed vault secrets through the KV bucket
+//!   `capstan_state`, applied on every node by a KV watch.
 //!
-//! Plugins, devices, tokens and hook secrets stay on each node (sled): every node is set
-//! up with the same plugins and devices. Manual runs stay on the node asked.
+//! Without `shared_state`, plugins, devices, tokens and hook secrets stay on each node
+//! (sled): every node is set up with the same plugins and devices. Manual runs stay on
+//! the node asked.
 
 pub mod config;
 pub mod history;
@@ -34,6 +38,7 @@ pub mod leases;
 pub mod membership;
 pub mod retry;
 pub mod route;
+pub mod state;
 pub mod work;
 
 use std::sync::{Arc, OnceLock};
@@ -138,6 +143,8 @@ pub struct Cluster {
     history: history::HistoryStream,
     /// This node's `capstan_cluster_*` series, once it joined an engine.
     metrics: OnceLock<crate::metrics::ClusterSeries>,
+    /// The shared configuration, with `[cluster] shared_state`.
+    state: Option<Arc<state::SharedState>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -281,7 +288,16 @@ impl Cluster {
         )
         .await?;
         let history = history::create(&js, &settings, replicas).await?;
+        let state = match settings.shared_state {
+            true => Some(Arc::new(
+                state::open(&js, settings.name.as_deref(), replicas)
+                    .await
+                    .map_err(|e| nats("opening the shared state")(e.to_string()))?,
+            )),
+            false => None,
+        };
         Ok(Arc::new(Cluster {
+            state,
             settings,
             client,
             js,
@@ -301,6 +317,11 @@ impl Cluster {
 
     pub fn node_name(&self) -> &str {
         &self.settings.node_name
+    }
+
+    /// The shared configuration, when `[cluster] shared_state` is on.
+    pub fn state(&self) -> Option<&Arc<state::SharedState>> {
+        self.state.as_ref()
     }
 
     pub fn settings(&self) -> &ClusterSettings {

@@ -116,6 +116,45 @@ impl PluginAdmin {
         })
     }
 
+    /// Installs (or replaces) a plugin another node of the cluster installed, and
+    /// activates its triggers. Unlike [`PluginAdmin::install`] it generates no hook
+    /// secret: the hooks' secrets come from the cluster too (a hook stays closed until
+    /// its secret arrives, see [`PluginAdmin::refresh_hook`]).
+    pub fn install_replicated(&self, src: &PluginSource) -> Result<InstalledPlugin, PluginError> {
+        let _admin = lock(&self.lock);
+        let (manifest, source) = (src.manifest.as_str(), src.manifest_file.as_str());
+        let parsed = Manifest::parse(manifest, source)?;
+        for kind in KINDS {
+            kind.check_install(&self.engine, &self.triggers, &parsed, source)?;
+        }
+        let plugin = self
+            .runtime
+            .install_bytes(manifest, source, &src.wasm, &src.wasm_file)?;
+        let loaded = self
+            .runtime
+            .plugin(&plugin.name)
+            .ok_or_else(|| PluginError::NotInstalled(plugin.name.clone()))?;
+        self.activate(&loaded)
+            .map_err(|e| PluginError::Trigger(format!("{e:#}")))?;
+        self.engine.store.flush()?;
+        Ok(plugin)
+    }
+
+    /// Puts hook `name`'s secrets, as the vault holds them now, into effect (after the
+    /// cluster replicated them). A hook no installed plugin declares is left alone.
+    pub fn refresh_hook(&self, name: &str) -> Result<(), HookAdminError> {
+        let _admin = lock(&self.lock);
+        let plugin = match self.hook_plugin(name) {
+            Ok(p) => p,
+            Err(HookAdminError::Unknown(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match self.apply_hook_keys(name, &plugin) {
+            Err(HookAdminError::Hook(HookError::NoSecret(_))) => Ok(()),
+            other => other,
+        }
+    }
+
     /// Removes a plugin: its triggers stop at once (runs under way finish), then its
     /// files, compiled code, state and hook secrets go.
     pub fn remove(&self, name: &str) -> Result<InstalledPlugin, PluginError> {

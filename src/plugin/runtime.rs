@@ -483,6 +483,38 @@ impl PluginRuntime {
             .insert(p.name.clone(), Arc::new(p));
     }
 
+    /// An installed plugin's manifest text as stored.
+    pub fn manifest_text(&self, name: &str) -> Result<String, PluginError> {
+        let path = self.plugin_dir(name).join(MANIFEST_FILE);
+        std::fs::read_to_string(&path).map_err(|e| PluginError::Io {
+            name: name.to_string(),
+            detail: format!("cannot read {}: {e}", path.display()),
+        })
+    }
+
+    /// An installed plugin's manifest text and component as stored (what cluster mode
+    /// replicates).
+    pub fn source_of(&self, name: &str) -> Result<PluginSource, PluginError> {
+        let dir = self.plugin_dir(name);
+        let read = |file: &str| {
+            let path = dir.join(file);
+            std::fs::read(&path).map_err(|e| PluginError::Io {
+                name: name.to_string(),
+                detail: format!("cannot read {}: {e}", path.display()),
+            })
+        };
+        let manifest = String::from_utf8(read(MANIFEST_FILE)?).map_err(|_| PluginError::Io {
+            name: name.to_string(),
+            detail: "the stored manifest is not UTF-8".into(),
+        })?;
+        Ok(PluginSource {
+            manifest,
+            manifest_file: MANIFEST_FILE.to_string(),
+            wasm: read(WASM_FILE)?,
+            wasm_file: WASM_FILE.to_string(),
+        })
+    }
+
     fn plugin_dir(&self, name: &str) -> PathBuf {
         self.plugins_dir.join(name)
     }

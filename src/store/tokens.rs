@@ -41,6 +41,29 @@ impl TokenRecords {
             .collect()
     }
 
+    /// Every token's hash and record, in hash order (what cluster mode replicates: the
+    /// hash, never the token).
+    pub fn entries(&self) -> Result<Vec<([u8; 32], TokenInfo)>, StoreError> {
+        self.tree
+            .iter()
+            .map(|r| {
+                let (k, b) = r?;
+                let hash: [u8; 32] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    key: hex::encode(&k),
+                    reason: "a token key is not a 32-byte hash".into(),
+                })?;
+                Ok((hash, decode(&k, &b)?))
+            })
+            .collect()
+    }
+
+    /// Removes the token with `hash`, durably; whether there was one.
+    pub fn remove(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        let had = self.tree.remove(hash)?.is_some();
+        self.tree.flush()?;
+        Ok(had)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.tree.is_empty()
     }

@@ -189,6 +189,34 @@ pub fn read_stored(store: &Store) -> Result<Option<Contents>> {
     file::read(&store.data_dir)
 }
 
+/// Makes `header` (the cluster's vault header) this data directory's vault header,
+/// keeping no secret: for a node joining a cluster with an empty vault (or none). The
+/// key `source` must open it (the master key unwraps its data key): a wrong passphrase or
+/// key file fails with [`VaultError::WrongKey`] and nothing is written. A vault that
+/// holds secrets is never replaced.
+pub fn adopt_header(store: &Store, header: &Header, source: &KeySource) -> Result<()> {
+    if header.format != FORMAT {
+        return Err(VaultError::Corrupt(format!(
+            "the cluster's vault format {} is not supported by this version of capstan (expects {FORMAT})",
+            header.format
+        )));
+    }
+    let master = master_key_for(&header.protection, source)?;
+    unwrap_data_key(header, &master, source)?;
+    if let Some(existing) = file::read(&store.data_dir)?
+        && !existing.sealed.is_empty()
+    {
+        return Err(VaultError::AlreadyInitialized);
+    }
+    file::write(
+        &store.data_dir,
+        &Contents {
+            header: header.clone(),
+            sealed: BTreeMap::new(),
+        },
+    )
+}
+
 /// Rewrites the vault file into a fresh one and scrubs the old (and whatever an
 /// interrupted change left). Needs no key. Returns how many secrets it holds, or `None`
 /// when there is no vault.
@@ -402,6 +430,54 @@ impl Vault {
 
     pub fn is_empty(&self) -> bool {
         self.records().is_empty()
+    }
+
+    /// Every secret as stored: name → sealed bytes (nonce and ciphertext), opening only
+    /// with this vault's data key. What cluster mode replicates: nothing in it is clear.
+    pub fn sealed_records(&self) -> BTreeMap<String, Vec<u8>> {
+        self.records().clone()
+    }
+
+    /// Stores `sealed` under `name` as it is, without opening it: a record sealed by
+    /// another node of the cluster under the same data key. Checked first: a record that
+    /// does not open under this vault's data key (with `name` as associated data) is
+    /// refused and nothing is written. Whether anything changed.
+    pub fn put_sealed(&self, name: &str, sealed: &[u8]) -> Result<bool> {
+        if name.split('/').count() != 3 || name.split('/').any(str::is_empty) {
+            return Err(VaultError::Corrupt(format!(
+                "{name:?} is not a secret name (kind/id/field)"
+            )));
+        }
+        if self.data_key.open(sealed, &aad(name)).is_none() {
+            return Err(VaultError::Corrupt(format!(
+                "the sealed record {name} does not open under this vault's data key"
+            )));
+        }
+        self.change(|c| {
+            if c.sealed.get(name).map(Vec::as_slice) == Some(sealed) {
+                return false;
+            }
+            c.sealed.insert(name.to_string(), sealed.to_vec());
+            c.changed = true;
+            true
+        })
+    }
+
+    /// Removes the secret stored under `name` (as [`Vault::sealed_records`] names it);
+    /// whether there was one.
+    pub fn remove_named(&self, name: &str) -> Result<bool> {
+        self.change(|c| {
+            let had = c.sealed.remove(name).is_some();
+            c.changed |= had;
+            had
+        })
+    }
+
+    /// Whether `header` (another vault's, e.g. the cluster's) wraps this vault's data
+    /// key: the same wrapped bytes, so sealed records move between the two as they are.
+    pub fn shares_data_key_with(&self, header: &Header) -> bool {
+        self.header.wrapped_data_key == header.wrapped_data_key
+            && self.header.generation == header.generation
     }
 
     /// Names of all secrets (the names are not secret; the values are).
