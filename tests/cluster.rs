@@ -269,7 +269,8 @@ fn each_cron_fire_runs_once_across_three_nodes() {
     let cluster = cluster_name();
     let mut nodes = three(CRON_MANIFEST, &cluster, &[]);
     let all_up = chrono::Utc::now();
-    std::thread::sleep(Duration::from_secs(10));
+    // The window: a fire every second for a minute.
+    std::thread::sleep(Duration::from_secs(60));
     let until = chrono::Utc::now();
     // Every node lists the same runs (the cluster's history), the fires so far ended.
     let all: Vec<&Node> = nodes.iter().collect();
@@ -321,7 +322,7 @@ fn each_cron_fire_runs_once_across_three_nodes() {
         missing.is_empty(),
         "fires with no run: {missing:?} (runs: {by_fire:?})"
     );
-    assert!(seen >= 7, "only {seen} fires in a 10 s window");
+    assert!(seen >= 57, "only {seen} fires in a 60 s window");
     assert!(
         records.iter().all(|(_, r)| r["status"] == "ok"),
         "every fire's run ended ok: {records:?}"

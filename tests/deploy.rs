@@ -849,7 +849,11 @@ fn cluster_compose_starts_three_engines_that_form_one_cluster() {
                 })
                 .unwrap_or_default();
             alive.sort_unstable();
-            if v["in_cluster"] == true && v["node"] == s && alive == services {
+            if v["in_cluster"] == true
+                && v["node"] == s
+                && alive == services
+                && v["state"]["up_to_date"] == true
+            {
                 assert_eq!(v["runs"]["replicas"], 3, "{v}");
                 break;
             }
@@ -861,4 +865,50 @@ fn cluster_compose_starts_three_engines_that_form_one_cluster() {
             std::thread::sleep(Duration::from_millis(250));
         }
     }
+
+    // The configuration is shared: capstan1's admin token works on capstan3, and every
+    // engine lists the same plugins (the example plugins, installed once per cluster).
+    let logs = p.logs("capstan1");
+    let token = logs
+        .lines()
+        .skip_while(|l| !l.contains("admin API token"))
+        .nth(1)
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_else(|| panic!("no admin token in capstan1's first start:\n{logs}"))
+        .to_string();
+    let auth = format!("Bearer {token}");
+    let plugins_on = |i: usize| -> Vec<String> {
+        let port = p
+            .env
+            .iter()
+            .find(|(k, _)| *k == format!("CAPSTAN_API_PORT_{i}"))
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        let (status, body) = http_json(
+            &format!("127.0.0.1:{port}"),
+            &auth,
+            "GET",
+            "/api/plugins",
+            &Value::Null,
+        );
+        assert_eq!(status, 200, "capstan{i} with capstan1's token: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let mut names: Vec<String> = v
+            .as_array()
+            .or_else(|| v["plugins"].as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let first = plugins_on(1);
+    for name in ["autoheal", "crashloop", "inventory", "redeploy", "updates"] {
+        assert!(first.iter().any(|n| n == name), "{name} not on capstan1: {first:?}");
+    }
+    assert_eq!(plugins_on(2), first);
+    assert_eq!(plugins_on(3), first);
 }
