@@ -413,10 +413,7 @@ impl Proxy {
                     ),
                 )
             }
-            Err(e) => docker_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("capstan: {e}"),
-            ),
+            Err(e) => docker_error(StatusCode::SERVICE_UNAVAILABLE, &format!("capstan: {e}")),
         }
     }
 

@@ -486,7 +486,10 @@ impl Cluster {
                 Err((
                     step,
                     kind,
-                    format!("device {device}, through its owner node {}: {why}", lease.owner),
+                    format!(
+                        "device {device}, through its owner node {}: {why}",
+                        lease.owner
+                    ),
                 ))
             };
             match self.route_docker(&lease.owner, &lease.instance, &req).await {
