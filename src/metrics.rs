@@ -22,6 +22,17 @@
 //! | `capstan_docker_event_stream_failures_total` | counter | `device` |
 //! | `capstan_docker_events_total` | counter | `device` |
 //! | `capstan_docker_event_runs_total` | counter | `plugin` |
+//! | `capstan_cluster_runs_published_total` | counter | `node` |
+//! | `capstan_cluster_runs_taken_total` | counter | `node` |
+//! | `capstan_cluster_runs_redelivered_total` | counter | `node` |
+//! | `capstan_cluster_history_published_total` | counter | `node` |
+//! | `capstan_cluster_history_applied_total` | counter | `node` |
+//! | `capstan_cluster_stream_pending` | gauge | `node` |
+//! | `capstan_cluster_history_lag` | gauge | `node` |
+//! | `capstan_cluster_nodes_alive` | gauge | `node` |
+//!
+//! The `capstan_cluster_*` families exist on a node of a cluster only (labelled with
+//! the node's name; see [`ClusterSeries`]); their gauges are read at scrape time.
 //!
 //! A labelled family appears in the text once it has a series (the client leaves empty
 //! families out, as Prometheus's own clients do); the SSH gauges are always there.
@@ -96,6 +107,92 @@ struct NotificationLabels {
     result: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    node: String,
+}
+
+/// The cluster families, registered always but with a series only on a node of a
+/// cluster ([`Metrics::cluster_series`]).
+struct ClusterFamilies {
+    published: Family<NodeLabel, Counter>,
+    taken: Family<NodeLabel, Counter>,
+    redelivered: Family<NodeLabel, Counter>,
+    history_published: Family<NodeLabel, Counter>,
+    history_applied: Family<NodeLabel, Counter>,
+    stream_pending: Family<NodeLabel, Gauge>,
+    history_lag: Family<NodeLabel, Gauge>,
+    nodes_alive: Family<NodeLabel, Gauge>,
+}
+
+impl ClusterFamilies {
+    fn register(registry: &mut Registry) -> ClusterFamilies {
+        let mut counter = |name: &str, help: &str| {
+            let f = Family::<NodeLabel, Counter>::default();
+            registry.register(name, help, f.clone());
+            f
+        };
+        let published = counter(
+            "cluster_runs_published",
+            "Runs this node's triggers handed to the cluster (duplicates of a run the cluster already had not counted)",
+        );
+        let taken = counter(
+            "cluster_runs_taken",
+            "Runs this node took from the cluster's runs stream",
+        );
+        let redelivered = counter(
+            "cluster_runs_redelivered",
+            "Runs this node took that had been delivered before (their node did not finish them in time)",
+        );
+        let history_published = counter(
+            "cluster_history_published",
+            "Final run records this node published to the cluster's history stream",
+        );
+        let history_applied = counter(
+            "cluster_history_applied",
+            "Run records from the cluster's history stream this node stored in its own history",
+        );
+        let mut gauge = |name: &str, help: &str| {
+            let f = Family::<NodeLabel, Gauge>::default();
+            registry.register(name, help, f.clone());
+            f
+        };
+        ClusterFamilies {
+            published,
+            taken,
+            redelivered,
+            history_published,
+            history_applied,
+            stream_pending: gauge(
+                "cluster_stream_pending",
+                "Runs in the cluster's runs stream no node has taken yet (read at scrape time)",
+            ),
+            history_lag: gauge(
+                "cluster_history_lag",
+                "Records in the cluster's history stream this node has not applied yet (read at scrape time)",
+            ),
+            nodes_alive: gauge(
+                "cluster_nodes_alive",
+                "Nodes of the cluster seen within the node TTL (read at scrape time)",
+            ),
+        }
+    }
+}
+
+/// One node's cluster series: counted where things happen, set at scrape time for the
+/// gauges. Cheap to clone (the series are shared).
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSeries {
+    pub published: Counter,
+    pub taken: Counter,
+    pub redelivered: Counter,
+    pub history_published: Counter,
+    pub history_applied: Counter,
+    pub stream_pending: Gauge,
+    pub history_lag: Gauge,
+    pub nodes_alive: Gauge,
+}
+
 fn run_duration_histogram() -> Histogram {
     Histogram::new(RUN_DURATION_BUCKETS)
 }
@@ -112,6 +209,7 @@ pub struct Metrics {
     notifications: Family<NotificationLabels, Counter>,
     outbound_requests: Family<OutboundLabels, Counter>,
     docker_events: DockerEventMetrics,
+    cluster: ClusterFamilies,
 }
 
 /// The Docker event streams' families ([`crate::trigger::docker::watch`]).
@@ -229,7 +327,9 @@ impl Metrics {
             outbound_requests.clone(),
         );
         let docker_events = DockerEventMetrics::register(&mut registry);
+        let cluster = ClusterFamilies::register(&mut registry);
         Metrics {
+            cluster,
             docker_events,
             outbound_requests,
             notifications,
@@ -348,6 +448,25 @@ impl Metrics {
                 plugin: plugin.to_string(),
             })
             .inc();
+    }
+
+    /// The cluster series of node `node` (created on the first call: the families
+    /// appear in the text from then on).
+    pub fn cluster_series(&self, node: &str) -> ClusterSeries {
+        let l = NodeLabel {
+            node: node.to_string(),
+        };
+        let c = &self.cluster;
+        ClusterSeries {
+            published: c.published.get_or_create(&l).clone(),
+            taken: c.taken.get_or_create(&l).clone(),
+            redelivered: c.redelivered.get_or_create(&l).clone(),
+            history_published: c.history_published.get_or_create(&l).clone(),
+            history_applied: c.history_applied.get_or_create(&l).clone(),
+            stream_pending: c.stream_pending.get_or_create(&l).clone(),
+            history_lag: c.history_lag.get_or_create(&l).clone(),
+            nodes_alive: c.nodes_alive.get_or_create(&l).clone(),
+        }
     }
 
     /// The Prometheus text exposition, with the Docker pool's SSH sessions and channels read now.
@@ -495,6 +614,46 @@ mod tests {
             r#"capstan_outbound_requests_total{plugin="probe",decision="deny",result="denied"}"#;
         assert_eq!(sample(&text, denied), Some(1.0), "{text}");
         assert!(text.contains(r#"result="other""#), "{text}");
+    }
+
+    #[test]
+    fn cluster_series_appear_only_on_a_node_and_carry_its_name() {
+        let m = Metrics::new();
+        let text = m.render(&crate::docker::Pool::default());
+        assert!(!text.contains("capstan_cluster_"), "{text}");
+        let series = m.cluster_series("n2");
+        series.taken.inc();
+        series.taken.inc();
+        series.redelivered.inc();
+        series.stream_pending.set(7);
+        series.nodes_alive.set(3);
+        // The same node's series are shared, not made twice.
+        m.cluster_series("n2").history_applied.inc();
+        let text = m.render(&crate::docker::Pool::default());
+        assert_eq!(
+            sample(&text, "capstan_cluster_runs_taken_total{node=\"n2\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, "capstan_cluster_runs_redelivered_total{node=\"n2\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "capstan_cluster_history_applied_total{node=\"n2\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "capstan_cluster_stream_pending{node=\"n2\"}"),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(&text, "capstan_cluster_nodes_alive{node=\"n2\"}"),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&text, "capstan_cluster_runs_published_total{node=\"n2\"}"),
+            Some(0.0)
+        );
     }
 
     #[test]

@@ -357,6 +357,10 @@ pub struct RunRecord {
     #[schema(value_type = Vec<RecordedCall>)]
     pub host_calls: Vec<HostCall>,
     pub host_calls_dropped: u64,
+    /// In cluster mode, the node that ran it (on the records every node gets from the
+    /// cluster's history); absent for an engine that runs alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl RunRecord {
@@ -582,12 +586,38 @@ impl RunStore {
     /// Records a new run, `queued`. The record is written but not yet flushed: a caller
     /// that promises the run to someone waits for [`Store::durable`] first.
     pub fn create(&self, plugin: &str, trigger: RunTrigger) -> Result<RunRecord, RunError> {
+        self.create_as(RunId::new(), plugin, trigger)
+    }
+
+    /// [`RunStore::create`] under an id chosen elsewhere: in cluster mode the id a run
+    /// got when it was accepted, so that a run delivered again (after its node died)
+    /// is recorded again under the same id. A stored record under that id (an earlier
+    /// attempt's) is replaced; refused while this process runs the id already.
+    pub fn create_as(
+        &self,
+        id: RunId,
+        plugin: &str,
+        trigger: RunTrigger,
+    ) -> Result<RunRecord, RunError> {
         if plugin.is_empty() || plugin.contains('\0') {
             return Err(RunError::Invalid(format!(
                 "plugin name {plugin:?} is empty or contains NUL"
             )));
         }
-        let id = RunId::new();
+        if lock(&self.live).get(&id).is_some() {
+            return Err(RunError::Invalid(format!(
+                "run {id} is already running in this engine"
+            )));
+        }
+        let earlier = self.history.get(id)?;
+        if let Some(e) = &earlier
+            && e.plugin != plugin
+        {
+            return Err(RunError::Invalid(format!(
+                "run {id} is a run of plugin {}, not {plugin}",
+                e.plugin
+            )));
+        }
         let record = RunRecord {
             id,
             plugin: plugin.to_string(),
@@ -601,18 +631,13 @@ impl RunStore {
             logs: RunLogs::default(),
             host_calls: Vec::new(),
             host_calls_dropped: 0,
+            node: None,
         };
         self.history.insert(&record)?;
         let shared = Arc::new(record.clone());
         lock(&self.live).insert(shared.clone());
-        {
-            let mut counts = lock(&self.counts);
-            match counts.get_mut(plugin) {
-                Some(n) => *n += 1,
-                None => {
-                    counts.insert(plugin.to_string(), 1);
-                }
-            }
+        if earlier.is_none() {
+            self.count_new(plugin);
         }
         self.publish(shared);
         // The run is recorded; a retention hiccup must not make its creation fail.
@@ -734,6 +759,52 @@ impl RunStore {
         let record = Arc::new(record);
         self.publish(record.clone());
         Ok(Arc::unwrap_or_clone(record))
+    }
+
+    fn count_new(&self, plugin: &str) {
+        let mut counts = lock(&self.counts);
+        match counts.get_mut(plugin) {
+            Some(n) => *n += 1,
+            None => {
+                counts.insert(plugin.to_string(), 1);
+            }
+        }
+    }
+
+    /// Stores a final record another node (or this one, earlier) published to the
+    /// cluster's history ([`crate::cluster::history`]), unless [`replaces`] says the
+    /// record held here should stay. A run this process is running now is never
+    /// touched: its own end comes. Returns whether the record was stored.
+    pub fn apply_replicated(&self, record: RunRecord) -> Result<bool, RunError> {
+        if record.plugin.is_empty() || record.plugin.contains('\0') {
+            return Err(RunError::Invalid(format!(
+                "plugin name {:?} is empty or contains NUL",
+                record.plugin
+            )));
+        }
+        if lock(&self.live).get(&record.id).is_some() {
+            return Ok(false);
+        }
+        let held = self.history.get(record.id)?;
+        if !replaces(held.as_ref(), &record) {
+            return Ok(false);
+        }
+        if let Some(h) = &held
+            && h.plugin != record.plugin
+        {
+            self.remove(h.id, &h.plugin)?;
+        }
+        let new = held.as_ref().is_none_or(|h| h.plugin != record.plugin);
+        self.history.write_replicated(&record)?;
+        if new {
+            self.count_new(&record.plugin);
+        }
+        let plugin = record.plugin.clone();
+        self.publish(Arc::new(record));
+        if new && let Err(e) = self.retain_on_insert(&plugin) {
+            tracing::warn!(plugin, error = %e, "run retention on insert failed; the periodic pass will retry");
+        }
+        Ok(true)
     }
 
     pub fn get(&self, id: RunId) -> Result<Option<RunRecord>, RunError> {
@@ -944,6 +1015,22 @@ impl RunStore {
 
     pub fn flush(&self) -> Result<(), RunError> {
         Ok(self.history.flush()?)
+    }
+}
+
+/// Whether a final record from the cluster's history replaces `held`, the record this
+/// node has under the same id: always when there is none or the held one is not final
+/// (a run of a node that died, marked `interrupted` here, or never ended here); a
+/// final record held here gives way to another final one unless they are the same
+/// (the latest published end of a run wins, as the history stream keeps only that).
+/// A non-final record never replaces anything: only ends are replicated.
+pub fn replaces(held: Option<&RunRecord>, incoming: &RunRecord) -> bool {
+    if !incoming.status.is_final() {
+        return false;
+    }
+    match held {
+        None => true,
+        Some(h) => h != incoming,
     }
 }
 
@@ -1376,5 +1463,78 @@ mod tests {
             runs.create("", manual()),
             Err(RunError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_run_recorded_again_under_its_id_replaces_the_earlier_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path(), RunStoreConfig::default());
+        let id = RunId::new();
+        let first = runs.create_as(id, "heal", manual()).unwrap();
+        assert_eq!(first.id, id);
+        // While this process runs it, the id cannot be taken again.
+        assert!(matches!(
+            runs.create_as(id, "heal", manual()),
+            Err(RunError::Invalid(_))
+        ));
+        runs.finish(id, RunEnd::error(RunStatus::Interrupted, "killed"))
+            .unwrap();
+        // Another plugin cannot reuse the id.
+        assert!(matches!(
+            runs.create_as(id, "other", manual()),
+            Err(RunError::Invalid(_))
+        ));
+        let again = runs.create_as(id, "heal", manual()).unwrap();
+        assert_eq!(again.status, RunStatus::Queued);
+        runs.finish(id, RunEnd::ok(None)).unwrap();
+        let page = runs.list(&RunQuery::default()).unwrap();
+        assert_eq!(page.runs.len(), 1, "one record per run id");
+        assert_eq!(page.runs[0].status, RunStatus::Ok);
+        assert_eq!(runs.count("heal"), 1);
+    }
+
+    #[test]
+    fn a_replicated_end_replaces_an_interrupted_record_but_not_a_running_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path(), RunStoreConfig::default());
+        // A run this node was killed in: interrupted here, ended ok elsewhere.
+        let killed = runs.create("heal", manual()).unwrap();
+        runs.finish(killed.id, RunEnd::error(RunStatus::Interrupted, "killed"))
+            .unwrap();
+        let mut elsewhere = runs.get(killed.id).unwrap().unwrap();
+        elsewhere.status = RunStatus::Ok;
+        elsewhere.error = None;
+        elsewhere.node = Some("n2".into());
+        assert!(runs.apply_replicated(elsewhere.clone()).unwrap());
+        assert_eq!(runs.get(killed.id).unwrap().unwrap(), elsewhere);
+        // The same record again changes nothing; an older non-final one neither.
+        assert!(!runs.apply_replicated(elsewhere.clone()).unwrap());
+        let mut older = elsewhere.clone();
+        older.status = RunStatus::Running;
+        assert!(!runs.apply_replicated(older).unwrap());
+        assert_eq!(runs.get(killed.id).unwrap().unwrap().status, RunStatus::Ok);
+
+        // A run of another node, unknown here: listed, counted, followers told.
+        let mut follow = runs.subscribe();
+        let mut other = elsewhere.clone();
+        other.id = RunId::new();
+        assert!(runs.apply_replicated(other.clone()).unwrap());
+        assert_eq!(follow.try_recv().unwrap().id, other.id);
+        assert_eq!(runs.count("heal"), 2);
+        assert!(!runs.active().unwrap().contains(&other.id));
+
+        // A run this process runs now is left to its own end.
+        let live = runs.create("heal", manual()).unwrap();
+        let mut ended = live.clone();
+        ended.status = RunStatus::Ok;
+        assert!(!runs.apply_replicated(ended).unwrap());
+        assert_eq!(
+            runs.get(live.id).unwrap().unwrap().status,
+            RunStatus::Queued
+        );
+        assert!(
+            !replaces(None, &live),
+            "a non-final record is not replicated"
+        );
     }
 }

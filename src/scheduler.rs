@@ -244,6 +244,7 @@ impl Scheduler {
     /// Makes this engine a node of `cluster` (once, before triggers fire).
     pub fn join_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
         self.runtime.join_cluster(cluster.clone());
+        cluster.count_in(self.metrics.cluster_series(cluster.node_name()));
         let _ = self.cluster.set(cluster);
     }
 
@@ -353,11 +354,28 @@ impl Scheduler {
         event: TriggerEvent,
         note: LogLine,
     ) -> Result<RunId, SubmitError> {
-        let admitted = self.admit(plugin, &event)?;
-        let mut logs = RunLogs::default();
-        logs.push(note, self.runs.config().log_cap_bytes);
-        if let Err(e) = self.runs.append(admitted.record.id, logs, Vec::new()) {
-            tracing::warn!(run = %admitted.record.id, error = %e, "cannot add the note to the run's record");
+        self.submit_as(RunId::new(), plugin, event, vec![note])
+    }
+
+    /// [`Scheduler::submit`] under an id chosen before (cluster mode: when the run was
+    /// accepted, so a run delivered again is recorded again under the same id, replacing
+    /// an earlier attempt's record), with log lines the record carries from the start.
+    pub fn submit_as(
+        self: &Arc<Self>,
+        id: RunId,
+        plugin: &str,
+        event: TriggerEvent,
+        notes: Vec<LogLine>,
+    ) -> Result<RunId, SubmitError> {
+        let admitted = self.admit_as(id, plugin, &event)?;
+        if !notes.is_empty() {
+            let mut logs = RunLogs::default();
+            for note in notes {
+                logs.push(note, self.runs.config().log_cap_bytes);
+            }
+            if let Err(e) = self.runs.append(admitted.record.id, logs, Vec::new()) {
+                tracing::warn!(run = %admitted.record.id, error = %e, "cannot add the note to the run's record");
+            }
         }
         Ok(self.launch(admitted, event, None))
     }
@@ -378,6 +396,15 @@ impl Scheduler {
         plugin: &str,
         event: &TriggerEvent,
     ) -> Result<Admitted, SubmitError> {
+        self.admit_as(RunId::new(), plugin, event)
+    }
+
+    fn admit_as(
+        self: &Arc<Self>,
+        id: RunId,
+        plugin: &str,
+        event: &TriggerEvent,
+    ) -> Result<Admitted, SubmitError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
@@ -393,7 +420,7 @@ impl Scheduler {
                 queued,
             });
         }
-        match self.runs.create(plugin, RunTrigger::from(event)) {
+        match self.runs.create_as(id, plugin, RunTrigger::from(event)) {
             Ok(record) => Ok(Admitted { record, gate }),
             Err(e) => {
                 gate.queued.fetch_sub(1, Ordering::SeqCst);

@@ -1,8 +1,10 @@
 //! Cluster mode against the real three-node NATS JetStream cluster `scripts/testinfra`
 //! starts (`NATS_URLS`): three `capstan serve --cluster …` processes, each with its own
 //! data directory and the same trivial plugin installed, show that every cron fire and
-//! every accepted webhook delivery runs once in the cluster, that a node killed mid-run
-//! leaves its runs to the others, and what `capstan cluster status` tells.
+//! every accepted webhook delivery runs once in the cluster under the run id its 202
+//! answered, that every node lists every run with the same record (the history
+//! stream), that a node killed mid-run leaves its runs to the others (one record, the
+//! retry's), and what `capstan cluster status` tells.
 //!
 //! Each test uses a cluster name of its own (`CAPSTAN_CLUSTER_NAME`), so its runs stream
 //! and node bucket are its own; the tests take turns (three engines each on two cores).
@@ -184,16 +186,70 @@ fn three(manifest: &str, cluster: &str, env: &[(&str, &str)]) -> Vec<Node> {
     nodes
 }
 
-/// The plugin's runs on every node, each with the node's name.
-fn all_runs(nodes: &[Node], plugin: &str) -> Vec<(String, Value)> {
-    nodes
-        .iter()
-        .flat_map(|n| {
-            runs(&n.data, plugin)
-                .into_iter()
-                .map(|r| (n.name.clone(), r))
-        })
-        .collect()
+/// The plugin's runs as `nodes` list them, by run id, once every node lists the same
+/// records (the same JSON), all final, and `done` holds for them (up to `secs`).
+fn agreed_runs(
+    nodes: &[&Node],
+    plugin: &str,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, Value>) -> bool,
+) -> BTreeMap<String, Value> {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let lists: Vec<BTreeMap<String, Value>> = nodes
+            .iter()
+            .map(|n| {
+                runs(&n.data, plugin)
+                    .into_iter()
+                    .map(|r| (r["id"].as_str().unwrap().to_string(), r))
+                    .collect()
+            })
+            .collect();
+        let first = &lists[0];
+        let differ: Vec<String> = lists
+            .iter()
+            .zip(nodes)
+            .filter(|(l, _)| *l != first)
+            .map(|(l, n)| format!("{} lists {} runs", n.name, l.len()))
+            .collect();
+        if differ.is_empty() && first.values().all(is_final) && done(first) {
+            return lists.into_iter().next().unwrap_or_default();
+        }
+        assert!(
+            Instant::now() < until,
+            "not within {secs} s: {what}: {} runs on {}, not final {}; differing: {differ:?}",
+            first.len(),
+            nodes[0].name,
+            first.values().filter(|r| !is_final(r)).count()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Runs node `node`'s own metrics count as taken from the runs stream.
+fn taken(node: &Node) -> u64 {
+    let server = node.server.as_ref().expect("the node runs");
+    let (status, text) = http(
+        &server.addr,
+        "GET",
+        "/metrics",
+        &[("Authorization", &format!("Bearer {}", server.admin_token()))],
+        b"",
+    );
+    assert_eq!(status, 200, "{text}");
+    metric(
+        &text,
+        &format!("capstan_cluster_runs_taken_total{{node=\"{}\"}}", node.name),
+    )
+}
+
+/// A sample's value in a metrics text (0 when absent).
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
 }
 
 pub(crate) fn is_final(r: &Value) -> bool {
@@ -220,18 +276,31 @@ fn each_cron_fire_runs_once_across_three_nodes() {
     let all_up = chrono::Utc::now();
     std::thread::sleep(Duration::from_secs(10));
     let until = chrono::Utc::now();
-    // Let the last fires end before reading.
-    std::thread::sleep(Duration::from_millis(1500));
-    let records = all_runs(&nodes, "ticker");
+    // Every node lists the same runs (the cluster's history), the fires so far ended.
+    let all: Vec<&Node> = nodes.iter().collect();
+    let listed = agreed_runs(&all, "ticker", 30, "every node lists the fires", |m| {
+        m.values().any(|r| {
+            r["trigger"]["scheduled_at"]
+                .as_str()
+                .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                .is_some_and(|t| t >= until - chrono::Duration::seconds(1))
+        })
+    });
     for n in &mut nodes {
         assert!(n.stop().success(), "node {} stopped cleanly", n.name);
     }
+    let records: Vec<(String, Value)> = listed.into_iter().collect();
 
+    // One run id per fire.
     let mut by_fire: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    for (node, r) in &records {
+    for (id, r) in &records {
         assert_eq!(r["trigger"]["kind"], "cron", "{r}");
+        assert!(
+            r["node"].as_str().is_some(),
+            "the record names its node: {r}"
+        );
         let at = r["trigger"]["scheduled_at"].as_str().unwrap().to_string();
-        by_fire.entry(at).or_default().push(node);
+        by_fire.entry(at).or_default().push(id);
     }
     let twice: Vec<_> = by_fire.iter().filter(|(_, n)| n.len() > 1).collect();
     assert!(twice.is_empty(), "fires run more than once: {twice:?}");
@@ -268,56 +337,139 @@ fn each_cron_fire_runs_once_across_three_nodes() {
 fn every_webhook_delivery_answered_202_is_run_once_across_three_nodes() {
     let _turn = turn();
     let cluster = cluster_name();
-    let nodes = three(MANIFEST, &cluster, &[]);
+    // Each node keeps every run of the cluster: more than the default 500 per plugin.
+    let nodes = three(
+        MANIFEST,
+        &cluster,
+        &[("CAPSTAN_RUNS_KEEP_PER_PLUGIN", "10000")],
+    );
     const N: usize = 600;
-    let mut accepted = BTreeSet::new();
+    // Delivery id → the run id its 202 answered.
+    let mut accepted = BTreeMap::new();
     let started = Instant::now();
     for i in 0..N {
         let node = &nodes[i % 3];
         let id = format!("d-{i}");
-        let status = node.deliver(&id, format!("{{\"n\":{i}}}").as_bytes());
+        let (status, run) = deliver_for_id(node, &id, format!("{{\"n\":{i}}}").as_bytes());
         assert_eq!(status, 202, "delivery {id} to {}", node.name);
-        accepted.insert(id);
+        accepted.insert(id, run);
     }
     let took = started.elapsed();
-    // The same delivery again, to another node: the cluster already has it.
-    assert_eq!(nodes[1].deliver("d-0", b"{\"n\":0}"), 202);
-    assert_eq!(nodes[2].deliver("d-3", b"{\"n\":3}"), 202);
-
-    let mut records = Vec::new();
-    eventually(90, "every accepted delivery recorded and ended", || {
-        records = all_runs(&nodes, "clustered");
-        records.len() >= N && records.iter().all(|(_, r)| is_final(r))
-    });
-    let mut by_delivery: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    for (node, r) in &records {
-        let d = r["trigger"]["delivery"].as_str().unwrap().to_string();
-        by_delivery
-            .entry(d)
-            .or_default()
-            .push((node.clone(), r["status"].as_str().unwrap().to_string()));
+    // The same delivery again, to another node: the cluster already has it, and answers
+    // with the first acceptance's run id.
+    for (d, node) in [("d-0", 1), ("d-3", 2), ("d-599", 0)] {
+        let (status, run) = deliver_for_id(&nodes[node], d, b"{}");
+        assert_eq!(status, 202, "{d} again");
+        assert_eq!(run, accepted[d], "{d} again answers its first run id");
     }
-    let twice: Vec<_> = by_delivery.iter().filter(|(_, v)| v.len() > 1).collect();
-    assert!(twice.is_empty(), "deliveries run more than once: {twice:?}");
-    let recorded: BTreeSet<String> = by_delivery.keys().cloned().collect();
+    // `?wait=true` on a node answers once the run's end is in its history, whichever
+    // node ran it.
+    for node in &nodes {
+        let d = format!("w-{}", node.name);
+        let (status, body) = deliver_waiting(node, &d);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "ok", "{body}");
+        accepted.insert(d, body["run_id"].as_str().unwrap().to_string());
+    }
+
+    let all: Vec<&Node> = nodes.iter().collect();
+    let records = agreed_runs(&all, "clustered", 90, "every node lists every run", |m| {
+        m.len() >= accepted.len()
+    });
+    // One record per run id, under the id the 202 answered, ok.
+    let answered: BTreeMap<String, String> = accepted
+        .iter()
+        .map(|(d, run)| (run.clone(), d.clone()))
+        .collect();
     assert_eq!(
-        recorded, accepted,
-        "the recorded deliveries are the accepted ones"
+        answered.len(),
+        accepted.len(),
+        "each delivery has its own run id"
+    );
+    let recorded: BTreeMap<String, String> = records
+        .iter()
+        .map(|(id, r)| {
+            (
+                id.clone(),
+                r["trigger"]["delivery"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        recorded, answered,
+        "the recorded runs are the accepted deliveries under their answered ids"
     );
     assert!(
-        by_delivery.values().all(|v| v[0].1 == "ok"),
+        records.values().all(|r| r["status"] == "ok"),
         "every run ended ok"
     );
-    let ran_on: BTreeSet<&str> = records.iter().map(|(n, _)| n.as_str()).collect();
+    let per_node = nodes.iter().map(taken).collect::<Vec<_>>();
+    assert_eq!(
+        per_node.iter().sum::<u64>(),
+        accepted.len() as u64,
+        "each run was taken once: {per_node:?}"
+    );
+    assert!(
+        per_node.iter().filter(|n| **n > 0).count() >= 2,
+        "the runs are spread over the nodes: {per_node:?}"
+    );
+    let ran_on: BTreeSet<&str> = records
+        .values()
+        .filter_map(|r| r["node"].as_str())
+        .collect();
     assert!(
         ran_on.len() >= 2,
-        "the runs are spread over the nodes: only {ran_on:?} ran any"
+        "the records name the nodes that ran them: {ran_on:?}"
     );
     eprintln!(
-        "{N} deliveries answered in {:.2}s; runs per node: {:?}",
+        "{N} deliveries answered in {:.2}s; runs per node: {per_node:?}",
         took.as_secs_f64(),
-        ["n1", "n2", "n3"].map(|n| records.iter().filter(|(x, _)| x == n).count())
     );
+}
+
+/// A delivery to `node` as [`Node::deliver`]: the status and the run id answered.
+fn deliver_for_id(node: &Node, delivery: &str, body: &[u8]) -> (u16, String) {
+    let secret = node.secret.as_deref().expect("the node has hook gh");
+    let sig = format!("sha256={}", sign(secret, body));
+    let (status, text) = http(
+        node.addr(),
+        "POST",
+        "/hooks/gh",
+        &[
+            ("X-Hub-Signature-256", &sig),
+            ("X-GitHub-Delivery", delivery),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    );
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let run = v["run_id"].as_str().unwrap_or_default().to_string();
+    if status == 202 {
+        assert!(
+            run.parse::<uuid::Uuid>().is_ok(),
+            "202 without a run id: {text}"
+        );
+    }
+    (status, run)
+}
+
+/// A delivery to `node` with `?wait=true`: the status and the answer.
+fn deliver_waiting(node: &Node, delivery: &str) -> (u16, Value) {
+    let secret = node.secret.as_deref().expect("the node has hook gh");
+    let body = b"{}";
+    let sig = format!("sha256={}", sign(secret, body));
+    let (status, text) = http(
+        node.addr(),
+        "POST",
+        "/hooks/gh?wait=true",
+        &[
+            ("X-Hub-Signature-256", &sig),
+            ("X-GitHub-Delivery", delivery),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    );
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// The attack on a cluster node's webhook: no signature, a wrong one, another node's
@@ -358,21 +510,17 @@ fn a_cluster_node_refuses_unsigned_wrongly_signed_and_oversized_deliveries_and_p
     for id in ["a-1", "a-2", "a-3", "a-4"] {
         assert_eq!(nodes[0].deliver(id, body), 202, "delivery {id}");
     }
-    let mut records = Vec::new();
-    eventually(60, "the four genuine deliveries recorded and ended", || {
-        records = all_runs(&nodes, "clustered");
-        records.len() >= 4 && records.iter().all(|(_, r)| is_final(r))
+    let all: Vec<&Node> = nodes.iter().collect();
+    let records = agreed_runs(&all, "clustered", 60, "the four genuine deliveries", |m| {
+        m.len() >= 4
     });
     let ran: BTreeSet<&str> = records
-        .iter()
-        .map(|(_, r)| r["trigger"]["delivery"].as_str().unwrap())
+        .values()
+        .map(|r| r["trigger"]["delivery"].as_str().unwrap())
         .collect();
     assert_eq!(records.len(), 4, "{records:?}");
     assert_eq!(ran, BTreeSet::from(["a-1", "a-2", "a-3", "a-4"]));
-    assert!(
-        records.iter().all(|(_, r)| r["status"] == "ok"),
-        "{records:?}"
-    );
+    assert!(records.values().all(|r| r["status"] == "ok"), "{records:?}");
     for n in &mut nodes {
         assert!(n.stop().success(), "node {} stopped cleanly", n.name);
     }
@@ -416,63 +564,59 @@ fn a_node_killed_mid_run_leaves_its_runs_to_the_others() {
         "n3 was killed {killed_after:?} into the deliveries, after its first runs could end"
     );
     // The others carry on: what n3 held is delivered again after ack_wait.
-    let alive = &nodes[..2];
-    eventually(
+    let alive: Vec<&Node> = nodes[..2].iter().collect();
+    agreed_runs(
+        &alive,
+        "clustered",
         90,
         "the live nodes ran every delivery n3 did not finish",
-        || {
-            let records = all_runs(alive, "clustered");
-            records.iter().all(|(_, r)| is_final(r))
-                && records.iter().filter(|(_, r)| r["status"] == "ok").count() > N / 2
-        },
+        |m| m.len() == accepted.len(),
     );
-    // n3 comes back on its data directory: the runs it was killed in are `interrupted`.
+    // n3 comes back on its data directory: the runs it was killed in, `interrupted`
+    // there at its start, give way to their retries' records from the history stream.
     nodes[2].start(&cluster, &env);
-    let mut records = Vec::new();
-    eventually(90, "every accepted delivery ran ok on some node", || {
-        records = all_runs(&nodes, "clustered");
-        let ok: BTreeSet<String> = records
-            .iter()
-            .filter(|(_, r)| r["status"] == "ok")
-            .map(|(_, r)| r["trigger"]["delivery"].as_str().unwrap().to_string())
-            .collect();
-        records.iter().all(|(_, r)| is_final(r)) && ok == accepted
-    });
-    let mut ok_count: BTreeMap<String, usize> = BTreeMap::new();
-    let mut interrupted = 0;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let records = agreed_runs(
+        &all,
+        "clustered",
+        90,
+        "every node lists every run ok",
+        |m| m.values().all(|r| r["status"] == "ok"),
+    );
+    let mut by_delivery: BTreeMap<String, Vec<&String>> = BTreeMap::new();
     let mut retried = 0;
-    for (node, r) in &records {
+    for (id, r) in &records {
         let d = r["trigger"]["delivery"].as_str().unwrap().to_string();
-        match r["status"].as_str().unwrap() {
-            "ok" => {
-                *ok_count.entry(d).or_default() += 1;
-                let logs = logs_of(r);
-                if logs.contains("cluster: attempt ") {
-                    retried += 1;
-                }
-            }
-            "interrupted" => {
-                assert_eq!(node, "n3", "only the killed node has interrupted runs: {r}");
-                interrupted += 1;
-            }
-            other => panic!("run of {d} on {node} ended {other}: {r}"),
+        by_delivery.entry(d).or_default().push(id);
+        let logs = logs_of(r);
+        if logs.contains("cluster: attempt 2 of this run") {
+            assert!(
+                logs.contains("the previous attempt was interrupted"),
+                "the retry says the previous attempt was interrupted: {logs}"
+            );
+            assert_ne!(r["node"], "n3", "n3 was dead: {r}");
+            retried += 1;
         }
     }
-    let twice: Vec<_> = ok_count.iter().filter(|(_, n)| **n > 1).collect();
+    let twice: Vec<_> = by_delivery
+        .iter()
+        .filter(|(_, ids)| ids.len() > 1)
+        .collect();
     assert!(
         twice.is_empty(),
-        "deliveries run ok more than once: {twice:?}"
+        "deliveries recorded more than once: {twice:?}"
     );
-    // What n3 held is run again by a live node, its record naming the attempt. (n3's own
-    // records of those runs were not yet on disk when it was killed, or are
-    // `interrupted` there.)
+    assert_eq!(
+        by_delivery.keys().cloned().collect::<BTreeSet<_>>(),
+        accepted,
+        "one record per accepted delivery"
+    );
+    // What n3 held is run again by a live node: one record, the retry's, naming attempt 2.
     assert!(
         retried >= 1,
-        "the kill caught runs n3 had taken, and they were run again elsewhere ({retried} retried, {interrupted} interrupted on n3)"
+        "the kill caught runs n3 had taken, and they were run again elsewhere ({retried} retried)"
     );
-    eprintln!(
-        "{N} deliveries, n3 killed {killed_after:?} in: {retried} run again, {interrupted} recorded interrupted on n3"
-    );
+    eprintln!("{N} deliveries, n3 killed {killed_after:?} in: {retried} run again");
 }
 
 pub(crate) fn status_json(node: &Node) -> Value {
@@ -506,11 +650,19 @@ fn cluster_status_lists_the_nodes_and_a_killed_one_stops_being_alive() {
     );
     assert_eq!(v["nodes"][1]["api"], nodes[1].addr(), "{v}");
     assert_eq!(v["runs"]["replicas"], 3, "{v}");
+    assert_eq!(
+        v["history"]["stream"],
+        format!("CAPSTAN_HISTORY_{}", cluster.to_uppercase()),
+        "{v}"
+    );
+    assert_eq!(v["history"]["replicas"], 3, "{v}");
+    assert_eq!(v["history"]["lag"], 0, "{v}");
     let text = stdout(&nodes[1].data.capstan(&["cluster", "status"]));
     assert!(
         text.contains("3 node(s), 3 alive; this is node n2"),
         "{text}"
     );
+    assert!(text.contains("history stream CAPSTAN_HISTORY_"), "{text}");
 
     nodes[2].kill();
     let killed = Instant::now();

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AppError, AppState, authz};
 use crate::cluster::NodeView;
+use crate::cluster::history::HistoryView;
 use crate::cluster::leases::LeaseView;
 use crate::cluster::work::RunsView;
 use crate::token::TokenInfo;
@@ -37,6 +38,9 @@ pub struct ClusterView {
     /// The lease time, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_secs: Option<u64>,
+    /// The run history stream and how far the answering node has applied it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryView>,
 }
 
 /// Cluster status
@@ -67,12 +71,14 @@ pub async fn status(
             runs: None,
             leases: None,
             lease_secs: None,
+            history: None,
         }));
     };
     let unavailable = |e: crate::cluster::ClusterError| AppError::Unavailable(e.to_string());
     let nodes = cluster.nodes().await.map_err(unavailable)?;
     let runs = cluster.runs_view().await.map_err(unavailable)?;
     let leases = cluster.lease_views().await.map_err(unavailable)?;
+    let history = cluster.history_view().await.map_err(unavailable)?;
     Ok(Json(ClusterView {
         in_cluster: true,
         node: Some(cluster.node_name().to_string()),
@@ -81,5 +87,6 @@ pub async fn status(
         runs: Some(runs),
         leases: Some(leases),
         lease_secs: Some(cluster.lease_time().as_secs()),
+        history: Some(history),
     }))
 }

@@ -88,11 +88,17 @@ pub(super) async fn deliver(
     let Answer::Accepted { run_id: id } = answer else {
         return answer.into_response();
     };
-    // In cluster mode the run is recorded by the node that takes it: nothing to wait on here.
-    if !wait || s.cluster().is_some() {
+    if !wait {
         return answer.into_response();
     }
-    match s.wait(id, s.config().max_wait).await {
+    // In cluster mode another node may run it: its end arrives through the history stream.
+    let waited = match s.cluster() {
+        Some(_) => crate::cluster::history::wait_for_end(s.runs(), id, s.config().max_wait)
+            .await
+            .ok_or(crate::runs::RunError::NotFound(id)),
+        None => s.wait(id, s.config().max_wait).await,
+    };
+    match waited {
         Ok(record) => {
             let status = if record.status.is_final() {
                 StatusCode::OK

@@ -29,6 +29,9 @@ pub async fn serve(
     Extension(token): Extension<TokenInfo>,
 ) -> Result<impl IntoResponse, AppError> {
     authz::require_unscoped(&token, "/metrics")?;
+    if let Some(cluster) = state.scheduler.cluster() {
+        cluster.refresh_gauges().await;
+    }
     let text = state.scheduler.metrics().render(&state.docker);
     Ok(([(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text))
 }

@@ -313,6 +313,7 @@ impl Listening {
                 tokio::spawn(c.clone().work(scheduler.clone(), stopped())),
                 tokio::spawn(c.clone().keep_leases(scheduler.clone(), stopped())),
                 tokio::spawn(c.clone().serve_docker(scheduler.clone(), stopped())),
+                tokio::spawn(c.clone().apply_history(scheduler.runs().clone(), stopped())),
             ]
         });
         let listen = crate::api::ListenInfo {

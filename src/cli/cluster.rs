@@ -109,5 +109,11 @@ fn render(view: &ClusterView, in_process: bool) -> String {
             ));
         }
     }
+    if let Some(h) = &view.history {
+        out.push_str(&format!(
+            "history stream {} ({} replica(s)): {} run(s) recorded, last sequence {}; this node applied up to {} ({} behind)\n",
+            h.stream, h.replicas, h.messages, h.last_sequence, h.applied_sequence, h.lag
+        ));
+    }
     out
 }

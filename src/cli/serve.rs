@@ -81,7 +81,10 @@ pub fn run(g: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     };
     // Cluster mode: NATS answers (with JetStream) before anything is created or started.
     let cluster = match settings.cluster.clone() {
-        Some(c) => Some(rt.block_on(crate::cluster::Cluster::connect(c))?),
+        Some(mut c) => {
+            c.history_max_age = settings.runs.history.max_age;
+            Some(rt.block_on(crate::cluster::Cluster::connect(c))?)
+        }
         None => None,
     };
     let app = {

@@ -76,6 +76,9 @@ pub struct ClusterSettings {
     pub max_deliver: i64,
     /// How long a device lease lasts without renewal.
     pub lease: Duration,
+    /// How long the cluster's run history keeps a run's end: the engine's
+    /// `runs.max_age` (set by `serve`); `None` keeps them until removed.
+    pub history_max_age: Option<Duration>,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -262,6 +265,7 @@ pub fn resolve(
         ack_wait,
         max_deliver,
         lease,
+        history_max_age: crate::runs::RunStoreConfig::default().max_age,
     }))
 }
 

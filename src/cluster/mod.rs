@@ -6,10 +6,14 @@
 //! - **Runs** ([`work`]): a trigger on any node does not start its run; it publishes a
 //!   [`Job`] to the work-queue stream `CAPSTAN_RUNS` with a `Nats-Msg-Id` that is the
 //!   same on every node for the same fire ([`cron_msg_id`], [`delivery_msg_id`]), so
-//!   the stream's duplicate window keeps one. Every node pulls from one durable consumer
-//!   shared by all, runs the plugin (installed on that node), records the run in its own
-//!   history and acks. A node that dies before its ack leaves the run to be delivered
-//!   again after `ack_wait`; the retry's record says which attempt it is.
+//!   the stream's duplicate window keeps one. The job carries the run id chosen at
+//!   acceptance (what a webhook's 202 answers). Every node pulls from one durable
+//!   consumer shared by all, runs the plugin (installed on that node), records the run
+//!   under that id, publishes its end to the history stream and acks. A node that dies
+//!   before its ack leaves the run to be delivered again after `ack_wait`; the retry
+//!   records the same run id again, and its log says which attempt it is.
+//! - **History** ([`history`]): the stream `CAPSTAN_HISTORY` keeps each run's latest
+//!   end; every node applies it to its own history, so every node lists every run.
 //! - **Membership** ([`membership`]): each node keeps an entry in the KV bucket
 //!   `capstan_nodes` (name, version, start time, API address), renewed every few
 //!   seconds; `capstan cluster status` lists them with the stream's backlog.
@@ -18,14 +22,17 @@
 //!   device's lease in `capstan_leases`; only it connects to the device and watches its
 //!   events, and the other nodes send their Docker host calls for it to that node over
 //!   NATS request/reply. A dead node's devices are taken over after the lease expires.
+//! - **History** ([`history`]): each run's end is published to the `CAPSTAN_HISTORY`
+//!   stream and every node copies it into its own history, so every node lists every run.
 //!
-//! Plugins, devices, tokens, hook secrets and the run history stay on each node (sled):
-//! every node is set up with the same plugins and devices. Manual runs stay on the node
-//! asked.
+//! Plugins, devices, tokens and hook secrets stay on each node (sled): every node is set
+//! up with the same plugins and devices. Manual runs stay on the node asked.
 
 pub mod config;
+pub mod history;
 pub mod leases;
 pub mod membership;
+pub mod retry;
 pub mod route;
 pub mod work;
 
@@ -76,6 +83,11 @@ pub struct Job {
     pub event: TriggerEvent,
     /// The node that published it.
     pub from: String,
+    /// The run's id, chosen when the run was accepted (a webhook's 202 answers it): the
+    /// node that takes the job records the run under it, a retry too. Absent in jobs of
+    /// nodes that did not carry it; the taking node then chooses one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<crate::runs::RunId>,
 }
 
 /// The `Nats-Msg-Id` of a cron fire: `plugin:trigger:fire-time`, the same on every node
@@ -122,6 +134,10 @@ pub struct Cluster {
     api: OnceLock<String>,
     /// Device leases: which node owns which device ([`leases`]).
     leases: leases::Leases,
+    /// The cluster's run history (see [`history`]).
+    history: history::HistoryStream,
+    /// This node's `capstan_cluster_*` series, once it joined an engine.
+    metrics: OnceLock<crate::metrics::ClusterSeries>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -190,33 +206,46 @@ impl Cluster {
                 format!("capstan_nodes_{n}"),
             ),
         };
-        let stream = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: stream_name.clone(),
-                description: Some("Capstan runs: one message per cron fire or webhook delivery, taken by one node".into()),
-                subjects: vec![format!("{subjects}.>")],
-                retention: jetstream::stream::RetentionPolicy::WorkQueue,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                duplicate_window: DUPLICATE_WINDOW,
-                ..Default::default()
+        // Right after a leader election creation may fail for a moment: retried.
+        let stream_config = jetstream::stream::Config {
+            name: stream_name.clone(),
+            description: Some(
+                "Capstan runs: one message per cron fire or webhook delivery, taken by one node"
+                    .into(),
+            ),
+            subjects: vec![format!("{subjects}.>")],
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        };
+        let stream = retry::with_retry("creating the runs stream", || {
+            let c = stream_config.clone();
+            let js = &js;
+            async move { js.get_or_create_stream(c).await.map_err(|e| e.to_string()) }
+        })
+        .await?;
+        let consumer_config = jetstream::consumer::pull::Config {
+            durable_name: Some(CONSUMER.to_string()),
+            description: Some("every Capstan node pulls its runs here".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: settings.ack_wait,
+            max_deliver: settings.max_deliver,
+            ..Default::default()
+        };
+        let consumer: jetstream::consumer::PullConsumer =
+            retry::with_retry("creating the runs consumer", || {
+                let c = consumer_config.clone();
+                let stream = &stream;
+                async move {
+                    stream
+                        .get_or_create_consumer(CONSUMER, c)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
             })
-            .await
-            .map_err(|e| nats("creating the runs stream")(e.to_string()))?;
-        let consumer = stream
-            .get_or_create_consumer(
-                CONSUMER,
-                jetstream::consumer::pull::Config {
-                    durable_name: Some(CONSUMER.to_string()),
-                    description: Some("every Capstan node pulls its runs here".into()),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: settings.ack_wait,
-                    max_deliver: settings.max_deliver,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| nats("creating the runs consumer")(e.to_string()))?;
+            .await?;
         // The consumer is the first node's: its deadline is the one JetStream keeps.
         let config = &consumer.cached_info().config;
         let ack_wait = config.ack_wait;
@@ -251,6 +280,7 @@ impl Cluster {
             settings.lease,
         )
         .await?;
+        let history = history::create(&js, &settings, replicas).await?;
         Ok(Arc::new(Cluster {
             settings,
             client,
@@ -264,6 +294,8 @@ impl Cluster {
             started_at: Utc::now(),
             api: OnceLock::new(),
             leases,
+            history,
+            metrics: OnceLock::new(),
         }))
     }
 
@@ -291,6 +323,16 @@ impl Cluster {
     /// with the same `msg_id` within the duplicate window is acked as a duplicate
     /// (`Ok(true)`) and runs nothing more.
     pub async fn publish(&self, job: &Job, msg_id: &str) -> Result<bool, ClusterError> {
+        Ok(self.publish_acked(job, msg_id).await?.duplicate)
+    }
+
+    /// [`Cluster::publish`], with JetStream's ack: for a duplicate, its `sequence` is
+    /// the first publish's.
+    pub async fn publish_acked(
+        &self,
+        job: &Job,
+        msg_id: &str,
+    ) -> Result<jetstream::publish::PublishAck, ClusterError> {
         let payload = serde_json::to_vec(job).map_err(|e| nats("encoding a run")(e.to_string()))?;
         let ack = self
             .js
@@ -304,7 +346,36 @@ impl Cluster {
             .map_err(|e| nats("publishing a run")(e.to_string()))?
             .await
             .map_err(|e| nats("waiting for the run's publish ack")(e.to_string()))?;
-        Ok(ack.duplicate)
+        if !ack.duplicate
+            && let Some(m) = self.metrics.get()
+        {
+            m.published.inc();
+        }
+        Ok(ack)
+    }
+
+    /// Counts this node's cluster work in `series` (once, when the engine joins).
+    pub fn count_in(&self, series: crate::metrics::ClusterSeries) {
+        let _ = self.metrics.set(series);
+    }
+
+    /// Sets the gauges of this node's cluster series from NATS (at scrape time): the
+    /// runs no node has taken, the history records not applied here, the live nodes.
+    pub async fn refresh_gauges(&self) {
+        let Some(m) = self.metrics.get() else {
+            return;
+        };
+        if let Ok(r) = self.runs_view().await {
+            m.stream_pending
+                .set(i64::try_from(r.pending).unwrap_or(i64::MAX));
+        }
+        if let Ok(h) = self.history_view().await {
+            m.history_lag.set(i64::try_from(h.lag).unwrap_or(i64::MAX));
+        }
+        if let Ok(nodes) = self.nodes().await {
+            m.nodes_alive
+                .set(nodes.iter().filter(|n| n.alive).count() as i64);
+        }
     }
 }
 
@@ -361,6 +432,7 @@ mod tests {
                 scheduled_at: "2026-12-07T16:40:05Z".parse().unwrap(),
             },
             from: "n1".into(),
+            run_id: Some(crate::runs::RunId::new()),
         };
         let wire = serde_json::to_vec(&job).unwrap();
         let back: Job = serde_json::from_slice(&wire).unwrap();
@@ -369,5 +441,11 @@ mod tests {
             serde_json::to_value(&job).unwrap()
         );
         assert_eq!(back.plugin, "inventory");
+        assert_eq!(back.run_id, job.run_id);
+        // A job from a node that did not carry the run id still reads.
+        let mut wire = serde_json::to_value(&job).unwrap();
+        wire.as_object_mut().unwrap().remove("run_id");
+        let back: Job = serde_json::from_value(wire).unwrap();
+        assert_eq!(back.run_id, None);
     }
 }

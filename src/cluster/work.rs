@@ -8,10 +8,17 @@
 //! the run has ended and is recorded. A run the node could not start (plugin not
 //! installed here, queue full, shutting down) is given back (nak) for another node or a
 //! later try; a run interrupted by this node's shutdown is given back as well. The ack
-//! comes once the run's final record is on disk.
+//! comes once the run's final record is on disk and in the cluster's history stream
+//! ([`super::history`]).
 //! A node that dies sends nothing: after `ack_wait` JetStream delivers the run again,
-//! to any node, up to `max_deliver` times; that run's record starts with a log line
-//! naming the attempt.
+//! to any node, up to `max_deliver` times; the retry records the same run id again
+//! (replacing what the earlier attempt left), starting with a log line naming the
+//! attempt and saying the previous one was interrupted.
+//!
+//! What is exactly-once and what is not: a delivery answered 202 is one run id, and
+//! every node ends up with one record of it. The plugin itself runs at least once: a
+//! node that dies mid-run (or after the run but before its ack) leaves the run to be
+//! run again, from the start, by the next attempt.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,31 +74,50 @@ enum Done {
     Drop,
 }
 
-/// A verified webhook delivery in cluster mode: published under its delivery id and
-/// acked by JetStream before the sender gets its 202. The id answered is a fresh one
-/// that names the acceptance, not a run record: the run is recorded by the node that
-/// takes it, under an id of its own, with the delivery id in its trigger.
+/// How long a duplicate delivery waits for its first acceptance's run id to be known
+/// here, when the run already ended elsewhere.
+const DUPLICATE_LOOKUP: Duration = Duration::from_secs(5);
+
+/// A verified webhook delivery in cluster mode: published under its delivery id with a
+/// run id chosen now, and acked by JetStream before the sender gets its 202 with that
+/// id. The node that takes it records the run under that id.
+///
+/// A delivery the cluster already has (same delivery id within the duplicate window)
+/// runs nothing more and is answered with the first acceptance's run id: read from
+/// the job still in the runs stream (JetStream's duplicate ack names its sequence), or,
+/// when that run has ended and left the stream, from the history this node applied
+/// ([`Cluster::recent_run`]). When neither knows it within a few seconds the sender
+/// gets an error (503) and may retry: an id that names no run is never answered.
 pub async fn accept_delivery(
     cluster: &Cluster,
     delivery: crate::trigger::webhook::Delivery,
 ) -> Result<RunId, String> {
     let msg_id = super::delivery_msg_id(&delivery.hook, delivery.delivery_id.as_deref());
-    let plugin = delivery.plugin.clone();
-    match cluster
-        .hand_over(&plugin, delivery.into_event(), &msg_id)
+    let job = Job {
+        plugin: delivery.plugin.clone(),
+        event: delivery.into_event(),
+        from: cluster.settings.node_name.clone(),
+        run_id: Some(RunId::new()),
+    };
+    let ack = cluster
+        .publish_acked(&job, &msg_id)
         .await
-    {
-        Ok(duplicate) => {
-            if duplicate {
-                tracing::info!(
-                    msg_id,
-                    "cluster: a delivery the cluster already has is not run again"
-                );
-            }
-            Ok(RunId::new())
-        }
-        Err(e) => Err(e.to_string()),
+        .map_err(|e| e.to_string())?;
+    if !ack.duplicate {
+        return job.run_id.ok_or_else(|| "no run id".to_string());
     }
+    tracing::info!(
+        msg_id,
+        "cluster: a delivery the cluster already has is not run again"
+    );
+    cluster
+        .first_run_id(ack.sequence, &msg_id)
+        .await
+        .ok_or_else(|| {
+            format!(
+                "the cluster has this delivery already ({msg_id}) but its run id is not known here yet; retry shortly"
+            )
+        })
 }
 
 impl Cluster {
@@ -108,8 +134,31 @@ impl Cluster {
             plugin: plugin.to_string(),
             event,
             from: self.settings.node_name.clone(),
+            run_id: Some(RunId::new()),
         };
         self.publish(&job, msg_id).await
+    }
+
+    /// The run id of the first acceptance of a delivery: from its job at `sequence` in
+    /// the runs stream while it is there, else from the records applied here.
+    async fn first_run_id(&self, sequence: u64, msg_id: &str) -> Option<RunId> {
+        let deadline = tokio::time::Instant::now() + DUPLICATE_LOOKUP;
+        loop {
+            if let Ok(stream) = self.js.get_stream(&self.stream_name).await
+                && let Ok(m) = stream.get_raw_message(sequence).await
+                && let Ok(job) = serde_json::from_slice::<Job>(&m.payload)
+                && let Some(id) = job.run_id
+            {
+                return Some(id);
+            }
+            if let Some(id) = self.recent_run(msg_id) {
+                return Some(id);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// The runs stream's state and the shared consumer's backlog.
@@ -212,6 +261,12 @@ impl Cluster {
     async fn take(&self, scheduler: &Arc<Scheduler>, msg: Message) {
         let msg = Arc::new(msg);
         let attempt = msg.info().map(|i| i.delivered).unwrap_or(1).max(1);
+        if let Some(m) = self.metrics.get() {
+            m.taken.inc();
+            if attempt > 1 {
+                m.redelivered.inc();
+            }
+        }
         // Still at it: JetStream waits another ack_wait.
         let keepalive = {
             let msg = msg.clone();
@@ -249,6 +304,29 @@ impl Cluster {
         }
     }
 
+    /// Publishes a run's end to the history stream, trying again for a while (the run's
+    /// ack deadline is kept alive meanwhile); when NATS does not take it the run is
+    /// acked all the same (it ran) and its record stays on this node only.
+    async fn publish_end(&self, record: &crate::runs::RunRecord) {
+        let patience = (self.ack_wait / 2).max(Duration::from_secs(2));
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.publish_record(record).await {
+                Ok(()) => return,
+                Err(e) if started.elapsed() + pause > patience => {
+                    tracing::warn!(run = %record.id, error = %e, "cluster: the run's end could not be published to the history stream; other nodes will not list it");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(run = %record.id, error = %e, "cluster: publishing the run's end failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
     async fn run_job(&self, scheduler: &Arc<Scheduler>, msg: &Message, attempt: i64) -> Done {
         let job: Job = match serde_json::from_slice(&msg.payload) {
             Ok(j) => j,
@@ -257,31 +335,45 @@ impl Cluster {
                 return Done::Drop;
             }
         };
-        let submitted = if attempt > 1 {
-            let note = LogLine {
+        let id = job.run_id.unwrap_or_default();
+        let mut notes = Vec::new();
+        if attempt > 1 {
+            // What an earlier attempt left here, if it was this node's.
+            let before = match scheduler.runs().get(id) {
+                Ok(Some(r)) => format!(" (its record here: {})", r.status),
+                _ => String::new(),
+            };
+            notes.push(LogLine {
                 at: chrono::Utc::now(),
                 level: LogLevel::Warn,
                 message: format!(
-                    "cluster: attempt {attempt} of this run (the node that took it before did not finish it within cluster.ack_wait); published by node {}",
-                    job.from
+                    "cluster: attempt {attempt} of this run on node {}; the previous attempt was interrupted: its node did not finish it within cluster.ack_wait{before}; published by node {}",
+                    self.settings.node_name, job.from
                 ),
-            };
-            scheduler.submit_noted(&job.plugin, job.event, note)
-        } else {
-            scheduler.submit(&job.plugin, job.event)
-        };
-        match submitted {
+            });
+        }
+        match scheduler.submit_as(id, &job.plugin, job.event, notes) {
             Ok(id) => {
                 scheduler.until_ended(id).await;
-                if let Ok(Some(r)) = scheduler.runs().get(id)
-                    && r.status == RunStatus::Interrupted
-                {
+                let record = match scheduler.runs().get(id) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Done::Ran,
+                    Err(e) => {
+                        tracing::warn!(run = %id, error = %e, "cluster: cannot read the run's record; acked all the same (it ran)");
+                        return Done::Ran;
+                    }
+                };
+                if record.status == RunStatus::Interrupted {
                     return Done::GiveBack;
                 }
-                // The ack promises the run is recorded: its end is on disk first.
+                // The ack promises the run is recorded: its end is on disk and in the
+                // cluster's history first.
                 if let Err(e) = scheduler.engine().store.durable().await {
                     tracing::warn!(run = %id, error = %e, "cluster: the run's record could not be made durable; acked all the same (it ran)");
                 }
+                let mut record = record;
+                record.node = Some(self.settings.node_name.clone());
+                self.publish_end(&record).await;
                 Done::Ran
             }
             Err(SubmitError::ShuttingDown) => Done::GiveBack,

@@ -115,6 +115,18 @@ impl RunHistory {
         Ok(())
     }
 
+    /// Stores a final record that came from elsewhere (the cluster's history): its
+    /// plugin index entry, the record, then out of the active index (a crash between
+    /// leaves what [`RunHistory::insert`] and [`RunHistory::write_final`] may leave).
+    pub fn write_replicated(&self, record: &RunRecord) -> Result<(), StoreError> {
+        let key = &record.id.as_bytes()[..];
+        self.by_plugin
+            .insert(plugin_key(&record.plugin, &record.id), &[][..])?;
+        self.runs.insert(key, encode(record))?;
+        self.active.remove(key)?;
+        Ok(())
+    }
+
     /// Applies `change` to a stored record in one transaction, and takes the run out of
     /// the active index when it ends. `None` when there is no such record. `change` may
     /// run more than once (on conflict); its error aborts the change.

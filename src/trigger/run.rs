@@ -560,6 +560,7 @@ mod tests {
             logs: Default::default(),
             host_calls: Vec::new(),
             host_calls_dropped: 0,
+            node: None,
         }
     }
 
