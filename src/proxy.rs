@@ -30,6 +30,12 @@
 //! file. Bodies and headers are never recorded, and query values that may hold secrets
 //! (build arguments, remote URLs) are written as `***`.
 //!
+//! In cluster mode a `[[proxy]]` of `capstan serve` serves its device only while its
+//! node owns the device ([`crate::cluster::Cluster::holds`], checked per request after
+//! the client's token): another node's proxy answers 421 naming the owner node and its
+//! API address, or 503 when no node owns it now. Requests are not forwarded to the
+//! owner: streams and upgraded connections do not fit NATS request/reply.
+//!
 //! Connections are accepted and timed by [`crate::server`], under the process's
 //! connection cap, as the API's are.
 //!

@@ -226,7 +226,14 @@ impl Cluster {
     }
 
     /// [`Cluster::run`] with more `docker run` options.
-    fn run_with(&mut self, name: &str, opts: &[String], env: &[String], image: &str, args: &[&str]) {
+    fn run_with(
+        &mut self,
+        name: &str,
+        opts: &[String],
+        env: &[String],
+        image: &str,
+        args: &[&str],
+    ) {
         self.containers.push(name.to_string());
         let label = format!("{LABEL}=1");
         let mut all = vec![
@@ -976,15 +983,13 @@ fn local_owner(c: &Cluster, i: usize) -> Option<String> {
 }
 
 #[test]
-fn an_engine_cut_off_from_nats_stops_acting_on_its_device_another_takes_it_over_and_it_rejoins()
-{
+fn an_engine_cut_off_from_nats_stops_acting_on_its_device_another_takes_it_over_and_it_rejoins() {
     let _turn = turn();
     // Each engine has the default `local` device on the machine's daemon, through its
     // socket mounted in the container.
     let socket = Infra::get().var("DOCKER_SOCKET");
     let gid = std::os::unix::fs::MetadataExt::gid(
-        &std::fs::metadata(socket)
-            .unwrap_or_else(|e| panic!("the Docker socket {socket}: {e}")),
+        &std::fs::metadata(socket).unwrap_or_else(|e| panic!("the Docker socket {socket}: {e}")),
     );
     let opts = [
         "--volume".to_string(),
@@ -1051,7 +1056,7 @@ fn an_engine_cut_off_from_nats_stops_acting_on_its_device_another_takes_it_over_
         &serde_json::json!([{"op": "stop", "device": "local", "container": target}]),
     );
     let results = probe_results(&report);
-    let error = results[0]["error"].as_str().unwrap_or_default();
+    let error = results[0]["error"].as_str().unwrap_or_default().to_string();
     assert!(
         error.starts_with("unreachable:")
             && (error.contains("cannot reach the cluster to find its owner")
@@ -1089,7 +1094,10 @@ fn an_engine_cut_off_from_nats_stops_acting_on_its_device_another_takes_it_over_
                 .count()
         })
         .collect();
-    assert_eq!(listed[cut], 1, "the manual run on the node asked: {listed:?}");
+    assert_eq!(
+        listed[cut], 1,
+        "the manual run on the node asked: {listed:?}"
+    );
     assert!(listed.iter().all(|n| *n <= 1), "recorded twice: {listed:?}");
     // The rejoined engine reaches the device again (itself or through the owner).
     let mut results = Vec::new();
@@ -1102,9 +1110,12 @@ fn an_engine_cut_off_from_nats_stops_acting_on_its_device_another_takes_it_over_
         results[0].get("ok").is_some()
     });
     let total = cut_at.elapsed();
-    assert!(total < Duration::from_secs(90), "the partition test took {total:?}");
+    assert!(
+        total < Duration::from_secs(90),
+        "the partition test took {total:?}"
+    );
     eprintln!(
-        "{owner} cut off: local taken over by {next} in {:.1}s; after the rejoin {agreed} owns it; {:.1}s from the cut to the end",
+        "{owner} cut off: local taken over by {next} in {:.1}s; its manual run got \"{error}\"; after the rejoin {agreed} owns it; {:.1}s from the cut to the end",
         took.as_secs_f64(),
         total.as_secs_f64()
     );

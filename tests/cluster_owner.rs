@@ -66,7 +66,10 @@ fn listed(node: &Node, plugin: &str) -> BTreeMap<String, Value> {
 fn per_container(records: &BTreeMap<String, Value>) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for r in records.values() {
-        let actor = r["trigger"]["actor"].as_str().unwrap_or_default().to_string();
+        let actor = r["trigger"]["actor"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         *m.entry(actor).or_default() += 1;
     }
     m

@@ -10,6 +10,9 @@
 //! max payload, 1 MiB by default), each numbered ([`SEQ`]), the last marked ([`LAST`]);
 //! the caller stops reading at its body cap.
 //!
+//! `device check` on a node that does not own the device sends the check's requests
+//! (`/_ping`, `/version`, `/info`) the same way ([`Cluster::check_through_owner`]).
+//!
 //! The owner serves what any NATS client that can publish on its subject sends: NATS
 //! credentials of the engines are root-equivalent on every device, as for the runs
 //! subjects. It refuses a request for a device it does not hold now (fencing), one over
