@@ -258,6 +258,23 @@ fn a_proxy_on_a_node_that_does_not_own_its_device_names_the_owner_and_device_che
     let token = "proxy-token-for-the-cluster-test";
     let ports = [free_port(), free_port()];
     let mut nodes: Vec<Node> = (1..=2).map(|i| Node::bare(&format!("n{i}"))).collect();
+    // An operator token for other devices only, on each node.
+    let scoped: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            let out = n.data.capstan(&[
+                "token",
+                "create",
+                "elsewhere",
+                "--role",
+                "operator",
+                "--devices",
+                "web-*",
+            ]);
+            assert_success(&out, "token create");
+            stdout(&out).trim().to_string()
+        })
+        .collect();
     for (i, n) in nodes.iter_mut().enumerate() {
         let cfg = proxy_config(n, ports[i], token);
         let cfg = cfg.to_str().unwrap().to_string();
@@ -323,6 +340,17 @@ fn a_proxy_on_a_node_that_does_not_own_its_device_names_the_owner_and_device_che
     );
     let text = stdout(&nodes[other].data.capstan(&["device", "check", "local"]));
     assert!(text.contains(&format!("owner node {owner_name}")), "{text}");
+    // The attack on the check: a token that does not see local gets 404 on the node
+    // that does not own it, before anything is sent to the owner.
+    let (status, body) = http(
+        nodes[other].addr(),
+        "GET",
+        "/api/docker/check/local",
+        &[("Authorization", &format!("Bearer {}", scoped[other]))],
+        b"",
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(!body.contains(&owner_name), "{body}");
     let r = check_local(&nodes[owner]);
     assert_eq!(r["connected"], true, "{r:#}");
     assert!(r.get("owner").is_none(), "{r:#}");
