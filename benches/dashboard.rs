@@ -81,6 +81,7 @@ fn check_of(device: &str, n: usize) -> CheckReport {
         error: None,
         host_key: None,
         pooled: false,
+        owner: None,
     }
 }
 

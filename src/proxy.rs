@@ -30,6 +30,12 @@
 //! file. Bodies and headers are never recorded, and query values that may hold secrets
 //! (build arguments, remote URLs) are written as `***`.
 //!
+//! In cluster mode a `[[proxy]]` of `capstan serve` serves its device only while its
+//! node owns the device ([`crate::cluster::Cluster::holds`], checked per request after
+//! the client's token): another node's proxy answers 421 naming the owner node and its
+//! API address, or 503 when no node owns it now. Requests are not forwarded to the
+//! owner: streams and upgraded connections do not fit NATS request/reply.
+//!
 //! Connections are accepted and timed by [`crate::server`], under the process's
 //! connection cap, as the API's are.
 //!
@@ -184,7 +190,7 @@ struct AccessNote {
     /// The path and query decided on (what is forwarded), once decided.
     path: Option<String>,
     /// The rule that decided (`section`, `guard`, `toggle`, `write-gate`, `token`,
-    /// `container-scope`, `request-body`, …).
+    /// `container-scope`, `request-body`, `cluster` (another node owns the device), …).
     rule: &'static str,
     /// The variable that decided, if one did.
     variable: Option<Var>,
@@ -260,6 +266,8 @@ pub struct Proxy {
     token_hash: Option<[u8; 32]>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     access_log: AccessLog,
+    /// Cluster mode: the proxy serves its device only while this node owns it.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     pub stats: ProxyStats,
 }
 
@@ -377,8 +385,42 @@ impl Proxy {
             token_hash: token.map(|t| hash_token(t.expose())),
             tls,
             access_log: AccessLog::Tracing,
+            cluster: None,
             stats: ProxyStats::default(),
         })
+    }
+
+    /// Cluster mode: serves the device only while `cluster`'s node owns it
+    /// ([`crate::cluster::Cluster::holds`]); otherwise answers 421 naming the owner node
+    /// and its API address, or 503 when no node owns it now.
+    pub fn in_cluster(mut self, cluster: Arc<crate::cluster::Cluster>) -> Proxy {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The answer to a request for a device this node does not own: 421 (Misdirected
+    /// Request) with the owner node and where its API listens, or 503 when no node owns
+    /// it now (or NATS does not answer).
+    async fn not_owner(&self, cluster: &crate::cluster::Cluster) -> Response<ProxyBody> {
+        match cluster.owner_elsewhere(&self.device).await {
+            Ok(lease) => {
+                let api = cluster
+                    .api_of(&lease.owner)
+                    .await
+                    .map(|a| format!(" (its API at {a})"))
+                    .unwrap_or_default();
+                docker_error(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    &format!(
+                        "capstan: node {} does not own device {} in the cluster; node {}{api} does: use a proxy on that node",
+                        cluster.node_name(),
+                        self.device,
+                        lease.owner
+                    ),
+                )
+            }
+            Err(e) => docker_error(StatusCode::SERVICE_UNAVAILABLE, &format!("capstan: {e}")),
+        }
     }
 
     /// Records requests in `log` instead of as `info` events.
@@ -486,6 +528,14 @@ impl Proxy {
                 StatusCode::UNAUTHORIZED,
                 "capstan: missing or invalid proxy token",
             ));
+        }
+        if let Some(cluster) = &self.cluster
+            && !cluster.holds(&self.device)
+        {
+            note.rule = "cluster";
+            let response = self.not_owner(cluster).await;
+            tracing::info!(%client, device = %self.device, method = %req.method(), status = response.status().as_u16(), "proxy request for a device another node owns (or none) was not served");
+            return Ok(response);
         }
         let method = req.method().clone();
         let pq = req

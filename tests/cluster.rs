@@ -127,6 +127,11 @@ impl Node {
         &self.server.as_ref().expect("the node runs").addr
     }
 
+    /// The admin token its first start printed.
+    pub(crate) fn admin_token(&self) -> String {
+        self.server.as_ref().expect("the node runs").admin_token()
+    }
+
     /// SIGKILL, as a crash.
     pub(crate) fn kill(&mut self) {
         let mut s = self.server.take().expect("the node runs");

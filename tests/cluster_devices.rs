@@ -63,7 +63,7 @@ fn three_with_devices(cluster: &str, devices: &[&str]) -> Vec<Node> {
 }
 
 /// Device → owner, as `cluster status` on `node` lists the leases.
-fn owners(node: &Node) -> BTreeMap<String, String> {
+pub(crate) fn owners(node: &Node) -> BTreeMap<String, String> {
     let v = status_json(node);
     v["leases"]
         .as_array()

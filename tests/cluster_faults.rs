@@ -132,6 +132,12 @@ impl Drop for Cluster {
 impl Cluster {
     /// Starts the cluster, each engine with `env` and with `manifest` installed.
     fn start(manifest: &str, env: &[(&str, &str)]) -> Cluster {
+        Cluster::start_with(manifest, env, &[])
+    }
+
+    /// [`Cluster::start`], each engine container also given the `docker run` options
+    /// `opts` (a volume, a group).
+    fn start_with(manifest: &str, env: &[(&str, &str)], opts: &[String]) -> Cluster {
         require_capstan_image();
         let nats = nats_image();
         let mut c = Cluster {
@@ -197,7 +203,13 @@ impl Cluster {
             ];
             vars.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
             let name = c.node(i);
-            c.run(&name, &vars, CAPSTAN_IMAGE, &["serve", "--cluster", &urls]);
+            c.run_with(
+                &name,
+                opts,
+                &vars,
+                CAPSTAN_IMAGE,
+                &["serve", "--cluster", &urls],
+            );
         }
         for i in 0..3 {
             c.wait_serving(i, 1);
@@ -210,6 +222,18 @@ impl Cluster {
     /// `docker run --detach` of `image` with `args` as container `name` on the network,
     /// labelled, with `env` (`KEY=VALUE`); removed on drop.
     fn run(&mut self, name: &str, env: &[String], image: &str, args: &[&str]) {
+        self.run_with(name, &[], env, image, args);
+    }
+
+    /// [`Cluster::run`] with more `docker run` options.
+    fn run_with(
+        &mut self,
+        name: &str,
+        opts: &[String],
+        env: &[String],
+        image: &str,
+        args: &[&str],
+    ) {
         self.containers.push(name.to_string());
         let label = format!("{LABEL}=1");
         let mut all = vec![
@@ -225,6 +249,7 @@ impl Cluster {
         for e in env {
             all.extend(["--env", e.as_str()]);
         }
+        all.extend(opts.iter().map(String::as_str));
         all.push(image);
         all.extend(args);
         docker_ok(&all);
@@ -302,9 +327,15 @@ impl Cluster {
     /// Installs the trivial plugin with `manifest` on engine `i` through its API (the
     /// CLI inside the container): the hook secret it generated.
     fn install(&self, i: usize, manifest: &str) -> String {
+        generated_secret(&self.install_component(i, "trivial", manifest), "gh")
+    }
+
+    /// Installs test plugin `component` with `manifest` on engine `i` (the CLI inside
+    /// the container): what the install printed.
+    fn install_component(&self, i: usize, component: &str, manifest: &str) -> String {
         let name = self.node(i);
         let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(wasm("trivial"), dir.path().join("plugin.wasm")).unwrap();
+        std::fs::copy(wasm(component), dir.path().join("plugin.wasm")).unwrap();
         std::fs::write(dir.path().join("plugin.toml"), manifest).unwrap();
         for f in ["plugin.wasm", "plugin.toml"] {
             std::fs::set_permissions(
@@ -322,15 +353,14 @@ impl Cluster {
                 &format!("{name}:/tmp/plugin/{f}"),
             ]);
         }
-        let out = docker_ok(&[
+        docker_ok(&[
             "exec",
             &name,
             "capstan",
             "plugin",
             "install",
             "/tmp/plugin/plugin.wasm",
-        ]);
-        generated_secret(&out, "gh")
+        ])
     }
 
     /// A signed delivery to engine `i`: the status. A refused connection reads as 0.
@@ -898,5 +928,195 @@ fn ten_thousand_deliveries_with_an_engine_killed_and_restarted_are_each_recorded
     eprintln!(
         "every engine lists the {N} runs once, ok; {runs_again} run again after the kill; runs per node {per:?}; all in {:.1}s",
         started.elapsed().as_secs_f64()
+    );
+}
+
+/// The probe plugin as the partition test installs it: it may check devices and stop
+/// the containers carrying `label`.
+fn probe_manifest(label: &str) -> String {
+    format!(
+        "name = \"probe\"\nversion = \"0.0.1\"\n\
+         [policy]\nCONTAINERS = 1\nINFO = 1\nPOST = 1\nALLOW_STOP = 1\ndevices = [\"*\"]\n\
+         [policy.containers]\nlabels = [\"{label}\"]\n"
+    )
+}
+
+/// A manual run of the probe on engine `i` with `calls` (the CLI inside the container
+/// asks its own engine): the run's report.
+fn probe_run(c: &Cluster, i: usize, calls: &Value) -> Value {
+    let out = docker(&[
+        "exec",
+        &c.node(i),
+        "capstan",
+        "plugin",
+        "run",
+        "probe",
+        "--input",
+        &calls.to_string(),
+        "--json",
+    ]);
+    assert_success(&out, &format!("plugin run probe on n{}", i + 1));
+    serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)))
+}
+
+/// The results of a probe run's calls.
+fn probe_results(report: &Value) -> Vec<Value> {
+    let details = report["outcome"]["details"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the run has no outcome: {report}"));
+    match serde_json::from_str(details) {
+        Ok(Value::Array(v)) => v,
+        _ => panic!("the probe's details are not a list: {report}"),
+    }
+}
+
+/// The owner of `local` as engine `i`'s cluster status lists it (`None` while there is
+/// none or the status fails).
+fn local_owner(c: &Cluster, i: usize) -> Option<String> {
+    c.status(i)["leases"]
+        .as_array()?
+        .iter()
+        .find(|l| l["device"] == "local")
+        .and_then(|l| l["owner"].as_str())
+        .map(str::to_string)
+}
+
+#[test]
+fn an_engine_cut_off_from_nats_stops_acting_on_its_device_another_takes_it_over_and_it_rejoins() {
+    let _turn = turn();
+    // Each engine has the default `local` device on the machine's daemon, through its
+    // socket mounted in the container.
+    let socket = Infra::get().var("DOCKER_SOCKET");
+    let gid = std::os::unix::fs::MetadataExt::gid(
+        &std::fs::metadata(socket).unwrap_or_else(|e| panic!("the Docker socket {socket}: {e}")),
+    );
+    let opts = [
+        "--volume".to_string(),
+        format!("{socket}:/var/run/docker.sock"),
+        "--group-add".to_string(),
+        gid.to_string(),
+    ];
+    let lease = 6;
+    let mut c = Cluster::start_with(
+        MANIFEST,
+        &[("CAPSTAN_CLUSTER_LEASE", &format!("{lease}s"))],
+        &opts,
+    );
+    let label = format!("{LABEL}.partition={}", c.net);
+    for i in 0..3 {
+        c.install_component(i, "probe", &probe_manifest(&label));
+    }
+    // A container the cut-off engine will try to stop.
+    let target = format!("{}-target", c.net);
+    c.run_with(
+        &target,
+        &["--label".to_string(), label.clone()],
+        &[],
+        Infra::get().var("TEST_IMAGE"),
+        &[],
+    );
+    let mut owner = String::new();
+    eventually(30, "the three engines agree on local's owner", || {
+        owner = local_owner(&c, 0).unwrap_or_default();
+        !owner.is_empty() && (1..3).all(|i| local_owner(&c, i).as_deref() == Some(&owner))
+    });
+    let cut: usize = owner
+        .strip_prefix('n')
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("owner {owner}"))
+        - 1;
+    let others: Vec<usize> = (0..3).filter(|i| *i != cut).collect();
+
+    // The owner is cut off: within the lease time (and the renewals a claim waits for)
+    // another node owns local, as the connected nodes' status says.
+    let cut_name = c.node(cut);
+    docker_ok(&["network", "disconnect", &c.net, &cut_name]);
+    c.addrs[cut] = None;
+    let cut_at = Instant::now();
+    let mut next = String::new();
+    eventually(40, "a connected node owns local", || {
+        next = local_owner(&c, others[0]).unwrap_or_default();
+        !next.is_empty() && next != owner
+    });
+    let took = cut_at.elapsed();
+    assert!(
+        took <= Duration::from_secs(lease * 3 + 5),
+        "takeover took {took:?} with a {lease}s lease"
+    );
+    eventually(20, "both connected nodes name the new owner", || {
+        local_owner(&c, others[1]).as_deref() == Some(&next)
+    });
+
+    // A manual run on the cut-off engine that calls the device fails with the fencing
+    // error, and the container it tried to stop still runs.
+    let report = probe_run(
+        &c,
+        cut,
+        &serde_json::json!([{"op": "stop", "device": "local", "container": target}]),
+    );
+    let results = probe_results(&report);
+    let error = results[0]["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.starts_with("unreachable:")
+            && (error.contains("cannot reach the cluster to find its owner")
+                || error.contains("does not own it now")),
+        "{results:?}"
+    );
+    assert_eq!(
+        docker_ok(&["inspect", "--format", "{{.State.Running}}", &target]),
+        "true",
+        "the cut-off engine stopped the container"
+    );
+    let run_id = report["run_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the run has no id: {report}"))
+        .to_string();
+
+    // Reconnected: it rejoins, every node names one and the same owner, and the manual
+    // run is recorded once (on the node asked).
+    docker_ok(&["network", "connect", &c.net, &cut_name]);
+    c.refresh_addr(cut);
+    let all: BTreeSet<String> = ["n1", "n2", "n3"].map(String::from).into();
+    eventually(30, "every node sees the three alive again", || {
+        (0..3).all(|i| c.alive_seen_by(i) == all)
+    });
+    let mut agreed = String::new();
+    eventually(30, "the three engines agree on one owner of local", || {
+        agreed = local_owner(&c, 0).unwrap_or_default();
+        !agreed.is_empty() && (1..3).all(|i| local_owner(&c, i).as_deref() == Some(&agreed))
+    });
+    let listed: Vec<usize> = (0..3)
+        .map(|i| {
+            c.runs_all(i, "probe")
+                .iter()
+                .filter(|r| r["id"] == run_id.as_str())
+                .count()
+        })
+        .collect();
+    assert_eq!(
+        listed[cut], 1,
+        "the manual run on the node asked: {listed:?}"
+    );
+    assert!(listed.iter().all(|n| *n <= 1), "recorded twice: {listed:?}");
+    // The rejoined engine reaches the device again (itself or through the owner).
+    let mut results = Vec::new();
+    eventually(20, "the rejoined engine reaches local", || {
+        results = probe_results(&probe_run(
+            &c,
+            cut,
+            &serde_json::json!([{"op": "check", "device": "local"}]),
+        ));
+        results[0].get("ok").is_some()
+    });
+    let total = cut_at.elapsed();
+    assert!(
+        total < Duration::from_secs(90),
+        "the partition test took {total:?}"
+    );
+    eprintln!(
+        "{owner} cut off: local taken over by {next} in {:.1}s; its manual run got \"{error}\"; after the rejoin {agreed} owns it; {:.1}s from the cut to the end",
+        took.as_secs_f64(),
+        total.as_secs_f64()
     );
 }

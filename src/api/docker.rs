@@ -7,6 +7,10 @@
 //! - `POST /api/docker/check/{id}`: the same, with options (a timeout, trust on first
 //!   use, or `pooled`: over the engine's own connection to the device).
 //!
+//! In cluster mode, a check of a stored device on a node that does not own it goes to
+//! the owner node over NATS (the owner's connection is the one plugins use), and the
+//! report names it (`owner`); no owner is a failed check at the step `owner`.
+//!
 //! All answer with the check report: 200 only when the daemon answered, 502 when the
 //! device or the daemon failed, 504 on a timeout (the body says which kind of failure,
 //! what to do, and which steps succeeded). The engine runs at most
@@ -294,6 +298,18 @@ async fn check_stored_report(
             "trust_host_key is for ssh devices; {} is a {} device",
             dev.name, dev.kind
         )));
+    }
+    // Cluster mode: the owner's connection is the one that counts; a node that does not
+    // own the device asks the owner (a first-use key pin is this node's own setup and
+    // connects from here).
+    if !settings.trust_host_key
+        && let Some(cluster) = state.scheduler.cluster()
+        && !cluster.holds(&dev.name)
+    {
+        let mut report = cluster.check_through_owner(&dev, settings.timeout).await;
+        report.device_id = Some(dev.id);
+        state.docker.history().record(report.clone());
+        return Ok(report);
     }
     let mut report = state
         .docker

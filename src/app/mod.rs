@@ -198,6 +198,9 @@ impl App {
             if let Some(file) = &p.access_log {
                 proxy = proxy.with_access_log(AccessLog::open(file).with_context(context)?);
             }
+            if let Some(cluster) = scheduler.cluster() {
+                proxy = proxy.in_cluster(cluster.clone());
+            }
             let listener = ProxyListener::bind(&p.listen).await?;
             notify(Notice::ProxyListening {
                 device: &device.name,

@@ -108,6 +108,9 @@ pub(crate) fn print_one(r: &CheckReport) {
             r.error.as_ref().map(|e| e.kind.as_ref()).unwrap_or("?")
         );
     }
+    if let Some(o) = &r.owner {
+        println!("  through:  owner node {o} (cluster mode; this node does not own the device)");
+    }
     if let Some(d) = &r.docker {
         println!(
             "  docker:   {} (API {}, speaking {}), {}/{}{}",

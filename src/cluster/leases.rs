@@ -68,6 +68,35 @@ pub struct LeaseView {
     pub this_node: bool,
 }
 
+/// Why this node cannot send a device's requests anywhere: it does not hold the device
+/// and no other node does either (or it cannot tell).
+#[derive(Debug, thiserror::Error)]
+pub enum NoOwner {
+    #[error(
+        "device {device}: this node does not own it and cannot reach the cluster to find its owner ({detail})"
+    )]
+    Unknown { device: String, detail: String },
+    #[error(
+        "device {device} has no owner node in the cluster yet (a node takes it within {secs} s of its lease being free); try again"
+    )]
+    Free { device: String, secs: u64 },
+    #[error(
+        "device {device}: this node does not own it now (its lease renewals are not getting through to NATS), so it does not act on it"
+    )]
+    Fenced { device: String },
+}
+
+impl NoOwner {
+    /// A short word for reports (`device check`): `unreachable`, `no-owner`, `not-owner`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NoOwner::Unknown { .. } => "unreachable",
+            NoOwner::Free { .. } => "no-owner",
+            NoOwner::Fenced { .. } => "not-owner",
+        }
+    }
+}
+
 /// This node's hold on one device.
 #[derive(Debug, Clone)]
 struct Held {
@@ -253,6 +282,26 @@ impl Cluster {
         Ok(entry
             .filter(|e| e.operation == Operation::Put)
             .and_then(|e| serde_json::from_slice::<Lease>(&e.value).ok()))
+    }
+
+    /// The other node that owns `device`, for a device this node does not hold now
+    /// ([`Cluster::holds`] is false): its lease, or why there is none to send to. A
+    /// lease still naming this process (renewals not getting through) is no owner.
+    pub async fn owner_elsewhere(&self, device: &str) -> Result<Lease, NoOwner> {
+        match self.lease_of(device).await {
+            Err(e) => Err(NoOwner::Unknown {
+                device: device.to_string(),
+                detail: e.to_string(),
+            }),
+            Ok(None) => Err(NoOwner::Free {
+                device: device.to_string(),
+                secs: self.leases.lease.as_secs(),
+            }),
+            Ok(Some(l)) if l.instance == self.instance => Err(NoOwner::Fenced {
+                device: device.to_string(),
+            }),
+            Ok(Some(l)) => Ok(l),
+        }
     }
 
     /// Every lease in the bucket, by device.

@@ -98,6 +98,16 @@ impl Cluster {
         }
     }
 
+    /// Where node `name`'s API listens, as its entry says (`None`: no entry, or NATS
+    /// does not answer).
+    pub async fn api_of(&self, name: &str) -> Option<String> {
+        let value = self.nodes.get(name).await.ok()??;
+        serde_json::from_slice::<NodeEntry>(&value)
+            .ok()
+            .map(|e| e.api)
+            .filter(|a| !a.is_empty())
+    }
+
     /// Every node in the bucket, by name, alive or not.
     pub async fn nodes(&self) -> Result<Vec<NodeView>, ClusterError> {
         let mut keys = self

@@ -22,6 +22,9 @@
 //!   device's lease in `capstan_leases`; only it connects to the device and watches its
 //!   events, and the other nodes send their Docker host calls for it to that node over
 //!   NATS request/reply. A dead node's devices are taken over after the lease expires.
+//!   A `[[proxy]]` serves its device only on the owner (421 elsewhere, naming it), and
+//!   `device check` on another node goes through the owner
+//!   ([`Cluster::check_through_owner`]).
 //! - **History** ([`history`]): each run's end is published to the `CAPSTAN_HISTORY`
 //!   stream and every node copies it into its own history, so every node lists every run.
 //! - **Shared configuration** ([`state`], with `[cluster] shared_state`): devices,

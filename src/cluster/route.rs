@@ -10,6 +10,9 @@
 //! max payload, 1 MiB by default), each numbered ([`SEQ`]), the last marked ([`LAST`]);
 //! the caller stops reading at its body cap.
 //!
+//! `device check` on a node that does not own the device sends the check's requests
+//! (`/_ping`, `/version`, `/info`) the same way ([`Cluster::check_through_owner`]).
+//!
 //! The owner serves what any NATS client that can publish on its subject sends: NATS
 //! credentials of the engines are root-equivalent on every device, as for the runs
 //! subjects. It refuses a request for a device it does not hold now (fencing), one over
@@ -26,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::{Cluster, ClusterError, nats};
+use crate::docker::{CheckFailure, CheckReport, DockerFacts, Steps};
 use crate::scheduler::Scheduler;
 
 /// Largest request accepted (method, path and JSON body, encoded).
@@ -34,6 +38,8 @@ pub const MAX_REQUEST: usize = 256 * 1024;
 pub const CHUNK: usize = 512 * 1024;
 /// Requests an owner serves at once; more wait.
 const CONCURRENCY: usize = 64;
+/// Largest answer a routed check reads (`/info` of a busy daemon is a few KiB).
+const CHECK_MAX_BODY: usize = 1024 * 1024;
 /// What a caller waits beyond the request's own time limit for the owner's answer.
 pub const GRACE: Duration = Duration::from_secs(3);
 
@@ -394,6 +400,160 @@ impl Cluster {
             );
         }
         crate::plugin::host::docker_api::perform_routed(scheduler.engine(), &req).await
+    }
+}
+
+impl Cluster {
+    /// `device check` on a node that does not own `device`: the owner's connection is
+    /// the one that counts, so the check's requests (`GET /_ping`, `/version`, `/info`,
+    /// each within `timeout`) go to the owner like a plugin's host calls, and the report
+    /// names it ([`CheckReport::owner`]). No owner (or no NATS) is a failed check at
+    /// the step `owner`, saying why.
+    pub async fn check_through_owner(
+        &self,
+        device: &crate::device::Device,
+        timeout: Duration,
+    ) -> CheckReport {
+        let start = std::time::Instant::now();
+        let steps = Steps::default();
+        let mut report = CheckReport {
+            device: device.name.clone(),
+            device_id: None,
+            kind: device.kind,
+            address: device.address(),
+            connected: false,
+            docker: None,
+            latency_ms: None,
+            total_ms: 0.0,
+            steps: Vec::new(),
+            failed_step: None,
+            error: None,
+            host_key: None,
+            pooled: false,
+            owner: None,
+        };
+        let failure = |kind: &'static str, message: String| CheckFailure {
+            kind: kind.into(),
+            message,
+            offered_methods: None,
+            expected_fingerprint: None,
+            presented_fingerprint: None,
+        };
+        let owner = steps
+            .run("owner", async { self.owner_elsewhere(&device.name).await })
+            .await;
+        let result = match owner {
+            Err(e) => Err(("owner", failure(e.kind(), e.to_string()))),
+            Ok(lease) => {
+                report.owner = Some(lease.owner.clone());
+                self.probe_through(&lease, &device.name, timeout, &steps)
+                    .await
+                    .map_err(|(step, kind, message)| (step, failure(kind, message)))
+            }
+        };
+        match result {
+            Ok((facts, latency)) => {
+                report.connected = true;
+                report.docker = Some(facts);
+                report.latency_ms = Some(latency);
+            }
+            Err((step, e)) => {
+                report.failed_step = Some(step.into());
+                report.error = Some(e);
+            }
+        }
+        report.steps = steps.done();
+        report.total_ms = crate::millis(start.elapsed());
+        report
+    }
+
+    /// Ping, version and info through the owner: the facts and the ping's round trip,
+    /// or the step that failed with a kind and a message.
+    async fn probe_through(
+        &self,
+        lease: &super::leases::Lease,
+        device: &str,
+        timeout: Duration,
+        steps: &Steps,
+    ) -> Result<(DockerFacts, f64), (&'static str, &'static str, String)> {
+        let ask = |step: &'static str, path: &'static str| async move {
+            let req = DockerRequest {
+                device: device.to_string(),
+                method: "GET".into(),
+                path: path.into(),
+                body: None,
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                max_body: CHECK_MAX_BODY as u64,
+            };
+            let fail = |kind, why: String| {
+                Err((
+                    step,
+                    kind,
+                    format!(
+                        "device {device}, through its owner node {}: {why}",
+                        lease.owner
+                    ),
+                ))
+            };
+            match self.route_docker(&lease.owner, &lease.instance, &req).await {
+                Err(e @ RouteError::NoAnswer { .. }) => fail("timeout", e.to_string()),
+                Err(e) => fail("unreachable", e.to_string()),
+                Ok(Outcome::Error { kind, message }) => {
+                    let kind = match kind {
+                        ErrorKind::Timeout => "timeout",
+                        ErrorKind::NotOwner => "not-owner",
+                        ErrorKind::Docker(_) | ErrorKind::NotFound => "daemon",
+                        _ => "unreachable",
+                    };
+                    fail(kind, message)
+                }
+                Ok(Outcome::Answer { status, body, .. }) if (200..300).contains(&status) => {
+                    Ok(body)
+                }
+                Ok(Outcome::Answer { status, body, .. }) => fail(
+                    "daemon",
+                    format!(
+                        "the daemon answered {path} with {status}: {}",
+                        String::from_utf8_lossy(&body).trim()
+                    ),
+                ),
+            }
+        };
+        let t = std::time::Instant::now();
+        steps.run("ping", ask("ping", "/_ping")).await?;
+        let latency = crate::millis(t.elapsed());
+        let version = steps.run("version", ask("version", "/version")).await?;
+        let info = steps.run("info", ask("info", "/info")).await?;
+        let json = |step: &'static str, b: &Bytes| {
+            serde_json::from_slice::<serde_json::Value>(b).map_err(|e| {
+                (
+                    step,
+                    "daemon",
+                    format!("device {device}: the daemon's {step} is not JSON: {e}"),
+                )
+            })
+        };
+        let (v, i) = (json("version", &version)?, json("info", &info)?);
+        let text = |x: &serde_json::Value| x.as_str().map(str::to_string);
+        let api_version = text(&v["ApiVersion"]).unwrap_or_default();
+        Ok((
+            DockerFacts {
+                version: text(&v["Version"]).unwrap_or_default(),
+                // The owner's connection speaks with the daemon; it is not known here.
+                negotiated_api_version: api_version.clone(),
+                api_version,
+                min_api_version: text(&v["MinAPIVersion"]),
+                os: text(&v["Os"]).unwrap_or_default(),
+                arch: text(&v["Arch"]).unwrap_or_default(),
+                kernel_version: text(&v["KernelVersion"]),
+                operating_system: text(&i["OperatingSystem"]),
+                name: text(&i["Name"]),
+                containers: i["Containers"].as_i64(),
+                containers_running: i["ContainersRunning"].as_i64(),
+                images: i["Images"].as_i64(),
+            },
+            latency,
+        ))
     }
 }
 

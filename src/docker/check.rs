@@ -70,6 +70,11 @@ pub struct CheckReport {
     /// The check went over the engine's pooled connection, not a fresh one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pooled: bool,
+    /// Cluster mode: the node that owns the device and answered the check over NATS
+    /// (the node asked does not own it); the steps are timed from the node asked, so
+    /// they include the hop to the owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Why a check failed.
@@ -235,6 +240,7 @@ async fn check_client(
         error: None,
         host_key: None,
         pooled: false,
+        owner: None,
     };
     let client = match client {
         Ok(c) => Some(c),

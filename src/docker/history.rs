@@ -103,6 +103,7 @@ mod tests {
             error: None,
             host_key: None,
             pooled: false,
+            owner: None,
         }
     }
 

@@ -232,25 +232,15 @@ async fn owner_of(
     cluster: &std::sync::Arc<crate::cluster::Cluster>,
     device: &str,
 ) -> Result<Target, HostError> {
-    let lease = cluster.lease_of(device).await.map_err(|e| {
-        HostError::unreachable(format!(
-            "device {device}: this node does not own it and cannot reach the cluster to find its owner ({e})"
-        ))
-    })?;
-    match lease {
-        None => Err(HostError::unreachable(format!(
-            "device {device} has no owner node in the cluster yet (a node takes it within {} s of its lease being free); try again",
-            cluster.lease_time().as_secs()
-        ))),
-        Some(l) if l.instance == cluster.instance() => Err(HostError::unreachable(format!(
-            "device {device}: this node does not own it now (its lease renewals are not getting through to NATS), so it does not act on it"
-        ))),
-        Some(l) => Ok(Target::Owner {
-            cluster: cluster.clone(),
-            owner: l.owner,
-            instance: l.instance,
-        }),
-    }
+    let lease = cluster
+        .owner_elsewhere(device)
+        .await
+        .map_err(|e| HostError::unreachable(e.to_string()))?;
+    Ok(Target::Owner {
+        cluster: cluster.clone(),
+        owner: lease.owner,
+        instance: lease.instance,
+    })
 }
 
 fn device_of(d: &crate::device::Device) -> Device {
