@@ -907,7 +907,10 @@ fn cluster_compose_starts_three_engines_that_form_one_cluster() {
     };
     let first = plugins_on(1);
     for name in ["autoheal", "crashloop", "inventory", "redeploy", "updates"] {
-        assert!(first.iter().any(|n| n == name), "{name} not on capstan1: {first:?}");
+        assert!(
+            first.iter().any(|n| n == name),
+            "{name} not on capstan1: {first:?}"
+        );
     }
     assert_eq!(plugins_on(2), first);
     assert_eq!(plugins_on(3), first);

@@ -47,10 +47,12 @@
 //!   deleted is deleted here). On a node's first join, its records the bucket never had
 //!   are published (the first node seeds the cluster) and the bucket wins for the rest.
 //!
-//! The vault: the first node puts its header in the bucket. A node whose vault is empty
-//! (or absent) adopts the cluster's header when its own passphrase or key file opens it;
-//! a wrong one fails the start and writes nothing. A node whose vault holds secrets under
-//! another data key refuses to start. `vault rotate-key` and `change-passphrase` are
+//! The vault: the first node puts its header in the bucket. A node adopts the cluster's
+//! header when its own passphrase or key file opens it; a wrong one fails the start and
+//! writes nothing. Secrets the node's vault already holds under a data key of its own (a
+//! hook secret made on its first start) are re-sealed under the cluster's data key when
+//! the same key opens both; a node whose vault its key does not open that way refuses to
+//! start. `vault rotate-key` and `change-passphrase` are
 //! per-node operations and would split the cluster's key: they are refused while a
 //! shared-state engine runs (the data directory is locked) and must not be run on one
 //! node's stopped data directory alone.
@@ -472,20 +474,18 @@ impl SharedState {
             {
                 return Ok(());
             }
-            if !c.sealed.is_empty() {
-                return Err(StateError::OtherDataKey {
-                    secrets: c.sealed.len(),
-                    bucket: self.bucket.clone(),
-                }
-                .into());
-            }
         }
         let source = crate::engine::key_source_for(settings, &header.protection, pass)?;
         match crate::vault::adopt_header(&store, &header, &source) {
-            Ok(()) => {
-                tracing::info!(bucket = %self.bucket, "cluster: this node's vault now is the cluster's (the same data key)");
+            Ok(resealed) => {
+                tracing::info!(bucket = %self.bucket, resealed, "cluster: this node's vault now is the cluster's (the same data key; its own secrets re-sealed under it)");
                 Ok(())
             }
+            Err(crate::vault::VaultError::AlreadyInitialized) => Err(StateError::OtherDataKey {
+                secrets: stored.as_ref().map_or(0, |c| c.sealed.len()),
+                bucket: self.bucket.clone(),
+            }
+            .into()),
             Err(crate::vault::VaultError::WrongKey(what)) => Err(StateError::WrongKey {
                 what,
                 bucket: self.bucket.clone(),

@@ -189,12 +189,16 @@ pub fn read_stored(store: &Store) -> Result<Option<Contents>> {
     file::read(&store.data_dir)
 }
 
-/// Makes `header` (the cluster's vault header) this data directory's vault header,
-/// keeping no secret: for a node joining a cluster with an empty vault (or none). The
-/// key `source` must open it (the master key unwraps its data key): a wrong passphrase or
-/// key file fails with [`VaultError::WrongKey`] and nothing is written. A vault that
-/// holds secrets is never replaced.
-pub fn adopt_header(store: &Store, header: &Header, source: &KeySource) -> Result<()> {
+/// Makes `header` (the cluster's vault header) this data directory's vault header: for
+/// a node joining a cluster. The key `source` must open it (the master key unwraps its
+/// data key): a wrong passphrase or key file fails with [`VaultError::WrongKey`] and
+/// nothing is written. Secrets the vault already holds (sealed under its own data key,
+/// e.g. a hook secret made on the node's first start) are re-sealed under the cluster's
+/// data key, which needs `source` to open this vault too; when it does not, the vault is
+/// left as it is and [`VaultError::AlreadyInitialized`] says the two keys differ. The
+/// new file replaces the old in one rename, as every vault change does. Returns how many
+/// secrets were re-sealed.
+pub fn adopt_header(store: &Store, header: &Header, source: &KeySource) -> Result<usize> {
     if header.format != FORMAT {
         return Err(VaultError::Corrupt(format!(
             "the cluster's vault format {} is not supported by this version of capstan (expects {FORMAT})",
@@ -202,19 +206,32 @@ pub fn adopt_header(store: &Store, header: &Header, source: &KeySource) -> Resul
         )));
     }
     let master = master_key_for(&header.protection, source)?;
-    unwrap_data_key(header, &master, source)?;
+    let cluster_key = unwrap_data_key(header, &master, source)?;
+    let mut sealed = BTreeMap::new();
     if let Some(existing) = file::read(&store.data_dir)?
         && !existing.sealed.is_empty()
     {
-        return Err(VaultError::AlreadyInitialized);
+        let own_key = master_key_for(&existing.header.protection, source)
+            .and_then(|m| unwrap_data_key(&existing.header, &m, source))
+            .map_err(|_| VaultError::AlreadyInitialized)?;
+        for (name, bytes) in &existing.sealed {
+            let plain = own_key.open(bytes, &aad(name)).ok_or_else(|| {
+                VaultError::Corrupt(format!(
+                    "secret {name} does not open under this vault's key"
+                ))
+            })?;
+            sealed.insert(name.clone(), cluster_key.seal(plain.expose(), &aad(name)));
+        }
     }
+    let resealed = sealed.len();
     file::write(
         &store.data_dir,
         &Contents {
             header: header.clone(),
-            sealed: BTreeMap::new(),
+            sealed,
         },
-    )
+    )?;
+    Ok(resealed)
 }
 
 /// Rewrites the vault file into a fresh one and scrubs the old (and whatever an
@@ -715,6 +732,57 @@ mod tests {
             v.get(&SecretName::new("device", "abc", "other"))
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn adopting_a_clusters_header_reseals_own_secrets_when_the_same_key_opens_both() {
+        // Two vaults on one key file: each has a data key of its own.
+        let (dir_a, a) = db();
+        let src = key_file(dir_a.path());
+        Vault::init(&a, &src, Argon2Params::DEFAULT).unwrap();
+        let (_dir_b, b) = db();
+        let vb = Vault::init(&b, &src, Argon2Params::DEFAULT).unwrap();
+        let name = SecretName::new("hook", "deploy", "secret");
+        vb.put(&name, &Secret::from_str_owned("whsec-b".into()))
+            .unwrap();
+        drop(vb);
+        let cluster = read_header(&a).unwrap().unwrap();
+        assert_ne!(
+            read_header(&b).unwrap().unwrap().wrapped_data_key(),
+            cluster.wrapped_data_key()
+        );
+        assert_eq!(adopt_header(&b, &cluster, &src).unwrap(), 1);
+        let stored = read_stored(&b).unwrap().unwrap();
+        assert_eq!(stored.header.wrapped_data_key(), cluster.wrapped_data_key());
+        // The secret is kept, sealed under the cluster's data key: a's key opens it.
+        let va = Vault::open(&a, &src).unwrap();
+        va.put_sealed(name.as_str(), &stored.sealed[name.as_str()])
+            .unwrap();
+        assert_eq!(va.get(&name).unwrap().unwrap().expose(), b"whsec-b");
+        assert_eq!(
+            Vault::open(&b, &src)
+                .unwrap()
+                .get(&name)
+                .unwrap()
+                .unwrap()
+                .expose(),
+            b"whsec-b"
+        );
+
+        // A vault whose own key is another one is left as it is.
+        let (dir_c, c) = db();
+        let other = key_file(dir_c.path());
+        let vc = Vault::init(&c, &other, Argon2Params::DEFAULT).unwrap();
+        vc.put(&name, &Secret::from_str_owned("whsec-c".into()))
+            .unwrap();
+        drop(vc);
+        let before = read_stored(&c).unwrap().unwrap();
+        let err = adopt_header(&c, &cluster, &src).unwrap_err();
+        assert!(matches!(err, VaultError::AlreadyInitialized), "{err}");
+        assert_eq!(
+            read_stored(&c).unwrap().unwrap().header.wrapped_data_key(),
+            before.header.wrapped_data_key()
         );
     }
 
