@@ -468,12 +468,11 @@ impl SharedState {
         })?;
         let store = crate::store::Store::open(&settings.data_dir)?;
         let stored = crate::vault::read_stored(&store)?;
-        if let Some(c) = &stored {
-            if c.header.wrapped_data_key() == header.wrapped_data_key()
-                && c.header.generation == header.generation
-            {
-                return Ok(());
-            }
+        if let Some(c) = &stored
+            && c.header.wrapped_data_key() == header.wrapped_data_key()
+            && c.header.generation == header.generation
+        {
+            return Ok(());
         }
         let source = crate::engine::key_source_for(settings, &header.protection, pass)?;
         match crate::vault::adopt_header(&store, &header, &source) {
