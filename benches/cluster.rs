@@ -133,7 +133,9 @@ fn serve(data: &Path, secret: String, cluster: Option<(&str, &str, &str)>) -> En
     if let Some((urls, name, node)) = cluster {
         c.args(["--cluster", urls])
             .env("CAPSTAN_CLUSTER_NAME", name)
-            .env("CAPSTAN_CLUSTER_NODE_NAME", node);
+            .env("CAPSTAN_CLUSTER_NODE_NAME", node)
+            // Each node is set up on its own (its vault, the plugin, the hook secret).
+            .env("CAPSTAN_CLUSTER_SHARED_STATE", "false");
     }
     let mut child = c
         .stdout(Stdio::piped())

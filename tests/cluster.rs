@@ -94,7 +94,11 @@ impl Node {
         let mut server = Server::start_with(&self.data, |c| {
             c.args(["--cluster", urls])
                 .env("CAPSTAN_CLUSTER_NODE_NAME", &self.name)
-                .env("CAPSTAN_CLUSTER_NAME", cluster);
+                .env("CAPSTAN_CLUSTER_NAME", cluster)
+                // These nodes are each set up on their own (a vault and key of their own,
+                // the plugin installed on each): runs, leases and history are under test
+                // here, shared configuration in tests/cluster_state.rs.
+                .env("CAPSTAN_CLUSTER_SHARED_STATE", "false");
             for (k, v) in env {
                 c.env(k, v);
             }

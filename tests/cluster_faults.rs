@@ -200,6 +200,9 @@ impl Cluster {
             let mut vars = vec![
                 format!("CAPSTAN_CLUSTER_NODE_NAME=n{}", i + 1),
                 cluster.clone(),
+                // Each engine has a vault and key of its own and the plugin installed on
+                // it: configuration is not shared here (tests/cluster_state.rs shares it).
+                "CAPSTAN_CLUSTER_SHARED_STATE=false".to_string(),
             ];
             vars.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
             let name = c.node(i);

@@ -61,7 +61,7 @@ pub struct ClusterSection {
     /// Share the configuration (devices, plugins, tokens, notifiers, hook and device
     /// secrets as vault ciphertext) through JetStream KV, so a change on one node takes
     /// effect on every node (see [`crate::cluster::state`]). Every node then needs the
-    /// same vault master key (passphrase or key file). Default false. Env
+    /// same vault master key (passphrase or key file). Default true. Env
     /// `CAPSTAN_CLUSTER_SHARED_STATE` (`true`/`false`).
     pub shared_state: Option<bool>,
 }
@@ -274,7 +274,7 @@ pub fn resolve(
                 ));
             }
         },
-        None => file.shared_state.unwrap_or(false),
+        None => file.shared_state.unwrap_or(true),
     };
     Ok(Some(ClusterSettings {
         shared_state,
