@@ -18,8 +18,8 @@
 //! appended, writes it to the segment and hands its `fdatasync` to an idle sync thread;
 //! it takes the next group as soon as another sync thread is idle, so up to
 //! [`SYNC_THREADS`] syncs are under way at once (a device overlaps them: on a virtual
-//! disk here, two concurrent `fdatasync` loops made 1.7 times as many syncs per second
-//! as one, four 2.6 times). A caller is answered by the first sync that returns after its write:
+//! disk here, three concurrent `fdatasync` loops made about 2.6 times as many syncs per
+//! second as one). A caller is answered by the first sync that returns after its write:
 //! it waits about one sync instead of the rest of the one under way plus a whole next
 //! one. When every sync thread is busy, appends accumulate into one larger group: under
 //! load, each `fdatasync` still makes many records durable. When nobody asks, the threads
