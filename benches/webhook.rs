@@ -1029,9 +1029,6 @@ struct Stages {
     /// Durable records per second the 16 writers reached, without HTTP or runs: the
     /// ceiling the journal puts on 16 connections each waiting for its 202.
     durable_per_sec: f64,
-    /// The same with one journal sync at a time (the baseline for overlapping syncs):
-    /// records/s, mean write µs, records per write.
-    one_sync: (f64, f64, f64),
     /// `PluginRuntime::run_as` of the trivial plugin: instantiate and call.
     instantiate_call: f64,
     /// `RunStore::finish`: the final record.
@@ -1039,55 +1036,6 @@ struct Stages {
     /// `Scheduler::submit_durable` to the run's end, 16 at a time: the whole run path
     /// without HTTP.
     submit_to_end: f64,
-}
-
-/// 16 writers each creating a queued record and waiting for it to be durable, on a
-/// store whose journal has `syncs` syncs under way at most: records/s, mean journal
-/// write (write + fdatasync) µs, records per write.
-fn journal_ceiling(dir: &Path, syncs: usize) -> (f64, f64, f64) {
-    use capstan::runs::{RunEnd, RunStore, RunTrigger};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let _guard = rt.enter();
-    let engine = common::engine_in(dir);
-    engine.store.set_journal_syncs(syncs);
-    let runs =
-        std::sync::Arc::new(RunStore::open(&engine.store, RunStoreConfig::default()).unwrap());
-    let (flushes, busy) = (engine.store.flushes(), engine.store.journal_busy());
-    let wall = Instant::now();
-    rt.block_on(async {
-        let per = BREAKDOWN_OPS / 16;
-        let tasks: Vec<_> = (0..16)
-            .map(|_| {
-                let (runs, store) = (runs.clone(), engine.store.clone());
-                tokio::spawn(async move {
-                    for _ in 0..per {
-                        let r = runs
-                            .create(
-                                "stages",
-                                RunTrigger::Webhook {
-                                    hook: HOOK.into(),
-                                    delivery: None,
-                                },
-                            )
-                            .unwrap();
-                        store.durable().await.unwrap();
-                        runs.finish(r.id, RunEnd::ok(None)).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-    });
-    let per_sec = BREAKDOWN_OPS as f64 / wall.elapsed().as_secs_f64();
-    let writes = (engine.store.flushes() - flushes).max(1);
-    let mean = (engine.store.journal_busy() - busy).as_secs_f64() * 1e6 / writes as f64;
-    (per_sec, mean, BREAKDOWN_OPS as f64 / writes as f64)
 }
 
 fn measure_stages(scratch: &Path) -> Stages {
@@ -1238,7 +1186,6 @@ fn measure_stages(scratch: &Path) -> Stages {
         flushes,
         journal_write_us,
         durable_per_sec,
-        one_sync: journal_ceiling(&scratch.join("one-sync"), 1),
         instantiate_call,
         final_record,
         submit_to_end,
@@ -1294,12 +1241,6 @@ fn print_breakdown(capstan: &Outcome, stages: &Stages) {
         "  journal write (write + fdatasync): {:.0} µs wall on average; 16 writers alone \
          (no HTTP, no runs) made {:.0} records/s durable, the ceiling for 16 connections",
         stages.journal_write_us, stages.durable_per_sec
-    );
-    let (rate, mean, group) = stages.one_sync;
-    println!(
-        "  with one journal sync at a time instead: {rate:.0} records/s, {mean:.0} µs per write, \
-         {group:.1} records per write ({:.2}x from overlapping syncs)",
-        stages.durable_per_sec / rate
     );
     println!(
         "  the rest ({:.1} µs): task hand-offs between the HTTP task, the run task and the \

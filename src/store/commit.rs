@@ -13,18 +13,11 @@
 //! until the journal holds everything appended before the call, written and
 //! `fdatasync`ed. sled is written as before, and flushes on its own schedule.
 //!
-//! **One write thread and a few sync threads** keep the journal. A caller appends (in
-//! memory), asks for the next write and waits. The write thread takes everything
-//! appended, writes it to the segment and hands its `fdatasync` to an idle sync thread;
-//! it takes the next group as soon as another sync thread is idle, so up to
-//! [`SYNC_THREADS`] syncs are under way at once (a device overlaps them: on a virtual
-//! disk here, three concurrent `fdatasync` loops made about 2.6 times as many syncs per
-//! second as one). A caller is answered by the first sync that returns after its write:
-//! it waits about one sync instead of the rest of the one under way plus a whole next
-//! one. When every sync thread is busy, appends accumulate into one larger group: under
-//! load, each `fdatasync` still makes many records durable. When nobody asks, the threads
-//! sleep; they are started on the first request (a CLI command that never asks starts
-//! none).
+//! **One flush thread** writes the journal. A caller appends (in memory), asks for the
+//! next write and waits; while a write is under way, everyone who asks waits for the one
+//! after it, and that one covers them all: under load, each `fdatasync` makes many
+//! records durable (a group). When nobody asks, the thread sleeps; it is started on the
+//! first request (a CLI command that never asks starts none).
 //!
 //! **Segments.** The journal is a sequence of files `journal/NNNNNNNNNNNNNNNN.log` in the
 //! data directory. Once one holds [`SEGMENT_BYTES`], the next write goes to a new file and
@@ -70,9 +63,6 @@ use super::{DB_DIR, StoreError, Tree, io_err, sync_dir};
 pub const JOURNAL_DIR: &str = "journal";
 /// A segment's size past which it is retired and the next write starts a new one.
 pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
-/// Journal syncs that may be under way at once: the device overlaps them, so a write
-/// can start (and its waiters be answered) before the previous sync has returned.
-const SYNC_THREADS: usize = 3;
 /// Bytes before an entry's payload: its length and its CRC32 (both u32, little-endian).
 const HEADER: usize = 8;
 
@@ -93,38 +83,14 @@ struct State {
     busy: std::time::Duration,
     /// Segments full or failed, whose entries sled holds once flushed.
     retired: Vec<PathBuf>,
-    /// Written journal bytes waiting for an `fdatasync` by a sync thread.
-    syncs: std::collections::VecDeque<SyncJob>,
-    /// Sync threads not busy with an `fdatasync`.
-    idle_syncers: usize,
-    /// Sync threads to start with the write thread ([`SYNC_THREADS`]).
-    sync_threads: usize,
-    /// After a failed `fdatasync` whose fallback (a flush of sled) failed too: every
-    /// later sync is followed by a flush of sled until one succeeds (a failed
-    /// `fdatasync` may have dropped the pages it did not write, so a later successful
-    /// one does not cover them).
-    degraded: bool,
     stop: bool,
     thread: Option<JoinHandle<()>>,
-    syncers: Vec<JoinHandle<()>>,
     checkpoint: Option<JoinHandle<()>>,
-}
-
-/// Journal bytes up to `end` written to `file`, to be made durable.
-struct SyncJob {
-    file: Arc<File>,
-    path: PathBuf,
-    end: u64,
-    /// When the write started (for [`GroupCommit::busy`]).
-    began: std::time::Instant,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the write thread: a write is wanted, a sync thread became idle, or stop.
     wake: Condvar,
-    /// Wakes the sync threads: a sync job is queued, or stop.
-    sync_wake: Condvar,
     flushed: watch::Sender<Flushed>,
     dir: PathBuf,
     /// The database's own directory.
@@ -271,17 +237,11 @@ impl GroupCommit {
                     flushes: 0,
                     busy: std::time::Duration::ZERO,
                     retired: Vec::new(),
-                    syncs: std::collections::VecDeque::new(),
-                    idle_syncers: 0,
-                    sync_threads: SYNC_THREADS,
-                    degraded: false,
                     stop: false,
                     thread: None,
-                    syncers: Vec::new(),
                     checkpoint: None,
                 }),
                 wake: Condvar::new(),
-                sync_wake: Condvar::new(),
                 flushed: watch::channel((0, None)).0,
                 dir: data_dir.join(JOURNAL_DIR),
                 db_dir: data_dir.join(DB_DIR),
@@ -329,17 +289,9 @@ impl GroupCommit {
         lock(&self.shared.state).flushes
     }
 
-    /// Time spent in journal writes so far (each a write and its `fdatasync`; they
-    /// overlap, so this is more than the wall time they took together).
+    /// Time spent in journal writes so far (each a write and its `fdatasync`).
     pub fn busy(&self) -> std::time::Duration {
         lock(&self.shared.state).busy
-    }
-
-    /// How many journal syncs may be under way at once (at least 1; the default is
-    /// [`SYNC_THREADS`]), for benchmarks that compare one with several. Takes effect
-    /// only before the first [`GroupCommit::durable`] starts the threads.
-    pub fn set_sync_threads(&self, n: usize) {
-        lock(&self.shared.state).sync_threads = n.max(1);
     }
 
     /// Asks for a write covering everything appended so far; returns the position to
@@ -356,21 +308,14 @@ impl GroupCommit {
         if state.wanted < target {
             state.wanted = target;
             if state.thread.is_none() {
-                let start = |name: &str, f: fn(&Arc<Shared>)| {
-                    let shared = self.shared.clone();
-                    std::thread::Builder::new()
-                        .name(name.into())
-                        .spawn(move || f(&shared))
-                        .map_err(|e| {
-                            StoreError::Flush(format!("cannot start the journal threads: {e}"))
-                        })
-                };
-                for _ in 0..state.sync_threads {
-                    let t = start("capstan-sync", sync_loop)?;
-                    state.syncers.push(t);
-                    state.idle_syncers += 1;
-                }
-                state.thread = Some(start("capstan-commit", flush_loop)?);
+                let shared = self.shared.clone();
+                let thread = std::thread::Builder::new()
+                    .name("capstan-commit".into())
+                    .spawn(move || flush_loop(&shared))
+                    .map_err(|e| {
+                        StoreError::Flush(format!("cannot start the flush thread: {e}"))
+                    })?;
+                state.thread = Some(thread);
             }
             self.shared.wake.notify_one();
         }
@@ -384,7 +329,7 @@ fn stopped() -> StoreError {
 
 /// The segment being written: its file, path and size.
 struct Segment {
-    file: Arc<File>,
+    file: File,
     path: PathBuf,
     bytes: u64,
 }
@@ -415,7 +360,7 @@ fn new_segment(dir: &Path, number: &mut u64) -> Result<Segment, StoreError> {
                     sync_dir(parent)?;
                 }
                 return Ok(Segment {
-                    file: Arc::new(file),
+                    file,
                     path,
                     bytes: 0,
                 });
@@ -431,36 +376,24 @@ fn write_out(segment: &mut Segment, bytes: &[u8]) -> Result<(), StoreError> {
     segment
         .file
         .write_all_at(bytes, segment.bytes)
+        .and_then(|()| segment.file.sync_data())
         .map_err(|e| io_err("write", &segment.path, e))?;
     segment.bytes += bytes.len() as u64;
     Ok(())
 }
 
-/// The write thread: takes what was appended, writes it to the segment (`pwrite`), and
-/// hands the `fdatasync` to an idle sync thread, so a write can start while earlier
-/// ones are still being synced (the device overlaps them). It waits for an idle sync
-/// thread before taking the next group, so at most [`SYNC_THREADS`] syncs are under way
-/// and a busy journal still makes large groups.
-///
-/// Why a later sync answers for earlier writes: `fdatasync` makes every write to the
-/// file that returned before it was called durable, and this thread writes one after
-/// another, so a sync that returns covers its own write and every earlier write to the
-/// same segment. When the segment changes, the old one is synced here before the first
-/// write to the new one, so the rule holds across segments too.
 fn flush_loop(shared: &Arc<Shared>) {
     let mut segment: Option<Segment> = None;
     let mut number = 0u64;
     let mut spare: Vec<u8> = Vec::new();
+    // After a failed write: sled is flushed until that succeeds.
+    let mut degraded = false;
     // The journal position taken for writing so far (written, or failed and answered).
     let mut taken = 0u64;
     loop {
-        let (end, degraded) = {
+        let end = {
             let mut state = lock(&shared.state);
-            // Wait for something to write and a sync thread to take it; when stopping,
-            // what is wanted is still written (the sync threads drain their queue).
-            while (state.wanted <= taken && !state.stop)
-                || (state.wanted > taken && state.idle_syncers == 0)
-            {
+            while state.wanted <= taken && !state.stop {
                 state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
             }
             if state.wanted <= taken {
@@ -470,7 +403,7 @@ fn flush_loop(shared: &Arc<Shared>) {
             spare.clear();
             std::mem::swap(&mut state.buf, &mut spare);
             taken = state.appended;
-            (taken, state.degraded)
+            taken
         };
         let began = std::time::Instant::now();
         let written = match segment.take() {
@@ -478,29 +411,15 @@ fn flush_loop(shared: &Arc<Shared>) {
             None => new_segment(&shared.dir, &mut number),
         }
         .and_then(|mut s| write_out(&mut s, &spare).map(|()| s));
-        match written {
+        lock(&shared.state).busy += began.elapsed();
+        let outcome = match written {
             Ok(s) if !degraded => {
-                let job = SyncJob {
-                    file: s.file.clone(),
-                    path: s.path.clone(),
-                    end,
-                    began,
-                };
                 if s.bytes >= SEGMENT_BYTES {
-                    // The next write goes to a new segment: this one's writes are synced
-                    // first (see above), then it is retired.
-                    let synced = s.file.sync_data().map_err(|e| io_err("sync", &s.path, e));
-                    lock(&shared.state).busy += began.elapsed();
                     retire(shared, s.path);
-                    answer(shared, end, synced);
                 } else {
                     segment = Some(s);
-                    let mut state = lock(&shared.state);
-                    state.idle_syncers -= 1;
-                    state.syncs.push_back(job);
-                    drop(state);
-                    shared.sync_wake.notify_one();
                 }
+                Ok(())
             }
             other => {
                 if let Err(e) = &other {
@@ -511,75 +430,18 @@ fn flush_loop(shared: &Arc<Shared>) {
                     segment = Some(s);
                 }
                 let flushed = flush_db(&shared.db, &shared.db_dir);
-                lock(&shared.state).busy += began.elapsed();
-                publish(shared, end, flushed);
-            }
-        }
-    }
-}
-
-/// A sync thread: `fdatasync`s what the write thread wrote and answers the waiters.
-fn sync_loop(shared: &Arc<Shared>) {
-    loop {
-        let job = {
-            let mut state = lock(&shared.state);
-            loop {
-                if let Some(job) = state.syncs.pop_front() {
-                    break job;
-                }
-                if state.stop {
-                    return;
-                }
-                state = shared
-                    .sync_wake
-                    .wait(state)
-                    .unwrap_or_else(|e| e.into_inner());
+                degraded = flushed.is_err();
+                flushed.map_err(|e| Arc::<str>::from(e.to_string()))
             }
         };
-        let synced = job
-            .file
-            .sync_data()
-            .map_err(|e| io_err("sync", &job.path, e));
-        {
-            let mut state = lock(&shared.state);
-            state.busy += job.began.elapsed();
-            state.idle_syncers += 1;
-        }
-        answer(shared, job.end, synced);
-        shared.wake.notify_one();
-    }
-}
-
-/// Answers the waiters for positions up to `end` after a journal sync: on failure (or
-/// while degraded) sled, which holds every appended write, is flushed instead, and its
-/// outcome is the answer.
-fn answer(shared: &Shared, end: u64, synced: Result<(), StoreError>) {
-    let degraded = lock(&shared.state).degraded;
-    let outcome = match synced {
-        Ok(()) if !degraded => Ok(()),
-        other => {
-            if let Err(e) = &other {
-                tracing::error!(error = %e, "cannot sync the journal; flushing the database instead");
+        let outcome = match outcome {
+            Ok(()) => (end, None),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot flush the database: runs accepted meanwhile are answered 503");
+                (shared.flushed.borrow().0, Some(e))
             }
-            flush_db(&shared.db, &shared.db_dir)
-        }
-    };
-    publish(shared, end, outcome);
-}
-
-/// Tells the waiters that everything up to `end` is durable, or why it is not.
-fn publish(shared: &Shared, end: u64, outcome: Result<(), StoreError>) {
-    lock(&shared.state).degraded = outcome.is_err();
-    match outcome {
-        Ok(()) => shared.flushed.send_modify(|(upto, error)| {
-            *upto = (*upto).max(end);
-            *error = None;
-        }),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot flush the database: runs accepted meanwhile are answered 503");
-            let e = Arc::<str>::from(e.to_string());
-            shared.flushed.send_modify(|(_, error)| *error = Some(e));
-        }
+        };
+        shared.flushed.send_replace(outcome);
     }
 }
 
@@ -645,23 +507,13 @@ fn remove_covered(shared: &Shared, retired: &[PathBuf]) -> Result<(), StoreError
 
 impl Drop for GroupCommit {
     fn drop(&mut self) {
-        let (thread, syncers) = {
+        let (thread, checkpoint) = {
             let mut state = lock(&self.shared.state);
             state.stop = true;
-            (state.thread.take(), std::mem::take(&mut state.syncers))
+            (state.thread.take(), state.checkpoint.take())
         };
-        self.shared.wake.notify_all();
-        self.shared.sync_wake.notify_all();
-        // The write thread first (it may still hand a sync out), then the sync threads
-        // (they finish what is queued), then the checkpoint they may have started.
-        if let Some(t) = thread {
-            let _ = t.join();
-        }
-        self.shared.sync_wake.notify_all();
-        for t in syncers {
-            let _ = t.join();
-        }
-        if let Some(t) = lock(&self.shared.state).checkpoint.take() {
+        self.shared.wake.notify_one();
+        for t in [thread, checkpoint].into_iter().flatten() {
             let _ = t.join();
         }
         // At rest, sled holds everything: the journal is removed.

@@ -324,11 +324,6 @@ impl Store {
         self.commit.busy()
     }
 
-    /// Journal syncs that may be under way at once (see [`commit::GroupCommit::set_sync_threads`]).
-    pub fn set_journal_syncs(&self, n: usize) {
-        self.commit.set_sync_threads(n);
-    }
-
     /// The data directory's lock, for what writes to the directory beside the database
     /// (the vault file) and may outlive this handle.
     pub(crate) fn holder(&self) -> Arc<File> {
