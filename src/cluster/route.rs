@@ -416,22 +416,7 @@ impl Cluster {
     ) -> CheckReport {
         let start = std::time::Instant::now();
         let steps = Steps::default();
-        let mut report = CheckReport {
-            device: device.name.clone(),
-            device_id: None,
-            kind: device.kind,
-            address: device.address(),
-            connected: false,
-            docker: None,
-            latency_ms: None,
-            total_ms: 0.0,
-            steps: Vec::new(),
-            failed_step: None,
-            error: None,
-            host_key: None,
-            pooled: false,
-            owner: None,
-        };
+        let mut report = CheckReport::starting(device);
         let failure = |kind: &'static str, message: String| CheckFailure {
             kind: kind.into(),
             message,

@@ -77,6 +77,28 @@ pub struct CheckReport {
     pub owner: Option<String>,
 }
 
+impl CheckReport {
+    /// A report for `device` before any step ran: not connected, nothing measured.
+    pub fn starting(device: &Device) -> CheckReport {
+        CheckReport {
+            device: device.name.clone(),
+            device_id: None,
+            kind: device.kind,
+            address: device.address(),
+            connected: false,
+            docker: None,
+            latency_ms: None,
+            total_ms: 0.0,
+            steps: Vec::new(),
+            failed_step: None,
+            error: None,
+            host_key: None,
+            pooled: false,
+            owner: None,
+        }
+    }
+}
+
 /// Why a check failed.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckFailure {
@@ -226,22 +248,7 @@ async fn check_client(
     start: Instant,
 ) -> CheckReport {
     let steps = Steps::default();
-    let mut report = CheckReport {
-        device: device.name.clone(),
-        device_id: None,
-        kind: device.kind,
-        address: device.address(),
-        connected: false,
-        docker: None,
-        latency_ms: None,
-        total_ms: 0.0,
-        steps: Vec::new(),
-        failed_step: None,
-        error: None,
-        host_key: None,
-        pooled: false,
-        owner: None,
-    };
+    let mut report = CheckReport::starting(device);
     let client = match client {
         Ok(c) => Some(c),
         Err(e) => {

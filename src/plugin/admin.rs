@@ -90,37 +90,22 @@ impl PluginAdmin {
     /// Installs (or replaces) a plugin from its manifest and component, and activates
     /// its triggers at once. Hooks without a secret get a generated one.
     pub fn install(&self, src: &PluginSource) -> Result<Installed, PluginError> {
-        let _admin = lock(&self.lock);
-        let (manifest, source) = (src.manifest.as_str(), src.manifest_file.as_str());
-        let parsed = Manifest::parse(manifest, source)?;
-        for kind in KINDS {
-            kind.check_install(&self.engine, &self.triggers, &parsed, source)?;
-        }
-        let plugin = self
-            .runtime
-            .install_bytes(manifest, source, &src.wasm, &src.wasm_file)?;
         let mut generated_secrets = Vec::new();
-        for kind in KINDS {
-            kind.prepare(&self.engine, &parsed, &mut generated_secrets)?;
-        }
-        let loaded = self
-            .runtime
-            .plugin(&plugin.name)
-            .ok_or_else(|| PluginError::NotInstalled(plugin.name.clone()))?;
-        self.activate(&loaded)
-            .map_err(|e| PluginError::Trigger(format!("{e:#}")))?;
-        self.engine.store.flush()?;
+        let plugin = self.install_with(src, Some(&mut generated_secrets))?;
         Ok(Installed {
             plugin,
             generated_secrets,
         })
     }
 
-    /// Installs (or replaces) a plugin another node of the cluster installed, and
-    /// activates its triggers. Unlike [`PluginAdmin::install`] it generates no hook
-    /// secret: the hooks' secrets come from the cluster too (a hook stays closed until
-    /// its secret arrives, see [`PluginAdmin::refresh_hook`]).
-    pub fn install_replicated(&self, src: &PluginSource) -> Result<InstalledPlugin, PluginError> {
+    /// The steps of an install: check the manifest against every trigger kind, store
+    /// the plugin, prepare its triggers (generating missing hook secrets into
+    /// `generated` when given), activate them, flush.
+    fn install_with(
+        &self,
+        src: &PluginSource,
+        generated: Option<&mut Vec<(String, Secret)>>,
+    ) -> Result<InstalledPlugin, PluginError> {
         let _admin = lock(&self.lock);
         let (manifest, source) = (src.manifest.as_str(), src.manifest_file.as_str());
         let parsed = Manifest::parse(manifest, source)?;
@@ -130,6 +115,11 @@ impl PluginAdmin {
         let plugin = self
             .runtime
             .install_bytes(manifest, source, &src.wasm, &src.wasm_file)?;
+        if let Some(generated) = generated {
+            for kind in KINDS {
+                kind.prepare(&self.engine, &parsed, generated)?;
+            }
+        }
         let loaded = self
             .runtime
             .plugin(&plugin.name)
@@ -138,6 +128,14 @@ impl PluginAdmin {
             .map_err(|e| PluginError::Trigger(format!("{e:#}")))?;
         self.engine.store.flush()?;
         Ok(plugin)
+    }
+
+    /// Installs (or replaces) a plugin another node of the cluster installed, and
+    /// activates its triggers. Unlike [`PluginAdmin::install`] it generates no hook
+    /// secret: the hooks' secrets come from the cluster too (a hook stays closed until
+    /// its secret arrives, see [`PluginAdmin::refresh_hook`]).
+    pub fn install_replicated(&self, src: &PluginSource) -> Result<InstalledPlugin, PluginError> {
+        self.install_with(src, None)
     }
 
     /// Puts hook `name`'s secrets, as the vault holds them now, into effect (after the
