@@ -134,20 +134,19 @@ impl Leases {
         replicas: usize,
         lease: Duration,
     ) -> Result<Leases, ClusterError> {
-        let kv = match js.get_key_value(bucket).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(jetstream::kv::Config {
-                    bucket: bucket.to_string(),
-                    description: "Capstan device leases: one owner node per device".into(),
-                    history: 1,
-                    max_age: lease,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| nats("creating the lease bucket")(e.to_string()))?,
-        };
+        let kv = super::retry::kv_bucket(
+            js,
+            jetstream::kv::Config {
+                bucket: bucket.to_string(),
+                description: "Capstan device leases: one owner node per device".into(),
+                history: 1,
+                max_age: lease,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+            "creating the lease bucket",
+        )
+        .await?;
         let kv_status = kv
             .status()
             .await

@@ -266,20 +266,19 @@ impl Cluster {
                 "cluster: the runs consumer exists with other settings than this node's cluster.ack_wait / max_deliver; its own apply"
             );
         }
-        let nodes = match js.get_key_value(&bucket).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(jetstream::kv::Config {
-                    bucket: bucket.clone(),
-                    description: "Capstan nodes: one entry per node, renewed while it runs".into(),
-                    history: 1,
-                    max_age: membership::KEEP_DEPARTED,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| nats("creating the node bucket")(e.to_string()))?,
-        };
+        let nodes = retry::kv_bucket(
+            &js,
+            jetstream::kv::Config {
+                bucket: bucket.clone(),
+                description: "Capstan nodes: one entry per node, renewed while it runs".into(),
+                history: 1,
+                max_age: membership::KEEP_DEPARTED,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+            "creating the node bucket",
+        )
+        .await?;
         let leases = leases::Leases::open(
             &js,
             &match &settings.name {

@@ -51,6 +51,26 @@ fn pause(attempt: u32) -> Duration {
         .min(MAX_PAUSE)
 }
 
+/// The KV bucket `config.bucket`, created with `config` when missing, looked up and
+/// created under [`with_retry`] like the streams: every bucket of the cluster (nodes,
+/// leases, shared state) is made right after a leader election as often as a stream.
+pub async fn kv_bucket(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::kv::Config,
+    what: &'static str,
+) -> Result<async_nats::jetstream::kv::Store, ClusterError> {
+    with_retry(what, || {
+        let config = config.clone();
+        async move {
+            match js.get_key_value(&config.bucket).await {
+                Ok(kv) => Ok(kv),
+                Err(_) => js.create_key_value(config).await.map_err(|e| e.to_string()),
+            }
+        }
+    })
+    .await
+}
+
 /// Runs `op` until it succeeds, fails for good, or [`CREATE_PATIENCE`] has passed.
 pub async fn with_retry<T, F, Fut>(what: &'static str, op: F) -> Result<T, ClusterError>
 where

@@ -404,19 +404,21 @@ pub async fn open(
     replicas: usize,
 ) -> Result<SharedState, StateError> {
     let (bucket, store) = names(name);
-    let kv = match js.get_key_value(&bucket).await {
-        Ok(kv) => kv,
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: bucket.clone(),
-                description: "Capstan shared configuration: devices, plugins, tokens, notifiers, sealed secrets".into(),
-                history: 5,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats("creating the state bucket")(e.to_string()))?,
-    };
+    let kv = super::retry::kv_bucket(
+        js,
+        kv::Config {
+            bucket: bucket.clone(),
+            description:
+                "Capstan shared configuration: devices, plugins, tokens, notifiers, sealed secrets"
+                    .into(),
+            history: 5,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        "creating the state bucket",
+    )
+    .await
+    .map_err(|e| StateError::Local(e.to_string()))?;
     let wasm = match js.get_object_store(&store).await {
         Ok(s) => s,
         Err(_) => js
