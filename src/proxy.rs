@@ -34,7 +34,12 @@
 //! node owns the device ([`crate::cluster::Cluster::holds`], checked per request after
 //! the client's token): another node's proxy answers 421 naming the owner node and its
 //! API address, or 503 when no node owns it now. Requests are not forwarded to the
-//! owner: streams and upgraded connections do not fit NATS request/reply.
+//! owner: streams and upgraded connections do not fit NATS request/reply. A response
+//! still streaming (logs, events, stats) and an upgraded connection (attach, exec) are
+//! cut when the node stops holding the lease ([`FENCE_CHECK`]): a streamed body ends
+//! with an error (the client sees the connection drop, not a clean end) and an upgraded
+//! connection is closed, so a node that lost its device does not keep acting on it
+//! through a stream it opened while it owned it.
 //!
 //! Connections are accepted and timed by [`crate::server`], under the process's
 //! connection cap, as the API's are.
@@ -65,7 +70,69 @@ use crate::policy::{CompiledPolicy, Decision, Framing, Var};
 use crate::secret::Secret;
 use crate::server::{Listener, RequestBody, Server, ServerConfig};
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// How often a streaming response or an upgraded connection checks, in cluster mode,
+/// that its node still holds the device's lease.
+pub const FENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Why a streamed answer was cut.
+#[derive(Debug, thiserror::Error)]
+#[error("capstan: this node no longer owns device {0} in the cluster; the stream is cut")]
+struct LeaseLost(String);
+
+/// A streamed answer that ends, with [`LeaseLost`], once its node stops holding the
+/// device's lease (checked every [`FENCE_CHECK`]).
+struct Fenced {
+    inner: Incoming,
+    cluster: Arc<crate::cluster::Cluster>,
+    device: String,
+    check: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for Fenced {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        while self.check.as_mut().poll(cx).is_ready() {
+            if !self.cluster.holds(&self.device) {
+                return std::task::Poll::Ready(Some(Err(Box::new(LeaseLost(self.device.clone())))));
+            }
+            let next = tokio::time::Instant::now() + FENCE_CHECK;
+            self.check.as_mut().reset(next);
+        }
+        std::pin::Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Resolves once `cluster`'s node stops holding `device`'s lease (never without a
+/// cluster).
+async fn lease_lost(cluster: Option<Arc<crate::cluster::Cluster>>, device: String) {
+    let Some(cluster) = cluster else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(FENCE_CHECK);
+    loop {
+        tick.tick().await;
+        if !cluster.holds(&device) {
+            return;
+        }
+    }
+}
 
 /// Where a proxy listens: `tcp://HOST:PORT` or `unix:///path.sock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -624,13 +691,21 @@ impl Proxy {
             };
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let device = self.device.clone();
+            let lost = lease_lost(self.cluster.clone(), device.clone());
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((c, u)) => {
                         let mut c = TokioIo::new(c);
                         let mut u = TokioIo::new(u);
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                            tracing::debug!(%device, error = %e, "upgraded proxy connection ended");
+                        tokio::select! {
+                            r = tokio::io::copy_bidirectional(&mut c, &mut u) => {
+                                if let Err(e) = r {
+                                    tracing::debug!(%device, error = %e, "upgraded proxy connection ended");
+                                }
+                            }
+                            () = lost => {
+                                tracing::warn!(%device, "cluster: this node no longer owns the device; an upgraded proxy connection (attach, exec) is closed");
+                            }
                         }
                     }
                     Err(e) => tracing::warn!(%device, error = %e, "proxy upgrade failed"),
@@ -665,7 +740,17 @@ impl Proxy {
                 }
             });
         }
-        Ok(Response::from_parts(parts, body.boxed()))
+        let body = match &self.cluster {
+            Some(cluster) => Fenced {
+                inner: body,
+                cluster: cluster.clone(),
+                device: self.device.clone(),
+                check: Box::pin(tokio::time::sleep(FENCE_CHECK)),
+            }
+            .boxed(),
+            None => body.map_err(Into::into).boxed(),
+        };
+        Ok(Response::from_parts(parts, body))
     }
 
     /// Reads what the request names beyond its path (see [`crate::policy::body`]): the

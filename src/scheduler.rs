@@ -245,7 +245,9 @@ impl Scheduler {
     pub fn join_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
         self.runtime.join_cluster(cluster.clone());
         cluster.count_in(self.metrics.cluster_series(cluster.node_name()));
-        let _ = self.cluster.set(cluster);
+        if self.cluster.set(cluster).is_ok() {
+            crate::cluster::Cluster::publish_local_ends(self);
+        }
     }
 
     fn gate(&self, plugin: &str) -> Arc<PluginGate> {

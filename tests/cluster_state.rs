@@ -3,10 +3,11 @@
 //! first with a vault, the others started on empty data directories with its key file. A
 //! plugin installed on one node runs on the others with the hook secret generated on the
 //! first; a token created on one node authenticates on another and a revocation reaches
-//! all; a removed plugin is gone everywhere. Attacks: the bucket and the component store
-//! read raw hold no secret in clear; a value that does not parse is ignored and the watch
-//! goes on; a node whose key does not open the cluster's vault is refused and changes
-//! nothing.
+//! all; a removed plugin is gone everywhere; a manual run on one node is listed on all;
+//! a plugin's key-value state set by a run on one node is read by its run on the next.
+//! Attacks: the bucket and the component store read raw hold no secret and no plugin
+//! state value in clear; a value that does not parse is ignored and the watch goes on; a
+//! node whose key does not open the cluster's vault is refused and changes nothing.
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -160,6 +161,26 @@ fn created_token(out: &std::process::Output) -> String {
         .to_string()
 }
 
+/// A manual run of the `sshprobe` plugin (the probe) on `node` with `calls`, waited
+/// for: each call's result. The run must end ok.
+fn probe_on(node: &Node, auth: &str, calls: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    let input = serde_json::Value::Array(calls.to_vec()).to_string();
+    let (status, body) = http_json(
+        &node.server.addr,
+        auth,
+        "POST",
+        "/api/plugins/sshprobe/run?wait=true",
+        &serde_json::json!({ "input": input }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let record: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(record["status"], "ok", "{record}");
+    match &record["outcome"]["details"] {
+        serde_json::Value::Array(v) => v.clone(),
+        _ => panic!("the probe's details are not a list: {record}"),
+    }
+}
+
 #[test]
 fn configuration_changed_on_one_node_takes_effect_on_all_and_never_crosses_nats_in_clear() {
     let _turn = turn();
@@ -271,8 +292,64 @@ fn configuration_changed_on_one_node_takes_effect_on_all_and_never_crosses_nats_
         "the run on n3 reached sshd: {record}"
     );
 
+    // That manual run's end is in every node's history, naming the node that ran it.
+    let run_id = record["id"].as_str().unwrap().to_string();
+    eventually(30, "n1 and n2 list n3's manual run", || {
+        [&n1, &n2].iter().all(|n| {
+            crate::triggers::runs(&n.data, "sshprobe")
+                .iter()
+                .any(|r| r["id"] == run_id.as_str() && r["node"] == "n3" && r["status"] == "ok")
+        })
+    });
+
+    // The plugin's own state follows it from node to node: a count kept with
+    // `state-set` goes 1 on n1, 2 on n2, 3 on n3, each run seeing the last one's value.
+    for (i, n) in [&n1, &n2, &n3].into_iter().enumerate() {
+        let before = i.to_string();
+        if i > 0 {
+            eventually(30, "the count replicated to the next node", || {
+                let got = probe_on(
+                    n,
+                    &auth,
+                    &[serde_json::json!({"op": "state-get", "device": "", "key": "count"})],
+                );
+                got[0]["ok"] == before.as_str()
+            });
+        }
+        let got = probe_on(
+            n,
+            &auth,
+            &[serde_json::json!({"op": "count", "device": "", "key": "count"})],
+        );
+        assert_eq!(
+            got[0]["ok"],
+            i as u64 + 1,
+            "the count on node {}: {got:?}",
+            i + 1
+        );
+    }
+    let marker = format!("state-marker-{}", uuid::Uuid::new_v4().simple());
+    probe_on(
+        &n2,
+        &auth,
+        &[serde_json::json!({"op": "state-set", "device": "", "key": "m", "value": marker})],
+    );
+    eventually(30, "n1 reads the value set on n2", || {
+        let got = probe_on(
+            &n1,
+            &auth,
+            &[serde_json::json!({"op": "state-get", "device": "", "key": "m"})],
+        );
+        got[0]["ok"] == marker.as_str()
+    });
+
     // Attack: everything the cluster stores, read raw, holds no secret in clear.
     let everything = read_everything(&cluster);
+    assert!(
+        everything.iter().any(|(k, _)| k == "pstate.sshprobe.m"),
+        "the plugin's state is replicated (sealed): {:?}",
+        everything.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
     assert!(
         everything
             .iter()
@@ -286,6 +363,7 @@ fn configuration_changed_on_one_node_takes_effect_on_all_and_never_crosses_nats_
             ("token", token.as_bytes()),
             ("admin token", admin.as_bytes()),
             ("device password", password.as_bytes()),
+            ("plugin state value", marker.as_bytes()),
         ] {
             assert!(
                 !v.windows(clear.len()).any(|w| w == clear),

@@ -101,7 +101,7 @@ pub(crate) fn with_local_device() -> DataDir {
     data
 }
 
-fn remove_container(name: &str) {
+pub(crate) fn remove_container(name: &str) {
     let _ = Command::new("docker").args(["rm", "-f", name]).output();
 }
 
@@ -765,7 +765,7 @@ fn start_proxy_with_file(data: &DataDir, policy_file: &str, extra: &[&str]) -> P
 
 /// Runs a test container that reads shell commands from its stdin (`docker run -i … sh`)
 /// and prints `marker` to its log first.
-fn start_shell_container(name: &str, marker: &str) {
+pub(crate) fn start_shell_container(name: &str, marker: &str) {
     let image = Infra::get().var("TEST_IMAGE");
     remove_container(name);
     let out = Command::new("docker")
@@ -814,14 +814,23 @@ fn exists_in(container: &str, path: &str) -> bool {
 
 /// A websocket attach written by hand: the HTTP/1.1 Upgrade request for `target`. Returns
 /// the status, the response head and body as text, and the connection.
-fn websocket_attach(addr: &str, target: &str) -> (u16, String, std::net::TcpStream) {
+pub(crate) fn websocket_attach(addr: &str, target: &str) -> (u16, String, std::net::TcpStream) {
+    websocket_attach_with(addr, target, "")
+}
+
+/// [`websocket_attach`] with more header lines (each ending in CRLF).
+pub(crate) fn websocket_attach_with(
+    addr: &str,
+    target: &str,
+    headers: &str,
+) -> (u16, String, std::net::TcpStream) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let request = format!(
         "GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Origin: http://{addr}\r\n\r\n"
+         Origin: http://{addr}\r\n{headers}\r\n"
     );
     s.write_all(request.as_bytes()).unwrap();
     let mut buf = Vec::new();
@@ -852,7 +861,7 @@ fn websocket_attach(addr: &str, target: &str) -> (u16, String, std::net::TcpStre
 }
 
 /// Sends `text` as one masked websocket text frame (a client's frame).
-fn websocket_send(s: &mut std::net::TcpStream, text: &str) {
+pub(crate) fn websocket_send(s: &mut std::net::TcpStream, text: &str) {
     use std::io::Write;
     let payload = text.as_bytes();
     assert!(payload.len() < 126);

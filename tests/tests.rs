@@ -16,6 +16,7 @@ mod cli_vault;
 mod cluster;
 mod cluster_devices;
 mod cluster_faults;
+mod cluster_fence;
 mod cluster_owner;
 mod cluster_state;
 mod container_ops;

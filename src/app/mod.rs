@@ -327,7 +327,11 @@ impl Listening {
                 tokio::spawn(c.clone().work(scheduler.clone(), stopped())),
                 tokio::spawn(c.clone().keep_leases(scheduler.clone(), stopped())),
                 tokio::spawn(c.clone().serve_docker(scheduler.clone(), stopped())),
-                tokio::spawn(c.clone().apply_history(scheduler.runs().clone(), stopped())),
+                tokio::spawn(c.clone().apply_history(
+                    scheduler.engine().clone(),
+                    scheduler.runs().clone(),
+                    stopped(),
+                )),
             ]
         });
         let state_task = match (scheduler.cluster().and_then(|c| c.state()), state_watch) {

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +40,10 @@ use crate::runs::{RunId, RunRecord, RunStore, RunTrigger};
 
 /// How long the history applier waits before it reads the stream again after an error.
 const REOPEN_DELAY: Duration = Duration::from_secs(1);
+/// The file in the data directory holding how far this node applied the history stream.
+pub const POSITION_FILE: &str = "cluster-history.json";
+/// How often the applied position is stored while records arrive.
+const SAVE_EVERY: Duration = Duration::from_secs(2);
 /// How long the webhook ids of recently ended runs are remembered, to answer a
 /// duplicate delivery with its run's id (longer than the runs stream's duplicate window).
 const REMEMBER_DELIVERIES: Duration = Duration::from_secs(300);
@@ -132,6 +137,17 @@ fn delivery_of(record: &RunRecord) -> Option<String> {
     }
 }
 
+/// Whether a run with this trigger is started on the node where it was asked for (its
+/// end published by [`Cluster::publish_local_ends`]) rather than taken from the runs
+/// stream (cron fires, webhook deliveries and Docker events, whose ends the taking node
+/// publishes before it acks).
+pub fn started_here(trigger: &RunTrigger) -> bool {
+    match trigger {
+        RunTrigger::Manual { .. } | RunTrigger::Run { .. } => true,
+        RunTrigger::Cron { .. } | RunTrigger::Webhook { .. } | RunTrigger::Docker { .. } => false,
+    }
+}
+
 impl HistoryStream {
     fn remember(&self, record: &RunRecord) {
         let Some(msg_id) = delivery_of(record) else {
@@ -170,15 +186,81 @@ impl Cluster {
         Ok(())
     }
 
-    /// Reads the history stream from its start and stores every run's end in `runs`,
-    /// until `stopped`; reopened from the next record after an error.
+    /// Publishes a run's end to the history stream, trying again for a while (half the
+    /// ack deadline, at least 2 s); when NATS does not take it the record stays on this
+    /// node only, with a warning.
+    pub(super) async fn publish_end(&self, record: &RunRecord) {
+        let patience = (self.ack_wait / 2).max(Duration::from_secs(2));
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.publish_record(record).await {
+                Ok(()) => return,
+                Err(e) if started.elapsed() + pause > patience => {
+                    tracing::warn!(run = %record.id, error = %e, "cluster: the run's end could not be published to the history stream; other nodes will not list it");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(run = %record.id, error = %e, "cluster: publishing the run's end failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Registers the run-end listener that publishes the ends of the runs this node
+    /// starts itself rather than taking them from the runs stream: manual runs (API,
+    /// CLI, dashboard) and the runs of run-outcome triggers (started on the node where
+    /// the watched run ended, once in the cluster). Their ends go to the history stream
+    /// like every other run's, so every node lists them; the publish happens on a task
+    /// of its own after the record is final here.
+    pub fn publish_local_ends(scheduler: &crate::scheduler::Scheduler) {
+        scheduler.on_run_end(Box::new(|scheduler, ended| {
+            if !started_here(&ended.trigger) {
+                return;
+            }
+            let (Some(cluster), Ok(handle)) = (
+                scheduler.cluster().cloned(),
+                tokio::runtime::Handle::try_current(),
+            ) else {
+                return;
+            };
+            let mut record = ended.clone();
+            record.node = Some(cluster.settings.node_name.clone());
+            handle.spawn(async move { cluster.publish_end(&record).await });
+        }));
+    }
+
+    /// Reads the history stream and stores every run's end in `runs`, until `stopped`;
+    /// reopened from the next record after an error. It starts after the position this
+    /// data directory stored at its last stop ([`POSITION_FILE`]) when that position is
+    /// of the same stream (its name and creation time), else from the stream's start.
+    /// The position is stored every [`SAVE_EVERY`] and at stop, each time only after
+    /// the records applied up to it are on disk, so a crash re-reads a little and loses
+    /// nothing.
     pub async fn apply_history(
         self: std::sync::Arc<Self>,
+        engine: std::sync::Arc<crate::engine::Engine>,
         runs: RunStore,
         stopped: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(stopped);
+        let path = engine.settings.data_dir.join(POSITION_FILE);
+        let mut created = None;
+        let mut saved = 0;
+        let mut save_tick = tokio::time::interval(SAVE_EVERY);
+        save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if created.is_none() {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    c = self.resume_from(&path) => {
+                        created = c;
+                        saved = self.history.applied.load(Ordering::SeqCst);
+                    }
+                }
+            }
             let from = self.history.applied.load(Ordering::SeqCst) + 1;
             let reading = async {
                 let stream = self
@@ -202,17 +284,101 @@ impl Cluster {
                 }
                 Ok::<(), String>(())
             };
-            tokio::select! {
-                _ = &mut stopped => return,
-                r = reading => {
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "cluster: reading the history stream failed; reading on shortly");
+            tokio::pin!(reading);
+            let read = loop {
+                tokio::select! {
+                    _ = &mut stopped => {
+                        self.save_position(&engine, &path, created, &mut saved).await;
+                        return;
                     }
+                    _ = save_tick.tick() => {
+                        self.save_position(&engine, &path, created, &mut saved).await;
+                    }
+                    r = &mut reading => break r,
                 }
+            };
+            if let Err(e) = read {
+                tracing::warn!(error = %e, "cluster: reading the history stream failed; reading on shortly");
             }
             tokio::select! {
-                _ = &mut stopped => return,
+                _ = &mut stopped => {
+                    self.save_position(&engine, &path, created, &mut saved).await;
+                    return;
+                }
                 _ = tokio::time::sleep(REOPEN_DELAY) => {}
+            }
+        }
+    }
+
+    /// Where to start reading: the stored position when it is of this stream, else the
+    /// start. Returns the stream's creation time (`None` while the stream cannot be
+    /// read: the caller asks again).
+    async fn resume_from(&self, path: &std::path::Path) -> Option<DateTime<Utc>> {
+        let info = match self.js.get_stream(&self.history.stream).await {
+            Ok(mut s) => match s.info().await {
+                Ok(i) => i.clone(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: cannot read the history stream's state; trying again");
+                    tokio::time::sleep(REOPEN_DELAY).await;
+                    return None;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: cannot find the history stream; trying again");
+                tokio::time::sleep(REOPEN_DELAY).await;
+                return None;
+            }
+        };
+        let created =
+            DateTime::<Utc>::from_timestamp_nanos(info.created.unix_timestamp_nanos() as i64);
+        let stored = load_position(path);
+        let from = resume_at(
+            stored.as_ref(),
+            &self.history.stream,
+            created,
+            info.state.last_sequence,
+        );
+        match (&stored, from) {
+            (_, Some(seq)) => {
+                tracing::info!(stream = %self.history.stream, after = seq, "cluster: reading the history stream on from the position stored at the last stop");
+                self.history.applied.fetch_max(seq, Ordering::SeqCst);
+            }
+            (Some(p), None) => {
+                tracing::info!(stream = %self.history.stream, stored = %p.stream, "cluster: the stored history position is of another stream (or one created again); reading the stream from its start");
+            }
+            (None, None) => {}
+        }
+        Some(created)
+    }
+
+    /// Stores the applied position when it moved, once what was applied is on disk.
+    async fn save_position(
+        &self,
+        engine: &crate::engine::Engine,
+        path: &std::path::Path,
+        created: Option<DateTime<Utc>>,
+        saved: &mut u64,
+    ) {
+        let Some(created) = created else {
+            return;
+        };
+        let applied = self.history.applied.load(Ordering::SeqCst);
+        if applied == *saved {
+            return;
+        }
+        if let Err(e) = engine.store.durable().await {
+            tracing::warn!(error = %e, "cluster: the applied history is not on disk; its position is not stored");
+            return;
+        }
+        let position = Position {
+            stream: self.history.stream.clone(),
+            created,
+            applied,
+        };
+        match write_position(path, &position) {
+            Ok(()) => *saved = applied,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cluster: cannot store the history position");
             }
         }
     }
@@ -272,6 +438,48 @@ impl Cluster {
     }
 }
 
+/// How far a data directory applied a history stream, as [`POSITION_FILE`] holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Position {
+    /// The stream's name.
+    pub stream: String,
+    /// When the stream was created: a stream deleted and created again under the same
+    /// name starts its sequences again, and the stored position is not of it.
+    pub created: DateTime<Utc>,
+    /// The last stream sequence whose record is on disk here.
+    pub applied: u64,
+}
+
+fn load_position(path: &std::path::Path) -> Option<Position> {
+    let bytes = std::fs::read(path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cluster: the stored history position does not parse; reading the stream from its start");
+            None
+        }
+    }
+}
+
+fn write_position(path: &std::path::Path, p: &Position) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.new");
+    std::fs::write(&tmp, serde_json::to_vec(p).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The sequence to read on after: the stored one when it is of `stream` as created at
+/// `created` and not past its `last` sequence; `None` to read from the start.
+pub fn resume_at(
+    stored: Option<&Position>,
+    stream: &str,
+    created: DateTime<Utc>,
+    last: u64,
+) -> Option<u64> {
+    let p = stored?;
+    (p.stream == stream && p.created == created && p.applied <= last && p.applied > 0)
+        .then_some(p.applied)
+}
+
 /// Waits up to `timeout` for run `id`'s final record to be in `runs` (written here, or
 /// arrived from the history stream), and returns the record as it is then, if any.
 pub async fn wait_for_end(runs: &RunStore, id: RunId, timeout: Duration) -> Option<RunRecord> {
@@ -304,6 +512,62 @@ pub async fn wait_for_end(runs: &RunStore, id: RunId, timeout: Duration) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_position_is_used_only_for_the_same_stream_as_created() {
+        let created: DateTime<Utc> = "2026-12-01T10:00:00Z".parse().unwrap();
+        let p = Position {
+            stream: "CAPSTAN_HISTORY".into(),
+            created,
+            applied: 40,
+        };
+        assert_eq!(
+            resume_at(Some(&p), "CAPSTAN_HISTORY", created, 90),
+            Some(40)
+        );
+        assert_eq!(
+            resume_at(Some(&p), "CAPSTAN_HISTORY", created, 40),
+            Some(40)
+        );
+        // None stored, another stream, the stream made again, or a position past its end.
+        assert_eq!(resume_at(None, "CAPSTAN_HISTORY", created, 90), None);
+        assert_eq!(resume_at(Some(&p), "CAPSTAN_HISTORY_B", created, 90), None);
+        let again = created + chrono::Duration::seconds(5);
+        assert_eq!(resume_at(Some(&p), "CAPSTAN_HISTORY", again, 90), None);
+        assert_eq!(resume_at(Some(&p), "CAPSTAN_HISTORY", created, 39), None);
+        let zero = Position { applied: 0, ..p };
+        assert_eq!(resume_at(Some(&zero), "CAPSTAN_HISTORY", created, 90), None);
+    }
+
+    #[test]
+    fn a_position_written_reads_back_and_a_torn_file_reads_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(POSITION_FILE);
+        let p = Position {
+            stream: "CAPSTAN_HISTORY".into(),
+            created: "2026-12-01T10:00:00Z".parse().unwrap(),
+            applied: 7,
+        };
+        write_position(&path, &p).unwrap();
+        assert_eq!(load_position(&path), Some(p));
+        std::fs::write(&path, b"{\"stream\":").unwrap();
+        assert_eq!(load_position(&path), None);
+    }
+
+    #[test]
+    fn manual_and_run_outcome_runs_are_published_by_the_node_that_ran_them() {
+        assert!(started_here(&RunTrigger::Manual { by: "cli".into() }));
+        assert!(started_here(&RunTrigger::Run {
+            run_id: "r".into(),
+            plugin: "p".into(),
+            status: "ok".into(),
+            depth: 1,
+        }));
+        assert!(!started_here(&RunTrigger::Webhook {
+            hook: "h".into(),
+            delivery: None,
+        }));
+    }
 
     #[test]
     fn the_history_stream_is_named_after_the_cluster() {

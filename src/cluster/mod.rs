@@ -32,8 +32,9 @@
 //!   `capstan_state`, applied on every node by a KV watch.
 //!
 //! Without `shared_state`, plugins, devices, tokens and hook secrets stay on each node
-//! (sled): every node is set up with the same plugins and devices. Manual runs stay on
-//! the node asked.
+//! (sled): every node is set up with the same plugins and devices. Manual runs and the
+//! runs of run-outcome triggers run on the node where they are asked for; their ends are
+//! published to the history stream like the others ([`Cluster::publish_local_ends`]).
 
 pub mod config;
 pub mod history;

@@ -18,8 +18,11 @@
 //! and `vault.header` (the vault header: KDF parameters and salt, or key-file mode, and the
 //! data key wrapped under the master key). Nothing clear crosses NATS: every node opens
 //! the sealed records with the data key it unwraps with its own passphrase or key file.
-//! The CLI's own token (`local-cli`, minted by each node at start) and plugins' key-value
-//! state stay per node.
+//! `pstate.<plugin>.<key>` holds one key of a plugin's key-value state (`state-set`),
+//! sealed like a secret under the vault's data key (bound to its bucket key, in a
+//! namespace of its own), so a plugin's next run sees its state on whichever node it
+//! runs, about half a second ([`RECONCILE_EVERY`]) after the run that set it. The CLI's
+//! own token (`local-cli`, minted by each node at start) stays per node.
 //!
 //! How changes travel:
 //! - **Publish** (one seam for every family): [`SharedState::reconcile`] compares a
@@ -113,6 +116,12 @@ pub enum Key {
     /// A vault secret's name, `kind/id/field`.
     Secret(String),
     VaultHeader,
+    /// One key of a plugin's key-value state (`state-set`), its value sealed under the
+    /// vault's data key in the bucket.
+    PluginState {
+        plugin: String,
+        key: String,
+    },
 }
 
 /// Encodes a name into the characters a KV key may hold: letters, digits, `-`, `_` and
@@ -160,6 +169,9 @@ impl Key {
             Key::Notifier(n) => format!("notifier.{}", encode(n)),
             Key::Secret(n) => format!("secret.{}", encode(n)),
             Key::VaultHeader => VAULT_HEADER.to_string(),
+            Key::PluginState { plugin, key } => {
+                format!("pstate.{}.{}", encode(plugin), encode(key))
+            }
         }
     }
 
@@ -177,6 +189,17 @@ impl Key {
             }
             "plugin" => Key::Plugin(decode(rest)?),
             "notifier" => Key::Notifier(decode(rest)?),
+            "pstate" => {
+                let (plugin, key) = rest.split_once('.')?;
+                let key = decode(key)?;
+                if key.len() > crate::plugin::records::MAX_STATE_KEY {
+                    return None;
+                }
+                Key::PluginState {
+                    plugin: decode(plugin)?,
+                    key,
+                }
+            }
             "secret" => {
                 let name = decode(rest)?;
                 if name.split('/').count() != 3 || name.split('/').any(str::is_empty) {
@@ -198,6 +221,7 @@ impl Key {
             Key::Notifier(_) => 3,
             Key::Token(_) => 4,
             Key::Plugin(_) => 5,
+            Key::PluginState { .. } => 6,
         }
     }
 }
@@ -239,8 +263,8 @@ pub fn check_value(key: &Key, value: &[u8]) -> Result<(), String> {
         Key::Notifier(_) => {
             json(serde_json::from_slice::<crate::notify::NotifierInfo>(value).map(drop))
         }
-        // A sealed record is checked when it is stored (it must open under the data key).
-        Key::Secret(_) => Ok(()),
+        // A sealed record is checked when it is opened (under the data key).
+        Key::Secret(_) | Key::PluginState { .. } => Ok(()),
         Key::VaultHeader => json(serde_json::from_slice::<crate::vault::Header>(value).map(drop)),
     }
 }
@@ -274,6 +298,10 @@ pub fn snapshot(scheduler: &Scheduler) -> Result<BTreeMap<String, Vec<u8>>, Stat
         out.insert(Key::Secret(name).encode(), sealed);
     }
     let runtime = scheduler.runtime();
+    for (plugin, key, value) in runtime.state().entries().map_err(local)? {
+        // Clear here (as the plugin state tree holds it): sealed when published.
+        out.insert(Key::PluginState { plugin, key }.encode(), value);
+    }
     for rec in runtime.installed().map_err(local)? {
         let entry = PluginEntry {
             manifest: runtime.manifest_text(&rec.name).map_err(local)?,
@@ -290,7 +318,9 @@ pub fn snapshot(scheduler: &Scheduler) -> Result<BTreeMap<String, Vec<u8>>, Stat
 
 /// An entry's key and value (`None`: deleted), or `None` for an entry that is not one
 /// of Capstan's records or does not parse (logged) and the vault header (read at start).
-fn checked(entry: &kv::Entry) -> Option<(Key, Option<Vec<u8>>)> {
+/// A plugin state value is opened with `vault`'s data key: the value returned is the
+/// state as the plugin stored it, as [`snapshot`] has it.
+fn checked(entry: &kv::Entry, vault: &crate::vault::Vault) -> Option<(Key, Option<Vec<u8>>)> {
     let Some(key) = Key::parse(&entry.key) else {
         tracing::warn!(key = %entry.key, "cluster: an entry of the state bucket that is not Capstan's is ignored");
         return None;
@@ -307,6 +337,13 @@ fn checked(entry: &kv::Entry) -> Option<(Key, Option<Vec<u8>>)> {
     {
         tracing::warn!(key = %entry.key, revision = entry.revision, error = %why, "cluster: a state entry that does not parse is ignored");
         return None;
+    }
+    if let (Key::PluginState { .. }, Some(sealed)) = (&key, &value) {
+        let Some(clear) = vault.open_outside(&entry.key, sealed) else {
+            tracing::warn!(key = %entry.key, revision = entry.revision, "cluster: a plugin state value that does not open under this vault's data key is ignored");
+            return None;
+        };
+        return Some((key, Some(clear.expose().to_vec())));
     }
     Some((key, value))
 }
@@ -555,7 +592,7 @@ impl SharedState {
                 };
                 let last = entry.delta == 0;
                 self.applied.fetch_max(entry.revision, Ordering::Relaxed);
-                if let Some((key, value)) = checked(&entry) {
+                if let Some((key, value)) = checked(&entry, &scheduler.engine().vault) {
                     bucket.insert(key.encode(), value);
                 }
                 if last {
@@ -657,7 +694,7 @@ impl SharedState {
     /// One entry from the bucket: checked, then applied unless it is this node's own.
     async fn handle(&self, scheduler: &Arc<Scheduler>, entry: kv::Entry) {
         self.applied.fetch_max(entry.revision, Ordering::Relaxed);
-        let Some((key, value)) = checked(&entry) else {
+        let Some((key, value)) = checked(&entry, &scheduler.engine().vault) else {
             return;
         };
         let mut known = self.known.lock().await;
@@ -779,6 +816,15 @@ impl SharedState {
                 }
                 Ok(())
             }
+            Key::PluginState { plugin, key } => {
+                let state = scheduler.runtime().state();
+                match value {
+                    // The plugin's quota held where the value was set.
+                    Some(v) => state.set(plugin, key, v, u64::MAX).map(drop),
+                    None => state.delete(plugin, key),
+                }
+                .map_err(local)
+            }
             Key::Plugin(name) => match value {
                 Some(v) => {
                     let entry: PluginEntry = serde_json::from_slice(v).map_err(local)?;
@@ -851,8 +897,12 @@ impl SharedState {
                         .map_err(|e| nats("storing a plugin component")(e.to_string()))?;
                 }
             }
+            let value = match &key {
+                Key::PluginState { .. } => scheduler.engine().vault.seal_outside(k, v),
+                _ => v.clone(),
+            };
             self.kv
-                .put(k, v.clone().into())
+                .put(k, value.into())
                 .await
                 .map_err(|e| nats("publishing a configuration change")(e.to_string()))?;
             tracing::debug!(key = %k, "cluster: published a configuration change");
@@ -913,6 +963,10 @@ mod tests {
             Key::Secret(format!("device/{id}/password")),
             Key::Secret("hook/gh.push/current".into()),
             Key::VaultHeader,
+            Key::PluginState {
+                plugin: "crashloop".into(),
+                key: "restarts/web.1 x".into(),
+            },
         ];
         for key in cases {
             let text = key.encode();
@@ -925,6 +979,17 @@ mod tests {
         }
         // A dot inside a name is escaped, so the family is always the first part.
         assert_eq!(Key::Notifier("a.b".into()).encode(), "notifier.a=2Eb");
+        assert_eq!(
+            Key::PluginState {
+                plugin: "p".into(),
+                key: "a.b".into()
+            }
+            .encode(),
+            "pstate.p.a=2Eb"
+        );
+        // A state key longer than a plugin may set is not Capstan's.
+        let long = format!("pstate.p.{}", "k".repeat(257));
+        assert_eq!(Key::parse(&long), None);
         assert_eq!(
             Key::Token([0xab; 32]).encode(),
             format!("token.{}", "ab".repeat(32))

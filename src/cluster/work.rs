@@ -304,29 +304,6 @@ impl Cluster {
         }
     }
 
-    /// Publishes a run's end to the history stream, trying again for a while (the run's
-    /// ack deadline is kept alive meanwhile); when NATS does not take it the run is
-    /// acked all the same (it ran) and its record stays on this node only.
-    async fn publish_end(&self, record: &crate::runs::RunRecord) {
-        let patience = (self.ack_wait / 2).max(Duration::from_secs(2));
-        let started = tokio::time::Instant::now();
-        let mut pause = Duration::from_millis(100);
-        loop {
-            match self.publish_record(record).await {
-                Ok(()) => return,
-                Err(e) if started.elapsed() + pause > patience => {
-                    tracing::warn!(run = %record.id, error = %e, "cluster: the run's end could not be published to the history stream; other nodes will not list it");
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(run = %record.id, error = %e, "cluster: publishing the run's end failed; trying again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
-    }
-
     async fn run_job(&self, scheduler: &Arc<Scheduler>, msg: &Message, attempt: i64) -> Done {
         let job: Job = match serde_json::from_slice(&msg.payload) {
             Ok(j) => j,

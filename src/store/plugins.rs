@@ -168,6 +168,24 @@ impl PluginState {
         Ok(out)
     }
 
+    /// Every plugin's state: (plugin, key, value), in byte order (what cluster mode
+    /// replicates).
+    pub fn entries(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter() {
+            let (k, v) = item?;
+            let Some(nul) = k.iter().position(|&b| b == 0) else {
+                continue;
+            };
+            out.push((
+                String::from_utf8_lossy(&k[..nul]).into_owned(),
+                String::from_utf8_lossy(&k[nul + 1..]).into_owned(),
+                v.to_vec(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// Removes all of a plugin's state (on `plugin remove`).
     pub fn clear(&self, plugin: &str) -> Result<usize, StoreError> {
         let mut n = 0;

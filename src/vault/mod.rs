@@ -151,6 +151,10 @@ fn aad(name: &str) -> Vec<u8> {
     format!("capstan-vault/v1/secret/{name}").into_bytes()
 }
 
+fn outside_aad(context: &str) -> Vec<u8> {
+    format!("capstan-vault/v1/outside/{context}").into_bytes()
+}
+
 fn data_key_aad(generation: u64) -> Vec<u8> {
     format!("capstan-vault/v1/data-key/g{generation}").into_bytes()
 }
@@ -478,6 +482,20 @@ impl Vault {
             c.changed = true;
             true
         })
+    }
+
+    /// Seals `plaintext` under this vault's data key for a record kept outside the
+    /// vault file (a plugin's state value as cluster mode replicates it), with
+    /// `context` bound to it as associated data (in a namespace of its own: it never
+    /// opens as a secret, nor a secret as it).
+    pub fn seal_outside(&self, context: &str, plaintext: &[u8]) -> Vec<u8> {
+        self.data_key.seal(plaintext, &outside_aad(context))
+    }
+
+    /// Opens what [`Vault::seal_outside`] sealed with the same `context`; `None` when
+    /// it does not open (another data key, another context, altered bytes).
+    pub fn open_outside(&self, context: &str, sealed: &[u8]) -> Option<Secret> {
+        self.data_key.open(sealed, &outside_aad(context))
     }
 
     /// Removes the secret stored under `name` (as [`Vault::sealed_records`] names it);
@@ -854,6 +872,26 @@ mod tests {
         v.records().insert(b.as_str().to_string(), sealed_a);
         let err = v.get(&b).unwrap_err();
         assert!(err.to_string().contains("does not open"), "{err}");
+    }
+
+    #[test]
+    fn a_value_sealed_outside_opens_only_in_its_context_and_never_as_a_secret() {
+        let (dir, db) = db();
+        let v = Vault::init(&db, &key_file(dir.path()), Argon2Params::DEFAULT).unwrap();
+        let sealed = v.seal_outside("pstate.p.k", b"3 restarts");
+        assert!(!sealed.windows(10).any(|w| w == b"3 restarts"));
+        assert_eq!(
+            v.open_outside("pstate.p.k", &sealed).unwrap().expose(),
+            b"3 restarts"
+        );
+        assert!(v.open_outside("pstate.p.other", &sealed).is_none());
+        // Not a secret of any name, nor a secret's ciphertext a value outside.
+        assert!(v.put_sealed("device/a/password", &sealed).is_err());
+        let name = SecretName::new("device", "a", "password");
+        v.put(&name, &Secret::from_str_owned("alpha".into()))
+            .unwrap();
+        let secret = v.sealed_records()[name.as_str()].clone();
+        assert!(v.open_outside(name.as_str(), &secret).is_none());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! "container": "web", "cmd": ["echo", "hi"]}, …]`, and the outcome's details are a JSON
 //! list of their results (`{"ok": …}` or `{"error": "kind: message"}`). `create` takes
 //! a `spec` object (`image`, `command`, `env`, `labels`, `ports`, `mounts`, `restart`,
-//! `network`, `memory`, `cap_add`, `privileged`) and an optional `name`.
+//! `network`, `memory`, `cap_add`, `privileged`) and an optional `name`. `state-set`,
+//! `state-get` and `count` (add one to the number under `key`) use the plugin's state.
 
 use capstan_sdk::docker::{
     self, ContainerSpec, ExecOptions, LogOptions, PruneFilter, RecreateOptions,
@@ -21,6 +22,23 @@ fn call(c: &Value) -> Result<Value, Error> {
     let d = s(c, "device");
     let ct = s(c, "container");
     Ok(match s(c, "op").as_str() {
+        // The plugin's key-value state (`key`, `value` as text).
+        "state-set" => {
+            state::set(&s(c, "key"), s(c, "value").as_bytes())?;
+            json!(null)
+        }
+        "state-get" => json!(state::get(&s(c, "key")).map(|v| String::from_utf8_lossy(&v).into_owned())),
+        // Adds one to the number under `key` (0 when absent) and returns it.
+        "count" => {
+            let key = s(c, "key");
+            let n = state::get(&key)
+                .and_then(|v| String::from_utf8(v).ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                + 1;
+            state::set(&key, n.to_string().as_bytes())?;
+            json!(n)
+        }
         "list-devices" => json!(
             docker::list_devices()
                 .iter()
