@@ -17,6 +17,7 @@ mod cluster;
 mod cluster_devices;
 mod cluster_faults;
 mod cluster_fence;
+mod cluster_history;
 mod cluster_owner;
 mod cluster_state;
 mod container_ops;
