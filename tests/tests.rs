@@ -19,6 +19,7 @@ mod cluster_faults;
 mod cluster_fence;
 mod cluster_history;
 mod cluster_owner;
+mod cluster_replay;
 mod cluster_state;
 mod container_ops;
 mod dashboard;

@@ -75,6 +75,7 @@ pub(super) async fn deliver(
         }
         s.submit_durable(&plugin, d.into_event())
             .await
+            .map(crate::trigger::webhook::Launched::Started)
             .map_err(|e| e.to_string())
     })
     .await;

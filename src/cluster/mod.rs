@@ -27,6 +27,9 @@
 //!   ([`Cluster::check_through_owner`]).
 //! - **History** ([`history`]): each run's end is published to the `CAPSTAN_HISTORY`
 //!   stream and every node copies it into its own history, so every node lists every run.
+//! - **Replays** ([`replay`]): a webhook delivery's verified signature is claimed in
+//!   the KV bucket `capstan_replays`, so a captured delivery replayed to another node
+//!   is a duplicate there as on the node that took it first.
 //! - **Shared configuration** ([`state`], with `[cluster] shared_state`): devices,
 //!   plugins, tokens, notifiers and sealed vault secrets through the KV bucket
 //!   `capstan_state`, applied on every node by a KV watch.
@@ -40,6 +43,7 @@ pub mod config;
 pub mod history;
 pub mod leases;
 pub mod membership;
+pub mod replay;
 pub mod retry;
 pub mod route;
 pub mod state;
@@ -149,6 +153,8 @@ pub struct Cluster {
     metrics: OnceLock<crate::metrics::ClusterSeries>,
     /// The shared configuration, with `[cluster] shared_state`.
     state: Option<Arc<state::SharedState>>,
+    /// Webhook signatures accepted anywhere in the cluster ([`replay`]).
+    replays: jetstream::kv::Store,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -291,6 +297,7 @@ impl Cluster {
         )
         .await?;
         let history = history::create(&js, &settings, replicas).await?;
+        let replays = replay::open(&js, settings.name.as_deref(), replicas).await?;
         let state = match settings.shared_state {
             true => Some(Arc::new(
                 state::open(&js, settings.name.as_deref(), replicas)
@@ -315,6 +322,7 @@ impl Cluster {
             leases,
             history,
             metrics: OnceLock::new(),
+            replays,
         }))
     }
 

@@ -33,6 +33,7 @@ use super::{Cluster, ClusterError, Job, nats};
 use crate::plugin::TriggerEvent;
 use crate::runs::{LogLevel, LogLine, RunId, RunStatus};
 use crate::scheduler::{Scheduler, SubmitError};
+use crate::trigger::webhook::Launched;
 
 /// How long one pull waits for runs before asking again.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
@@ -88,36 +89,80 @@ const DUPLICATE_LOOKUP: Duration = Duration::from_secs(5);
 /// when that run has ended and left the stream, from the history this node applied
 /// ([`Cluster::recent_run`]). When neither knows it within a few seconds the sender
 /// gets an error (503) and may retry: an id that names no run is never answered.
+///
+/// A delivery whose hook rejects replays also claims its verified signature in the
+/// cluster first ([`super::replay`]): a copy another node accepted under another delivery
+/// id is a replay, answered as a duplicate with the first run's id.
 pub async fn accept_delivery(
     cluster: &Cluster,
     delivery: crate::trigger::webhook::Delivery,
-) -> Result<RunId, String> {
+) -> Result<Launched, String> {
+    use super::replay::Claimed;
     let msg_id = super::delivery_msg_id(&delivery.hook, delivery.delivery_id.as_deref());
+    let run_id = RunId::new();
+    // The signature, against replays under another delivery id on another node.
+    let replay = delivery.replay_key.clone();
+    let delivery_id = delivery.delivery_id.clone();
+    let claim = match &replay {
+        None => None,
+        Some(r) => match cluster
+            .claim_signature(&delivery.hook, r, delivery_id.as_deref(), run_id)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Claimed::Mine { key, revision } => Some((key, revision)),
+            Claimed::Retry => None,
+            Claimed::Replay(first) => {
+                return Ok(Launched::Replayed {
+                    run_id: Some(first),
+                });
+            }
+            Claimed::Accepted(first) => return Ok(Launched::Started(first)),
+            Claimed::Busy => {
+                return Err(
+                    "another node of the cluster is accepting a delivery with this signature; retry shortly"
+                        .into(),
+                );
+            }
+        },
+    };
     let job = Job {
         plugin: delivery.plugin.clone(),
         event: delivery.into_event(),
         from: cluster.settings.node_name.clone(),
-        run_id: Some(RunId::new()),
+        run_id: Some(run_id),
     };
-    let ack = cluster
-        .publish_acked(&job, &msg_id)
-        .await
-        .map_err(|e| e.to_string())?;
-    if !ack.duplicate {
-        return job.run_id.ok_or_else(|| "no run id".to_string());
+    let ack = match cluster.publish_acked(&job, &msg_id).await {
+        Ok(ack) => ack,
+        Err(e) => {
+            if let Some((key, revision)) = &claim {
+                cluster.release_signature(key, *revision).await;
+            }
+            return Err(e.to_string());
+        }
+    };
+    let accepted = if ack.duplicate {
+        tracing::info!(
+            msg_id,
+            "cluster: a delivery the cluster already has is not run again"
+        );
+        cluster
+            .first_run_id(ack.sequence, &msg_id)
+            .await
+            .ok_or_else(|| {
+                format!(
+                    "the cluster has this delivery already ({msg_id}) but its run id is not known here yet; retry shortly"
+                )
+            })?
+    } else {
+        run_id
+    };
+    if let (Some((key, revision)), Some(r)) = (&claim, &replay) {
+        cluster
+            .mark_published(key, *revision, r, delivery_id.as_deref(), accepted)
+            .await;
     }
-    tracing::info!(
-        msg_id,
-        "cluster: a delivery the cluster already has is not run again"
-    );
-    cluster
-        .first_run_id(ack.sequence, &msg_id)
-        .await
-        .ok_or_else(|| {
-            format!(
-                "the cluster has this delivery already ({msg_id}) but its run id is not known here yet; retry shortly"
-            )
-        })
+    Ok(Launched::Started(accepted))
 }
 
 impl Cluster {

@@ -690,6 +690,32 @@ pub struct Delivery {
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
     pub received_at: DateTime<Utc>,
+    /// The verified signature this delivery claimed against replays (hooks with
+    /// `replay = "reject"`), for a cluster to claim across its nodes too.
+    pub replay_key: Option<ReplayKey>,
+}
+
+/// A verified signature remembered against replays: its SHA-256 (hex) and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayKey {
+    pub signature: String,
+    pub until: DateTime<Utc>,
+}
+
+/// What `launch` made of a verified, new delivery ([`receive`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Launched {
+    /// Its run was started (or, in a cluster, handed over) under this id.
+    Started(RunId),
+    /// Another node of the cluster accepted the same signature first: a replay, not
+    /// run again; the run that first copy started, if known.
+    Replayed { run_id: Option<RunId> },
+}
+
+impl From<RunId> for Launched {
+    fn from(id: RunId) -> Launched {
+        Launched::Started(id)
+    }
 }
 
 /// What to do with a verified delivery.
@@ -1040,6 +1066,7 @@ impl Webhooks {
                 headers: visible_headers(headers),
                 body,
                 received_at: now,
+                replay_key: None,
             },
             keys,
             accepted: false,
@@ -1050,6 +1077,10 @@ impl Webhooks {
             {
                 return Ok(duplicate(Matched::Signature, run_id));
             }
+            claim.delivery.replay_key = Some(ReplayKey {
+                signature: key.clone(),
+                until: expires,
+            });
             claim.keys.push((self.signatures.clone(), key));
         }
 
@@ -1382,7 +1413,7 @@ impl IntoResponse for Answer {
 /// `launch` starts the plugin run for a verified, new delivery and returns its run id
 /// (the run goes on after the answer); when it fails, the delivery id and signature are
 /// released so the sender's retry can run ([`Answer::Unavailable`]).
-pub async fn receive<F, Fut>(
+pub async fn receive<F, Fut, L>(
     hooks: &Webhooks,
     name: &str,
     headers: &HeaderMap,
@@ -1391,7 +1422,8 @@ pub async fn receive<F, Fut>(
 ) -> Answer
 where
     F: FnOnce(Delivery) -> Fut,
-    Fut: Future<Output = Result<RunId, String>>,
+    Fut: Future<Output = Result<L, String>>,
+    L: Into<Launched>,
 {
     match hooks.verify(name, headers, body) {
         Err(e) => {
@@ -1418,12 +1450,35 @@ where
                 run_id,
             }
         }
-        Ok(Admission::Run(claim)) => match launch(claim.delivery().clone()).await {
-            Ok(run_id) => {
+        Ok(Admission::Run(claim)) => match launch(claim.delivery().clone()).await.map(Into::into) {
+            Ok(Launched::Started(run_id)) => {
                 if let Err(e) = claim.accept(run_id) {
                     tracing::warn!(hook = name, error = %e, "could not record the delivery id; a retry may run again");
                 }
                 Answer::Accepted { run_id }
+            }
+            Ok(Launched::Replayed { run_id }) => {
+                let delivery = claim.delivery().delivery_id.clone();
+                tracing::info!(
+                    hook = name,
+                    delivery = delivery.as_deref().unwrap_or("-"),
+                    matched = Matched::Signature.as_str(),
+                    "repeated webhook delivery (accepted by another node of the cluster) not run again"
+                );
+                // Remembered here too, so the next copy is answered without asking.
+                match run_id {
+                    Some(id) => {
+                        if let Err(e) = claim.accept(id) {
+                            tracing::warn!(hook = name, error = %e, "could not record the replayed delivery");
+                        }
+                    }
+                    None => drop(claim),
+                }
+                Answer::Replayed {
+                    delivery,
+                    matched: Matched::Signature,
+                    run_id,
+                }
             }
             Err(detail) => {
                 tracing::error!(hook = name, %detail, "webhook run could not be started");
@@ -1436,7 +1491,7 @@ where
 
 /// One delivery from the request as axum hands it over: reads the body within the
 /// hook's limit (404 for an unknown hook, 413 past the limit), then [`receive`].
-pub async fn deliver<F, Fut>(
+pub async fn deliver<F, Fut, L>(
     hooks: &Webhooks,
     name: &str,
     headers: &HeaderMap,
@@ -1445,7 +1500,8 @@ pub async fn deliver<F, Fut>(
 ) -> Answer
 where
     F: FnOnce(Delivery) -> Fut,
-    Fut: Future<Output = Result<RunId, String>>,
+    Fut: Future<Output = Result<L, String>>,
+    L: Into<Launched>,
 {
     let Some(limit) = hooks.max_body(name) else {
         return Answer::Rejected(WebhookError::UnknownHook(name.to_string()));

@@ -666,7 +666,7 @@ async fn a_delivery_whose_run_could_not_start_answers_503_and_its_retry_runs() {
     let hooks = github(&store);
     let h = signed(SECRET, "{}", "r-1");
     let resp = receive(&hooks, "gh", &h, Bytes::from("{}"), |_| async {
-        Err("plugin is disabled".to_string())
+        Err::<RunId, _>("plugin is disabled".to_string())
     })
     .await;
     let (status, _, json) = json_of(resp).await;
