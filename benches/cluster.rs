@@ -5,11 +5,15 @@
 //! wasm32-wasip2 --release`) and the loopback NATS cluster of `scripts/testinfra up`
 //! (its `NATS_URLS`, read from `target/testinfra/infra.env` or the environment).
 //!
-//! Two phases of `CAPSTAN_BENCH_SECONDS` (default 10) each, with the `trivial` plugin
+//! Three phases of `CAPSTAN_BENCH_SECONDS` (default 10) each, with the `trivial` plugin
 //! behind a signed GitHub-style hook (a distinct delivery id per request):
 //! 1. **alone**: one `capstan serve`;
 //! 2. **cluster**: three `capstan serve --cluster NATS_URLS` on their own data
-//!    directories (a cluster name of their own), the requests spread round-robin.
+//!    directories (a cluster name of their own), the requests spread round-robin; the
+//!    hook allows replays (`replay = "allow"`), so only the delivery id is checked;
+//! 3. **replays**: the same three-node set-up with a hook that rejects replays (the
+//!    default), each request with a body of its own: every signature is also claimed in
+//!    the cluster's replay bucket before the run is published, and marked after.
 //!
 //! In each, `CAPSTAN_BENCH_CONNECTIONS` (default 8) senders post deliveries one after
 //! the other; every 20th asks `?wait=true`, whose answer comes once the run's final
@@ -36,6 +40,8 @@ use std::time::{Duration, Instant};
 use hmac::{KeyInit, Mac};
 
 const MANIFEST: &str = "name = \"cluster-bench\"\nversion = \"1\"\n\n[[triggers.webhook]]\nname = \"gh\"\nauth = \"hmac-sha256\"\ndelivery_header = \"X-GitHub-Delivery\"\nreplay = \"allow\"\n";
+/// The same hook rejecting replays (the default).
+const MANIFEST_REJECT: &str = "name = \"cluster-bench\"\nversion = \"1\"\n\n[[triggers.webhook]]\nname = \"gh\"\nauth = \"hmac-sha256\"\ndelivery_header = \"X-GitHub-Delivery\"\n";
 const BODY: &[u8] = br#"{"ref":"refs/heads/main","repository":{"full_name":"capstan/bench"}}"#;
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -89,12 +95,12 @@ fn capstan_ok(data: &Path, args: &[&str]) -> String {
 }
 
 /// A data directory with a vault and the plugin installed: its hook secret.
-fn prepare(data: &Path) -> String {
+fn prepare(data: &Path, manifest: &str) -> String {
     capstan_ok(data, &["vault", "init"]);
     let src = data.join("plugin-src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::copy(common::wasm_path("trivial"), src.join("plugin.wasm")).unwrap();
-    std::fs::write(src.join("plugin.toml"), MANIFEST).unwrap();
+    std::fs::write(src.join("plugin.toml"), manifest).unwrap();
     let out = capstan_ok(
         data,
         &[
@@ -163,9 +169,16 @@ fn serve(data: &Path, secret: String, cluster: Option<(&str, &str, &str)>) -> En
     }
 }
 
-fn post(addr: &str, secret: &str, delivery: &str, wait: bool) -> Option<u16> {
+fn post(addr: &str, secret: &str, delivery: &str, wait: bool, distinct: bool) -> Option<u16> {
+    let owned;
+    let body: &[u8] = if distinct {
+        owned = format!(r#"{{"ref":"refs/heads/main","delivery":"{delivery}"}}"#);
+        owned.as_bytes()
+    } else {
+        BODY
+    };
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).ok()?;
-    mac.update(BODY);
+    mac.update(body);
     let sig = hex::encode(mac.finalize().into_bytes());
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
@@ -177,10 +190,10 @@ fn post(addr: &str, secret: &str, delivery: &str, wait: bool) -> Option<u16> {
     };
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\nX-Hub-Signature-256: sha256={sig}\r\nX-GitHub-Delivery: {delivery}\r\nContent-Type: application/json\r\n\r\n",
-        BODY.len()
+        body.len()
     );
     s.write_all(req.as_bytes()).ok()?;
-    s.write_all(BODY).ok()?;
+    s.write_all(body).ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).ok()?;
     String::from_utf8_lossy(&buf)
@@ -231,7 +244,14 @@ fn final_runs(e: &Engine) -> usize {
         .unwrap_or(0)
 }
 
-fn phase(name: &'static str, engines: &[Engine], tag: &str, secs: u64, senders: usize) -> Outcome {
+fn phase(
+    name: &'static str,
+    engines: &[Engine],
+    tag: &str,
+    secs: u64,
+    senders: usize,
+    distinct: bool,
+) -> Outcome {
     let next = Arc::new(AtomicUsize::new(0));
     let accept = Arc::new(Mutex::new(Vec::new()));
     let to_final = Arc::new(Mutex::new(Vec::new()));
@@ -260,7 +280,7 @@ fn phase(name: &'static str, engines: &[Engine], tag: &str, secs: u64, senders: 
                     let (addr, secret) = &targets[i % targets.len()];
                     let wait = i % 20 == 19;
                     let t = Instant::now();
-                    match post(addr, secret, &format!("{tag}-{i}"), wait) {
+                    match post(addr, secret, &format!("{tag}-{i}"), wait, distinct) {
                         Some(202) if !wait => accept.lock().unwrap().push(t.elapsed()),
                         Some(200) if wait => to_final.lock().unwrap().push(t.elapsed()),
                         _ => {
@@ -331,24 +351,34 @@ fn main() -> ExitCode {
 
     let alone = {
         let data = scratch.path().join("alone");
-        let secret = prepare(&data);
+        let secret = prepare(&data, MANIFEST);
         let e = serve(&data, secret, None);
-        phase("alone", &[e], &format!("a{tag}"), secs, senders)
+        phase("alone", &[e], &format!("a{tag}"), secs, senders, false)
     };
     print(&alone);
 
-    let cluster = {
-        let name = format!("bench{tag}");
+    let three = |phase_name: &'static str, manifest: &str, distinct: bool| {
+        let name = format!("bench{phase_name}{tag}");
         let engines: Vec<Engine> = (1..=3)
             .map(|i| {
-                let data = scratch.path().join(format!("n{i}"));
-                let secret = prepare(&data);
+                let data = scratch.path().join(format!("{phase_name}-n{i}"));
+                let secret = prepare(&data, manifest);
                 serve(&data, secret, Some((&urls, &name, &format!("n{i}"))))
             })
             .collect();
-        phase("cluster", &engines, &format!("c{tag}"), secs, senders)
+        phase(
+            phase_name,
+            &engines,
+            &format!("{phase_name}{tag}"),
+            secs,
+            senders,
+            distinct,
+        )
     };
+    let cluster = three("cluster", MANIFEST, false);
     print(&cluster);
+    let replays = three("replays", MANIFEST_REJECT, true);
+    print(&replays);
 
     println!(
         "cluster/alone runs/s sustained: {:.2}x; accept→final added by JetStream: p50 {:+.2} ms, p99 {:+.2} ms",
@@ -356,7 +386,12 @@ fn main() -> ExitCode {
         ms(pct(&cluster.to_final, 0.5)) - ms(pct(&alone.to_final, 0.5)),
         ms(pct(&cluster.to_final, 0.99)) - ms(pct(&alone.to_final, 0.99)),
     );
-    if alone.accepted == 0 || cluster.accepted == 0 {
+    println!(
+        "replays/cluster runs/s sustained: {:.2}x; 202 p50 added by the cross-node replay claim: {:+.2} ms",
+        replays.runs_per_sec / cluster.runs_per_sec,
+        ms(pct(&replays.accept, 0.5)) - ms(pct(&cluster.accept, 0.5)),
+    );
+    if alone.accepted == 0 || cluster.accepted == 0 || replays.accepted == 0 {
         eprintln!("MISMATCH: a phase accepted nothing");
         return ExitCode::FAILURE;
     }
