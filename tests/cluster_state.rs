@@ -419,9 +419,23 @@ fn configuration_changed_on_one_node_takes_effect_on_all_and_never_crosses_nats_
         404,
         "the removed plugin's hook is gone on n1"
     );
-    for n in [n1, n2, n3] {
-        assert!(n.server.stop().success());
+    let data = n3.data;
+    for server in [n1.server, n2.server, n3.server] {
+        assert!(server.stop().success());
     }
+    // A stopped node's vault key is the cluster's: changing it there alone is refused,
+    // and the vault file is left as it was.
+    let vault_file = data.data().join("vault.json");
+    let before = std::fs::read(&vault_file).unwrap();
+    for args in [
+        &["vault", "rotate-key"][..],
+        &["vault", "change-passphrase"][..],
+    ] {
+        let out = data.capstan(args);
+        assert_failure_says(&out, "node of a shared-state cluster");
+        assert_failure_says(&out, "nothing was changed");
+    }
+    assert_eq!(std::fs::read(&vault_file).unwrap(), before);
 }
 
 #[test]

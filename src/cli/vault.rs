@@ -131,6 +131,7 @@ pub fn run(g: &GlobalArgs, cmd: VaultCmd) -> anyhow::Result<()> {
             println!("secrets:        {}", v.len());
         }
         VaultCmd::RotateKey { new_key_file } => {
+            refuse_in_shared_cluster(&settings.data_dir, "vault rotate-key")?;
             let header = vault::read_header(&store)?.ok_or(vault::VaultError::NotInitialized)?;
             let source = key_source_for(&settings, &header.protection, &pass)?;
             let mut v = Vault::open(&store, &source)?;
@@ -169,6 +170,7 @@ pub fn run(g: &GlobalArgs, cmd: VaultCmd) -> anyhow::Result<()> {
         VaultCmd::ChangePassphrase {
             new_passphrase_file,
         } => {
+            refuse_in_shared_cluster(&settings.data_dir, "vault change-passphrase")?;
             let header = vault::read_header(&store)?.ok_or(vault::VaultError::NotInitialized)?;
             if header.protection == Protection::KeyFile {
                 bail!(
@@ -185,6 +187,22 @@ pub fn run(g: &GlobalArgs, cmd: VaultCmd) -> anyhow::Result<()> {
             v.change_master_key(&KeySource::Passphrase(new), params)?;
             println!("passphrase changed");
         }
+    }
+    Ok(())
+}
+
+/// Refuses a key change on the data directory of a shared-state cluster node: the
+/// vault key is the cluster's, and changing it on one node would not reach the others
+/// (at its next start the node takes the cluster's key back, or is refused).
+fn refuse_in_shared_cluster(data_dir: &std::path::Path, what: &str) -> anyhow::Result<()> {
+    let marker = data_dir.join(crate::cluster::state::DIGESTS_FILE);
+    if marker.exists() {
+        bail!(
+            "`capstan {what}` refused: {} is the data directory of a node of a shared-state cluster ({} is there), whose vault key is the cluster's; changing it on one node would not reach the others (at its next start the node would take the cluster's key back, or be refused). Changing a cluster's vault key is not supported yet. To take this node out of the cluster for good, remove {} and start it without [cluster] shared_state; nothing was changed",
+            data_dir.display(),
+            crate::cluster::state::DIGESTS_FILE,
+            marker.display()
+        );
     }
     Ok(())
 }

@@ -56,9 +56,8 @@
 //! hook secret made on its first start) are re-sealed under the cluster's data key when
 //! the same key opens both; a node whose vault its key does not open that way refuses to
 //! start. `vault rotate-key` and `change-passphrase` are
-//! per-node operations and would split the cluster's key: they are refused while a
-//! shared-state engine runs (the data directory is locked) and must not be run on one
-//! node's stopped data directory alone.
+//! per-node operations and would split the cluster's key: they are refused on a data
+//! directory that holds [`DIGESTS_FILE`] (a shared-state node's, running or stopped).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -352,7 +351,7 @@ fn checked(entry: &kv::Entry, vault: &crate::vault::Vault) -> Option<(Key, Optio
 /// bucket, so that at the next join it can tell its own changes made while it was away
 /// (published) from records the cluster changed (applied). Digests only: no ciphertext
 /// is kept beside the vault.
-const DIGESTS_FILE: &str = "cluster-state.json";
+pub const DIGESTS_FILE: &str = "cluster-state.json";
 
 #[derive(Serialize, Deserialize)]
 struct Digests {
