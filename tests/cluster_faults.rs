@@ -1,26 +1,41 @@
-//! Cluster mode under faults, with every part in a container on a private Docker network
-//! of its own: three NATS servers (a JetStream cluster routed by container name, from an
-//! image built here from the `nats-server` binary `scripts/testinfra` installs) and three
-//! engines from `capstan:test` (`serve --cluster` naming the three servers), each with the
-//! trivial plugin installed. The tests kill a NATS server, partition an engine from the
-//! network and kill an engine mid-deliveries, and read each node's history through its
-//! API (the CLI inside the container) to show that every delivery answered 202 runs once.
+//! Cluster mode with every part in a container on a private Docker network of its own:
+//! three NATS servers (a JetStream cluster routed by container name, from an image built
+//! here from the `nats-server` binary `scripts/testinfra` installs) and three engines
+//! from `capstan:test` (`serve --cluster` naming the three servers), each with a plugin
+//! installed through the CLI inside its container. The tests
 //!
-//! Every container and the network are removed when a test ends, however it ends; the
-//! tests take turns with tests/cluster.rs (three engines and three servers on two cores).
+//! - fire a cron trigger every second for a minute: each fire runs once in the cluster;
+//! - give every engine the same SSH devices on the private sshd (which listens on
+//!   loopback only: the engines reach it through [`SshRelay`], a TCP relay this process
+//!   runs on the network's gateway) and show one owner per device, runs elsewhere
+//!   reaching a device through its owner, and a `docker kill`ed owner taken over within
+//!   the lease time;
+//! - kill a NATS server, partition an engine from the network and kill an engine
+//!   mid-deliveries, and read each node's history through its API (the CLI inside the
+//!   container) to show that every delivery answered 202 runs once;
+//! - cut off the owner of the machine's Docker daemon (`local`, its socket mounted into
+//!   each engine) and show it stops acting on it while another engine takes it over.
+//!
+//! Every container, the network and the relay are removed or stopped when a test ends,
+//! however it ends; the tests take turns with the other cluster tests (three engines and
+//! three servers on two cores).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use chrono::Timelike;
 use serde_json::Value;
 use sha2::Digest;
 
-use crate::cluster::{MANIFEST, cluster_name, deliver_to, is_final, turn};
+use crate::cluster::{CRON_MANIFEST, MANIFEST, cluster_name, deliver_to, is_final, turn};
 use crate::deploy::{docker_host, run_for};
 use crate::triggers::{eventually, generated_secret};
-use crate::util::plugin::wasm;
+use crate::util::plugin::{manifest, wasm};
 use crate::util::{Infra, assert_success, http, stdout};
 
 /// Built by `scripts/image build` (scripts/test runs it before the tests).
@@ -112,7 +127,8 @@ struct Cluster {
     net: String,
     /// Every container created, removed on drop.
     containers: Vec<String>,
-    /// Each engine's hook secret (its own vault generated it at install).
+    /// Each engine's hook secret (its own vault generated it at install); none when the
+    /// manifest has no hook.
     secrets: Vec<String>,
     /// Each engine's `IP:PORT` on the network; `None` while it is killed or cut off.
     addrs: Vec<Option<String>>,
@@ -216,7 +232,10 @@ impl Cluster {
         }
         for i in 0..3 {
             c.wait_serving(i, 1);
-            c.secrets.push(c.install(i, manifest));
+            let installed = c.install_component(i, "trivial", manifest);
+            if manifest.contains("[[triggers.webhook]]") {
+                c.secrets.push(generated_secret(&installed, "gh"));
+            }
         }
         eprintln!("cluster up in {:.1}s", started.elapsed().as_secs_f64());
         c
@@ -327,12 +346,6 @@ impl Cluster {
         self.addrs[i] = Some(format!("{ip}:{API_PORT}"));
     }
 
-    /// Installs the trivial plugin with `manifest` on engine `i` through its API (the
-    /// CLI inside the container): the hook secret it generated.
-    fn install(&self, i: usize, manifest: &str) -> String {
-        generated_secret(&self.install_component(i, "trivial", manifest), "gh")
-    }
-
     /// Installs test plugin `component` with `manifest` on engine `i` (the CLI inside
     /// the container): what the install printed.
     fn install_component(&self, i: usize, component: &str, manifest: &str) -> String {
@@ -376,7 +389,8 @@ impl Cluster {
         {
             return 0;
         }
-        deliver_to(addr, &self.secrets[i], delivery, body)
+        let secret = self.secrets.get(i).expect("the manifest has hook gh");
+        deliver_to(addr, secret, delivery, body)
     }
 
     /// Delivers as a sender that retries: the same delivery id to engine `i` until it
@@ -460,6 +474,151 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// Device → owner, as engine `i`'s cluster status lists the leases (empty while the
+    /// status fails).
+    fn owners(&self, i: usize) -> BTreeMap<String, String> {
+        self.status(i)["leases"]
+            .as_array()
+            .map(|leases| {
+                leases
+                    .iter()
+                    .filter_map(|l| {
+                        Some((
+                            l["device"].as_str()?.to_string(),
+                            l["owner"].as_str()?.to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The network's gateway: the address this host has on it, which the engines reach.
+    fn gateway(&self) -> String {
+        let gw = docker_ok(&[
+            "network",
+            "inspect",
+            &self.net,
+            "--format",
+            "{{(index .IPAM.Config 0).Gateway}}",
+        ]);
+        assert!(!gw.is_empty(), "network {} has no gateway", self.net);
+        gw
+    }
+
+    /// Adds SSH devices `names` to engine `i` (the CLI inside the container): the test
+    /// sshd through `relay`, as user `SSH_USER_KEY` with the test ed25519 key, the
+    /// sshd's real host key pinned. The key files are copied in and stored in the
+    /// engine's vault by `device add`.
+    fn add_ssh_devices(&self, i: usize, relay: std::net::SocketAddr, names: &[&str]) {
+        let node = self.node(i);
+        let infra = Infra::get();
+        docker_ok(&[
+            "cp",
+            infra.var("SSH_KEY_ED25519"),
+            &format!("{node}:/tmp/k"),
+        ]);
+        docker_ok(&[
+            "cp",
+            infra.var("SSH_HOST_KEY_PUB"),
+            &format!("{node}:/tmp/hk.pub"),
+        ]);
+        // `docker cp` writes them as root; the CLI runs as the image's user.
+        docker_ok(&[
+            "exec",
+            "--user",
+            "0",
+            &node,
+            "chown",
+            "capstan:capstan",
+            "/tmp/k",
+            "/tmp/hk.pub",
+        ]);
+        docker_ok(&["exec", &node, "chmod", "600", "/tmp/k"]);
+        let (host, port) = (relay.ip().to_string(), relay.port().to_string());
+        for name in names {
+            docker_ok(&[
+                "exec",
+                &node,
+                "capstan",
+                "device",
+                "add",
+                name,
+                "--kind",
+                "ssh",
+                "--host",
+                &host,
+                "--port",
+                &port,
+                "--user",
+                infra.var("SSH_USER_KEY"),
+                "--ssh-key-file",
+                "/tmp/k",
+                "--host-key-file",
+                "/tmp/hk.pub",
+            ]);
+        }
+    }
+
+    /// `docker stop`s engines `nodes` (SIGTERM, as a clean shutdown) and checks that
+    /// each exited 0.
+    fn stop_cleanly(&mut self, nodes: &[usize]) {
+        let names: Vec<String> = nodes.iter().map(|i| self.node(*i)).collect();
+        let mut args = vec!["stop", "--time", "30"];
+        args.extend(names.iter().map(String::as_str));
+        docker_ok(&args);
+        for (i, name) in nodes.iter().zip(&names) {
+            self.addrs[*i] = None;
+            let code = docker_ok(&["inspect", "--format", "{{.State.ExitCode}}", name]);
+            assert_eq!(
+                code,
+                "0",
+                "engine {name} did not stop cleanly:\n{}",
+                self.logs(name)
+            );
+        }
+    }
+
+    /// The runs of `plugin` as every engine lists them, by run id, once the three list
+    /// the same records (the same JSON), all ended, and `done` holds for them (up to
+    /// `secs`).
+    fn agreed_runs(
+        &self,
+        plugin: &str,
+        secs: u64,
+        what: &str,
+        done: impl Fn(&BTreeMap<String, Value>) -> bool,
+    ) -> BTreeMap<String, Value> {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let mut lists: Vec<BTreeMap<String, Value>> = (0..3)
+                .map(|i| {
+                    self.runs_all(i, plugin)
+                        .into_iter()
+                        .map(|r| (r["id"].as_str().unwrap_or_default().to_string(), r))
+                        .collect()
+                })
+                .collect();
+            let differ: Vec<String> = lists
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| **l != lists[0])
+                .map(|(i, l)| format!("n{} lists {} runs", i + 1, l.len()))
+                .collect();
+            let first = &lists[0];
+            if differ.is_empty() && first.values().all(is_final) && done(first) {
+                return lists.swap_remove(0);
+            }
+            assert!(
+                Instant::now() < until,
+                "not within {secs} s: {what}: {} runs on n1, not ended {}; differing: {differ:?}",
+                first.len(),
+                first.values().filter(|r| !is_final(r)).count()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// Waits until every engine lists the same records (the cluster's history), none
     /// still queued or running, and every accepted delivery among them (`ok_only`: ended
     /// ok): those records, each with the node that ran it (`node`).
@@ -491,6 +650,105 @@ impl Cluster {
             },
         );
         records
+    }
+}
+
+/// A plain TCP relay from an address the engine containers reach (their network's
+/// gateway, an address of this host) to the private sshd, which listens on loopback
+/// only: each accepted connection is forwarded byte for byte to `to`, both ways, so the
+/// engines speak SSH to the real sshd (its host key, its authentication; connections
+/// arrive from 127.0.0.1 as it expects). Stopped on drop: the listener closes and every
+/// relayed connection is shut down.
+struct SshRelay {
+    addr: std::net::SocketAddr,
+    stopping: Arc<AtomicBool>,
+    /// Both ends of every relayed connection.
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    /// The threads copying bytes, two per connection.
+    pumps: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Connections relayed so far.
+    relayed: Arc<AtomicUsize>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl SshRelay {
+    /// Listens on a free port of `host` and relays to `to`.
+    fn start(host: &str, to: std::net::SocketAddr) -> SshRelay {
+        let listener = TcpListener::bind((host, 0))
+            .unwrap_or_else(|e| panic!("cannot listen on {host} for the SSH relay: {e}"));
+        let addr = listener.local_addr().unwrap();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let sockets = Arc::new(Mutex::new(Vec::new()));
+        let pumps = Arc::new(Mutex::new(Vec::new()));
+        let relayed = Arc::new(AtomicUsize::new(0));
+        let acceptor = {
+            let (stopping, sockets, pumps, relayed) = (
+                stopping.clone(),
+                sockets.clone(),
+                pumps.clone(),
+                relayed.clone(),
+            );
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(inbound) = conn else { continue };
+                    let outbound = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            eprintln!("SSH relay: cannot reach sshd at {to}: {e}");
+                            continue;
+                        }
+                    };
+                    relayed.fetch_add(1, Ordering::SeqCst);
+                    let mut sockets = sockets.lock().unwrap();
+                    let mut pumps = pumps.lock().unwrap();
+                    for (from, into) in [(&inbound, &outbound), (&outbound, &inbound)] {
+                        let (Ok(mut from), Ok(mut into)) = (from.try_clone(), into.try_clone())
+                        else {
+                            continue;
+                        };
+                        pumps.push(std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut into);
+                            // Pass the end of one direction on; the other ends by itself.
+                            let _ = into.shutdown(std::net::Shutdown::Write);
+                        }));
+                    }
+                    sockets.extend([inbound, outbound]);
+                }
+            })
+        };
+        SshRelay {
+            addr,
+            stopping,
+            sockets,
+            pumps,
+            relayed,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    fn relayed(&self) -> usize {
+        self.relayed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SshRelay {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // A connection of our own wakes the acceptor, which sees it is stopping.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2));
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        for s in self.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let pumps: Vec<_> = self.pumps.lock().unwrap().drain(..).collect();
+        for p in pumps {
+            let _ = p.join();
+        }
     }
 }
 
@@ -765,8 +1023,7 @@ fn try_deliver(
 /// every engine.
 #[test]
 fn ten_thousand_deliveries_with_an_engine_killed_and_restarted_are_each_recorded_once() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex, RwLock};
+    use std::sync::RwLock;
     let _turn = turn();
     const N: usize = 10_000;
     const SENDERS: usize = 8;
@@ -977,12 +1234,7 @@ fn probe_results(report: &Value) -> Vec<Value> {
 /// The owner of `local` as engine `i`'s cluster status lists it (`None` while there is
 /// none or the status fails).
 fn local_owner(c: &Cluster, i: usize) -> Option<String> {
-    c.status(i)["leases"]
-        .as_array()?
-        .iter()
-        .find(|l| l["device"] == "local")
-        .and_then(|l| l["owner"].as_str())
-        .map(str::to_string)
+    c.owners(i).remove("local")
 }
 
 #[test]
@@ -1122,4 +1374,229 @@ fn an_engine_cut_off_from_nats_stops_acting_on_its_device_another_takes_it_over_
         took.as_secs_f64(),
         total.as_secs_f64()
     );
+}
+
+/// The cron scenario: a trigger firing every second on the three engines, for a
+/// minute. Every fire while the three ran has exactly one run (one run id), ended ok,
+/// naming the node that ran it, and every engine lists the same records.
+#[test]
+fn each_cron_fire_runs_once_across_three_nodes() {
+    let _turn = turn();
+    let mut c = Cluster::start(CRON_MANIFEST, &[]);
+    let all_up = chrono::Utc::now();
+    // The window: a fire every second for a minute.
+    std::thread::sleep(Duration::from_secs(60));
+    let until = chrono::Utc::now();
+    // Every engine lists the same runs (the cluster's history), the fires so far ended.
+    let listed = c.agreed_runs("ticker", 30, "every engine lists the fires", |m| {
+        m.values().any(|r| {
+            r["trigger"]["scheduled_at"]
+                .as_str()
+                .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                .is_some_and(|t| t >= until - chrono::Duration::seconds(1))
+        })
+    });
+    c.stop_cleanly(&[0, 1, 2]);
+    let records: Vec<(String, Value)> = listed.into_iter().collect();
+
+    // One run id per fire.
+    let mut by_fire: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for (id, r) in &records {
+        assert_eq!(r["trigger"]["kind"], "cron", "{r}");
+        assert!(
+            r["node"].as_str().is_some(),
+            "the record names its node: {r}"
+        );
+        let at = r["trigger"]["scheduled_at"].as_str().unwrap().to_string();
+        by_fire.entry(at).or_default().push(id);
+    }
+    let twice: Vec<_> = by_fire.iter().filter(|(_, n)| n.len() > 1).collect();
+    assert!(twice.is_empty(), "fires run more than once: {twice:?}");
+    // Every second while all three ran has its one run.
+    let first = all_up + chrono::Duration::seconds(1);
+    let last = until - chrono::Duration::seconds(1);
+    let mut t = first.with_nanosecond(0).unwrap() + chrono::Duration::seconds(1);
+    let mut missing = Vec::new();
+    let mut seen = 0;
+    while t <= last {
+        let key = t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let found = by_fire
+            .keys()
+            .any(|k| k.parse::<chrono::DateTime<chrono::Utc>>().ok() == Some(t));
+        if found {
+            seen += 1;
+        } else {
+            missing.push(key);
+        }
+        t += chrono::Duration::seconds(1);
+    }
+    assert!(
+        missing.is_empty(),
+        "fires with no run: {missing:?} (runs: {by_fire:?})"
+    );
+    assert!(seen >= 57, "only {seen} fires in a 60 s window");
+    assert!(
+        records.iter().all(|(_, r)| r["status"] == "ok"),
+        "every fire's run ended ok: {records:?}"
+    );
+    let per: BTreeMap<&str, usize> = records.iter().fold(BTreeMap::new(), |mut m, (_, r)| {
+        *m.entry(r["node"].as_str().unwrap_or("?")).or_default() += 1;
+        m
+    });
+    eprintln!(
+        "{seen} fires in the window, {} runs listed alike on the three engines, one per fire, all ok; runs per node {per:?}",
+        records.len()
+    );
+}
+
+/// The lease time the device test runs with (renewed every 2 s).
+const LEASE_SECS: u64 = 6;
+
+/// The probe plugin may check and list containers on every device.
+const PROBE_POLICY: &str = "[policy]\nCONTAINERS = 1\nINFO = 1\ndevices = [\"*\"]\n";
+
+/// The calls that reach a device: a check (ping and version) and a container list.
+fn reach(device: &str) -> Value {
+    serde_json::json!([
+        {"op": "check", "device": device},
+        {"op": "list-containers", "device": device},
+    ])
+}
+
+fn all_ok(results: &[Value]) -> bool {
+    results.len() == 2 && results.iter().all(|r| r.get("ok").is_some())
+}
+
+/// The engine index of node `name` (`n1` is 0).
+fn index_of(name: &str) -> usize {
+    name.strip_prefix('n')
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| (1..=3).contains(n))
+        .unwrap_or_else(|| panic!("no node {name}"))
+        - 1
+}
+
+/// The device scenario with the engines in containers: the same SSH devices on
+/// each engine (the private sshd, reached through [`SshRelay`] on the network's gateway,
+/// its host key pinned) and the probe plugin. Each device gets one owner, spread over the
+/// engines, the same on each; a run on an engine that does not own a device reaches it
+/// through the owner; the owner is `docker kill`ed and another engine owns the device
+/// within the lease time and its renewals, and a run through the third engine reaches
+/// it.
+#[test]
+fn each_device_has_one_owner_runs_elsewhere_reach_it_through_the_owner_and_a_killed_owner_is_taken_over()
+ {
+    let _turn = turn();
+    let devices = ["ssh-a", "ssh-b", "ssh-c", "ssh-d", "ssh-e", "ssh-f"];
+    let mut c = Cluster::start(
+        MANIFEST,
+        &[("CAPSTAN_CLUSTER_LEASE", &format!("{LEASE_SECS}s"))],
+    );
+    let infra = Infra::get();
+    let sshd: std::net::SocketAddr = format!("127.0.0.1:{}", infra.var("SSH_PORT"))
+        .parse()
+        .unwrap();
+    let relay = SshRelay::start(&c.gateway(), sshd);
+    for i in 0..3 {
+        c.add_ssh_devices(i, relay.addr, &devices);
+        c.install_component(i, "probe", &manifest("probe", PROBE_POLICY));
+    }
+
+    // Every device gets an owner, and (once the three have been alive a lease time)
+    // they spread over the nodes; every node sees the same owners. Each engine also has
+    // the default `local` device (no daemon behind it here: no socket is mounted).
+    let want: BTreeSet<String> = devices
+        .iter()
+        .chain(&["local"])
+        .map(|d| d.to_string())
+        .collect();
+    let mut seen = BTreeMap::new();
+    let mut last = BTreeMap::new();
+    eventually(45, "every device owned, spread over the nodes", || {
+        seen = c.owners(0);
+        if seen != last {
+            eprintln!("owners: {seen:?}");
+            last = seen.clone();
+        }
+        let spread: BTreeSet<&String> = seen.values().collect();
+        seen.keys().cloned().collect::<BTreeSet<_>>() == want && spread.len() >= 2
+    });
+    for i in 1..3 {
+        assert_eq!(c.owners(i), seen, "node n{} sees other owners", i + 1);
+    }
+    let text = docker_ok(&["exec", &c.node(1), "capstan", "cluster", "status"]);
+    assert!(
+        text.contains("device leases (6s):") && text.contains("ssh-a"),
+        "{text}"
+    );
+
+    // A run on a node that does not own the device reaches it through the owner.
+    let device = "ssh-a";
+    let owner = index_of(&seen[device]);
+    let other = (owner + 1) % 3;
+    let results = probe_results(&probe_run(&c, other, &reach(device)));
+    assert!(
+        all_ok(&results),
+        "run on n{} for {device} owned by n{}: {results:?}",
+        other + 1,
+        owner + 1
+    );
+    assert!(
+        results[0]["ok"]["server_version"]
+            .as_str()
+            .is_some_and(|v| !v.is_empty()),
+        "{results:?}"
+    );
+
+    // The owner is killed: another node owns the device within the lease time (plus
+    // the renewal periods a claim waits), and a run through the third node reaches it.
+    let killed_name = seen[device].clone();
+    docker_ok(&["kill", &c.node(owner)]);
+    c.addrs[owner] = None;
+    let killed = Instant::now();
+    let live: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+    let mut taken_by = String::new();
+    eventually(60, "the killed owner's device taken over", || {
+        match c.owners(live[0]).get(device) {
+            Some(n) if *n != killed_name => {
+                taken_by = n.clone();
+                true
+            }
+            _ => false,
+        }
+    });
+    let took = killed.elapsed();
+    let bound = Duration::from_secs(LEASE_SECS * 3 + 5);
+    assert!(
+        took <= bound,
+        "takeover took {took:?}, more than the lease ({LEASE_SECS}s) and its renewals ({bound:?})"
+    );
+    let new_owner = index_of(&taken_by);
+    let third = *live.iter().find(|i| **i != new_owner).unwrap();
+    let mut results = Vec::new();
+    eventually(
+        20,
+        "a run through the third node reaches the device",
+        || {
+            results = probe_results(&probe_run(&c, third, &reach(device)));
+            all_ok(&results)
+        },
+    );
+    // Both owners of the device reached sshd through the relay.
+    assert!(
+        relay.relayed() >= 2,
+        "{} connection(s) through the SSH relay; the first and the new owner each open one",
+        relay.relayed()
+    );
+    // Every device of the killed node has a live owner.
+    eventually(30, "every device owned by a live node", || {
+        let o = c.owners(live[0]);
+        o.len() == want.len() && o.values().all(|n| *n != killed_name)
+    });
+    eprintln!(
+        "{device} taken over by {taken_by} {:.1}s after {killed_name} was killed (lease {LEASE_SECS}s, bound {bound:?}); {} SSH connection(s) relayed",
+        took.as_secs_f64(),
+        relay.relayed()
+    );
+    c.stop_cleanly(&live);
 }
