@@ -3,8 +3,10 @@
 //! dockerd: every node has the default `local` device (the same daemon under the same
 //! name), so exactly one node owns it.
 //!
-//! - Docker event triggers: each container event becomes one run in the whole cluster,
-//!   and after the owner is killed the new owner's events run once again.
+//! - Docker event triggers: each container event becomes one run in the whole cluster;
+//!   after the owner is killed, the events from before anyone took its place are run
+//!   by the new owner (resuming from the cursor the old one kept in NATS), and the new
+//!   owner's events run once again.
 //! - The `[[proxy]]` listener and `device check` on a node that does not own the
 //!   device: the proxy answers 421 naming the owner and its API, the check goes through
 //!   the owner.
@@ -14,12 +16,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::cluster::{Node, cluster_name, turn};
+use crate::cluster::{Node, cluster_name, status_json, turn};
 use crate::cluster_devices::owners;
 use crate::triggers::{eventually, install_plugin, runs};
-use crate::util::plugin::{Container, docker};
+use crate::util::plugin::{Container, TEST_LABEL, docker};
 use crate::util::*;
 
 /// The lease time these tests run with (renewed every 2 s).
@@ -83,6 +86,36 @@ fn start_containers(prefix: &str, label: &str, n: usize) -> Vec<Container> {
         .collect()
 }
 
+/// Creates `n` containers like [`start_containers`] does, without starting them.
+fn create_containers(prefix: &str, label: &str, n: usize) -> Vec<Container> {
+    let image = Infra::get().var("TEST_IMAGE");
+    (0..n)
+        .map(|_| {
+            let name = format!(
+                "{prefix}-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            );
+            docker(&[
+                "create", "--name", &name, "--label", TEST_LABEL, "--label", label, image,
+            ]);
+            Container { name }
+        })
+        .collect()
+}
+
+/// When `local`'s owner took it, as `node`'s cluster status lists its lease.
+fn local_lease_since(node: &Node) -> DateTime<Utc> {
+    let v = status_json(node);
+    let lease = v["leases"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["device"] == "local"))
+        .unwrap_or_else(|| panic!("cluster status lists no lease of local: {v}"));
+    lease["since"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("the lease of local has no since: {lease}"))
+}
+
 fn ids(cs: &[Container]) -> BTreeSet<String> {
     cs.iter().map(|c| c.inspect("{{.Id}}")).collect()
 }
@@ -104,7 +137,7 @@ fn settle(node: &Node, plugin: &str, n: usize, secs: u64) -> BTreeMap<String, Va
 }
 
 #[test]
-fn each_docker_event_runs_once_in_the_cluster_and_once_again_after_the_owner_is_killed() {
+fn each_docker_event_runs_once_in_the_cluster_even_while_a_killed_owner_is_not_yet_replaced() {
     let _turn = turn();
     let cluster = cluster_name();
     // Only this test's containers: a label of its own.
@@ -119,7 +152,12 @@ fn each_docker_event_runs_once_in_the_cluster_and_once_again_after_the_owner_is_
     // The default `local` device is made by the first start; the plugin that names it
     // is installed after.
     for n in &mut nodes {
-        n.start(&cluster, &[("CAPSTAN_CLUSTER_LEASE", LEASE)]);
+        // The event streams' info lines say where a stream resumed.
+        let log = "warn,capstan::trigger::docker::watch=info";
+        n.start(
+            &cluster,
+            &[("CAPSTAN_CLUSTER_LEASE", LEASE), ("CAPSTAN_LOG", log)],
+        );
         install_plugin(&n.data, "trivial", &manifest);
     }
     let mut owner = String::new();
@@ -157,10 +195,22 @@ fn each_docker_event_runs_once_in_the_cluster_and_once_again_after_the_owner_is_
     assert!(got.values().all(|n| *n == 1), "an event ran twice: {got:?}");
     eprintln!("{N} events from {owner}, one run each");
 
-    // The owner dies: another node takes local over, opens the stream, and each new
-    // event runs once again.
+    // The owner dies, and at once (its lease lasts until 6 s after its last renewal, so
+    // no other node can own local yet) more containers start: their events happen while
+    // nobody watches local. (Created before, so that one `docker start` starts them.)
+    const G: usize = 4;
+    let gap = create_containers("capstan-cevgap", &label, G);
+    let want_gap = ids(&gap);
     nodes[first].kill();
     let killed = Instant::now();
+    let mut start = vec!["start"];
+    start.extend(gap.iter().map(|c| c.name.as_str()));
+    docker(&start);
+    eprintln!(
+        "{G} containers started {:.1}s after {owner} was killed",
+        killed.elapsed().as_secs_f64()
+    );
+    // Another node takes local over and opens the stream.
     let live: Vec<usize> = (0..3).filter(|i| *i != first).collect();
     let mut next = String::new();
     eventually(40, "another node owns local", || {
@@ -168,6 +218,7 @@ fn each_docker_event_runs_once_in_the_cluster_and_once_again_after_the_owner_is_
         !next.is_empty() && next != owner
     });
     let second = index_of(&nodes, &next);
+    let taken = local_lease_since(&nodes[second]);
     eventually(20, "the new owner's event stream for local is open", || {
         local_stream_up(&nodes[second])
     });
@@ -175,14 +226,66 @@ fn each_docker_event_runs_once_in_the_cluster_and_once_again_after_the_owner_is_
         "local taken over by {next} and watched {:.1}s after {owner} was killed",
         killed.elapsed().as_secs_f64()
     );
-    const M: usize = 3;
-    let after = start_containers("capstan-cev2", &label, M);
-    let want_after = ids(&after);
-    let records = settle(&nodes[second], "watcher", N + M, 45);
+    // Starting the stream at the daemon's present time would have missed them: they
+    // all started before the new owner took local, and so before its stream started.
+    for c in &gap {
+        let started = c.inspect("{{.State.StartedAt}}");
+        let at: DateTime<Utc> = started
+            .parse()
+            .unwrap_or_else(|e| panic!("StartedAt {started:?} of {}: {e}", c.name));
+        assert!(
+            at < taken,
+            "container {} started at {at}, after {next} took local over at {taken}: the test \
+             did not start it while local had no owner (a slow docker run?)",
+            c.name
+        );
+    }
+    // Each of those events runs once: the new owner resumed from the old one's cursor,
+    // and the events it read again that had run already were dropped as duplicates.
+    let deadline = Instant::now() + std::time::Duration::from_secs(45);
+    loop {
+        let got = per_container(&listed(&nodes[second], "watcher"));
+        let missing: Vec<&String> = want_gap.iter().filter(|c| !got.contains_key(*c)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no run within 45 s for {} of the {G} containers started while local had no owner \
+             (the new owner did not replay the gap): {missing:?}; runs: {got:?}",
+            missing.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let records = settle(&nodes[second], "watcher", N + G, 45);
     let got = per_container(&records);
     assert_eq!(
         got.keys().cloned().collect::<BTreeSet<_>>(),
-        want.union(&want_after).cloned().collect::<BTreeSet<_>>(),
+        want.union(&want_gap).cloned().collect::<BTreeSet<_>>(),
+        "{got:?}"
+    );
+    assert!(
+        got.values().all(|n| *n == 1),
+        "an event ran twice across the takeover: {got:?}"
+    );
+    let log = nodes[second].log.lock().unwrap().clone();
+    assert!(
+        log.contains("resumes where the device's previous owner stopped"),
+        "{next} did not say it resumed local's events from the cursor:\n{log}"
+    );
+    eprintln!("{G} events of the ownerless gap run once each by {next}");
+
+    // The new owner's own events run once again.
+    const M: usize = 3;
+    let after = start_containers("capstan-cev2", &label, M);
+    let want_after = ids(&after);
+    let records = settle(&nodes[second], "watcher", N + G + M, 45);
+    let got = per_container(&records);
+    let mut want_all = want.union(&want_gap).cloned().collect::<BTreeSet<_>>();
+    want_all.extend(want_after.iter().cloned());
+    assert_eq!(
+        got.keys().cloned().collect::<BTreeSet<_>>(),
+        want_all,
         "{got:?}"
     );
     assert!(
@@ -201,6 +304,7 @@ fn each_docker_event_runs_once_in_the_cluster_and_once_again_after_the_owner_is_
         );
     }
     drop(before);
+    drop(gap);
     drop(after);
     // Nothing is left with the test's label.
     let left = docker(&["ps", "-aq", "--filter", &format!("label={label}")]);

@@ -24,6 +24,10 @@
 //!   getting through, e.g. cut off from NATS) the node drops the device's pooled
 //!   connections and stops its event stream.
 //!
+//! A node that lets a device go cleanly (gives it back, stops) first writes how far it
+//! handed the device's Docker events over ([`super::cursors`]), while it still holds
+//! the lease.
+//!
 //! Devices are still each node's own (sled): a node claims only devices it has, by
 //! name; the same name must mean the same daemon on every node.
 
@@ -60,6 +64,8 @@ pub struct LeaseView {
     pub device: String,
     /// The owner node.
     pub owner: String,
+    /// When the owner took the device (its clock).
+    pub since: DateTime<Utc>,
     /// Seconds since the owner took the device.
     pub age_secs: f64,
     /// Seconds until the lease expires unless renewed (by the owner's last renewal).
@@ -330,6 +336,7 @@ impl Cluster {
                 this_node: l.instance == self.instance,
                 device,
                 owner: l.owner,
+                since: l.since,
                 age_secs: secs(now - l.since).max(0.0),
                 expires_in_secs: expires.max(0.0),
             });
@@ -357,6 +364,12 @@ impl Cluster {
             if self.lease_round(&scheduler).await {
                 scheduler.triggers().docker.reconcile();
             }
+        }
+        // Each device's event cursor is written while the lease is still held, so that
+        // the next owner resumes where this node stopped.
+        let devices: Vec<String> = lock(&self.leases.held).keys().cloned().collect();
+        for device in &devices {
+            self.release_cursor(&scheduler, device).await;
         }
         let held: Vec<(String, Held)> = lock(&self.leases.held).drain().collect();
         for (device, h) in held {
@@ -463,6 +476,7 @@ impl Cluster {
                 .is_some_and(|t| t.elapsed() >= self.leases.lease);
             if first != me && settled {
                 tracing::info!(%device, to = first, "cluster: device lease given back to the node it belongs to");
+                self.release_cursor(scheduler, device).await;
                 self.lose(scheduler, device);
                 let _ = kv.delete(&key).await;
                 return true;

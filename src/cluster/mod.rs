@@ -21,7 +21,9 @@
 //! - **Device ownership** ([`leases`], [`route`]): one node at a time holds each
 //!   device's lease in `capstan_leases`; only it connects to the device and watches its
 //!   events, and the other nodes send their Docker host calls for it to that node over
-//!   NATS request/reply. A dead node's devices are taken over after the lease expires.
+//!   NATS request/reply. A dead node's devices are taken over after the lease expires;
+//!   the new owner resumes the device's Docker events where the old one stopped, from
+//!   the cursor it kept in `capstan_cursors` ([`cursors`]).
 //!   A `[[proxy]]` serves its device only on the owner (421 elsewhere, naming it), and
 //!   `device check` on another node goes through the owner
 //!   ([`Cluster::check_through_owner`]).
@@ -40,6 +42,7 @@
 //! published to the history stream like the others ([`Cluster::publish_local_ends`]).
 
 pub mod config;
+pub mod cursors;
 pub mod history;
 pub mod leases;
 pub mod membership;
@@ -147,6 +150,8 @@ pub struct Cluster {
     api: OnceLock<String>,
     /// Device leases: which node owns which device ([`leases`]).
     leases: leases::Leases,
+    /// How far each device's Docker events were handed over ([`cursors`]).
+    cursors: cursors::Cursors,
     /// The cluster's run history (see [`history`]).
     history: history::HistoryStream,
     /// This node's `capstan_cluster_*` series, once it joined an engine.
@@ -296,6 +301,15 @@ impl Cluster {
             settings.lease,
         )
         .await?;
+        let cursors = cursors::Cursors::open(
+            &js,
+            &match &settings.name {
+                None => "capstan_cursors".to_string(),
+                Some(n) => format!("capstan_cursors_{n}"),
+            },
+            replicas,
+        )
+        .await?;
         let history = history::create(&js, &settings, replicas).await?;
         let replays = replay::open(&js, settings.name.as_deref(), replicas).await?;
         let state = match settings.shared_state {
@@ -320,6 +334,7 @@ impl Cluster {
             started_at: Utc::now(),
             api: OnceLock::new(),
             leases,
+            cursors,
             history,
             metrics: OnceLock::new(),
             replays,

@@ -9,7 +9,8 @@
 //! - **No replay on start.** A stream starts at the daemon's own clock (`GET /info`'s
 //!   `SystemTime`), so events from before the engine started never become runs, and
 //!   engine and daemon clocks need not agree. Events while the engine is stopped are
-//!   not delivered: the cron pass of a plugin is the safety net for those.
+//!   not delivered: the cron pass of a plugin is the safety net for those. (In cluster
+//!   mode a stream starts at the cluster's cursor for the device, below.)
 //! - **Reconnect and resume.** A stream that ends or fails is opened again after a
 //!   back-off (the `[docker]` connection back-off, doubling), with `since=` the time of
 //!   the last event seen; the events at exactly that time that were already delivered
@@ -27,13 +28,27 @@
 //!   itself stops at its next event). Each matching event is handed to the cluster as a
 //!   run, with a message id made of plugin, trigger, device, object, action and the
 //!   event's time ([`event_msg_id`]), so the same event seen by an old and a new owner
-//!   during a takeover is run once (within the runs stream's duplicate window).
+//!   during a takeover is run once (within the runs stream's duplicate window). A run is
+//!   handed over only while the node holds the device; what it could not hand over is
+//!   left to the next owner.
+//! - **Cluster mode: a new owner resumes where the old one stopped.** The owner keeps
+//!   the device's cursor in the cluster ([`crate::cluster::cursors`]): the daemon time
+//!   before which every event was handed over (the last event read, held back to the
+//!   oldest event still folding or being handed over, and moved on with the daemon's
+//!   clock less [`IDLE_SLACK`] while the open stream waits for events). A node that
+//!   starts a device's stream without a cursor of its own starts it at the stored one
+//!   when that is recent enough ([`crate::cluster::cursors::REPLAY_BOUND`]), so the
+//!   events between the old owner's end and the takeover are run too; the events
+//!   re-read that had run already are dropped by their message id. A debounced fold
+//!   that was open when the old owner died may be folded otherwise when re-read, and
+//!   then run once more. A stream this node stops while keeping the device (no plugin
+//!   listens any more, the device changed) starts afresh next time.
 //! - **Metrics** (`/metrics`): `capstan_docker_event_stream_up{device}` (1 while the
 //!   stream is open, 0 while it is being retried), `capstan_docker_event_stream_failures_total{device}`,
 //!   `capstan_docker_events_total{device}` (events received) and
 //!   `capstan_docker_event_runs_total{plugin}` (runs submitted).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -64,6 +79,10 @@ pub const MAX_PENDING: usize = 10_000;
 const MAX_SEEN: usize = 4096;
 /// What is read of a daemon's error answer (its first 512 bytes are quoted).
 const MAX_ERROR_BODY: usize = 64 * 1024;
+/// How late an event may reach this node after it happened (on the daemon's clock) and
+/// still be counted on: while an open stream waits, the cluster's cursor moves on with
+/// the daemon's clock this far behind it.
+pub const IDLE_SLACK: Duration = Duration::from_secs(5);
 
 /// One plugin's Docker triggers and the policy that filters their events.
 struct PluginSubs {
@@ -100,12 +119,20 @@ pub struct DockerWatchers {
 struct State {
     runner: Option<Runner>,
     streams: HashMap<String, Stream>,
+    /// Where the streams stopped at shutdown had got (for the cluster's cursors, which
+    /// the lease keeper writes when it lets the devices go).
+    stopped_at: HashMap<String, i64>,
+    /// Cluster mode: devices whose stream stopped while this node kept the device (no
+    /// plugin listened, the device changed): their next stream starts at the present,
+    /// not at the cluster's cursor.
+    restart_fresh: HashSet<String>,
 }
 
-/// A device's stream task, and the device record it was started for.
+/// A device's stream task, the device record it was started for, and how far it got.
 struct Stream {
     device: Device,
     task: tokio::task::AbortHandle,
+    progress: Arc<Mutex<Progress>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -182,13 +209,20 @@ impl DockerWatchers {
             .filter(|d| cluster.as_ref().is_none_or(|c| c.holds(&d.name)))
             .map(|d| (d.name.clone(), d))
             .collect();
-        state.streams.retain(|name, stream| {
+        let st = &mut *state;
+        st.streams.retain(|name, stream| {
             // An edited device (another address, other credentials) starts afresh.
             let keep = wanted.get(name) == Some(&stream.device);
             if !keep {
                 stream.task.abort();
                 runner.metrics.docker_event_stream_gone(name);
                 tracing::info!(device = %name, "Docker event stream stopped: no plugin listens to it, or the device changed");
+                // Not a lost lease: the stream's history ends here, in the cluster too.
+                if let Some(c) = cluster.as_ref().filter(|c| c.holds(name)) {
+                    st.restart_fresh.insert(name.clone());
+                    let (c, name) = (c.clone(), name.clone());
+                    runner.runtime.spawn(async move { c.forget_cursor(&name).await });
+                }
             }
             keep
         });
@@ -197,16 +231,21 @@ impl DockerWatchers {
                 continue;
             }
             tracing::info!(device = %name, "Docker event stream starting");
+            let resume = !state.restart_fresh.remove(&name);
+            let progress = Arc::new(Mutex::new(Progress::new(resume)));
             let task = runner.runtime.spawn(watch_device(
                 name.clone(),
                 runner.clone(),
                 self.subs.clone(),
+                progress.clone(),
             ));
+            state.stopped_at.remove(&name);
             state.streams.insert(
                 name,
                 Stream {
                     device,
                     task: task.abort_handle(),
+                    progress,
                 },
             );
         }
@@ -225,10 +264,26 @@ impl DockerWatchers {
     fn stop(&self) {
         let mut state = lock(&self.state);
         if let Some(runner) = state.runner.take() {
-            for (device, stream) in state.streams.drain() {
+            let now = Instant::now();
+            let streams: Vec<(String, Stream)> = state.streams.drain().collect();
+            for (device, stream) in streams {
                 stream.task.abort();
                 runner.metrics.docker_event_stream_gone(&device);
+                if let Some(at) = lock(&stream.progress).position(now) {
+                    state.stopped_at.insert(device, at);
+                }
             }
+        }
+    }
+
+    /// The daemon time before which every event of `device`'s stream was handed over
+    /// (its progress): of the stream running now, else of the one stopped at
+    /// shutdown; `None` without a stream.
+    pub fn position(&self, device: &str) -> Option<i64> {
+        let state = lock(&self.state);
+        match state.streams.get(device) {
+            Some(s) => lock(&s.progress).position(Instant::now()),
+            None => state.stopped_at.get(device).copied(),
         }
     }
 }
@@ -337,6 +392,94 @@ impl Cursor {
     }
 }
 
+/// How far a device's stream has got, for the cluster's cursor
+/// ([`crate::cluster::cursors`]): the daemon time before which every event was read and
+/// handed over ([`Progress::position`]).
+#[derive(Debug, Default)]
+struct Progress {
+    /// In cluster mode, the stream may start at the cluster's cursor.
+    resume: bool,
+    /// The stream's cursor (the last event read); `None` until the stream's start is
+    /// known.
+    read: Option<i64>,
+    /// The times of events read that are still folding or being handed over, each with
+    /// how many runs of it are.
+    outstanding: BTreeMap<i64, usize>,
+    /// While the stream is open: the daemon's clock read just before it was opened, and
+    /// when that answer came here.
+    clock: Option<(i64, Instant)>,
+    /// The open stream is waiting for data, with no partial event held.
+    waiting: bool,
+    /// Events were read or handed over since the cursor was last written.
+    moved: bool,
+}
+
+impl Progress {
+    fn new(resume: bool) -> Progress {
+        Progress {
+            resume,
+            ..Progress::default()
+        }
+    }
+
+    /// The stream starts at `nanos`.
+    fn start(&mut self, nanos: i64) {
+        self.read = Some(nanos);
+        self.moved = true;
+    }
+
+    fn read_up_to(&mut self, nanos: i64) {
+        if self.read.is_none_or(|r| r < nanos) {
+            self.read = Some(nanos);
+            self.moved = true;
+        }
+    }
+
+    /// An event at `nanos` is on its way to a run.
+    fn hold(&mut self, nanos: i64) {
+        *self.outstanding.entry(nanos).or_default() += 1;
+    }
+
+    /// An event at `nanos` is handed over (or folded into another, or failed).
+    fn release(&mut self, nanos: i64) {
+        if let Some(n) = self.outstanding.get_mut(&nanos) {
+            *n -= 1;
+            if *n == 0 {
+                self.outstanding.remove(&nanos);
+            }
+            self.moved = true;
+        }
+    }
+
+    /// Before which daemon time every event was handed over (or matched nothing), at
+    /// `now`: the last event read (events at that very time are read again on resuming
+    /// there), no later than the oldest still outstanding; while the open stream waits,
+    /// at least the daemon's clock less [`IDLE_SLACK`] (an event that happened before
+    /// that has arrived).
+    fn position(&self, now: Instant) -> Option<i64> {
+        let mut at = self.read?;
+        if self.waiting
+            && let Some((clock, when)) = self.clock
+        {
+            let passed =
+                i64::try_from(now.saturating_duration_since(when).as_nanos()).unwrap_or(i64::MAX);
+            let slack = i64::try_from(IDLE_SLACK.as_nanos()).unwrap_or(i64::MAX);
+            at = at.max(clock.saturating_add(passed).saturating_sub(slack));
+        }
+        if let Some((&first, _)) = self.outstanding.first_key_value() {
+            at = at.min(first);
+        }
+        Some(at)
+    }
+}
+
+fn event_nanos(event: &TriggerEvent) -> i64 {
+    match event {
+        TriggerEvent::Docker { time, .. } => time.timestamp_nanos_opt().unwrap_or_default(),
+        _ => 0,
+    }
+}
+
 /// Why a stream could not be opened or ended.
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
@@ -363,14 +506,32 @@ enum StreamError {
 
 /// The stream of one device, for as long as the task lives: connect, read, dispatch;
 /// on failure wait and resume. Debounced runs are submitted beside it.
-async fn watch_device(device: String, runner: Runner, subs: Arc<RwLock<Subs>>) {
+async fn watch_device(
+    device: String,
+    runner: Runner,
+    subs: Arc<RwLock<Subs>>,
+    progress: Arc<Mutex<Progress>>,
+) {
     let (tx, rx) = mpsc::channel::<WatchedEvent>(1024);
     let stream = async {
         let mut cursor: Option<Cursor> = None;
         let mut failures: u32 = 0;
         loop {
-            let result =
-                stream_once(&device, &runner, &subs, &mut cursor, &tx, &mut failures).await;
+            let result = stream_once(
+                &device,
+                &runner,
+                &subs,
+                &mut cursor,
+                &tx,
+                &mut failures,
+                &progress,
+            )
+            .await;
+            {
+                let mut p = lock(&progress);
+                p.clock = None;
+                p.waiting = false;
+            }
             runner.metrics.docker_event_stream(&device, false);
             let e = result.err().unwrap_or(StreamError::Ended);
             failures = failures.saturating_add(1);
@@ -384,11 +545,109 @@ async fn watch_device(device: String, runner: Runner, subs: Arc<RwLock<Subs>>) {
             tokio::time::sleep(pause).await;
         }
     };
-    tokio::join!(stream, debounce(&device, &runner, rx));
+    tokio::join!(
+        stream,
+        debounce(&device, &runner, rx, &progress),
+        keep_cursor(&device, &runner, &progress)
+    );
 }
 
-/// Opens the stream at the cursor (at the daemon's present time on the first call),
-/// reads it until it ends, and sends each new matching event on.
+/// In cluster mode, writes the device's cursor to the cluster while it moves (see
+/// [`crate::cluster::cursors`]); only while this node holds the device.
+async fn keep_cursor(device: &str, runner: &Runner, progress: &Mutex<Progress>) {
+    use crate::cluster::cursors::{IDLE_WRITE_EVERY, WRITE_EVERY};
+    if runner
+        .scheduler
+        .upgrade()
+        .and_then(|s| s.cluster().cloned())
+        .is_none()
+    {
+        return;
+    }
+    let mut every = tokio::time::interval(WRITE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut written: Option<(i64, Instant)> = None;
+    loop {
+        every.tick().await;
+        let Some(cluster) = runner
+            .scheduler
+            .upgrade()
+            .and_then(|s| s.cluster().cloned())
+        else {
+            return;
+        };
+        let now = Instant::now();
+        let (at, moved) = {
+            let mut p = lock(progress);
+            let Some(at) = p.position(now) else {
+                continue;
+            };
+            let due = match written {
+                None => true,
+                Some((w, when)) => {
+                    w != at && (p.moved || now.saturating_duration_since(when) >= IDLE_WRITE_EVERY)
+                }
+            };
+            if !due {
+                continue;
+            }
+            (at, std::mem::take(&mut p.moved))
+        };
+        match cluster.save_cursor(device, at).await {
+            Ok(true) => written = Some((at, now)),
+            Ok(false) => {}
+            Err(e) => {
+                lock(progress).moved |= moved;
+                tracing::debug!(%device, error = %e, "cannot write the device's event cursor to the cluster; trying again");
+            }
+        }
+    }
+}
+
+/// The daemon's present time, as `GET /info`'s `SystemTime` gives it (nanos).
+fn daemon_time(body: &[u8]) -> Result<i64, String> {
+    let info: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    info["SystemTime"]
+        .as_str()
+        .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+        .map(|t| t.timestamp_nanos_opt().unwrap_or(0))
+        .ok_or_else(|| "GET /info gave no SystemTime".to_string())
+}
+
+/// Where a stream with no cursor of its own starts in cluster mode: at the cursor the
+/// cluster stored for `device` if it is recent enough, else at the daemon's present
+/// time `now`, saying why.
+async fn resume_point(device: &str, cluster: &crate::cluster::Cluster, now: i64) -> i64 {
+    use crate::cluster::cursors::{REPLAY_BOUND, Resume, resume_at};
+    let stored = match cluster.load_cursor(device).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%device, error = %e, "cannot read the device's Docker event cursor from the cluster: the stream starts at the daemon's present time, and events since its previous owner stopped are not replayed");
+            return now;
+        }
+    };
+    let time = |n: i64| DateTime::from_timestamp_nanos(n).to_rfc3339();
+    let from = stored.as_ref().map(|c| c.node.as_str()).unwrap_or_default();
+    match resume_at(stored.as_ref().map(|c| c.nanos), now, REPLAY_BOUND) {
+        Resume::Stored(at) => {
+            tracing::info!(%device, since = %time(at), behind = ?Duration::from_nanos(now.saturating_sub(at).unsigned_abs()), previous = from, "Docker event stream resumes where the device's previous owner stopped");
+            at
+        }
+        Resume::Fresh => now,
+        Resume::TooOld { age } => {
+            tracing::warn!(%device, from = %time(now.saturating_sub(i64::try_from(age.as_nanos()).unwrap_or(i64::MAX))), to = %time(now), previous = from, "Docker events of the device in this span were not replayed: the cursor the cluster kept for it is {age:?} old, more than the {REPLAY_BOUND:?} within which events re-read are known to have run already; the stream starts at the daemon's present time");
+            now
+        }
+        Resume::Ahead { by } => {
+            tracing::warn!(%device, previous = from, "the Docker event cursor the cluster kept for the device is {by:?} ahead of the daemon's clock (set back?): the stream starts at the daemon's present time, and events since its previous owner stopped are not replayed");
+            now
+        }
+    }
+}
+
+/// Opens the stream at the cursor (on the first call: at the daemon's present time, or
+/// in cluster mode at the cluster's cursor for the device), reads it until it ends, and
+/// sends each new matching event on.
 async fn stream_once(
     device: &str,
     runner: &Runner,
@@ -396,7 +655,12 @@ async fn stream_once(
     cursor: &mut Option<Cursor>,
     tx: &mpsc::Sender<WatchedEvent>,
     failures: &mut u32,
+    progress: &Mutex<Progress>,
 ) -> Result<(), StreamError> {
+    let cluster = runner
+        .scheduler
+        .upgrade()
+        .and_then(|s| s.cluster().cloned());
     let engine = &runner.engine;
     let record = engine
         .devices()
@@ -435,7 +699,10 @@ async fn stream_once(
             Ok(resp)
         }
     };
-    if cursor.is_none() {
+    // The daemon's clock: where a first stream starts, and in cluster mode what the
+    // cursor moves on with while the stream waits.
+    let mut clock = None;
+    if cursor.is_none() || cluster.is_some() {
         let resp = send("GET /info", "/info".to_string()).await?;
         let body = Limited::new(resp.into_body(), daemon::MAX_ANSWER).collect();
         let body = tokio::time::timeout(timeout, body)
@@ -446,16 +713,24 @@ async fn stream_once(
             })?
             .map_err(|e| StreamError::Read(e.to_string()))?
             .to_bytes();
-        let info: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| StreamError::Read(e.to_string()))?;
-        let now = info["SystemTime"]
-            .as_str()
-            .and_then(|t| t.parse::<DateTime<Utc>>().ok())
-            .ok_or_else(|| StreamError::Read("GET /info gave no SystemTime".into()))?;
-        *cursor = Some(Cursor::at(now.timestamp_nanos_opt().unwrap_or(0)));
+        clock = Some((
+            daemon_time(&body).map_err(StreamError::Read)?,
+            Instant::now(),
+        ));
+    }
+    if cursor.is_none() {
+        let (now, _) = clock.expect("read above");
+        let resume = lock(progress).resume;
+        let start = match &cluster {
+            Some(c) if resume => resume_point(device, c, now).await,
+            _ => now,
+        };
+        *cursor = Some(Cursor::at(start));
+        lock(progress).start(start);
     }
     let cursor = cursor.as_mut().expect("set above");
     let resp = send("GET /events", format!("/events?since={}", cursor.since())).await?;
+    lock(progress).clock = clock.filter(|_| cluster.is_some());
     runner.metrics.docker_event_stream(device, true);
     if *failures > 0 {
         tracing::info!(%device, since = %cursor.since(), "Docker event stream resumed");
@@ -464,7 +739,10 @@ async fn stream_once(
     let mut body = resp.into_body();
     let mut lines = Lines::new(MAX_EVENT_BYTES);
     loop {
-        let frame = match body.frame().await {
+        lock(progress).waiting = lines.buf.is_empty();
+        let frame = body.frame().await;
+        lock(progress).waiting = false;
+        let frame = match frame {
             None => return Err(StreamError::Ended),
             Some(Err(e)) => return Err(StreamError::Read(e.to_string())),
             Some(Ok(f)) => f,
@@ -484,10 +762,7 @@ async fn stream_once(
             if !cursor.admit(&event) {
                 continue;
             }
-            if let Some(c) = runner
-                .scheduler
-                .upgrade()
-                .and_then(|s| s.cluster().cloned())
+            if let Some(c) = &cluster
                 && !c.holds(device)
             {
                 return Err(StreamError::Device(format!(
@@ -496,7 +771,15 @@ async fn stream_once(
             }
             runner.metrics.docker_event(device);
             let snapshot = subs.read().unwrap_or_else(|e| e.into_inner()).clone();
-            for w in dispatch(device, &snapshot, &event) {
+            let matched = dispatch(device, &snapshot, &event);
+            {
+                let mut p = lock(progress);
+                for _ in &matched {
+                    p.hold(event.nanos());
+                }
+                p.read_up_to(cursor.nanos);
+            }
+            for w in matched {
                 if tx.send(w).await.is_err() {
                     return Ok(());
                 }
@@ -617,11 +900,18 @@ fn dispatch(
 struct Pending {
     event: TriggerEvent,
     due: Instant,
+    /// The time of the fold's first event (held in [`Progress`] until it is handed over).
+    first: i64,
 }
 
 /// Folds events per plugin, trigger and object for their trigger's debounce window,
 /// then submits one run with the last event and the count.
-async fn debounce(device: &str, runner: &Runner, mut rx: mpsc::Receiver<WatchedEvent>) {
+async fn debounce(
+    device: &str,
+    runner: &Runner,
+    mut rx: mpsc::Receiver<WatchedEvent>,
+    progress: &Arc<Mutex<Progress>>,
+) {
     let mut pending: HashMap<(String, usize, String), Pending> = HashMap::new();
     loop {
         let next = pending.values().map(|p| p.due).min();
@@ -643,6 +933,7 @@ async fn debounce(device: &str, runner: &Runner, mut rx: mpsc::Receiver<WatchedE
                 _ => String::new(),
             };
             let key = (w.plugin.clone(), w.trigger, actor);
+            let at = event_nanos(&w.event);
             if let Some(p) = pending.get_mut(&key) {
                 let count = match &p.event {
                     TriggerEvent::Docker { count, .. } => *count,
@@ -652,14 +943,17 @@ async fn debounce(device: &str, runner: &Runner, mut rx: mpsc::Receiver<WatchedE
                 if let TriggerEvent::Docker { count: c, .. } = &mut p.event {
                     *c = count.saturating_add(1);
                 }
+                // The fold's first event holds the cursor back for it.
+                lock(progress).release(at);
             } else if w.debounce.is_zero() || pending.len() >= MAX_PENDING {
-                submit(device, runner, &w.plugin, w.trigger, w.event);
+                submit(device, runner, &w.plugin, w.trigger, w.event, at, progress);
             } else {
                 pending.insert(
                     key,
                     Pending {
                         event: w.event,
                         due: Instant::now() + w.debounce,
+                        first: at,
                     },
                 );
             }
@@ -672,7 +966,7 @@ async fn debounce(device: &str, runner: &Runner, mut rx: mpsc::Receiver<WatchedE
             .collect();
         for key in due {
             if let Some(p) = pending.remove(&key) {
-                submit(device, runner, &key.0, key.1, p.event);
+                submit(device, runner, &key.0, key.1, p.event, p.first, progress);
             }
         }
     }
@@ -697,18 +991,35 @@ pub fn event_msg_id(plugin: &str, trigger: usize, event: &TriggerEvent) -> Optio
     }
 }
 
-fn submit(device: &str, runner: &Runner, plugin: &str, trigger: usize, event: TriggerEvent) {
+/// Runs `event` for `plugin` (in cluster mode: hands it to the cluster), then lets the
+/// fold's first event at `first` go from `progress`.
+fn submit(
+    device: &str,
+    runner: &Runner,
+    plugin: &str,
+    trigger: usize,
+    event: TriggerEvent,
+    first: i64,
+    progress: &Arc<Mutex<Progress>>,
+) {
     let Some(scheduler) = runner.scheduler.upgrade() else {
         return;
     };
     if let Some(cluster) = scheduler.cluster().cloned() {
         let Some(msg_id) = event_msg_id(plugin, trigger, &event) else {
+            lock(progress).release(first);
             return;
         };
-        let (device, plugin, metrics) = (
+        if !cluster.holds(device) {
+            // Still held back in the cursor: the device's next owner reads it again.
+            tracing::debug!(%device, plugin, "Docker event not handed over: this node does not own the device now");
+            return;
+        }
+        let (device, plugin, metrics, progress) = (
             device.to_string(),
             plugin.to_string(),
             runner.metrics.clone(),
+            progress.clone(),
         );
         runner.runtime.spawn(async move {
             match cluster.hand_over(&plugin, event, &msg_id).await {
@@ -717,9 +1028,11 @@ fn submit(device: &str, runner: &Runner, plugin: &str, trigger: usize, event: Tr
                     tracing::warn!(%device, plugin, error = %e, "Docker event not handed to the cluster")
                 }
             }
+            lock(&progress).release(first);
         });
         return;
     }
+    lock(progress).release(first);
     match scheduler.submit(plugin, event) {
         Ok(run) => {
             runner.metrics.docker_event_run(plugin);
@@ -764,6 +1077,52 @@ mod tests {
             "another event at that time"
         );
         assert!(c.admit(&event(7_000_000_000, "die", "a")));
+    }
+
+    #[test]
+    fn the_cluster_cursor_stays_before_events_not_handed_over_and_moves_with_the_clock_only_while_waiting()
+     {
+        let s = 1_000_000_000i64;
+        let t0 = Instant::now();
+        let mut p = Progress::default();
+        assert_eq!(p.position(t0), None, "no start known yet");
+        p.start(100 * s);
+        assert_eq!(p.position(t0), Some(100 * s));
+        // Two runs of an event at 101 s, one of another at 102 s, on their way.
+        p.hold(101 * s);
+        p.hold(101 * s);
+        p.read_up_to(101 * s);
+        p.hold(102 * s);
+        p.read_up_to(102 * s);
+        assert_eq!(p.position(t0), Some(101 * s), "held back to the oldest");
+        p.release(101 * s);
+        assert_eq!(p.position(t0), Some(101 * s), "one run of it is still out");
+        p.release(101 * s);
+        assert_eq!(p.position(t0), Some(102 * s));
+        p.release(102 * s);
+        assert_eq!(p.position(t0), Some(102 * s), "the last event read");
+        p.release(7 * s);
+        assert_eq!(p.position(t0), Some(102 * s), "releasing what is not held");
+        p.read_up_to(50 * s);
+        assert_eq!(p.position(t0), Some(102 * s), "never backwards");
+
+        // The open stream waits: the daemon's clock, read at 110 s, moves it on less
+        // the slack, but not past an event still out.
+        p.clock = Some((110 * s, t0));
+        assert_eq!(
+            p.position(t0 + Duration::from_secs(20)),
+            Some(102 * s),
+            "not waiting"
+        );
+        p.waiting = true;
+        assert_eq!(p.position(t0), Some(105 * s), "110 s less the slack");
+        assert_eq!(p.position(t0 + Duration::from_secs(20)), Some(125 * s));
+        p.hold(111 * s);
+        assert_eq!(p.position(t0 + Duration::from_secs(20)), Some(111 * s));
+        p.release(111 * s);
+        // A stream that is not open does not move it.
+        p.clock = None;
+        assert_eq!(p.position(t0 + Duration::from_secs(20)), Some(102 * s));
     }
 
     #[test]
