@@ -161,6 +161,11 @@ impl Node {
 /// A delivery to hook `gh` of [`MANIFEST`] at `addr`, signed with `secret`, with
 /// `delivery` id and `body`: the status.
 pub(crate) fn deliver_to(addr: &str, secret: &str, delivery: &str, body: &[u8]) -> u16 {
+    delivered(addr, secret, delivery, body).0
+}
+
+/// [`deliver_to`]: the status and the answer's body.
+pub(crate) fn delivered(addr: &str, secret: &str, delivery: &str, body: &[u8]) -> (u16, String) {
     let sig = format!("sha256={}", sign(secret, body));
     http(
         addr,
@@ -173,7 +178,6 @@ pub(crate) fn deliver_to(addr: &str, secret: &str, delivery: &str, body: &[u8]) 
         ],
         body,
     )
-    .0
 }
 
 /// A cluster name no other test (or run) uses.
@@ -201,32 +205,45 @@ fn agreed_runs(
     what: &str,
     done: impl Fn(&BTreeMap<String, Value>) -> bool,
 ) -> BTreeMap<String, Value> {
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    agreed(&names, |i| runs(&nodes[i].data, plugin), secs, what, done)
+}
+
+/// The runs the nodes `names` list (`list(i)`: node `i`'s), by run id, once every node
+/// lists the same records (the same JSON), all final, and `done` holds for them (up
+/// to `secs`).
+pub(crate) fn agreed(
+    names: &[String],
+    list: impl Fn(usize) -> Vec<Value>,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, Value>) -> bool,
+) -> BTreeMap<String, Value> {
     let until = Instant::now() + Duration::from_secs(secs);
     loop {
-        let lists: Vec<BTreeMap<String, Value>> = nodes
-            .iter()
-            .map(|n| {
-                runs(&n.data, plugin)
+        let mut lists: Vec<BTreeMap<String, Value>> = (0..names.len())
+            .map(|i| {
+                list(i)
                     .into_iter()
-                    .map(|r| (r["id"].as_str().unwrap().to_string(), r))
+                    .map(|r| (r["id"].as_str().unwrap_or_default().to_string(), r))
                     .collect()
             })
             .collect();
-        let first = &lists[0];
         let differ: Vec<String> = lists
             .iter()
-            .zip(nodes)
-            .filter(|(l, _)| *l != first)
-            .map(|(l, n)| format!("{} lists {} runs", n.name, l.len()))
+            .zip(names)
+            .filter(|(l, _)| **l != lists[0])
+            .map(|(l, n)| format!("{n} lists {} runs", l.len()))
             .collect();
+        let first = &lists[0];
         if differ.is_empty() && first.values().all(is_final) && done(first) {
-            return lists.into_iter().next().unwrap_or_default();
+            return lists.swap_remove(0);
         }
         assert!(
             Instant::now() < until,
             "not within {secs} s: {what}: {} runs on {}, not final {}; differing: {differ:?}",
             first.len(),
-            nodes[0].name,
+            names[0],
             first.values().filter(|r| !is_final(r)).count()
         );
         std::thread::sleep(Duration::from_millis(250));

@@ -32,7 +32,7 @@ use chrono::Timelike;
 use serde_json::Value;
 use sha2::Digest;
 
-use crate::cluster::{CRON_MANIFEST, MANIFEST, cluster_name, deliver_to, is_final, turn};
+use crate::cluster::{CRON_MANIFEST, MANIFEST, agreed, cluster_name, deliver_to, is_final, turn};
 use crate::deploy::{docker_host, run_for};
 use crate::triggers::{eventually, generated_secret};
 use crate::util::plugin::{manifest, wasm};
@@ -589,34 +589,8 @@ impl Cluster {
         what: &str,
         done: impl Fn(&BTreeMap<String, Value>) -> bool,
     ) -> BTreeMap<String, Value> {
-        let until = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let mut lists: Vec<BTreeMap<String, Value>> = (0..3)
-                .map(|i| {
-                    self.runs_all(i, plugin)
-                        .into_iter()
-                        .map(|r| (r["id"].as_str().unwrap_or_default().to_string(), r))
-                        .collect()
-                })
-                .collect();
-            let differ: Vec<String> = lists
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| **l != lists[0])
-                .map(|(i, l)| format!("n{} lists {} runs", i + 1, l.len()))
-                .collect();
-            let first = &lists[0];
-            if differ.is_empty() && first.values().all(is_final) && done(first) {
-                return lists.swap_remove(0);
-            }
-            assert!(
-                Instant::now() < until,
-                "not within {secs} s: {what}: {} runs on n1, not ended {}; differing: {differ:?}",
-                first.len(),
-                first.values().filter(|r| !is_final(r)).count()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        let names: Vec<String> = (1..=3).map(|i| format!("n{i}")).collect();
+        agreed(&names, |i| self.runs_all(i, plugin), secs, what, done)
     }
 
     /// Waits until every engine lists the same records (the cluster's history), none

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{Node, cluster_name, turn};
 use crate::cluster_devices::owners;
+use crate::cluster_owner::proxy_config;
 use crate::proxy::{
     remove_container, start_shell_container, websocket_attach_with, websocket_send,
 };
@@ -27,26 +28,8 @@ use crate::util::*;
 const LEASE: &str = "6s";
 const TOKEN: &str = "proxy-token-for-the-fence-test";
 
-/// A `[[proxy]]` for `local` on 127.0.0.1:`port` that may read events and attach
-/// (`CONTAINERS=1 POST=1`), as a config file in `node`'s directory.
-fn proxy_config(node: &Node, port: u16) -> std::path::PathBuf {
-    let dir = node.data.path();
-    let policy = dir.join("proxy.env");
-    std::fs::write(&policy, "CONTAINERS=1\nPOST=1\nEVENTS=1\nINFO=1\n").unwrap();
-    let token_file = dir.join("proxy.token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    let cfg = dir.join("capstan.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[[proxy]]\ndevice = \"local\"\npolicy = \"{}\"\nlisten = \"tcp://127.0.0.1:{port}\"\ntoken_file = \"{}\"\n",
-            policy.display(),
-            token_file.display()
-        ),
-    )
-    .unwrap();
-    cfg
-}
+/// What the fenced proxy may do: read events and attach (`CONTAINERS=1 POST=1`).
+const POLICY: &str = "CONTAINERS=1\nPOST=1\nEVENTS=1\nINFO=1\n";
 
 /// How a streamed answer ended, as its reader saw it.
 #[derive(Debug)]
@@ -116,7 +99,7 @@ fn proxy_streams_and_attaches_opened_on_the_owner_are_cut_when_its_lease_goes_to
     let cluster = cluster_name();
     let port = free_port();
     let mut first = Node::bare("fa");
-    let cfg = proxy_config(&first, port);
+    let cfg = proxy_config(&first, port, TOKEN, POLICY);
     first.start(
         &cluster,
         &[

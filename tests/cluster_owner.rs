@@ -311,12 +311,12 @@ fn each_docker_event_runs_once_in_the_cluster_even_while_a_killed_owner_is_not_y
     assert!(left.trim().is_empty(), "containers left: {left}");
 }
 
-/// A `[[proxy]]` for `local` on 127.0.0.1:`port` behind a token, as a config file in
-/// `node`'s directory: its path.
-fn proxy_config(node: &Node, port: u16, token: &str) -> std::path::PathBuf {
+/// A `[[proxy]]` for `local` on 127.0.0.1:`port` behind a token with the policy
+/// `env` (socket-proxy variables), as a config file in `node`'s directory: its path.
+pub(crate) fn proxy_config(node: &Node, port: u16, token: &str, env: &str) -> std::path::PathBuf {
     let dir = node.data.path();
     let policy = dir.join("proxy.env");
-    std::fs::write(&policy, "CONTAINERS=1\nINFO=1\n").unwrap();
+    std::fs::write(&policy, env).unwrap();
     let token_file = dir.join("proxy.token");
     std::fs::write(&token_file, token).unwrap();
     let cfg = dir.join("capstan.toml");
@@ -380,7 +380,7 @@ fn a_proxy_on_a_node_that_does_not_own_its_device_names_the_owner_and_device_che
         })
         .collect();
     for (i, n) in nodes.iter_mut().enumerate() {
-        let cfg = proxy_config(n, ports[i], token);
+        let cfg = proxy_config(n, ports[i], token, "CONTAINERS=1\nINFO=1\n");
         let cfg = cfg.to_str().unwrap().to_string();
         n.start(
             &cluster,

@@ -9,8 +9,8 @@
 
 use serde_json::Value;
 
-use crate::cluster::{Node, cluster_name, turn};
-use crate::triggers::{eventually, install, runs, sign};
+use crate::cluster::{Node, cluster_name, delivered, turn};
+use crate::triggers::{eventually, install, runs};
 use crate::util::*;
 
 /// A GitHub-style hook that rejects replays (no `replay = "allow"`).
@@ -26,18 +26,7 @@ delivery_header = "X-GitHub-Delivery"
 
 /// A delivery to hook `gh` at `addr` signed with `secret`: the status and the answer.
 fn deliver(addr: &str, secret: &str, delivery: &str, body: &[u8]) -> (u16, Value) {
-    let sig = format!("sha256={}", sign(secret, body));
-    let (status, text) = http(
-        addr,
-        "POST",
-        "/hooks/gh",
-        &[
-            ("X-Hub-Signature-256", &sig),
-            ("X-GitHub-Delivery", delivery),
-            ("Content-Type", "application/json"),
-        ],
-        body,
-    );
+    let (status, text) = delivered(addr, secret, delivery, body);
     (
         status,
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}")),
