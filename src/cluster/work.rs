@@ -94,7 +94,7 @@ const DUPLICATE_LOOKUP: Duration = Duration::from_secs(5);
 /// cluster first ([`super::replay`]): a copy another node accepted under another delivery
 /// id is a replay, answered as a duplicate with the first run's id.
 pub async fn accept_delivery(
-    cluster: &Cluster,
+    cluster: &Arc<Cluster>,
     delivery: crate::trigger::webhook::Delivery,
 ) -> Result<Launched, String> {
     use super::replay::Claimed;
@@ -157,10 +157,15 @@ pub async fn accept_delivery(
     } else {
         run_id
     };
-    if let (Some((key, revision)), Some(r)) = (&claim, &replay) {
-        cluster
-            .mark_published(key, *revision, r, delivery_id.as_deref(), accepted)
-            .await;
+    // Marked on a task of its own: the 202 does not wait for it. Until it lands (a few
+    // milliseconds), a copy under another delivery id is answered 503, not run.
+    if let (Some((key, revision)), Some(r)) = (claim, replay) {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            cluster
+                .mark_published(&key, revision, &r, delivery_id.as_deref(), accepted)
+                .await;
+        });
     }
     Ok(Launched::Started(accepted))
 }
