@@ -63,8 +63,16 @@ fn a_delivery_replayed_to_another_node_under_a_new_delivery_id_runs_nothing() {
     assert_eq!(status, 202, "{first}");
     let run = first["run_id"].as_str().unwrap().to_string();
 
-    // The attack: the captured request, a fresh delivery id, the other node.
-    let (status, replay) = deliver(nodes[1].addr(), secret, "attacker-2", body);
+    // The attack: the captured request, a fresh delivery id, the other node. Until the
+    // first node has marked its claim published (just after its 202) the answer is 503;
+    // never a run.
+    let mut replay = Value::Null;
+    let mut status = 0;
+    eventually(10, "the replay answered other than 503", || {
+        (status, replay) = deliver(nodes[1].addr(), secret, "attacker-2", body);
+        assert_ne!(status, 202, "a replay on another node ran: {replay}");
+        status != 503
+    });
     assert_eq!(
         status, 200,
         "a replay on another node must not run: {replay}"

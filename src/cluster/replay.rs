@@ -8,7 +8,8 @@
 //! signature new there is claimed here with create-if-absent, a per-key TTL that ends
 //! when the hook stops remembering it (its `delivery_retention`, or its signed
 //! timestamp leaving `replay_window`), and the run id chosen for it. Once the run is
-//! published to the runs stream the claim is marked published. Another node that finds
+//! published to the runs stream the claim is marked published (on a task of its own,
+//! after the 202). Another node that finds
 //! the claim:
 //! - published, under another delivery id (or none): a replay, answered `duplicate`
 //!   with the first run's id, and nothing runs;
