@@ -81,13 +81,12 @@ pub const FENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(50
 #[error("capstan: this node no longer owns device {0} in the cluster; the stream is cut")]
 struct LeaseLost(String);
 
-/// A streamed answer that ends, with [`LeaseLost`], once its node stops holding the
-/// device's lease (checked every [`FENCE_CHECK`]).
+/// A streamed answer that ends, with [`LeaseLost`], once `lost` ([`lease_lost`])
+/// resolves (`None` after: the answer has ended).
 struct Fenced {
     inner: Incoming,
-    cluster: Arc<crate::cluster::Cluster>,
     device: String,
-    check: std::pin::Pin<Box<tokio::time::Sleep>>,
+    lost: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
 }
 
 impl hyper::body::Body for Fenced {
@@ -98,12 +97,12 @@ impl hyper::body::Body for Fenced {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        while self.check.as_mut().poll(cx).is_ready() {
-            if !self.cluster.holds(&self.device) {
-                return std::task::Poll::Ready(Some(Err(Box::new(LeaseLost(self.device.clone())))));
-            }
-            let next = tokio::time::Instant::now() + FENCE_CHECK;
-            self.check.as_mut().reset(next);
+        let Some(lost) = self.lost.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        if lost.as_mut().poll(cx).is_ready() {
+            self.lost = None;
+            return std::task::Poll::Ready(Some(Err(Box::new(LeaseLost(self.device.clone())))));
         }
         std::pin::Pin::new(&mut self.inner)
             .poll_frame(cx)
@@ -743,9 +742,11 @@ impl Proxy {
         let body = match &self.cluster {
             Some(cluster) => Fenced {
                 inner: body,
-                cluster: cluster.clone(),
                 device: self.device.clone(),
-                check: Box::pin(tokio::time::sleep(FENCE_CHECK)),
+                lost: Some(Box::pin(lease_lost(
+                    Some(cluster.clone()),
+                    self.device.clone(),
+                ))),
             }
             .boxed(),
             None => body.map_err(Into::into).boxed(),

@@ -93,8 +93,10 @@ fn plugin_listed(node: &Node, name: &str) -> bool {
     out.status.success() && stdout(&out).contains(name)
 }
 
-/// Every value of the state bucket and every object of the component store, raw.
-fn read_everything(cluster: &str) -> Vec<(String, Vec<u8>)> {
+/// Runs `f` with a JetStream context on the test NATS cluster, to its end.
+fn on_nats<T, F: std::future::Future<Output = T>>(
+    f: impl FnOnce(async_nats::jetstream::Context) -> F,
+) -> T {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -102,7 +104,13 @@ fn read_everything(cluster: &str) -> Vec<(String, Vec<u8>)> {
     rt.block_on(async {
         let urls: Vec<String> = nats_urls().split(',').map(String::from).collect();
         let client = async_nats::connect(urls.as_slice()).await.expect("NATS");
-        let js = async_nats::jetstream::new(client);
+        f(async_nats::jetstream::new(client)).await
+    })
+}
+
+/// Every value of the state bucket and every object of the component store, raw.
+fn read_everything(cluster: &str) -> Vec<(String, Vec<u8>)> {
+    on_nats(|js| async move {
         let kv = js
             .get_key_value(format!("capstan_state_{cluster}"))
             .await
@@ -136,14 +144,7 @@ fn read_everything(cluster: &str) -> Vec<(String, Vec<u8>)> {
 }
 
 fn put_raw(cluster: &str, key: &str, value: &[u8]) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let urls: Vec<String> = nats_urls().split(',').map(String::from).collect();
-        let client = async_nats::connect(urls.as_slice()).await.expect("NATS");
-        let js = async_nats::jetstream::new(client);
+    on_nats(|js| async move {
         let kv = js
             .get_key_value(format!("capstan_state_{cluster}"))
             .await

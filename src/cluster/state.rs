@@ -315,6 +315,18 @@ pub fn snapshot(scheduler: &Scheduler) -> Result<BTreeMap<String, Vec<u8>>, Stat
     Ok(out)
 }
 
+/// This node's record under `key`, as [`snapshot`] has it. A plugin state value is read
+/// on its own: plugins set state on every run, and the watch must not copy every
+/// record for each such change.
+fn local_value(scheduler: &Scheduler, key: &Key) -> Result<Option<Vec<u8>>, StateError> {
+    match key {
+        Key::PluginState { plugin, key } => {
+            scheduler.runtime().state().get(plugin, key).map_err(local)
+        }
+        _ => Ok(snapshot(scheduler)?.remove(&key.encode())),
+    }
+}
+
 /// An entry's key and value (`None`: deleted), or `None` for an entry that is not one
 /// of Capstan's records or does not parse (logged) and the vault header (read at start).
 /// A plugin state value is opened with `vault`'s data key: the value returned is the
@@ -706,8 +718,8 @@ impl SharedState {
             None => known.remove(&name),
         };
         self.records.store(known.len(), Ordering::Relaxed);
-        let here = match snapshot(scheduler) {
-            Ok(mut s) => s.remove(&name),
+        let here = match local_value(scheduler, &key) {
+            Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "cluster: cannot read this node's records");
                 return;

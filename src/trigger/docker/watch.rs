@@ -556,26 +556,18 @@ async fn watch_device(
 /// [`crate::cluster::cursors`]); only while this node holds the device.
 async fn keep_cursor(device: &str, runner: &Runner, progress: &Mutex<Progress>) {
     use crate::cluster::cursors::{IDLE_WRITE_EVERY, WRITE_EVERY};
-    if runner
+    let Some(cluster) = runner
         .scheduler
         .upgrade()
         .and_then(|s| s.cluster().cloned())
-        .is_none()
-    {
+    else {
         return;
-    }
+    };
     let mut every = tokio::time::interval(WRITE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut written: Option<(i64, Instant)> = None;
     loop {
         every.tick().await;
-        let Some(cluster) = runner
-            .scheduler
-            .upgrade()
-            .and_then(|s| s.cluster().cloned())
-        else {
-            return;
-        };
         let now = Instant::now();
         let (at, moved) = {
             let mut p = lock(progress);
