@@ -33,6 +33,23 @@ fn deliver(addr: &str, secret: &str, delivery: &str, body: &[u8]) -> (u16, Value
     )
 }
 
+/// The keys of the cluster's replay bucket.
+fn replay_keys(cluster: &str) -> Vec<String> {
+    use futures_util::StreamExt;
+    crate::cluster_state::on_nats(|js| async move {
+        let kv = js
+            .get_key_value(format!("capstan_replays_{cluster}"))
+            .await
+            .expect("the replay bucket exists");
+        let mut keys = kv.keys().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(k) = keys.next().await {
+            out.push(k.unwrap());
+        }
+        out
+    })
+}
+
 #[test]
 fn a_delivery_replayed_to_another_node_under_a_new_delivery_id_runs_nothing() {
     let _turn = turn();
@@ -98,6 +115,21 @@ fn a_delivery_replayed_to_another_node_under_a_new_delivery_id_runs_nothing() {
     // A new delivery still runs, on either node.
     let (status, other) = deliver(nodes[1].addr(), secret, "d-5", br#"{"after":"beef"}"#);
     assert_eq!(status, 202, "{other}");
+
+    // Attack: the body with a signature under another secret, or none, is refused before
+    // anything is claimed: the replay bucket holds the two accepted signatures only.
+    let (status, _) = deliver(nodes[1].addr(), "not-the-secret", "attacker-6", body);
+    assert_eq!(status, 401);
+    let (status, _) = http(
+        nodes[1].addr(),
+        "POST",
+        "/hooks/gh",
+        &[("X-GitHub-Delivery", "attacker-7")],
+        body,
+    );
+    assert_eq!(status, 401);
+    let claims = replay_keys(&cluster);
+    assert_eq!(claims.len(), 2, "{claims:?}");
 
     // Exactly two runs in the cluster, listed the same on both nodes.
     for n in &nodes {

@@ -94,7 +94,7 @@ fn plugin_listed(node: &Node, name: &str) -> bool {
 }
 
 /// Runs `f` with a JetStream context on the test NATS cluster, to its end.
-fn on_nats<T, F: std::future::Future<Output = T>>(
+pub(crate) fn on_nats<T, F: std::future::Future<Output = T>>(
     f: impl FnOnce(async_nats::jetstream::Context) -> F,
 ) -> T {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -380,6 +380,9 @@ fn configuration_changed_on_one_node_takes_effect_on_all_and_never_crosses_nats_
         b"not a record",
     );
     put_raw(&cluster, "device.not-a-uuid", b"{}");
+    // A plugin state value written in clear (not sealed under the vault's data key) by
+    // someone with NATS access does not reach any plugin.
+    put_raw(&cluster, "pstate.sshprobe.m", b"forged by a NATS user");
     let (n2, token2) = restart(n2, "n2", &cluster, |d| {
         created_token(&d.capstan(&["token", "create", "ci2", "--role", "viewer"]))
     });
@@ -392,6 +395,24 @@ fn configuration_changed_on_one_node_takes_effect_on_all_and_never_crosses_nats_
         n3.log.lock().unwrap().contains("does not parse"),
         "n3 warned about the garbage: {}",
         n3.log.lock().unwrap()
+    );
+    assert!(
+        n3.log
+            .lock()
+            .unwrap()
+            .contains("plugin state value that does not open"),
+        "n3 warned about the forged state value: {}",
+        n3.log.lock().unwrap()
+    );
+    let got = probe_on(
+        &n3,
+        &auth,
+        &[serde_json::json!({"op": "state-get", "device": "", "key": "m"})],
+    );
+    assert_eq!(
+        got[0]["ok"],
+        marker.as_str(),
+        "the forged value reached the plugin"
     );
 
     // Status: the records and whether the node is in step.
