@@ -51,6 +51,11 @@
 mod common;
 use common::wasm_path;
 
+// The engine's allocator (src/main.rs), so the stages measured in this process cost what
+// they cost in `capstan serve`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};

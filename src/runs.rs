@@ -84,6 +84,16 @@ pub enum RunError {
 #[serde(transparent)]
 pub struct RunId(Uuid);
 
+/// A plugin name a record can be stored under (the plugin index separates with NUL).
+fn check_plugin_name(plugin: &str) -> Result<(), RunError> {
+    if plugin.is_empty() || plugin.contains('\0') {
+        return Err(RunError::Invalid(format!(
+            "plugin name {plugin:?} is empty or contains NUL"
+        )));
+    }
+    Ok(())
+}
+
 impl RunId {
     pub fn new() -> RunId {
         RunId(Uuid::now_v7())
@@ -586,7 +596,9 @@ impl RunStore {
     /// Records a new run, `queued`. The record is written but not yet flushed: a caller
     /// that promises the run to someone waits for [`Store::durable`] first.
     pub fn create(&self, plugin: &str, trigger: RunTrigger) -> Result<RunRecord, RunError> {
-        self.create_as(RunId::new(), plugin, trigger)
+        check_plugin_name(plugin)?;
+        // A fresh id (time and random bits) names no stored or running run: no lookup.
+        self.record_new(RunId::new(), plugin, trigger, true)
     }
 
     /// [`RunStore::create`] under an id chosen elsewhere: in cluster mode the id a run
@@ -599,11 +611,7 @@ impl RunStore {
         plugin: &str,
         trigger: RunTrigger,
     ) -> Result<RunRecord, RunError> {
-        if plugin.is_empty() || plugin.contains('\0') {
-            return Err(RunError::Invalid(format!(
-                "plugin name {plugin:?} is empty or contains NUL"
-            )));
-        }
+        check_plugin_name(plugin)?;
         if lock(&self.live).get(&id).is_some() {
             return Err(RunError::Invalid(format!(
                 "run {id} is already running in this engine"
@@ -618,6 +626,18 @@ impl RunStore {
                 e.plugin
             )));
         }
+        self.record_new(id, plugin, trigger, earlier.is_none())
+    }
+
+    /// Writes a new `queued` record under `id`; `new`: no earlier attempt's record was
+    /// replaced (the run counts towards the plugin's retention).
+    fn record_new(
+        &self,
+        id: RunId,
+        plugin: &str,
+        trigger: RunTrigger,
+        new: bool,
+    ) -> Result<RunRecord, RunError> {
         let record = RunRecord {
             id,
             plugin: plugin.to_string(),
@@ -636,7 +656,7 @@ impl RunStore {
         self.history.insert(&record)?;
         let shared = Arc::new(record.clone());
         lock(&self.live).insert(shared.clone());
-        if earlier.is_none() {
+        if new {
             self.count_new(plugin);
         }
         self.publish(shared);

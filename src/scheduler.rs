@@ -369,7 +369,7 @@ impl Scheduler {
         event: TriggerEvent,
         notes: Vec<LogLine>,
     ) -> Result<RunId, SubmitError> {
-        let admitted = self.admit_as(id, plugin, &event)?;
+        let admitted = self.admit_as(Some(id), plugin, &event)?;
         if !notes.is_empty() {
             let mut logs = RunLogs::default();
             for note in notes {
@@ -398,12 +398,13 @@ impl Scheduler {
         plugin: &str,
         event: &TriggerEvent,
     ) -> Result<Admitted, SubmitError> {
-        self.admit_as(RunId::new(), plugin, event)
+        self.admit_as(None, plugin, event)
     }
 
+    /// [`Scheduler::admit`] under `id` when one was chosen elsewhere, else a fresh one.
     fn admit_as(
         self: &Arc<Self>,
-        id: RunId,
+        id: Option<RunId>,
         plugin: &str,
         event: &TriggerEvent,
     ) -> Result<Admitted, SubmitError> {
@@ -422,7 +423,12 @@ impl Scheduler {
                 queued,
             });
         }
-        match self.runs.create_as(id, plugin, RunTrigger::from(event)) {
+        let trigger = RunTrigger::from(event);
+        let created = match id {
+            Some(id) => self.runs.create_as(id, plugin, trigger),
+            None => self.runs.create(plugin, trigger),
+        };
+        match created {
             Ok(record) => Ok(Admitted { record, gate }),
             Err(e) => {
                 gate.queued.fetch_sub(1, Ordering::SeqCst);
