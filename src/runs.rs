@@ -24,7 +24,7 @@
 //! amount at a time, and in full by [`RunStore::apply_retention`], which the engine calls
 //! periodically; queued and running records are never removed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -527,6 +527,9 @@ pub struct RunStore {
 struct Live {
     runs: HashMap<RunId, Arc<RunRecord>>,
     per_plugin: HashMap<String, usize>,
+    /// Runs whose final record is being written (outside the lock): they take no other
+    /// change and no second end.
+    ending: HashSet<RunId>,
 }
 
 impl Live {
@@ -716,7 +719,16 @@ impl RunStore {
     ) -> Result<RunRecord, RunError> {
         let changed = {
             let mut live = lock(&self.live);
+            let ending = live.ending.contains(&id);
             match live.runs.get_mut(&id) {
+                // Its end is being written: as if it had ended.
+                Some(current) if ending => {
+                    return Err(RunError::InvalidTransition {
+                        id,
+                        from: current.status,
+                        to: current.status,
+                    });
+                }
                 Some(current) => {
                     let mut next = RunRecord::clone(current);
                     change(&mut next)?;
@@ -747,17 +759,30 @@ impl RunStore {
         }
         let now = Utc::now();
         let (cap, max_calls) = (self.config.log_cap_bytes, self.config.max_host_calls);
-        // Under the live set's lock, so that two ends of one run cannot both be written,
-        // and taken out of it only once the final record is written, so that a reader
-        // finds one or the other.
+        // The run is marked ending under the live set's lock, so that two ends of one run
+        // cannot both be written, and taken out of it only once the final record is
+        // written, so that a reader finds one or the other. The write itself is made
+        // outside the lock: the other runs' starts, ends and logs do not wait for it.
         let mut live = lock(&self.live);
         let Some(current) = live.get(&id) else {
             drop(live);
             return self.update(id, |r| apply_end(r, id, end.clone(), now, cap, max_calls));
         };
+        if live.ending.contains(&id) {
+            return Err(RunError::InvalidTransition {
+                id,
+                from: current.status,
+                to: end.status,
+            });
+        }
         let mut record = RunRecord::clone(current);
         apply_end(&mut record, id, end, now, cap, max_calls)?;
-        self.history.write_final(&record)?;
+        live.ending.insert(id);
+        drop(live);
+        let written = self.history.write_final(&record);
+        let mut live = lock(&self.live);
+        live.ending.remove(&id);
+        written?;
         live.remove(&id);
         drop(live);
         let record = Arc::new(record);
@@ -1179,6 +1204,59 @@ mod tests {
         let missing = RunId::new();
         assert!(matches!(runs.start(missing), Err(RunError::NotFound(id)) if id == missing));
         assert!(runs.get(missing).unwrap().is_none());
+    }
+
+    #[test]
+    fn ends_raced_from_many_threads_record_one_end_per_run_and_the_others_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path(), RunStoreConfig::default());
+        let ids: Vec<RunId> = (0..50)
+            .map(|_| runs.create("heal", manual()).unwrap().id)
+            .collect();
+        // Eight threads end every run at once, each with its own status and log line,
+        // and log to it meanwhile: the final record is written outside the live set's
+        // lock, and none of it may give a run two ends or a change after its end.
+        let statuses = [RunStatus::Ok, RunStatus::Failed];
+        let won: Vec<Vec<(RunId, RunStatus, String)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|t| {
+                    let (runs, ids) = (&runs, &ids);
+                    s.spawn(move || {
+                        let mut won = Vec::new();
+                        for id in ids {
+                            let mut logs = RunLogs::default();
+                            logs.push(line(&format!("extra {t}")), 1024);
+                            // Refused once the run is ending or ended, never lost silently.
+                            let _ = runs.append(*id, logs, Vec::new());
+                            let status = statuses[t % 2];
+                            let mut end = RunEnd::error(status, format!("thread {t}"));
+                            end.logs.push(line(&format!("end {t}")), 1024);
+                            match runs.finish(*id, end) {
+                                Ok(r) => won.push((*id, r.status, format!("end {t}"))),
+                                Err(e) => assert!(
+                                    matches!(e, RunError::InvalidTransition { .. }),
+                                    "{e}"
+                                ),
+                            }
+                        }
+                        won
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won: Vec<_> = won.into_iter().flatten().collect();
+        assert_eq!(won.len(), ids.len(), "each run ended exactly once");
+        for (id, status, last) in won {
+            let stored = runs.get(id).unwrap().unwrap();
+            assert_eq!(stored.status, status);
+            assert_eq!(stored.logs.lines.back().unwrap().message, last);
+        }
+        assert!(runs.active().unwrap().is_empty());
+        assert!(matches!(
+            runs.finish(ids[0], RunEnd::ok(None)),
+            Err(RunError::InvalidTransition { .. })
+        ));
     }
 
     #[test]

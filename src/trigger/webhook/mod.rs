@@ -1374,14 +1374,20 @@ impl IntoResponse for Answer {
     fn into_response(self) -> Response {
         let status = self.status();
         match self {
-            Answer::Accepted { run_id } => (
-                status,
-                Json(serde_json::json!({
-                    "status": "accepted",
-                    "run_id": run_id.to_string(),
-                })),
-            )
-                .into_response(),
+            Answer::Accepted { run_id } => {
+                // The answer to every accepted delivery: a struct, not a JSON map built
+                // per request.
+                #[derive(serde::Serialize)]
+                struct Accepted {
+                    status: &'static str,
+                    run_id: String,
+                }
+                let body = Accepted {
+                    status: "accepted",
+                    run_id: run_id.to_string(),
+                };
+                (status, Json(body)).into_response()
+            }
             Answer::Replayed {
                 delivery,
                 matched,
