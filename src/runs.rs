@@ -1233,10 +1233,9 @@ mod tests {
                             end.logs.push(line(&format!("end {t}")), 1024);
                             match runs.finish(*id, end) {
                                 Ok(r) => won.push((*id, r.status, format!("end {t}"))),
-                                Err(e) => assert!(
-                                    matches!(e, RunError::InvalidTransition { .. }),
-                                    "{e}"
-                                ),
+                                Err(e) => {
+                                    assert!(matches!(e, RunError::InvalidTransition { .. }), "{e}")
+                                }
                             }
                         }
                         won

@@ -83,6 +83,9 @@ struct State {
     busy: std::time::Duration,
     /// Segments full or failed, whose entries sled holds once flushed.
     retired: Vec<PathBuf>,
+    /// The flush thread waits for a request (so a request must wake it; while it
+    /// writes, it looks at `wanted` again before it waits, and no wake-up is needed).
+    idle: bool,
     stop: bool,
     thread: Option<JoinHandle<()>>,
     checkpoint: Option<JoinHandle<()>>,
@@ -237,6 +240,7 @@ impl GroupCommit {
                     flushes: 0,
                     busy: std::time::Duration::ZERO,
                     retired: Vec::new(),
+                    idle: false,
                     stop: false,
                     thread: None,
                     checkpoint: None,
@@ -317,7 +321,10 @@ impl GroupCommit {
                     })?;
                 state.thread = Some(thread);
             }
-            self.shared.wake.notify_one();
+            // A wake-up is a system call: only for a thread that sleeps.
+            if state.idle {
+                self.shared.wake.notify_one();
+            }
         }
         Ok(Some(target))
     }
@@ -394,7 +401,9 @@ fn flush_loop(shared: &Arc<Shared>) {
         let end = {
             let mut state = lock(&shared.state);
             while state.wanted <= taken && !state.stop {
+                state.idle = true;
                 state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                state.idle = false;
             }
             if state.wanted <= taken {
                 return; // stopping, and nobody waits
