@@ -56,6 +56,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+// The engine's allocator (src/main.rs), so the SSH library's own sessions below are
+// measured as the engine would hold them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Set in the environment of this bench's own child that holds bare SSH library sessions
+/// (the number to open), see [`russh_held`].
+const RUSSH_CHILD: &str = "CAPSTAN_BENCH_RUSSH_CHILD";
+
 /// The longest any one step may take before the bench gives up.
 const STEP_LIMIT: Duration = Duration::from_secs(600);
 
@@ -618,6 +627,117 @@ fn openssh_held(infra: &Infra, k: usize) -> (f64, f64) {
     (pss as f64 / k as f64, rss as f64 / k as f64)
 }
 
+/// What the SSH library alone holds per idle session: this bench run again as a child
+/// ([`russh_child`]) that logs `k` russh sessions in to the test sshd and keeps them.
+/// Returns KiB of resident memory per session, and per session past the first.
+fn russh_held(k: usize) -> (f64, f64) {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let child = Command::new(exe)
+        .env(RUSSH_CHILD, k.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the bench's russh child");
+    let mut p = Proc::new("russh sessions", child);
+    let child = p.child.as_mut().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let nums: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    if nums.len() != 3 {
+        let mut err = String::new();
+        let _ = child.stderr.as_mut().unwrap().read_to_string(&mut err);
+        fail(&format!("the russh child failed: {line}{err}"));
+    }
+    let (before, one, all) = (nums[0], nums[1], nums[2]);
+    drop(p);
+    ((all - before) / k as f64, (all - one) / (k - 1) as f64)
+}
+
+/// A logged-in session, kept (its handle is a future of the session's end).
+struct Held(#[allow(dead_code)] russh::client::Handle<PinnedHost>);
+
+/// Accepts the test sshd's own host key only.
+struct PinnedHost(russh::keys::PublicKey);
+
+impl russh::client::Handler for PinnedHost {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(
+            matches!(key, russh::keys::PublicKeyOrCertificate::PublicKey { key, .. }
+            if key.key_data() == self.0.key_data()),
+        )
+    }
+}
+
+/// The child of [`russh_held`]: logs `k` sessions in (16 at once) with the engine's
+/// session settings (`src/docker/ssh.rs`), keeps them idle, and prints its resident KiB
+/// before, with one session and with all of them, then waits to be killed.
+fn russh_child(k: usize) -> ! {
+    let infra = Infra::load();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let key = Arc::new(
+        russh::keys::decode_secret_key(&infra.read("SSH_KEY_ED25519"), None)
+            .expect("the test user's key"),
+    );
+    let host = russh::keys::PublicKey::from_openssh(infra.read("SSH_HOST_KEY_PUB").trim())
+        .expect("the test sshd's host key");
+    let config = Arc::new(russh::client::Config {
+        nodelay: true,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        ..Default::default()
+    });
+    let addr = format!("{}:{}", infra.var("SSH_HOST4"), infra.var("SSH_PORT"));
+    let user = infra.var("SSH_USER_KEY").to_string();
+    let me = std::process::id();
+    let login = || {
+        let (config, key, host, addr, user) = (
+            config.clone(),
+            key.clone(),
+            host.clone(),
+            addr.clone(),
+            user.clone(),
+        );
+        async move {
+            let mut h = russh::client::connect(config, addr.as_str(), PinnedHost(host))
+                .await
+                .expect("russh connect");
+            let auth = h
+                .authenticate_publickey(user, russh::keys::PrivateKeyWithHashAlg::new(key, None))
+                .await
+                .expect("russh authenticate");
+            assert!(auth.success(), "the test user's key was refused");
+            Held(h)
+        }
+    };
+    let before = rss_kib(me);
+    let mut held = vec![rt.block_on(login())];
+    std::thread::sleep(Duration::from_secs(1));
+    let one = rss_kib(me);
+    while held.len() < k {
+        let batch = (k - held.len()).min(16);
+        let handles: Vec<_> = (0..batch).map(|_| rt.spawn(login())).collect();
+        for h in handles {
+            held.push(rt.block_on(h).expect("a login task"));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    println!("{before} {one} {}", rss_kib(me));
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
 /// `ssh host true` × `n`, `concurrency` at once: the wall time.
 fn openssh_logins(infra: &Infra, n: usize, concurrency: usize) -> Duration {
     let args = ssh_args(infra);
@@ -658,6 +778,9 @@ fn mib(kib: f64) -> String {
 }
 
 fn main() -> ExitCode {
+    if let Ok(k) = std::env::var(RUSSH_CHILD) {
+        russh_child(k.parse().expect("a session count"));
+    }
     let n = env_or("CAPSTAN_BENCH_DEVICES", 1000);
     let concurrency = env_or("CAPSTAN_BENCH_CONCURRENCY", 16);
     let clients = env_or("CAPSTAN_BENCH_SSH_CLIENTS", 100).min(n).max(1);
@@ -807,6 +930,21 @@ fn main() -> ExitCode {
         std::thread::sleep(Duration::from_millis(100));
     }
     let ssh_wall = openssh_logins(&infra, n, concurrency);
+    let t = Instant::now();
+    while descendants(sshd).len() > sshd_before {
+        if t.elapsed() > Duration::from_secs(60) {
+            fail("sshd kept the baseline's logins for a minute after their clients ended");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (bare_per, bare_marginal) = russh_held(n);
+    let t = Instant::now();
+    while descendants(sshd).len() > sshd_before {
+        if t.elapsed() > Duration::from_secs(60) {
+            fail("sshd kept the russh baseline's sessions for a minute after it ended");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let per = |after: u64, before: u64, count: usize| (after as f64 - before as f64) / count as f64;
     let idle_per = per(rss_idle, rss_before, n);
@@ -879,6 +1017,13 @@ fn main() -> ExitCode {
         ssh_pss,
         ssh_rss,
         ssh_wall.as_secs_f64()
+    );
+    println!(
+        "baseline the SSH library alone (russh, the engine's allocator and session settings, \
+         no Docker client, in a process of its own): {n} sessions logged in and idle: \
+         {bare_per:.1} KiB per session ({bare_marginal:.1} KiB past the first); \
+         capstan's idle device session / the library's bare session: {:.2}x",
+        idle_marginal / bare_marginal.max(0.1)
     );
     println!(
         "ratios: OpenSSH PSS per connection / capstan RSS per idle session: {:.1}x; \
