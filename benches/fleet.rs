@@ -35,6 +35,10 @@
 //!   `LocalCommand` says so), averaged. This is what the docker CLI's `ssh://` mode and
 //!   tools that keep an `ssh` process per host pay. Also printed: the engine's RSS with
 //!   no device.
+//! - memory: the SSH library's own share: this bench, run again as a child process with
+//!   the engine's allocator and session settings and no Docker client, logs the same
+//!   number of bare russh sessions in and keeps them idle; its resident memory per
+//!   session is printed beside the engine's, with the ratio.
 //! - checks: the same number of OpenSSH logins running `true` (`ssh host true`), at the
 //!   same concurrency: logging in to every host with the standard client, the sshd side
 //!   included as it is for the checks.
