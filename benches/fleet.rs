@@ -913,42 +913,15 @@ fn main() -> ExitCode {
             std::fs::read_to_string(scratch.path().join("serve.stderr")).unwrap_or_default()
         ));
     }
-    let t = Instant::now();
-    while descendants(sshd).len() > sshd_before {
-        if t.elapsed() > Duration::from_secs(60) {
-            fail(&format!(
-                "sshd still has {} session processes a minute after the engine stopped",
-                descendants(sshd).len() - sshd_before
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    sshd_back(sshd, sshd_before, "the engine stopped");
 
     // Baselines: OpenSSH's client against the same sshd.
     let (ssh_pss, ssh_rss) = openssh_held(&infra, clients);
-    let t = Instant::now();
-    while descendants(sshd).len() > sshd_before {
-        if t.elapsed() > Duration::from_secs(60) {
-            fail("sshd kept the baseline's sessions for a minute after their clients ended");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    sshd_back(sshd, sshd_before, "the `ssh -N` clients ended");
     let ssh_wall = openssh_logins(&infra, n, concurrency);
-    let t = Instant::now();
-    while descendants(sshd).len() > sshd_before {
-        if t.elapsed() > Duration::from_secs(60) {
-            fail("sshd kept the baseline's logins for a minute after their clients ended");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    sshd_back(sshd, sshd_before, "the `ssh host true` logins ended");
     let (bare_per, bare_marginal) = russh_held(n);
-    let t = Instant::now();
-    while descendants(sshd).len() > sshd_before {
-        if t.elapsed() > Duration::from_secs(60) {
-            fail("sshd kept the russh baseline's sessions for a minute after it ended");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    sshd_back(sshd, sshd_before, "the russh baseline ended");
 
     let per = |after: u64, before: u64, count: usize| (after as f64 - before as f64) / count as f64;
     let idle_per = per(rss_idle, rss_before, n);
@@ -1036,6 +1009,21 @@ fn main() -> ExitCode {
         check_wall.as_secs_f64() / ssh_wall.as_secs_f64()
     );
     ExitCode::SUCCESS
+}
+
+/// Waits (up to a minute, else fails) until sshd has no more session processes than
+/// `before`: what `after` left has closed.
+fn sshd_back(sshd: u32, before: usize, after: &str) {
+    let t = Instant::now();
+    while descendants(sshd).len() > before {
+        if t.elapsed() > Duration::from_secs(60) {
+            fail(&format!(
+                "sshd still has {} session processes a minute after {after}",
+                descendants(sshd).len() - before
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// CPU time of a process (`own`: itself; else its reaped children), from /proc (10 ms

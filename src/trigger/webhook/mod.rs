@@ -1380,11 +1380,11 @@ impl IntoResponse for Answer {
                 #[derive(serde::Serialize)]
                 struct Accepted {
                     status: &'static str,
-                    run_id: String,
+                    run_id: RunId,
                 }
                 let body = Accepted {
                     status: "accepted",
-                    run_id: run_id.to_string(),
+                    run_id,
                 };
                 (status, Json(body)).into_response()
             }
